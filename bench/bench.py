@@ -1,0 +1,1087 @@
+#!/usr/bin/env python3
+"""
+The cllama_tx benchmark.  Run it through C{bash bench/run}, which installs
+nginx, wrk and the project's virtualenv first; this script assumes they exist.
+
+What it does, in order:
+
+  1. writes an nginx mock upstream into a temporary directory and starts it
+     on a loopback port (core 1): C{POST /v1/chat/completions} answers a fixed
+     OpenAI chat.completion with usage, C{POST /stream/v1/chat/completions}
+     a fixed SSE stream ending with C{data: [DONE]};
+  2. starts the real proxy from this work tree (C{python -m twisted cllama},
+     core 0) with a bench agent and both providers pointed at the mock, waits
+     for C{GET /health} and checks one JSON and one streamed request;
+  3. measures every lane twice, direct (client -> nginx) and through the
+     proxy (client -> proxy -> nginx), back to back:
+       - latency at one client (wrk -t1 -c1 --latency): p50, p99, added ms;
+       - throughput at 32 clients (wrk -t1 -c32): requests/s and ratio;
+       - streams: a raw-socket keep-alive client sends sequential
+         C{"stream": true} requests and times the first SSE event and the
+         whole stream;
+     a lane with socket errors or non-2xx answers is reported as failed;
+  4. prints the table, writes docs/PERFORMANCE.md (unless --no-doc or the
+     proxy never answered) and bench/results/last.json;
+  5. with --profile, samples the proxy under the 32-client load with py-spy
+     and lists the hot spots.
+
+Everything it starts is stopped on exit, also on Ctrl-C or SIGTERM.
+Exit status: 0 all lanes clean, 1 a lane errored, 2 the proxy did not start
+or did not answer correctly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import collections
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+DOC = REPO / "docs" / "PERFORMANCE.md"
+VENV_PY = REPO / ".venv" / "bin" / "python"
+
+PROXY_CORE = "0"
+LOAD_CORE = "1"
+
+AGENT = "bench"
+SECRET = "5e" * 24  # 48 lowercase hex characters, like Clawdapus makes
+TOKEN = f"{AGENT}:{SECRET}"
+CHAT_MODEL = "openai/gpt-4o-mini"
+STREAM_MODEL = "openrouter/x"
+CHAT_BODY = json.dumps({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]})
+STREAM_BODY = json.dumps(
+    {"model": STREAM_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+)
+MOCK_ID = "chatcmpl-benchmock"
+
+# The team's bar, measured on this kind of machine (one core for the proxy,
+# wrk against an nginx mock): added ms per request and requests/s.
+BAR = [
+    ("reference Go proxy (cllama)", 0.39, 2180),
+    ("LiteLLM", 17.0, 64),
+    ("floor: naive Klein route + treq", 1.1, 1240),
+    ("floor: Klein + raw Agent", 0.9, 1500),
+    ("floor: twisted.web Resource + raw Agent", 0.68, 2000),
+]
+TARGET_ADDED_P50_MS = 1.0
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+_children: list[subprocess.Popen] = []
+
+
+def start(cmd, **kw) -> subprocess.Popen:
+    """Start C{cmd} in its own process group, remembered for cleanup."""
+    p = subprocess.Popen(cmd, start_new_session=True, **kw)
+    _children.append(p)
+    return p
+
+
+def stop(p: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop one child we started (its process group, by id)."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+    else:
+        # The leader is gone; make sure nothing it left in its group stays.
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if p in _children:
+        _children.remove(p)
+
+
+def stop_all() -> None:
+    for p in reversed(list(_children)):
+        stop(p)
+
+
+def _on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+# ---------------------------------------------------------------- helpers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pinned(core: str | None, cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", core, *cmd] if core is not None else cmd
+
+
+def tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no file)"
+
+
+def http(method: str, url: str, body: bytes | None = None, headers=None, timeout=10.0):
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process C{pid}."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cmd_output(cmd, **kw) -> str:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20, **kw)
+        return (r.stdout + r.stderr).strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"({e})"
+
+
+# ---------------------------------------------------------------- the mock
+
+def chat_completion() -> str:
+    return json.dumps(
+        {
+            "id": MOCK_ID,
+            "object": "chat.completion",
+            "created": 1700000000,
+            "model": "gpt-4o-mini-2024-07-18",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hello from the bench mock."},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16},
+            "system_fingerprint": "fp_bench",
+        },
+        separators=(",", ":"),
+    )
+
+
+def sse_stream() -> str:
+    def chunk(delta, finish=None, usage=None, choices=True):
+        doc = {
+            "id": MOCK_ID,
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": "x",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [],
+        }
+        if usage is not None:
+            doc["usage"] = usage
+        return "data: " + json.dumps(doc, separators=(",", ":")) + "\n\n"
+
+    parts = [chunk({"role": "assistant", "content": ""})]
+    parts += [chunk({"content": w}) for w in ("Hello", " from", " the", " bench", " mock.")]
+    parts.append(chunk({}, finish="stop"))
+    parts.append(
+        chunk(None, usage={"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}, choices=False)
+    )
+    parts.append("data: [DONE]\n\n")
+    return "".join(parts)
+
+
+def nginx_quote(text: str) -> str:
+    """C{text} as a single-quoted nginx string (no variables in it)."""
+    if "$" in text:
+        raise ValueError("nginx would expand '$' in a return body")
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def nginx_conf(tmp: Path, port: int) -> str:
+    user = ""
+    if os.geteuid() == 0:
+        # As root the workers would switch to 'nobody'; keep them as us.
+        user = "user root root;"
+    for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / "nginx" / d).mkdir(parents=True, exist_ok=True)
+    n = tmp / "nginx"
+    return f"""
+{user}
+worker_processes 1;
+daemon off;
+master_process on;
+pid {n}/nginx.pid;
+error_log {n}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {n}/body;
+    proxy_temp_path {n}/proxy;
+    fastcgi_temp_path {n}/fastcgi;
+    uwsgi_temp_path {n}/uwsgi;
+    scgi_temp_path {n}/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    server_tokens off;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /v1/chat/completions {{
+            default_type application/json;
+            return 200 {nginx_quote(chat_completion())};
+        }}
+        location = /stream/v1/chat/completions {{
+            default_type text/event-stream;
+            add_header Cache-Control no-cache;
+            return 200 {nginx_quote(sse_stream())};
+        }}
+        location / {{
+            default_type application/json;
+            return 404 '{{"error":{{"message":"not mocked","type":"not_found","code":"not_found"}}}}';
+        }}
+    }}
+}}
+"""
+
+
+def nginx_binary() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def start_nginx(tmp: Path, port: int, core) -> subprocess.Popen:
+    conf = tmp / "nginx.conf"
+    conf.write_text(nginx_conf(tmp, port))
+    prefix = str(tmp / "nginx") + "/"
+    test = subprocess.run(
+        [nginx_binary(), "-t", "-q", "-p", prefix, "-e", str(tmp / "nginx" / "error.log"), "-c", str(conf)],
+        capture_output=True,
+        text=True,
+    )
+    if test.returncode != 0:
+        raise RuntimeError(f"nginx rejected its config:\n{test.stderr}")
+    p = start(
+        pinned(core, [nginx_binary(), "-p", prefix, "-e", str(tmp / "nginx" / "error.log"), "-c", str(conf)]),
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "nginx" / "stderr.log", "wb"),
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise RuntimeError(f"nginx exited with {p.returncode}:\n{tail(tmp / 'nginx' / 'error.log')}")
+        try:
+            status, _, body = http("POST", f"http://127.0.0.1:{port}/v1/chat/completions", b"{}", timeout=1)
+            if status == 200 and MOCK_ID.encode() in body:
+                return p
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("nginx did not answer within 10 s")
+
+
+# ---------------------------------------------------------------- the proxy
+
+def proxy_env(tmp: Path, api_port: int, ui_port: int, mock_port: int) -> dict:
+    context = tmp / "context" / AGENT
+    context.mkdir(parents=True, exist_ok=True)
+    (context / "metadata.json").write_text(json.dumps({"token": TOKEN, "pod": "bench"}))
+    (tmp / "auth").mkdir(exist_ok=True)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        # A developer's own provider settings must not leak into the run.
+        if not re.match(r"^(OPENAI|ANTHROPIC|OPENROUTER|XAI|GEMINI|GOOGLE|OLLAMA|AI_GATEWAY)_", k)
+        and not k.startswith(("CLAW_", "CLLAMA_"))
+        and k not in ("LISTEN_ADDR", "UI_ADDR")
+    }
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "PYTHONUNBUFFERED": "0",
+            "LISTEN_ADDR": f"127.0.0.1:{api_port}",
+            "UI_ADDR": f"127.0.0.1:{ui_port}",
+            "CLAW_CONTEXT_ROOT": str(tmp / "context"),
+            "CLAW_AUTH_DIR": str(tmp / "auth"),
+            "OPENAI_API_KEY": "sk-bench-not-real",
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{mock_port}/v1",
+            "OPENROUTER_API_KEY": "sk-or-bench-not-real",
+            "OPENROUTER_BASE_URL": f"http://127.0.0.1:{mock_port}/stream/v1",
+        }
+    )
+    return env
+
+
+def proxy_command() -> list[str]:
+    # `python -m twisted` is Twisted's `twist` runner: foreground, no pid
+    # file.  Its operational log defaults to stdout, which is the audit
+    # stream, so it is sent to stderr.
+    return [str(VENV_PY), "-m", "twisted", "--log-file=+", "--log-format=text", "cllama"]
+
+
+class ProxyFailed(Exception):
+    pass
+
+
+def start_proxy(tmp: Path, env: dict, api_port: int, core, wait_s: float) -> subprocess.Popen:
+    stderr_path = tmp / "proxy.log"
+    p = start(
+        pinned(core, proxy_command()),
+        cwd=str(REPO),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=open(tmp / "audit.jsonl", "wb"),
+        stderr=open(stderr_path, "wb"),
+    )
+    deadline = time.monotonic() + wait_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise ProxyFailed(
+                f"the proxy exited with status {p.returncode} before answering /health; "
+                f"its stderr ends with:\n{tail(stderr_path)}"
+            )
+        try:
+            status, _, body = http("GET", f"http://127.0.0.1:{api_port}/health", timeout=1)
+            if status == 200:
+                return p
+            last = f"status {status}: {body[:200]!r}"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.1)
+    raise ProxyFailed(
+        f"GET /health did not answer 200 within {wait_s:.0f} s (last: {last}); "
+        f"the proxy's stderr ends with:\n{tail(stderr_path)}"
+    )
+
+
+def verify_proxy(api_port: int, tmp: Path) -> None:
+    """One JSON and one streamed request must come back from the mock."""
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    url = f"http://127.0.0.1:{api_port}/v1/chat/completions"
+    try:
+        status, _, body = http("POST", url, CHAT_BODY.encode(), headers)
+    except OSError as e:
+        raise ProxyFailed(f"POST /v1/chat/completions failed: {e}\n{tail(tmp / 'proxy.log')}")
+    if status != 200 or MOCK_ID.encode() not in body:
+        raise ProxyFailed(
+            f"POST /v1/chat/completions ({CHAT_MODEL}) answered {status}: {body[:500]!r}\n"
+            f"the proxy's stderr ends with:\n{tail(tmp / 'proxy.log')}"
+        )
+    r = stream_once(api_port, "/v1/chat/completions")
+    if r["status"] != 200 or b"data: [DONE]" not in r["body"] or MOCK_ID.encode() not in r["body"]:
+        raise ProxyFailed(
+            f"streamed POST /v1/chat/completions ({STREAM_MODEL}) answered {r['status']}: "
+            f"{r['body'][:500]!r}\nthe proxy's stderr ends with:\n{tail(tmp / 'proxy.log')}"
+        )
+
+
+# ---------------------------------------------------------------- wrk lanes
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {token}"
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCHJSON {{"requests":%.0f,"duration_us":%.0f,"bytes":%.0f,' ..
+    '"connect":%.0f,"read":%.0f,"write":%.0f,"status":%.0f,"timeout":%.0f,' ..
+    '"p50_us":%.0f,"p90_us":%.0f,"p99_us":%.0f,"max_us":%.0f,"mean_us":%.1f}}\\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.max, latency.mean))
+end
+"""
+
+
+def lua_string(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_lua(tmp: Path) -> Path:
+    path = tmp / "chat.lua"
+    path.write_text(WRK_LUA.format(body=lua_string(CHAT_BODY), token=TOKEN))
+    return path
+
+
+def run_wrk(url: str, lua: Path, connections: int, duration: float, core, pid=None, latency=True) -> dict:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "5s", "-s", str(lua)]
+    if latency:
+        cmd.append("--latency")
+    cmd.append(url)
+    cpu0 = cpu_seconds(pid) if pid else None
+    p = start(pinned(core, cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = p.communicate(timeout=duration + 30)
+    finally:
+        stop(p)
+    cpu1 = cpu_seconds(pid) if pid else None
+    m = re.search(r"^BENCHJSON (\{.*\})$", out, re.M)
+    if p.returncode != 0 or m is None:
+        return {"ok": False, "error": f"wrk failed (status {p.returncode}): {out.strip()[-500:]}", "raw": out}
+    r = json.loads(m.group(1))
+    r["raw"] = out
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6) if r["duration_us"] else 0.0
+    errors = {k: r[k] for k in ("connect", "read", "write", "status", "timeout") if r[k]}
+    r["errors"] = errors
+    r["ok"] = not errors and r["requests"] > 0
+    if not r["ok"]:
+        r["error"] = (
+            "no request completed" if not r["requests"] else
+            "errors: " + ", ".join(f"{k}={v}" for k, v in errors.items())
+            + (" (status = non-2xx/3xx answers)" if "status" in errors else "")
+        )
+    if pid:
+        r["cpu_s"] = cpu1 - cpu0
+        r["cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / r["requests"] if r["requests"] else None
+    return r
+
+
+# ---------------------------------------------------------------- stream client
+
+def _request_bytes(port: int, path: str, body: str) -> bytes:
+    b = body.encode()
+    return (
+        f"POST {path} HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {TOKEN}\r\n"
+        "Content-Type: application/json\r\n"
+        "Accept: text/event-stream\r\n"
+        f"Content-Length: {len(b)}\r\n\r\n"
+    ).encode() + b
+
+
+class StreamConn:
+    """One keep-alive HTTP/1.1 connection that times streamed answers."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.port = port
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("connection closed by the server")
+        return data
+
+    def request(self, path: str, body: str) -> dict:
+        req = _request_bytes(self.port, path, body)
+        perf = time.perf_counter
+        t0 = perf()
+        self.sock.sendall(req)
+        first_byte = first_event = None
+        # headers
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self._recv()
+            if first_byte is None:
+                first_byte = perf()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(b":")
+            headers[k.strip().lower()] = v.strip()
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        length = int(headers[b"content-length"]) if b"content-length" in headers else None
+        close = headers.get(b"connection", b"").lower() == b"close"
+        body_out = bytearray()
+
+        def got(data: bytes) -> None:
+            nonlocal first_event
+            body_out.extend(data)
+            if first_event is None and b"data:" in body_out:
+                first_event = perf()
+
+        if chunked:
+            while True:
+                while b"\r\n" not in self.buf:
+                    self.buf += self._recv()
+                size_line, self.buf = self.buf.split(b"\r\n", 1)
+                size = int(size_line.split(b";")[0], 16)
+                while len(self.buf) < size + 2:
+                    self.buf += self._recv()
+                got(self.buf[:size])
+                self.buf = self.buf[size + 2:]
+                if size == 0:
+                    break
+        elif length is not None:
+            while len(self.buf) < length:
+                if first_event is None and b"data:" in self.buf:
+                    first_event = perf()
+                self.buf += self._recv()
+            got(self.buf[:length])
+            self.buf = self.buf[length:]
+        else:
+            close = True
+            try:
+                while True:
+                    self.buf += self._recv()
+            except ConnectionError:
+                pass
+            got(self.buf)
+            self.buf = b""
+        done = perf()
+        return {
+            "status": status,
+            "body": bytes(body_out),
+            "first_byte": first_byte - t0,
+            "first_event": (first_event or done) - t0,
+            "done": done - t0,
+            "close": close,
+        }
+
+
+def stream_once(port: int, path: str) -> dict:
+    c = StreamConn(port)
+    try:
+        return c.request(path, STREAM_BODY)
+    finally:
+        c.close()
+
+
+def run_stream_lane(port: int, path: str, duration: float, max_requests: int = 100000) -> dict:
+    firsts, events, dones = [], [], []
+    errors: collections.Counter = collections.Counter()
+    conn = None
+    deadline = time.monotonic() + duration
+    n = 0
+    while time.monotonic() < deadline and n < max_requests:
+        n += 1
+        try:
+            if conn is None:
+                conn = StreamConn(port)
+            r = conn.request(path, STREAM_BODY)
+        except (OSError, ValueError, IndexError) as e:
+            errors[type(e).__name__] += 1
+            if conn is not None:
+                conn.close()
+                conn = None
+            continue
+        if r["status"] != 200 or b"data: [DONE]" not in r["body"]:
+            errors[f"status {r['status']}" if r["status"] != 200 else "no [DONE]"] += 1
+        else:
+            firsts.append(r["first_byte"])
+            events.append(r["first_event"])
+            dones.append(r["done"])
+        if r["close"]:
+            conn.close()
+            conn = None
+    if conn is not None:
+        conn.close()
+
+    def pct(xs, q):
+        if not xs:
+            return None
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] * 1000
+
+    ok = not errors and bool(events)
+    out = {
+        "ok": ok,
+        "requests": len(events),
+        "errors": dict(errors),
+        "first_byte_p50_ms": pct(firsts, 50),
+        "first_event_p50_ms": pct(events, 50),
+        "first_event_p99_ms": pct(events, 99),
+        "done_p50_ms": pct(dones, 50),
+        "done_p99_ms": pct(dones, 99),
+    }
+    if not ok:
+        out["error"] = (
+            "errors: " + ", ".join(f"{k}={v}" for k, v in errors.items()) if errors else "no request completed"
+        )
+    return out
+
+
+# ---------------------------------------------------------------- profile
+
+def profile_proxy(pid: int, url: str, lua: Path, duration: float, core, tmp: Path) -> dict:
+    """Sample the proxy with py-spy under the 32-client load."""
+    pyspy = REPO / ".venv" / "bin" / "py-spy"
+    if not pyspy.exists():
+        return {"error": "py-spy is not installed (bash bench/run --profile installs it)"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for fmt, dest in (("raw", tmp / "profile.txt"), ("flamegraph", RESULTS / "profile.svg")):
+        cmd = [str(pyspy), "record", "--pid", str(pid), "--nonblocking", "--rate", "200",
+               "--duration", str(max(1, round(duration))), "--format", fmt, "--output", str(dest)]
+        if fmt == "raw":
+            cmd.append("--nolineno")
+        spy = start(pinned(core, cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(0.5)
+        load = run_wrk(url, lua, 32, duration, core, pid=pid, latency=False)
+        try:
+            spy_out, _ = spy.communicate(timeout=duration + 30)
+        finally:
+            stop(spy)
+        if spy.returncode != 0 or not dest.exists():
+            return {"error": f"py-spy failed (status {spy.returncode}): {spy_out.strip()[-800:]}"}
+        out[f"load_{fmt}"] = {k: load.get(k) for k in ("ok", "rps", "error", "cpu_us_per_req")}
+    shutil.copy(tmp / "profile.txt", RESULTS / "profile.txt")
+    out.update(summarise_profile(tmp / "profile.txt"))
+    out["svg"] = str(RESULTS / "profile.svg")
+    return out
+
+
+def _short(frame: str) -> str:
+    # py-spy frames: "function (path/to/file.py)"
+    m = re.match(r"^(.*) \((.*)\)$", frame)
+    if not m:
+        return frame
+    func, path = m.groups()
+    for marker in ("site-packages/", str(REPO) + "/", "lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{func} ({path})"
+
+
+def summarise_profile(path: Path, top: int = 20) -> dict:
+    self_c: collections.Counter = collections.Counter()
+    incl: collections.Counter = collections.Counter()
+    ours_self: collections.Counter = collections.Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if f]
+        # the first frame is the thread/process label
+        frames = [f for f in frames if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += n
+        self_c[_short(frames[-1])] += n
+        for f in set(_short(f) for f in frames):
+            incl[f] += n
+        # attribute the sample to the innermost frame of our own code
+        for f in reversed(frames):
+            if "cllama_tx" in f:
+                ours_self[_short(f)] += n
+                break
+        else:
+            ours_self["(outside cllama_tx: reactor, twisted.web, wire)"] += n
+    share = lambda c: [(f, n, 100.0 * n / total) for f, n in c.most_common(top)] if total else []
+    return {
+        "samples": total,
+        "self": share(self_c),
+        "inclusive": share(incl),
+        "own_code": share(ours_self),
+    }
+
+
+# ---------------------------------------------------------------- report
+
+def machine_facts() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    facts = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else [],
+        "python": cmd_output([str(VENV_PY), "-c", "import sys; print(sys.version.split()[0])"]),
+        "twisted": cmd_output([str(VENV_PY), "-c", "import twisted; print(twisted.__version__)"]),
+        "nginx": cmd_output([nginx_binary(), "-v"]).replace("nginx version: ", ""),
+        "wrk": (cmd_output(["wrk", "-v"]).splitlines() or ["?"])[0],
+        "commit": cmd_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "dirty": bool(cmd_output(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"]))
+        or bool(cmd_output(["git", "-C", str(REPO), "ls-files", "--others", "--exclude-standard", "cllama_tx"])),
+    }
+    return facts
+
+
+def fmt(x, digits=3):
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def build_rows(res: dict) -> list[list[str]]:
+    rows = []
+
+    def status(*lanes):
+        bad = [l.get("error", "failed") for l in lanes if l is not None and not l.get("ok")]
+        missing = any(l is None for l in lanes)
+        if bad:
+            return "FAILED: " + "; ".join(bad)
+        return "proxy not run" if missing else "ok"
+
+    ld, lp = res.get("latency_direct"), res.get("latency_proxy")
+    for q in ("p50", "p99"):
+        d = ld[f"{q}_us"] / 1000 if ld and ld.get("ok") else None
+        p = lp[f"{q}_us"] / 1000 if lp and lp.get("ok") else None
+        rows.append([
+            "latency, 1 client (wrk -c1)", f"{q} ms", fmt(d), fmt(p),
+            f"+{fmt(p - d)} ms" if d is not None and p is not None else "–",
+            status(ld, lp),
+        ])
+    td, tp = res.get("throughput_direct"), res.get("throughput_proxy")
+    d = td["rps"] if td and td.get("ok") else None
+    p = tp["rps"] if tp and tp.get("ok") else None
+    rows.append([
+        "throughput, 32 clients (wrk -c32)", "req/s", fmt(d, 0), fmt(p, 0),
+        f"{p / d:.3f}× of direct" if d and p is not None else "–", status(td, tp),
+    ])
+    if tp and tp.get("ok") and tp.get("cpu_us_per_req") is not None:
+        rows.append([
+            "proxy CPU per request at 32 clients", "µs", "–", fmt(tp["cpu_us_per_req"], 0),
+            f"core 0 busy {100 * tp['cpu_s'] / (tp['duration_us'] / 1e6):.0f}%", "ok",
+        ])
+    sd, sp = res.get("stream_direct"), res.get("stream_proxy")
+    for key, label in (("first_event_p50_ms", "first SSE event p50 ms"),
+                       ("first_event_p99_ms", "first SSE event p99 ms"),
+                       ("done_p50_ms", "whole stream p50 ms")):
+        d = sd[key] if sd and sd.get("ok") else None
+        p = sp[key] if sp and sp.get("ok") else None
+        rows.append([
+            "streams, 1 client, sequential", label, fmt(d), fmt(p),
+            f"+{fmt(p - d)} ms" if d is not None and p is not None else "–", status(sd, sp),
+        ])
+    return rows
+
+
+def table(rows, header=("lane", "metric", "direct", "proxy", "added / ratio", "status")) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def counts_line(res: dict) -> str:
+    parts = []
+    for name in ("latency_direct", "latency_proxy", "throughput_direct", "throughput_proxy",
+                 "stream_direct", "stream_proxy"):
+        r = res.get(name)
+        if r is not None:
+            parts.append(f"{name.replace('_', ' ')}: {r.get('requests', 0):.0f}")
+    return "; ".join(parts)
+
+
+def verdict(res: dict) -> tuple[str, float | None]:
+    ld, lp = res.get("latency_direct"), res.get("latency_proxy")
+    if not (ld and lp and ld.get("ok") and lp.get("ok")):
+        return "not measured (a latency lane failed or the proxy did not run)", None
+    added = (lp["p50_us"] - ld["p50_us"]) / 1000
+    if added < TARGET_ADDED_P50_MS:
+        return f"**met**: the proxy adds {added:.3f} ms at p50 (target: under {TARGET_ADDED_P50_MS:g} ms).", added
+    return (
+        f"**missed**: the proxy adds {added:.3f} ms at p50; the target is under "
+        f"{TARGET_ADDED_P50_MS:g} ms.", added
+    )
+
+
+def bar_table(res: dict, added) -> str:
+    rows = [[name, f"{ms:g}", f"{rps:,}"] for name, ms, rps in BAR]
+    tp = res.get("throughput_proxy")
+    rps = f"{tp['rps']:,.0f}" if tp and tp.get("ok") else "–"
+    rows.append(["**cllama_tx, this run**", fmt(added), rps])
+    return table(rows, ("proxy", "added ms (p50, 1 client)", "req/s (32 clients)"))
+
+
+def profile_md(prof: dict) -> str:
+    if not prof:
+        return ""
+    if "error" in prof:
+        return f"\n## Profile\n\nThe profile was requested but failed: {prof['error']}\n"
+    lines = [
+        "\n## Profile (`--profile`)\n",
+        f"py-spy sampled the proxy at 200 Hz (`--nonblocking`, idle samples excluded) under the "
+        f"32-client load: {prof['samples']} samples. Flame graph: `bench/results/profile.svg` "
+        "(not committed).\n",
+        "Where the busy time goes, by the innermost frame of cllama_tx code on the stack:\n",
+        table([[f"`{f}`", str(n), f"{s:.1f}%"] for f, n, s in prof["own_code"][:12]],
+              ("innermost cllama_tx frame", "samples", "share")),
+        "\nSelf time (the frame actually running):\n",
+        table([[f"`{f}`", str(n), f"{s:.1f}%"] for f, n, s in prof["self"][:15]],
+              ("function (file)", "samples", "share")),
+        "\nInclusive time (on the stack):\n",
+        table([[f"`{f}`", str(n), f"{s:.1f}%"] for f, n, s in prof["inclusive"][:20]],
+              ("function (file)", "samples", "share")),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_doc(res: dict, facts: dict, args) -> str:
+    rows = build_rows(res)
+    v, added = verdict(res)
+    failed = [k for k in LANES if res.get(k) is not None and not res[k].get("ok")]
+    cores = (
+        "the proxy pinned to core 0 (`taskset -c 0`); nginx, wrk and the stream client on core 1"
+        if res.get("pinned") else
+        "no core pinning (fewer than 2 usable cores)"
+    )
+    doc = f"""# Performance
+
+Measured by `bash bench/run` (see `bench/bench.py`); this file is overwritten by each run.
+Numbers from a shared, noisy 2-core machine: compare runs on the same machine, and
+read the direct column as the noise floor of the run.
+
+## Last run
+
+- Date: {facts['date']}; commit {facts['commit']}{' (with uncommitted changes)' if facts['dirty'] else ''}
+- Machine: {facts['nproc']} cores ({facts['cpu']}), Linux {facts['kernel']}, load average at start {' '.join(facts['loadavg'])}
+- Python {facts['python']}, Twisted {facts['twisted']}, nginx {facts['nginx']}, {facts['wrk']}
+- Result: {v}
+{"- **Lanes that failed: " + ", ".join(failed) + "** (their figures are left out, not reported as fast)" if failed else ""}
+
+{table(rows)}
+
+Requests measured per lane: {counts_line(res)}.
+
+## The bar
+
+Figures measured by the team on this kind of machine, same method (one core for the
+proxy, wrk against an nginx mock). Target for cllama_tx: added p50 under
+{TARGET_ADDED_P50_MS:g} ms.
+
+{bar_table(res, added)}
+
+## Method
+
+- Mock upstream: nginx ({facts['nginx']}), one worker, config written to a temporary directory
+  and run as the current user (`-p`, `-c`, `daemon off`), answering
+  `POST /v1/chat/completions` with a fixed `chat.completion` JSON body (with `usage`) and
+  `POST /stream/v1/chat/completions` with a fixed `text/event-stream` body (7 `data:` chunks,
+  a usage chunk, `data: [DONE]`). Keep-alive without a request limit.
+- Proxy: this work tree, `.venv/bin/python -m twisted --log-file=+ cllama` with
+  `PYTHONPATH` at the repository, one agent (`bench`), `OPENAI_BASE_URL` pointing at the
+  mock's `/v1` and `OPENROUTER_BASE_URL` at its `/stream/v1`; audit stream (stdout) to a
+  file, operational log (stderr) to a file.
+- Cores: {cores}.
+- Each lane runs direct (client → nginx) and then through the proxy (client → proxy →
+  nginx), {args.duration:g} s each, after a {args.warmup:g} s warm-up of the proxy that is not
+  counted.
+  - latency: `wrk -t1 -c1 --latency` POSTing `{CHAT_BODY}` with the agent's bearer token;
+    added = proxy minus direct.
+  - throughput: `wrk -t1 -c32`; the direct figure is the mock's own ceiling (wrk and nginx
+    sharing core 1). Proxy CPU per request comes from `/proc/<pid>/stat` over the lane.
+  - streams: a raw-socket keep-alive client sends sequential `"stream": true` requests
+    (model `{STREAM_MODEL}`) and times the first `data:` byte and the end of the stream.
+- A lane with socket errors, timeouts or non-2xx answers is marked FAILED and its figures
+  are not shown.
+{profile_md(res.get("profile") or {})}"""
+    return re.sub(r"\n{3,}", "\n\n", doc)
+
+
+LANES = ["latency_direct", "latency_proxy", "throughput_direct", "throughput_proxy",
+         "stream_direct", "stream_proxy"]
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Benchmark cllama_tx against an nginx mock upstream.")
+    ap.add_argument("--duration", type=float, default=float(os.environ.get("BENCH_DURATION", "10")),
+                    help="seconds per lane and side [env BENCH_DURATION, default 10]")
+    ap.add_argument("--warmup", type=float, default=float(os.environ.get("BENCH_WARMUP", "3")),
+                    help="seconds of unmeasured load on the proxy before the lanes [env BENCH_WARMUP, default 3]")
+    ap.add_argument("--profile", action="store_true",
+                    help="afterwards, sample the proxy under 32-client load with py-spy and list the hot spots")
+    ap.add_argument("--no-doc", action="store_true", help="do not overwrite docs/PERFORMANCE.md")
+    ap.add_argument("--direct-only", action="store_true", help="measure the mock alone (checks the harness)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, audit stream)")
+    ap.add_argument("--start-timeout", type=float, default=30.0, help="seconds to wait for /health [default 30]")
+    args = ap.parse_args(argv)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    atexit.register(stop_all)
+
+    for tool in ("wrk", "taskset"):
+        if shutil.which(tool) is None:
+            log(f"{tool} is missing: run this through `bash bench/run`, which installs it")
+            return 3
+    if not Path(nginx_binary()).exists():
+        log("nginx is missing: run this through `bash bench/run`, which installs it")
+        return 3
+
+    usable = sorted(os.sched_getaffinity(0))
+    pin = len(usable) >= 2 and 0 in usable and 1 in usable
+    proxy_core = PROXY_CORE if pin else None
+    load_core = LOAD_CORE if pin else None
+    if pin:
+        os.sched_setaffinity(0, {1})  # this script (the stream client) stays off the proxy's core
+    else:
+        log("fewer than 2 usable cores: running without core pinning")
+
+    tmp = Path(tempfile.mkdtemp(prefix="cllama-bench-"))
+    res: dict = {"pinned": pin, "duration": args.duration}
+    facts = machine_facts()
+    proxy_error = None
+    proxy = None
+    try:
+        mock_port, api_port, ui_port = free_port(), free_port(), free_port()
+        log(f"temporary directory {tmp}")
+        start_nginx(tmp, mock_port, load_core)
+        log(f"nginx mock on 127.0.0.1:{mock_port}")
+        lua = write_lua(tmp)
+        direct = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
+        through = f"http://127.0.0.1:{api_port}/v1/chat/completions"
+
+        if not args.direct_only:
+            try:
+                proxy = start_proxy(tmp, proxy_env(tmp, api_port, ui_port, mock_port), api_port,
+                                    proxy_core, args.start_timeout)
+                log(f"proxy pid {proxy.pid} on 127.0.0.1:{api_port}: /health answered 200")
+                verify_proxy(api_port, tmp)
+                log("proxy verified: a JSON and a streamed request came back from the mock")
+                if args.warmup > 0:
+                    run_wrk(through, lua, 4, args.warmup, load_core, latency=False)
+                    run_stream_lane(api_port, "/v1/chat/completions", min(1.0, args.warmup))
+            except ProxyFailed as e:
+                proxy_error = str(e)
+                log(f"PROXY FAILED: {proxy_error}")
+                if proxy is not None:
+                    stop(proxy)
+                    proxy = None
+
+        def lane(name, fn):
+            log(f"lane {name} ({args.duration:g} s)")
+            r = fn()
+            res[name] = r
+            if not r.get("ok"):
+                log(f"lane {name} FAILED: {r.get('error')}")
+
+        lane("latency_direct", lambda: run_wrk(direct, lua, 1, args.duration, load_core))
+        if proxy:
+            lane("latency_proxy", lambda: run_wrk(through, lua, 1, args.duration, load_core, pid=proxy.pid))
+        lane("throughput_direct", lambda: run_wrk(direct, lua, 32, args.duration, load_core))
+        if proxy:
+            lane("throughput_proxy", lambda: run_wrk(through, lua, 32, args.duration, load_core, pid=proxy.pid))
+        lane("stream_direct", lambda: run_stream_lane(mock_port, "/stream/v1/chat/completions", args.duration))
+        if proxy:
+            lane("stream_proxy", lambda: run_stream_lane(api_port, "/v1/chat/completions", args.duration))
+
+        if proxy and proxy.poll() is not None:
+            proxy_error = f"the proxy exited with status {proxy.returncode} during the run:\n{tail(tmp / 'proxy.log')}"
+        if proxy and args.profile:
+            log(f"profiling the proxy with py-spy ({args.duration:g} s raw + {args.duration:g} s flame graph)")
+            res["profile"] = profile_proxy(proxy.pid, through, lua, args.duration, load_core, tmp)
+        if proxy:
+            # The proxy's own view: audit lines by type, and anything it logged as an error.
+            kinds: collections.Counter = collections.Counter()
+            statuses: collections.Counter = collections.Counter()
+            stop(proxy)  # flushes the audit stream
+            with open(tmp / "audit.jsonl", errors="replace") as f:
+                for line in f:
+                    try:
+                        doc = json.loads(line)
+                    except ValueError:
+                        kinds["(not JSON)"] += 1
+                        continue
+                    kinds[doc.get("type")] += 1
+                    if doc.get("status_code") is not None:
+                        statuses[doc["status_code"]] += 1
+            res["audit"] = {"types": dict(kinds), "status_codes": {str(k): v for k, v in statuses.items()}}
+            res["proxy_log_tail"] = tail(tmp / "proxy.log", 15)
+    except RuntimeError as e:
+        log(f"harness error: {e}")
+        stop_all()
+        return 2
+    finally:
+        stop_all()
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    rows = build_rows(res)
+    print()
+    print(table(rows))
+    print()
+    v, added = verdict(res)
+    print("Result: " + v.replace("**", ""))
+    print("Requests per lane: " + counts_line(res))
+    if "audit" in res:
+        print(f"Proxy audit lines by type: {res['audit']['types']}; status codes: {res['audit']['status_codes']}")
+    prof = res.get("profile")
+    if prof:
+        if "error" in prof:
+            print(f"\nProfile failed: {prof['error']}")
+        else:
+            print(f"\nProfile: {prof['samples']} samples; flame graph {prof['svg']}")
+            print("innermost cllama_tx frame:")
+            for f, n, s in prof["own_code"][:12]:
+                print(f"  {s:5.1f}%  {f}")
+            print("self time:")
+            for f, n, s in prof["self"][:15]:
+                print(f"  {s:5.1f}%  {f}")
+            print("inclusive:")
+            for f, n, s in prof["inclusive"][:20]:
+                print(f"  {s:5.1f}%  {f}")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    slim = {k: ({kk: vv for kk, vv in v.items() if kk != "raw"} if isinstance(v, dict) else v) for k, v in res.items()}
+    (RESULTS / "last.json").write_text(json.dumps({"facts": facts, "results": slim, "proxy_error": proxy_error}, indent=2, default=str))
+
+    if proxy_error:
+        print(f"\nPROXY FAILED: {proxy_error}")
+        print("docs/PERFORMANCE.md was left as it was.")
+        return 2
+    if args.direct_only:
+        print("\n--direct-only: docs/PERFORMANCE.md was left as it was.")
+    elif not args.no_doc:
+        DOC.parent.mkdir(parents=True, exist_ok=True)
+        DOC.write_text(write_doc(res, facts, args))
+        print(f"\nWrote {DOC.relative_to(REPO)}")
+    failed = [k for k in LANES if res.get(k) is not None and not res[k].get("ok")]
+    if failed:
+        print(f"FAILED lanes: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

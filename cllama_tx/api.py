@@ -1,0 +1,191 @@
+"""
+The API site (default :8080).
+
+The two inference paths are served by lean L{ProxyResource}s looked up by
+exact path before any routing library runs: they are the hot path.  Every
+other route lives in a Klein app, where clarity matters more than
+microseconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from .errors import ANTHROPIC, OPENAI, ProxyError, error_body
+from .proxy import Proxy, Surface
+from .surfaces import matrix
+
+CHAT = Surface(matrix.OPENAI_CHAT, "/v1/chat/completions", "openai", OPENAI)
+log = Logger()
+
+MESSAGES = Surface(matrix.ANTHROPIC_MESSAGES, "/v1/messages", "anthropic", ANTHROPIC)
+
+
+def _shape_for_path(path: bytes) -> str:
+    return ANTHROPIC if path.startswith(b"/v1/messages") else OPENAI
+
+
+def _json(request, status: int, doc) -> bytes:
+    body = json.dumps(doc).encode("utf-8")
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return body
+
+
+class ProxyResource(Resource):
+    """One inference surface: POST only, handed to the L{Proxy}."""
+
+    isLeaf = True
+
+    def __init__(self, proxy: Proxy, surface: Surface) -> None:
+        super().__init__()
+        self._proxy = proxy
+        self._surface = surface
+
+    def render(self, request):
+        if request.method != b"POST":
+            request.setHeader(b"allow", b"POST")
+            error = ProxyError(405, "method_not_allowed", f"use POST for {self._surface.path}")
+            body = error_body(error, self._surface.shape)
+            request.setResponseCode(405)
+            request.setHeader(b"content-type", b"application/json")
+            return body
+        self._proxy.handle(request, self._surface)
+        return NOT_DONE_YET
+
+
+class CappedRequest(Request):
+    """
+    A request whose body may not exceed the site's cap.  twisted.web buffers
+    the whole body before a resource runs and has no limit of its own, so the
+    cap is enforced here: from C{Content-Length} before reading, and while
+    reading for chunked bodies.  The answer is a 413 in the surface's shape,
+    then the connection is closed so no more of the body is read.
+    """
+
+    _refused = False
+    _received = 0
+
+    def _cap(self) -> int:
+        return self.channel.site.max_body_bytes
+
+    def gotLength(self, length):
+        if length is not None and length > self._cap():
+            self._refuse_oversized()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self._cap():
+            self._refuse_oversized()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse_oversized(self) -> None:
+        self._refused = True
+        channel = self.channel
+        path = getattr(channel, "_path", b"") or b""
+        cap = self._cap()
+        error = ProxyError(
+            413, "request_too_large", f"the request body is larger than {cap} bytes"
+        )
+        body = error_body(error, _shape_for_path(path))
+        site = channel.site
+        if site.audit is not None:
+            site.audit.emit(
+                "error", None, None, status_code=413, latency_ms=0, error=error.message,
+                path=path.decode("latin-1"),
+            )
+        channel.transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Connection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        channel.transport.loseConnection()
+
+
+class ApiSite(Site):
+    """
+    The API's Site: exact-path dispatch to the inference resources, the
+    Klein app for the rest, and capped request bodies.
+    """
+
+    requestFactory = CappedRequest
+
+    def __init__(self, klein_resource, hot: dict[bytes, Resource], max_body_bytes: int, audit=None):
+        super().__init__(klein_resource)
+        self._hot = hot
+        self.max_body_bytes = max_body_bytes
+        self.audit = audit
+        self.noisy = False
+
+    def getResourceFor(self, request):
+        request.site = self
+        request.sitepath = request.prepath[:]
+        hot = self._hot.get(request.path)
+        if hot is not None:
+            return hot
+        return super().getResourceFor(request)
+
+
+class ApiApp:
+    """Everything on the API port except the inference paths."""
+
+    app = Klein()
+
+    def __init__(self, matrix_doc: dict | None = None) -> None:
+        self._matrix_doc = matrix_doc or matrix.describe()
+
+    @app.route("/health", methods=["GET", "HEAD"])
+    def health(self, request):
+        return _json(request, 200, {"ok": True})
+
+    @app.route("/v1/surfaces", methods=["GET"])
+    def surfaces(self, request):
+        return _json(request, 200, self._matrix_doc)
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request, failure):
+        error = ProxyError(404, "not_found", f"no such endpoint: {request.path.decode('latin-1')}")
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"application/json")
+        return error_body(error, _shape_for_path(request.path))
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request, failure):
+        allowed = failure.value.valid_methods or []
+        if allowed:
+            request.setHeader(b"allow", ", ".join(allowed).encode())
+        error = ProxyError(405, "method_not_allowed", f"method {request.method.decode()} is not allowed here")
+        request.setResponseCode(405)
+        request.setHeader(b"content-type", b"application/json")
+        return error_body(error, _shape_for_path(request.path))
+
+    @app.handle_errors
+    def unexpected(self, request, failure):
+        log.failure("unexpected error on {path}", failure, path=request.path)
+        if request.startedWriting:
+            request.transport.abortConnection()
+            return b""
+        error = ProxyError(500, "internal_error", "internal error")
+        request.setResponseCode(500)
+        request.setHeader(b"content-type", b"application/json")
+        return error_body(error, _shape_for_path(request.path))
+
+
+def build_api_site(proxy: Proxy, max_body_bytes: int, audit=None) -> ApiSite:
+    hot = {
+        CHAT.path.encode(): ProxyResource(proxy, CHAT),
+        MESSAGES.path.encode(): ProxyResource(proxy, MESSAGES),
+    }
+    return ApiSite(ApiApp().app.resource(), hot, max_body_bytes, audit)

@@ -1,0 +1,57 @@
+"""
+The `cllama-tx` command.
+
+`cllama-tx --healthcheck` (or the Go spelling `-healthcheck`) probes the API
+of a running daemon for Docker and compose health checks; anything else runs
+the daemon in the foreground, exactly like `twistd -n cllama ...`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import urllib.error
+import urllib.request
+
+from .config import ConfigError, DEFAULT_API_ADDR, endpoint_port, listen_endpoint
+
+HEALTHCHECK_TIMEOUT = 3.0
+
+
+def health_url(env=None) -> str:
+    """The loopback URL of the API's /health, from LISTEN_ADDR."""
+    env = os.environ if env is None else env
+    try:
+        port = endpoint_port(listen_endpoint(env.get("LISTEN_ADDR") or DEFAULT_API_ADDR))
+    except ConfigError:
+        port = None
+    return f"http://127.0.0.1:{port or 8080}/health"
+
+
+def healthcheck(url: str, timeout: float = HEALTHCHECK_TIMEOUT) -> int:
+    """0 when C{url} answers 200 within C{timeout} seconds, else 1."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            ok = response.status == 200
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"unhealthy: {e}", file=sys.stderr)
+        return 1
+    if not ok:
+        print(f"unhealthy: status {response.status}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("--healthcheck", "-healthcheck"):
+        return healthcheck(health_url())
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "--nodaemon", "cllama", *args]
+    run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

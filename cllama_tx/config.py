@@ -1,0 +1,153 @@
+"""
+One frozen configuration, built from the environment and the command line.
+
+The command line wins over the environment: L{tap.Options} turns each option
+into the environment variable it stands for and overlays it on a copy of
+C{os.environ}, so there is exactly one path from names to values (here).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Mapping
+
+import attrs
+
+DEFAULT_API_ADDR = ":8080"
+DEFAULT_UI_ADDR = ":8081"
+DEFAULT_CONTEXT_ROOT = "/claw/context"
+DEFAULT_AUTH_DIR = "/claw/auth"
+DEFAULT_MAX_BODY = 32 * 1024 * 1024
+# Large prompts can take minutes before the first token; streams can then run
+# for many minutes, so the idle timer (reset on every chunk) is what bounds a
+# dead upstream.
+DEFAULT_FIRST_BYTE_TIMEOUT = 300.0
+DEFAULT_IDLE_TIMEOUT = 120.0
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+_ENDPOINT_PREFIXES = ("tcp:", "tcp6:", "ssl:", "unix:", "systemd:", "le:", "lets:")
+_GO_ADDR = re.compile(r"^(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*))?:(?P<port>\d{1,5})$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable; the message names it."""
+
+
+def listen_endpoint(addr: str) -> str:
+    """
+    Turn a listen address into a Twisted server endpoint string.
+
+    Go style (C{:8080}, C{127.0.0.1:8080}, C{[::1]:8080}, C{localhost:8080})
+    and a bare port become C{tcp:}/C{tcp6:} endpoints; Twisted endpoint
+    strings (C{tcp:}, C{ssl:}, C{unix:}, C{systemd:}, ...) pass unchanged.
+    """
+    addr = addr.strip()
+    if addr.startswith(_ENDPOINT_PREFIXES):
+        return addr
+    if addr.isdigit():
+        return f"tcp:{_port(addr, addr)}"
+    match = _GO_ADDR.match(addr)
+    if not match:
+        raise ConfigError(f"cannot understand listen address {addr!r}")
+    port = _port(match.group("port"), addr)
+    if match.group("v6") is not None:
+        host = match.group("v6") or "::"
+        return f"tcp6:{port}:interface=" + host.replace(":", "\\:")
+    host = match.group("host") or ""
+    if host == "localhost":
+        host = "127.0.0.1"
+    if not host:
+        return f"tcp:{port}"
+    return f"tcp:{port}:interface={host}"
+
+
+def _port(text: str, addr: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port out of range in listen address {addr!r}")
+    return port
+
+
+def endpoint_port(endpoint: str) -> int | None:
+    """The TCP port of a C{tcp:}/C{tcp6:}/C{ssl:} endpoint string, else None."""
+    kind, _, rest = endpoint.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    first = rest.split(":", 1)[0]
+    if first.startswith("port="):
+        first = first[5:]
+    return int(first) if first.isdigit() else None
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, not {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive")
+    return value
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """C{"32MiB"}, C{"512k"}, C{"1048576"} -> bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"cannot understand size {text!r}")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+@attrs.frozen
+class Config:
+    """Everything the daemon needs to know, resolved once at start-up."""
+
+    api_endpoint: str
+    ui_endpoint: str
+    context_root: str
+    auth_dir: str
+    pod: str | None
+    ui_token: str | None = attrs.field(repr=False)
+    session_history_dir: str | None
+    governance_dir: str | None
+    max_body_bytes: int
+    first_byte_timeout: float
+    idle_timeout: float
+    connect_timeout: float
+    demo: bool
+    # The environment as seen after command-line overrides; provider keys and
+    # base URLs are read from it by the provider registry.
+    env: Mapping[str, str] = attrs.field(repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, demo: bool = False) -> "Config":
+        env = dict(os.environ if env is None else env)
+        max_body = env.get("CLLAMA_MAX_BODY_SIZE")
+        return cls(
+            api_endpoint=listen_endpoint(env.get("LISTEN_ADDR") or DEFAULT_API_ADDR),
+            ui_endpoint=listen_endpoint(env.get("UI_ADDR") or DEFAULT_UI_ADDR),
+            context_root=env.get("CLAW_CONTEXT_ROOT") or DEFAULT_CONTEXT_ROOT,
+            auth_dir=env.get("CLAW_AUTH_DIR") or DEFAULT_AUTH_DIR,
+            pod=env.get("CLAW_POD") or None,
+            ui_token=env.get("CLLAMA_UI_TOKEN") or None,
+            session_history_dir=env.get("CLAW_SESSION_HISTORY_DIR") or None,
+            governance_dir=env.get("CLAW_GOVERNANCE_DIR") or None,
+            max_body_bytes=parse_size(max_body) if max_body else DEFAULT_MAX_BODY,
+            first_byte_timeout=_seconds(
+                env, "CLLAMA_FIRST_BYTE_TIMEOUT", DEFAULT_FIRST_BYTE_TIMEOUT
+            ),
+            idle_timeout=_seconds(env, "CLLAMA_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
+            connect_timeout=_seconds(
+                env, "CLLAMA_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT
+            ),
+            demo=demo or env.get("CLLAMA_DEMO", "").lower() in ("1", "true", "yes"),
+            env=env,
+        )

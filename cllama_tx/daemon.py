@@ -1,0 +1,194 @@
+"""
+The service tree of one daemon, built from a L{Config}.
+
+Order matters: L{MultiService} starts children in order and stops them in
+reverse, so shared services come first and the listeners last; on shutdown
+the listeners close first, then the upstream pool, then the audit flush.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import TextIO
+
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.python.failure import Failure
+from twisted.logger import Logger
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from .api import build_api_site
+from .audit import AuditLog
+from .config import Config
+from .identity.contexts import ContextRegistry
+from .interfaces import IProviderRegistry
+from .providers.catalog import ProviderSpec
+from .providers.keys import KeyPool
+from .providers.registry import ProviderNotConfigured, ProviderRegistry, ResolvedProvider
+from .proxy import Proxy
+from .relay import UpstreamClient
+from .ui import UiApp
+
+log = Logger()
+
+
+class UpstreamService(service.Service):
+    """Owns the upstream connection pool; closes it after the listeners."""
+
+    def __init__(self, upstream: UpstreamClient) -> None:
+        self.upstream = upstream
+
+    def stopService(self):
+        super().stopService()
+        return self.upstream.close()
+
+
+class AuditFlushService(service.Service):
+    """Flushes buffered audit lines last thing on shutdown."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+
+    def stopService(self):
+        super().stopService()
+        self.audit.flush()
+
+
+@implementer(IProviderRegistry)
+class DemoProviders:
+    """
+    The operator's providers plus the offline C{demo} provider, whose base
+    URL is only known once the demo server listens.
+    """
+
+    def __init__(self, providers, demo, clock) -> None:
+        self._providers = providers
+        self._demo = demo
+        self._pool = KeyPool("demo", [], clock, auth="none")
+
+    def resolve(self, name):
+        if name != "demo":
+            return self._providers.resolve(name)
+        if self._demo.base_url is None:
+            raise ProviderNotConfigured("the demo provider is not running yet")
+        return ResolvedProvider(ProviderSpec("demo", self._demo.base_url, "none", "openai"), self._pool)
+
+    def names(self):
+        return sorted({*self._providers.names(), "demo"})
+
+    def snapshot(self):
+        return self._providers.snapshot()
+
+
+class Listener(service.Service):
+    """
+    Listens on one endpoint string.  The port is bound in
+    privilegedStartService and a failure (a busy port) raises there, so
+    twistd stops at start-up with the error instead of running deaf.
+    """
+
+    def __init__(self, reactor, description: str, factory, label: str) -> None:
+        self._reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.label = label
+        self.port = None
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        outcome = []
+        endpoint = endpoints.serverFromString(self._reactor, self.description)
+        endpoint.listen(self.factory).addBoth(outcome.append)
+        if not outcome:
+            raise RuntimeError(f"{self.label}: endpoint {self.description!r} did not listen at once")
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self.port = outcome[0]
+        log.info("{label} listening on {address}", label=self.label, address=_address(self.port))
+
+    def startService(self):
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+
+
+def _address(port) -> str:
+    host = port.getHost()
+    if hasattr(host, "port"):
+        return f"{host.host}:{host.port}"
+    return str(getattr(host, "name", host))
+
+
+class BannerService(service.Service):
+    """Prints how to talk to the demo once everything listens."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def startService(self):
+        super().startService()
+        log.info("{banner}", banner=self.text)
+
+
+def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.MultiService:
+    top = service.MultiService()
+    audit = AuditLog(audit_stream, reactor, schedule=lambda flush: reactor.callLater(0, flush))
+    AuditFlushService(audit).setServiceParent(top)
+
+    def pool_event(event: dict) -> None:
+        audit.emit("provider_pool", None, None, **event)
+
+    providers = ProviderRegistry(config.env, config.auth_dir, reactor, on_pool_event=pool_event)
+    context_root = config.context_root
+    banner = None
+    if config.demo:
+        from .demo import DemoService, banner as demo_banner, write_demo_context
+
+        context_root = tempfile.mkdtemp(prefix="cllama-demo-")
+        write_demo_context(context_root)
+        demo = DemoService(reactor)
+        demo.setServiceParent(top)
+        providers = DemoProviders(providers, demo, reactor)
+        banner = demo_banner(_api_base_url(config.api_endpoint))
+
+    contexts = ContextRegistry(context_root, reactor)
+    upstream = UpstreamClient(reactor, config.connect_timeout)
+    UpstreamService(upstream).setServiceParent(top)
+    proxy = Proxy(
+        clock=reactor,
+        contexts=contexts,
+        providers=providers,
+        upstream=upstream,
+        audit=audit,
+        first_byte_timeout=config.first_byte_timeout,
+        idle_timeout=config.idle_timeout,
+    )
+    api_site = build_api_site(proxy, config.max_body_bytes, audit)
+    ui_site = Site(
+        UiApp(token=config.ui_token, pod=config.pod, contexts=contexts, providers=providers).app.resource()
+    )
+    ui_site.noisy = False
+    Listener(reactor, config.api_endpoint, api_site, "API").setServiceParent(top)
+    Listener(reactor, config.ui_endpoint, ui_site, "UI").setServiceParent(top)
+    if banner is not None:
+        BannerService(banner).setServiceParent(top)
+    # Handles for tests and tooling; not used by the services themselves.
+    top.audit = audit
+    top.proxy = proxy
+    top.providers = providers
+    top.contexts = contexts
+    return top
+
+
+def _api_base_url(endpoint: str) -> str:
+    from .config import endpoint_port
+
+    port = endpoint_port(endpoint) or 8080
+    return f"http://127.0.0.1:{port}"

@@ -1,0 +1,82 @@
+"""
+Errors a client can cause or meet, and their bodies in each surface's shape.
+
+Raising L{ProxyError} anywhere below the web layer is how a request is
+refused; the surface that received the request decides the body's shape
+(CONTRACT section 9).
+"""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+
+OPENAI = "openai"
+ANTHROPIC = "anthropic"
+
+# HTTP status -> the error type each surface uses for it.
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+@attrs.define
+class ProxyError(Exception):
+    """
+    A refusal with a precise status, a stable machine-readable C{code} and a
+    message for humans.  Messages must never contain a secret.
+    """
+
+    status: int
+    code: str
+    message: str
+    retry_after: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+
+def error_type(status: int, shape: str) -> str:
+    """The surface's error type for C{status}."""
+    if shape == ANTHROPIC:
+        return _ANTHROPIC_TYPES.get(status, "api_error")
+    return _OPENAI_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(error: ProxyError, shape: str) -> bytes:
+    """The JSON body for C{error} in the surface's shape."""
+    kind = error_type(error.status, shape)
+    if shape == ANTHROPIC:
+        doc = {"type": "error", "error": {"type": kind, "message": error.message}}
+    else:
+        doc = {"error": {"message": error.message, "type": kind, "code": error.code}}
+    return json.dumps(doc).encode("utf-8")
+
+
+def sse_error_event(error: ProxyError, shape: str) -> bytes:
+    """
+    A mid-stream error as one SSE event: Anthropic's C{event: error}, or an
+    OpenAI-style C{data:} line carrying the error object.
+    """
+    body = error_body(error, shape)
+    if shape == ANTHROPIC:
+        return b"event: error\ndata: " + body + b"\n\n"
+    return b"data: " + body + b"\n\n"

@@ -1,0 +1,90 @@
+"""
+The contracts between the rooms of cllama_tx.
+
+Each interface has (or will have) two implementations: the real one and a
+verified fake in L{cllama_tx.testing}, or two real ones (file-backed and
+in-memory).  The web apps depend only on these.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IAuditLog(Interface):
+    """
+    The structured JSON-lines audit stream (CONTRACT section 7).
+    """
+
+    def emit(event_type, claw_id, model, request_id=None, intervention=None, **fields):
+        """
+        Write one audit line.  C{fields} are added verbatim; they must never
+        contain a secret.
+        """
+
+
+class IContextRegistry(Interface):
+    """
+    Agent contexts under C{CLAW_CONTEXT_ROOT}, cached and reloaded on change.
+    """
+
+    def authenticate(agent_id, secret):
+        """
+        Return the agent's L{cllama_tx.identity.contexts.AgentContext} when
+        C{secret} is right, else L{None}.  Unknown agents, invalid ids, broken
+        metadata and wrong secrets are indistinguishable to the caller and
+        take the same time.
+        """
+
+    def get(agent_id):
+        """
+        Return the current context of C{agent_id} or L{None}.
+        """
+
+    def agent_ids():
+        """
+        Return the sorted ids of the agents that have a readable context.
+        """
+
+
+class IProviderRegistry(Interface):
+    """
+    Resolves a provider name to where and how to send a request, and owns the
+    key pools.
+    """
+
+    def resolve(name):
+        """
+        Return a L{cllama_tx.providers.registry.ResolvedProvider} for the
+        canonical provider C{name}.
+
+        @raise cllama_tx.providers.registry.UnknownProvider: no such provider.
+        @raise cllama_tx.providers.registry.ProviderNotConfigured: known, but
+            without a base URL or without any key while it needs one.
+        """
+
+    def names():
+        """
+        Return the sorted names of all providers that could be resolved.
+        """
+
+
+class IFakeProvider(Interface):
+    """
+    A loopback HTTP server that speaks a provider's wire format, for tests
+    and the demo.
+    """
+
+    base_url = Attribute("The URL to use as the provider's base URL, ending in /v1.")
+    received = Attribute("The list of L{cllama_tx.testing.ReceivedRequest} it got.")
+
+    def start():
+        """
+        Listen on 127.0.0.1, an ephemeral port.  Return a Deferred that fires
+        with the server once it listens.
+        """
+
+    def stop():
+        """
+        Stop listening and drop open connections.  Return a Deferred.
+        """

@@ -1,0 +1,217 @@
+"""
+The provider catalog (CONTRACT 3.2): where each known provider lives, how it
+wants its key, which wire format it speaks, and which environment variables
+seed it.
+
+Pure data and tiny pure functions: no I/O, no clock.  The registry layers
+C{providers.json} and the environment on top of this table.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Mapping
+
+import attrs
+
+BEARER = "bearer"
+X_API_KEY = "x-api-key"
+NO_AUTH = "none"
+AUTH_MODES = frozenset({BEARER, X_API_KEY, NO_AUTH})
+
+OPENAI_FORMAT = "openai"
+ANTHROPIC_FORMAT = "anthropic"
+API_FORMATS = frozenset({OPENAI_FORMAT, ANTHROPIC_FORMAT})
+
+
+def _one_of(allowed: frozenset):
+    def check(instance, attribute, value):
+        if value not in allowed:
+            raise ValueError(
+                f"{attribute.name} must be one of {sorted(allowed)}, got {value!r}"
+            )
+
+    return check
+
+
+@attrs.frozen
+class ProviderSpec:
+    """
+    Where and how to reach one provider.  C{base_url} is L{None} when there is
+    no public default and the operator must configure one.
+    """
+
+    name: str
+    base_url: str | None
+    auth: str = attrs.field(validator=_one_of(AUTH_MODES))
+    api_format: str = attrs.field(validator=_one_of(API_FORMATS))
+
+
+def _spec(name: str, base_url: str | None, auth: str, api_format: str) -> ProviderSpec:
+    return ProviderSpec(name=name, base_url=base_url, auth=auth, api_format=api_format)
+
+
+CATALOG: Mapping[str, ProviderSpec] = MappingProxyType(
+    {
+        # --- CONTRACT 3.2 table (exact) -------------------------------------
+        # CONTRACT 3.2.
+        "openai": _spec("openai", "https://api.openai.com/v1", BEARER, OPENAI_FORMAT),
+        # CONTRACT 3.2.
+        "anthropic": _spec(
+            "anthropic", "https://api.anthropic.com/v1", X_API_KEY, ANTHROPIC_FORMAT
+        ),
+        # CONTRACT 3.2.
+        "openrouter": _spec(
+            "openrouter", "https://openrouter.ai/api/v1", BEARER, OPENAI_FORMAT
+        ),
+        # CONTRACT 3.2 (Gemini's OpenAI-compatible endpoint).
+        "google": _spec(
+            "google",
+            "https://generativelanguage.googleapis.com/v1beta/openai",
+            BEARER,
+            OPENAI_FORMAT,
+        ),
+        # CONTRACT 3.2.
+        "xai": _spec("xai", "https://api.x.ai/v1", BEARER, OPENAI_FORMAT),
+        # CONTRACT 3.2.
+        "vercel": _spec("vercel", "https://ai-gateway.vercel.sh/v1", BEARER, OPENAI_FORMAT),
+        # CONTRACT 3.2 (the pod's ollama service; keyless).
+        "ollama": _spec("ollama", "http://ollama:11434/v1", NO_AUTH, OPENAI_FORMAT),
+        # --- Anthropic Messages surface (CONTRACT 3.1) -----------------------
+        # Base URLs below end in /v1 because upstream_url() strips the ingress
+        # path's /v1 (Anthropic SDK clients append /v1/messages to the
+        # documented base).
+        # Synthetic documents its Anthropic-compatible base as
+        # https://api.synthetic.new/anthropic (docs.openclaw.ai/providers/synthetic).
+        "synthetic": _spec(
+            "synthetic", "https://api.synthetic.new/anthropic/v1", X_API_KEY, ANTHROPIC_FORMAT
+        ),
+        # MiniMax's global Anthropic-compatible base is
+        # https://api.minimax.io/anthropic (platform.minimax.io, "Anthropic API");
+        # operators in mainland China set https://api.minimaxi.com/anthropic/v1.
+        "minimax-portal": _spec(
+            "minimax-portal", "https://api.minimax.io/anthropic/v1", X_API_KEY, ANTHROPIC_FORMAT
+        ),
+        # Kimi For Coding: base https://api.kimi.com/coding, messages at
+        # /coding/v1/messages with x-api-key (kimi.com Code docs, "other
+        # coding agents").
+        "kimi-coding": _spec(
+            "kimi-coding", "https://api.kimi.com/coding/v1", X_API_KEY, ANTHROPIC_FORMAT
+        ),
+        # Cloudflare AI Gateway URLs contain the operator's account and gateway
+        # ids (https://gateway.ai.cloudflare.com/v1/<account>/<gateway>/anthropic):
+        # there is no public default, the operator must configure it.
+        "cloudflare-ai-gateway": _spec(
+            "cloudflare-ai-gateway", None, X_API_KEY, ANTHROPIC_FORMAT
+        ),
+        # Xiaomi MiMo's Anthropic-compatible base
+        # https://api.xiaomimimo.com/anthropic (platform.xiaomimimo.com docs).
+        "xiaomi": _spec(
+            "xiaomi", "https://api.xiaomimimo.com/anthropic/v1", X_API_KEY, ANTHROPIC_FORMAT
+        ),
+        # --- OpenAI Chat Completions surface (CONTRACT 3.1) ------------------
+        # Z.AI general (pay-as-you-go) OpenAI-compatible endpoint
+        # (docs.z.ai); GLM Coding Plan subscribers set
+        # https://api.z.ai/api/coding/paas/v4 instead.
+        "zai": _spec("zai", "https://api.z.ai/api/paas/v4", BEARER, OPENAI_FORMAT),
+        # Volcengine Ark (Doubao) OpenAI-compatible endpoint, Beijing region
+        # (volcengine.com/docs/82379, "Base URL").
+        "volcengine": _spec(
+            "volcengine", "https://ark.cn-beijing.volces.com/api/v3", BEARER, OPENAI_FORMAT
+        ),
+        # Qwen Portal (OAuth token) endpoint https://portal.qwen.ai/v1
+        # (docs.openclaw.ai/providers/qwen-oauth).
+        "qwen-portal": _spec(
+            "qwen-portal", "https://portal.qwen.ai/v1", BEARER, OPENAI_FORMAT
+        ),
+        # OpenCode Zen gateway, https://opencode.ai/zen/v1 (opencode.ai/docs/zen).
+        "opencode": _spec("opencode", "https://opencode.ai/zen/v1", BEARER, OPENAI_FORMAT),
+    }
+)
+
+
+@attrs.frozen
+class EnvNames:
+    """
+    The environment variables that seed one provider.
+
+    C{key_prefixes} are tried in priority order; each prefix C{P} gives
+    C{P_API_KEY}, C{P_API_KEY_1}, C{P_API_KEY_2}.  C{base_url} names the
+    variable overriding the base URL, or L{None}.
+    """
+
+    key_prefixes: tuple[str, ...]
+    base_url: str | None
+
+    def key_vars(self) -> tuple[str, ...]:
+        """Every key variable, highest priority first."""
+        return tuple(
+            f"{prefix}_API_KEY{suffix}"
+            for prefix in self.key_prefixes
+            for suffix in KEY_SUFFIXES
+        )
+
+
+KEY_SUFFIXES = ("", "_1", "_2")
+
+ENV_NAMES: Mapping[str, EnvNames] = MappingProxyType(
+    {
+        "openai": EnvNames(("OPENAI",), "OPENAI_BASE_URL"),
+        "anthropic": EnvNames(("ANTHROPIC",), "ANTHROPIC_BASE_URL"),
+        "openrouter": EnvNames(("OPENROUTER",), "OPENROUTER_BASE_URL"),
+        "xai": EnvNames(("XAI",), "XAI_BASE_URL"),
+        # GOOGLE_API_KEY is a lower-priority alias of GEMINI_API_KEY.
+        "google": EnvNames(("GEMINI", "GOOGLE"), "GOOGLE_BASE_URL"),
+        "vercel": EnvNames(("AI_GATEWAY",), "AI_GATEWAY_BASE_URL"),
+        # Keyless: base URL only.
+        "ollama": EnvNames((), "OLLAMA_BASE_URL"),
+    }
+)
+
+
+def seed_key_id(env_var: str) -> str:
+    """The id of the key read from environment variable C{env_var}."""
+    return f"seed:{env_var}"
+
+
+def upstream_url(base_url: str, ingress_path: str) -> str:
+    """
+    The upstream URL for a request that arrived on C{ingress_path}: the base
+    URL plus the path without its leading C{/v1} segment, so
+    C{https://openrouter.ai/api/v1} + C{/v1/chat/completions} gives
+    C{https://openrouter.ai/api/v1/chat/completions}.
+    """
+    if not ingress_path.startswith("/"):
+        ingress_path = "/" + ingress_path
+    if ingress_path == "/v1":
+        rest = ""
+    elif ingress_path.startswith("/v1/"):
+        rest = ingress_path[3:]
+    else:
+        rest = ingress_path
+    return base_url.rstrip("/") + rest
+
+
+def auth_headers(spec_auth: str, secret: str | None) -> list[tuple[bytes, bytes]]:
+    """
+    The upstream credential headers for auth mode C{spec_auth}.
+
+    @raise ValueError: unknown mode, or a mode that needs a key without one,
+        or a key that cannot be a header value.  Messages never contain the
+        key.
+    """
+    if spec_auth == NO_AUTH:
+        return []
+    if spec_auth not in AUTH_MODES:
+        raise ValueError(f"unknown upstream auth mode {spec_auth!r}")
+    if not secret:
+        raise ValueError(f"upstream auth mode {spec_auth!r} needs a key")
+    try:
+        value = secret.encode("ascii")
+    except UnicodeEncodeError:
+        raise ValueError("provider key contains non-ASCII characters") from None
+    if any(c < 0x21 or c == 0x7F for c in value):
+        raise ValueError("provider key contains whitespace or control characters")
+    if spec_auth == BEARER:
+        return [(b"Authorization", b"Bearer " + value)]
+    return [(b"x-api-key", value)]

@@ -1,0 +1,217 @@
+"""
+The upstream side: one persistent connection pool, and the streaming relay
+that pipes an upstream body to the agent chunk by chunk.
+
+The relay never holds the stream: each chunk is written to the agent as it
+arrives and handed to an optional tap (metering).  The upstream transport is
+registered as a push producer on the agent's request, so when the agent reads
+slowly Twisted pauses the upstream socket instead of buffering.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
+from zope.interface import implementer
+
+log = Logger()
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A request body that is already in memory: written in one go, with its
+    length known up front (no chunked upload, no extra reactor turn).
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer):
+        consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class UpstreamTimeout(Exception):
+    """The upstream sent nothing for too long."""
+
+    def __init__(self, phase: str, seconds: float) -> None:
+        super().__init__(f"upstream sent no {phase} within {seconds:g} s")
+        self.phase = phase
+        self.seconds = seconds
+
+
+class UpstreamClient:
+    """
+    The one HTTP client of the daemon: a persistent pool shared by every
+    request, no redirects, no cookies.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        connect_timeout: float,
+        tls_policy: IPolicyForHTTPS | None = None,
+        max_per_host: int = 64,
+    ) -> None:
+        self._reactor = reactor
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = max_per_host
+        self.pool.cachedConnectionTimeout = 120
+        kwargs = {"pool": self.pool, "connectTimeout": connect_timeout}
+        if tls_policy is not None:
+            kwargs["contextFactory"] = tls_policy
+        self._agent = Agent(reactor, **kwargs)
+
+    def request(
+        self, method: bytes, url: bytes, headers: Headers, body: bytes | None
+    ) -> defer.Deferred:
+        """Send one request; the Deferred fires with the response headers."""
+        producer = BytesProducer(body) if body is not None else None
+        return self._agent.request(method, url, headers, producer)
+
+    def close(self) -> defer.Deferred:
+        return self.pool.closeCachedConnections()
+
+
+def read_body(response, limit: int = 1024 * 1024) -> defer.Deferred:
+    """Read a small response body (error bodies) completely, at most C{limit} bytes."""
+    done: defer.Deferred = defer.Deferred()
+    response.deliverBody(_Collector(done, limit))
+    return done
+
+
+class _Collector(Protocol):
+    def __init__(self, done: defer.Deferred, limit: int) -> None:
+        self._done = done
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._size < self._limit:
+            self._parts.append(data[: self._limit - self._size])
+            self._size += len(data)
+
+    def connectionLost(self, reason=None) -> None:
+        self._done.callback(b"".join(self._parts))
+
+
+# Response headers that describe one hop, not the message.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+def copy_response_headers(source: Headers, target: Headers) -> None:
+    """Copy an upstream response's end-to-end headers to the agent's response."""
+    for name, values in source.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in (b"date", b"server"):
+            continue
+        target.setRawHeaders(name, values)
+
+
+class StreamRelay(Protocol):
+    """
+    Pipes one upstream response body to the agent's request.
+
+    C{done} fires with C{None} when the body ended normally, or fails with
+    the reason (L{UpstreamTimeout}, a connection error) when it did not.  The
+    caller decides what the agent sees in that case; this class only moves
+    bytes, keeps the idle timer and propagates backpressure and aborts.
+    """
+
+    def __init__(
+        self,
+        request,
+        clock,
+        idle_timeout: float,
+        first_byte_timeout: float,
+        tap: Callable[[bytes], None] | None = None,
+        on_first_byte: Callable[[], None] | None = None,
+    ) -> None:
+        self._request = request
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._tap = tap
+        self._on_first_byte = on_first_byte
+        self.done: defer.Deferred = defer.Deferred()
+        self.bytes_relayed = 0
+        self._timer = clock.callLater(first_byte_timeout, self._timed_out, "first byte", first_byte_timeout)
+        self._registered = False
+        self._failure: Exception | None = None
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self.transport, True)
+        self._registered = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.bytes_relayed == 0 and self._on_first_byte is not None:
+            self._on_first_byte()
+        self.bytes_relayed += len(data)
+        self._reset_timer()
+        if self._tap is not None:
+            self._tap(data)
+        self._request.write(data)
+
+    def _reset_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._clock.callLater(
+            self._idle_timeout, self._timed_out, "data", self._idle_timeout
+        )
+
+    def _timed_out(self, phase: str, seconds: float) -> None:
+        self._timer = None
+        self._failure = UpstreamTimeout(phase, seconds)
+        self.abort()
+
+    def abort(self) -> None:
+        """Close the upstream connection (agent gone, or timed out)."""
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason=None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._registered:
+            self._registered = False
+            if self._request.channel is not None:  # None once the agent left
+                self._request.unregisterProducer()
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            if self._failure is None:
+                self.done.callback(None)
+                return
+        if self._failure is not None:
+            self.done.errback(self._failure)
+        else:
+            self.done.errback(reason)

@@ -1,0 +1,133 @@
+"""
+`twistd cllama`: command-line options and the service tree.
+
+makeService builds every object once and hands each what it needs; there are
+no globals.  Shared services start first and the two listeners last, so on
+shutdown the listeners close first and the shared services after them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.application import service
+from twisted.python import usage
+
+from .config import Config, ConfigError
+
+# option name -> the environment variable it overrides
+_ENV_OPTIONS = [
+    ("listen", None, "LISTEN_ADDR", "API listen address (Go style ':8080' or a Twisted endpoint string) [env LISTEN_ADDR, default :8080]"),
+    ("ui-listen", None, "UI_ADDR", "operator UI listen address, same forms [env UI_ADDR, default :8081]"),
+    ("context-root", None, "CLAW_CONTEXT_ROOT", "agent contexts directory [env CLAW_CONTEXT_ROOT, default /claw/context]"),
+    ("auth-dir", None, "CLAW_AUTH_DIR", "directory of providers.json [env CLAW_AUTH_DIR, default /claw/auth]"),
+    ("pod", None, "CLAW_POD", "pod name shown in the UI [env CLAW_POD]"),
+    ("ui-token", None, "CLLAMA_UI_TOKEN", "operator token; prefer the environment, the command line is visible to other users [env CLLAMA_UI_TOKEN]"),
+    ("session-history-dir", None, "CLAW_SESSION_HISTORY_DIR", "per-agent session history directory [env CLAW_SESSION_HISTORY_DIR]"),
+    ("governance-dir", None, "CLAW_GOVERNANCE_DIR", "per-agent budget overrides directory [env CLAW_GOVERNANCE_DIR]"),
+    ("max-body-size", None, "CLLAMA_MAX_BODY_SIZE", "largest accepted request body, e.g. 32MiB [env CLLAMA_MAX_BODY_SIZE]"),
+    ("first-byte-timeout", None, "CLLAMA_FIRST_BYTE_TIMEOUT", "seconds to wait for an upstream's first byte [env CLLAMA_FIRST_BYTE_TIMEOUT, default 300]"),
+    ("idle-timeout", None, "CLLAMA_IDLE_TIMEOUT", "seconds an upstream stream may stay silent [env CLLAMA_IDLE_TIMEOUT, default 120]"),
+    ("connect-timeout", None, "CLLAMA_CONNECT_TIMEOUT", "seconds to connect to an upstream [env CLLAMA_CONNECT_TIMEOUT, default 10]"),
+]
+
+# Provider env prefixes accepted by --provider-key / --provider-base-url.
+_KEY_PREFIXES = {
+    "openai": "OPENAI",
+    "anthropic": "ANTHROPIC",
+    "openrouter": "OPENROUTER",
+    "xai": "XAI",
+    "gemini": "GEMINI",
+    "google": "GEMINI",
+    "vercel": "AI_GATEWAY",
+    "ai_gateway": "AI_GATEWAY",
+}
+_URL_PREFIXES = {
+    "openai": "OPENAI",
+    "anthropic": "ANTHROPIC",
+    "openrouter": "OPENROUTER",
+    "xai": "XAI",
+    "google": "GOOGLE",
+    "gemini": "GOOGLE",
+    "ollama": "OLLAMA",
+    "vercel": "AI_GATEWAY",
+    "ai_gateway": "AI_GATEWAY",
+}
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the cllama_tx governance proxy: the API site and the operator UI "
+        "site in one reactor.  Every option overrides the environment variable "
+        "named in its help."
+    )
+    optFlags = [
+        ["demo", None, "serve a built-in offline demo provider and demo agent (no provider keys needed)"],
+    ]
+    optParameters = [[name, short, None, help] for name, short, _env, help in _ENV_OPTIONS]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["provider-key"] = []
+        self["provider-base-url"] = []
+
+    def opt_provider_key(self, value: str) -> None:
+        """PROVIDER=KEY, repeatable (1st, 2nd, 3rd key); prefer the environment [env <P>_API_KEY, <P>_API_KEY_1, _2]"""
+        name, sep, key = value.partition("=")
+        if not sep or not key or name.lower() not in _KEY_PREFIXES:
+            raise usage.UsageError(
+                "--provider-key wants PROVIDER=KEY with PROVIDER one of "
+                + ", ".join(sorted(_KEY_PREFIXES))
+            )
+        self["provider-key"].append((_KEY_PREFIXES[name.lower()], key))
+
+    def opt_provider_base_url(self, value: str) -> None:
+        """PROVIDER=URL, repeatable [env <P>_BASE_URL]"""
+        name, sep, url = value.partition("=")
+        if not sep or not url or name.lower() not in _URL_PREFIXES:
+            raise usage.UsageError(
+                "--provider-base-url wants PROVIDER=URL with PROVIDER one of "
+                + ", ".join(sorted(_URL_PREFIXES))
+            )
+        self["provider-base-url"].append((_URL_PREFIXES[name.lower()], url))
+
+    def environment(self, base=None) -> dict[str, str]:
+        """The process environment with this command line laid over it."""
+        env = dict(os.environ if base is None else base)
+        for name, _short, var, _help in _ENV_OPTIONS:
+            if self.get(name) is not None:
+                env[var] = self[name]
+        counts: dict[str, int] = {}
+        for prefix, key in self["provider-key"]:
+            n = counts.get(prefix, 0)
+            counts[prefix] = n + 1
+            env[f"{prefix}_API_KEY" if n == 0 else f"{prefix}_API_KEY_{n}"] = key
+        for prefix, url in self["provider-base-url"]:
+            env[f"{prefix}_BASE_URL"] = url
+        return env
+
+    def postOptions(self) -> None:
+        try:
+            self.config = Config.from_env(self.environment(), demo=bool(self["demo"]))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        parent = getattr(self, "parent", None)
+        # Under twistd with no --logfile/--logger of the operator's choice,
+        # operational logs go to stderr: stdout carries the audit stream.
+        if parent is not None and not parent.get("logger") and not parent.get("logfile"):
+            from .logs import stderr_observer
+
+            parent["logger"] = stderr_observer
+
+
+def makeService(options: Options, reactor=None, audit_stream=None) -> service.MultiService:
+    from twisted.internet import reactor as default_reactor
+
+    from .daemon import build_daemon
+
+    reactor = reactor or default_reactor
+    return build_daemon(
+        options.config, reactor, audit_stream if audit_stream is not None else sys.stdout
+    )

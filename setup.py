@@ -1,0 +1,36 @@
+"""Packaging for cllama_tx: the daemon, its twistd plugin and its web assets."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="cllama_tx",
+    version="0.1.0",
+    description="A governance proxy for fleets of AI agents, on Twisted",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # twisted.plugins is listed explicitly: it is a namespace we drop a module
+    # into, never a package of ours (no __init__.py there).
+    packages=find_packages(include=["cllama_tx", "cllama_tx.*"]) + ["twisted.plugins"],
+    package_data={
+        "twisted": ["plugins/cllama_tx_plugin.py"],
+        "cllama_tx": ["data/*.json"],
+    },
+    data_files=[],
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "treq>=24.9",
+        "klein>=24.8",
+        "service-identity>=24.1",
+        "pyopenssl>=24.0",
+        "zope.interface>=6.0",
+        "attrs>=23.1",
+    ],
+    extras_require={
+        # The official SDKs are clients in our end-to-end tests.
+        "test": ["openai>=1.40", "anthropic>=0.40"],
+    },
+    entry_points={"console_scripts": ["cllama-tx = cllama_tx.cli:main"]},
+    zip_safe=False,
+)

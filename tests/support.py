@@ -1,0 +1,150 @@
+"""
+A real proxy on loopback sockets for end-to-end tests: the same objects the
+daemon builds, listening on ephemeral ports, in front of fake providers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+from twisted.internet import defer, reactor
+from twisted.web.client import Agent, HTTPConnectionPool
+
+import treq
+from cllama_tx.api import build_api_site
+from cllama_tx.audit import AuditLog
+from cllama_tx.identity.contexts import ContextRegistry
+from cllama_tx.providers.registry import ProviderRegistry
+from cllama_tx.proxy import Proxy
+from cllama_tx.relay import UpstreamClient
+from cllama_tx.testing import FakeProvider
+
+AGENT = "tiverton"
+SECRET = "9f1c" * 12  # 48 lowercase hex characters, as Clawdapus makes them
+PROVIDER_KEY = "sk-upstream-real-key-0001"
+
+
+def write_agent(root: str, agent_id: str, secret: str, **metadata) -> str:
+    directory = os.path.join(root, agent_id)
+    os.makedirs(directory, exist_ok=True)
+    doc = {"token": f"{agent_id}:{secret}", "pod": "test-pod", "service": agent_id}
+    doc.update(metadata)
+    with open(os.path.join(directory, "metadata.json"), "w") as f:
+        json.dump(doc, f)
+    return directory
+
+
+class ProxyHarness:
+    """
+    A fake OpenAI provider plus a proxy in front of it.  C{audit_lines()}
+    parses what the proxy wrote to its audit stream.
+    """
+
+    def __init__(self, testcase, env=None, max_body_bytes=1024 * 1024,
+                 first_byte_timeout=10.0, idle_timeout=10.0, providers_json=None):
+        self.testcase = testcase
+        self.env_extra = env or {}
+        self.max_body_bytes = max_body_bytes
+        self.first_byte_timeout = first_byte_timeout
+        self.idle_timeout = idle_timeout
+        self.providers_json = providers_json
+        self.audit_stream = _WatchedStream()
+
+    @defer.inlineCallbacks
+    def start(self):
+        case = self.testcase
+        self.fake = FakeProvider(reactor)
+        yield self.fake.start()
+        case.addCleanup(self.fake.stop)
+        base = case.mktemp()
+        self.context_root = os.path.join(base, "context")
+        self.auth_dir = os.path.join(base, "auth")
+        os.makedirs(self.auth_dir)
+        write_agent(self.context_root, AGENT, SECRET)
+        if self.providers_json is not None:
+            with open(os.path.join(self.auth_dir, "providers.json"), "w") as f:
+                json.dump(self.providers_json, f)
+        env = {"OPENAI_API_KEY": PROVIDER_KEY, "OPENAI_BASE_URL": self.fake.base_url}
+        env.update(self.env_extra)
+        self.audit = AuditLog(self.audit_stream, reactor)
+        self.contexts = ContextRegistry(self.context_root, reactor)
+        self.providers = ProviderRegistry(
+            env, self.auth_dir, reactor,
+            on_pool_event=lambda event: self.audit.emit("provider_pool", None, None, **event),
+        )
+        self.upstream = UpstreamClient(reactor, connect_timeout=5.0)
+        case.addCleanup(self.upstream.close)
+        self.proxy = Proxy(
+            clock=reactor,
+            contexts=self.contexts,
+            providers=self.providers,
+            upstream=self.upstream,
+            audit=self.audit,
+            first_byte_timeout=self.first_byte_timeout,
+            idle_timeout=self.idle_timeout,
+        )
+        site = build_api_site(self.proxy, self.max_body_bytes, self.audit)
+        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        case.addCleanup(self.port.stopListening)
+        self.base_url = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        case.addCleanup(self.pool.closeCachedConnections)
+        self.http = treq.client.HTTPClient(Agent(reactor, pool=self.pool))
+        return self
+
+    def post(self, path, doc=None, token=f"{AGENT}:{SECRET}", headers=None, data=None):
+        all_headers = {"Content-Type": ["application/json"]}
+        if token is not None:
+            all_headers["Authorization"] = [f"Bearer {token}"]
+        all_headers.update(headers or {})
+        body = data if data is not None else json.dumps(doc).encode()
+        return self.http.post(self.base_url + path, data=body, headers=all_headers)
+
+    def chat(self, doc, **kwargs):
+        return self.post("/v1/chat/completions", doc, **kwargs)
+
+    def audit_lines(self):
+        self.audit.flush()
+        return [json.loads(line) for line in self.audit_stream.getvalue().splitlines()]
+
+    def wait_for_audit(self, predicate):
+        """A Deferred that fires with the first audit line matching C{predicate}."""
+        for line in self.audit_lines():
+            if predicate(line):
+                return defer.succeed(line)
+        d = defer.Deferred()
+        self.audit_stream.watchers.append((predicate, d))
+        return d
+
+    def audit_text(self):
+        self.audit.flush()
+        return self.audit_stream.getvalue()
+
+
+class _WatchedStream(io.StringIO):
+    """The audit stream of a test: fires watchers as matching lines arrive."""
+
+    def __init__(self):
+        super().__init__()
+        self.watchers = []
+
+    def write(self, text):
+        result = super().write(text)
+        for line in text.splitlines():
+            doc = json.loads(line)
+            for watcher in list(self.watchers):
+                predicate, d = watcher
+                if predicate(doc):
+                    self.watchers.remove(watcher)
+                    d.callback(doc)
+        return result
+
+
+def chat_body(model="openai/gpt-4o-mini", stream=False, **extra):
+    doc = {"model": model, "messages": [{"role": "user", "content": "Say hello"}]}
+    if stream:
+        doc["stream"] = True
+    doc.update(extra)
+    return doc

@@ -1,0 +1,69 @@
+"""Audit line format and error body shapes."""
+
+import io
+import json
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from cllama_tx.audit import AuditLog, rfc3339_ms
+from cllama_tx.errors import ANTHROPIC, OPENAI, ProxyError, error_body, sse_error_event
+from cllama_tx.interfaces import IAuditLog
+
+
+class AuditTests(SynchronousTestCase):
+    def test_timestamp(self):
+        self.assertEqual(rfc3339_ms(0), "1970-01-01T00:00:00.000Z")
+        self.assertEqual(rfc3339_ms(1763809725.1239), "2025-11-22T11:08:45.123Z")
+
+    def test_line_has_contract_fields(self):
+        stream, clock = io.StringIO(), Clock()
+        clock.advance(1.5)
+        audit = AuditLog(stream, clock)
+        verifyObject(IAuditLog, audit)
+        audit.emit("response", "agent-1", "openai/gpt-4o", request_id="abc", status_code=200)
+        line = json.loads(stream.getvalue())
+        self.assertEqual(
+            line,
+            {
+                "ts": "1970-01-01T00:00:01.500Z",
+                "claw_id": "agent-1",
+                "type": "response",
+                "model": "openai/gpt-4o",
+                "intervention": None,
+                "request_id": "abc",
+                "status_code": 200,
+            },
+        )
+        self.assertTrue(stream.getvalue().endswith("\n"))
+
+    def test_buffered_until_flush(self):
+        stream, clock = io.StringIO(), Clock()
+        scheduled = []
+        audit = AuditLog(stream, clock, schedule=scheduled.append)
+        audit.emit("request", "a", "m")
+        audit.emit("response", "a", "m")
+        self.assertEqual(stream.getvalue(), "")
+        self.assertEqual(len(scheduled), 1)
+        scheduled[0]()
+        self.assertEqual([json.loads(l)["type"] for l in stream.getvalue().splitlines()], ["request", "response"])
+
+
+class ErrorShapeTests(SynchronousTestCase):
+    def test_openai_shape(self):
+        body = json.loads(error_body(ProxyError(400, "invalid_json", "bad"), OPENAI))
+        self.assertEqual(body, {"error": {"message": "bad", "type": "invalid_request_error", "code": "invalid_json"}})
+
+    def test_anthropic_shape(self):
+        body = json.loads(error_body(ProxyError(413, "request_too_large", "big"), ANTHROPIC))
+        self.assertEqual(body, {"type": "error", "error": {"type": "request_too_large", "message": "big"}})
+        body = json.loads(error_body(ProxyError(502, "x", "y"), ANTHROPIC))
+        self.assertEqual(body["error"]["type"], "api_error")
+
+    def test_sse_error_events(self):
+        event = sse_error_event(ProxyError(502, "upstream_interrupted", "cut"), ANTHROPIC)
+        self.assertTrue(event.startswith(b"event: error\ndata: "))
+        self.assertTrue(event.endswith(b"\n\n"))
+        event = sse_error_event(ProxyError(502, "upstream_interrupted", "cut"), OPENAI)
+        self.assertEqual(json.loads(event[len(b"data: "):])["error"]["code"], "upstream_interrupted")
