@@ -579,7 +579,7 @@ def stream_once(port: int, path: str) -> dict:
         c.close()
 
 
-def run_stream_lane(port: int, path: str, duration: float, max_requests: int = 100000) -> dict:
+def run_stream_lane(port: int, path: str, duration: float, max_requests: int = 1000000) -> dict:
     firsts, events, dones = [], [], []
     errors: collections.Counter = collections.Counter()
     conn = None

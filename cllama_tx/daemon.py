@@ -65,7 +65,7 @@ class DemoProviders:
     def __init__(self, providers, demo, clock) -> None:
         self._providers = providers
         self._demo = demo
-        self._pool = KeyPool("demo", [], clock, auth="none")
+        self._pool = KeyPool("demo", [], clock, keyless=True)
 
     def resolve(self, name):
         if name != "demo":
@@ -127,14 +127,17 @@ def _address(port) -> str:
 
 
 class BannerService(service.Service):
-    """Prints how to talk to the demo once everything listens."""
+    """Prints how to talk to the demo once the API listens."""
 
-    def __init__(self, text: str) -> None:
-        self.text = text
+    def __init__(self, api: Listener, make_text) -> None:
+        self.api = api
+        self.make_text = make_text
 
     def startService(self):
         super().startService()
-        log.info("{banner}", banner=self.text)
+        host = self.api.port.getHost()
+        address = f"127.0.0.1:{host.port}" if hasattr(host, "port") else str(host)
+        log.info("{banner}", banner=self.make_text(f"http://{address}"))
 
 
 def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.MultiService:
@@ -156,7 +159,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         demo = DemoService(reactor)
         demo.setServiceParent(top)
         providers = DemoProviders(providers, demo, reactor)
-        banner = demo_banner(_api_base_url(config.api_endpoint))
+        banner = demo_banner
 
     contexts = ContextRegistry(context_root, reactor)
     upstream = UpstreamClient(reactor, config.connect_timeout)
@@ -175,20 +178,14 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         UiApp(token=config.ui_token, pod=config.pod, contexts=contexts, providers=providers).app.resource()
     )
     ui_site.noisy = False
-    Listener(reactor, config.api_endpoint, api_site, "API").setServiceParent(top)
+    api_listener = Listener(reactor, config.api_endpoint, api_site, "API")
+    api_listener.setServiceParent(top)
     Listener(reactor, config.ui_endpoint, ui_site, "UI").setServiceParent(top)
     if banner is not None:
-        BannerService(banner).setServiceParent(top)
+        BannerService(api_listener, banner).setServiceParent(top)
     # Handles for tests and tooling; not used by the services themselves.
     top.audit = audit
     top.proxy = proxy
     top.providers = providers
     top.contexts = contexts
     return top
-
-
-def _api_base_url(endpoint: str) -> str:
-    from .config import endpoint_port
-
-    port = endpoint_port(endpoint) or 8080
-    return f"http://127.0.0.1:{port}"

@@ -117,9 +117,7 @@ class Options(usage.Options):
         # Under twistd with no --logfile/--logger of the operator's choice,
         # operational logs go to stderr: stdout carries the audit stream.
         if parent is not None and not parent.get("logger") and not parent.get("logfile"):
-            from .logs import stderr_observer
-
-            parent["logger"] = stderr_observer
+            parent["logger"] = "cllama_tx.logs.stderr_observer"
 
 
 def makeService(options: Options, reactor=None, audit_stream=None) -> service.MultiService:

@@ -460,6 +460,10 @@ class ProviderRegistry(Service):
                 keys, active = list(entry.keys), entry.active_key_id
             else:
                 keys, active = list(pool.keys), pool.active_key_id
+            if active is not None and active.startswith(SEED_PREFIX):
+                # Environment keys are the environment's business: which of
+                # them is active is decided afresh at every start.
+                active = None
             entries[name] = ProviderEntry(
                 name=name,
                 base_url=entry.base_url,
@@ -615,7 +619,8 @@ class ProviderRegistry(Service):
         """Make C{key_id} active and ready.  @raise UnknownProvider, UnknownKey."""
         name = self._known(provider)
         self._pools[name].activate(key_id)
-        self._ensure_entry(name)
+        if not key_id.startswith(SEED_PREFIX):
+            self._ensure_entry(name)
         self._save_now()
 
     def disable_key(self, provider: str, key_id: str) -> None:

@@ -63,8 +63,8 @@ class KeyRecord:
     id: str
     label: str | None
     secret: str = attrs.field(repr=False)
-    source: str = "runtime"
-    state: str = READY
+    source: str = attrs.field(default="runtime", validator=attrs.validators.in_(SOURCES))
+    state: str = attrs.field(default=READY, validator=attrs.validators.in_(STATES))
     cooldown_until: float | None = None
     last_error_code: int | None = None
     last_error_reason: str | None = None

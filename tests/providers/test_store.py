@@ -422,3 +422,12 @@ class KeyRecordTests(SynchronousTestCase):
     def test_from_environment(self):
         self.assertTrue(KeyRecord(id="seed:XAI_API_KEY", label=None, secret="s").from_environment)
         self.assertFalse(KeyRecord(id="file:xai", label=None, secret="s").from_environment)
+
+    def test_states_and_sources_validated(self):
+        with self.assertRaises(ValueError):
+            KeyRecord(id="k", label=None, secret="s", state="zombie")
+        with self.assertRaises(ValueError):
+            KeyRecord(id="k", label=None, secret="s", source="env")
+        key = KeyRecord(id="k", label=None, secret="s")
+        with self.assertRaises(ValueError):
+            key.state = "zombie"

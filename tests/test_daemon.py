@@ -1,0 +1,236 @@
+"""
+The real thing: `twistd -n cllama` in a child process, talked to over
+loopback, and the `cllama-tx --healthcheck` probe against it.
+"""
+
+import json
+import os
+import re
+import signal
+
+import sys
+
+import treq
+from twisted.internet import defer, error, protocol, reactor
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from cllama_tx.cli import health_url, healthcheck
+from cllama_tx.testing import FakeProvider
+
+from .support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+LISTENING = re.compile(r"(API|UI) listening on 127\.0\.0\.1:(\d+)")
+
+
+class DaemonProcess(protocol.ProcessProtocol):
+    """Collects a daemon's stdout (audit) and stderr (log); fires on events."""
+
+    def __init__(self):
+        self.stdout = b""
+        self.stderr = b""
+        self.ports = {}
+        self.ready = defer.Deferred()
+        self.ended = defer.Deferred()
+        self._stdout_waiters = []
+        self._stderr_waiters = []
+
+    def outReceived(self, data):
+        self.stdout += data
+        for predicate, d in list(self._stdout_waiters):
+            if predicate(self.audit_lines()):
+                self._stdout_waiters.remove((predicate, d))
+                d.callback(None)
+
+    def errReceived(self, data):
+        self.stderr += data
+        for kind, port in LISTENING.findall(self.stderr.decode(errors="replace")):
+            self.ports[kind] = int(port)
+        if len(self.ports) == 2 and not self.ready.called:
+            self.ready.callback(self.ports)
+        for needle, d in list(self._stderr_waiters):
+            if needle in self.stderr:
+                self._stderr_waiters.remove((needle, d))
+                d.callback(None)
+
+    def wait_for_stderr(self, needle):
+        d = defer.Deferred()
+        self._stderr_waiters.append((needle, d))
+        self.errReceived(b"")
+        return d
+
+    def processEnded(self, reason):
+        if not self.ready.called:
+            self.ready.errback(RuntimeError("daemon exited before listening:\n" + self.stderr.decode(errors="replace")))
+        self.signal = reason.value.signal
+        self.ended.callback(reason.value.exitCode)
+
+    def audit_lines(self):
+        return [json.loads(line) for line in self.stdout.decode().splitlines() if line.strip()]
+
+    def wait_for_audit(self, predicate):
+        d = defer.Deferred()
+        if predicate(self.audit_lines()):
+            d.callback(None)
+        else:
+            self._stdout_waiters.append((predicate, d))
+        return d
+
+
+def spawn_daemon(testcase, env, args=()):
+    process = DaemonProcess()
+    full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1"}
+    full_env.update(env)
+    transport = reactor.spawnProcess(
+        process,
+        TWISTD,
+        [TWISTD, "-n", "cllama", *args],
+        env=full_env,
+        path=REPO,
+    )
+
+    def stop():
+        if process.ended.called:
+            return None
+        try:
+            transport.signalProcess("TERM")
+        except error.ProcessExitedAlready:
+            return None
+        return process.ended
+
+    testcase.addCleanup(stop)
+    return process, transport
+
+
+class DaemonTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.fake = FakeProvider(reactor)
+        yield self.fake.start()
+        self.addCleanup(self.fake.stop)
+        base = os.path.abspath(self.mktemp())
+        self.context_root = os.path.join(base, "context")
+        auth_dir = os.path.join(base, "auth")
+        os.makedirs(auth_dir)
+        write_agent(self.context_root, AGENT, SECRET)
+        self.env = {
+            "LISTEN_ADDR": "tcp:0:interface=127.0.0.1",
+            "UI_ADDR": "127.0.0.1:0",
+            "CLAW_CONTEXT_ROOT": self.context_root,
+            "CLAW_AUTH_DIR": auth_dir,
+            "OPENAI_API_KEY": PROVIDER_KEY,
+            "OPENAI_BASE_URL": self.fake.base_url,
+            "CLLAMA_UI_TOKEN": "ui-token-never-logged-77",
+        }
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        self.http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+
+    @defer.inlineCallbacks
+    def test_serves_both_sites_and_keeps_audit_on_stdout(self):
+        process, transport = spawn_daemon(self, self.env)
+        ports = yield process.ready
+        api = f"http://127.0.0.1:{ports['API']}"
+        health = yield self.http.get(api + "/health")
+        self.assertEqual((yield health.json()), {"ok": True})
+        ui_health = yield self.http.get(f"http://127.0.0.1:{ports['UI']}/health")
+        self.assertEqual((yield ui_health.json()), {"ok": True})
+
+        response = yield self.http.post(
+            api + "/v1/chat/completions",
+            json=chat_body(),
+            headers={"Authorization": f"Bearer {AGENT}:{SECRET}"},
+        )
+        body = yield response.json()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body["object"], "chat.completion")
+        self.assertEqual(self.fake.received[0].header("authorization"), f"Bearer {PROVIDER_KEY}")
+
+        yield process.wait_for_audit(lambda lines: any(l["type"] == "response" for l in lines))
+        transport.signalProcess("TERM")
+        code = yield process.ended
+        # twistd re-raises the stopping signal so supervisors see why it ended.
+        self.assertEqual((code, process.signal), (None, signal.SIGTERM))
+        self.assertIn(b"Server Shut Down", process.stderr)
+        types = [line["type"] for line in process.audit_lines()]
+        self.assertEqual(types, ["request", "response"])
+        # Operational logs are on stderr, not mixed into the audit stream.
+        self.assertIn(b"API listening on", process.stderr)
+        self.assertNotIn(b"listening", process.stdout)
+        for secret in (SECRET, PROVIDER_KEY, "ui-token-never-logged-77"):
+            self.assertNotIn(secret.encode(), process.stdout + process.stderr)
+
+    @defer.inlineCallbacks
+    def test_healthcheck_command(self):
+        process, _ = spawn_daemon(self, self.env)
+        ports = yield process.ready
+        url = health_url({"LISTEN_ADDR": f"127.0.0.1:{ports['API']}"})
+        self.assertEqual(url, f"http://127.0.0.1:{ports['API']}/health")
+        code = yield deferToThread(healthcheck, url)
+        self.assertEqual(code, 0)
+        # The console entry point, both flag spellings, as Docker runs it.
+        for flag in ("--healthcheck", "-healthcheck"):
+            out = yield _run_cli([flag], {"LISTEN_ADDR": f"127.0.0.1:{ports['API']}"})
+            self.assertEqual(out, 0, flag)
+
+    @defer.inlineCallbacks
+    def test_healthcheck_fails_without_daemon(self):
+        code = yield _run_cli(["--healthcheck"], {"LISTEN_ADDR": "127.0.0.1:1"})
+        self.assertNotEqual(code, 0)
+
+    @defer.inlineCallbacks
+    def test_busy_port_fails_start_up_loudly(self):
+        holder = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+        self.addCleanup(holder.stopListening)
+        env = dict(self.env, LISTEN_ADDR=f"127.0.0.1:{holder.getHost().port}")
+        process, _ = spawn_daemon(self, env)
+        yield self.assertFailure(process.ready, RuntimeError)
+        code = yield process.ended
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"Address already in use", process.stderr)
+
+    @defer.inlineCallbacks
+    def test_demo_mode(self):
+        """--demo answers with the offline model, no provider keys at all."""
+        env = {k: v for k, v in self.env.items() if not k.startswith("OPENAI")}
+        process, _ = spawn_daemon(self, env, ["--demo"])
+        ports = yield process.ready
+        yield process.wait_for_stderr(b"curl ")
+        self.assertIn(f"http://127.0.0.1:{ports['API']}/v1/chat/completions".encode(), process.stderr)
+        self.assertIn(b"demo:cllama-demo", process.stderr)
+        response = yield self.http.post(
+            f"http://127.0.0.1:{ports['API']}/v1/chat/completions",
+            json={"model": "demo/echo-1", "messages": [{"role": "user", "content": "ping"}]},
+            headers={"Authorization": "Bearer demo:cllama-demo"},
+        )
+        self.assertEqual(response.code, 200)
+        body = yield response.json()
+        self.assertIn("ping", body["choices"][0]["message"]["content"])
+        self.assertGreater(body["usage"]["prompt_tokens"], 0)
+
+
+@defer.inlineCallbacks
+def _run_cli(args, env):
+    class Collect(protocol.ProcessProtocol):
+        def __init__(self):
+            self.ended = defer.Deferred()
+
+        def processEnded(self, reason):
+            self.ended.callback(reason.value.exitCode)
+
+    proc = Collect()
+    full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": REPO}
+    full_env.update(env)
+    reactor.spawnProcess(
+        proc, sys.executable, [sys.executable, "-m", "cllama_tx.cli", *args], env=full_env, path=REPO
+    )
+    code = yield proc.ended
+    return code
+
+
+
