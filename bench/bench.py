@@ -82,6 +82,7 @@ BAR = [
     ("floor: twisted.web Resource + raw Agent", 0.68, 2000),
 ]
 TARGET_ADDED_P50_MS = 1.0
+PROFILE_RATE = 250  # py-spy samples per second
 
 
 def log(msg: str) -> None:
@@ -643,7 +644,7 @@ def profile_proxy(pid: int, url: str, lua: Path, duration: float, core, tmp: Pat
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {}
     for fmt, dest in (("raw", tmp / "profile.txt"), ("flamegraph", RESULTS / "profile.svg")):
-        cmd = [str(pyspy), "record", "--pid", str(pid), "--nonblocking", "--rate", "200",
+        cmd = [str(pyspy), "record", "--pid", str(pid), "--nonblocking", "--rate", str(PROFILE_RATE),
                "--duration", str(max(1, round(duration))), "--format", fmt, "--output", str(dest)]
         if fmt == "raw":
             cmd.append("--nolineno")
@@ -678,6 +679,7 @@ def _short(frame: str) -> str:
 
 def summarise_profile(path: Path, top: int = 20) -> dict:
     self_c: collections.Counter = collections.Counter()
+    by_file: collections.Counter = collections.Counter()
     incl: collections.Counter = collections.Counter()
     ours_self: collections.Counter = collections.Counter()
     total = 0
@@ -693,6 +695,8 @@ def summarise_profile(path: Path, top: int = 20) -> dict:
             continue
         total += n
         self_c[_short(frames[-1])] += n
+        leaf = _short(frames[-1])
+        by_file[leaf[leaf.rfind("(") + 1:-1] if leaf.endswith(")") else leaf] += n
         for f in set(_short(f) for f in frames):
             incl[f] += n
         # attribute the sample to the innermost frame of our own code
@@ -706,6 +710,7 @@ def summarise_profile(path: Path, top: int = 20) -> dict:
     return {
         "samples": total,
         "self": share(self_c),
+        "by_file": share(by_file),
         "inclusive": share(incl),
         "own_code": share(ours_self),
     }
@@ -836,12 +841,15 @@ def profile_md(prof: dict) -> str:
         return f"\n## Profile\n\nThe profile was requested but failed: {prof['error']}\n"
     lines = [
         "\n## Profile (`--profile`)\n",
-        f"py-spy sampled the proxy at 200 Hz (`--nonblocking`, idle samples excluded) under the "
+        f"py-spy sampled the proxy at {PROFILE_RATE} Hz (`--nonblocking`, idle samples excluded) under the "
         f"32-client load: {prof['samples']} samples. Flame graph: `bench/results/profile.svg` "
         "(not committed).\n",
         "Where the busy time goes, by the innermost frame of cllama_tx code on the stack:\n",
         table([[f"`{f}`", str(n), f"{s:.1f}%"] for f, n, s in prof["own_code"][:12]],
               ("innermost cllama_tx frame", "samples", "share")),
+        "\nSelf time by file:\n",
+        table([[f"`{f}`", str(n), f"{s:.1f}%"] for f, n, s in prof["by_file"][:12]],
+              ("file", "samples", "share")),
         "\nSelf time (the frame actually running):\n",
         table([[f"`{f}`", str(n), f"{s:.1f}%"] for f, n, s in prof["self"][:15]],
               ("function (file)", "samples", "share")),
@@ -991,6 +999,9 @@ def main(argv=None) -> int:
             log(f"lane {name} ({args.duration:g} s)")
             r = fn()
             res[name] = r
+            if "raw" in r:
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                (RESULTS / f"wrk-{name}.txt").write_text(r["raw"])
             if not r.get("ok"):
                 log(f"lane {name} FAILED: {r.get('error')}")
 
@@ -1054,6 +1065,9 @@ def main(argv=None) -> int:
             print(f"\nProfile: {prof['samples']} samples; flame graph {prof['svg']}")
             print("innermost cllama_tx frame:")
             for f, n, s in prof["own_code"][:12]:
+                print(f"  {s:5.1f}%  {f}")
+            print("self time by file:")
+            for f, n, s in prof["by_file"][:12]:
                 print(f"  {s:5.1f}%  {f}")
             print("self time:")
             for f, n, s in prof["self"][:15]:

@@ -49,7 +49,7 @@ from .catalog import (
     seed_key_id,
 )
 from .keys import KeyPool
-from .store import READY, SEED_PREFIX, KeyRecord, ProviderEntry, ProvidersFileError
+from .store import DISABLED, READY, SEED_PREFIX, KeyRecord, ProviderEntry, ProvidersFileError
 
 DEFAULT_SAVE_DELAY = 1.0
 
@@ -262,14 +262,18 @@ class ProviderRegistry(Service):
             if key.id in env_ids or key.secret in env_secrets:
                 # The environment overrides the file.
                 continue
-            if not valid_secret(key.secret):
+            if not valid_secret(key.secret) and key.state != DISABLED:
+                # Kept (so that it is not lost from the file) but never sent.
                 self._log.warn(
-                    "Ignoring key {key_id} of provider {provider} in providers.json: "
+                    "Disabling key {key_id} of provider {provider} in providers.json: "
                     "it contains spaces, control or non-ASCII characters",
                     key_id=key.id,
                     provider=name,
                 )
-                continue
+                key.state = DISABLED
+                key.cooldown_until = None
+                key.last_error_reason = "unusable secret (spaces or control characters)"
+                self._mark_dirty_later(name)
             if key.id.startswith(SEED_PREFIX):
                 # A copy of an environment key frozen into the file (the
                 # reference proxy writes these, also for v1 keys).  It is

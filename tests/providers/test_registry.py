@@ -380,6 +380,18 @@ class FileTests(RegistryTestCase):
         again = self.registry()
         self.assertEqual(again.resolve("xai").pool.acquire().secret, FILE_SECRET)
 
+    def test_unusable_file_key_disabled_not_lost(self):
+        self.write({"version": 2, "providers": {"xai": {"keys": [
+            {"id": "runtime:bad", "secret": "sk bad\tkey"},
+            {"id": "runtime:good", "secret": FILE_SECRET},
+        ]}}})
+        registry = self.registry()
+        pool = registry.resolve("xai").pool
+        self.assertEqual(pool.get("runtime:bad").state, "disabled")
+        self.assertEqual(pool.acquire().id, "runtime:good")
+        registry.flush()
+        self.assertIn(b"runtime:bad", self.read())
+
     def test_v1_migrates_to_v2(self):
         self.write({"providers": {"openrouter": {"api_key": FILE_SECRET, "auth": "bearer", "api_format": "openai"}}})
         registry = self.registry()
