@@ -165,7 +165,7 @@ class ApiApp:
     def method_not_allowed(self, request, failure):
         allowed = failure.value.valid_methods or []
         if allowed:
-            request.setHeader(b"allow", ", ".join(allowed).encode())
+            request.setHeader(b"allow", ", ".join(sorted(allowed)).encode())
         error = ProxyError(405, "method_not_allowed", f"method {request.method.decode()} is not allowed here")
         request.setResponseCode(405)
         request.setHeader(b"content-type", b"application/json")
