@@ -168,26 +168,40 @@ class StreamRelay(Protocol):
         self._timer = clock.callLater(first_byte_timeout, self._timed_out, "first byte", first_byte_timeout)
         self._registered = False
         self._failure: Exception | None = None
+        self._last_data = 0.0
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self.transport, True)
         self._registered = True
 
     def dataReceived(self, data: bytes) -> None:
-        if self.bytes_relayed == 0 and self._on_first_byte is not None:
-            self._on_first_byte()
+        if self.bytes_relayed == 0:
+            self._first_byte()
         self.bytes_relayed += len(data)
-        self._reset_timer()
+        self._last_data = self._clock.seconds()
         if self._tap is not None:
             self._tap(data)
         self._request.write(data)
 
-    def _reset_timer(self) -> None:
+    def _first_byte(self) -> None:
+        """Switch the timer from the first-byte deadline to the idle timeout."""
+        if self._on_first_byte is not None:
+            self._on_first_byte()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self._timer = self._clock.callLater(
-            self._idle_timeout, self._timed_out, "data", self._idle_timeout
-        )
+        self._timer = self._clock.callLater(self._idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """
+        The idle timer is not reset per chunk (that would cost a heap
+        operation per chunk): it fires once per period and re-arms itself for
+        the time left since the last chunk.
+        """
+        silent = self._clock.seconds() - self._last_data
+        if silent >= self._idle_timeout:
+            self._timed_out("data", self._idle_timeout)
+            return
+        self._timer = self._clock.callLater(self._idle_timeout - silent, self._check_idle)
 
     def _timed_out(self, phase: str, seconds: float) -> None:
         self._timer = None

@@ -910,7 +910,7 @@ class FakeProvider:
         self._connections_made = 0
         self._exchanges: list[_Exchange] = []
         self._request_waiters: list[tuple[int, Deferred]] = []
-        self._disconnect_waiters: list[Deferred] = []
+        self._disconnect_waiters: list[tuple[int, Deferred]] = []
         self._pause_waiters: list[Deferred] = []
         self.received: list[ReceivedRequest] = []
         self.pause_count = 0
@@ -1013,18 +1013,26 @@ class FakeProvider:
         self._request_waiters.append((n, d))
         return d
 
-    def wait_for_disconnect(self) -> Deferred:
+    def wait_for_disconnect(self, n: int | None = None) -> Deferred:
         """
-        A Deferred firing when the client's connection of the most recent
-        request that did not finish normally is lost (at once if it already
-        was).  With no such request yet, waits for the next request's loss.
-        Fails if the awaited request finishes normally instead.
+        A Deferred firing when the connection of a request is lost before
+        its response finished (the client went away, or a C{cut_after_chunks}
+        / C{abort_before_headers} reply closed it); at once if that already
+        happened.  Fails with L{AssertionError} if that request's response
+        finishes normally instead.
+
+        @param n: which request (1-based); by default the most recent one,
+            or, when none was received yet, the next one.
         """
-        for exchange in reversed(self._exchanges):
-            if exchange.state != "finished":
-                return exchange.wait_lost()
+        if n is None:
+            if not self._exchanges:
+                n = 1
+            else:
+                return self._exchanges[-1].wait_lost()
+        if len(self._exchanges) >= n:
+            return self._exchanges[n - 1].wait_lost()
         d: Deferred = Deferred()
-        self._disconnect_waiters.append(d)
+        self._disconnect_waiters.append((n, d))
         return d
 
     @property
@@ -1069,9 +1077,10 @@ class FakeProvider:
         self.received.append(received)
         exchange = _Exchange(self, request, received)
         self._exchanges.append(exchange)
-        waiters, self._disconnect_waiters = self._disconnect_waiters, []
-        for d in waiters:
+        number = len(self._exchanges)
+        for n, d in [(n, d) for (n, d) in self._disconnect_waiters if n == number]:
             exchange.wait_lost().chainDeferred(d)
+        self._disconnect_waiters = [(n, d) for (n, d) in self._disconnect_waiters if n != number]
         ready = [(n, d) for (n, d) in self._request_waiters if len(self.received) >= n]
         self._request_waiters = [(n, d) for (n, d) in self._request_waiters if len(self.received) < n]
         for n, d in ready:

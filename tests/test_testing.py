@@ -539,6 +539,19 @@ class FakeProviderTests(TestCase):
         # also fires at once afterwards
         await self.fake.wait_for_disconnect()
 
+    async def test_wait_for_disconnect_numbered(self) -> None:
+        self.fake.enqueue(Reply(json={}, abort_before_headers=True))
+        later = self.fake.wait_for_disconnect(2)
+        await self.assertFailure(self.post("/chat/completions", {}), ResponseNeverReceived)
+        await self.fake.wait_for_disconnect(1)
+        self.assertEqual(_track(later).arrived, [])
+        self.fake.enqueue(Reply(json={}, cut_after_chunks=0))
+        await self.assertFailure((await self.post("/chat/completions", {})).content(), ResponseFailed)
+        await later
+        await (await self.post("/chat/completions", {"model": "echo-1", "messages": []})).content()
+        await self.assertFailure(self.fake.wait_for_disconnect(), AssertionError)
+        await self.fake.wait_for_disconnect(2)
+
     async def test_wait_for_disconnect_fails_when_finished(self) -> None:
         gate: Deferred = Deferred()
         self.fake.enqueue(Reply(json={}, hold_until=gate))

@@ -287,31 +287,35 @@ class KeyPool:
                 return key
         return None
 
-    def report(self, key: KeyRecord, verdict: Verdict | None) -> None:
+    def report(self, key: KeyRecord, verdict: Verdict | None) -> bool:
         """
         Apply C{verdict} (from L{classify_failure}) to C{key}: record the
         error and mark it dead or cooling down.  A key that is already dead
         stays dead; a disabled one stays disabled; a cooldown only extends.
+
+        Returns whether trying another key makes sense: L{False} for no
+        verdict and for a keyless pool, whose upstream answer should simply
+        be passed on.
         """
         if verdict is None or key is KEYLESS or self.keyless:
-            return
+            return False
         record = self._by_id.get(key.id)
         if record is None:
             # Deleted (or reloaded away) while the request was in flight.
-            return
+            return True
         now = self._clock.seconds()
         record.last_error_code = verdict.status
         record.last_error_reason = verdict.reason
         record.last_error_at = now
         if record.state == DISABLED:
             self._dirty()
-            return
+            return True
         if verdict.action == ACTION_DEAD:
             if record.state != DEAD:
                 record.state = DEAD
                 record.cooldown_until = None
                 self._emit(record, DEAD, verdict.reason)
-                return
+                return True
         elif verdict.action == ACTION_COOLDOWN and record.state != DEAD:
             until = now + (verdict.cooldown_seconds or DEFAULT_COOLDOWN)
             current = record.cooldown_until if record.state == COOLDOWN else None
@@ -319,8 +323,9 @@ class KeyPool:
                 record.state = COOLDOWN
                 record.cooldown_until = until
                 self._emit(record, COOLDOWN, verdict.reason)
-                return
+                return True
         self._dirty()
+        return True
 
     def retry_after(self) -> int | None:
         """

@@ -70,10 +70,10 @@ class ProviderNotConfigured(Exception):
     operator must set.  It never contains a secret.
     """
 
-    def __init__(self, name: str, message: str) -> None:
+    def __init__(self, message: str, name: str | None = None) -> None:
         super().__init__(message)
-        self.name = name
         self.message = message
+        self.name = name
 
 
 @attrs.frozen
@@ -158,10 +158,10 @@ class ProviderRegistry(Service):
             problem = self._problems.get(name)
             if problem is None:
                 raise UnknownProvider(name)
-            raise ProviderNotConfigured(name, problem)
+            raise ProviderNotConfigured(problem, name)
         pool = resolved.pool
         if not pool.keyless and not pool.enabled_count:
-            raise ProviderNotConfigured(name, self._no_key_message(name, pool))
+            raise ProviderNotConfigured(self._no_key_message(name, pool), name)
         return resolved
 
     def names(self) -> list[str]:

@@ -188,7 +188,7 @@ class AcquireTests(PoolTestCase):
         pool = self.pool([], keyless=True)
         self.assertIs(pool.acquire(), KEYLESS)
         self.assertIs(pool.acquire({"keyless"}), KEYLESS)
-        pool.report(KEYLESS, Verdict("cooldown", "rate limited", 10, 429))
+        self.assertFalse(pool.report(KEYLESS, Verdict("cooldown", "rate limited", 10, 429)))
         self.assertEqual(KEYLESS.state, "ready")
         self.assertEqual(self.events, [])
         self.assertIsNone(pool.retry_after())
@@ -310,9 +310,14 @@ class ReportTests(PoolTestCase):
         pool.report(pool.keys[0], Verdict("dead", "unauthorized", None, 401))
         self.assertEqual(pool.keys[0].state, "disabled")
 
+    def test_report_says_whether_to_try_another_key(self):
+        pool = self.pool(_keys("a", "b"))
+        self.assertTrue(pool.report(pool.keys[0], Verdict("dead", "unauthorized", None, 401)))
+        self.assertTrue(pool.report(pool.keys[1], Verdict("cooldown", "rate limited", 5, 429)))
+
     def test_none_verdict_ignored(self):
         pool = self.pool(_keys("a"))
-        pool.report(pool.keys[0], None)
+        self.assertFalse(pool.report(pool.keys[0], None))
         self.assertEqual((pool.keys[0].state, self.events, self.dirty), ("ready", [], []))
 
     def test_deleted_key_report_ignored(self):

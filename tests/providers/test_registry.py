@@ -98,6 +98,8 @@ class ResolveTests(RegistryTestCase):
             str(caught.exception),
             "no API key for provider 'openai': set OPENAI_API_KEY or add a key in the UI",
         )
+        self.assertEqual(caught.exception.name, "openai")
+        self.assertEqual(caught.exception.message, str(caught.exception))
         with self.assertRaises(ProviderNotConfigured) as caught:
             registry.resolve("google")
         self.assertIn("GEMINI_API_KEY (or GOOGLE_API_KEY)", str(caught.exception))

@@ -1,0 +1,95 @@
+"""StreamRelay without a reactor: timers, producer registration, outcomes."""
+
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone
+from twisted.internet.error import ConnectionLost
+
+from cllama_tx.relay import StreamRelay, UpstreamTimeout
+
+
+class FakeTransport:
+    def __init__(self):
+        self.stopped = 0
+
+    def stopProducing(self):
+        self.stopped += 1
+
+
+class FakeRequest:
+    def __init__(self):
+        self.channel = object()
+        self.written = []
+        self.producer = None
+        self.unregistered = 0
+
+    def registerProducer(self, producer, streaming):
+        self.producer = (producer, streaming)
+
+    def unregisterProducer(self):
+        self.unregistered += 1
+
+    def write(self, data):
+        self.written.append(data)
+
+
+class StreamRelayTests(SynchronousTestCase):
+    def make(self, first=5.0, idle=1.0, tap=None):
+        self.clock, self.request, self.transport = Clock(), FakeRequest(), FakeTransport()
+        relay = StreamRelay(self.request, self.clock, idle_timeout=idle, first_byte_timeout=first, tap=tap)
+        relay.makeConnection(self.transport)
+        return relay
+
+    def test_registers_upstream_as_streaming_producer(self):
+        relay = self.make()
+        self.assertEqual(self.request.producer, (self.transport, True))
+        relay.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.request.unregistered, 1)
+        self.assertIsNone(self.successResultOf(relay.done))
+
+    def test_chunks_are_written_and_tapped_in_order(self):
+        seen = []
+        relay = self.make(tap=seen.append)
+        relay.dataReceived(b"a")
+        relay.dataReceived(b"bc")
+        self.assertEqual(self.request.written, [b"a", b"bc"])
+        self.assertEqual(seen, [b"a", b"bc"])
+        self.assertEqual(relay.bytes_relayed, 3)
+
+    def test_first_byte_timeout(self):
+        relay = self.make(first=5.0)
+        self.clock.advance(4.9)
+        self.assertNoResult(relay.done)
+        self.clock.advance(0.2)
+        self.assertEqual(self.transport.stopped, 1)
+        relay.connectionLost(Failure(ConnectionLost()))
+        failure = self.failureResultOf(relay.done, UpstreamTimeout)
+        self.assertEqual(failure.value.phase, "first byte")
+
+    def test_idle_timer_counts_from_the_last_chunk(self):
+        relay = self.make(first=5.0, idle=1.0)
+        relay.dataReceived(b"x")  # t=0: idle timer armed for t=1
+        self.clock.advance(0.6)
+        relay.dataReceived(b"y")  # t=0.6
+        self.clock.advance(0.5)  # t=1.1: silent 0.5, re-armed for t=1.6
+        self.assertEqual(self.transport.stopped, 0)
+        self.clock.advance(0.4)  # t=1.5
+        self.assertEqual(self.transport.stopped, 0)
+        self.clock.advance(0.2)  # t=1.7
+        self.assertEqual(self.transport.stopped, 1)
+        relay.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.failureResultOf(relay.done, UpstreamTimeout).value.phase, "data")
+
+    def test_broken_connection_fails_done(self):
+        relay = self.make()
+        relay.dataReceived(b"x")
+        relay.connectionLost(Failure(ConnectionLost()))
+        self.failureResultOf(relay.done, ConnectionLost)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_agent_gone_skips_unregister(self):
+        relay = self.make()
+        self.request.channel = None
+        relay.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.request.unregistered, 0)
