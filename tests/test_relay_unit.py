@@ -93,3 +93,4 @@ class StreamRelayTests(SynchronousTestCase):
         self.request.channel = None
         relay.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(self.request.unregistered, 0)
+        self.failureResultOf(relay.done, ConnectionLost)
