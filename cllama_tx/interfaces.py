@@ -88,3 +88,42 @@ class IFakeProvider(Interface):
         """
         Stop listening and drop open connections.  Return a Deferred.
         """
+
+
+class ILedger(Interface):
+    """
+    The durable record of every client request and the totals derived from
+    it.  Writes happen off the reactor thread.
+    """
+
+    def record(row):
+        """
+        Add one L{cllama_tx.accounting.records.LedgerRow}.  Return a Deferred
+        that fires (with None) once the row is durably committed; the proxy
+        waits for it before sending the agent the response's final byte.
+        """
+
+    def totals():
+        """
+        Return the running totals (kept in memory, rebuilt from the database
+        at start): a L{cllama_tx.accounting.ledger.Totals}.
+        """
+
+    def close():
+        """Flush pending rows and close the database.  Return a Deferred."""
+
+
+class IPricing(Interface):
+    """USD prices per million tokens, by provider and model."""
+
+    def price(provider, model):
+        """
+        Return the L{cllama_tx.accounting.pricing.Price} of C{model} at
+        C{provider} (exact id, else the longest priced prefix), or L{None}.
+        """
+
+    def cost(provider, model, usage):
+        """
+        Return C{(cost_usd, priced)} for a L{Usage}: C{priced} is false when
+        the model has no price (cost 0.0, counted as unpriced).
+        """
