@@ -149,6 +149,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         audit.emit("provider_pool", None, None, **event)
 
     providers = ProviderRegistry(config.env, config.auth_dir, reactor, on_pool_event=pool_event)
+    # A service: it saves pending key state when stopped, after the listeners.
+    providers.setServiceParent(top)
     context_root = config.context_root
     banner = None
     if config.demo:

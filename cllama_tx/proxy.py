@@ -252,11 +252,15 @@ class Proxy:
                 return response, None
             error_bytes = await read_body(response)
             verdict = classify_failure(
-                response.code, _first(response.headers, b"retry-after"), error_bytes
+                response.code,
+                _first(response.headers, b"retry-after"),
+                error_bytes,
+                now=self._clock.seconds(),
             )
-            if verdict is None:
+            # Not a key problem, or a keyless provider: the agent hears the
+            # provider's answer as it is.
+            if verdict is None or not pool.report(key, verdict):
                 return response, error_bytes
-            pool.report(key, verdict)
             tried.add(key.id)
         retry_after = pool.retry_after()
         if retry_after is not None:
