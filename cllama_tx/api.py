@@ -129,6 +129,9 @@ class ApiSite(Site):
         self.audit = audit
         self.noisy = False
 
+    def log(self, request):
+        """No access log: the audit stream records every request already."""
+
     def getResourceFor(self, request):
         request.site = self
         request.sitepath = request.prepath[:]

@@ -15,7 +15,7 @@ from typing import Callable
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
@@ -49,6 +49,12 @@ class BytesProducer:
         pass
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """Upstream connections come and go all day; they are not log events."""
+
+    noisy = False
+
+
 class UpstreamTimeout(Exception):
     """The upstream sent nothing for too long."""
 
@@ -73,6 +79,7 @@ class UpstreamClient:
     ) -> None:
         self._reactor = reactor
         self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool._factory = _QuietClientFactory
         self.pool.maxPersistentPerHost = max_per_host
         self.pool.cachedConnectionTimeout = 120
         kwargs = {"pool": self.pool, "connectTimeout": connect_timeout}

@@ -865,6 +865,8 @@ class _TrackingFactory(WrappingFactory):
     wait until they are gone (no dirty reactor).
     """
 
+    noisy = False
+
     def __init__(self, wrapped: Site) -> None:
         super().__init__(wrapped)
         self._gone: dict[Any, list[Deferred]] = {}
@@ -944,6 +946,8 @@ class FakeProvider:
         if self._port is None:
             site = Site(_Router(self), reactor=self._reactor)
             site.displayTracebacks = False
+            site.log = lambda request: None  # no access log lines from a fake
+            site.noisy = False
             self._factory = _TrackingFactory(site)
             self._port = self._reactor.listenTCP(self._wanted_port, self._factory, interface="127.0.0.1")
         return succeed(self)
