@@ -25,7 +25,7 @@ from .identity.contexts import ContextRegistry
 from .interfaces import IProviderRegistry
 from .providers.catalog import ProviderSpec
 from .providers.keys import KeyPool
-from .providers.registry import ProviderNotConfigured, ProviderRegistry, ResolvedProvider
+from .providers.registry import ProviderRegistry, ResolvedProvider, UnknownProvider
 from .proxy import Proxy
 from .relay import UpstreamClient
 from .ui import UiApp
@@ -58,27 +58,25 @@ class AuditFlushService(service.Service):
 @implementer(IProviderRegistry)
 class DemoProviders:
     """
-    The operator's providers plus the offline C{demo} provider, whose base
-    URL is only known once the demo server listens.
+    Demo mode's only provider: the offline C{demo} model, whose base URL is
+    known once the demo server listens.  No real provider is reachable in
+    demo mode, so the public demo credential can never spend money.
     """
 
-    def __init__(self, providers, demo, clock) -> None:
-        self._providers = providers
+    def __init__(self, demo, clock) -> None:
         self._demo = demo
         self._pool = KeyPool("demo", [], clock, keyless=True)
 
     def resolve(self, name):
         if name != "demo":
-            return self._providers.resolve(name)
-        if self._demo.base_url is None:
-            raise ProviderNotConfigured("the demo provider is not running yet")
+            raise UnknownProvider(name)
         return ResolvedProvider(ProviderSpec("demo", self._demo.base_url, "none", "openai"), self._pool)
 
     def names(self):
-        return sorted({*self._providers.names(), "demo"})
+        return ["demo"]
 
     def snapshot(self):
-        return self._providers.snapshot()
+        return []
 
 
 class Listener(service.Service):
@@ -148,9 +146,6 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
     def pool_event(event: dict) -> None:
         audit.emit("provider_pool", None, None, **event)
 
-    providers = ProviderRegistry(config.env, config.auth_dir, reactor, on_pool_event=pool_event)
-    # A service: it saves pending key state when stopped, after the listeners.
-    providers.setServiceParent(top)
     context_root = config.context_root
     banner = None
     if config.demo:
@@ -160,8 +155,12 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         write_demo_context(context_root)
         demo = DemoService(reactor)
         demo.setServiceParent(top)
-        providers = DemoProviders(providers, demo, reactor)
+        providers = DemoProviders(demo, reactor)
         banner = demo_banner
+    else:
+        providers = ProviderRegistry(config.env, config.auth_dir, reactor, on_pool_event=pool_event)
+        # A service: it saves pending key state when stopped, after the listeners.
+        providers.setServiceParent(top)
 
     contexts = ContextRegistry(context_root, reactor)
     upstream = UpstreamClient(reactor, config.connect_timeout)

@@ -196,9 +196,11 @@ class DaemonTests(TestCase):
 
     @defer.inlineCallbacks
     def test_demo_mode(self):
-        """--demo answers with the offline model, no provider keys at all."""
-        env = {k: v for k, v in self.env.items() if not k.startswith("OPENAI")}
-        process, _ = spawn_daemon(self, env, ["--demo"])
+        """
+        --demo answers with the offline model, no provider keys needed; the
+        public demo credential reaches no real provider even when keys exist.
+        """
+        process, _ = spawn_daemon(self, self.env, ["--demo"])
         ports = yield process.ready
         yield process.wait_for_stderr(b"curl ")
         self.assertIn(f"http://127.0.0.1:{ports['API']}/v1/chat/completions".encode(), process.stderr)
@@ -212,6 +214,14 @@ class DaemonTests(TestCase):
         body = yield response.json()
         self.assertIn("ping", body["choices"][0]["message"]["content"])
         self.assertGreater(body["usage"]["prompt_tokens"], 0)
+        refused = yield self.http.post(
+            f"http://127.0.0.1:{ports['API']}/v1/chat/completions",
+            json={"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "ping"}]},
+            headers={"Authorization": "Bearer demo:cllama-demo"},
+        )
+        self.assertEqual(refused.code, 400)
+        self.assertEqual((yield refused.json())["error"]["code"], "unknown_provider")
+        self.assertEqual(self.fake.received, [])
 
 
 @defer.inlineCallbacks
