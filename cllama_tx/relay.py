@@ -2,8 +2,9 @@
 The upstream side: one persistent connection pool, and the streaming relay
 that pipes an upstream body to the agent chunk by chunk.
 
-The relay never holds the stream: each chunk is written to the agent as it
-arrives and handed to an optional tap (metering).  The upstream transport is
+The relay never holds the stream: each chunk is handed to the caller's
+C{on_data} as it arrives (which meters it and writes it to the agent, or
+collects a bounded JSON body).  The upstream transport is
 registered as a push producer on the agent's request, so when the agent reads
 slowly Twisted pauses the upstream socket instead of buffering.
 """
@@ -162,13 +163,13 @@ class StreamRelay(Protocol):
         clock,
         idle_timeout: float,
         first_byte_timeout: float,
-        tap: Callable[[bytes], None] | None = None,
+        on_data: Callable[[bytes], None] | None = None,
         on_first_byte: Callable[[], None] | None = None,
     ) -> None:
         self._request = request
         self._clock = clock
         self._idle_timeout = idle_timeout
-        self._tap = tap
+        self._on_data = request.write if on_data is None else on_data
         self._on_first_byte = on_first_byte
         self.done: defer.Deferred = defer.Deferred()
         self.bytes_relayed = 0
@@ -186,9 +187,7 @@ class StreamRelay(Protocol):
             self._first_byte()
         self.bytes_relayed += len(data)
         self._last_data = self._clock.seconds()
-        if self._tap is not None:
-            self._tap(data)
-        self._request.write(data)
+        self._on_data(data)
 
     def _first_byte(self) -> None:
         """Switch the timer from the first-byte deadline to the idle timeout."""

@@ -35,9 +35,9 @@ class FakeRequest:
 
 
 class StreamRelayTests(SynchronousTestCase):
-    def make(self, first=5.0, idle=1.0, tap=None):
+    def make(self, first=5.0, idle=1.0, on_data=None):
         self.clock, self.request, self.transport = Clock(), FakeRequest(), FakeTransport()
-        relay = StreamRelay(self.request, self.clock, idle_timeout=idle, first_byte_timeout=first, tap=tap)
+        relay = StreamRelay(self.request, self.clock, idle_timeout=idle, first_byte_timeout=first, on_data=on_data)
         relay.makeConnection(self.transport)
         return relay
 
@@ -48,14 +48,20 @@ class StreamRelayTests(SynchronousTestCase):
         self.assertEqual(self.request.unregistered, 1)
         self.assertIsNone(self.successResultOf(relay.done))
 
-    def test_chunks_are_written_and_tapped_in_order(self):
-        seen = []
-        relay = self.make(tap=seen.append)
+    def test_chunks_go_to_the_request_by_default(self):
+        relay = self.make()
         relay.dataReceived(b"a")
         relay.dataReceived(b"bc")
         self.assertEqual(self.request.written, [b"a", b"bc"])
-        self.assertEqual(seen, [b"a", b"bc"])
         self.assertEqual(relay.bytes_relayed, 3)
+
+    def test_chunks_go_to_on_data_in_order(self):
+        seen = []
+        relay = self.make(on_data=seen.append)
+        relay.dataReceived(b"a")
+        relay.dataReceived(b"bc")
+        self.assertEqual(seen, [b"a", b"bc"])
+        self.assertEqual(self.request.written, [])
 
     def test_first_byte_timeout(self):
         relay = self.make(first=5.0)
