@@ -43,7 +43,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -779,11 +778,11 @@ def machine_facts() -> dict:
         "loadavg": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else [],
         "python": cmd_output([str(VENV_PY), "-c", "import sys; print(sys.version.split()[0])"]),
         "twisted": cmd_output([str(VENV_PY), "-c", "import twisted; print(twisted.__version__)"]),
-        "nginx": cmd_output([nginx_binary(), "-v"]).replace("nginx version: ", ""),
-        "wrk": (cmd_output(["wrk", "-v"]).splitlines() or ["?"])[0],
+        "nginx": cmd_output([nginx_binary(), "-v"]).replace("nginx version: ", "").replace("nginx/", ""),
+        "wrk": (re.findall(r"wrk \S*?(\d[\w.+~-]*)", cmd_output(["wrk", "-v"])) or ["?"])[0],
         "commit": cmd_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
-        "dirty": bool(cmd_output(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"]))
-        or bool(cmd_output(["git", "-C", str(REPO), "ls-files", "--others", "--exclude-standard", "cllama_tx"])),
+        # The proxy's own code differs from the commit (bench/ and docs/ do not count).
+        "dirty": bool(cmd_output(["git", "-C", str(REPO), "status", "--porcelain", "--", "cllama_tx", "twisted", "setup.py"])),
     }
     return facts
 
@@ -874,6 +873,19 @@ def noise_line(res: dict) -> str:
     return start + ("Core 0 during the proxy lanes: " + "; ".join(parts) + "." if parts else "")
 
 
+def audit_line(res: dict) -> str:
+    a = res.get("audit")
+    if not a:
+        return ""
+    types = ", ".join(f"{k} {v}" for k, v in sorted(a["types"].items(), key=lambda kv: -kv[1]))
+    codes = ", ".join(f"{k}: {v}" for k, v in sorted(a["status_codes"].items()))
+    return (
+        f"The proxy's own audit stream over the whole run (warm-up and profile included): {types}; "
+        f"status codes {codes}. A 499 is a request still in flight when wrk stopped at the end "
+        "of a lane (wrk does not count those)."
+    )
+
+
 def verdict(res: dict) -> tuple[str, float | None]:
     ld, lp = res.get("latency_direct"), res.get("latency_proxy")
     if not (ld and lp and ld.get("ok") and lp.get("ok")):
@@ -942,7 +954,7 @@ read the direct column as the noise floor of the run.
 
 - Date: {facts['date']}; commit {facts['commit']}{' (with uncommitted changes)' if facts['dirty'] else ''}
 - Machine: {facts['nproc']} cores ({facts['cpu']}), Linux {facts['kernel']}, load average at start {' '.join(facts['loadavg'])}
-- Python {facts['python']}, Twisted {facts['twisted']}, nginx {facts['nginx']}, {facts['wrk']}
+- Python {facts['python']}, Twisted {facts['twisted']}, nginx {facts['nginx']}, wrk {facts['wrk']}
 - Result: {v}
 {"- **Lanes that failed: " + ", ".join(failed) + "** (their figures are left out, not reported as fast)" if failed else ""}
 
@@ -950,8 +962,10 @@ read the direct column as the noise floor of the run.
 
 Requests measured per lane: {counts_line(res)}.
 
-Noise: {noise_line(res)} A lane where other processes took more than
-{NOISY_OTHERS_PCT:g}% of core 0 is marked noisy: its proxy figures are pessimistic.
+Noise: {noise_line(res)} A proxy lane where other processes took more than
+{NOISY_OTHERS_PCT:g}% of core 0 is marked noisy: its figures are pessimistic.
+
+{audit_line(res)}
 
 ## The bar
 
@@ -995,7 +1009,7 @@ LANES = ["latency_direct", "latency_proxy", "throughput_direct", "throughput_pro
 # ---------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Benchmark cllama_tx against an nginx mock upstream.")
+    ap = argparse.ArgumentParser(prog="bash bench/run", description="Benchmark cllama_tx against an nginx mock upstream.")
     ap.add_argument("--duration", type=float, default=float(os.environ.get("BENCH_DURATION", "10")),
                     help="seconds per lane and side [env BENCH_DURATION, default 10]")
     ap.add_argument("--warmup", type=float, default=float(os.environ.get("BENCH_WARMUP", "3")),

@@ -123,7 +123,9 @@ class ApiSite(Site):
     requestFactory = CappedRequest
 
     def __init__(self, klein_resource, hot: dict[bytes, Resource], max_body_bytes: int, audit=None):
-        super().__init__(klein_resource)
+        # No form parsing: twisted.web would otherwise build an email.Message
+        # per POST to look at its Content-Type (a tenth of the per-request CPU).
+        super().__init__(klein_resource, parsePOSTFormSubmission=False)
         self._hot = hot
         self.max_body_bytes = max_body_bytes
         self.audit = audit

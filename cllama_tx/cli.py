@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         return healthcheck(health_url())
     from twisted.scripts.twistd import run
 
-    sys.argv = ["twistd", "--nodaemon", "cllama", *args]
+    # In the foreground a pid file is only litter (and fails on a read-only
+    # working directory, as in a container).
+    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "cllama", *args]
     run()
     return 0
 

@@ -80,16 +80,16 @@ class DaemonProcess(protocol.ProcessProtocol):
         return d
 
 
-def spawn_daemon(testcase, env, args=()):
+def spawn_daemon(testcase, env, args=(), command=None, cwd=REPO):
     process = DaemonProcess()
     full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1"}
     full_env.update(env)
     transport = reactor.spawnProcess(
         process,
-        TWISTD,
-        [TWISTD, "-n", "cllama", *args],
+        (command or [TWISTD, "-n", "cllama"])[0],
+        [*(command or [TWISTD, "-n", "cllama"]), *args],
         env=full_env,
-        path=REPO,
+        path=cwd,
     )
 
     def stop():
@@ -177,6 +177,21 @@ class DaemonTests(TestCase):
         for flag in ("--healthcheck", "-healthcheck"):
             out = yield _run_cli([flag], {"LISTEN_ADDR": f"127.0.0.1:{ports['API']}"})
             self.assertEqual(out, 0, flag)
+
+    @defer.inlineCallbacks
+    def test_cllama_tx_command_runs_the_daemon_without_a_pid_file(self):
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        process, transport = spawn_daemon(
+            self, self.env, ["--pod", "from-cli"], command=[sys.executable, "-m", "cllama_tx.cli"], cwd=workdir
+        )
+        ports = yield process.ready
+        response = yield self.http.get(
+            f"http://127.0.0.1:{ports['UI']}/api/status",
+            headers={"Authorization": "Bearer ui-token-never-logged-77"},
+        )
+        self.assertEqual((yield response.json())["pod"], "from-cli")
+        self.assertEqual(os.listdir(workdir), [])
 
     @defer.inlineCallbacks
     def test_healthcheck_fails_without_daemon(self):

@@ -1,0 +1,1120 @@
+"""
+The durable ledger: one SQLite row per client request, written off the
+reactor thread, plus the in-memory totals the UI and C{/costs/api} read.
+
+Why it is shaped like this:
+
+  - B{One writer thread, one queue.}  Rows are committed in the order they
+    were recorded (the reactor's threadpool would reorder them), and the
+    thread commits every row queued at that moment in one transaction
+    (group commit), so a burst of N finished requests costs one commit.
+  - B{record() fires after the commit.}  The proxy waits for it before it
+    sends the agent the response's last byte: a request the agent saw
+    finish is on disk.  WAL with C{synchronous=NORMAL} survives a crash or
+    C{kill -9} of the process; C{sync="full"} also survives power loss, at
+    one fsync per batch.  See C{docs/LEDGER.md}.
+  - B{Totals live in memory} and are updated on the reactor thread the
+    moment a row is recorded, so reads are instant.  They are rebuilt at
+    start with aggregate SQL over C{requests} and C{rollups}.
+  - B{Reads} (spend views, exports) run in the reactor's threadpool on a
+    fresh read-only connection each: WAL lets them run while the writer
+    commits, and one read transaction gives each answer a single snapshot.
+  - B{Pruning} folds old rows into per-day C{rollups} in one transaction on
+    the writer thread, so totals never change because of retention.
+
+Row semantics (also in C{docs/LEDGER.md}):
+
+  - an B{error} is a row whose status is not 2xx/3xx (C{status < 200 or
+    status >= 400}, so a status of 0 for "no response" is an error);
+  - a row is B{metered} when its agent, provider and effective model are
+    all known: only metered rows appear in C{costs_api()} and C{spend()}.
+    Rows refused before identification (agent L{None}) and rows of a known
+    agent that never reached a provider are counted in
+    L{Totals.requests}, L{Totals.errors}, L{Totals.unidentified_requests}
+    and L{Totals.unrouted_requests} only;
+  - empty strings in the text columns are stored as NULL (SQL C{NULL}).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import math
+import os
+import queue
+import sqlite3
+import threading
+from typing import Any, Callable, Iterable
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..interfaces import ILedger
+from .records import LedgerRow
+
+SCHEMA_VERSION = 1
+"""The version written to C{meta}; a newer one in the file refuses to start."""
+
+PRUNE_INTERVAL = 3600.0
+"""Seconds between two retention prunes."""
+
+MAX_BATCH = 5000
+"""At most this many queued items are taken into one group commit."""
+
+MAX_READ_LIMIT = 10000
+"""Upper bound of C{limit} in L{SqliteLedger.recent} and L{SqliteLedger.rows_after}."""
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+SECONDS_PER_DAY = 86400.0
+
+_SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
+
+_log = Logger(namespace="cllama_tx.ledger")
+
+
+class LedgerClosed(Exception):
+    """The ledger is not running: it was never started, or is closing."""
+
+
+class LedgerSchemaError(Exception):
+    """The database was written by a newer cllama_tx, or is not a ledger."""
+
+
+# --- days ------------------------------------------------------------------
+#
+# A row's day is computed the same way in Python and in SQL, so that the day
+# a row is counted under in memory is the day it is rolled up under:
+# int(ts / 86400.0) is IEEE division then truncation in both languages.
+
+_DAY_NUMBER_SQL = "CAST(ts / 86400.0 AS INTEGER)"
+_DAY_SQL = f"date({_DAY_NUMBER_SQL} * 86400, 'unixepoch')"
+_EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
+
+
+def day_number(ts: float) -> int:
+    """The UTC day number (days since 1970-01-01) of epoch seconds C{ts}."""
+    return int(ts / SECONDS_PER_DAY)
+
+
+@functools.lru_cache(maxsize=64)
+def day_string(number: int) -> str:
+    """C{'YYYY-MM-DD'} of a UTC day number."""
+    return datetime.date.fromordinal(_EPOCH_ORDINAL + number).isoformat()
+
+
+def utc_day(ts: float) -> str:
+    """C{'YYYY-MM-DD'}, UTC, of epoch seconds C{ts} (as the SQL computes it)."""
+    return day_string(day_number(ts))
+
+
+def _is_error(status: int) -> bool:
+    return status < 200 or status >= 400
+
+
+def _text(value: str | None) -> str | None:
+    """Empty strings are stored and counted as L{None}."""
+    return value if value else None
+
+
+def pricing_status(priced_requests: int, unpriced_requests: int) -> str:
+    """C{priced} when no request lacked a price, C{unpriced} when none had one."""
+    if unpriced_requests == 0:
+        return "priced"
+    if priced_requests == 0:
+        return "unpriced"
+    return "partial"
+
+
+def _money(value: float) -> float:
+    # Hides float noise (0.30000000000000004) and the ulp differences
+    # between summing in record order and SQL's order after a restart.
+    return round(value, 10)
+
+
+# --- totals -----------------------------------------------------------------
+
+
+@attrs.define
+class Bucket:
+    """Counters of one group of requests (the columns of C{rollups})."""
+
+    requests: int = 0
+    priced_requests: int = 0
+    unpriced_requests: int = 0
+    estimated_requests: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost_usd: float = 0.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Every prompt token: plain input plus cache reads and writes."""
+        return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
+
+    def add_row(self, row: LedgerRow, sign: int = 1) -> None:
+        self.requests += sign
+        if row.priced:
+            self.priced_requests += sign
+        else:
+            self.unpriced_requests += sign
+        if row.estimated:
+            self.estimated_requests += sign
+        if _is_error(row.status):
+            self.errors += sign
+        self.input_tokens += sign * row.input_tokens
+        self.output_tokens += sign * row.output_tokens
+        self.cache_read_tokens += sign * row.cache_read_tokens
+        self.cache_write_tokens += sign * row.cache_write_tokens
+        self.cost_usd += sign * row.cost_usd
+
+    def add_bucket(self, other: "Bucket") -> None:
+        for field in _BUCKET_FIELDS:
+            setattr(self, field, getattr(self, field) + getattr(other, field))
+
+
+_BUCKET_FIELDS = tuple(f.name for f in attrs.fields(Bucket))
+
+# (agent, provider, effective model); any of them may be None.
+Key = tuple["str | None", "str | None", "str | None"]
+
+
+def summarise(models: dict[tuple[str, str], Bucket]) -> dict[str, Any]:
+    """
+    The spend-view shape of buckets keyed by C{(provider, model)}.  Token
+    fields mirror the ledger rows (C{input_tokens} is plain input) and
+    C{prompt_tokens} is their sum with the cache tokens.
+    """
+    total = Bucket()
+    out_models = []
+    for (provider, model), bucket in sorted(models.items()):
+        if bucket.requests <= 0:
+            continue
+        total.add_bucket(bucket)
+        out_models.append(
+            {
+                "provider": provider,
+                "model": model,
+                **_bucket_dict(bucket),
+                "pricing_status": pricing_status(bucket.priced_requests, bucket.unpriced_requests),
+            }
+        )
+    result = _bucket_dict(total)
+    result["total_cost_usd"] = result.pop("cost_usd")
+    result["total_requests"] = result.pop("requests")
+    result["pricing_status"] = pricing_status(total.priced_requests, total.unpriced_requests)
+    result["models"] = out_models
+    return result
+
+
+def _bucket_dict(bucket: Bucket) -> dict[str, Any]:
+    return {
+        "requests": bucket.requests,
+        "priced_requests": bucket.priced_requests,
+        "unpriced_requests": bucket.unpriced_requests,
+        "estimated_requests": bucket.estimated_requests,
+        "errors": bucket.errors,
+        "input_tokens": bucket.input_tokens,
+        "cache_read_tokens": bucket.cache_read_tokens,
+        "cache_write_tokens": bucket.cache_write_tokens,
+        "prompt_tokens": bucket.prompt_tokens,
+        "output_tokens": bucket.output_tokens,
+        "cost_usd": _money(bucket.cost_usd),
+    }
+
+
+class Totals:
+    """
+    Running aggregates of every committed (or about to be committed) row:
+    all-time per C{(agent, provider, effective model)}, and per UTC day for
+    quick period answers.  Used on the reactor thread only.
+
+    C{requests}, C{errors}, C{unidentified_requests} (agent L{None}) and
+    C{unrouted_requests} (agent known, provider or model not) count every
+    row; C{costs_api()} and C{period()} count metered rows only.
+    """
+
+    def __init__(self) -> None:
+        self._all: dict[Key, Bucket] = {}
+        self._days: dict[str, dict[Key, Bucket]] = {}
+        self.requests = 0
+        self.errors = 0
+        self.unidentified_requests = 0
+        self.unrouted_requests = 0
+
+    # -- updates
+
+    def add(self, row: LedgerRow) -> None:
+        """Count C{row}."""
+        self._apply(row, 1)
+
+    def remove(self, row: LedgerRow) -> None:
+        """Un-count C{row} (its commit failed)."""
+        self._apply(row, -1)
+
+    def _apply(self, row: LedgerRow, sign: int) -> None:
+        key = (_text(row.agent), _text(row.provider), _text(row.effective_model))
+        bucket = self._all.get(key)
+        if bucket is None:
+            bucket = self._all[key] = Bucket()
+        bucket.add_row(row, sign)
+        day_key = utc_day(row.ts)
+        day = self._days.get(day_key)
+        if day is None:
+            day = self._days[day_key] = {}
+        bucket = day.get(key)
+        if bucket is None:
+            bucket = day[key] = Bucket()
+        bucket.add_row(row, sign)
+        self._count(key, bucket_requests=sign, bucket_errors=sign if _is_error(row.status) else 0)
+
+    def add_aggregate(self, day: str, key: Key, bucket: Bucket) -> None:
+        """Count a pre-aggregated group (used when rebuilding from SQL)."""
+        self._all.setdefault(key, Bucket()).add_bucket(bucket)
+        self._days.setdefault(day, {}).setdefault(key, Bucket()).add_bucket(bucket)
+        self._count(key, bucket_requests=bucket.requests, bucket_errors=bucket.errors)
+
+    def _count(self, key: Key, bucket_requests: int, bucket_errors: int) -> None:
+        agent, provider, model = key
+        self.requests += bucket_requests
+        self.errors += bucket_errors
+        if agent is None:
+            self.unidentified_requests += bucket_requests
+        elif provider is None or model is None:
+            self.unrouted_requests += bucket_requests
+
+    # -- reads
+
+    def buckets(self, agent: str | None = None) -> dict[Key, Bucket]:
+        """All-time buckets (copies), optionally of one agent only."""
+        return {
+            key: attrs.evolve(bucket)
+            for key, bucket in self._all.items()
+            if bucket.requests and (agent is None or key[0] == agent)
+        }
+
+    def agents(self) -> list[str]:
+        """Sorted ids of the agents with at least one metered request."""
+        return sorted({k[0] for k, b in self._all.items() if _metered(k) and b.requests})
+
+    def costs_api(self) -> dict[str, Any]:
+        """
+        Exactly the contract's C{GET /costs/api} body (CONTRACT 5).
+        C{input_tokens} there are all prompt tokens, cache reads and writes
+        included, as the reference proxy reports them.
+        """
+        per_agent: dict[str, dict[tuple[str, str], Bucket]] = {}
+        for key, bucket in self._all.items():
+            if bucket.requests > 0 and _metered(key):
+                agent, provider, model = key
+                per_agent.setdefault(agent, {})[(provider, model)] = bucket  # type: ignore[index]
+        agents: dict[str, Any] = {}
+        total_cost = 0.0
+        total_requests = 0
+        total_unpriced = 0
+        for agent in sorted(per_agent):
+            models = []
+            agent_cost = 0.0
+            agent_requests = 0
+            agent_unpriced = 0
+            for (provider, model), b in sorted(per_agent[agent].items()):
+                models.append(
+                    {
+                        "provider": provider,
+                        "model": model,
+                        "input_tokens": b.prompt_tokens,
+                        "output_tokens": b.output_tokens,
+                        "cost_usd": _money(b.cost_usd),
+                        "requests": b.requests,
+                        "priced_requests": b.priced_requests,
+                        "unpriced_requests": b.unpriced_requests,
+                        "pricing_status": pricing_status(b.priced_requests, b.unpriced_requests),
+                    }
+                )
+                agent_cost += b.cost_usd
+                agent_requests += b.requests
+                agent_unpriced += b.unpriced_requests
+            agents[agent] = {
+                "total_cost_usd": _money(agent_cost),
+                "total_requests": agent_requests,
+                "unpriced_requests": agent_unpriced,
+                "models": models,
+            }
+            total_cost += agent_cost
+            total_requests += agent_requests
+            total_unpriced += agent_unpriced
+        return {
+            "total_cost_usd": _money(total_cost),
+            "total_requests": total_requests,
+            "unpriced_requests": total_unpriced,
+            "agents": agents,
+        }
+
+    def period(
+        self, since_day: str | None = None, until_day: str | None = None, agent: str | None = None
+    ) -> dict[str, Any]:
+        """
+        Metered spend over whole UTC days C{since_day} to C{until_day}
+        (C{'YYYY-MM-DD'}, both inclusive, L{None} for open ends), in the
+        shape of L{SqliteLedger.spend}, answered from memory.
+        """
+        models: dict[tuple[str, str], Bucket] = {}
+        for day, keys in self._days.items():
+            if (since_day is not None and day < since_day) or (until_day is not None and day > until_day):
+                continue
+            for key, bucket in keys.items():
+                if _metered(key) and (agent is None or key[0] == agent):
+                    models.setdefault((key[1], key[2]), Bucket()).add_bucket(bucket)  # type: ignore[arg-type]
+        result = summarise(models)
+        result.update(agent=agent, since_day=since_day, until_day=until_day)
+        return result
+
+    def summary(self) -> dict[str, Any]:
+        """Counters over every row, metered or not."""
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "unidentified_requests": self.unidentified_requests,
+            "unrouted_requests": self.unrouted_requests,
+        }
+
+
+def _metered(key: Key) -> bool:
+    return key[0] is not None and key[1] is not None and key[2] is not None
+
+
+# --- schema -----------------------------------------------------------------
+
+_ROW_FIELDS = (
+    "request_id",
+    "ts",
+    "agent",
+    "provider",
+    "requested_model",
+    "effective_model",
+    "status",
+    "stream",
+    "latency_ms",
+    "ttfb_ms",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "priced",
+    "estimated",
+    "key_id",
+    "team_id",
+    "user_id",
+)
+_TEXT_FIELDS = frozenset(
+    {"agent", "provider", "requested_model", "effective_model", "key_id", "team_id", "user_id"}
+)
+_BOOL_FIELDS = frozenset({"stream", "priced", "estimated"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL UNIQUE,
+    ts REAL NOT NULL,
+    agent TEXT,
+    provider TEXT,
+    requested_model TEXT,
+    effective_model TEXT,
+    status INTEGER NOT NULL,
+    stream INTEGER NOT NULL,
+    latency_ms REAL NOT NULL,
+    ttfb_ms REAL,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    priced INTEGER NOT NULL,
+    estimated INTEGER NOT NULL,
+    key_id TEXT,
+    team_id TEXT,
+    user_id TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
+CREATE INDEX IF NOT EXISTS requests_agent ON requests (agent);
+CREATE TABLE IF NOT EXISTS rollups (
+    day TEXT NOT NULL,
+    agent TEXT NOT NULL DEFAULT '',
+    provider TEXT NOT NULL DEFAULT '',
+    model TEXT NOT NULL DEFAULT '',
+    key_id TEXT NOT NULL DEFAULT '',
+    team_id TEXT NOT NULL DEFAULT '',
+    user_id TEXT NOT NULL DEFAULT '',
+    requests INTEGER NOT NULL,
+    priced_requests INTEGER NOT NULL,
+    unpriced_requests INTEGER NOT NULL,
+    estimated_requests INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cache_read_tokens INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    cost_usd REAL NOT NULL,
+    PRIMARY KEY (day, agent, provider, model, key_id, team_id, user_id)
+) WITHOUT ROWID;
+"""
+
+# Migrations from version N to N+1, run in the same transaction as the
+# version bump.  None yet.
+_MIGRATIONS: dict[int, str] = {}
+
+_INSERT = "INSERT INTO requests ({}) VALUES ({})".format(
+    ", ".join(_ROW_FIELDS), ", ".join("?" for _ in _ROW_FIELDS)
+)
+
+_ERROR_SQL = "CASE WHEN status < 200 OR status >= 400 THEN 1 ELSE 0 END"
+
+# The per-group counters of `requests`, in the order of the rollups columns.
+_ROLLUP_COUNTERS = (
+    "requests",
+    "priced_requests",
+    "unpriced_requests",
+    "estimated_requests",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost_usd",
+)
+_AGGREGATE_EXPRESSIONS = (
+    "COUNT(*)",
+    "SUM(priced)",
+    "SUM(1 - priced)",
+    "SUM(estimated)",
+    f"SUM({_ERROR_SQL})",
+    "SUM(input_tokens)",
+    "SUM(output_tokens)",
+    "SUM(cache_read_tokens)",
+    "SUM(cache_write_tokens)",
+    "SUM(cost_usd)",
+)
+_AGGREGATES_SQL = ", ".join(_AGGREGATE_EXPRESSIONS)
+_AGGREGATES_AS_SQL = ", ".join(
+    f"{expression} AS {name}" for expression, name in zip(_AGGREGATE_EXPRESSIONS, _ROLLUP_COUNTERS)
+)
+_ROLLUP_SUMS_SQL = ", ".join(f"SUM({c})" for c in _ROLLUP_COUNTERS)
+
+_PRUNE_ROLLUP = f"""
+INSERT INTO rollups (day, agent, provider, model, key_id, team_id, user_id, {", ".join(_ROLLUP_COUNTERS)})
+SELECT {_DAY_SQL}, COALESCE(agent, ''), COALESCE(provider, ''), COALESCE(effective_model, ''),
+       COALESCE(key_id, ''), COALESCE(team_id, ''), COALESCE(user_id, ''), {_AGGREGATES_SQL}
+FROM requests
+WHERE ts < :bound AND {_DAY_NUMBER_SQL} < :day
+GROUP BY 1, 2, 3, 4, 5, 6, 7
+ON CONFLICT (day, agent, provider, model, key_id, team_id, user_id) DO UPDATE SET
+    {", ".join(f"{c} = {c} + excluded.{c}" for c in _ROLLUP_COUNTERS)}
+"""
+_PRUNE_DELETE = f"DELETE FROM requests WHERE ts < :bound AND {_DAY_NUMBER_SQL} < :day"
+
+_REBUILD = f"""
+SELECT day, agent, provider, model, {_ROLLUP_SUMS_SQL} FROM (
+    SELECT {_DAY_SQL} AS day, agent, provider, effective_model AS model,
+           {_AGGREGATES_AS_SQL}
+    FROM requests GROUP BY 1, 2, 3, 4
+    UNION ALL
+    SELECT day, NULLIF(agent, ''), NULLIF(provider, ''), NULLIF(model, ''),
+           {", ".join(_ROLLUP_COUNTERS)}
+    FROM rollups
+) GROUP BY day, agent, provider, model
+"""
+
+
+def _bucket_from(values: Iterable[Any]) -> Bucket:
+    v = [x or 0 for x in values]
+    return Bucket(*[int(x) for x in v[:9]], float(v[9]))  # type: ignore[arg-type]
+
+
+def _row_params(row: LedgerRow) -> tuple[Any, ...]:
+    out = []
+    for name in _ROW_FIELDS:
+        value = getattr(row, name)
+        if name in _TEXT_FIELDS:
+            value = _text(value)
+        elif name in _BOOL_FIELDS:
+            value = 1 if value else 0
+        out.append(value)
+    return tuple(out)
+
+
+def _row_dict(names: list[str], values: tuple[Any, ...]) -> dict[str, Any]:
+    row = dict(zip(names, values))
+    for name in _BOOL_FIELDS:
+        row[name] = bool(row[name])
+    return row
+
+
+def _open_database(path: str, sync: str) -> sqlite3.Connection:
+    """
+    The writer's connection: state directory 0700 and file 0600 when we
+    create them, WAL, the chosen C{synchronous}, schema created or checked.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
+        os.chmod(directory, DIR_MODE)  # makedirs' mode is filtered by the umask
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        os.close(fd)
+        os.chmod(path, FILE_MODE)
+    # -wal and -shm are created by SQLite with the main file's permissions.
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise LedgerSchemaError(f"{path}: cannot use WAL mode (journal_mode is {mode})")
+        conn.execute(f"PRAGMA synchronous = {_SYNC_MODES[sync]}")
+        conn.execute("PRAGMA busy_timeout = 30000")
+        _migrate(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: str) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if found is None:
+            _execute_script(conn, _SCHEMA)
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        else:
+            try:
+                version = int(found[0])
+            except ValueError:
+                raise LedgerSchemaError(f"{path}: unreadable schema version {found[0]!r}") from None
+            if version > SCHEMA_VERSION:
+                raise LedgerSchemaError(
+                    f"{path}: ledger schema version {version} is newer than this "
+                    f"cllama_tx understands ({SCHEMA_VERSION}); refusing to touch it"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                _execute_script(conn, _MIGRATIONS[step])
+            if version != SCHEMA_VERSION:
+                conn.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+                )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _execute_script(conn: sqlite3.Connection, script: str) -> None:
+    # Not executescript(): it COMMITs the open transaction first.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _rebuild_totals(conn: sqlite3.Connection) -> Totals:
+    totals = Totals()
+    for day, agent, provider, model, *counters in conn.execute(_REBUILD):
+        totals.add_aggregate(day, (agent, provider, model), _bucket_from(counters))
+    return totals
+
+
+# --- the writer thread ------------------------------------------------------
+
+
+@attrs.define
+class _Row:
+    row: LedgerRow
+    params: tuple[Any, ...]
+    deferred: defer.Deferred
+
+
+@attrs.define
+class _Call:
+    """Run C{function(connection)} on the writer thread, in queue order."""
+
+    function: Callable[[sqlite3.Connection], Any]
+    deferred: defer.Deferred
+
+
+@attrs.define
+class _Stop:
+    deferred: defer.Deferred
+
+
+class _Writer:
+    """
+    Owns the writer connection and the thread that uses it.  Every result
+    goes back to the reactor thread through C{reactor.callFromThread}.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, reactor: Any, deliver: Callable[[list], None]) -> None:
+        self._conn = conn
+        self._reactor = reactor
+        self._deliver = deliver
+        self.queue: "queue.SimpleQueue[_Row | _Call | _Stop]" = queue.SimpleQueue()
+        self.commits = 0
+        self.rows = 0
+        self.failed_rows = 0
+        self.largest_batch = 0
+        self.thread = threading.Thread(target=self._run, name="cllama-ledger-writer", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            items = [self.queue.get()]
+            while len(items) < MAX_BATCH:
+                try:
+                    items.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                if self._process(items):
+                    return
+            except BaseException:  # pragma: no cover - a bug; keep the thread alive
+                failure = Failure()
+                self._reactor.callFromThread(
+                    _log.failure, "ledger writer: unexpected error", failure=failure
+                )
+
+    def _process(self, items: list) -> bool:
+        """Handle C{items} in order; return True after a stop."""
+        rows: list[_Row] = []
+        for item in items:
+            if isinstance(item, _Row):
+                rows.append(item)
+                continue
+            if rows:
+                self._commit(rows)
+                rows = []
+            if isinstance(item, _Call):
+                self._call(item)
+            else:
+                self._stop(item)
+                return True
+        if rows:
+            self._commit(rows)
+        return False
+
+    def _commit(self, rows: list[_Row]) -> None:
+        results: list[tuple[defer.Deferred, LedgerRow | None, Failure | None]]
+        try:
+            self._transaction(lambda c: c.executemany(_INSERT, [r.params for r in rows]))
+            self.commits += 1
+            results = [(r.deferred, r.row, None) for r in rows]
+        except Exception:
+            if len(rows) == 1:
+                results = [(rows[0].deferred, rows[0].row, Failure())]
+            else:
+                # One bad row (a duplicate request_id, say) must not fail the
+                # innocent rows it was batched with: retry them one by one.
+                results = []
+                for r in rows:
+                    try:
+                        self._transaction(lambda c, p=r.params: c.execute(_INSERT, p))
+                        self.commits += 1
+                        results.append((r.deferred, r.row, None))
+                    except Exception:
+                        results.append((r.deferred, r.row, Failure()))
+        failed = sum(1 for result in results if result[2] is not None)
+        self.rows += len(rows) - failed
+        self.failed_rows += failed
+        self.largest_batch = max(self.largest_batch, len(rows))
+        self._reactor.callFromThread(self._deliver, results)
+
+    def _transaction(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = body(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
+        return result
+
+    def _call(self, item: _Call) -> None:
+        try:
+            result = item.function(self._conn)
+        except Exception:
+            self._reactor.callFromThread(self._deliver, [(item.deferred, None, Failure())])
+        else:
+            self._reactor.callFromThread(item.deferred.callback, result)
+
+    def _stop(self, item: _Stop) -> None:
+        failure = None
+        try:
+            self._conn.close()
+        except Exception:
+            failure = Failure()
+        self._reactor.callFromThread(self._deliver, [(item.deferred, None, failure)])
+
+
+# --- the service --------------------------------------------------------------
+
+
+@implementer(ILedger)
+class SqliteLedger(service.Service):
+    """
+    The ledger in a SQLite file at C{path} (WAL).  C{sync} is C{"normal"}
+    (survives a process crash) or C{"full"} (also survives power loss, one
+    fsync per group commit).  With C{retention_seconds}, rows older than
+    that are folded into daily rollups at start and every hour, timed by
+    C{clock} (default: C{reactor}).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        reactor: Any,
+        sync: str = "normal",
+        retention_seconds: float | None = None,
+        clock: Any = None,
+    ) -> None:
+        if sync not in _SYNC_MODES:
+            raise ValueError(f"sync must be one of {sorted(_SYNC_MODES)}, not {sync!r}")
+        if retention_seconds is not None and not retention_seconds > 0:
+            raise ValueError("retention_seconds must be positive")
+        self.path = path
+        self.sync = sync
+        self.retention_seconds = retention_seconds
+        self._reactor = reactor
+        self._clock = clock if clock is not None else reactor
+        self._totals = Totals()
+        self._writer: _Writer | None = None
+        self._closing: defer.Deferred | None = None
+        self._close_waiters: list[defer.Deferred] = []
+        self._retention: task.LoopingCall | None = None
+
+    # -- lifecycle
+
+    def startService(self) -> None:
+        """
+        Open the database, create or check the schema and rebuild the totals,
+        synchronously: twistd starts services before it serves anything, and
+        a ledger that cannot open must stop the daemon loudly.
+        """
+        if self._writer is not None or self._closing is not None:
+            raise RuntimeError("ledger already started, or still closing")
+        conn = _open_database(self.path, self.sync)
+        try:
+            totals = _rebuild_totals(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._totals = totals
+        self._writer = _Writer(conn, self._reactor, self._deliver)
+        self._writer.start()
+        service.Service.startService(self)
+        if self.retention_seconds is not None:
+            self._retention = task.LoopingCall(self._prune_expired)
+            self._retention.clock = self._clock
+            self._retention.start(PRUNE_INTERVAL, now=True)
+
+    def stopService(self) -> defer.Deferred:
+        service.Service.stopService(self)
+        return self.close()
+
+    def close(self) -> defer.Deferred:
+        """
+        Stop taking rows, commit every row already queued, close the
+        database and join the writer thread.  Idempotent: every call's
+        Deferred fires when the one close is done.
+        """
+        waiter: defer.Deferred = defer.Deferred()
+        if self._writer is None and self._closing is None:
+            waiter.callback(None)  # never started, or already closed
+            return waiter
+        self._close_waiters.append(waiter)
+        if self._closing is not None:
+            return waiter  # a close is under way
+        if self._retention is not None:
+            if self._retention.running:
+                self._retention.stop()
+            self._retention = None
+        writer = self._writer
+        assert writer is not None
+        self._writer = None  # record(), prune() and reads refuse from now on
+        self._closing = closing = defer.Deferred()
+        writer.queue.put(_Stop(closing))
+
+        def done(result: Any) -> None:
+            # The thread has delivered its last result and is returning.
+            writer.thread.join()
+            self._closing = None
+            waiters, self._close_waiters = self._close_waiters, []
+            for w in waiters:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(None)
+
+        closing.addBoth(done)
+        return waiter
+
+    # -- writes
+
+    def record(self, row: LedgerRow) -> defer.Deferred:
+        """
+        Queue C{row} for the writer and count it in the totals now.  The
+        Deferred fires with L{None} once the row is committed, or fails (the
+        row is then un-counted) if its commit failed, e.g. a duplicate
+        C{request_id}; with L{LedgerClosed} if the ledger is not running.
+        Cancelling the Deferred does not un-record the row.
+        """
+        writer = self._writer
+        if writer is None:
+            return defer.fail(LedgerClosed("the ledger is not running"))
+        d: defer.Deferred = defer.Deferred()
+        self._totals.add(row)
+        writer.queue.put(_Row(row, _row_params(row), d))
+        return d
+
+    def totals(self) -> Totals:
+        """The running totals (kept in memory, rebuilt at start)."""
+        return self._totals
+
+    def prune(self, older_than_epoch: float) -> defer.Deferred:
+        """
+        Fold every row of the UTC days that end at or before
+        C{older_than_epoch} (the cutoff is rounded down to midnight UTC, so
+        no day is ever split between C{requests} and C{rollups}) into
+        C{rollups}, and delete those rows, in one transaction, after every
+        row recorded before this call is committed.  Fires with the number
+        of rows moved.  The totals do not change.
+        """
+        day = math.floor(older_than_epoch / SECONDS_PER_DAY)
+        params = {"day": day, "bound": day * SECONDS_PER_DAY + 1.0}
+
+        def prune(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(_PRUNE_ROLLUP, params)
+                moved = conn.execute(_PRUNE_DELETE, params).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return moved
+
+        return self._on_writer(prune)
+
+    def _prune_expired(self) -> defer.Deferred:
+        assert self.retention_seconds is not None
+        cutoff = self._clock.seconds() - self.retention_seconds
+        d = self.prune(cutoff)
+
+        def pruned(moved: int) -> None:
+            if moved:
+                _log.info("ledger: folded {moved} rows older than {day} into rollups",
+                          moved=moved, day=utc_day(cutoff))
+
+        def failed(failure: Failure) -> None:
+            # Swallowed so the LoopingCall keeps running: the next hour retries.
+            if not failure.check(LedgerClosed):
+                _log.failure("ledger: retention prune failed", failure=failure)
+
+        return d.addCallbacks(pruned, failed)
+
+    def _on_writer(self, function: Callable[[sqlite3.Connection], Any]) -> defer.Deferred:
+        """Run C{function(connection)} on the writer thread, after queued rows."""
+        writer = self._writer
+        if writer is None:
+            return defer.fail(LedgerClosed("the ledger is not running"))
+        d: defer.Deferred = defer.Deferred()
+        writer.queue.put(_Call(function, d))
+        return d
+
+    def writer_stats(self) -> dict[str, int]:
+        """Counters of the writer thread (for metrics): commits, rows, failed_rows, largest_batch."""
+        writer = self._writer
+        if writer is None:
+            return {"commits": 0, "rows": 0, "failed_rows": 0, "largest_batch": 0, "queued": 0}
+        return {
+            "commits": writer.commits,
+            "rows": writer.rows,
+            "failed_rows": writer.failed_rows,
+            "largest_batch": writer.largest_batch,
+            "queued": writer.queue.qsize(),
+        }
+
+    def _deliver(self, results: list) -> None:
+        """On the reactor thread: fire the Deferreds of one batch, in order."""
+        for deferred, row, failure in results:
+            try:
+                if failure is None:
+                    deferred.callback(None)
+                    continue
+                if row is not None:
+                    self._totals.remove(row)
+                    _log.error(
+                        "ledger: could not commit request {request_id}: {error}",
+                        request_id=row.request_id,
+                        error=failure.getErrorMessage(),
+                    )
+                deferred.errback(failure)
+            except defer.AlreadyCalledError:
+                pass  # cancelled by its caller; nothing to tell it
+
+    # -- reads (threadpool, own connection each)
+
+    def _read(self, function: Callable[[sqlite3.Connection], Any]) -> defer.Deferred:
+        if self._writer is None:
+            return defer.fail(LedgerClosed("the ledger is not running"))
+        path = self.path
+
+        def run() -> Any:
+            conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+            try:
+                conn.execute("PRAGMA query_only = ON")
+                conn.execute("BEGIN")  # one snapshot for every SELECT below
+                try:
+                    return function(conn)
+                finally:
+                    conn.execute("COMMIT")
+            finally:
+                conn.close()
+
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), run)
+
+    def ready(self) -> defer.Deferred:
+        """Fires with True when the database answers a trivial query, else False."""
+        if self._writer is None:
+            return defer.succeed(False)
+        d = self._read(lambda conn: conn.execute("SELECT COUNT(*) FROM meta").fetchone() is not None)
+        return d.addErrback(lambda _: False)
+
+    def count(self) -> defer.Deferred:
+        """Fires with the number of rows in C{requests} (pruned rows are not counted)."""
+        return self._read(lambda conn: conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0])
+
+    def recent(self, limit: int = 50, agent: str | None = None) -> defer.Deferred:
+        """
+        Fires with the latest C{limit} rows (newest first), optionally of one
+        agent, as dicts: C{id} plus every L{LedgerRow} field.
+        """
+        limit = _clamp(limit)
+        sql = f"SELECT id, {', '.join(_ROW_FIELDS)} FROM requests"
+        args: tuple[Any, ...] = ()
+        if agent is not None:
+            sql += " WHERE agent = ?"
+            args = (agent,)
+        sql += " ORDER BY id DESC LIMIT ?"
+
+        def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            cursor = conn.execute(sql, args + (limit,))
+            names = [c[0] for c in cursor.description]
+            return [_row_dict(names, values) for values in cursor]
+
+        return self._read(query)
+
+    def rows_after(self, cursor: int, limit: int = 1000) -> defer.Deferred:
+        """
+        Fires with C{(rows, next_cursor)}: up to C{limit} rows whose C{id}
+        (the rowid; never reused, and increasing in commit order because
+        there is one writer) is greater than C{cursor}, oldest first.
+        Start with cursor 0; pass C{next_cursor} back to continue.  Rows
+        pruned before they were read are not returned.
+        """
+        limit = _clamp(limit)
+        sql = f"SELECT id, {', '.join(_ROW_FIELDS)} FROM requests WHERE id > ? ORDER BY id LIMIT ?"
+
+        def query(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], int]:
+            result = conn.execute(sql, (int(cursor), limit))
+            names = [c[0] for c in result.description]
+            rows = [_row_dict(names, values) for values in result]
+            return rows, (rows[-1]["id"] if rows else int(cursor))
+
+        return self._read(query)
+
+    def spend(
+        self, agent: str | None = None, since: float | None = None, until: float | None = None
+    ) -> defer.Deferred:
+        """
+        Fires with metered spend in C{[since, until)} (epoch seconds, L{None}
+        for an open end), of one agent or all, in the shape of
+        L{summarise} plus C{agent}, C{since}, C{until} and C{exact}.
+
+        Rows still in C{requests} are counted to the second; pruned history
+        comes from C{rollups}, which know only whole UTC days: a rollup day
+        that overlaps the period is counted whole, and C{exact} is false
+        when such a day lies only partly inside the period.
+        """
+        where = ["agent IS NOT NULL", "provider IS NOT NULL", "effective_model IS NOT NULL"]
+        args: list[Any] = []
+        rwhere = ["agent != ''", "provider != ''", "model != ''"]
+        rargs: list[Any] = []
+        partial_days: list[str] = []
+        if agent is not None:
+            where.append("agent = ?")
+            args.append(agent)
+            rwhere.append("agent = ?")
+            rargs.append(agent)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+            first = math.floor(since / SECONDS_PER_DAY)
+            rwhere.append("day >= ?")
+            rargs.append(day_string(first))
+            if first * SECONDS_PER_DAY < since:
+                partial_days.append(day_string(first))
+        if until is not None:
+            where.append("ts < ?")
+            args.append(until)
+            last = math.ceil(until / SECONDS_PER_DAY) - 1
+            rwhere.append("day <= ?")
+            rargs.append(day_string(last))
+            if (last + 1) * SECONDS_PER_DAY > until:
+                partial_days.append(day_string(last))
+        requests_sql = (
+            f"SELECT provider, effective_model, {_AGGREGATES_SQL} FROM requests "
+            f"WHERE {' AND '.join(where)} GROUP BY provider, effective_model"
+        )
+        rollups_sql = (
+            f"SELECT provider, model, {_ROLLUP_SUMS_SQL} FROM rollups "
+            f"WHERE {' AND '.join(rwhere)} GROUP BY provider, model"
+        )
+        partial_sql = (
+            f"SELECT COUNT(*) FROM rollups WHERE {' AND '.join(rwhere)} "
+            f"AND day IN ({', '.join('?' for _ in partial_days)})"
+        )
+
+        def query(conn: sqlite3.Connection) -> dict[str, Any]:
+            models: dict[tuple[str, str], Bucket] = {}
+            for sql, sql_args in ((requests_sql, args), (rollups_sql, rargs)):
+                for provider, model, *counters in conn.execute(sql, sql_args):
+                    models.setdefault((provider, model), Bucket()).add_bucket(_bucket_from(counters))
+            exact = True
+            if partial_days:
+                exact = conn.execute(partial_sql, rargs + partial_days).fetchone()[0] == 0
+            result = summarise(models)
+            result.update(agent=agent, since=since, until=until, exact=exact)
+            return result
+
+        return self._read(query)
+
+
+def _clamp(limit: int) -> int:
+    return max(1, min(int(limit), MAX_READ_LIMIT))
