@@ -106,6 +106,38 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[unit]
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """C{"90d"}, C{"12h"}, C{"30m"}, C{"45"} (seconds) -> seconds."""
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"cannot understand duration {text!r} (use e.g. 90d, 12h, 30m)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple, default: str) -> str:
+    value = (env.get(name) or default).lower()
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+    return value
+
+
+def default_state_dir(env: Mapping[str, str]) -> str:
+    """
+    Where the ledger lives: C{CLLAMA_STATE_DIR}, else systemd's
+    C{STATE_DIRECTORY}, else C{$XDG_STATE_HOME/cllama_tx} (C{~/.local/state}).
+    """
+    if env.get("CLLAMA_STATE_DIR"):
+        return env["CLLAMA_STATE_DIR"]
+    if env.get("STATE_DIRECTORY"):
+        return env["STATE_DIRECTORY"].split(":")[0]
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "cllama_tx")
+
+
 @attrs.frozen
 class Config:
     """Everything the daemon needs to know, resolved once at start-up."""
@@ -123,6 +155,11 @@ class Config:
     idle_timeout: float
     connect_timeout: float
     demo: bool
+    state_dir: str
+    pricing_file: str | None
+    ledger_sync: str
+    ledger_retention: float | None
+    no_stream_options: frozenset
     # The environment as seen after command-line overrides; provider keys and
     # base URLs are read from it by the provider registry.
     env: Mapping[str, str] = attrs.field(repr=False)
@@ -149,5 +186,14 @@ class Config:
                 env, "CLLAMA_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT
             ),
             demo=demo or env.get("CLLAMA_DEMO", "").lower() in ("1", "true", "yes"),
+            state_dir=default_state_dir(env),
+            pricing_file=env.get("CLLAMA_PRICING_FILE") or None,
+            ledger_sync=_choice(env, "CLLAMA_LEDGER_SYNC", ("normal", "full"), "normal"),
+            ledger_retention=parse_duration(env["CLLAMA_LEDGER_RETENTION"])
+            if env.get("CLLAMA_LEDGER_RETENTION")
+            else None,
+            no_stream_options=frozenset(
+                p.strip().lower() for p in env.get("CLLAMA_NO_STREAM_OPTIONS", "").split(",") if p.strip()
+            ),
             env=env,
         )

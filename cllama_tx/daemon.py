@@ -8,6 +8,7 @@ the listeners close first, then the upstream pool, then the audit flush.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from typing import TextIO
 
@@ -18,6 +19,9 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from .accounting.history import SessionHistory
+from .accounting.ledger import SqliteLedger
+from .accounting.pricing import Pricing
 from .api import build_api_site
 from .audit import AuditLog
 from .config import Config
@@ -26,6 +30,7 @@ from .interfaces import IProviderRegistry
 from .providers.catalog import ProviderSpec
 from .providers.keys import KeyPool
 from .providers.registry import ProviderRegistry, ResolvedProvider, UnknownProvider
+from .metering import Metering
 from .proxy import Proxy
 from .relay import UpstreamClient
 from .ui import UiApp
@@ -138,6 +143,11 @@ class BannerService(service.Service):
         log.info("{banner}", banner=self.make_text(f"http://{address}"))
 
 
+def ensure_private_dir(path: str) -> None:
+    """Create C{path} (0700) if missing; the ledger holds billing data."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
 def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.MultiService:
     top = service.MultiService()
     audit = AuditLog(audit_stream, reactor, schedule=lambda flush: reactor.callLater(0, flush))
@@ -162,6 +172,23 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         # A service: it saves pending key state when stopped, after the listeners.
         providers.setServiceParent(top)
 
+    state_dir = tempfile.mkdtemp(prefix="cllama-demo-state-") if config.demo else config.state_dir
+    ensure_private_dir(state_dir)
+    ledger = SqliteLedger(
+        os.path.join(state_dir, "ledger.sqlite3"),
+        reactor,
+        sync=config.ledger_sync,
+        retention_seconds=config.ledger_retention,
+    )
+    # Before the listeners: it is stopped after them, so in-flight rows land.
+    ledger.setServiceParent(top)
+    history = None
+    if config.session_history_dir:
+        history = SessionHistory(config.session_history_dir, reactor)
+        history.setServiceParent(top)
+    pricing = Pricing(reactor, override_path=config.pricing_file)
+    metering = Metering(clock=reactor, pricing=pricing, ledger=ledger, audit=audit, history=history)
+
     contexts = ContextRegistry(context_root, reactor)
     upstream = UpstreamClient(reactor, config.connect_timeout)
     UpstreamService(upstream).setServiceParent(top)
@@ -170,9 +197,10 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         contexts=contexts,
         providers=providers,
         upstream=upstream,
-        audit=audit,
+        metering=metering,
         first_byte_timeout=config.first_byte_timeout,
         idle_timeout=config.idle_timeout,
+        no_stream_options=config.no_stream_options,
     )
     api_site = build_api_site(proxy, config.max_body_bytes, audit)
     ui_site = Site(
@@ -189,4 +217,5 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
     top.proxy = proxy
     top.providers = providers
     top.contexts = contexts
+    top.ledger = ledger
     return top

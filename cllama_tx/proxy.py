@@ -1,9 +1,9 @@
 """
 The pipeline of one inference request: identify the agent, route its model
-ref, swap in a provider key, send, and relay the answer back.
+ref, swap in a provider key, send, relay the answer back, settle the books.
 
-This is the per-request hot path.  It reads no file, parses the body once and
-serialises it once, and keeps its state in one small L{Exchange}.
+This is the per-request hot path.  It reads no file, parses the request body
+once and serialises it once, and keeps its state in one small L{Exchange}.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from .accounting.usage import SseTap, output_chars_from_json, usage_from_json
 from .errors import OPENAI, ProxyError, error_body, sse_error_event
 from .identity.tokens import MalformedCredentials, parse_credentials
+from .metering import CLIENT_CLOSED, Exchange
 from .providers.catalog import auth_headers, upstream_url
 from .providers.keys import MAX_TRIES, classify_failure
 from .providers.registry import ProviderNotConfigured, UnknownProvider
@@ -41,8 +43,10 @@ DROP_UPSTREAM = HOP_BY_HOP | {
 
 ANTHROPIC_VERSION = b"2023-06-01"
 
-# The status we record when the agent hangs up before the answer is complete.
-CLIENT_CLOSED = 499
+# A non-stream answer is held whole (its cost goes into a header, and the
+# ledger row is committed before its last byte); past this size it is
+# passed through unmetered instead, and its usage estimated.
+MAX_BUFFERED_BODY = 16 * 1024 * 1024
 
 
 @attrs.frozen
@@ -59,23 +63,6 @@ class AgentGone(Exception):
     """The agent disconnected; nothing more can be written to it."""
 
 
-@attrs.define
-class Exchange:
-    """The state of one request, from arrival to the last audit line."""
-
-    request_id: str
-    started: float
-    surface: Surface
-    claw_id: str | None = None
-    model: str | None = None
-    provider: str | None = None
-    upstream_model: str | None = None
-    stream: bool = False
-    first_byte_at: float | None = None
-    gone: bool = False
-    cancel: object = None
-
-
 def new_request_id() -> str:
     return os.urandom(8).hex()
 
@@ -90,17 +77,19 @@ class Proxy:
         contexts,
         providers,
         upstream,
-        audit,
+        metering,
         first_byte_timeout: float,
         idle_timeout: float,
+        no_stream_options: frozenset[str] = frozenset(),
     ) -> None:
         self._clock = clock
         self._contexts = contexts
         self._providers = providers
         self._upstream = upstream
-        self._audit = audit
+        self._metering = metering
         self._first_byte_timeout = first_byte_timeout
         self._idle_timeout = idle_timeout
+        self._no_stream_options = no_stream_options
 
     def handle(self, request, surface: Surface) -> None:
         """Serve C{request}; the response is written asynchronously."""
@@ -119,16 +108,17 @@ class Proxy:
         except ProxyError as error:
             self._refuse(request, ex, error)
         except AgentGone:
-            self._audit_error(ex, CLIENT_CLOSED, "client disconnected")
+            self._metering.settle(ex, CLIENT_CLOSED, "client disconnected")
         except Exception:
             log.failure("unexpected error serving request {request_id}", request_id=ex.request_id)
             self._refuse(request, ex, ProxyError(500, "internal_error", "internal error"))
 
     def _refuse(self, request, ex: Exchange, error: ProxyError) -> None:
-        """Answer with C{error} in the surface's shape, and audit it."""
-        self._audit_error(ex, error.status, error.message)
+        """Answer with C{error} in the surface's shape, and settle."""
         if ex.gone:
+            self._metering.settle(ex, CLIENT_CLOSED, "client disconnected")
             return
+        self._metering.settle(ex, error.status, error.message)
         if request.startedWriting:
             # Headers are gone already: the body cannot become an error body.
             request.transport.abortConnection()
@@ -144,22 +134,6 @@ class Proxy:
         request.write(body)
         request.finish()
 
-    def _audit_error(self, ex: Exchange, status: int, message: str) -> None:
-        self._audit.emit(
-            "error",
-            ex.claw_id,
-            ex.model,
-            request_id=ex.request_id,
-            status_code=status,
-            latency_ms=self._elapsed_ms(ex),
-            error=message,
-            provider=ex.provider,
-        )
-
-    def _elapsed_ms(self, ex: Exchange, until: float | None = None) -> float:
-        end = self._clock.seconds() if until is None else until
-        return round((end - ex.started) * 1000, 3)
-
     async def _serve(self, request, ex: Exchange) -> None:
         context = self._identify(request)
         ex.claw_id = context.agent_id
@@ -169,23 +143,20 @@ class Proxy:
             raise ProxyError(400, "missing_model", "the request body needs a 'model' string")
         ex.model = model
         ex.stream = doc.get("stream") is True
-        self._audit.emit(
-            "request",
-            ex.claw_id,
-            model,
-            request_id=ex.request_id,
-            path=ex.surface.path,
-            stream=ex.stream,
-        )
+        ex.doc = doc
+        if self._metering.keeps_history:
+            ex.original = dict(doc)
+        self._metering.audit_request(ex)
         resolved = self._route(model, ex)
         doc["model"] = ex.upstream_model
+        self._ask_for_stream_usage(doc, ex, resolved.spec.api_format)
         body = json.dumps(doc, separators=(",", ":")).encode("utf-8")
         headers = forward_headers(request.requestHeaders)
         if resolved.spec.api_format == "anthropic" and not headers.hasHeader(b"anthropic-version"):
             headers.setRawHeaders(b"anthropic-version", [ANTHROPIC_VERSION])
         url = upstream_url(resolved.spec.base_url, ex.surface.path).encode("utf-8")
         response, buffered = await self._send_with_pool(resolved, url, headers, body, ex)
-        await self._relay(request, response, buffered, ex)
+        await self._relay(request, response, buffered, ex, resolved.spec.api_format)
 
     def _identify(self, request):
         headers = request.requestHeaders
@@ -233,6 +204,20 @@ class Proxy:
             )
         return resolved
 
+    def _ask_for_stream_usage(self, doc: dict, ex: Exchange, api_format: str) -> None:
+        """
+        OpenAI-format streams carry usage only when asked: ask upstream, and
+        hide the extra chunk from an agent that did not ask for it.
+        """
+        if not ex.stream or api_format != "openai":
+            return
+        options = doc.get("stream_options")
+        ex.agent_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        if ex.agent_wants_usage or ex.provider in self._no_stream_options:
+            return
+        doc["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+        ex.strip_usage_chunk = True
+
     async def _send_with_pool(self, resolved, url: bytes, headers: Headers, body: bytes, ex: Exchange):
         """
         Send with the provider's next usable key; a key the provider refuses
@@ -279,6 +264,7 @@ class Proxy:
 
     async def _send(self, url: bytes, headers: Headers, body: bytes, ex: Exchange):
         remaining = self._first_byte_timeout - (self._clock.seconds() - ex.started)
+        ex.upstream_called = True
         d = self._upstream.request(b"POST", url, headers, body)
         timed_out = []
 
@@ -310,22 +296,25 @@ class Proxy:
             if timer.active():
                 timer.cancel()
 
-    async def _relay(self, request, response, buffered: bytes | None, ex: Exchange) -> None:
+    async def _relay(self, request, response, buffered: bytes | None, ex: Exchange, api_format: str) -> None:
         if ex.gone:
             raise AgentGone()
         request.setResponseCode(response.code)
         copy_response_headers(response.headers, request.responseHeaders)
         request.setHeader(b"x-cllama-request-id", ex.request_id.encode())
         if buffered is not None:
-            request.responseHeaders.removeHeader(b"content-length")
-            request.setHeader(b"content-length", b"%d" % len(buffered))
-            request.write(buffered)
             ex.first_byte_at = self._clock.seconds()
-            request.finish()
-            self._audit_response(ex, response.code)
+            await self._deliver_body(request, response.code, buffered, ex, api_format)
             return
         content_type = _first(response.headers, b"content-type") or b""
-        is_sse = content_type.startswith(b"text/event-stream")
+        if content_type.startswith(b"text/event-stream"):
+            await self._relay_stream(request, response, ex, api_format)
+        else:
+            body = await self._collect(request, response, ex)
+            if body is not None:
+                await self._deliver_body(request, response.code, body, ex, api_format)
+
+    def _start_relay(self, request, response, ex: Exchange, on_data) -> StreamRelay:
         remaining = self._first_byte_timeout - (self._clock.seconds() - ex.started)
 
         def first_byte() -> None:
@@ -336,44 +325,135 @@ class Proxy:
             self._clock,
             idle_timeout=self._idle_timeout,
             first_byte_timeout=max(remaining, 0.0),
+            on_data=on_data,
             on_first_byte=first_byte,
         )
         ex.cancel = relay.abort
         response.deliverBody(relay)
+        return relay
+
+    async def _relay_stream(self, request, response, ex: Exchange, api_format: str) -> None:
+        """
+        Pipe an SSE answer through the usage tap; hold its terminal event
+        until the ledger row is committed.
+        """
+        metering = self._metering
+        tap = SseTap(
+            api_format,
+            strip_usage_chunk=ex.strip_usage_chunk,
+            usage_chunk_extra=metering.cost_extra(ex) if ex.agent_wants_usage else None,
+        )
+        # The tap may remove the usage chunk: the length is no longer known.
+        request.responseHeaders.removeHeader(b"content-length")
+        keep = metering.keeps_history and 200 <= response.code < 300
+
+        def on_data(data: bytes) -> None:
+            out = tap.feed(data)
+            if out:
+                if keep:
+                    metering.keep_sse(ex, out)
+                request.write(out)
+
+        relay = self._start_relay(request, response, ex, on_data)
+        try:
+            await relay.done
+        except Exception as e:
+            ex.usage, ex.output_chars = tap.usage, tap.output_chars
+            if ex.gone:
+                raise AgentGone() from None
+            error = _relay_error(e, ex)
+            if not request.startedWriting:
+                raise error from None
+            # The agent already has part of the stream: end it with an error
+            # event it can parse, then close the stream cleanly.
+            metering.settle(ex, error.status, error.message)
+            request.write(sse_error_event(error, ex.surface.shape))
+            request.finish()
+            return
+        finally:
+            ex.cancel = None
+        tail = tap.finish()
+        if tail:
+            request.write(tail)
+        ex.usage, ex.output_chars = tap.usage, tap.output_chars
+        held = tap.held()
+        if keep and held:
+            metering.keep_sse(ex, held)
+        await self._settle_then(request, ex, response.code)
+        if held:
+            request.write(held)
+        request.finish()
+
+    async def _collect(self, request, response, ex: Exchange) -> bytes | None:
+        """
+        Read a non-stream answer whole (bounded).  A body past the bound is
+        passed through as it comes instead; None then, the relay finished it.
+        """
+        parts: list[bytes] = []
+        size = [0]
+        passthrough = []
+
+        def on_data(data: bytes) -> None:
+            if passthrough:
+                request.write(data)
+                return
+            parts.append(data)
+            size[0] += len(data)
+            if size[0] > MAX_BUFFERED_BODY:
+                passthrough.append(True)
+                request.write(b"".join(parts))
+                parts.clear()
+
+        relay = self._start_relay(request, response, ex, on_data)
         try:
             await relay.done
         except Exception as e:
             if ex.gone:
                 raise AgentGone() from None
-            error = _relay_error(e, ex)
-            if request.startedWriting and is_sse:
-                # The agent already has part of a stream: end it with an
-                # error event it can parse, then close the stream cleanly.
-                request.write(sse_error_event(error, ex.surface.shape))
-                request.finish()
-                self._audit_error(ex, error.status, error.message)
-                return
-            raise error from None
+            raise _relay_error(e, ex) from None
         finally:
             ex.cancel = None
+        if passthrough:
+            ex.output_chars = size[0]
+            await self._settle_then(request, ex, response.code)
+            request.finish()
+            return None
+        return b"".join(parts)
+
+    async def _deliver_body(self, request, status: int, body: bytes, ex: Exchange, api_format: str) -> None:
+        """Meter a whole JSON answer, commit its row, then send it with its cost."""
+        if 200 <= status < 300:
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict):
+                ex.usage = usage_from_json(doc, api_format)
+                if not ex.usage.seen:
+                    ex.output_chars = output_chars_from_json(doc, api_format)
+                ex.response_json = doc
+        settlement = await self._settle_then(request, ex, status)
+        if settlement is not None:
+            request.setHeader(b"x-cllama-cost-usd", _money(settlement.row.cost_usd).encode())
+        request.responseHeaders.removeHeader(b"content-length")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+    async def _settle_then(self, request, ex: Exchange, status: int):
+        """
+        Settle and wait until the ledger row is committed, so that no answer
+        the agent received completely is missing from the ledger.
+        """
+        settlement = self._metering.settle(ex, status)
+        if settlement is not None:
+            try:
+                await settlement.committed
+            except Exception:
+                pass  # logged by Metering; the agent still gets its answer
         if ex.gone:
             raise AgentGone()
-        request.finish()
-        self._audit_response(ex, response.code)
-
-    def _audit_response(self, ex: Exchange, status: int) -> None:
-        self._audit.emit(
-            "response",
-            ex.claw_id,
-            ex.model,
-            request_id=ex.request_id,
-            status_code=status,
-            latency_ms=self._elapsed_ms(ex),
-            ttfb_ms=None if ex.first_byte_at is None else self._elapsed_ms(ex, ex.first_byte_at),
-            provider=ex.provider,
-            effective_model=ex.upstream_model,
-            stream=ex.stream,
-        )
+        return settlement
 
 
 def forward_headers(incoming: Headers) -> Headers:
@@ -394,6 +474,10 @@ def forward_headers(incoming: Headers) -> Headers:
 def _first(headers: Headers, name: bytes) -> bytes | None:
     values = headers.getRawHeaders(name)
     return values[0] if values else None
+
+
+def _money(value: float) -> str:
+    return f"{value:.10f}".rstrip("0").rstrip(".") or "0"
 
 
 def _describe(error: Exception) -> str:

@@ -30,6 +30,11 @@ _ENV_OPTIONS = [
     ("first-byte-timeout", None, "CLLAMA_FIRST_BYTE_TIMEOUT", "seconds to wait for an upstream's first byte [env CLLAMA_FIRST_BYTE_TIMEOUT, default 300]"),
     ("idle-timeout", None, "CLLAMA_IDLE_TIMEOUT", "seconds an upstream stream may stay silent [env CLLAMA_IDLE_TIMEOUT, default 120]"),
     ("connect-timeout", None, "CLLAMA_CONNECT_TIMEOUT", "seconds to connect to an upstream [env CLLAMA_CONNECT_TIMEOUT, default 10]"),
+    ("state-dir", None, "CLLAMA_STATE_DIR", "directory of the ledger database [env CLLAMA_STATE_DIR, default $STATE_DIRECTORY or ~/.local/state/cllama_tx]"),
+    ("pricing-file", None, "CLLAMA_PRICING_FILE", "operator price table merged over the packaged one [env CLLAMA_PRICING_FILE]"),
+    ("ledger-sync", None, "CLLAMA_LEDGER_SYNC", "normal (survives a crash) or full (also power loss) [env CLLAMA_LEDGER_SYNC, default normal]"),
+    ("ledger-retention", None, "CLLAMA_LEDGER_RETENTION", "fold ledger rows older than this into daily rollups, e.g. 90d [env CLLAMA_LEDGER_RETENTION]"),
+    ("no-stream-options", None, "CLLAMA_NO_STREAM_OPTIONS", "comma-separated providers that reject stream_options (their stream usage is estimated) [env CLLAMA_NO_STREAM_OPTIONS]"),
 ]
 
 # Provider env prefixes accepted by --provider-key / --provider-base-url.

@@ -13,7 +13,11 @@ from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
 import treq
+from cllama_tx.accounting.history import SessionHistory
+from cllama_tx.accounting.ledger import SqliteLedger
+from cllama_tx.accounting.pricing import Pricing
 from cllama_tx.api import build_api_site
+from cllama_tx.metering import Metering
 from cllama_tx.audit import AuditLog
 from cllama_tx.identity.contexts import ContextRegistry
 from cllama_tx.providers.registry import ProviderRegistry
@@ -43,13 +47,17 @@ class ProxyHarness:
     """
 
     def __init__(self, testcase, env=None, max_body_bytes=1024 * 1024,
-                 first_byte_timeout=10.0, idle_timeout=10.0, providers_json=None):
+                 first_byte_timeout=10.0, idle_timeout=10.0, providers_json=None,
+                 history_dir=None, pricing_file=None, no_stream_options=frozenset()):
         self.testcase = testcase
         self.env_extra = env or {}
         self.max_body_bytes = max_body_bytes
         self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
         self.providers_json = providers_json
+        self.history_dir = history_dir
+        self.pricing_file = pricing_file
+        self.no_stream_options = no_stream_options
         self.audit_stream = _WatchedStream()
 
     @defer.inlineCallbacks
@@ -76,14 +84,28 @@ class ProxyHarness:
         )
         self.upstream = UpstreamClient(reactor, connect_timeout=5.0)
         case.addCleanup(self.upstream.close)
+        self.ledger = SqliteLedger(os.path.join(base, "state", "ledger.sqlite3"), reactor)
+        os.makedirs(os.path.join(base, "state"), mode=0o700)
+        self.ledger.startService()
+        case.addCleanup(self.ledger.stopService)
+        self.history = None
+        if self.history_dir is not None:
+            self.history = SessionHistory(self.history_dir, reactor)
+            self.history.startService()
+            case.addCleanup(self.history.stopService)
+        self.pricing = Pricing(reactor, override_path=self.pricing_file)
+        self.metering = Metering(
+            clock=reactor, pricing=self.pricing, ledger=self.ledger, audit=self.audit, history=self.history
+        )
         self.proxy = Proxy(
             clock=reactor,
             contexts=self.contexts,
             providers=self.providers,
             upstream=self.upstream,
-            audit=self.audit,
+            metering=self.metering,
             first_byte_timeout=self.first_byte_timeout,
             idle_timeout=self.idle_timeout,
+            no_stream_options=self.no_stream_options,
         )
         site = build_api_site(self.proxy, self.max_body_bytes, self.audit)
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
@@ -117,6 +139,10 @@ class ProxyHarness:
         d = defer.Deferred()
         self.audit_stream.watchers.append((predicate, d))
         return d
+
+    def ledger_rows(self):
+        """Every committed ledger row, oldest first (a Deferred)."""
+        return self.ledger.recent(1000).addCallback(lambda rows: list(reversed(rows)))
 
     def audit_text(self):
         self.audit.flush()

@@ -54,14 +54,24 @@ class PassthroughTests(TestCase):
 
     @defer.inlineCallbacks
     def test_stream_is_relayed_unchanged(self):
-        chunks = openai_stream_chunks(["Hel", "lo", "!"], "gpt-4o-mini")
+        """
+        An agent that asked for usage gets the stream byte for byte, except
+        that the usage chunk also carries the cost (OpenRouter style).
+        """
+        chunks = openai_stream_chunks(["Hel", "lo", "!"], "gpt-4o-mini", 5, 3)
         events = openai_sse_events(chunks)
         self.h.fake.enqueue(Reply(sse=events, headers={"content-type": "text/event-stream"}))
-        response = yield self.h.chat(chat_body(stream=True))
+        response = yield self.h.chat(chat_body(stream=True, stream_options={"include_usage": True}))
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream"])
         body = yield response.content()
-        self.assertEqual(body, b"".join(events))
+        usage_event = events[-2]
+        self.assertEqual(body[: len(b"".join(events[:-2]))], b"".join(events[:-2]))
+        self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
+        usage_chunk = json.loads(parse_sse(body)[-2][1])
+        self.assertEqual(usage_chunk["usage"]["prompt_tokens"], 5)
+        self.assertIn("cost", usage_chunk["usage"])
+        self.assertNotEqual(usage_event, body[len(b"".join(events[:-2])) : -len(events[-1])])
         self.assertEqual(self.h.fake.received[0].json["stream"], True)
 
     @defer.inlineCallbacks

@@ -62,7 +62,11 @@ class OpenAISdkTests(TestCase):
         text = "".join(c.choices[0].delta.content or "" for c in received_chunks if c.choices)
         self.assertEqual(text, "The capital is Paris.")
         self.assertEqual([c for c in received_chunks if c.choices][-1].choices[0].finish_reason, "stop")
-        self.assertEqual(len(received_chunks), len(chunks))
+        # The usage-only chunk the proxy asked for is not shown to an agent
+        # that did not ask for it; every other chunk arrives.
+        self.assertEqual(len(received_chunks), len(chunks) - 1)
+        self.assertTrue(all(c.choices for c in received_chunks))
+        self.assertTrue(self.h.fake.received[0].json["stream_options"]["include_usage"])
 
     @defer.inlineCallbacks
     def test_sdk_sees_proxy_errors_as_typed_exceptions(self):

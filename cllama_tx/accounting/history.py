@@ -145,9 +145,18 @@ def json_response(body: Any) -> dict:
     return {"format": "json", "json": body}
 
 
-def sse_response(text: str | bytes) -> dict:
-    """C{response} of a streamed turn: the SSE text as the agent received it."""
-    return {"format": "sse", "text": text}
+def sse_response(text: str | bytes, total_bytes: int | None = None) -> dict:
+    """
+    C{response} of a streamed turn: the SSE text as the agent received it.
+
+    A relay that kept only the start of a long stream passes the stream's
+    full size as C{total_bytes}; the stored record then says
+    C{"truncated": true} with that size even though C{text} fits.
+    """
+    response: dict = {"format": "sse", "text": text}
+    if total_bytes is not None:
+        response["bytes"] = total_bytes
+    return response
 
 
 def history_usage(usage: Usage) -> dict:
@@ -216,7 +225,9 @@ def bounded_response_json(response: dict, max_bytes: int) -> bytes:
     body is larger than C{max_bytes}: the JSON body measured as compact
     ASCII JSON, the SSE text as UTF-8.  The record is
     C{{"format", "truncated": true, "bytes": <original size>, "text": <the
-    first max_bytes bytes, decoded with errors="replace">}}.
+    first max_bytes bytes, decoded with errors="replace">}}.  An SSE
+    response may carry C{"bytes"} (see L{sse_response}): the stream's full
+    size when the caller kept only its start.
 
     @raise ValueError: the format is neither C{json} nor C{sse}.
     """
@@ -231,21 +242,21 @@ def bounded_response_json(response: dict, max_bytes: int) -> bytes:
             text = ""
         if isinstance(text, (bytes, bytearray, memoryview)):
             raw = bytes(text)
-            if len(raw) <= max_bytes:
-                return _encode({"format": "sse", "text": raw.decode("utf-8", "replace")})
         elif isinstance(text, str):
             raw = text.encode("utf-8", "surrogatepass")
-            if len(raw) <= max_bytes:
-                return _encode({"format": "sse", "text": text})
         else:
             raise ValueError("an sse response's text must be str or bytes")
+        total = response.get("bytes")
+        size = max(len(raw), total if isinstance(total, int) and not isinstance(total, bool) else 0)
+        if size <= max_bytes:
+            return _encode({"format": "sse", "text": raw.decode("utf-8", "replace")})
     else:
         raise ValueError("response format must be 'json' or 'sse'")
     return _encode(
         {
             "format": fmt,
             "truncated": True,
-            "bytes": len(raw),
+            "bytes": len(raw) if fmt == "json" else size,
             "text": raw[:max_bytes].decode("utf-8", "replace"),
         }
     )
@@ -292,9 +303,7 @@ class SessionHistory(service.Service):
         self.max_response_bytes = max_response_bytes
         self.keep_rotated = keep_rotated
         self.max_read_bytes = max_read_bytes
-        # One writer thread: its FIFO queue is what keeps appends in order.
-        self._writer = ThreadPool(0, 1, name="cllama-history-writer")
-        self._readers = ThreadPool(0, 2, name="cllama-history-reader")
+        self._writer, self._readers = self._make_pools()
         self._rotation_lock = threading.Lock()
         self._known_dirs: set[str] = set()  # writer thread only
         self._in_flight = 0
@@ -303,8 +312,20 @@ class SessionHistory(service.Service):
 
     # -- service -----------------------------------------------------------
 
+    @staticmethod
+    def _make_pools() -> tuple[ThreadPool, ThreadPool]:
+        # One writer thread: its FIFO queue is what keeps appends in order.
+        # Work queued before startService waits in the queue.
+        return (
+            ThreadPool(0, 1, name="cllama-history-writer"),
+            ThreadPool(0, 2, name="cllama-history-reader"),
+        )
+
     def startService(self) -> None:
         super().startService()
+        if self._stopped:  # a stopped ThreadPool cannot start again
+            self._writer, self._readers = self._make_pools()
+            self._stopped = False
         self._writer.start()
         self._readers.start()
 

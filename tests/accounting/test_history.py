@@ -144,6 +144,15 @@ class BoundTests(SynchronousTestCase):
         out = json.loads(bounded_response_json(sse_response(b"data: {}\n\n"), 100))
         self.assertEqual(out, {"format": "sse", "text": "data: {}\n\n"})
 
+    def test_sse_total_bytes_from_a_capped_relay(self):
+        """The relay kept only the start: the record says so, with the real size."""
+        out = json.loads(bounded_response_json(sse_response("data: 1\n\n", total_bytes=5000), 100))
+        self.assertEqual(
+            out, {"format": "sse", "truncated": True, "bytes": 5000, "text": "data: 1\n\n"}
+        )
+        out = json.loads(bounded_response_json(sse_response("data: 1\n\n", total_bytes=9), 100))
+        self.assertEqual(out, {"format": "sse", "text": "data: 1\n\n"})
+
     def test_unknown_format(self):
         self.assertRaises(ValueError, bounded_response_json, {"format": "xml"}, 10)
 
@@ -468,3 +477,25 @@ class SessionHistoryTests(TestCase):
     def test_limits_validated(self):
         self.assertRaises(ValueError, SessionHistory, "x", reactor, max_file_bytes=0)
         self.assertRaises(ValueError, SessionHistory, "x", reactor, keep_rotated=-1)
+
+    @defer.inlineCallbacks
+    def test_restart_after_stop(self):
+        history = self.make()
+        yield history.append(make_entry(n=0))
+        yield history.stopService()
+        history.startService()
+        ok = yield history.append(make_entry(n=1))
+        self.assertIs(ok, True)
+        lines = yield history.read("tiverton", None, 10)
+        self.assertEqual(len(lines), 2)
+
+    @defer.inlineCallbacks
+    def test_appends_before_start_wait_for_it(self):
+        root = self.mktemp()
+        history = SessionHistory(root, reactor)
+        d = history.append(make_entry())
+        self.assertFalse(d.called)
+        history.startService()
+        self.addCleanup(history.stopService)
+        ok = yield d
+        self.assertIs(ok, True)

@@ -1,0 +1,207 @@
+"""
+The state of one exchange, and how it is settled: priced, recorded in the
+ledger, written to the audit stream and (for successful turns) to the
+session history.  Every request ends in exactly one L{Metering.settle}, so
+no path (success, refusal, upstream failure, agent gone) can skip the books.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .accounting.history import HistoryEntry, history_usage, json_response, sse_response
+from .accounting.records import LedgerRow, Usage
+from .accounting.usage import estimate_prompt_tokens, estimate_tokens
+from .audit import rfc3339_ms
+
+log = Logger()
+
+# The status we record when the agent hangs up before the answer is complete.
+CLIENT_CLOSED = 499
+
+
+@attrs.define
+class Exchange:
+    """Everything known about one request, from arrival to settlement."""
+
+    request_id: str
+    started: float
+    surface: object
+    claw_id: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    upstream_model: str | None = None
+    stream: bool = False
+    doc: dict | None = None
+    original: dict | None = None  # the agent's body, kept only for history
+    first_byte_at: float | None = None
+    gone: bool = False
+    cancel: object = None
+    upstream_called: bool = False
+    strip_usage_chunk: bool = False
+    agent_wants_usage: bool = False
+    usage: Usage | None = None
+    output_chars: int = 0
+    response_json: object = None
+    response_sse: list | None = None
+    response_sse_size: int = 0
+    settled: bool = False
+
+
+@attrs.frozen
+class Settlement:
+    """What settling an exchange decided; the cost goes back to the caller."""
+
+    row: LedgerRow
+    committed: defer.Deferred
+
+
+class Metering:
+    """Prices and records exchanges; one instance per daemon."""
+
+    def __init__(self, *, clock, pricing, ledger, audit, history=None, history_sse_cap: int = 256 << 10) -> None:
+        self._clock = clock
+        self._pricing = pricing
+        self._ledger = ledger
+        self._audit = audit
+        self._history = history
+        self.history_sse_cap = history_sse_cap
+
+    @property
+    def keeps_history(self) -> bool:
+        return self._history is not None
+
+    def audit_request(self, ex: Exchange) -> None:
+        """The C{request} line, once the agent and its model are known."""
+        self._audit.emit(
+            "request",
+            ex.claw_id,
+            ex.model,
+            request_id=ex.request_id,
+            path=ex.surface.path,
+            stream=ex.stream,
+        )
+
+    def cost_extra(self, ex: Exchange):
+        """For an agent that asked for usage: the price, OpenRouter style."""
+
+        def extra(usage: Usage) -> dict:
+            cost, priced = self._pricing.cost(ex.provider, ex.upstream_model, usage)
+            return {"cost": cost} if priced else {}
+
+        return extra
+
+    def keep_sse(self, ex: Exchange, data: bytes) -> None:
+        """Keep a bounded copy of a streamed answer for the session history."""
+        if ex.response_sse is None:
+            ex.response_sse = []
+        if ex.response_sse_size < self.history_sse_cap:
+            ex.response_sse.append(data)
+        ex.response_sse_size += len(data)
+
+    def settle(self, ex: Exchange, status: int, error: str | None = None) -> Settlement | None:
+        """
+        Close the books on C{ex}: price its usage (estimating it when the
+        provider reported none for an answer the agent got or walked away
+        from), record the ledger row, write the audit line.  Returns None
+        when it was settled already.
+        """
+        if ex.settled:
+            return None
+        ex.settled = True
+        now = self._clock.seconds()
+        usage = ex.usage if ex.usage is not None else Usage()
+        estimated = False
+        if not usage.seen and ex.upstream_called and (200 <= status < 300 or status == CLIENT_CLOSED):
+            usage = Usage(
+                input_tokens=estimate_prompt_tokens(ex.doc or {}, ex.surface.api_format),
+                output_tokens=estimate_tokens(ex.output_chars),
+            )
+            estimated = True
+        if ex.provider is not None and ex.upstream_model is not None:
+            cost, priced = self._pricing.cost(ex.provider, ex.upstream_model, usage)
+        else:
+            cost, priced = 0.0, False
+        latency_ms = round((now - ex.started) * 1000, 3)
+        ttfb_ms = None if ex.first_byte_at is None else round((ex.first_byte_at - ex.started) * 1000, 3)
+        row = LedgerRow(
+            request_id=ex.request_id,
+            ts=ex.started,
+            agent=ex.claw_id,
+            provider=ex.provider,
+            requested_model=ex.model,
+            effective_model=ex.upstream_model,
+            status=status,
+            stream=ex.stream,
+            latency_ms=latency_ms,
+            ttfb_ms=ttfb_ms,
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.output_tokens,
+            cache_read_tokens=usage.cache_read_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            cost_usd=cost,
+            priced=priced,
+            estimated=estimated,
+        )
+        fields = dict(
+            status_code=status,
+            latency_ms=latency_ms,
+            ttfb_ms=ttfb_ms,
+            provider=ex.provider,
+            effective_model=ex.upstream_model,
+            stream=ex.stream,
+            tokens_in=row.input_tokens,
+            tokens_out=row.output_tokens,
+            cached_tokens=row.cache_read_tokens,
+            cache_write_tokens=row.cache_write_tokens,
+            reasoning_tokens=row.reasoning_tokens,
+            cost_usd=cost,
+            priced=priced,
+            estimated=estimated,
+        )
+        if error is None:
+            self._audit.emit("response", ex.claw_id, ex.model, request_id=ex.request_id, **fields)
+        else:
+            self._audit.emit("error", ex.claw_id, ex.model, request_id=ex.request_id, error=error, **fields)
+        if ex.claw_id is None:
+            # Refused before the agent was known: audited, not billed to anyone.
+            return Settlement(row, defer.succeed(None))
+        committed = self._ledger.record(row)
+        committed.addErrback(self._record_failed, ex)
+        if error is None and 200 <= status < 300 and self._history is not None:
+            self._write_history(ex, status, usage, cost if priced else None, now)
+        return Settlement(row, committed)
+
+    def _record_failed(self, failure, ex: Exchange) -> None:
+        log.failure(
+            "could not record request {request_id} in the ledger", failure, request_id=ex.request_id
+        )
+
+    def _write_history(self, ex: Exchange, status: int, usage: Usage, cost: float | None, now: float) -> None:
+        if ex.response_sse is not None:
+            response = sse_response(b"".join(ex.response_sse))
+        else:
+            response = json_response(ex.response_json)
+        reported = usage.reported_cost_usd if usage.reported_cost_usd is not None else cost
+        entry = HistoryEntry(
+            version=1,
+            id=ex.request_id,
+            ts=rfc3339_ms(now),  # when the turn completed: file order == ts order
+            claw_id=ex.claw_id,
+            path=ex.surface.path,
+            requested_model=ex.model,
+            effective_provider=ex.provider,
+            effective_model=ex.upstream_model,
+            status_code=status,
+            stream=ex.stream,
+            request_original=ex.original,
+            request_effective=ex.doc,
+            response=response,
+            usage=history_usage(attrs.evolve(usage, reported_cost_usd=reported)),
+        )
+        self._history.append(entry).addErrback(
+            lambda f: log.failure("could not write session history", f)
+        )
