@@ -172,7 +172,7 @@ class Metering:
         committed = self._ledger.record(row)
         committed.addErrback(self._record_failed, ex)
         if error is None and 200 <= status < 300 and self._history is not None:
-            self._write_history(ex, status, usage, cost if priced else None, now)
+            self._write_history(ex, status, usage, now)
         return Settlement(row, committed)
 
     def _record_failed(self, failure, ex: Exchange) -> None:
@@ -180,12 +180,11 @@ class Metering:
             "could not record request {request_id} in the ledger", failure, request_id=ex.request_id
         )
 
-    def _write_history(self, ex: Exchange, status: int, usage: Usage, cost: float | None, now: float) -> None:
+    def _write_history(self, ex: Exchange, status: int, usage: Usage, now: float) -> None:
         if ex.response_sse is not None:
-            response = sse_response(b"".join(ex.response_sse))
+            response = sse_response(b"".join(ex.response_sse), total_bytes=ex.response_sse_size)
         else:
             response = json_response(ex.response_json)
-        reported = usage.reported_cost_usd if usage.reported_cost_usd is not None else cost
         entry = HistoryEntry(
             version=1,
             id=ex.request_id,
@@ -200,7 +199,9 @@ class Metering:
             request_original=ex.original,
             request_effective=ex.doc,
             response=response,
-            usage=history_usage(attrs.evolve(usage, reported_cost_usd=reported)),
+            # reported_cost_usd stays what the provider reported (or null), as
+            # in the reference; our own price is in the ledger and the audit.
+            usage=history_usage(usage),
         )
         self._history.append(entry).addErrback(
             lambda f: log.failure("could not write session history", f)

@@ -48,7 +48,8 @@ class ProxyHarness:
 
     def __init__(self, testcase, env=None, max_body_bytes=1024 * 1024,
                  first_byte_timeout=10.0, idle_timeout=10.0, providers_json=None,
-                 history_dir=None, pricing_file=None, no_stream_options=frozenset()):
+                 history_dir=None, pricing_file=None, no_stream_options=frozenset(),
+                 fake_providers=("openai",)):
         self.testcase = testcase
         self.env_extra = env or {}
         self.max_body_bytes = max_body_bytes
@@ -58,6 +59,7 @@ class ProxyHarness:
         self.history_dir = history_dir
         self.pricing_file = pricing_file
         self.no_stream_options = no_stream_options
+        self.fake_providers = fake_providers
         self.audit_stream = _WatchedStream()
 
     @defer.inlineCallbacks
@@ -74,7 +76,10 @@ class ProxyHarness:
         if self.providers_json is not None:
             with open(os.path.join(self.auth_dir, "providers.json"), "w") as f:
                 json.dump(self.providers_json, f)
-        env = {"OPENAI_API_KEY": PROVIDER_KEY, "OPENAI_BASE_URL": self.fake.base_url}
+        env = {}
+        for name in self.fake_providers:
+            env[f"{name.upper()}_API_KEY"] = PROVIDER_KEY
+            env[f"{name.upper()}_BASE_URL"] = self.fake.base_url
         env.update(self.env_extra)
         self.audit = AuditLog(self.audit_stream, reactor)
         self.contexts = ContextRegistry(self.context_root, reactor)
@@ -88,6 +93,15 @@ class ProxyHarness:
         os.makedirs(os.path.join(base, "state"), mode=0o700)
         self.ledger.startService()
         case.addCleanup(self.ledger.stopService)
+        self._commits = []
+        record = self.ledger.record
+
+        def tracked_record(row):
+            d = record(row)
+            self._commits.append(d)
+            return d
+
+        self.ledger.record = tracked_record
         self.history = None
         if self.history_dir is not None:
             self.history = SessionHistory(self.history_dir, reactor)
@@ -139,6 +153,10 @@ class ProxyHarness:
         d = defer.Deferred()
         self.audit_stream.watchers.append((predicate, d))
         return d
+
+    def committed(self):
+        """Fires once every ledger row recorded so far is committed."""
+        return defer.DeferredList(list(self._commits), consumeErrors=True)
 
     def ledger_rows(self):
         """Every committed ledger row, oldest first (a Deferred)."""

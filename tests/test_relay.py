@@ -222,8 +222,8 @@ class AgentBehaviourTests(TestCase):
         yield h.fake.wait_for_disconnect()
 
 
-def _request_bytes(stream=False):
-    body = json.dumps(chat_body(stream=stream)).encode()
+def _request_bytes(stream=False, model="openai/gpt-4o-mini"):
+    body = json.dumps(chat_body(model=model, stream=stream)).encode()
     return (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
         b"Authorization: Bearer " + f"{AGENT}:{SECRET}".encode() + b"\r\n"
