@@ -17,7 +17,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from .accounting.history import clamp_limit
 from .errors import ANTHROPIC, OPENAI, ProxyError, error_body
+from .identity.operator import bearer_matches
+from .identity.tokens import MalformedCredentials, parse_credentials
 from .proxy import Proxy, Surface
 from .surfaces import matrix
 
@@ -148,8 +151,44 @@ class ApiApp:
 
     app = Klein()
 
-    def __init__(self, matrix_doc: dict | None = None) -> None:
+    def __init__(self, matrix_doc: dict | None = None, contexts=None, history=None, ui_token: str | None = None) -> None:
         self._matrix_doc = matrix_doc or matrix.describe()
+        self._contexts = contexts
+        self._history = history
+        self._ui_token = ui_token.encode("utf-8") if ui_token else None
+
+    @app.route("/history", methods=["GET"])
+    async def own_history(self, request):
+        """The calling agent's own session history, NDJSON."""
+        try:
+            agent_id, secret = parse_credentials(
+                request.getHeader(b"authorization"), request.getHeader(b"x-api-key")
+            )
+        except MalformedCredentials as e:
+            return _error(request, ProxyError(401, "missing_credentials", str(e)))
+        if self._contexts is None or self._contexts.authenticate(agent_id, secret) is None:
+            return _error(request, ProxyError(403, "invalid_credentials", "unknown agent or wrong secret"))
+        return await self._history_lines(request, agent_id)
+
+    @app.route("/history/<agent>", methods=["GET"])
+    async def agent_history(self, request, agent):
+        """Any agent's session history, for the operator."""
+        if not bearer_matches(request.getHeader(b"authorization"), self._ui_token):
+            return _error(request, ProxyError(401, "operator_token_required", "operator token required"))
+        return await self._history_lines(request, agent)
+
+    async def _history_lines(self, request, agent: str):
+        if self._history is None:
+            return _error(request, ProxyError(404, "history_disabled", "session history is off: set CLAW_SESSION_HISTORY_DIR"))
+        args = request.args
+        try:
+            limit = clamp_limit(_arg(args, b"limit"))
+            lines = self._history.read(agent, _arg(args, b"after"), limit)
+        except ValueError as e:
+            return _error(request, ProxyError(400, "invalid_parameter", str(e)))
+        lines = await lines
+        request.setHeader(b"content-type", b"application/x-ndjson")
+        return b"".join(lines)
 
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request):
@@ -188,9 +227,20 @@ class ApiApp:
         return error_body(error, _shape_for_path(request.path))
 
 
-def build_api_site(proxy: Proxy, max_body_bytes: int, audit=None) -> ApiSite:
+def _arg(args, name: bytes) -> str | None:
+    values = args.get(name)
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _error(request, error: ProxyError) -> bytes:
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    return error_body(error, OPENAI)
+
+
+def build_api_site(proxy: Proxy, max_body_bytes: int, audit=None, app: ApiApp | None = None) -> ApiSite:
     hot = {
         CHAT.path.encode(): ProxyResource(proxy, CHAT),
         MESSAGES.path.encode(): ProxyResource(proxy, MESSAGES),
     }
-    return ApiSite(ApiApp().app.resource(), hot, max_body_bytes, audit)
+    return ApiSite((app or ApiApp()).app.resource(), hot, max_body_bytes, audit)

@@ -22,7 +22,7 @@ from zope.interface import implementer
 from .accounting.history import SessionHistory
 from .accounting.ledger import SqliteLedger
 from .accounting.pricing import Pricing
-from .api import build_api_site
+from .api import ApiApp, build_api_site
 from .audit import AuditLog
 from .config import Config
 from .identity.contexts import ContextRegistry
@@ -202,9 +202,21 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         idle_timeout=config.idle_timeout,
         no_stream_options=config.no_stream_options,
     )
-    api_site = build_api_site(proxy, config.max_body_bytes, audit)
+    api_site = build_api_site(
+        proxy,
+        config.max_body_bytes,
+        audit,
+        ApiApp(contexts=contexts, history=history, ui_token=config.ui_token),
+    )
     ui_site = Site(
-        UiApp(token=config.ui_token, pod=config.pod, contexts=contexts, providers=providers).app.resource()
+        UiApp(
+            token=config.ui_token,
+            pod=config.pod,
+            contexts=contexts,
+            providers=providers,
+            ledger=ledger,
+            clock=reactor,
+        ).app.resource()
     )
     ui_site.noisy = False
     api_listener = Listener(reactor, config.api_endpoint, api_site, "API")

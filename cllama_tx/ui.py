@@ -7,22 +7,25 @@ token the operator endpoints stay shut: there is no unauthenticated mode.
 
 from __future__ import annotations
 
-import hmac
 import json
+import time
 
 from klein import Klein
 
 from . import __version__
+from .identity.operator import bearer_matches
 
 
 class UiApp:
     app = Klein()
 
-    def __init__(self, *, token: str | None, pod: str | None, contexts, providers) -> None:
+    def __init__(self, *, token: str | None, pod: str | None, contexts, providers, ledger=None, clock=None) -> None:
         self._token = token.encode("utf-8") if token else None
         self._pod = pod
         self._contexts = contexts
         self._providers = providers
+        self._ledger = ledger
+        self._clock = clock
 
     def _json(self, request, status: int, doc) -> bytes:
         request.setResponseCode(status)
@@ -31,11 +34,7 @@ class UiApp:
         return json.dumps(doc).encode("utf-8")
 
     def _authorised(self, request) -> bool:
-        if self._token is None:
-            return False
-        header = request.getHeader(b"authorization") or b""
-        scheme, _, presented = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(presented.strip(), self._token)
+        return bearer_matches(request.getHeader(b"authorization"), self._token)
 
     def _refuse(self, request) -> bytes:
         if self._token is None:
@@ -64,3 +63,41 @@ class UiApp:
                 "providers": self._providers.snapshot(),
             },
         )
+
+    @app.route("/costs/api", methods=["GET"])
+    def costs_api(self, request):
+        """The Clawdapus dashboard's cost feed (CONTRACT 5), from the ledger."""
+        if not self._authorised(request):
+            return self._refuse(request)
+        return self._json(request, 200, self._ledger.totals().costs_api())
+
+    @app.route("/api/spend", methods=["GET"])
+    def spend(self, request):
+        if not self._authorised(request):
+            return self._refuse(request)
+        totals = self._ledger.totals()
+        doc = spend_periods(totals, self._clock.seconds(), None)
+        doc["agents"] = {agent: spend_periods(totals, self._clock.seconds(), agent) for agent in totals.agents()}
+        doc["summary"] = totals.summary()
+        return self._json(request, 200, doc)
+
+    @app.route("/api/spend/<agent>", methods=["GET"])
+    def spend_agent(self, request, agent):
+        if not self._authorised(request):
+            return self._refuse(request)
+        totals = self._ledger.totals()
+        if agent not in totals.agents() and self._contexts.get(agent) is None:
+            return self._json(request, 404, {"error": {"message": f"no agent {agent!r}", "type": "not_found_error", "code": "unknown_agent"}})
+        return self._json(request, 200, spend_periods(totals, self._clock.seconds(), agent))
+
+
+def spend_periods(totals, now: float, agent: str | None) -> dict:
+    """Spend today, this calendar month and all time (UTC days), with models."""
+    today = time.strftime("%Y-%m-%d", time.gmtime(now))
+    month_start = today[:8] + "01"
+    return {
+        "agent": agent,
+        "today": totals.period(today, today, agent),
+        "month": totals.period(month_start, today, agent),
+        "all_time": totals.period(None, None, agent),
+    }

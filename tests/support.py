@@ -16,7 +16,7 @@ import treq
 from cllama_tx.accounting.history import SessionHistory
 from cllama_tx.accounting.ledger import SqliteLedger
 from cllama_tx.accounting.pricing import Pricing
-from cllama_tx.api import build_api_site
+from cllama_tx.api import ApiApp, build_api_site
 from cllama_tx.metering import Metering
 from cllama_tx.audit import AuditLog
 from cllama_tx.identity.contexts import ContextRegistry
@@ -24,10 +24,13 @@ from cllama_tx.providers.registry import ProviderRegistry
 from cllama_tx.proxy import Proxy
 from cllama_tx.relay import UpstreamClient
 from cllama_tx.testing import FakeProvider
+from cllama_tx.ui import UiApp
+from treq.testing import StubTreq
 
 AGENT = "tiverton"
 SECRET = "9f1c" * 12  # 48 lowercase hex characters, as Clawdapus makes them
 PROVIDER_KEY = "sk-upstream-real-key-0001"
+UI_TOKEN = "operator-ui-token-3141"
 
 
 def write_agent(root: str, agent_id: str, secret: str, **metadata) -> str:
@@ -121,7 +124,17 @@ class ProxyHarness:
             idle_timeout=self.idle_timeout,
             no_stream_options=self.no_stream_options,
         )
-        site = build_api_site(self.proxy, self.max_body_bytes, self.audit)
+        site = build_api_site(
+            self.proxy,
+            self.max_body_bytes,
+            self.audit,
+            ApiApp(contexts=self.contexts, history=self.history, ui_token=UI_TOKEN),
+        )
+        self.ui = UiApp(
+            token=UI_TOKEN, pod="test-pod", contexts=self.contexts, providers=self.providers,
+            ledger=self.ledger, clock=reactor,
+        )
+        self.ui_client = StubTreq(self.ui.app.resource())
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
         case.addCleanup(self.port.stopListening)
         self.base_url = f"http://127.0.0.1:{self.port.getHost().port}"

@@ -24,7 +24,7 @@ from cllama_tx.testing import (
     parse_sse,
 )
 
-from .support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, chat_body
+from .support import AGENT, PROVIDER_KEY, SECRET, UI_TOKEN, ProxyHarness, chat_body
 from .test_relay import _request_bytes, _StreamingClient
 
 SSE = {"content-type": "text/event-stream"}
@@ -315,3 +315,80 @@ class AnthropicMeteringTests(MeteringCase):
         [model] = costs["agents"][AGENT]["models"]
         self.assertEqual((model["provider"], model["model"], model["requests"]), ("anthropic", "claude-test", 2))
         self.assertEqual(model["pricing_status"], "priced")
+
+
+class SpendAndHistoryViewTests(MeteringCase):
+    @defer.inlineCallbacks
+    def traffic(self):
+        self.h.fake.enqueue(
+            Reply(json=openai_completion("one", "gpt-test", 100, 10)),
+            Reply(json=openai_completion("two", "gpt-test", 200, 20)),
+        )
+        for _ in range(2):
+            yield (yield self.h.chat(chat_body(model="openai/gpt-test"))).content()
+        yield self.h.committed()
+        yield self.h.history._when_idle()
+
+    @defer.inlineCallbacks
+    def test_costs_api_exact_shape(self):
+        yield self.traffic()
+        response = yield self.h.ui_client.get("http://ui/costs/api", headers={"Authorization": f"Bearer {UI_TOKEN}"})
+        self.assertEqual(response.code, 200)
+        doc = yield response.json()
+        self.assertEqual(set(doc), {"total_cost_usd", "total_requests", "unpriced_requests", "agents"})
+        self.assertEqual(set(doc["agents"][AGENT]), {"total_cost_usd", "total_requests", "unpriced_requests", "models"})
+        [model] = doc["agents"][AGENT]["models"]
+        self.assertEqual(
+            set(model),
+            {"provider", "model", "input_tokens", "output_tokens", "cost_usd", "requests", "priced_requests", "unpriced_requests", "pricing_status"},
+        )
+        self.assertEqual((model["input_tokens"], model["output_tokens"], model["requests"]), (300, 30, 2))
+        self.assertCost(doc["total_cost_usd"], openai_cost(300, 30))
+        refused = yield self.h.ui_client.get("http://ui/costs/api")
+        self.assertEqual(refused.code, 401)
+
+    @defer.inlineCallbacks
+    def test_spend_periods(self):
+        yield self.traffic()
+        auth = {"Authorization": f"Bearer {UI_TOKEN}"}
+        doc = yield (yield self.h.ui_client.get("http://ui/api/spend", headers=auth)).json()
+        for period in ("today", "month", "all_time"):
+            self.assertEqual(doc[period]["total_requests"], 2, period)
+            self.assertCost(doc[period]["total_cost_usd"], openai_cost(300, 30))
+        self.assertEqual(doc["agents"][AGENT]["today"]["models"][0]["model"], "gpt-test")
+        one = yield (yield self.h.ui_client.get(f"http://ui/api/spend/{AGENT}", headers=auth)).json()
+        self.assertEqual(one["agent"], AGENT)
+        self.assertEqual(one["all_time"]["total_requests"], 2)
+        missing = yield self.h.ui_client.get("http://ui/api/spend/nobody", headers=auth)
+        self.assertEqual(missing.code, 404)
+
+    @defer.inlineCallbacks
+    def test_own_history(self):
+        yield self.traffic()
+        response = yield self.h.http.get(
+            self.h.base_url + "/history?limit=1", headers={"Authorization": f"Bearer {AGENT}:{SECRET}"}
+        )
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/x-ndjson"])
+        lines = (yield response.content()).splitlines()
+        self.assertEqual(len(lines), 1)
+        first = json.loads(lines[0])
+        self.assertEqual(first["response"]["json"]["choices"][0]["message"]["content"], "one")
+        after = first["ts"]
+        response = yield self.h.http.get(
+            self.h.base_url + f"/history?after={after}", headers={"Authorization": f"Bearer {AGENT}:{SECRET}"}
+        )
+        rest = [json.loads(l) for l in (yield response.content()).splitlines()]
+        self.assertTrue(all(e["ts"] > after for e in rest))
+        bad = yield self.h.http.get(self.h.base_url + "/history?limit=x", headers={"Authorization": f"Bearer {AGENT}:{SECRET}"})
+        self.assertEqual(bad.code, 400)
+        unauth = yield self.h.http.get(self.h.base_url + "/history")
+        self.assertEqual(unauth.code, 401)
+
+    @defer.inlineCallbacks
+    def test_operator_history(self):
+        yield self.traffic()
+        url = self.h.base_url + f"/history/{AGENT}"
+        refused = yield self.h.http.get(url, headers={"Authorization": f"Bearer {AGENT}:{SECRET}"})
+        self.assertEqual(refused.code, 401)
+        response = yield self.h.http.get(url, headers={"Authorization": f"Bearer {UI_TOKEN}"})
+        self.assertEqual(len((yield response.content()).splitlines()), 2)
