@@ -1,0 +1,1 @@
+from . import secret_scan  # noqa: F401  (watches every log line of the run)

@@ -24,6 +24,8 @@ from cllama_tx.providers.registry import ProviderRegistry
 from cllama_tx.proxy import Proxy
 from cllama_tx.relay import UpstreamClient
 from cllama_tx.testing import FakeProvider
+
+from .secret_scan import SCANNER
 from cllama_tx.ui import UiApp
 from treq.testing import StubTreq
 
@@ -31,6 +33,8 @@ AGENT = "tiverton"
 SECRET = "9f1c" * 12  # 48 lowercase hex characters, as Clawdapus makes them
 PROVIDER_KEY = "sk-upstream-real-key-0001"
 UI_TOKEN = "operator-ui-token-3141"
+
+SCANNER.register(SECRET, PROVIDER_KEY, UI_TOKEN)
 
 
 def write_agent(root: str, agent_id: str, secret: str, **metadata) -> str:
@@ -190,6 +194,7 @@ class _WatchedStream(io.StringIO):
     def write(self, text):
         result = super().write(text)
         for line in text.splitlines():
+            SCANNER.scan("audit", line)
             doc = json.loads(line)
             for watcher in list(self.watchers):
                 predicate, d = watcher

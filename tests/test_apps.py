@@ -13,9 +13,11 @@ from cllama_tx.providers.registry import ProviderRegistry
 from cllama_tx.surfaces import matrix
 from cllama_tx.ui import UiApp
 
+from .secret_scan import SCANNER
 from .support import SECRET, write_agent
 
 UI_TOKEN = "operator-token-5150"
+SCANNER.register(UI_TOKEN, "sk-abcd-secret-wxyz")
 
 
 class ApiAppTests(TestCase):

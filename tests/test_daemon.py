@@ -19,10 +19,12 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from cllama_tx.cli import health_url, healthcheck
 from cllama_tx.testing import FakeProvider
 
+from .secret_scan import SCANNER
 from .support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+SCANNER.register("ui-token-never-logged-77", "crash-ui-token")
 LISTENING = re.compile(r"(API|UI) listening on 127\.0\.0\.1:(\d+)")
 
 
@@ -63,6 +65,8 @@ class DaemonProcess(protocol.ProcessProtocol):
         return d
 
     def processEnded(self, reason):
+        for line in (self.stdout + self.stderr).decode(errors="replace").splitlines():
+            SCANNER.scan("daemon", line)
         if not self.ready.called:
             self.ready.errback(RuntimeError("daemon exited before listening:\n" + self.stderr.decode(errors="replace")))
         self.signal = reason.value.signal
@@ -259,3 +263,79 @@ def _run_cli(args, env):
 
 
 
+
+
+class CrashTests(TestCase):
+    """kill -9 under load: every answer an agent received is in the ledger."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_kill_9_under_load_loses_no_completed_request(self):
+        fake = FakeProvider(reactor)
+        yield fake.start()
+        self.addCleanup(fake.stop)
+        base = os.path.abspath(self.mktemp())
+        context_root = os.path.join(base, "context")
+        write_agent(context_root, AGENT, SECRET)
+        os.makedirs(os.path.join(base, "auth"))
+        state = os.path.join(base, "state")
+        env = {
+            "LISTEN_ADDR": "tcp:0:interface=127.0.0.1",
+            "UI_ADDR": "127.0.0.1:0",
+            "CLAW_CONTEXT_ROOT": context_root,
+            "CLAW_AUTH_DIR": os.path.join(base, "auth"),
+            "CLLAMA_STATE_DIR": state,
+            "OPENAI_API_KEY": PROVIDER_KEY,
+            "OPENAI_BASE_URL": fake.base_url,
+            "CLLAMA_UI_TOKEN": "crash-ui-token",
+        }
+        process, transport = spawn_daemon(self, env)
+        ports = yield process.ready
+        api = f"http://127.0.0.1:{ports['API']}/v1/chat/completions"
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        completed = []
+        enough = defer.Deferred()
+
+        @defer.inlineCallbacks
+        def worker(stream):
+            while not enough.called:
+                try:
+                    response = yield http.post(
+                        api,
+                        json=chat_body(stream=stream),
+                        headers={"Authorization": f"Bearer {AGENT}:{SECRET}"},
+                    )
+                    yield response.content()
+                except Exception:
+                    return  # the daemon is gone
+                completed.append(response.headers.getRawHeaders("x-cllama-request-id")[0])
+                if len(completed) >= 150 and not enough.called:
+                    enough.callback(None)
+
+        workers = [worker(stream=i % 2 == 0) for i in range(8)]
+        yield enough
+        transport.signalProcess("KILL")
+        yield process.ended
+        yield defer.DeferredList(workers)
+        self.assertEqual(process.signal, signal.SIGKILL)
+
+        import sqlite3
+
+        db = sqlite3.connect(os.path.join(state, "ledger.sqlite3"))
+        recorded = {row[0] for row in db.execute("SELECT request_id FROM requests")}
+        db.close()
+        missing = [rid for rid in completed if rid not in recorded]
+        self.assertEqual(missing, [])
+        self.assertGreaterEqual(len(recorded), len(completed))
+
+        # A restart rebuilds the totals from the ledger.
+        process2, _ = spawn_daemon(self, env)
+        ports2 = yield process2.ready
+        response = yield http.get(
+            f"http://127.0.0.1:{ports2['UI']}/costs/api", headers={"Authorization": "Bearer crash-ui-token"}
+        )
+        costs = yield response.json()
+        self.assertEqual(costs["total_requests"], len(recorded))

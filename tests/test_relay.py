@@ -18,6 +18,7 @@ from cllama_tx.testing import (
     parse_sse,
 )
 
+from .secret_scan import SCANNER
 from .support import AGENT, SECRET, ProxyHarness, chat_body
 
 SSE = {"content-type": "text/event-stream"}
@@ -95,6 +96,9 @@ class UpstreamFailureTests(TestCase):
         self.assertEqual(len(events), 2)
         self.assertEqual(json.loads(events[-1][1])["error"]["code"], "upstream_timeout")
         yield h.fake.wait_for_disconnect()
+
+
+SCANNER.register("sk-key-one-aaaa", "sk-key-two-bbbb")
 
 
 class KeyPoolTests(TestCase):
