@@ -21,7 +21,7 @@ from .accounting.history import clamp_limit
 from .errors import ANTHROPIC, OPENAI, ProxyError, error_body
 from .identity.operator import bearer_matches
 from .identity.tokens import MalformedCredentials, parse_credentials
-from .proxy import Proxy, Surface
+from .proxy import Proxy, Surface, new_request_id
 from .surfaces import matrix
 
 CHAT = Surface(matrix.OPENAI_CHAT, "/v1/chat/completions", "openai", OPENAI)
@@ -105,8 +105,8 @@ class CappedRequest(Request):
         site = channel.site
         if site.audit is not None:
             site.audit.emit(
-                "error", None, None, status_code=413, latency_ms=0, error=error.message,
-                path=path.decode("latin-1"),
+                "error", None, None, request_id=new_request_id(), status_code=413, latency_ms=0,
+                error=error.message, path=path.decode("latin-1"),
             )
         channel.transport.write(
             b"HTTP/1.1 413 Payload Too Large\r\n"

@@ -84,6 +84,12 @@ class Metering:
             stream=ex.stream,
         )
 
+    def intervention(self, ex: Exchange, name: str, **details) -> None:
+        """An C{intervention} line: the proxy changed what the agent asked for."""
+        self._audit.emit(
+            "intervention", ex.claw_id, ex.model, request_id=ex.request_id, intervention=name, **details
+        )
+
     def cost_extra(self, ex: Exchange):
         """For an agent that asked for usage: the price, OpenRouter style."""
 

@@ -67,3 +67,19 @@ class ErrorShapeTests(SynchronousTestCase):
         self.assertTrue(event.endswith(b"\n\n"))
         event = sse_error_event(ProxyError(502, "upstream_interrupted", "cut"), OPENAI)
         self.assertEqual(json.loads(event[len(b"data: "):])["error"]["code"], "upstream_interrupted")
+
+
+class InterventionLineTests(SynchronousTestCase):
+    def test_intervention_line(self):
+        from cllama_tx.metering import Exchange, Metering
+
+        stream = io.StringIO()
+        audit = AuditLog(stream, Clock())
+        metering = Metering(clock=Clock(), pricing=None, ledger=None, audit=audit)
+        ex = Exchange("rid-1", 0.0, None, claw_id="a", model="openai/gpt-4o")
+        metering.intervention(ex, "surface_translated", from_surface="chat", to_format="anthropic")
+        line = json.loads(stream.getvalue())
+        self.assertEqual(line["type"], "intervention")
+        self.assertEqual(line["intervention"], "surface_translated")
+        self.assertEqual(line["request_id"], "rid-1")
+        self.assertEqual(line["to_format"], "anthropic")

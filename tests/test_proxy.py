@@ -236,6 +236,7 @@ class BadInputTests(TestCase):
         yield self.assertBad(413, "request_too_large", response)
         [line] = self.h.audit_lines()
         self.assertEqual(line["status_code"], 413)
+        self.assertRegex(line["request_id"], r"^[0-9a-f]{16}$")
 
     @defer.inlineCallbacks
     def test_oversized_chunked(self):
