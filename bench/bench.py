@@ -934,6 +934,12 @@ def profile_md(prof: dict) -> str:
     return "\n".join(lines)
 
 
+def history_md() -> str:
+    """Earlier runs worth comparing against, kept by hand in bench/HISTORY.md."""
+    path = REPO / "bench" / "HISTORY.md"
+    return "\n" + path.read_text() if path.exists() else ""
+
+
 def write_doc(res: dict, facts: dict, args) -> str:
     rows = build_rows(res)
     v, added = verdict(res)
@@ -974,7 +980,7 @@ proxy, wrk against an nginx mock). Target for cllama_tx: added p50 under
 {TARGET_ADDED_P50_MS:g} ms.
 
 {bar_table(res, added)}
-
+{history_md()}
 ## Method
 
 - Mock upstream: nginx ({facts['nginx']}), one worker, config written to a temporary directory
