@@ -28,6 +28,9 @@ CHAT = Surface(matrix.OPENAI_CHAT, "/v1/chat/completions", "openai", OPENAI)
 log = Logger()
 
 MESSAGES = Surface(matrix.ANTHROPIC_MESSAGES, "/v1/messages", "anthropic", ANTHROPIC)
+COUNT_TOKENS = Surface(
+    matrix.ANTHROPIC_MESSAGES, "/v1/messages/count_tokens", "anthropic", ANTHROPIC, billable=False
+)
 
 
 def _shape_for_path(path: bytes) -> str:
@@ -151,24 +154,75 @@ class ApiApp:
 
     app = Klein()
 
-    def __init__(self, matrix_doc: dict | None = None, contexts=None, history=None, ui_token: str | None = None) -> None:
+    def __init__(
+        self,
+        matrix_doc: dict | None = None,
+        contexts=None,
+        history=None,
+        ui_token: str | None = None,
+        providers=None,
+        pricing=None,
+    ) -> None:
         self._matrix_doc = matrix_doc or matrix.describe()
         self._contexts = contexts
         self._history = history
         self._ui_token = ui_token.encode("utf-8") if ui_token else None
+        self._providers = providers
+        self._pricing = pricing
 
-    @app.route("/history", methods=["GET"])
-    async def own_history(self, request):
-        """The calling agent's own session history, NDJSON."""
+    def _agent(self, request):
+        """The calling agent's context, or the ProxyError to answer with."""
         try:
             agent_id, secret = parse_credentials(
                 request.getHeader(b"authorization"), request.getHeader(b"x-api-key")
             )
         except MalformedCredentials as e:
-            return _error(request, ProxyError(401, "missing_credentials", str(e)))
-        if self._contexts is None or self._contexts.authenticate(agent_id, secret) is None:
-            return _error(request, ProxyError(403, "invalid_credentials", "unknown agent or wrong secret"))
-        return await self._history_lines(request, agent_id)
+            return ProxyError(401, "missing_credentials", str(e))
+        context = None if self._contexts is None else self._contexts.authenticate(agent_id, secret)
+        if context is None:
+            return ProxyError(403, "invalid_credentials", "unknown agent or wrong secret")
+        return context
+
+    @app.route("/v1/models", methods=["GET"])
+    def models(self, request):
+        """
+        The models this agent may use: its model policy's refs, else every
+        priced model of every configured provider.  Anthropic's list shape
+        when the request carries C{anthropic-version}, else OpenAI's.
+        """
+        anthropic = request.getHeader(b"anthropic-version") is not None
+        shape = ANTHROPIC if anthropic else OPENAI
+        context = self._agent(request)
+        if isinstance(context, ProxyError):
+            return _error(request, context, shape)
+        refs = model_refs(context, self._providers, self._pricing)
+        request.setHeader(b"content-type", b"application/json")
+        if anthropic:
+            data = [
+                {"type": "model", "id": ref, "display_name": ref, "created_at": "1970-01-01T00:00:00Z"}
+                for ref in refs
+            ]
+            doc = {
+                "data": data,
+                "has_more": False,
+                "first_id": refs[0] if refs else None,
+                "last_id": refs[-1] if refs else None,
+            }
+        else:
+            owner = lambda ref: ref.partition("/")[0]  # noqa: E731
+            doc = {
+                "object": "list",
+                "data": [{"id": ref, "object": "model", "created": 0, "owned_by": owner(ref)} for ref in refs],
+            }
+        return json.dumps(doc).encode("utf-8")
+
+    @app.route("/history", methods=["GET"])
+    async def own_history(self, request):
+        """The calling agent's own session history, NDJSON."""
+        context = self._agent(request)
+        if isinstance(context, ProxyError):
+            return _error(request, context)
+        return await self._history_lines(request, context.agent_id)
 
     @app.route("/history/<agent>", methods=["GET"])
     async def agent_history(self, request, agent):
@@ -232,15 +286,29 @@ def _arg(args, name: bytes) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
-def _error(request, error: ProxyError) -> bytes:
+def _error(request, error: ProxyError, shape: str = OPENAI) -> bytes:
     request.setResponseCode(error.status)
     request.setHeader(b"content-type", b"application/json")
-    return error_body(error, OPENAI)
+    return error_body(error, shape)
+
+
+def model_refs(context, providers, pricing) -> list[str]:
+    """The model refs an agent may use, sorted as declared or by name."""
+    policy = context.model_policy or {}
+    allowed = [entry.get("ref") for entry in policy.get("allowed") or () if isinstance(entry, dict)]
+    refs = [ref for ref in allowed if isinstance(ref, str)]
+    if refs:
+        return list(dict.fromkeys(refs))
+    if providers is None or pricing is None:
+        return []
+    table = pricing.table
+    return [f"{name}/{model}" for name in providers.names() for model in sorted(table.get(name, {}))]
 
 
 def build_api_site(proxy: Proxy, max_body_bytes: int, audit=None, app: ApiApp | None = None) -> ApiSite:
     hot = {
         CHAT.path.encode(): ProxyResource(proxy, CHAT),
         MESSAGES.path.encode(): ProxyResource(proxy, MESSAGES),
+        COUNT_TOKENS.path.encode(): ProxyResource(proxy, COUNT_TOKENS),
     }
     return ApiSite((app or ApiApp()).app.resource(), hot, max_body_bytes, audit)

@@ -206,7 +206,13 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         proxy,
         config.max_body_bytes,
         audit,
-        ApiApp(contexts=contexts, history=history, ui_token=config.ui_token),
+        ApiApp(
+            contexts=contexts,
+            history=history,
+            ui_token=config.ui_token,
+            providers=providers,
+            pricing=pricing,
+        ),
     )
     ui_site = Site(
         UiApp(

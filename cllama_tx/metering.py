@@ -120,13 +120,15 @@ class Metering:
         now = self._clock.seconds()
         usage = ex.usage if ex.usage is not None else Usage()
         estimated = False
-        if not usage.seen and ex.upstream_called and (200 <= status < 300 or status == CLIENT_CLOSED):
+        if not usage.seen and ex.upstream_called and ex.surface.billable and (200 <= status < 300 or status == CLIENT_CLOSED):
             usage = Usage(
                 input_tokens=estimate_prompt_tokens(ex.doc or {}, ex.surface.api_format),
                 output_tokens=estimate_tokens(ex.output_chars),
             )
             estimated = True
-        if ex.provider is not None and ex.upstream_model is not None:
+        if not ex.surface.billable:
+            cost, priced = 0.0, False
+        elif ex.provider is not None and ex.upstream_model is not None:
             cost, priced = self._pricing.cost(ex.provider, ex.upstream_model, usage)
         else:
             cost, priced = 0.0, False
@@ -172,8 +174,9 @@ class Metering:
             self._audit.emit("response", ex.claw_id, ex.model, request_id=ex.request_id, **fields)
         else:
             self._audit.emit("error", ex.claw_id, ex.model, request_id=ex.request_id, error=error, **fields)
-        if ex.claw_id is None:
-            # Refused before the agent was known: audited, not billed to anyone.
+        if ex.claw_id is None or not ex.surface.billable:
+            # Refused before the agent was known, or a free call (token
+            # counting): audited, not billed to anyone.
             return Settlement(row, defer.succeed(None))
         committed = self._ledger.record(row)
         committed.addErrback(self._record_failed, ex)

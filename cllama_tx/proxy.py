@@ -57,6 +57,8 @@ class Surface:
     path: str
     api_format: str
     shape: str
+    # Token counting costs nothing: audited, never billed.
+    billable: bool = True
 
 
 class AgentGone(Exception):

@@ -132,7 +132,13 @@ class ProxyHarness:
             self.proxy,
             self.max_body_bytes,
             self.audit,
-            ApiApp(contexts=self.contexts, history=self.history, ui_token=UI_TOKEN),
+            ApiApp(
+                contexts=self.contexts,
+                history=self.history,
+                ui_token=UI_TOKEN,
+                providers=self.providers,
+                pricing=self.pricing,
+            ),
         )
         self.ui = UiApp(
             token=UI_TOKEN, pod="test-pod", contexts=self.contexts, providers=self.providers,
