@@ -26,6 +26,8 @@ setup(
         "pyopenssl>=24.0",
         "zope.interface>=6.0",
         "attrs>=23.1",
+        # YAML operator policy files (CLLAMA_POLICY_FILE) in the budget-tier gateways' shape.
+        "pyyaml>=6.0",
     ],
     extras_require={
         # The official SDKs are clients in our end-to-end tests.

@@ -48,6 +48,7 @@ class Exchange:
     response_sse: list | None = None
     response_sse_size: int = 0
     settled: bool = False
+    bridge: object = None  # the surface translation in use, if any
 
 
 @attrs.frozen

@@ -25,7 +25,9 @@ from .providers.catalog import auth_headers, upstream_url
 from .providers.keys import MAX_TRIES, classify_failure
 from .providers.registry import ProviderNotConfigured, UnknownProvider
 from .relay import HOP_BY_HOP, StreamRelay, UpstreamTimeout, copy_response_headers, read_body
+from .surfaces.bridges import bridge_for
 from .surfaces.matrix import InvalidModelRef, split_model_ref
+from .surfaces.translate import UntranslatableRequest
 
 log = Logger()
 
@@ -145,20 +147,24 @@ class Proxy:
             raise ProxyError(400, "missing_model", "the request body needs a 'model' string")
         ex.model = model
         ex.stream = doc.get("stream") is True
+        options = doc.get("stream_options")
+        ex.agent_wants_usage = ex.stream and isinstance(options, dict) and options.get("include_usage") is True
         ex.doc = doc
         if self._metering.keeps_history:
             ex.original = dict(doc)
         self._metering.audit_request(ex)
         resolved = self._route(model, ex)
+        upstream_format = resolved.spec.api_format
         doc["model"] = ex.upstream_model
-        self._ask_for_stream_usage(doc, ex, resolved.spec.api_format)
-        body = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+        upstream_doc, upstream_path = self._translate_request(doc, ex, upstream_format)
+        self._ask_for_stream_usage(upstream_doc, ex, upstream_format)
+        body = json.dumps(upstream_doc, separators=(",", ":")).encode("utf-8")
         headers = forward_headers(request.requestHeaders)
-        if resolved.spec.api_format == "anthropic" and not headers.hasHeader(b"anthropic-version"):
+        if upstream_format == "anthropic" and not headers.hasHeader(b"anthropic-version"):
             headers.setRawHeaders(b"anthropic-version", [ANTHROPIC_VERSION])
-        url = upstream_url(resolved.spec.base_url, ex.surface.path).encode("utf-8")
+        url = upstream_url(resolved.spec.base_url, upstream_path).encode("utf-8")
         response, buffered = await self._send_with_pool(resolved, url, headers, body, ex)
-        await self._relay(request, response, buffered, ex, resolved.spec.api_format)
+        await self._relay(request, response, buffered, ex, upstream_format)
 
     def _identify(self, request):
         headers = request.requestHeaders
@@ -197,26 +203,48 @@ class Proxy:
             raise ProxyError(400, "unknown_provider", str(e)) from None
         except ProviderNotConfigured as e:
             raise ProxyError(400, "provider_not_configured", str(e)) from None
-        if resolved.spec.api_format != ex.surface.api_format:
+        if resolved.spec.api_format != ex.surface.api_format and not ex.surface.billable:
             raise ProxyError(
                 400,
                 "wrong_surface",
                 f"provider {ref.provider!r} speaks the {resolved.spec.api_format} wire "
-                f"format; send this model to the surface for that format",
+                f"format and has no token counting endpoint",
             )
         return resolved
+
+    def _translate_request(self, doc: dict, ex: Exchange, upstream_format: str):
+        """
+        The body and path to send upstream: the agent's own, or, when the
+        provider speaks the other wire format, its translation.
+        """
+        bridge = bridge_for(ex.surface.api_format, upstream_format)
+        if bridge is None:
+            return doc, ex.surface.path
+        try:
+            translated = bridge.request(doc)
+        except UntranslatableRequest as e:
+            raise ProxyError(400, "untranslatable_parameters", str(e)) from None
+        ex.bridge = bridge
+        self._metering.intervention(
+            ex,
+            "surface_translated",
+            from_surface=ex.surface.name,
+            to_format=upstream_format,
+            provider=ex.provider,
+        )
+        return translated, bridge.upstream_path
 
     def _ask_for_stream_usage(self, doc: dict, ex: Exchange, api_format: str) -> None:
         """
         OpenAI-format streams carry usage only when asked: ask upstream, and
         hide the extra chunk from an agent that did not ask for it.
         """
-        if not ex.stream or api_format != "openai":
+        if not ex.stream or api_format != "openai" or ex.bridge is not None:
+            # A bridge asks for usage itself and consumes the usage chunk.
             return
-        options = doc.get("stream_options")
-        ex.agent_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         if ex.agent_wants_usage or ex.provider in self._no_stream_options:
             return
+        options = doc.get("stream_options")
         doc["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
         ex.strip_usage_chunk = True
 
@@ -348,13 +376,18 @@ class Proxy:
         # The tap may remove the usage chunk: the length is no longer known.
         request.responseHeaders.removeHeader(b"content-length")
         keep = metering.keeps_history and 200 <= response.code < 300
+        convert = self._stream_converter(ex)
 
-        def on_data(data: bytes) -> None:
-            out = tap.feed(data)
+        def emit(out: bytes) -> None:
+            if convert is not None and out:
+                out = convert.feed(out)
             if out:
                 if keep:
                     metering.keep_sse(ex, out)
                 request.write(out)
+
+        def on_data(data: bytes) -> None:
+            emit(tap.feed(data))
 
         relay = self._start_relay(request, response, ex, on_data)
         try:
@@ -374,17 +407,25 @@ class Proxy:
             return
         finally:
             ex.cancel = None
-        tail = tap.finish()
-        if tail:
-            request.write(tail)
+        emit(tap.finish())
         ex.usage, ex.output_chars = tap.usage, tap.output_chars
         held = tap.held()
+        if convert is not None:
+            held = convert.feed(held) + convert.finish()
         if keep and held:
             metering.keep_sse(ex, held)
         await self._settle_then(request, ex, response.code)
         if held:
             request.write(held)
         request.finish()
+
+    def _stream_converter(self, ex: Exchange):
+        """The stream translator of a bridged request, else None."""
+        if ex.bridge is None:
+            return None
+        return ex.bridge.stream(
+            include_usage=ex.agent_wants_usage, created=int(self._clock.seconds()), model=ex.upstream_model
+        )
 
     async def _collect(self, request, response, ex: Exchange) -> bytes | None:
         """
@@ -424,6 +465,7 @@ class Proxy:
 
     async def _deliver_body(self, request, status: int, body: bytes, ex: Exchange, api_format: str) -> None:
         """Meter a whole JSON answer, commit its row, then send it with its cost."""
+        doc = None
         if 200 <= status < 300:
             try:
                 doc = json.loads(body)
@@ -434,6 +476,8 @@ class Proxy:
                 if not ex.usage.seen:
                     ex.output_chars = output_chars_from_json(doc, api_format)
                 ex.response_json = doc
+        if ex.bridge is not None:
+            body = self._translate_body(ex, status, body, doc)
         settlement = await self._settle_then(request, ex, status)
         if settlement is not None:
             request.setHeader(b"x-cllama-cost-usd", _money(settlement.row.cost_usd).encode())
@@ -441,6 +485,17 @@ class Proxy:
         request.setHeader(b"content-length", b"%d" % len(body))
         request.write(body)
         request.finish()
+
+    @staticmethod
+    def _translate_body(ex: Exchange, status: int, body: bytes, doc) -> bytes:
+        """A whole upstream answer in the agent's wire format."""
+        if isinstance(doc, dict):
+            translated = ex.bridge.response(doc)
+            ex.response_json = translated
+            return json.dumps(translated, separators=(",", ":")).encode("utf-8")
+        if status >= 400:
+            return ex.bridge.error(status, body)
+        return body
 
     async def _settle_then(self, request, ex: Exchange, status: int):
         """

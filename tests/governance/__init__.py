@@ -1,0 +1,1 @@
+"""Tests for cllama_tx.governance (pure logic, no reactor)."""
