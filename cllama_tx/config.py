@@ -125,6 +125,15 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple, default: str) -> 
     return value
 
 
+def _count(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name)
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ConfigError(f"{name} must be a whole number, not {raw!r}")
+    return int(raw)
+
+
 def default_state_dir(env: Mapping[str, str]) -> str:
     """
     Where the ledger lives: C{CLLAMA_STATE_DIR}, else systemd's
@@ -160,6 +169,10 @@ class Config:
     ledger_sync: str
     ledger_retention: float | None
     no_stream_options: frozenset
+    policy_file: str | None
+    unpriced_budget: str
+    default_rpm: int | None
+    default_tpm: int | None
     # The environment as seen after command-line overrides; provider keys and
     # base URLs are read from it by the provider registry.
     env: Mapping[str, str] = attrs.field(repr=False)
@@ -195,5 +208,9 @@ class Config:
             no_stream_options=frozenset(
                 p.strip().lower() for p in env.get("CLLAMA_NO_STREAM_OPTIONS", "").split(",") if p.strip()
             ),
+            policy_file=env.get("CLLAMA_POLICY_FILE") or None,
+            unpriced_budget=_choice(env, "CLLAMA_UNPRICED_BUDGET", ("refuse", "allow"), "refuse"),
+            default_rpm=_count(env, "CLLAMA_DEFAULT_RPM"),
+            default_tpm=_count(env, "CLLAMA_DEFAULT_TPM"),
             env=env,
         )

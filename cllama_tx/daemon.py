@@ -30,6 +30,7 @@ from .interfaces import IProviderRegistry
 from .providers.catalog import ProviderSpec
 from .providers.keys import KeyPool
 from .providers.registry import ProviderRegistry, ResolvedProvider, UnknownProvider
+from .governance.engine import build_governance
 from .metering import Metering
 from .proxy import Proxy
 from .relay import UpstreamClient
@@ -188,6 +189,16 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         history.setServiceParent(top)
     pricing = Pricing(reactor, override_path=config.pricing_file)
     metering = Metering(clock=reactor, pricing=pricing, ledger=ledger, audit=audit, history=history)
+    governance = build_governance(
+        clock=reactor,
+        pricing=pricing,
+        metering=metering,
+        governance_dir=config.governance_dir,
+        policy_file=config.policy_file,
+        unpriced=config.unpriced_budget,
+        default_rpm=config.default_rpm,
+        default_tpm=config.default_tpm,
+    )
 
     contexts = ContextRegistry(context_root, reactor)
     upstream = UpstreamClient(reactor, config.connect_timeout)
@@ -198,6 +209,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         providers=providers,
         upstream=upstream,
         metering=metering,
+        governance=governance,
         first_byte_timeout=config.first_byte_timeout,
         idle_timeout=config.idle_timeout,
         no_stream_options=config.no_stream_options,

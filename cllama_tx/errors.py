@@ -49,6 +49,10 @@ class ProxyError(Exception):
     code: str
     message: str
     retry_after: int | None = None
+    # Extra top-level members of the body (a budget refusal's "budget").
+    extra: dict | None = None
+    # The error type, when it is not the status's usual one.
+    error_type: str | None = None
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
@@ -63,11 +67,13 @@ def error_type(status: int, shape: str) -> str:
 
 def error_body(error: ProxyError, shape: str) -> bytes:
     """The JSON body for C{error} in the surface's shape."""
-    kind = error_type(error.status, shape)
+    kind = error.error_type or error_type(error.status, shape)
     if shape == ANTHROPIC:
         doc = {"type": "error", "error": {"type": kind, "message": error.message}}
     else:
         doc = {"error": {"message": error.message, "type": kind, "code": error.code}}
+    if error.extra:
+        doc.update(error.extra)
     return json.dumps(doc).encode("utf-8")
 
 

@@ -48,6 +48,8 @@ class Exchange:
     response_sse: list | None = None
     response_sse_size: int = 0
     settled: bool = False
+    attempt_started: float = 0.0
+    admission: object = None  # what governance held for this request
     bridge: object = None  # the surface translation in use, if any
 
 
@@ -69,6 +71,8 @@ class Metering:
         self._audit = audit
         self._history = history
         self.history_sse_cap = history_sse_cap
+        # Called with (exchange, row) when an exchange is settled (governance).
+        self.on_settled: list = []
 
     @property
     def keeps_history(self) -> bool:
@@ -83,6 +87,20 @@ class Metering:
             request_id=ex.request_id,
             path=ex.surface.path,
             stream=ex.stream,
+        )
+
+    def failover(self, ex: Exchange, from_ref, to_ref, reason: str) -> None:
+        """A C{failover} line: one candidate failed, the next is tried."""
+        self._audit.emit(
+            "failover",
+            ex.claw_id,
+            ex.model,
+            request_id=ex.request_id,
+            from_provider=from_ref.provider,
+            from_model=from_ref.model,
+            to_provider=to_ref.provider,
+            to_model=to_ref.model,
+            reason=reason,
         )
 
     def intervention(self, ex: Exchange, name: str, **details) -> None:
@@ -123,7 +141,7 @@ class Metering:
         estimated = False
         if not usage.seen and ex.upstream_called and ex.surface.billable and (200 <= status < 300 or status == CLIENT_CLOSED):
             usage = Usage(
-                input_tokens=estimate_prompt_tokens(ex.doc or {}, ex.surface.api_format),
+                input_tokens=estimate_prompt_tokens(ex.original or {}, ex.surface.api_format),
                 output_tokens=estimate_tokens(ex.output_chars),
             )
             estimated = True
@@ -175,6 +193,8 @@ class Metering:
             self._audit.emit("response", ex.claw_id, ex.model, request_id=ex.request_id, **fields)
         else:
             self._audit.emit("error", ex.claw_id, ex.model, request_id=ex.request_id, error=error, **fields)
+        for observer in self.on_settled:
+            observer(ex, row)
         if ex.claw_id is None or not ex.surface.billable:
             # Refused before the agent was known, or a free call (token
             # counting): audited, not billed to anyone.

@@ -26,7 +26,6 @@ from .providers.keys import MAX_TRIES, classify_failure
 from .providers.registry import ProviderNotConfigured, UnknownProvider
 from .relay import HOP_BY_HOP, StreamRelay, UpstreamTimeout, copy_response_headers, read_body
 from .surfaces.bridges import bridge_for
-from .surfaces.matrix import InvalidModelRef, split_model_ref
 from .surfaces.translate import UntranslatableRequest
 
 log = Logger()
@@ -67,6 +66,20 @@ class AgentGone(Exception):
     """The agent disconnected; nothing more can be written to it."""
 
 
+class Failover(Exception):
+    """This candidate failed before anything reached the agent: try the next."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# Failures that move a request to its next candidate model (CONTRACT 4).
+FAILOVER_CODES = frozenset(
+    {"upstream_unreachable", "upstream_timeout", "upstream_interrupted", "provider_keys_exhausted"}
+)
+
+
 def new_request_id() -> str:
     return os.urandom(8).hex()
 
@@ -82,6 +95,7 @@ class Proxy:
         providers,
         upstream,
         metering,
+        governance,
         first_byte_timeout: float,
         idle_timeout: float,
         no_stream_options: frozenset[str] = frozenset(),
@@ -91,6 +105,7 @@ class Proxy:
         self._providers = providers
         self._upstream = upstream
         self._metering = metering
+        self._governance = governance
         self._first_byte_timeout = first_byte_timeout
         self._idle_timeout = idle_timeout
         self._no_stream_options = no_stream_options
@@ -143,28 +158,67 @@ class Proxy:
         ex.claw_id = context.agent_id
         doc = self._parse_body(request)
         model = doc.get("model")
-        if not isinstance(model, str) or not model.strip():
+        policy = self._governance.policy(context)
+        if (model is not None or policy is None) and (not isinstance(model, str) or not model.strip()):
             raise ProxyError(400, "missing_model", "the request body needs a 'model' string")
         ex.model = model
         ex.stream = doc.get("stream") is True
         options = doc.get("stream_options")
         ex.agent_wants_usage = ex.stream and isinstance(options, dict) and options.get("include_usage") is True
-        ex.doc = doc
-        if self._metering.keeps_history:
-            ex.original = dict(doc)
+        ex.original = ex.doc = doc
         self._metering.audit_request(ex)
-        resolved = self._route(model, ex)
+        admission = ex.admission = self._governance.admit(ex, context, doc)
+        candidates = admission.candidates
+        for index, ref in enumerate(candidates):
+            try:
+                await self._attempt(request, ex, doc, ref, last=index == len(candidates) - 1)
+                return
+            except Failover as hop:
+                following = candidates[index + 1]
+                self._metering.failover(ex, ref, following, hop.reason)
+                request.responseHeaders = Headers()
+                request.setResponseCode(200)
+
+    async def _attempt(self, request, ex: Exchange, doc: dict, ref, last: bool) -> None:
+        """
+        One try at one candidate model.  Raises L{Failover} when the next
+        candidate should be tried: only while nothing reached the agent.
+        """
+        ex.provider, ex.upstream_model = ref.provider, ref.model
+        ex.bridge, ex.strip_usage_chunk, ex.first_byte_at = None, False, None
+        ex.attempt_started = self._clock.seconds()
+        resolved = self._resolve(ref.provider, ex)
         upstream_format = resolved.spec.api_format
-        doc["model"] = ex.upstream_model
-        upstream_doc, upstream_path = self._translate_request(doc, ex, upstream_format)
+        upstream_doc = dict(doc)
+        upstream_doc["model"] = ref.model
+        openrouter_models = ex.admission.openrouter_models
+        if openrouter_models and ref.provider == "openrouter":
+            upstream_doc["models"] = openrouter_models
+            upstream_doc["route"] = "fallback"
+        upstream_doc, upstream_path = self._translate_request(upstream_doc, ex, upstream_format)
+        ex.doc = upstream_doc
         self._ask_for_stream_usage(upstream_doc, ex, upstream_format)
         body = json.dumps(upstream_doc, separators=(",", ":")).encode("utf-8")
         headers = forward_headers(request.requestHeaders)
         if upstream_format == "anthropic" and not headers.hasHeader(b"anthropic-version"):
             headers.setRawHeaders(b"anthropic-version", [ANTHROPIC_VERSION])
         url = upstream_url(resolved.spec.base_url, upstream_path).encode("utf-8")
-        response, buffered = await self._send_with_pool(resolved, url, headers, body, ex)
-        await self._relay(request, response, buffered, ex, upstream_format)
+        try:
+            response, buffered = await self._send_with_pool(resolved, url, headers, body, ex)
+        except ProxyError as error:
+            if not last and error.code in FAILOVER_CODES:
+                raise Failover(error.message) from None
+            raise
+        if response.code >= 500 and not last:
+            if buffered is None:
+                await read_body(response)
+            raise Failover(f"provider {ref.provider!r} answered {response.code}")
+        try:
+            await self._relay(request, response, buffered, ex, upstream_format)
+        except ProxyError as error:
+            if not last and not request.startedWriting and error.code in FAILOVER_CODES:
+                raise Failover(error.message) from None
+            raise
 
     def _identify(self, request):
         headers = request.requestHeaders
@@ -190,15 +244,9 @@ class Proxy:
             raise ProxyError(400, "invalid_body", "the request body must be a JSON object")
         return doc
 
-    def _route(self, model: str, ex: Exchange):
+    def _resolve(self, provider: str, ex: Exchange):
         try:
-            ref = split_model_ref(model)
-        except InvalidModelRef as e:
-            raise ProxyError(400, "invalid_model", str(e)) from None
-        ex.provider = ref.provider
-        ex.upstream_model = ref.model
-        try:
-            resolved = self._providers.resolve(ref.provider)
+            resolved = self._providers.resolve(provider)
         except UnknownProvider as e:
             raise ProxyError(400, "unknown_provider", str(e)) from None
         except ProviderNotConfigured as e:
@@ -207,7 +255,7 @@ class Proxy:
             raise ProxyError(
                 400,
                 "wrong_surface",
-                f"provider {ref.provider!r} speaks the {resolved.spec.api_format} wire "
+                f"provider {provider!r} speaks the {resolved.spec.api_format} wire "
                 f"format and has no token counting endpoint",
             )
         return resolved
@@ -239,8 +287,12 @@ class Proxy:
         OpenAI-format streams carry usage only when asked: ask upstream, and
         hide the extra chunk from an agent that did not ask for it.
         """
-        if not ex.stream or api_format != "openai" or ex.bridge is not None:
+        if not ex.stream or api_format != "openai":
+            return
+        if ex.bridge is not None:
             # A bridge asks for usage itself and consumes the usage chunk.
+            if ex.provider in self._no_stream_options:
+                doc.pop("stream_options", None)
             return
         if ex.agent_wants_usage or ex.provider in self._no_stream_options:
             return
@@ -293,7 +345,7 @@ class Proxy:
         )
 
     async def _send(self, url: bytes, headers: Headers, body: bytes, ex: Exchange):
-        remaining = self._first_byte_timeout - (self._clock.seconds() - ex.started)
+        remaining = self._first_byte_timeout - (self._clock.seconds() - ex.attempt_started)
         ex.upstream_called = True
         d = self._upstream.request(b"POST", url, headers, body)
         timed_out = []
@@ -345,7 +397,7 @@ class Proxy:
                 await self._deliver_body(request, response.code, body, ex, api_format)
 
     def _start_relay(self, request, response, ex: Exchange, on_data) -> StreamRelay:
-        remaining = self._first_byte_timeout - (self._clock.seconds() - ex.started)
+        remaining = self._first_byte_timeout - (self._clock.seconds() - ex.attempt_started)
 
         def first_byte() -> None:
             ex.first_byte_at = self._clock.seconds()
@@ -376,7 +428,7 @@ class Proxy:
         # The tap may remove the usage chunk: the length is no longer known.
         request.responseHeaders.removeHeader(b"content-length")
         keep = metering.keeps_history and 200 <= response.code < 300
-        convert = self._stream_converter(ex)
+        convert = self._stream_converter(ex, tap)
 
         def emit(out: bytes) -> None:
             if convert is not None and out:
@@ -419,12 +471,16 @@ class Proxy:
             request.write(held)
         request.finish()
 
-    def _stream_converter(self, ex: Exchange):
+    def _stream_converter(self, ex: Exchange, tap: SseTap):
         """The stream translator of a bridged request, else None."""
         if ex.bridge is None:
             return None
+        cost = self._metering.cost_extra(ex)
         return ex.bridge.stream(
-            include_usage=ex.agent_wants_usage, created=int(self._clock.seconds()), model=ex.upstream_model
+            include_usage=ex.agent_wants_usage,
+            created=int(self._clock.seconds()),
+            model=ex.upstream_model,
+            usage_extra=lambda: cost(tap.usage),
         )
 
     async def _collect(self, request, response, ex: Exchange) -> bytes | None:
@@ -486,11 +542,15 @@ class Proxy:
         request.write(body)
         request.finish()
 
-    @staticmethod
-    def _translate_body(ex: Exchange, status: int, body: bytes, doc) -> bytes:
+    def _translate_body(self, ex: Exchange, status: int, body: bytes, doc) -> bytes:
         """A whole upstream answer in the agent's wire format."""
         if isinstance(doc, dict):
-            translated = ex.bridge.response(doc)
+            try:
+                translated = ex.bridge.response(doc, int(self._clock.seconds()), ex.upstream_model)
+            except ValueError:
+                raise ProxyError(
+                    502, "upstream_invalid", f"provider {ex.provider!r} sent an answer that is not a valid response"
+                ) from None
             ex.response_json = translated
             return json.dumps(translated, separators=(",", ":")).encode("utf-8")
         if status >= 400:

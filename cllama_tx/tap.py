@@ -34,6 +34,10 @@ _ENV_OPTIONS = [
     ("pricing-file", None, "CLLAMA_PRICING_FILE", "operator price table merged over the packaged one [env CLLAMA_PRICING_FILE]"),
     ("ledger-sync", None, "CLLAMA_LEDGER_SYNC", "normal (survives a crash) or full (also power loss) [env CLLAMA_LEDGER_SYNC, default normal]"),
     ("ledger-retention", None, "CLLAMA_LEDGER_RETENTION", "fold ledger rows older than this into daily rollups, e.g. 90d [env CLLAMA_LEDGER_RETENTION]"),
+    ("policy-file", None, "CLLAMA_POLICY_FILE", "operator budget policy file (YAML or JSON, cost_routing.agents.<id>) [env CLLAMA_POLICY_FILE]"),
+    ("unpriced-budget", None, "CLLAMA_UNPRICED_BUDGET", "refuse or allow requests for unpriced models under a dollar budget [env CLLAMA_UNPRICED_BUDGET, default refuse]"),
+    ("default-rpm", None, "CLLAMA_DEFAULT_RPM", "requests per minute per agent unless its metadata sets rate_limits.rpm [env CLLAMA_DEFAULT_RPM]"),
+    ("default-tpm", None, "CLLAMA_DEFAULT_TPM", "tokens per minute per agent unless its metadata sets rate_limits.tpm [env CLLAMA_DEFAULT_TPM]"),
     ("no-stream-options", None, "CLLAMA_NO_STREAM_OPTIONS", "comma-separated providers that reject stream_options (their stream usage is estimated) [env CLLAMA_NO_STREAM_OPTIONS]"),
 ]
 

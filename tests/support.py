@@ -17,6 +17,7 @@ from cllama_tx.accounting.history import SessionHistory
 from cllama_tx.accounting.ledger import SqliteLedger
 from cllama_tx.accounting.pricing import Pricing
 from cllama_tx.api import ApiApp, build_api_site
+from cllama_tx.governance.engine import build_governance
 from cllama_tx.metering import Metering
 from cllama_tx.audit import AuditLog
 from cllama_tx.identity.contexts import ContextRegistry
@@ -56,7 +57,8 @@ class ProxyHarness:
     def __init__(self, testcase, env=None, max_body_bytes=1024 * 1024,
                  first_byte_timeout=10.0, idle_timeout=10.0, providers_json=None,
                  history_dir=None, pricing_file=None, no_stream_options=frozenset(),
-                 fake_providers=("openai",)):
+                 fake_providers=("openai",), governance_dir=None, policy_file=None, unpriced="refuse",
+                 default_rpm=None, default_tpm=None):
         self.testcase = testcase
         self.env_extra = env or {}
         self.max_body_bytes = max_body_bytes
@@ -67,6 +69,11 @@ class ProxyHarness:
         self.pricing_file = pricing_file
         self.no_stream_options = no_stream_options
         self.fake_providers = fake_providers
+        self.governance_dir = governance_dir
+        self.policy_file = policy_file
+        self.unpriced = unpriced
+        self.default_rpm = default_rpm
+        self.default_tpm = default_tpm
         self.audit_stream = _WatchedStream()
 
     @defer.inlineCallbacks
@@ -118,12 +125,23 @@ class ProxyHarness:
         self.metering = Metering(
             clock=reactor, pricing=self.pricing, ledger=self.ledger, audit=self.audit, history=self.history
         )
+        self.governance = build_governance(
+            clock=reactor,
+            pricing=self.pricing,
+            metering=self.metering,
+            governance_dir=self.governance_dir,
+            policy_file=self.policy_file,
+            unpriced=self.unpriced,
+            default_rpm=self.default_rpm,
+            default_tpm=self.default_tpm,
+        )
         self.proxy = Proxy(
             clock=reactor,
             contexts=self.contexts,
             providers=self.providers,
             upstream=self.upstream,
             metering=self.metering,
+            governance=self.governance,
             first_byte_timeout=self.first_byte_timeout,
             idle_timeout=self.idle_timeout,
             no_stream_options=self.no_stream_options,

@@ -238,8 +238,9 @@ class DaemonTests(TestCase):
             json={"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "ping"}]},
             headers={"Authorization": "Bearer demo:cllama-demo"},
         )
-        self.assertEqual(refused.code, 400)
-        self.assertEqual((yield refused.json())["error"]["code"], "unknown_provider")
+        # The demo agent's policy (mode reject) allows only demo/echo-1.
+        self.assertEqual(refused.code, 403)
+        self.assertEqual((yield refused.json())["error"]["code"], "model_not_allowed")
         self.assertEqual(self.fake.received, [])
 
 

@@ -23,7 +23,8 @@ class Bridge:
     upstream_format: str
     upstream_path: str
     request: Callable[[dict], dict]
-    response: Callable[[dict], dict]
+    # (doc, created, model) -> the answer in the ingress format
+    response: Callable[[dict, int, str | None], dict]
     error: Callable[[int, bytes], bytes]
     stream: Callable[..., object]
 
@@ -34,10 +35,10 @@ CHAT_TO_ANTHROPIC = Bridge(
     upstream_format="anthropic",
     upstream_path="/v1/messages",
     request=translate.chat_to_messages_request,
-    response=translate.messages_response_to_chat,
+    response=lambda doc, created, model: translate.messages_response_to_chat(doc, created=created, model=model),
     error=translate.anthropic_error_to_openai,
-    stream=lambda include_usage, created, model: translate.AnthropicToChatStream(
-        include_usage=include_usage, created=created, model=model
+    stream=lambda include_usage, created, model, usage_extra: translate.AnthropicToChatStream(
+        include_usage=include_usage, created=created, model=model, usage_extra=usage_extra
     ),
 )
 
@@ -47,9 +48,13 @@ MESSAGES_TO_OPENAI = Bridge(
     upstream_format="openai",
     upstream_path="/v1/chat/completions",
     request=translate.messages_to_chat_request,
-    response=translate.chat_response_to_messages,
+    response=lambda doc, created, model: translate.chat_response_to_messages(doc, model=model),
     error=translate.openai_error_to_anthropic,
-    stream=lambda include_usage, created, model: translate.ChatToAnthropicStream(model=model),
+    # wait_for_done: message_stop waits for [DONE], which the usage tap holds
+    # until the ledger row is committed.
+    stream=lambda include_usage, created, model, usage_extra: translate.ChatToAnthropicStream(
+        model=model, wait_for_done=True
+    ),
 )
 
 _BRIDGES = {(b.ingress_format, b.upstream_format): b for b in (CHAT_TO_ANTHROPIC, MESSAGES_TO_OPENAI)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 __all__ = [
     "UntranslatableRequest",
@@ -196,7 +196,3 @@ def openai_usage_to_anthropic(usage: Any) -> dict:
         "cache_creation_input_tokens": write,
         "cache_read_input_tokens": read,
     }
-
-
-def text_of_parts(parts: Iterable[Any]) -> str:
-    return "".join(p.get("text", "") for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))

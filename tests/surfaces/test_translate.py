@@ -170,6 +170,10 @@ class ChatToMessagesRequestTests(SynchronousTestCase):
             ],
         )
 
+    def test_participant_names_dropped(self) -> None:
+        out = self.translate(chat([{"role": "user", "content": "hi", "name": "alice"}]))
+        self.assertEqual(out["messages"], [{"role": "user", "content": "hi"}])
+
     def test_consecutive_user_messages_merge(self) -> None:
         out = self.translate(chat([user("one"), user("two")]))
         self.assertEqual(

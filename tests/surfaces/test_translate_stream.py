@@ -13,7 +13,6 @@ import random
 from typing import Any, Callable
 
 from anthropic.lib.streaming._messages import accumulate_event
-from anthropic.types import RawMessageStreamEvent
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 from twisted.trial.unittest import SynchronousTestCase
@@ -552,6 +551,24 @@ class ChatToAnthropicStreamTests(SynchronousTestCase):
         }
         doc = dict(chunk, choices=[{"index": 0, "delta": calls, "logprobs": None, "finish_reason": "tool_calls"}])
         _, out = self.translate(sse_encode_openai([chunk, doc]))
+        message = accumulate_anthropic(anthropic_events(out))
+        self.assertEqual([(b.id, b.name, b.input) for b in message.content], [("c0", "a", {"x": 1}), ("c1", "b", {"y": 2})])
+
+    def test_interleaved_tool_fragments_reach_their_block(self) -> None:
+        first = openai_stream_chunks([], "g", include_usage=False)[0]
+
+        def delta(calls: list, finish: str | None = None) -> dict:
+            return dict(first, choices=[{"index": 0, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": finish}])
+
+        chunks = [
+            first,
+            delta([{"index": 0, "id": "c0", "type": "function", "function": {"name": "a", "arguments": '{"x":'}}]),
+            delta([{"index": 1, "id": "c1", "type": "function", "function": {"name": "b", "arguments": '{"y":'}}]),
+            delta([{"index": 0, "function": {"arguments": "1}"}}]),
+            delta([{"index": 1, "function": {"arguments": "2}"}}]),
+            dict(first, choices=[{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}]),
+        ]
+        _, out = self.translate(sse_encode_openai(chunks))
         message = accumulate_anthropic(anthropic_events(out))
         self.assertEqual([(b.id, b.name, b.input) for b in message.content], [("c0", "a", {"x": 1}), ("c1", "b", {"y": 2})])
 

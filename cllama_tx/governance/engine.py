@@ -1,0 +1,355 @@
+"""
+Governance of one request: which model it may use (model policy, budget
+tiers), whether it may go at all (rate limits, budget reservations), and
+closing those books when it ends.  The proxy calls L{Governance.admit}
+before it sends anything upstream and L{Governance.finish} once the request
+is settled; everything in between is the rooms' pure logic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import attrs
+from twisted.logger import Logger
+
+from ..accounting.usage import estimate_prompt_tokens
+from ..errors import ProxyError
+from ..surfaces.matrix import InvalidModelRef, ModelRef, split_model_ref
+from .budgets import BudgetError, Refusal, Reservation, layer_budgets, parse_budget, refusal_body
+from .policy import PolicyError, decide, parse_policy
+from .ratelimit import RateLimiter
+
+log = Logger()
+
+# How often an agent's governance file is stat()ed at most.
+RECHECK_INTERVAL = 1.0
+
+
+@attrs.define
+class Admission:
+    """What admitting a request decided, kept until it is finished."""
+
+    agent: str
+    candidates: tuple[ModelRef, ...]
+    reservation: Reservation | None = None
+    openrouter_models: list[str] | None = None
+    rate_key: str | None = None
+    rate_at: float | None = None
+    token_estimate: int = 0
+    budget_label: str | None = None
+
+
+@attrs.frozen
+class RateLimits:
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+def budget_error(refusal: Refusal) -> ProxyError:
+    """A budget refusal as a ProxyError with the contract's body."""
+    retry = refusal.retry_after_header
+    return ProxyError(
+        refusal.status,
+        refusal.code,
+        refusal.message,
+        retry_after=int(retry) if retry is not None else None,
+        extra={"budget": refusal_body(refusal)["budget"]},
+        error_type=refusal.code,
+    )
+
+
+class _FileCache:
+    """
+    C{CLAW_GOVERNANCE_DIR/<agent>/budget.json}, stat()ed at most once per
+    interval and re-read only when it changed: no per-request file reads.
+    """
+
+    def __init__(self, root: str | None, clock) -> None:
+        self._root = root
+        self._clock = clock
+        self._entries: dict[str, tuple[float, tuple | None, dict | None]] = {}
+
+    def get(self, agent: str) -> dict | None:
+        if not self._root:
+            return None
+        now = self._clock.seconds()
+        cached = self._entries.get(agent)
+        if cached is not None and now - cached[0] < RECHECK_INTERVAL:
+            return cached[2]
+        path = os.path.join(self._root, agent, "budget.json")
+        try:
+            st = os.stat(path)
+            signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            signature = None
+        if cached is not None and cached[1] == signature:
+            self._entries[agent] = (now, signature, cached[2])
+            return cached[2]
+        doc = None
+        if signature is not None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    doc = json.load(f)
+                if not isinstance(doc, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as e:
+                log.warn("ignoring governance budget file {path}: {error}", path=path, error=str(e))
+                doc = None
+        self._entries[agent] = (now, signature, doc)
+        return doc
+
+
+class Governance:
+    """Admission control for every request; one instance per daemon."""
+
+    def __init__(
+        self,
+        *,
+        clock,
+        book,
+        limiter: RateLimiter,
+        governance_dir: str | None = None,
+        policy_file_budgets: Callable[[], dict] = dict,
+        runtime_overrides: Callable[[], dict] = dict,
+        default_limits: RateLimits = RateLimits(),
+        intervention: Callable[..., None] = lambda *a, **k: None,
+        alerts=None,
+    ) -> None:
+        self._clock = clock
+        self.book = book
+        self._limiter = limiter
+        self._files = _FileCache(governance_dir, clock)
+        self._policy_file_budgets = policy_file_budgets
+        self._runtime_overrides = runtime_overrides
+        self._default_limits = default_limits
+        self._intervention = intervention
+        self._alerts = alerts
+        self._policies: dict[str, tuple[Any, Any]] = {}
+        self._budgets: dict[str, tuple[tuple, Any]] = {}
+
+    # -- configuration per agent (cached; recomputed only when a source changed)
+
+    def policy(self, context):
+        cached = self._policies.get(context.agent_id)
+        if cached is not None and cached[0] is context:
+            return cached[1]
+        try:
+            policy = parse_policy(context.model_policy)
+        except PolicyError as e:
+            log.warn("agent {agent} has an invalid model_policy: {error}", agent=context.agent_id, error=str(e))
+            raise ProxyError(403, "invalid_model_policy", "this agent's model policy is invalid; ask the operator") from None
+        self._policies[context.agent_id] = (context, policy)
+        return policy
+
+    def _sources(self, context) -> tuple:
+        """Every layer of an agent's budget, lowest first."""
+        agent = context.agent_id
+        runtime = (self._runtime_overrides().get(agent) or {}).get("budget")
+        return (context, self._policy_file_budgets().get(agent), self._files.get(agent), runtime)
+
+    @staticmethod
+    def raw_budget(sources: tuple) -> dict | None:
+        """
+        metadata.json's budget (with budget-override.json), then the policy
+        file, then CLAW_GOVERNANCE_DIR/<agent>/budget.json, then the
+        operator's runtime change: later layers win key by key.
+        """
+        context, policy_file, governance_file, runtime = sources
+        files = layer_budgets(context.budget, None, governance_file, policy_file_budget=policy_file)
+        return layer_budgets(files, None, runtime) if runtime else files
+
+    def budget(self, context):
+        sources = self._sources(context)
+        cached = self._budgets.get(context.agent_id)
+        if cached is not None and all(a is b for a, b in zip(cached[0], sources)):
+            return cached[1]
+        raw = self.raw_budget(sources)
+        key = sources
+        try:
+            budget = parse_budget(raw)
+        except BudgetError as e:
+            log.warn("agent {agent} has an invalid budget: {error}", agent=context.agent_id, error=str(e))
+            raise ProxyError(503, "budget_unavailable", "budget enforcement unavailable for this agent") from None
+        self._budgets[context.agent_id] = (key, budget)
+        return budget
+
+    def limits(self, context) -> RateLimits:
+        raw = (context.metadata or {}).get("rate_limits")
+        if not isinstance(raw, dict):
+            return self._default_limits
+        def number(name, default):
+            value = raw.get(name)
+            return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+        return RateLimits(number("rpm", self._default_limits.rpm), number("tpm", self._default_limits.tpm))
+
+    # -- admission
+
+    def admit(self, ex, context, doc: dict) -> Admission:
+        """
+        Decide the model and admit the request, or raise the ProxyError to
+        answer with.  Nothing is held when this raises.
+        """
+        requested = doc.get("model") if "model" in doc else None
+        decision = decide(self.policy(context), requested)
+        if decision.intervention is not None:
+            self._intervention(ex, decision.intervention, requested_model=requested, chosen=str(decision.ref))
+        admission = Admission(agent=context.agent_id, candidates=decision.candidates)
+        admission.token_estimate = estimate_prompt_tokens(doc, ex.surface.api_format)
+        budget = self.budget(context)
+        tz = context.timezone
+        if budget is not None:
+            admission.budget_label = budget.label
+            self._apply_tiers(ex, admission, budget, tz)
+        self._check_rate(admission, context, doc)
+        if budget is not None:
+            try:
+                self._reserve(admission, budget, tz, doc)
+            except ProxyError:
+                self._release_rate(admission)
+                raise
+        return admission
+
+    def _apply_tiers(self, ex, admission: Admission, budget, tz) -> None:
+        chosen = admission.candidates[0]
+        try:
+            decision = self.book.choose_model(admission.agent, budget, str(chosen), tz)
+        except BudgetError as e:
+            log.warn("budget check failed for {agent}: {error}", agent=admission.agent, error=str(e))
+            raise ProxyError(503, "budget_unavailable", "budget enforcement unavailable for this agent") from None
+        if isinstance(decision, Refusal):
+            raise budget_error(decision)
+        if decision.ref is not None and decision.ref != str(chosen):
+            try:
+                ref = split_model_ref(decision.ref)
+            except InvalidModelRef:
+                log.warn("budget tier names an unroutable model {ref}", ref=decision.ref)
+                return
+            self._intervention(
+                ex, "budget_tier_downgrade", from_model=str(chosen), to_model=decision.ref,
+                remaining_fraction=decision.remaining_fraction,
+            )
+            # A downgrade never fails over to the dearer models it replaced.
+            admission.candidates = (ref,)
+        if decision.openrouter_models:
+            admission.openrouter_models = [
+                m.partition("/")[2] if m.lower().startswith("openrouter/") else m
+                for m in decision.openrouter_models
+            ]
+
+    def _check_rate(self, admission: Admission, context, doc: dict) -> None:
+        limits = self.limits(context)
+        if limits.rpm is None and limits.tpm is None:
+            return
+        tokens = admission.token_estimate + _max_tokens(doc, 0)
+        verdict = self._limiter.check(context.agent_id, limits.rpm, limits.tpm, tokens)
+        if not verdict.allowed:
+            message = (
+                "request too large for the agent's tokens-per-minute limit"
+                if verdict.never
+                else "request rate limit exceeded"
+            )
+            raise ProxyError(
+                429, "rate_limited", message, retry_after=max(1, int(-(-verdict.retry_after // 1))),
+                error_type="rate_limited",
+            )
+        admission.rate_key = context.agent_id
+        admission.rate_at = verdict.at
+        admission.token_estimate = tokens
+
+    def _release_rate(self, admission: Admission) -> None:
+        if admission.rate_key is not None:
+            self._limiter.settle(admission.rate_key, admission.token_estimate, 0, admitted_at=admission.rate_at)
+            admission.rate_key = None
+
+    def _reserve(self, admission: Admission, budget, tz, doc: dict) -> None:
+        worst = None
+        for ref in admission.candidates:
+            cost = self.book.worst_case(ref.provider, ref.model, admission.token_estimate, _max_tokens(doc, None))
+            if cost is not None:
+                worst = cost if worst is None else max(worst, cost)
+        try:
+            held = self.book.reserve(admission.agent, budget, worst, tz)
+        except BudgetError as e:
+            log.warn("budget check failed for {agent}: {error}", agent=admission.agent, error=str(e))
+            raise ProxyError(503, "budget_unavailable", "budget enforcement unavailable for this agent") from None
+        if isinstance(held, Refusal):
+            raise budget_error(held)
+        admission.reservation = held
+
+    # -- the end of a request
+
+    def finish(self, ex, row) -> None:
+        """Settle the reservation and the rate window with what it cost."""
+        admission = ex.admission
+        if admission is None:
+            return
+        ex.admission = None
+        success = 200 <= row.status < 300
+        if admission.rate_key is not None:
+            actual = row.input_tokens + row.output_tokens
+            self._limiter.settle(admission.rate_key, admission.token_estimate, actual, admitted_at=admission.rate_at)
+        held = admission.reservation
+        if held is None:
+            return
+        if success or row.cost_usd > 0:
+            self.book.settle(held, row.cost_usd if row.priced else None, counted=success)
+        else:
+            self.book.release(held)
+        if held.alert:
+            self._intervention(ex, "budget_alert", reason=held.alert_reason, budget=admission.budget_label)
+        if self._alerts is not None:
+            usage = self.book.usage(admission.agent, held.budget, held.tz)
+            if held.budget.limit_usd:
+                used = usage.cost_usd / held.budget.limit_usd
+            elif held.budget.max_requests:
+                used = usage.requests / held.budget.max_requests
+            else:
+                return
+            self._alerts.observe(
+                admission.agent,
+                held.budget.label,
+                f"{usage.start:.0f}",
+                used,
+                {
+                    "behavior": held.budget.behavior,
+                    "spent_usd": usage.cost_usd,
+                    "limit_usd": held.budget.limit_usd,
+                    "requests": usage.requests,
+                    "max_requests": held.budget.max_requests,
+                    "period_start": usage.start,
+                    "period_end": usage.end,
+                },
+            )
+
+
+def _max_tokens(doc: dict, default):
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = doc.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
+def build_governance(*, clock, pricing, metering, governance_dir, policy_file, unpriced, default_rpm, default_tpm,
+                     runtime_overrides=dict, alerts=None):
+    """The daemon's Governance, wired to metering (interventions, settlement)."""
+    from .budgets import BudgetBook
+    from .policy_file import load_policy_file
+
+    policy_budgets = load_policy_file(policy_file, os.environ) if policy_file else {}
+    governance = Governance(
+        clock=clock,
+        book=BudgetBook(clock, pricing, unpriced=unpriced),
+        limiter=RateLimiter(clock),
+        governance_dir=governance_dir,
+        policy_file_budgets=lambda: policy_budgets,
+        runtime_overrides=runtime_overrides,
+        default_limits=RateLimits(default_rpm, default_tpm),
+        intervention=metering.intervention,
+        alerts=alerts,
+    )
+    metering.on_settled.append(governance.finish)
+    return governance
