@@ -49,6 +49,7 @@ class Exchange:
     response_sse_size: int = 0
     settled: bool = False
     attempt_started: float = 0.0
+    body_size: int = 0
     admission: object = None  # what governance held for this request
     bridge: object = None  # the surface translation in use, if any
 

@@ -156,7 +156,7 @@ class Proxy:
     async def _serve(self, request, ex: Exchange) -> None:
         context = self._identify(request)
         ex.claw_id = context.agent_id
-        doc = self._parse_body(request)
+        doc = self._parse_body(request, ex)
         model = doc.get("model")
         policy = self._governance.policy(context)
         if (model is not None or policy is None) and (not isinstance(model, str) or not model.strip()):
@@ -234,8 +234,9 @@ class Proxy:
         return context
 
     @staticmethod
-    def _parse_body(request) -> dict:
+    def _parse_body(request, ex: Exchange) -> dict:
         raw = request.content.read()
+        ex.body_size = len(raw)
         try:
             doc = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:

@@ -37,8 +37,10 @@ Row semantics (also in C{docs/LEDGER.md}):
 
 from __future__ import annotations
 
+import copy
 import datetime
 import functools
+import json
 import math
 import os
 import queue
@@ -56,8 +58,11 @@ from zope.interface import implementer
 from ..interfaces import ILedger
 from .records import LedgerRow
 
-SCHEMA_VERSION = 1
-"""The version written to C{meta}; a newer one in the file refuses to start."""
+SCHEMA_VERSION = 2
+"""The version written to C{meta}; a newer one in the file refuses to start.
+
+1: C{requests}, C{rollups}.  2: C{rollups.counted_requests} and
+C{rollups.counted_unpriced_requests} (budget seeding), C{budget_overrides}."""
 
 PRUNE_INTERVAL = 3600.0
 """Seconds between two retention prunes."""
@@ -67,6 +72,9 @@ MAX_BATCH = 5000
 
 MAX_READ_LIMIT = 10000
 """Upper bound of C{limit} in L{SqliteLedger.recent} and L{SqliteLedger.rows_after}."""
+
+TIMELINE_BUCKET = 60
+"""Seconds per entry of L{SqliteLedger.spend_timeline} (one minute)."""
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -465,19 +473,52 @@ CREATE TABLE IF NOT EXISTS rollups (
     cache_read_tokens INTEGER NOT NULL,
     cache_write_tokens INTEGER NOT NULL,
     cost_usd REAL NOT NULL,
+    counted_requests INTEGER NOT NULL DEFAULT 0,
+    counted_unpriced_requests INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (day, agent, provider, model, key_id, team_id, user_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS budget_overrides (
+    agent TEXT PRIMARY KEY,
+    budget_json TEXT,
+    spent_offset_usd REAL,
+    reset_at REAL,
+    updated_at REAL NOT NULL,
+    updated_by TEXT
+);
 """
 
 # Migrations from version N to N+1, run in the same transaction as the
-# version bump.  None yet.
-_MIGRATIONS: dict[int, str] = {}
+# version bump (so a failed step leaves the file at version N).
+_MIGRATIONS: dict[int, str] = {
+    # 1 -> 2: budget seeding and runtime budget overrides.  Rollups written
+    # by version 1 did not count 2xx rows apart: every non-error row (2xx or
+    # 3xx; the proxy answers no 3xx) is taken as counted, and its unpriced
+    # part is bounded by the unpriced rows of the group (docs/LEDGER.md).
+    1: """
+ALTER TABLE rollups ADD COLUMN counted_requests INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rollups ADD COLUMN counted_unpriced_requests INTEGER NOT NULL DEFAULT 0;
+UPDATE rollups SET
+    counted_requests = requests - errors,
+    counted_unpriced_requests = MIN(unpriced_requests, requests - errors);
+CREATE TABLE IF NOT EXISTS budget_overrides (
+    agent TEXT PRIMARY KEY,
+    budget_json TEXT,
+    spent_offset_usd REAL,
+    reset_at REAL,
+    updated_at REAL NOT NULL,
+    updated_by TEXT
+);
+""",
+}
 
 _INSERT = "INSERT INTO requests ({}) VALUES ({})".format(
     ", ".join(_ROW_FIELDS), ", ".join("?" for _ in _ROW_FIELDS)
 )
 
 _ERROR_SQL = "CASE WHEN status < 200 OR status >= 400 THEN 1 ELSE 0 END"
+# A row that counts against a request budget: a successful (2xx) turn.
+_COUNTED_SQL = "CASE WHEN status >= 200 AND status < 300 THEN 1 ELSE 0 END"
+_COUNTED_UNPRICED_SQL = "CASE WHEN status >= 200 AND status < 300 AND priced = 0 THEN 1 ELSE 0 END"
 
 # The per-group counters of `requests`, in the order of the rollups columns.
 _ROLLUP_COUNTERS = (
@@ -510,15 +551,22 @@ _AGGREGATES_AS_SQL = ", ".join(
 )
 _ROLLUP_SUMS_SQL = ", ".join(f"SUM({c})" for c in _ROLLUP_COUNTERS)
 
+# Budget counters of a rollup group (not part of L{Bucket}: only
+# spend_timeline reads them).
+_BUDGET_COUNTERS = ("counted_requests", "counted_unpriced_requests")
+_BUDGET_AGGREGATES_SQL = f"SUM({_COUNTED_SQL}), SUM({_COUNTED_UNPRICED_SQL})"
+
 _PRUNE_ROLLUP = f"""
-INSERT INTO rollups (day, agent, provider, model, key_id, team_id, user_id, {", ".join(_ROLLUP_COUNTERS)})
+INSERT INTO rollups (day, agent, provider, model, key_id, team_id, user_id,
+                     {", ".join(_ROLLUP_COUNTERS + _BUDGET_COUNTERS)})
 SELECT {_DAY_SQL}, COALESCE(agent, ''), COALESCE(provider, ''), COALESCE(effective_model, ''),
-       COALESCE(key_id, ''), COALESCE(team_id, ''), COALESCE(user_id, ''), {_AGGREGATES_SQL}
+       COALESCE(key_id, ''), COALESCE(team_id, ''), COALESCE(user_id, ''), {_AGGREGATES_SQL},
+       {_BUDGET_AGGREGATES_SQL}
 FROM requests
 WHERE ts < :bound AND {_DAY_NUMBER_SQL} < :day
 GROUP BY 1, 2, 3, 4, 5, 6, 7
 ON CONFLICT (day, agent, provider, model, key_id, team_id, user_id) DO UPDATE SET
-    {", ".join(f"{c} = {c} + excluded.{c}" for c in _ROLLUP_COUNTERS)}
+    {", ".join(f"{c} = {c} + excluded.{c}" for c in _ROLLUP_COUNTERS + _BUDGET_COUNTERS)}
 """
 _PRUNE_DELETE = f"DELETE FROM requests WHERE ts < :bound AND {_DAY_NUMBER_SQL} < :day"
 
@@ -632,6 +680,200 @@ def _rebuild_totals(conn: sqlite3.Connection) -> Totals:
     for day, agent, provider, model, *counters in conn.execute(_REBUILD):
         totals.add_aggregate(day, (agent, provider, model), _bucket_from(counters))
     return totals
+
+
+def _run_read(path: str, function: Callable[[sqlite3.Connection], Any]) -> Any:
+    """
+    Run C{function(connection)} on a fresh read-only connection, in the
+    calling thread, inside one read transaction (one snapshot).
+    """
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        conn.execute("BEGIN")  # one snapshot for every SELECT below
+        try:
+            return function(conn)
+        finally:
+            conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def _write_transaction(conn: sqlite3.Connection, statement: str, params: tuple[Any, ...]) -> None:
+    """On the writer thread: C{statement} in a transaction of its own."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(statement, params)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+# --- budget seeding -----------------------------------------------------------
+
+TimelineEntry = tuple[str, float, float, int, int]
+"""C{(agent, bucket_start_ts, cost_usd, counted_requests, unpriced_requests)}."""
+
+
+_LAST_DAY = datetime.date.max.toordinal() - _EPOCH_ORDINAL
+
+
+def _day_start(day: str) -> float:
+    """Epoch seconds of midnight UTC starting C{'YYYY-MM-DD'}."""
+    return (datetime.date.fromisoformat(day).toordinal() - _EPOCH_ORDINAL) * SECONDS_PER_DAY
+
+
+def _timeline_reader(
+    since: float, resets: dict[str, float], bucket: int
+) -> Callable[[sqlite3.Connection], list[TimelineEntry]]:
+    """
+    The read behind L{SqliteLedger.spend_timeline}: every entry it returns
+    has C{ts >= since} and C{ts >= resets[agent]}.
+    """
+    # Only the resets that cut into the range filter anything.  A CASE, not
+    # a chain of ANDs or a join: flat (no expression depth limit) and the
+    # cheapest of the three on a month of rows.
+    cuts = sorted((agent, at) for agent, at in resets.items() if at > since)
+    where = ["ts >= ?", "+agent IS NOT NULL"]
+    args: list[Any] = [since]
+    if cuts:
+        where.append(f"ts >= CASE +agent {' '.join('WHEN ? THEN ?' for _ in cuts)} ELSE ? END")
+        for agent, at in cuts:
+            args.extend((agent, at))
+        args.append(since)
+    # Grouped by slot first: the rows come from the ts index in ts order,
+    # which makes the GROUP BY's temporary b-tree cheap ("+agent" keeps the
+    # planner off the agent index, which would read every row).
+    requests_sql = (
+        f"SELECT agent, CAST(ts / {bucket} AS INTEGER) AS slot, SUM(cost_usd), "
+        f"SUM({_COUNTED_SQL}) AS counted, SUM({_COUNTED_UNPRICED_SQL}) "
+        f"FROM requests WHERE {' AND '.join(where)} "
+        "GROUP BY slot, +agent HAVING SUM(cost_usd) != 0 OR counted > 0"
+    )
+    first_day = day_string(min(max(math.ceil(since / SECONDS_PER_DAY), 0), _LAST_DAY))
+    rollups_sql = (
+        "SELECT agent, day, SUM(cost_usd), SUM(counted_requests), SUM(counted_unpriced_requests) "
+        "FROM rollups WHERE agent != '' AND day >= ? GROUP BY agent, day"
+    )
+
+    def read(conn: sqlite3.Connection) -> list[TimelineEntry]:
+        entries: dict[tuple[str, float], list] = {}
+        for agent, slot, cost, counted, unpriced in conn.execute(requests_sql, args):
+            entries[(agent, float(slot * bucket))] = [cost or 0.0, counted or 0, unpriced or 0]
+        for agent, day, cost, counted, unpriced in conn.execute(rollups_sql, (first_day,)):
+            if not cost and not counted:
+                continue
+            start = _day_start(day)
+            if start < since or start < resets.get(agent, start):
+                continue  # a day is never split: one that began before the cut is left out
+            # A late row of a rolled-up day may share the day's first slot.
+            entry = entries.setdefault((agent, start), [0.0, 0, 0])
+            entry[0] += cost or 0.0
+            entry[1] += counted or 0
+            entry[2] += unpriced or 0
+        return [
+            (agent, ts, _money(cost), int(counted), int(unpriced))
+            for (agent, ts), (cost, counted, unpriced) in sorted(entries.items())
+        ]
+
+    return read
+
+
+def _timeline_arguments(since: float, bucket_seconds: int) -> tuple[float, int]:
+    if isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since):
+        raise ValueError(f"since must be a finite number of epoch seconds, not {since!r}")
+    if isinstance(bucket_seconds, bool) or not isinstance(bucket_seconds, int) or not 1 <= bucket_seconds <= 86400:
+        raise ValueError(f"bucket_seconds must be a whole number from 1 to 86400, not {bucket_seconds!r}")
+    return float(since), bucket_seconds
+
+
+# --- budget overrides ---------------------------------------------------------
+
+_OVERRIDE_COLUMNS = ("agent", "budget_json", "spent_offset_usd", "reset_at", "updated_at", "updated_by")
+_UPSERT_OVERRIDE = (
+    f"INSERT INTO budget_overrides ({', '.join(_OVERRIDE_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (agent) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _OVERRIDE_COLUMNS[1:])
+)
+_DELETE_OVERRIDE = "DELETE FROM budget_overrides WHERE agent = ?"
+_SELECT_OVERRIDES = f"SELECT {', '.join(_OVERRIDE_COLUMNS)} FROM budget_overrides"
+
+
+def _override_entry(
+    budget: dict | None,
+    spent_offset_usd: float | None,
+    reset_at: float | None,
+    updated_at: float,
+    updated_by: str | None,
+) -> dict[str, Any]:
+    return {
+        "budget": budget,
+        "spent_offset_usd": spent_offset_usd,
+        "reset_at": reset_at,
+        "updated_at": updated_at,
+        "updated_by": updated_by,
+    }
+
+
+def _copy_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    return dict(entry, budget=copy.deepcopy(entry["budget"]))
+
+
+def _encode_budget(budget: dict) -> str:
+    return json.dumps(budget, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _override_row(agent: str, entry: dict[str, Any]) -> tuple[Any, ...]:
+    budget = entry["budget"]
+    return (
+        agent,
+        None if budget is None else _encode_budget(budget),
+        entry["spent_offset_usd"],
+        entry["reset_at"],
+        entry["updated_at"],
+        entry["updated_by"],
+    )
+
+
+def _override_from_row(path: str, row: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
+    agent, budget_json, offset, reset_at, updated_at, updated_by = row
+    budget = None
+    if budget_json is not None:
+        try:
+            budget = json.loads(budget_json)
+        except ValueError:
+            budget = None
+        if not isinstance(budget, dict):
+            # Fail closed: an operator's budget that cannot be read must not
+            # silently become "no budget".
+            raise LedgerSchemaError(f"{path}: the budget override of {agent!r} is not a JSON object")
+    return agent, _override_entry(
+        budget,
+        None if offset is None else float(offset),
+        None if reset_at is None else float(reset_at),
+        float(updated_at),
+        updated_by,
+    )
+
+
+def _load_overrides(conn: sqlite3.Connection, path: str) -> dict[str, dict[str, Any]]:
+    return dict(_override_from_row(path, row) for row in conn.execute(_SELECT_OVERRIDES))
+
+
+def _check_agent(agent: str) -> str:
+    if not isinstance(agent, str) or not agent:
+        raise ValueError(f"agent must be a non-empty string, not {agent!r}")
+    return agent
+
+
+def _check_offset(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"spent_offset_usd must be a non-negative number, not {value!r}")
+    return float(value)
 
 
 # --- the writer thread ------------------------------------------------------
@@ -806,6 +1048,8 @@ class SqliteLedger(service.Service):
         self._closing: defer.Deferred | None = None
         self._close_waiters: list[defer.Deferred] = []
         self._retention: task.LoopingCall | None = None
+        self._overrides: dict[str, dict[str, Any]] = {}
+        self._override_writes: dict[str, int] = {}
 
     # -- lifecycle
 
@@ -820,10 +1064,13 @@ class SqliteLedger(service.Service):
         conn = _open_database(self.path, self.sync)
         try:
             totals = _rebuild_totals(conn)
+            overrides = _load_overrides(conn, self.path)
         except BaseException:
             conn.close()
             raise
         self._totals = totals
+        self._overrides = overrides
+        self._override_writes = {}
         self._writer = _Writer(conn, self._reactor, self._deliver)
         self._writer.start()
         service.Service.startService(self)
@@ -983,21 +1230,9 @@ class SqliteLedger(service.Service):
     def _read(self, function: Callable[[sqlite3.Connection], Any]) -> defer.Deferred:
         if self._writer is None:
             return defer.fail(LedgerClosed("the ledger is not running"))
-        path = self.path
-
-        def run() -> Any:
-            conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
-            try:
-                conn.execute("PRAGMA query_only = ON")
-                conn.execute("BEGIN")  # one snapshot for every SELECT below
-                try:
-                    return function(conn)
-                finally:
-                    conn.execute("COMMIT")
-            finally:
-                conn.close()
-
-        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), run)
+        return threads.deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), _run_read, self.path, function
+        )
 
     def ready(self) -> defer.Deferred:
         """Fires with True when the database answers a trivial query, else False."""
@@ -1114,6 +1349,194 @@ class SqliteLedger(service.Service):
             return result
 
         return self._read(query)
+
+    # -- budgets: seeding (CONTRACT 6)
+
+    def spend_timeline(self, since: float, bucket_seconds: int = TIMELINE_BUCKET) -> list[TimelineEntry]:
+        """
+        SYNCHRONOUS.  The committed spend of every identified agent from
+        C{since} (epoch seconds) on, to seed the budget book at start:
+        C{(agent, bucket_start_ts, cost_usd, counted_requests,
+        unpriced_requests)} per agent and minute (C{bucket_seconds}),
+        aggregated in SQL, sorted by agent then time.
+
+          - C{cost_usd} sums every row of the bucket, whatever its status
+            (a stream cut off after usage was billed still cost money);
+          - C{counted_requests} are the rows that count against
+            C{max_requests}: status 2xx, successful turns;
+          - C{unpriced_requests} are the counted rows without a price (the
+            book's unknown-cost requests);
+          - a bucket with neither cost nor counted requests is left out;
+          - rows before the agent's C{reset_at} (L{reset_budget}) are left
+            out, as they no longer count against its budget;
+          - pruned history comes from C{rollups} as one entry per UTC day,
+            at the day's start; a rolled-up day that starts before
+            C{since} or before the agent's reset is left out whole.
+
+        Every returned C{ts} is C{>= since} and C{>=} the agent's reset.
+        It blocks the calling thread: it is meant to run once, on the
+        reactor thread, after L{startService} and before anything is
+        served, when nothing else waits for the reactor (a month of 2
+        million rows takes about 2 s).  Use L{spend_timeline_async} at any
+        other time.
+
+        @raise LedgerClosed: the ledger is not running.
+        @raise ValueError: C{since} is not finite, or C{bucket_seconds} is
+            not a whole number from 1 to 86400.
+        """
+        if self._writer is None:
+            raise LedgerClosed("the ledger is not running")
+        since, bucket = _timeline_arguments(since, bucket_seconds)
+        return _run_read(self.path, _timeline_reader(since, self._reset_times(), bucket))
+
+    def spend_timeline_async(self, since: float, bucket_seconds: int = TIMELINE_BUCKET) -> defer.Deferred:
+        """L{spend_timeline} in the read threadpool: fires with the same list."""
+        try:
+            since, bucket = _timeline_arguments(since, bucket_seconds)
+        except ValueError:
+            return defer.fail()
+        return self._read(_timeline_reader(since, self._reset_times(), bucket))
+
+    def _reset_times(self) -> dict[str, float]:
+        """Each agent's C{reset_at}, from memory (so a reset not yet committed counts)."""
+        return {
+            agent: entry["reset_at"]
+            for agent, entry in self._overrides.items()
+            if entry["reset_at"] is not None
+        }
+
+    # -- budgets: runtime overrides (POST /api/budget/<agent>, /api/reset/<agent>)
+
+    def budget_overrides(self) -> dict[str, dict[str, Any]]:
+        """
+        Every agent's runtime override, from memory (loaded at start, updated
+        the moment a change is asked for): copies of C{{"budget": dict |
+        None, "spent_offset_usd": float | None, "reset_at": float | None,
+        "updated_at": float, "updated_by": str | None}}.
+        """
+        return {agent: _copy_entry(entry) for agent, entry in self._overrides.items()}
+
+    def budget_override(self, agent: str) -> dict[str, Any] | None:
+        """One agent's entry of L{budget_overrides}, or L{None}."""
+        entry = self._overrides.get(agent)
+        return None if entry is None else _copy_entry(entry)
+
+    def set_budget_override(
+        self, agent: str, budget: dict | None, spent_offset_usd: float | None, actor: str
+    ) -> defer.Deferred:
+        """
+        Set C{agent}'s override budget (a JSON object, stored as given: the
+        caller validates it) and/or spent offset; L{None} keeps the previous
+        value.  C{reset_at} is kept.  Memory changes now; the Deferred fires
+        with a copy of the new entry once it is committed (after every row
+        recorded before this call), or fails (memory is then reloaded from
+        the database), with L{LedgerClosed} if the ledger is not running.
+
+        @raise ValueError: C{agent} is empty, C{spent_offset_usd} is negative
+            or not finite, or C{budget} is not a JSON-serialisable object.
+        """
+        _check_agent(agent)
+        if budget is not None:
+            if not isinstance(budget, dict):
+                raise ValueError("the budget must be a JSON object (a dict)")
+            try:
+                budget = json.loads(_encode_budget(budget))  # a private copy, JSON types only
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"the budget is not JSON-serialisable: {e}") from None
+        offset = _check_offset(spent_offset_usd)
+        previous = self._overrides.get(agent)
+        if previous is not None:
+            budget = previous["budget"] if budget is None else budget
+            offset = previous["spent_offset_usd"] if offset is None else offset
+        reset_at = None if previous is None else previous["reset_at"]
+        entry = _override_entry(budget, offset, reset_at, self._clock.seconds(), actor)
+        return self._write_override(agent, entry)
+
+    def reset_budget(self, agent: str, actor: str) -> defer.Deferred:
+        """
+        Forget C{agent}'s spend so far: C{reset_at} becomes now, and the
+        override's budget and offset are cleared (the policy layers' budget
+        applies again).  Rows before C{reset_at} stay in the ledger (costs,
+        totals, exports) but no longer count against a budget:
+        L{spend_timeline} skips them, across restarts.  Fires like
+        L{set_budget_override}.
+        """
+        _check_agent(agent)
+        now = self._clock.seconds()
+        return self._write_override(agent, _override_entry(None, None, now, now, actor))
+
+    def clear_budget_override(
+        self, agent: str, actor: str | None = None, *, forget_reset: bool = False
+    ) -> defer.Deferred:
+        """
+        Drop C{agent}'s override budget and offset.  Its C{reset_at} is kept
+        (clearing an override must not bring back spend that was reset),
+        unless C{forget_reset}: then the whole entry goes.  Fires with
+        L{None} once committed; nothing to clear fires at once.
+        """
+        _check_agent(agent)
+        if self._writer is None:
+            return defer.fail(LedgerClosed("the ledger is not running"))
+        previous = self._overrides.get(agent)
+        if previous is None:
+            return defer.succeed(None)
+        if forget_reset or previous["reset_at"] is None:
+            d = self._write_override(agent, None)
+        else:
+            entry = _override_entry(None, None, previous["reset_at"], self._clock.seconds(), actor)
+            d = self._write_override(agent, entry)
+        return d.addCallback(lambda _: None)
+
+    def _write_override(self, agent: str, entry: dict[str, Any] | None) -> defer.Deferred:
+        """
+        Put C{entry} (L{None}: delete) in memory now and on disk through the
+        writer, in queue order.  The whole row is written, so the last call
+        wins on disk as in memory.
+        """
+        if self._writer is None:
+            return defer.fail(LedgerClosed("the ledger is not running"))
+        if entry is None:
+            self._overrides.pop(agent, None)
+            d = self._on_writer(functools.partial(_write_transaction, statement=_DELETE_OVERRIDE, params=(agent,)))
+        else:
+            self._overrides[agent] = entry
+            d = self._on_writer(
+                functools.partial(_write_transaction, statement=_UPSERT_OVERRIDE, params=_override_row(agent, entry))
+            )
+        self._override_writes[agent] = self._override_writes.get(agent, 0) + 1
+
+        def failed(failure: Failure) -> Failure:
+            _log.error(
+                "ledger: could not store the budget override of {agent}: {error}",
+                agent=agent,
+                error=failure.getErrorMessage(),
+            )
+            self._reload_override(agent)
+            return failure
+
+        return d.addCallbacks(lambda _: None if entry is None else _copy_entry(entry), failed)
+
+    def _reload_override(self, agent: str) -> None:
+        """After a failed write: make memory what the database holds, unless a later write came."""
+        generation = self._override_writes.get(agent, 0)
+        path = self.path
+
+        def read(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+            return conn.execute(f"{_SELECT_OVERRIDES} WHERE agent = ?", (agent,)).fetchone()
+
+        def reloaded(found: tuple[Any, ...] | None) -> None:
+            if self._override_writes.get(agent, 0) != generation:
+                return  # a later write decides; its own failure reloads again
+            if found is None:
+                self._overrides.pop(agent, None)
+            else:
+                self._overrides[agent] = _override_from_row(path, found)[1]
+
+        def lost(failure: Failure) -> None:
+            if not failure.check(LedgerClosed):
+                _log.failure("ledger: could not reload the budget override of {agent}", failure, agent=agent)
+
+        self._on_writer(read).addCallbacks(reloaded, lost)
 
 
 def _clamp(limit: int) -> int:

@@ -206,7 +206,7 @@ class Governance:
         self._check_rate(admission, context, doc)
         if budget is not None:
             try:
-                self._reserve(admission, budget, tz, doc)
+                self._reserve(admission, budget, tz, doc, ex.body_size)
             except ProxyError:
                 self._release_rate(admission)
                 raise
@@ -264,10 +264,15 @@ class Governance:
             self._limiter.settle(admission.rate_key, admission.token_estimate, 0, admitted_at=admission.rate_at)
             admission.rate_key = None
 
-    def _reserve(self, admission: Admission, budget, tz, doc: dict) -> None:
+    def _reserve(self, admission: Admission, budget, tz, doc: dict, body_size: int) -> None:
+        """
+        Hold the worst case of the dearest candidate.  The prompt is bounded
+        by the body's size in bytes (no tokenizer makes more tokens than
+        bytes), so a settled cost never exceeds what was held.
+        """
         worst = None
         for ref in admission.candidates:
-            cost = self.book.worst_case(ref.provider, ref.model, admission.token_estimate, _max_tokens(doc, None))
+            cost = self.book.worst_case(ref.provider, ref.model, max(body_size, 1), _max_tokens(doc, None))
             if cost is not None:
                 worst = cost if worst is None else max(worst, cost)
         try:

@@ -25,6 +25,7 @@ from zope.interface.verify import verifyObject
 
 from cllama_tx.accounting.ledger import (
     PRUNE_INTERVAL,
+    SCHEMA_VERSION,
     LedgerClosed,
     LedgerSchemaError,
     SqliteLedger,
@@ -185,8 +186,11 @@ class ServiceTests(LedgerCase):
         ledger = self.open_ledger()
         await ledger.close()
         tables = {name for (name,) in sql(ledger.path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
-        self.assertTrue({"requests", "rollups", "meta"} <= tables)
-        self.assertEqual(sql(ledger.path, "SELECT value FROM meta WHERE key = 'schema_version'"), [("1",)])
+        self.assertTrue({"requests", "rollups", "meta", "budget_overrides"} <= tables)
+        self.assertEqual(
+            sql(ledger.path, "SELECT value FROM meta WHERE key = 'schema_version'"), [(str(SCHEMA_VERSION),)]
+        )
+        self.assertEqual(SCHEMA_VERSION, 2)
         columns = [c[1] for c in sql(ledger.path, "PRAGMA table_info(requests)")]
         self.assertEqual(columns[0], "id")
         self.assertEqual(set(columns[1:]), {f.name for f in LedgerRow.__attrs_attrs__})
