@@ -340,3 +340,76 @@ class CrashTests(TestCase):
         )
         costs = yield response.json()
         self.assertEqual(costs["total_requests"], len(recorded))
+
+
+class BudgetProofTests(TestCase):
+    """The concurrency proof against the real daemon: 200 at once, room for 10."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_200_concurrent_requests_admit_what_fits(self):
+        import json as _json
+        import sqlite3
+
+        from cllama_tx.testing import Reply, openai_completion
+
+        fake = FakeProvider(reactor)
+        yield fake.start()
+        self.addCleanup(fake.stop)
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(base, "auth"))
+        prices = os.path.join(base, "prices.json")
+        with open(prices, "w") as f:
+            _json.dump({"openai": {"gpt-test": {"input": 2.0, "output": 8.0}}}, f)
+        body = chat_body(model="openai/gpt-test", max_tokens=1000)
+        worst = (len(_json.dumps(body).encode()) * 2.0 + 1000 * 8.0) / 1e6
+        limit = worst * 10.5
+        write_agent(os.path.join(base, "context"), AGENT, SECRET, budget={"limit_usd": limit, "window": "1h"})
+        env = {
+            "LISTEN_ADDR": "tcp:0:interface=127.0.0.1",
+            "UI_ADDR": "127.0.0.1:0",
+            "CLAW_CONTEXT_ROOT": os.path.join(base, "context"),
+            "CLAW_AUTH_DIR": os.path.join(base, "auth"),
+            "CLLAMA_STATE_DIR": os.path.join(base, "state"),
+            "CLLAMA_PRICING_FILE": prices,
+            "OPENAI_API_KEY": PROVIDER_KEY,
+            "OPENAI_BASE_URL": fake.base_url,
+        }
+        gate = defer.Deferred()
+        for _ in range(200):
+            fake.enqueue(Reply(json=openai_completion("ok", "gpt-test", 30, 900), hold_until=gate))
+        process, _ = spawn_daemon(self, env)
+        ports = yield process.ready
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        url = f"http://127.0.0.1:{ports['API']}/v1/chat/completions"
+        refused = []
+        all_refused = defer.Deferred()
+
+        def arrived(response):
+            if response.code == 429:
+                refused.append(response)
+                if len(refused) == 190:
+                    all_refused.callback(None)
+            return response
+
+        responses = [
+            http.post(url, json=body, headers={"Authorization": f"Bearer {AGENT}:{SECRET}"}).addCallback(arrived)
+            for _ in range(200)
+        ]
+        yield all_refused
+        yield fake.wait_for_request(10)
+        self.assertEqual(len(fake.received), 10)
+        gate.callback(None)
+        done = yield defer.gatherResults(responses)
+        for response in done:
+            yield response.content()
+        self.assertEqual(sorted(r.code for r in done).count(200), 10)
+        yield process.wait_for_audit(lambda lines: len([l for l in lines if l["type"] == "response"]) == 10)
+        db = sqlite3.connect(os.path.join(base, "state", "ledger.sqlite3"))
+        spend, count = db.execute("SELECT SUM(cost_usd), COUNT(*) FROM requests WHERE status = 200").fetchone()
+        db.close()
+        self.assertEqual(count, 10)
+        self.assertLessEqual(spend, limit)

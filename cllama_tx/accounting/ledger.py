@@ -743,14 +743,15 @@ def _timeline_reader(
         for agent, at in cuts:
             args.extend((agent, at))
         args.append(since)
-    # Grouped by slot first: the rows come from the ts index in ts order,
-    # which makes the GROUP BY's temporary b-tree cheap ("+agent" keeps the
-    # planner off the agent index, which would read every row).
+    # Grouped by bucket first, then agent (the same groups as "agent,
+    # bucket"): the rows come from the ts index in ts order, which keeps the
+    # GROUP BY's temporary b-tree cheap; "+agent" keeps the planner off the
+    # agent index, which would read every row whatever C{since}.
     requests_sql = (
-        f"SELECT agent, CAST(ts / {bucket} AS INTEGER) AS slot, SUM(cost_usd), "
+        f"SELECT agent, CAST(ts / {bucket} AS INTEGER) * {bucket}.0, ROUND(SUM(cost_usd), 10), "
         f"SUM({_COUNTED_SQL}) AS counted, SUM({_COUNTED_UNPRICED_SQL}) "
         f"FROM requests WHERE {' AND '.join(where)} "
-        "GROUP BY slot, +agent HAVING SUM(cost_usd) != 0 OR counted > 0"
+        f"GROUP BY CAST(ts / {bucket} AS INTEGER), +agent HAVING SUM(cost_usd) != 0 OR counted > 0"
     )
     first_day = day_string(min(max(math.ceil(since / SECONDS_PER_DAY), 0), _LAST_DAY))
     rollups_sql = (
@@ -759,24 +760,28 @@ def _timeline_reader(
     )
 
     def read(conn: sqlite3.Connection) -> list[TimelineEntry]:
-        entries: dict[tuple[str, float], list] = {}
-        for agent, slot, cost, counted, unpriced in conn.execute(requests_sql, args):
-            entries[(agent, float(slot * bucket))] = [cost or 0.0, counted or 0, unpriced or 0]
+        entries: list[TimelineEntry] = conn.execute(requests_sql, args).fetchall()
+        days = []
         for agent, day, cost, counted, unpriced in conn.execute(rollups_sql, (first_day,)):
-            if not cost and not counted:
-                continue
             start = _day_start(day)
-            if start < since or start < resets.get(agent, start):
-                continue  # a day is never split: one that began before the cut is left out
-            # A late row of a rolled-up day may share the day's first slot.
-            entry = entries.setdefault((agent, start), [0.0, 0, 0])
-            entry[0] += cost or 0.0
-            entry[1] += counted or 0
-            entry[2] += unpriced or 0
-        return [
-            (agent, ts, _money(cost), int(counted), int(unpriced))
-            for (agent, ts), (cost, counted, unpriced) in sorted(entries.items())
-        ]
+            # A rolled-up day cannot be split: one that began before the cut is left out.
+            if (cost or counted) and start >= since and start >= resets.get(agent, start):
+                days.append((agent, start, _money(cost or 0.0), int(counted or 0), int(unpriced or 0)))
+        entries.extend(days)
+        entries.sort()  # by agent, then time (about 0.2 s for 900 000 entries)
+        if not days:
+            return entries
+        # A late row of a rolled-up day may share the day's first bucket: one entry each.
+        merged: list[TimelineEntry] = []
+        for entry in entries:
+            if merged and merged[-1][:2] == entry[:2]:
+                last = merged[-1]
+                merged[-1] = (
+                    last[0], last[1], _money(last[2] + entry[2]), last[3] + entry[3], last[4] + entry[4]
+                )
+            else:
+                merged.append(entry)
+        return merged
 
     return read
 

@@ -342,6 +342,7 @@ class _Delivery:
     attempts: int = 0
     call: Any = None  # the IDelayedCall of the next attempt
     request: Any = None  # the Deferred of the attempt in flight
+    timed_out: bool = False
 
 
 def _redacted(webhook: Any) -> str:
@@ -358,8 +359,11 @@ def _scrub(text: str, webhook: Any) -> str:
         parts = urlsplit(url)
         secrets = [url, parts.path + ("?" + parts.query if parts.query else ""), parts.path, parts.query,
                    parts.fragment, parts.username or "", parts.password or ""]
-        for secret in sorted(secrets, key=len, reverse=True):
-            if len(secret) > 1:
+        # Each path segment and query value on its own too: a service may
+        # quote just the token ("Unknown Webhook <token>").
+        secrets += parts.path.split("/") + re.split(r"[&=]", parts.query)
+        for secret in sorted(set(secrets), key=len, reverse=True):
+            if len(secret) >= 4:
                 text = text.replace(secret, "…")
     except Exception:
         pass
@@ -372,9 +376,7 @@ def _snippet(body: bytes, webhook: Any) -> str:
     return _scrub(text, webhook)
 
 
-def _describe(failure: Any, timeout: float, webhook: Any) -> str:
-    if failure.check(defer.TimeoutError):
-        return f"timed out after {timeout:g} s"
+def _describe(failure: Any, webhook: Any) -> str:
     value = failure.value
     name = type(value).__name__
     try:
@@ -672,11 +674,25 @@ class AlertNotifier(service.Service):
             # A broken webhook entry or client: no attempt will do better.
             self._give_up(delivery, f"cannot send ({type(e).__name__})")
             return
-        request.addCallback(self._read)
-        request.addTimeout(self.timeout, self._reactor)
+        delivery.timed_out = False
+        timer = self._reactor.callLater(self.timeout, self._time_out, delivery)
         delivery.request = request
+        request.addCallback(self._read)
+        request.addBoth(self._stop_timer, timer)
         request.addCallbacks(self._answered, self._errored, callbackArgs=(delivery,), errbackArgs=(delivery,))
         request.addErrback(self._bug, delivery)
+
+    @staticmethod
+    def _stop_timer(result: Any, timer: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        return result
+
+    @staticmethod
+    def _time_out(delivery: _Delivery) -> None:
+        if delivery.request is not None:
+            delivery.timed_out = True
+            delivery.request.cancel()
 
     @staticmethod
     def _read(response: Any) -> Any:
@@ -707,13 +723,13 @@ class AlertNotifier(service.Service):
         code, retry_after, body = result
         if isinstance(code, int) and 200 <= code < 300:
             self.sent += 1
-            self._finish(delivery)
             log.info(
                 "budget alert {threshold} for agent {agent} delivered to {webhook}",
                 threshold=delivery.notification.threshold,
                 agent=delivery.notification.agent,
                 webhook=_redacted(delivery.webhook),
             )
+            self._finish(delivery)
             return
         reason = f"HTTP {code}"
         snippet = _snippet(body, delivery.webhook)
@@ -725,13 +741,20 @@ class AlertNotifier(service.Service):
 
     def _errored(self, failure: Any, delivery: _Delivery) -> None:
         delivery.request = None
-        self._retry_or_give_up(delivery, _describe(failure, self.timeout, delivery.webhook), True, None)
+        if delivery.timed_out:
+            reason = f"timed out after {self.timeout:g} s"
+        else:
+            reason = _describe(failure, delivery.webhook)
+        self._retry_or_give_up(delivery, reason, True, None)
 
     def _bug(self, failure: Any, delivery: _Delivery) -> None:
         self.errors += 1
         delivery.request = None
-        log.error("budget alerts: internal error delivering to {webhook}: {error}",
-                  webhook=_redacted(delivery.webhook), error=failure.type.__name__)
+        log.error(
+            "budget alerts: internal error delivering to {webhook}: {error}",
+            webhook=_redacted(delivery.webhook),
+            error=failure.type.__name__,
+        )
         self._finish(delivery)
 
     def _retry_or_give_up(self, delivery: _Delivery, reason: str, retryable: bool, delay: float | None) -> None:
@@ -761,7 +784,6 @@ class AlertNotifier(service.Service):
 
     def _give_up(self, delivery: _Delivery, reason: str) -> None:
         self.failed += 1
-        self._finish(delivery)
         log.error(
             "budget alert {threshold} for agent {agent} not delivered to {webhook} "
             "after {attempts} attempt(s): {reason}",
@@ -771,6 +793,7 @@ class AlertNotifier(service.Service):
             attempts=delivery.attempts,
             reason=reason,
         )
+        self._finish(delivery)
 
     def _finish(self, delivery: _Delivery) -> None:
         self._deliveries.discard(delivery)
