@@ -173,6 +173,7 @@ class Config:
     unpriced_budget: str
     default_rpm: int | None
     default_tpm: int | None
+    alert_webhooks: str | None = attrs.field(repr=False)  # URLs embed tokens
     # The environment as seen after command-line overrides; provider keys and
     # base URLs are read from it by the provider registry.
     env: Mapping[str, str] = attrs.field(repr=False)
@@ -212,5 +213,6 @@ class Config:
             unpriced_budget=_choice(env, "CLLAMA_UNPRICED_BUDGET", ("refuse", "allow"), "refuse"),
             default_rpm=_count(env, "CLLAMA_DEFAULT_RPM"),
             default_tpm=_count(env, "CLLAMA_DEFAULT_TPM"),
+            alert_webhooks=env.get("CLLAMA_ALERT_WEBHOOKS") or None,
             env=env,
         )

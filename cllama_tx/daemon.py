@@ -24,7 +24,7 @@ from .accounting.ledger import SqliteLedger
 from .accounting.pricing import Pricing
 from .api import ApiApp, build_api_site
 from .audit import AuditLog
-from .config import Config
+from .config import Config, ConfigError
 from .identity.contexts import ContextRegistry
 from .interfaces import IProviderRegistry
 from .providers.catalog import ProviderSpec
@@ -32,6 +32,7 @@ from .providers.keys import KeyPool
 from .providers.registry import ProviderRegistry, ResolvedProvider, UnknownProvider
 from .governance.engine import build_governance
 from .metering import Metering
+from .operations import Operations
 from .proxy import Proxy
 from .relay import UpstreamClient
 from .ui import UiApp
@@ -130,6 +131,73 @@ def _address(port) -> str:
     return str(getattr(host, "name", host))
 
 
+def build_alerts(reactor, config: Config):
+    """The budget alert notifier, with an HTTP client of its own."""
+    import treq
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from .governance.alerts import AlertNotifier, WebhookError, parse_webhooks
+
+    try:
+        webhooks = parse_webhooks(config.alert_webhooks)
+    except WebhookError as e:
+        raise ConfigError(str(e)) from None
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    client = treq.client.HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
+    return AlertNotifier(reactor, client, webhooks, pod=config.pod)
+
+
+class GovernanceSeed(service.Service):
+    """
+    Budgets resume where they were: committed spend of the last weeks and
+    the operator's runtime budget changes, read from the ledger once at
+    start, before anything is served.
+    """
+
+    LOOKBACK = 35 * 86400  # longer than any calendar period (a month)
+
+    def __init__(self, ledger, governance, clock) -> None:
+        self.ledger = ledger
+        self.governance = governance
+        self.clock = clock
+
+    def startService(self):
+        super().startService()
+        for agent, entry in self.ledger.budget_overrides().items():
+            self.governance.set_runtime(agent, entry)
+        timeline = self.ledger.spend_timeline(self.clock.seconds() - self.LOOKBACK)
+        self.governance.seed(timeline)
+
+
+class ReloadOnHangup(service.Service):
+    """SIGHUP re-reads configuration, like POST /api/reload."""
+
+    def __init__(self, reactor, operations) -> None:
+        self.reactor = reactor
+        self.operations = operations
+        self._previous = None
+
+    def startService(self):
+        super().startService()
+        import signal
+
+        def hangup(signum, frame):
+            self.reactor.callFromThread(self.operations.reload, "SIGHUP")
+
+        try:
+            self._previous = signal.signal(signal.SIGHUP, hangup)
+        except ValueError:  # not the main thread (tests)
+            self._previous = None
+
+    def stopService(self):
+        super().stopService()
+        if self._previous is not None:
+            import signal
+
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+
 class BannerService(service.Service):
     """Prints how to talk to the demo once the API listens."""
 
@@ -189,6 +257,10 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         history.setServiceParent(top)
     pricing = Pricing(reactor, override_path=config.pricing_file)
     metering = Metering(clock=reactor, pricing=pricing, ledger=ledger, audit=audit, history=history)
+    alerts = None
+    if config.alert_webhooks:
+        alerts = build_alerts(reactor, config)
+        alerts.setServiceParent(top)
     governance = build_governance(
         clock=reactor,
         pricing=pricing,
@@ -198,6 +270,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         unpriced=config.unpriced_budget,
         default_rpm=config.default_rpm,
         default_tpm=config.default_tpm,
+        runtime_overrides=None,
+        alerts=alerts,
     )
 
     contexts = ContextRegistry(context_root, reactor)
@@ -226,6 +300,17 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
             pricing=pricing,
         ),
     )
+    operations = Operations(
+        clock=reactor,
+        audit=audit,
+        ledger=ledger,
+        governance=governance,
+        pricing=pricing,
+        providers=providers,
+        contexts=contexts,
+    )
+    GovernanceSeed(ledger, governance, reactor).setServiceParent(top)
+    ReloadOnHangup(reactor, operations).setServiceParent(top)
     ui_site = Site(
         UiApp(
             token=config.ui_token,
@@ -234,6 +319,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
             providers=providers,
             ledger=ledger,
             clock=reactor,
+            operations=operations,
         ).app.resource()
     )
     ui_site.noisy = False

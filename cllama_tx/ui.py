@@ -13,13 +13,18 @@ import time
 from klein import Klein
 
 from . import __version__
+from .errors import ProxyError
 from .identity.operator import bearer_matches
+from .identity.tokens import valid_agent_id
 
 
 class UiApp:
     app = Klein()
 
-    def __init__(self, *, token: str | None, pod: str | None, contexts, providers, ledger=None, clock=None) -> None:
+    def __init__(
+        self, *, token: str | None, pod: str | None, contexts, providers, ledger=None, clock=None, operations=None
+    ) -> None:
+        self._operations = operations
         self._token = token.encode("utf-8") if token else None
         self._pod = pod
         self._contexts = contexts
@@ -89,6 +94,57 @@ class UiApp:
         if agent not in totals.agents() and self._contexts.get(agent) is None:
             return self._json(request, 404, {"error": {"message": f"no agent {agent!r}", "type": "not_found_error", "code": "unknown_agent"}})
         return self._json(request, 200, spend_periods(totals, self._clock.seconds(), agent))
+
+
+    @app.route("/api/health", methods=["GET"])
+    async def api_health(self, request):
+        if not self._authorised(request):
+            return self._refuse(request)
+        doc = await self._operations.health()
+        return self._json(request, 200 if doc["ok"] else 503, doc)
+
+    @app.route("/api/budget/<agent>", methods=["POST"])
+    async def set_budget(self, request, agent):
+        if not self._authorised(request):
+            return self._refuse(request)
+        if not valid_agent_id(agent):
+            return self._problem(request, ProxyError(400, "invalid_agent", "not a valid agent id"))
+        try:
+            doc = json.loads(request.content.read() or b"null")
+        except ValueError:
+            return self._problem(request, ProxyError(400, "invalid_json", "the body is not valid JSON"))
+        try:
+            entry = await self._operations.set_budget(agent, doc, actor_of(request))
+        except ProxyError as e:
+            return self._problem(request, e)
+        return self._json(request, 200, {"agent": agent, "override": entry})
+
+    @app.route("/api/reset/<agent>", methods=["POST"])
+    async def reset_budget(self, request, agent):
+        if not self._authorised(request):
+            return self._refuse(request)
+        if not valid_agent_id(agent):
+            return self._problem(request, ProxyError(400, "invalid_agent", "not a valid agent id"))
+        entry = await self._operations.reset(agent, actor_of(request))
+        return self._json(request, 200, {"agent": agent, "override": entry})
+
+    @app.route("/api/reload", methods=["POST"])
+    def reload(self, request):
+        if not self._authorised(request):
+            return self._refuse(request)
+        result = self._operations.reload(actor_of(request))
+        return self._json(request, 200 if not result["failed"] else 500, result)
+
+    def _problem(self, request, error: ProxyError) -> bytes:
+        return self._json(
+            request, error.status, {"error": {"message": error.message, "type": "invalid_request_error", "code": error.code}}
+        )
+
+
+def actor_of(request) -> str:
+    """Who did it, for the audit: the credential kind and the client address."""
+    address = request.getClientAddress()
+    return f"operator-token@{getattr(address, 'host', 'unknown')}"
 
 
 def spend_periods(totals, now: float, agent: str | None) -> dict:

@@ -17,8 +17,10 @@ from cllama_tx.accounting.history import SessionHistory
 from cllama_tx.accounting.ledger import SqliteLedger
 from cllama_tx.accounting.pricing import Pricing
 from cllama_tx.api import ApiApp, build_api_site
+from cllama_tx.governance.alerts import AlertNotifier, parse_webhooks
 from cllama_tx.governance.engine import build_governance
 from cllama_tx.metering import Metering
+from cllama_tx.operations import Operations
 from cllama_tx.audit import AuditLog
 from cllama_tx.identity.contexts import ContextRegistry
 from cllama_tx.providers.registry import ProviderRegistry
@@ -28,7 +30,7 @@ from cllama_tx.testing import FakeProvider
 
 from .secret_scan import SCANNER
 from cllama_tx.ui import UiApp
-from treq.testing import StubTreq
+from twisted.web.server import Site
 
 AGENT = "tiverton"
 SECRET = "9f1c" * 12  # 48 lowercase hex characters, as Clawdapus makes them
@@ -58,7 +60,7 @@ class ProxyHarness:
                  first_byte_timeout=10.0, idle_timeout=10.0, providers_json=None,
                  history_dir=None, pricing_file=None, no_stream_options=frozenset(),
                  fake_providers=("openai",), governance_dir=None, policy_file=None, unpriced="refuse",
-                 default_rpm=None, default_tpm=None):
+                 default_rpm=None, default_tpm=None, alert_webhooks=None):
         self.testcase = testcase
         self.env_extra = env or {}
         self.max_body_bytes = max_body_bytes
@@ -74,6 +76,7 @@ class ProxyHarness:
         self.unpriced = unpriced
         self.default_rpm = default_rpm
         self.default_tpm = default_tpm
+        self.alert_webhooks = alert_webhooks
         self.audit_stream = _WatchedStream()
 
     @defer.inlineCallbacks
@@ -125,6 +128,16 @@ class ProxyHarness:
         self.metering = Metering(
             clock=reactor, pricing=self.pricing, ledger=self.ledger, audit=self.audit, history=self.history
         )
+        self.alerts = None
+        if self.alert_webhooks:
+            alert_pool = HTTPConnectionPool(reactor, persistent=False)
+            case.addCleanup(alert_pool.closeCachedConnections)
+            self.alerts = AlertNotifier(
+                reactor, treq.client.HTTPClient(Agent(reactor, pool=alert_pool)),
+                parse_webhooks(self.alert_webhooks), pod="test-pod",
+            )
+            self.alerts.startService()
+            case.addCleanup(self.alerts.stopService)
         self.governance = build_governance(
             clock=reactor,
             pricing=self.pricing,
@@ -134,6 +147,7 @@ class ProxyHarness:
             unpriced=self.unpriced,
             default_rpm=self.default_rpm,
             default_tpm=self.default_tpm,
+            alerts=self.alerts,
         )
         self.proxy = Proxy(
             clock=reactor,
@@ -158,17 +172,24 @@ class ProxyHarness:
                 pricing=self.pricing,
             ),
         )
+        self.operations = Operations(
+            clock=reactor, audit=self.audit, ledger=self.ledger, governance=self.governance,
+            pricing=self.pricing, providers=self.providers, contexts=self.contexts,
+        )
         self.ui = UiApp(
             token=UI_TOKEN, pod="test-pod", contexts=self.contexts, providers=self.providers,
-            ledger=self.ledger, clock=reactor,
+            ledger=self.ledger, clock=reactor, operations=self.operations,
         )
-        self.ui_client = StubTreq(self.ui.app.resource())
+        ui_site = Site(self.ui.app.resource())
+        self.ui_port = reactor.listenTCP(0, ui_site, interface="127.0.0.1")
+        case.addCleanup(self.ui_port.stopListening)
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
         case.addCleanup(self.port.stopListening)
         self.base_url = f"http://127.0.0.1:{self.port.getHost().port}"
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         case.addCleanup(self.pool.closeCachedConnections)
         self.http = treq.client.HTTPClient(Agent(reactor, pool=self.pool))
+        self.ui_client = _UiClient(self.http, f"http://127.0.0.1:{self.ui_port.getHost().port}")
         return self
 
     def post(self, path, doc=None, token=f"{AGENT}:{SECRET}", headers=None, data=None):
@@ -206,6 +227,18 @@ class ProxyHarness:
     def audit_text(self):
         self.audit.flush()
         return self.audit_stream.getvalue()
+
+
+class _UiClient:
+    """treq against the UI site, with test URLs written as http://ui/..."""
+
+    def __init__(self, http, base):
+        self._http = http
+        self._base = base
+
+    def __getattr__(self, method):
+        call = getattr(self._http, method)
+        return lambda url, **kwargs: call(url.replace("http://ui", self._base, 1), **kwargs)
 
 
 class _WatchedStream(io.StringIO):

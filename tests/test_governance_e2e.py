@@ -314,3 +314,111 @@ class PolicyFileTests(TestCase):
         body = yield response.json()
         self.assertEqual(body["budget"]["limit_usd"], 0.0000001)
         self.assertEqual(body["budget"]["window"], "daily")
+
+
+class SpendAdministrationTests(GovernedCase):
+    def admin(self, method, path, doc=None, token=None):
+        from .support import UI_TOKEN
+
+        headers = {"Authorization": f"Bearer {token or UI_TOKEN}"}
+        kwargs = {"headers": headers}
+        if doc is not None:
+            kwargs["data"] = json.dumps(doc).encode()
+        return getattr(self.h.ui_client, method)(f"http://ui{path}", **kwargs)
+
+    @defer.inlineCallbacks
+    def test_health(self):
+        response = yield self.admin("get", "/api/health")
+        doc = yield response.json()
+        self.assertEqual((response.code, doc["ok"], doc["ledger"]), (200, True, "ready"))
+        refused = yield self.admin("get", "/api/health", token="wrong")
+        self.assertEqual(refused.code, 401)
+
+    @defer.inlineCallbacks
+    def test_set_budget_then_reset(self):
+        token = self.agent("admin1", budget={"limit_usd": 100, "window": "1h"})
+        response = yield self.admin("post", "/api/budget/admin1", {"limit_usd": 0.0000001})
+        self.assertEqual(response.code, 200, (yield response.text()))
+        refused = yield self.h.chat(chat_body(model="openai/gpt-test", max_tokens=10), token=token)
+        self.assertEqual(refused.code, 429)
+        [line] = self.lines("operator")
+        self.assertEqual((line["action"], line["claw_id"], line["changes"]), ("budget_set", "admin1", ["limit_usd"]))
+        self.assertTrue(line["actor"].startswith("operator-token@"))
+        # The runtime change is persisted in the ledger.
+        self.assertEqual(self.h.ledger.budget_override("admin1")["budget"], {"limit_usd": 0.0000001})
+        response = yield self.admin("post", "/api/reset/admin1")
+        self.assertEqual(response.code, 200)
+        self.h.fake.enqueue(Reply(json=openai_completion("ok", "gpt-test", 1, 1)))
+        allowed = yield self.h.chat(chat_body(model="openai/gpt-test", max_tokens=10), token=token)
+        self.assertEqual(allowed.code, 200)
+        self.assertEqual([l["action"] for l in self.lines("operator")], ["budget_set", "budget_reset"])
+
+    @defer.inlineCallbacks
+    def test_spent_counts_against_the_budget(self):
+        token = self.agent("admin2", budget={"limit_usd": 1.0, "window": "1h"})
+        yield self.admin("post", "/api/budget/admin2", {"spent": 0.99999})
+        refused = yield self.h.chat(chat_body(model="openai/gpt-test", max_tokens=100), token=token)
+        self.assertEqual(refused.code, 429)
+
+    @defer.inlineCallbacks
+    def test_bad_budget_is_refused(self):
+        response = yield self.admin("post", "/api/budget/admin3", {"behavior": "explode", "limit_usd": 1})
+        self.assertEqual(response.code, 400)
+        self.assertEqual((yield response.json())["error"]["code"], "invalid_budget")
+        response = yield self.admin("post", "/api/budget/admin3", {"colour": "red"})
+        self.assertEqual(response.code, 400)
+
+    @defer.inlineCallbacks
+    def test_reload_picks_up_a_new_price(self):
+        with open(self.h.pricing_file, "w") as f:
+            json.dump({"openai": {"gpt-test": {"input": 1000.0, "output": 1000.0}}}, f)
+        response = yield self.admin("post", "/api/reload")
+        doc = yield response.json()
+        self.assertEqual(sorted(doc["reloaded"]), ["contexts", "policy", "pricing", "providers"])
+        self.assertEqual(self.h.pricing.price("openai", "gpt-test").input, 1000.0)
+        self.assertEqual(self.lines("operator")[-1]["action"], "reload")
+
+
+class AlertTests(TestCase):
+    @defer.inlineCallbacks
+    def test_threshold_alert_reaches_a_local_webhook(self):
+        from twisted.internet import reactor
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        received = defer.Deferred()
+
+        class Receiver(Resource):
+            isLeaf = True
+
+            def render_POST(self, request):
+                if not received.called:
+                    received.callback((request.path, json.loads(request.content.read())))
+                return b"ok"
+
+        site = Site(Receiver())
+        site.log = lambda request: None
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        hook = f"http://127.0.0.1:{port.getHost().port}/hooks/alert-token-8080"
+        from .secret_scan import SCANNER
+
+        SCANNER.register("alert-token-8080")
+        h = yield ProxyHarness(self, pricing_file=price_file(self), alert_webhooks=f"json:{hook}").start()
+        write_agent(h.context_root, "spender", SECRET, budget={"limit_usd": 0.01, "period": "daily", "behavior": "soft_alert"})
+        # 350 output tokens at $8/M = $0.0028 + input: 28 %; the second makes 56 %, past 50 %.
+        h.fake.enqueue(
+            Reply(json=openai_completion("a", "gpt-test", 10, 350)),
+            Reply(json=openai_completion("b", "gpt-test", 10, 350)),
+        )
+        for _ in range(2):
+            response = yield h.chat(chat_body(model="openai/gpt-test", max_tokens=700), token=f"spender:{SECRET}")
+            self.assertEqual(response.code, 200)
+            yield response.content()
+        path, body = yield received
+        self.assertEqual(path, b"/hooks/alert-token-8080")
+        self.assertEqual((body["event"], body["agent"], body["threshold"]), ("budget_threshold", "spender", 0.5))
+        self.assertEqual(body["limit_usd"], 0.01)
+        self.assertEqual(body["pod"], "test-pod")
+        yield h.alerts.when_quiet()
+        self.assertEqual(h.alerts.sent, 1)

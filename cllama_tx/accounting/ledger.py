@@ -21,6 +21,10 @@ Why it is shaped like this:
     commits, and one read transaction gives each answer a single snapshot.
   - B{Pruning} folds old rows into per-day C{rollups} in one transaction on
     the writer thread, so totals never change because of retention.
+  - B{Budgets} (CONTRACT 6): C{spend_timeline} aggregates committed spend
+    per agent and minute (rolled-up days as one entry each) to seed the
+    budget book at start; operator overrides and resets live in memory and
+    in C{budget_overrides}, written through the same writer thread.
 
 Row semantics (also in C{docs/LEDGER.md}):
 
@@ -789,7 +793,8 @@ def _timeline_reader(
 def _timeline_arguments(since: float, bucket_seconds: int) -> tuple[float, int]:
     if isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since):
         raise ValueError(f"since must be a finite number of epoch seconds, not {since!r}")
-    if isinstance(bucket_seconds, bool) or not isinstance(bucket_seconds, int) or not 1 <= bucket_seconds <= 86400:
+    bucket = bucket_seconds
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or not 1 <= bucket <= 86400:
         raise ValueError(f"bucket_seconds must be a whole number from 1 to 86400, not {bucket_seconds!r}")
     return float(since), bucket_seconds
 
@@ -876,7 +881,8 @@ def _check_agent(agent: str) -> str:
 def _check_offset(value: float | None) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0:
         raise ValueError(f"spent_offset_usd must be a non-negative number, not {value!r}")
     return float(value)
 
@@ -1502,12 +1508,11 @@ class SqliteLedger(service.Service):
             return defer.fail(LedgerClosed("the ledger is not running"))
         if entry is None:
             self._overrides.pop(agent, None)
-            d = self._on_writer(functools.partial(_write_transaction, statement=_DELETE_OVERRIDE, params=(agent,)))
+            statement, params = _DELETE_OVERRIDE, (agent,)
         else:
             self._overrides[agent] = entry
-            d = self._on_writer(
-                functools.partial(_write_transaction, statement=_UPSERT_OVERRIDE, params=_override_row(agent, entry))
-            )
+            statement, params = _UPSERT_OVERRIDE, _override_row(agent, entry)
+        d = self._on_writer(functools.partial(_write_transaction, statement=statement, params=params))
         self._override_writes[agent] = self._override_writes.get(agent, 0) + 1
 
         def failed(failure: Failure) -> Failure:

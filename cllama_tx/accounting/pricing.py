@@ -490,6 +490,12 @@ class Pricing:
 
     # -- reloading
 
+    def reload(self) -> None:
+        """Re-read the override file now (an operator's reload)."""
+        if self._override_path is not None:
+            self._checked_at = self._clock.seconds()
+            self._reload(initial=False)
+
     def _maybe_recheck(self) -> None:
         if self._override_path is None:
             return

@@ -357,8 +357,15 @@ def _scrub(text: str, webhook: Any) -> str:
     try:
         url = str(webhook.url)
         parts = urlsplit(url)
-        secrets = [url, parts.path + ("?" + parts.query if parts.query else ""), parts.path, parts.query,
-                   parts.fragment, parts.username or "", parts.password or ""]
+        secrets = [
+            url,
+            parts.path + ("?" + parts.query if parts.query else ""),
+            parts.path,
+            parts.query,
+            parts.fragment,
+            parts.username or "",
+            parts.password or "",
+        ]
         # Each path segment and query value on its own too: a service may
         # quote just the token ("Unknown Webhook <token>").
         secrets += parts.path.split("/") + re.split(r"[&=]", parts.query)
@@ -484,7 +491,8 @@ class AlertNotifier(service.Service):
                 parts = urlsplit(webhook.url)
                 if parts.scheme.lower() == "http" and parts.hostname not in ("localhost", "127.0.0.1", "::1"):
                     log.warn(
-                        "budget alerts: webhook {webhook} is plain http: its token crosses the network in clear",
+                        "budget alerts: webhook {webhook} is plain http: "
+                        "its token crosses the network in clear",
                         webhook=_redacted(webhook),
                     )
             except Exception:
@@ -505,7 +513,10 @@ class AlertNotifier(service.Service):
             self.dropped += 1
             self._deliveries.discard(delivery)
         if waiting:
-            log.warn("budget alerts: stopping; {count} alert delivery(ies) waiting to retry dropped", count=len(waiting))
+            log.warn(
+                "budget alerts: stopping; {count} alert delivery(ies) waiting to retry dropped",
+                count=len(waiting),
+            )
         done = self._when(lambda: not self._deliveries)
         if not done.called:
             timer = self._reactor.callLater(self.stop_grace, self._cancel_in_flight)
@@ -757,7 +768,9 @@ class AlertNotifier(service.Service):
         )
         self._finish(delivery)
 
-    def _retry_or_give_up(self, delivery: _Delivery, reason: str, retryable: bool, delay: float | None) -> None:
+    def _retry_or_give_up(
+        self, delivery: _Delivery, reason: str, retryable: bool, delay: float | None
+    ) -> None:
         if self._stopped:
             self.dropped += 1
             self._finish(delivery)

@@ -550,6 +550,19 @@ class BudgetBook:
             converted.append((ts, max(0.0, cost), int(counted), int(counted and not priced)))
         state.timeline.load(converted)
 
+    def load_counts(self, agent: str, entries: Iterable[tuple]) -> None:
+        """
+        Seed from the ledger's aggregated timeline: C{(ts, cost_usd,
+        requests, unknown_cost_requests)} per bucket (a minute, or a rolled-up
+        day), so a month of traffic is thousands of entries, not millions.
+        """
+        converted = [
+            (float(ts), max(0.0, float(cost or 0.0)), int(requests), int(unknown))
+            for ts, cost, requests, unknown in entries
+            if math.isfinite(float(ts)) and math.isfinite(float(cost or 0.0))
+        ]
+        self._state(agent).timeline.load(converted)
+
     def forget(self, agent: str) -> None:
         """Drop everything known about C{agent} (its reservations become no-ops)."""
         self._states.pop(agent, None)

@@ -20,6 +20,7 @@ from ..errors import ProxyError
 from ..surfaces.matrix import InvalidModelRef, ModelRef, split_model_ref
 from .budgets import BudgetError, Refusal, Reservation, layer_budgets, parse_budget, refusal_body
 from .policy import PolicyError, decide, parse_policy
+from .policy_file import load_policy_file
 from .ratelimit import RateLimiter
 
 log = Logger()
@@ -112,8 +113,8 @@ class Governance:
         book,
         limiter: RateLimiter,
         governance_dir: str | None = None,
-        policy_file_budgets: Callable[[], dict] = dict,
-        runtime_overrides: Callable[[], dict] = dict,
+        policy_file: str | None = None,
+        runtime_overrides: dict | None = None,
         default_limits: RateLimits = RateLimits(),
         intervention: Callable[..., None] = lambda *a, **k: None,
         alerts=None,
@@ -122,8 +123,12 @@ class Governance:
         self.book = book
         self._limiter = limiter
         self._files = _FileCache(governance_dir, clock)
-        self._policy_file_budgets = policy_file_budgets
-        self._runtime_overrides = runtime_overrides
+        self._policy_file = policy_file
+        self._policy_budgets: dict = {}
+        self.load_policy_file()
+        # The operator's runtime changes (POST /api/budget), agent -> entry;
+        # an entry is replaced, never mutated, so identity tells a change.
+        self.runtime: dict[str, dict] = dict(runtime_overrides or {})
         self._default_limits = default_limits
         self._intervention = intervention
         self._alerts = alerts
@@ -147,8 +152,7 @@ class Governance:
     def _sources(self, context) -> tuple:
         """Every layer of an agent's budget, lowest first."""
         agent = context.agent_id
-        runtime = (self._runtime_overrides().get(agent) or {}).get("budget")
-        return (context, self._policy_file_budgets().get(agent), self._files.get(agent), runtime)
+        return (context, self._policy_budgets.get(agent), self._files.get(agent), self.runtime.get(agent))
 
     @staticmethod
     def raw_budget(sources: tuple) -> dict | None:
@@ -159,7 +163,49 @@ class Governance:
         """
         context, policy_file, governance_file, runtime = sources
         files = layer_budgets(context.budget, None, governance_file, policy_file_budget=policy_file)
-        return layer_budgets(files, None, runtime) if runtime else files
+        if not runtime:
+            return files
+        layer = dict(runtime.get("budget") or {})
+        if runtime.get("spent_offset_usd") is not None:
+            layer["spent_offset_usd"] = runtime["spent_offset_usd"]
+        return layer_budgets(files, None, layer) if layer else files
+
+    def load_policy_file(self) -> int:
+        """
+        (Re-)read CLLAMA_POLICY_FILE.  At start a broken file stops the
+        daemon; on a reload it raises and the previous budgets stay.
+        """
+        if self._policy_file:
+            self._policy_budgets = load_policy_file(self._policy_file, os.environ)
+        return len(self._policy_budgets)
+
+    def check_runtime(self, agent: str, context, layer: dict) -> None:
+        """
+        Would this runtime budget change give the agent a valid budget?
+        Raises BudgetError when not (the change is then refused).
+        """
+        if context is None:
+            parse_budget(layer)
+            return
+        sources = (context, self._policy_budgets.get(agent), self._files.get(agent), {"budget": layer})
+        parse_budget(self.raw_budget(sources))
+
+    def set_runtime(self, agent: str, entry: dict | None, reset: bool = False) -> None:
+        """Apply an operator change; a reset also forgets the agent's spend."""
+        if entry is None:
+            self.runtime.pop(agent, None)
+        else:
+            self.runtime[agent] = entry
+        if reset:
+            self.book.forget(agent)
+
+    def seed(self, timeline) -> None:
+        """Committed spend from the ledger, at start: (agent, ts, cost, requests, unknown)."""
+        by_agent: dict[str, list] = {}
+        for agent, ts, cost, requests, unknown in timeline:
+            by_agent.setdefault(agent, []).append((ts, cost, requests, unknown))
+        for agent, entries in by_agent.items():
+            self.book.load_counts(agent, entries)
 
     def budget(self, context):
         sources = self._sources(context)
@@ -307,27 +353,7 @@ class Governance:
             self._intervention(ex, "budget_alert", reason=held.alert_reason, budget=admission.budget_label)
         if self._alerts is not None:
             usage = self.book.usage(admission.agent, held.budget, held.tz)
-            if held.budget.limit_usd:
-                used = usage.cost_usd / held.budget.limit_usd
-            elif held.budget.max_requests:
-                used = usage.requests / held.budget.max_requests
-            else:
-                return
-            self._alerts.observe(
-                admission.agent,
-                held.budget.label,
-                f"{usage.start:.0f}",
-                used,
-                {
-                    "behavior": held.budget.behavior,
-                    "spent_usd": usage.cost_usd,
-                    "limit_usd": held.budget.limit_usd,
-                    "requests": usage.requests,
-                    "max_requests": held.budget.max_requests,
-                    "period_start": usage.start,
-                    "period_end": usage.end,
-                },
-            )
+            self._alerts.observe_usage(admission.agent, held.budget, usage)
 
 
 def _max_tokens(doc: dict, default):
@@ -339,18 +365,16 @@ def _max_tokens(doc: dict, default):
 
 
 def build_governance(*, clock, pricing, metering, governance_dir, policy_file, unpriced, default_rpm, default_tpm,
-                     runtime_overrides=dict, alerts=None):
+                     runtime_overrides=None, alerts=None):
     """The daemon's Governance, wired to metering (interventions, settlement)."""
     from .budgets import BudgetBook
-    from .policy_file import load_policy_file
 
-    policy_budgets = load_policy_file(policy_file, os.environ) if policy_file else {}
     governance = Governance(
         clock=clock,
         book=BudgetBook(clock, pricing, unpriced=unpriced),
         limiter=RateLimiter(clock),
         governance_dir=governance_dir,
-        policy_file_budgets=lambda: policy_budgets,
+        policy_file=policy_file,
         runtime_overrides=runtime_overrides,
         default_limits=RateLimits(default_rpm, default_tpm),
         intervention=metering.intervention,

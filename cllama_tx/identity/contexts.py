@@ -192,6 +192,11 @@ class ContextRegistry:
         self._loaded: dict[str, _Loaded] = {}
         self._missing: OrderedDict[str, _Missing] = OrderedDict()
 
+    def reload(self) -> None:
+        """Forget every cached context: each is read again on its next use."""
+        self._loaded.clear()
+        self._missing.clear()
+
     def authenticate(self, agent_id: str, secret: str) -> AgentContext | None:
         """
         The agent's context when C{secret} is its secret, else L{None}.
