@@ -71,6 +71,37 @@ STREAM_BODY = json.dumps(
 )
 MOCK_ID = "chatcmpl-benchmock"
 
+# The governed lanes: a second agent in the same context root whose metadata
+# turns on every governance room (model policy, budget reservations, rate
+# limits), with limits far above what a run can reach, so nothing is refused:
+# the difference to the plain agent is the cost of governing a request.
+GOV_AGENT = "governed"
+GOV_SECRET = "a7" * 24
+GOV_TOKEN = f"{GOV_AGENT}:{GOV_SECRET}"
+GOV_METADATA = {
+    "token": GOV_TOKEN,
+    "pod": "bench",
+    "model_policy": {
+        "mode": "clamp",
+        "allowed": [
+            {"slot": "primary", "ref": CHAT_MODEL},
+            {"slot": "fallback", "ref": "openai/gpt-4o"},
+        ],
+    },
+    "budget": {"limit_usd": 1000000, "window": "24h", "behavior": "hard_stop"},
+    "rate_limits": {"rpm": 100000000, "tpm": 10000000000},
+}
+
+# The translated lanes: an OpenAI chat request for an anthropic-format
+# provider; the proxy translates chat -> messages, and the answer back.
+ANTHROPIC_MODEL = "anthropic/claude-bench"
+ANTHROPIC_MOCK_ID = "msg_benchmock"  # translated back to chatcmpl-benchmock
+ANTHROPIC_TEXT = "Hello from the anthropic bench mock."
+TRANSLATED_BODY = json.dumps({"model": ANTHROPIC_MODEL, "messages": [{"role": "user", "content": "hi"}]})
+TRANSLATED_STREAM_BODY = json.dumps(
+    {"model": ANTHROPIC_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+)
+
 # The team's bar, measured on this kind of machine (one core for the proxy,
 # wrk against an nginx mock): added ms per request and requests/s.
 BAR = [
@@ -258,6 +289,32 @@ def sse_stream() -> str:
     return "".join(parts)
 
 
+def _testing():
+    """The project's own builders of provider answers (cllama_tx/testing.py)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from cllama_tx import testing
+
+    return testing
+
+
+def anthropic_message_json() -> str:
+    """A fixed Anthropic C{message}, built like the test suite's fakes."""
+    t = _testing()
+    doc = t.anthropic_message(ANTHROPIC_TEXT, "claude-bench", 9, 7, id=ANTHROPIC_MOCK_ID)
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def anthropic_sse_stream() -> str:
+    """A fixed Anthropic Messages SSE stream (message_start ... message_stop)."""
+    t = _testing()
+    events = t.anthropic_stream_events(
+        ["Hello", " from", " the", " anthropic", " bench", " mock."], "claude-bench",
+        input_tokens=9, output_tokens=6, id=ANTHROPIC_MOCK_ID,
+    )
+    return t.sse_encode_anthropic(events).decode("utf-8")
+
+
 def nginx_quote(text: str) -> str:
     """C{text} as a single-quoted nginx string (no variables in it)."""
     if "$" in text:
@@ -301,6 +358,21 @@ http {{
             default_type text/event-stream;
             add_header Cache-Control no-cache;
             return 200 {nginx_quote(sse_stream())};
+        }}
+        # Anthropic Messages, JSON or (when the client asked for an event
+        # stream: the proxy forwards the agent's Accept header) SSE.
+        location = /anthropic/v1/messages {{
+            if ($http_accept ~* "text/event-stream") {{
+                rewrite ^ /anthropic-stream last;
+            }}
+            default_type application/json;
+            return 200 {nginx_quote(anthropic_message_json())};
+        }}
+        location = /anthropic-stream {{
+            internal;
+            default_type text/event-stream;
+            add_header Cache-Control no-cache;
+            return 200 {nginx_quote(anthropic_sse_stream())};
         }}
         location / {{
             default_type application/json;
@@ -351,6 +423,9 @@ def proxy_env(tmp: Path, api_port: int, ui_port: int, mock_port: int) -> dict:
     context = tmp / "context" / AGENT
     context.mkdir(parents=True, exist_ok=True)
     (context / "metadata.json").write_text(json.dumps({"token": TOKEN, "pod": "bench"}))
+    governed = tmp / "context" / GOV_AGENT
+    governed.mkdir(parents=True, exist_ok=True)
+    (governed / "metadata.json").write_text(json.dumps(GOV_METADATA))
     (tmp / "auth").mkdir(exist_ok=True)
     env = {
         k: v
@@ -368,10 +443,15 @@ def proxy_env(tmp: Path, api_port: int, ui_port: int, mock_port: int) -> dict:
             "UI_ADDR": f"127.0.0.1:{ui_port}",
             "CLAW_CONTEXT_ROOT": str(tmp / "context"),
             "CLAW_AUTH_DIR": str(tmp / "auth"),
+            # A fresh ledger per run, not the user's ~/.local/state one: every
+            # run starts from the same (empty) database and leaves nothing behind.
+            "CLLAMA_STATE_DIR": str(tmp / "state"),
             "OPENAI_API_KEY": "sk-bench-not-real",
             "OPENAI_BASE_URL": f"http://127.0.0.1:{mock_port}/v1",
             "OPENROUTER_API_KEY": "sk-or-bench-not-real",
             "OPENROUTER_BASE_URL": f"http://127.0.0.1:{mock_port}/stream/v1",
+            "ANTHROPIC_API_KEY": "sk-ant-bench-not-real",
+            "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{mock_port}/anthropic/v1",
         }
     )
     return env
@@ -439,6 +519,41 @@ def verify_proxy(api_port: int, tmp: Path) -> None:
             f"streamed POST /v1/chat/completions ({STREAM_MODEL}) answered {r['status']}: "
             f"{r['body'][:500]!r}\nthe proxy's stderr ends with:\n{tail(tmp / 'proxy.log')}"
         )
+    # The governed agent: same body, its own token; must be a plain 200.
+    gov_headers = {"Authorization": f"Bearer {GOV_TOKEN}", "Content-Type": "application/json"}
+    try:
+        status, hdrs, body = http("POST", url, CHAT_BODY.encode(), gov_headers)
+    except OSError as e:
+        raise ProxyFailed(f"POST /v1/chat/completions as {GOV_AGENT!r} failed: {e}\n{tail(tmp / 'proxy.log')}")
+    if status != 200 or MOCK_ID.encode() not in body:
+        raise ProxyFailed(
+            f"POST /v1/chat/completions as the governed agent ({GOV_AGENT}, {CHAT_MODEL}) answered "
+            f"{status}: {body[:500]!r}\nthe proxy's stderr ends with:\n{tail(tmp / 'proxy.log')}"
+        )
+    # Translated: an OpenAI chat body for an anthropic model; the answer must
+    # be a chat.completion made from the mock's Anthropic message.
+    try:
+        status, hdrs, body = http("POST", url, TRANSLATED_BODY.encode(), headers)
+    except OSError as e:
+        raise ProxyFailed(f"POST /v1/chat/completions ({ANTHROPIC_MODEL}) failed: {e}\n{tail(tmp / 'proxy.log')}")
+    try:
+        doc = json.loads(body)
+        text = doc["choices"][0]["message"]["content"]
+        kind = doc.get("object")
+    except (ValueError, KeyError, IndexError, TypeError):
+        text = kind = None
+    if status != 200 or kind != "chat.completion" or text != ANTHROPIC_TEXT:
+        raise ProxyFailed(
+            f"translated POST /v1/chat/completions ({ANTHROPIC_MODEL}) answered {status}: {body[:500]!r}\n"
+            f"the proxy's stderr ends with:\n{tail(tmp / 'proxy.log')}"
+        )
+    r = stream_once(api_port, "/v1/chat/completions", TRANSLATED_STREAM_BODY)
+    if (r["status"] != 200 or b"data: [DONE]" not in r["body"] or b"chat.completion.chunk" not in r["body"]
+            or b" anthropic" not in r["body"]):
+        raise ProxyFailed(
+            f"translated streamed POST /v1/chat/completions ({ANTHROPIC_MODEL}) answered {r['status']}: "
+            f"{r['body'][:500]!r}\nthe proxy's stderr ends with:\n{tail(tmp / 'proxy.log')}"
+        )
 
 
 # ---------------------------------------------------------------- wrk lanes
@@ -467,9 +582,9 @@ def lua_string(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_lua(tmp: Path) -> Path:
-    path = tmp / "chat.lua"
-    path.write_text(WRK_LUA.format(body=lua_string(CHAT_BODY), token=TOKEN))
+def write_lua(tmp: Path, name: str = "chat", body: str = CHAT_BODY, token: str = TOKEN) -> Path:
+    path = tmp / f"{name}.lua"
+    path.write_text(WRK_LUA.format(body=lua_string(body), token=token))
     return path
 
 
@@ -508,12 +623,12 @@ def run_wrk(url: str, lua: Path, connections: int, duration: float, core, pid=No
 
 # ---------------------------------------------------------------- stream client
 
-def _request_bytes(port: int, path: str, body: str) -> bytes:
+def _request_bytes(port: int, path: str, body: str, token: str = TOKEN) -> bytes:
     b = body.encode()
     return (
         f"POST {path} HTTP/1.1\r\n"
         f"Host: 127.0.0.1:{port}\r\n"
-        f"Authorization: Bearer {TOKEN}\r\n"
+        f"Authorization: Bearer {token}\r\n"
         "Content-Type: application/json\r\n"
         "Accept: text/event-stream\r\n"
         f"Content-Length: {len(b)}\r\n\r\n"
@@ -606,15 +721,16 @@ class StreamConn:
         }
 
 
-def stream_once(port: int, path: str) -> dict:
+def stream_once(port: int, path: str, body: str = STREAM_BODY) -> dict:
     c = StreamConn(port)
     try:
-        return c.request(path, STREAM_BODY)
+        return c.request(path, body)
     finally:
         c.close()
 
 
-def run_stream_lane(port: int, path: str, duration: float, max_requests: int = 1000000) -> dict:
+def run_stream_lane(port: int, path: str, duration: float, max_requests: int = 1000000,
+                    body: str = STREAM_BODY) -> dict:
     firsts, events, dones = [], [], []
     errors: collections.Counter = collections.Counter()
     conn = None
@@ -625,7 +741,7 @@ def run_stream_lane(port: int, path: str, duration: float, max_requests: int = 1
         try:
             if conn is None:
                 conn = StreamConn(port)
-            r = conn.request(path, STREAM_BODY)
+            r = conn.request(path, body)
         except (OSError, ValueError, IndexError) as e:
             errors[type(e).__name__] += 1
             if conn is not None:
@@ -1069,6 +1185,8 @@ def main(argv=None) -> int:
         start_nginx(tmp, mock_port, load_core)
         log(f"nginx mock on 127.0.0.1:{mock_port}")
         lua = write_lua(tmp)
+        gov_lua = write_lua(tmp, "governed", CHAT_BODY, GOV_TOKEN)
+        tr_lua = write_lua(tmp, "translated", TRANSLATED_BODY, TOKEN)
         direct = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
         through = f"http://127.0.0.1:{api_port}/v1/chat/completions"
 
@@ -1078,10 +1196,16 @@ def main(argv=None) -> int:
                                     proxy_core, args.start_timeout)
                 log(f"proxy pid {proxy.pid} on 127.0.0.1:{api_port}: /health answered 200")
                 verify_proxy(api_port, tmp)
-                log("proxy verified: a JSON and a streamed request came back from the mock")
+                log("proxy verified: JSON and streamed requests came back from the mock, plain, "
+                    "governed and translated")
                 if args.warmup > 0:
                     run_wrk(through, lua, 4, args.warmup, load_core, latency=False)
                     run_stream_lane(api_port, "/v1/chat/completions", min(1.0, args.warmup))
+                    if not args.plain_only:
+                        short = min(1.0, args.warmup)
+                        run_wrk(through, gov_lua, 4, short, load_core, latency=False)
+                        run_wrk(through, tr_lua, 4, short, load_core, latency=False)
+                        run_stream_lane(api_port, "/v1/chat/completions", short, body=TRANSLATED_STREAM_BODY)
             except ProxyFailed as e:
                 proxy_error = str(e)
                 log(f"PROXY FAILED: {proxy_error}")
@@ -1118,25 +1242,45 @@ def main(argv=None) -> int:
             if not r.get("ok"):
                 log(f"lane {name} FAILED: {r.get('error')}")
 
+        # Each group: direct, the plain proxy, then the governed and the
+        # translated variants right after it, so "added by governance" and
+        # "added by translation" compare lanes of the same run minutes apart.
+        extra = proxy is not None and not args.plain_only
         lane("latency_direct", lambda: run_wrk(direct, lua, 1, args.duration, load_core))
         if proxy:
             lane("latency_proxy", lambda: run_wrk(through, lua, 1, args.duration, load_core, pid=proxy.pid))
+        if extra:
+            lane("latency_governed", lambda: run_wrk(through, gov_lua, 1, args.duration, load_core, pid=proxy.pid))
+            lane("latency_translated", lambda: run_wrk(through, tr_lua, 1, args.duration, load_core, pid=proxy.pid))
         lane("throughput_direct", lambda: run_wrk(direct, lua, 32, args.duration, load_core))
         if proxy:
             lane("throughput_proxy", lambda: run_wrk(through, lua, 32, args.duration, load_core, pid=proxy.pid))
+        if extra:
+            lane("throughput_governed",
+                 lambda: run_wrk(through, gov_lua, 32, args.duration, load_core, pid=proxy.pid))
+            lane("throughput_translated",
+                 lambda: run_wrk(through, tr_lua, 32, args.duration, load_core, pid=proxy.pid))
         lane("stream_direct", lambda: run_stream_lane(mock_port, "/stream/v1/chat/completions", args.duration))
         if proxy:
             lane("stream_proxy", lambda: run_stream_lane(api_port, "/v1/chat/completions", args.duration))
+        if extra:
+            lane("stream_translated", lambda: run_stream_lane(api_port, "/v1/chat/completions", args.duration,
+                                                              body=TRANSLATED_STREAM_BODY))
 
         if proxy and proxy.poll() is not None:
             proxy_error = f"the proxy exited with status {proxy.returncode} during the run:\n{tail(tmp / 'proxy.log')}"
         if proxy and args.profile:
-            log(f"profiling the proxy with py-spy ({args.duration:g} s raw + {args.duration:g} s flame graph)")
-            res["profile"] = profile_proxy(proxy.pid, through, lua, args.duration, load_core, tmp)
+            prof_lua = {"plain": lua, "governed": gov_lua, "translated": tr_lua}[args.profile_lane]
+            log(f"profiling the proxy ({args.profile_lane} requests) with py-spy "
+                f"({args.duration:g} s raw + {args.duration:g} s flame graph)")
+            res["profile"] = profile_proxy(proxy.pid, through, prof_lua, args.duration, load_core, tmp)
+            res["profile"]["lane"] = args.profile_lane
         if proxy:
             # The proxy's own view: audit lines by type, and anything it logged as an error.
             kinds: collections.Counter = collections.Counter()
             statuses: collections.Counter = collections.Counter()
+            by_lane: dict = collections.defaultdict(collections.Counter)
+            interventions: dict = collections.defaultdict(collections.Counter)
             stop(proxy)  # flushes the audit stream
             with open(tmp / "audit.jsonl", errors="replace") as f:
                 for line in f:
@@ -1146,9 +1290,22 @@ def main(argv=None) -> int:
                         kinds["(not JSON)"] += 1
                         continue
                     kinds[doc.get("type")] += 1
+                    who = audit_lane(doc)
                     if doc.get("status_code") is not None:
                         statuses[doc["status_code"]] += 1
-            res["audit"] = {"types": dict(kinds), "status_codes": {str(k): v for k, v in statuses.items()}}
+                        by_lane[who][str(doc["status_code"])] += 1
+                    if doc.get("type") == "intervention":
+                        name = doc.get("intervention")
+                        if isinstance(name, dict):
+                            name = name.get("name") or name.get("type") or json.dumps(name, sort_keys=True)[:80]
+                        interventions[who][str(name)] += 1
+            res["audit"] = {
+                "types": dict(kinds),
+                "status_codes": {str(k): v for k, v in statuses.items()},
+                "by_lane": {k: dict(v) for k, v in by_lane.items()},
+                "interventions": {k: dict(v) for k, v in interventions.items()},
+            }
+            check_audit(res)
             res["proxy_log_tail"] = tail(tmp / "proxy.log", 15)
     except RuntimeError as e:
         log(f"harness error: {e}")

@@ -9,6 +9,7 @@ the listeners close first, then the upstream pool, then the audit flush.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from typing import TextIO
 
@@ -175,27 +176,37 @@ class ReloadOnHangup(service.Service):
     def __init__(self, reactor, operations) -> None:
         self.reactor = reactor
         self.operations = operations
+        self._installed = False
         self._previous = None
+
+    def privilegedStartService(self):
+        # Before the listeners bind: a SIGHUP that arrives once they are up
+        # must never meet the default action (which ends the process).
+        super().privilegedStartService()
+        self._install()
 
     def startService(self):
         super().startService()
-        import signal
+        self._install()
+
+    def _install(self) -> None:
+        if self._installed:
+            return
 
         def hangup(signum, frame):
             self.reactor.callFromThread(self.operations.reload, "SIGHUP")
 
         try:
             self._previous = signal.signal(signal.SIGHUP, hangup)
-        except ValueError:  # not the main thread (tests)
-            self._previous = None
+            self._installed = True
+        except ValueError:  # not the main thread
+            pass
 
     def stopService(self):
         super().stopService()
-        if self._previous is not None:
-            import signal
-
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
+        if self._installed:
+            signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
+            self._installed = False
 
 
 class BannerService(service.Service):

@@ -413,3 +413,80 @@ class BudgetProofTests(TestCase):
         db.close()
         self.assertEqual(count, 10)
         self.assertLessEqual(spend, limit)
+
+
+class OperationsTests(TestCase):
+    """SIGHUP reloads; budgets resume after a restart."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        import json as _json
+
+        self.fake = FakeProvider(reactor)
+        yield self.fake.start()
+        self.addCleanup(self.fake.stop)
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(base, "auth"))
+        self.prices = os.path.join(base, "prices.json")
+        with open(self.prices, "w") as f:
+            _json.dump({"openai": {"gpt-test": {"input": 2.0, "output": 8.0}}}, f)
+        write_agent(
+            os.path.join(base, "context"), AGENT, SECRET,
+            budget={"limit_usd": 0.01, "window": "1h", "behavior": "hard_stop"},
+        )
+        self.env = {
+            "LISTEN_ADDR": "tcp:0:interface=127.0.0.1",
+            "UI_ADDR": "127.0.0.1:0",
+            "CLAW_CONTEXT_ROOT": os.path.join(base, "context"),
+            "CLAW_AUTH_DIR": os.path.join(base, "auth"),
+            "CLLAMA_STATE_DIR": os.path.join(base, "state"),
+            "CLLAMA_PRICING_FILE": self.prices,
+            "OPENAI_API_KEY": PROVIDER_KEY,
+            "OPENAI_BASE_URL": self.fake.base_url,
+        }
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        self.http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+
+    def chat(self, ports, max_tokens):
+        return self.http.post(
+            f"http://127.0.0.1:{ports['API']}/v1/chat/completions",
+            json=chat_body(model="openai/gpt-test", max_tokens=max_tokens),
+            headers={"Authorization": f"Bearer {AGENT}:{SECRET}"},
+        )
+
+    @defer.inlineCallbacks
+    def test_sighup_reloads(self):
+        process, transport = spawn_daemon(self, self.env)
+        yield process.ready
+        transport.signalProcess("HUP")
+        yield process.wait_for_audit(
+            lambda lines: any(l["type"] == "operator" and l["action"] == "reload" for l in lines)
+        )
+        [line] = [l for l in process.audit_lines() if l["type"] == "operator"]
+        self.assertEqual(line["actor"], "SIGHUP")
+        self.assertEqual(line["failed"], [])
+
+    @defer.inlineCallbacks
+    def test_budget_spend_survives_a_restart(self):
+        from cllama_tx.testing import Reply, openai_completion
+
+        process, transport = spawn_daemon(self, self.env)
+        ports = yield process.ready
+        # $0.0080 of $0.01 spent.
+        self.fake.enqueue(Reply(json=openai_completion("ok", "gpt-test", 10, 998)))
+        response = yield self.chat(ports, 1000)
+        self.assertEqual(response.code, 200)
+        yield response.content()
+        yield process.wait_for_audit(lambda lines: any(l["type"] == "response" for l in lines))
+        transport.signalProcess("TERM")
+        yield process.ended
+        process2, _ = spawn_daemon(self, self.env)
+        ports2 = yield process2.ready
+        refused = yield self.chat(ports2, 500)  # worst case $0.004: no longer fits
+        self.assertEqual(refused.code, 429)
+        body = yield refused.json()
+        self.assertEqual(body["budget"]["requests"], 1)
+        self.assertAlmostEqual(body["budget"]["reported_cost_usd"], (10 * 2.0 + 998 * 8.0) / 1e6, places=9)
