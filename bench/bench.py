@@ -960,6 +960,92 @@ def build_rows(res: dict) -> list[list[str]]:
     return rows
 
 
+def build_extra_rows(res: dict) -> list[list[str]]:
+    """
+    The governed and translated lanes against the plain proxy lanes of the
+    same run: "added" is this lane minus the plain proxy lane.
+    """
+    rows = []
+
+    def ok(lane):
+        return lane is not None and lane.get("ok")
+
+    def status(lane, plain):
+        if lane is None:
+            return "not run"
+        if not lane.get("ok"):
+            return "FAILED: " + lane.get("error", "failed")
+        if plain is None or not plain.get("ok"):
+            return "plain proxy lane failed: no comparison"
+        noisy = [l["core0"]["others_pct"] for l in (lane, plain) if l.get("noisy")]
+        if noisy:
+            return f"ok, noisy (other processes took {max(noisy):.0f}% of core 0)"
+        return "ok"
+
+    for kind, label in (("governed", f"governed (agent `{GOV_AGENT}`: policy, budget, rate limits)"),
+                        ("translated", f"translated chat → messages (`{ANTHROPIC_MODEL}`)")):
+        lp, lx = res.get("latency_proxy"), res.get(f"latency_{kind}")
+        if lx is None and res.get(f"throughput_{kind}") is None:
+            continue
+        for q in ("p50", "p99"):
+            p = lp[f"{q}_us"] / 1000 if ok(lp) else None
+            x = lx[f"{q}_us"] / 1000 if ok(lx) else None
+            rows.append([
+                f"{label}, 1 client", f"{q} ms", fmt(p), fmt(x),
+                f"{x - p:+.3f} ms" if p is not None and x is not None else "–", status(lx, lp),
+            ])
+        tp, tx = res.get("throughput_proxy"), res.get(f"throughput_{kind}")
+        p = tp["rps"] if ok(tp) else None
+        x = tx["rps"] if ok(tx) else None
+        rows.append([
+            f"{label}, 32 clients", "req/s", fmt(p, 0), fmt(x, 0),
+            f"{x / p:.3f}× of plain ({100 * (x / p - 1):+.1f}%)" if p and x is not None else "–", status(tx, tp),
+        ])
+        pc = tp.get("cpu_us_per_req") if ok(tp) else None
+        xc = tx.get("cpu_us_per_req") if ok(tx) else None
+        if pc is not None and xc is not None:
+            rows.append([f"{label}, 32 clients", "proxy CPU µs/request", fmt(pc, 0), fmt(xc, 0),
+                         f"{xc - pc:+.0f} µs", "ok"])
+    sp, sx = res.get("stream_proxy"), res.get("stream_translated")
+    if sx is not None:
+        for key, label in (("first_event_p50_ms", "first SSE event p50 ms"),
+                           ("first_event_p99_ms", "first SSE event p99 ms"),
+                           ("done_p50_ms", "whole stream p50 ms"),
+                           ("done_p99_ms", "whole stream p99 ms")):
+            p = sp[key] if ok(sp) else None
+            x = sx[key] if ok(sx) else None
+            rows.append([
+                "translated stream (Anthropic SSE → chat chunks), 1 client, sequential", label, fmt(p), fmt(x),
+                f"{x - p:+.3f} ms" if p is not None and x is not None else "–", status(sx, sp),
+            ])
+    return rows
+
+
+EXTRA_HEADER = ("lane", "metric", "plain proxy", "this lane", "added vs plain (same run)", "status")
+
+
+def history_row(res: dict, facts: dict) -> str:
+    """A ready-to-paste row for bench/HISTORY.md (kept by hand)."""
+    def get(name, key, scale=1.0):
+        r = res.get(name)
+        return r[key] * scale if r and r.get("ok") and r.get(key) is not None else None
+
+    ld, lp = get("latency_direct", "p50_us", 1e-3), get("latency_proxy", "p50_us", 1e-3)
+    lg, lt = get("latency_governed", "p50_us", 1e-3), get("latency_translated", "p50_us", 1e-3)
+    tp, tg, tt = get("throughput_proxy", "rps"), get("throughput_governed", "rps"), get("throughput_translated", "rps")
+    sd, sp = get("stream_direct", "first_event_p50_ms"), get("stream_proxy", "first_event_p50_ms")
+
+    def diff(a, b):
+        return f"{a - b:+.3f}" if a is not None and b is not None else "–"
+
+    def rps(x):
+        return f"{x:,.0f}" if x is not None else "–"
+
+    return (f"| {facts['date'].replace(' UTC', '')} | WHAT CHANGED (commit {facts['commit']}) | "
+            f"{diff(lp, ld).lstrip('+')} | {rps(tp)} | {diff(sp, sd).lstrip('+')} | "
+            f"{diff(lg, lp)} / {rps(tg)} | {diff(lt, lp)} / {rps(tt)} |")
+
+
 def table(rows, header=("lane", "metric", "direct", "proxy", "added / ratio", "status")) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -968,8 +1054,7 @@ def table(rows, header=("lane", "metric", "direct", "proxy", "added / ratio", "s
 
 def counts_line(res: dict) -> str:
     parts = []
-    for name in ("latency_direct", "latency_proxy", "throughput_direct", "throughput_proxy",
-                 "stream_direct", "stream_proxy"):
+    for name in LANES:
         r = res.get(name)
         if r is not None:
             parts.append(f"{name.replace('_', ' ')}: {r.get('requests', 0):.0f}")
@@ -980,7 +1065,7 @@ def noise_line(res: dict) -> str:
     parts = []
     for name in LANES:
         r = res.get(name)
-        if r and "core0" in r and name.endswith("_proxy"):
+        if r and "core0" in r and not name.endswith("_direct"):
             c = r["core0"]
             parts.append(f"{name.replace('_', ' ')}: proxy {c['proxy_pct']:.0f}%, others {c['others_pct']:.0f}%, "
                          f"steal {c['steal_pct']:.0f}%")
@@ -995,11 +1080,61 @@ def audit_line(res: dict) -> str:
         return ""
     types = ", ".join(f"{k} {v}" for k, v in sorted(a["types"].items(), key=lambda kv: -kv[1]))
     codes = ", ".join(f"{k}: {v}" for k, v in sorted(a["status_codes"].items()))
-    return (
+    out = (
         f"The proxy's own audit stream over the whole run (warm-up and profile included): {types}; "
         f"status codes {codes}. A 499 is a request still in flight when wrk stopped at the end "
         "of a lane (wrk does not count those)."
     )
+    by_lane = a.get("by_lane") or {}
+    if by_lane:
+        parts = []
+        for who in sorted(by_lane):
+            codes = ", ".join(f"{k}: {v}" for k, v in sorted(by_lane[who].items()))
+            inter = (a.get("interventions") or {}).get(who)
+            inter = "; interventions " + ", ".join(f"{k} {v}" for k, v in sorted(inter.items())) if inter else ""
+            parts.append(f"{who}: {codes}{inter}")
+        out += " By requests: " + "; ".join(parts) + "."
+    return out
+
+
+def audit_lane(doc: dict) -> str:
+    """Which kind of bench request an audit line belongs to."""
+    agent, model = doc.get("claw_id"), doc.get("model")
+    if agent == GOV_AGENT:
+        return "governed"
+    if agent == AGENT and model == ANTHROPIC_MODEL:
+        return "translated"
+    if agent == AGENT:
+        return "plain"
+    return f"other ({agent})"
+
+
+AUDIT_LANES = {
+    "plain": ("latency_proxy", "throughput_proxy", "stream_proxy"),
+    "governed": ("latency_governed", "throughput_governed"),
+    "translated": ("latency_translated", "throughput_translated", "stream_translated"),
+}
+
+
+def check_audit(res: dict) -> None:
+    """
+    Every answer the proxy audited must be a 200 (or a 499: a request wrk cut
+    off at the end of a lane).  wrk only counts 4xx/5xx as errors and the
+    stream client checks its own answers, so this is the second, independent
+    check; a lane whose requests got anything else is marked FAILED.
+    """
+    by_lane = (res.get("audit") or {}).get("by_lane") or {}
+    for who, lanes in AUDIT_LANES.items():
+        bad = {k: v for k, v in (by_lane.get(who) or {}).items() if k not in ("200", "499")}
+        if not bad:
+            continue
+        why = f"the proxy audited {who} answers with status " + ", ".join(f"{k} ×{v}" for k, v in sorted(bad.items()))
+        for name in lanes:
+            r = res.get(name)
+            if r is not None and r.get("ok"):
+                r["ok"] = False
+                r["error"] = why
+        log(f"FAILED: {why}")
 
 
 def verdict(res: dict) -> tuple[str, float | None]:
@@ -1124,8 +1259,9 @@ proxy, wrk against an nginx mock). Target for cllama_tx: added p50 under
     return re.sub(r"\n{3,}", "\n\n", doc)
 
 
-LANES = ["latency_direct", "latency_proxy", "throughput_direct", "throughput_proxy",
-         "stream_direct", "stream_proxy"]
+LANES = ["latency_direct", "latency_proxy", "latency_governed", "latency_translated",
+         "throughput_direct", "throughput_proxy", "throughput_governed", "throughput_translated",
+         "stream_direct", "stream_proxy", "stream_translated"]
 
 
 # ---------------------------------------------------------------- main
@@ -1229,7 +1365,7 @@ def main(argv=None) -> int:
                 }
                 # Core 0 is the proxy's: what others do there matters only
                 # while the proxy is measured.
-                r["noisy"] = name.endswith("_proxy") and (
+                r["noisy"] = not name.endswith("_direct") and (
                     r["core0"]["others_pct"] > NOISY_OTHERS_PCT or r["core0"]["steal_pct"] > 5
                 )
                 if r["noisy"]:
