@@ -8,10 +8,15 @@ What it does, in order:
   1. writes an nginx mock upstream into a temporary directory and starts it
      on a loopback port (core 1): C{POST /v1/chat/completions} answers a fixed
      OpenAI chat.completion with usage, C{POST /stream/v1/chat/completions}
-     a fixed SSE stream ending with C{data: [DONE]};
+     a fixed SSE stream ending with C{data: [DONE]}, C{POST
+     /anthropic/v1/messages} a fixed Anthropic message (or, for
+     C{Accept: text/event-stream}, a fixed Anthropic SSE stream);
   2. starts the real proxy from this work tree (C{python -m twisted cllama},
-     core 0) with a bench agent and both providers pointed at the mock, waits
-     for C{GET /health} and checks one JSON and one streamed request;
+     core 0) with two agents (C{bench}, plain, and C{governed}, with a model
+     policy, a budget and rate limits that never refuse during a run) and the
+     openai, openrouter and anthropic providers pointed at the mock, waits
+     for C{GET /health} and checks JSON and streamed requests, plain,
+     governed and translated (chat -> messages);
   3. measures every lane twice, direct (client -> nginx) and through the
      proxy (client -> proxy -> nginx), back to back:
        - latency at one client (wrk -t1 -c1 --latency): p50, p99, added ms;
@@ -19,11 +24,22 @@ What it does, in order:
        - streams: a raw-socket keep-alive client sends sequential
          C{"stream": true} requests and times the first SSE event and the
          whole stream;
-     a lane with socket errors or non-2xx answers is reported as failed;
+       - governed: the latency and throughput lanes with the governed agent;
+       - translated: the latency, throughput and stream lanes with model
+         C{anthropic/claude-bench} on the chat surface (the proxy translates);
+     the governed and translated lanes run right after the plain proxy lane
+     of their kind and are reported against it ("added vs plain");
+     a lane with socket errors or non-2xx answers is reported as failed, and
+     so is one whose requests the proxy audited with a status other than 200
+     (or 499, cut off at a lane's end);
   4. prints the table, writes docs/PERFORMANCE.md (unless --no-doc or the
      proxy never answered) and bench/results/last.json;
   5. with --profile, samples the proxy under the 32-client load with py-spy
-     and lists the hot spots.
+     and lists the hot spots (--profile-lane plain|governed|translated).
+
+bench/HISTORY.md is kept by hand: the run prints a ready-to-paste row;
+C{--doc-only} rewrites docs/PERFORMANCE.md from bench/results/last.json
+after it was edited.
 
 Everything it starts is stopped on exit, also on Ctrl-C or SIGTERM.
 Exit status: 0 all lanes clean, 1 a lane errored, 2 the proxy did not start
@@ -212,7 +228,7 @@ def cpu_stat() -> dict[str, tuple[float, float]]:
     return out
 
 
-def wait_quiet(max_wait: float, threshold: float = 0.25) -> tuple[float, bool]:
+def wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 2.0) -> tuple[float, bool]:
     """
     Wait (at most C{max_wait} s) until the machine is quiet: fewer than
     C{threshold} cores busy over a 2 s window.  Other people's test runs on
@@ -221,9 +237,9 @@ def wait_quiet(max_wait: float, threshold: float = 0.25) -> tuple[float, bool]:
     deadline = time.monotonic() + max_wait
     while True:
         s0 = cpu_stat()
-        time.sleep(2)
+        time.sleep(window)
         s1 = cpu_stat()
-        busy = sum(s1[c][0] - s0[c][0] for c in s1 if c in s0) / 2.0
+        busy = sum(s1[c][0] - s0[c][0] for c in s1 if c in s0) / window
         if busy < threshold:
             return busy, True
         if time.monotonic() >= deadline:
@@ -232,6 +248,7 @@ def wait_quiet(max_wait: float, threshold: float = 0.25) -> tuple[float, bool]:
 
 
 NOISY_OTHERS_PCT = 10.0
+LANE_QUIET_WAIT = 20.0  # at most this long before each lane (1 s if quiet) ...
 
 
 def cmd_output(cmd, **kw) -> str:
@@ -1166,7 +1183,7 @@ def profile_md(prof: dict) -> str:
     lines = [
         "\n## Profile (`--profile`)\n",
         f"py-spy sampled the proxy at {PROFILE_RATE} Hz (`--nonblocking`, idle samples excluded) under the "
-        f"32-client load: {prof['samples']} samples. Flame graph: `bench/results/profile.svg` "
+        f"32-client load of {prof.get('lane', 'plain')} requests (`--profile-lane`): {prof['samples']} samples. Flame graph: `bench/results/profile.svg` "
         "(not committed).\n",
         "Where the busy time goes, by the innermost frame of cllama_tx code on the stack:\n",
         table([[f"`{f}`", str(n), f"{s:.1f}%"] for f, n, s in prof["own_code"][:12]],
@@ -1185,14 +1202,31 @@ def profile_md(prof: dict) -> str:
     return "\n".join(lines)
 
 
+def extra_md(rows, res: dict) -> str:
+    if not rows:
+        return ""
+    return (
+        "## Governance and translation (same run)\n\n"
+        "The governed and translated lanes against the plain proxy lanes above, same proxy "
+        "process, measured right after them: *added* is the cost of governing (model policy, "
+        "budget reservation and settlement, rate limits) or of translating one request, "
+        "beyond plain proxying.\n\n"
+        + table(rows, EXTRA_HEADER)
+    )
+
+
 def history_md() -> str:
     """Earlier runs worth comparing against, kept by hand in bench/HISTORY.md."""
     path = REPO / "bench" / "HISTORY.md"
     return "\n" + path.read_text() if path.exists() else ""
 
 
-def write_doc(res: dict, facts: dict, args) -> str:
+def write_doc(res: dict, facts: dict) -> str:
     rows = build_rows(res)
+    extra_rows = build_extra_rows(res)
+    duration = res.get("duration", 10.0)
+    warmup = res.get("warmup", 3.0)
+    command = res.get("command") or " ".join(["bash bench/run", *sys.argv[1:]])
     v, added = verdict(res)
     failed = [k for k in LANES if res.get(k) is not None and not res[k].get("ok")]
     cores = (
@@ -1202,7 +1236,7 @@ def write_doc(res: dict, facts: dict, args) -> str:
     )
     doc = f"""# Performance
 
-Measured by `{" ".join(["bash bench/run", *sys.argv[1:]])}` (see `bench/bench.py`); this file is
+Measured by `{command}` (see `bench/bench.py`); this file is
 overwritten by each run of `bash bench/run`.
 Numbers from a shared, noisy 2-core machine: compare runs on the same machine, and
 read the direct column as the noise floor of the run.
@@ -1219,8 +1253,12 @@ read the direct column as the noise floor of the run.
 
 Requests measured per lane: {counts_line(res)}.
 
-Noise: {noise_line(res)} A proxy lane where other processes took more than
-{NOISY_OTHERS_PCT:g}% of core 0 is marked noisy: its figures are pessimistic.
+Noise: {noise_line(res)} Before the run, and again before each lane (at most
+{LANE_QUIET_WAIT:g} s a lane), the script waits for other processes to leave the cores idle. A proxy lane
+where other processes still took more than {NOISY_OTHERS_PCT:g}% of core 0 is marked noisy: its
+figures are pessimistic.
+
+{extra_md(extra_rows, res)}
 
 {audit_line(res)}
 
@@ -1238,23 +1276,46 @@ proxy, wrk against an nginx mock). Target for cllama_tx: added p50 under
   and run as the current user (`-p`, `-c`, `daemon off`), answering
   `POST /v1/chat/completions` with a fixed `chat.completion` JSON body (with `usage`) and
   `POST /stream/v1/chat/completions` with a fixed `text/event-stream` body (7 `data:` chunks,
-  a usage chunk, `data: [DONE]`). Keep-alive without a request limit.
+  a usage chunk, `data: [DONE]`), and `POST /anthropic/v1/messages` with a fixed Anthropic
+  `message` (with `usage`; built by `cllama_tx.testing.anthropic_message`), or, when the
+  request's `Accept` asks for `text/event-stream`, a fixed Anthropic SSE stream
+  (`message_start` … `message_stop`, 6 text deltas; `anthropic_stream_events`).
+  Keep-alive without a request limit.
 - Proxy: this work tree, `.venv/bin/python -m twisted --log-file=+ cllama` with
-  `PYTHONPATH` at the repository, one agent (`bench`), `OPENAI_BASE_URL` pointing at the
-  mock's `/v1` and `OPENROUTER_BASE_URL` at its `/stream/v1`; audit stream (stdout) to a
-  file, operational log (stderr) to a file.
+  `PYTHONPATH` at the repository, `OPENAI_BASE_URL` pointing at the mock's `/v1`,
+  `OPENROUTER_BASE_URL` at its `/stream/v1` and `ANTHROPIC_BASE_URL` at its
+  `/anthropic/v1`; the ledger in a fresh temporary `CLLAMA_STATE_DIR`; audit stream
+  (stdout) to a file, operational log (stderr) to a file. Two agents in one context root:
+  `{AGENT}` (token only: no policy, no budget, no rate limits; the plain lanes) and
+  `{GOV_AGENT}` (the governed lanes), whose `metadata.json` adds
+  `model_policy` `{json.dumps(GOV_METADATA["model_policy"], separators=(", ", ": "))}`,
+  `budget` `{json.dumps(GOV_METADATA["budget"], separators=(", ", ": "))}` and
+  `rate_limits` `{json.dumps(GOV_METADATA["rate_limits"], separators=(", ", ": "))}`:
+  every governance room runs (policy decision, rate-limit check and settle, budget worst-case
+  reservation and settle against both candidates' prices) but none can refuse during a run.
 - Cores: {cores}.
 - Each lane runs direct (client → nginx) and then through the proxy (client → proxy →
-  nginx), {args.duration:g} s each, after a {args.warmup:g} s warm-up of the proxy that is not
-  counted.
+  nginx), {duration:g} s each, after a {warmup:g} s warm-up of the proxy (and 1 s of each
+  governed and translated kind) that is not counted. The governed and translated lanes run
+  right after the plain proxy lane of the same kind, in the same run against the same proxy
+  process; their "added" is the lane minus the plain proxy lane.
   - latency: `wrk -t1 -c1 --latency` POSTing `{CHAT_BODY}` with the agent's bearer token;
     added = proxy minus direct.
   - throughput: `wrk -t1 -c32`; the direct figure is the mock's own ceiling (wrk and nginx
     sharing core 1). Proxy CPU per request comes from `/proc/<pid>/stat` over the lane.
   - streams: a raw-socket keep-alive client sends sequential `"stream": true` requests
     (model `{STREAM_MODEL}`) and times the first `data:` byte and the end of the stream.
+  - governed: the same wrk lanes (same body, model `{CHAT_MODEL}`, the policy's primary, so
+    no intervention) with the `{GOV_AGENT}` agent's token.
+  - translated: the same wrk lanes POSTing `{TRANSLATED_BODY}` to `/v1/chat/completions`
+    with the `{AGENT}` token: the proxy translates chat → messages (adding `max_tokens`
+    4096), sends it to the Anthropic location with `x-api-key`, and translates the Anthropic
+    `message` back to a `chat.completion`; the translated stream lane does the same with
+    `"stream": true` (Anthropic SSE → chat chunks and `data: [DONE]`), timed by the stream
+    client against the plain stream lane (which relays OpenAI-format chunks).
 - A lane with socket errors, timeouts or non-2xx answers is marked FAILED and its figures
-  are not shown.
+  are not shown; so is a lane whose requests the proxy's own audit stream shows answered
+  with anything but 200 (or 499, a request cut off at the end of a lane).
 {profile_md(res.get("profile") or {})}"""
     return re.sub(r"\n{3,}", "\n\n", doc)
 
@@ -1274,14 +1335,36 @@ def main(argv=None) -> int:
                     help="seconds of unmeasured load on the proxy before the lanes [env BENCH_WARMUP, default 3]")
     ap.add_argument("--profile", action="store_true",
                     help="afterwards, sample the proxy under 32-client load with py-spy and list the hot spots")
+    ap.add_argument("--profile-lane", choices=("plain", "governed", "translated"), default="plain",
+                    help="which requests --profile loads the proxy with [default plain]")
+    ap.add_argument("--plain-only", action="store_true",
+                    help="skip the governed and translated lanes (the run before they existed)")
+    ap.add_argument("--doc-only", action="store_true",
+                    help="measure nothing: rewrite docs/PERFORMANCE.md from bench/results/last.json "
+                         "(e.g. after adding a row to bench/HISTORY.md by hand)")
     ap.add_argument("--no-doc", action="store_true", help="do not overwrite docs/PERFORMANCE.md")
     ap.add_argument("--direct-only", action="store_true", help="measure the mock alone (checks the harness)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, audit stream)")
     ap.add_argument("--quiet-wait", type=float, default=float(os.environ.get("BENCH_QUIET_WAIT", "60")),
                     help="wait up to this many seconds for other processes to leave the cores idle "
+                         "before the run, and again up to 20 s before each lane (at most this many seconds "
+                         "over all lanes) "
                          "[env BENCH_QUIET_WAIT, default 60; 0 = do not wait]")
     ap.add_argument("--start-timeout", type=float, default=30.0, help="seconds to wait for /health [default 30]")
     args = ap.parse_args(argv)
+
+    if args.doc_only:
+        try:
+            last = json.loads((RESULTS / "last.json").read_text())
+        except (OSError, ValueError) as e:
+            log(f"--doc-only needs bench/results/last.json from an earlier run: {e}")
+            return 2
+        if last.get("proxy_error") or last["results"].get("command") is None:
+            log("bench/results/last.json is not from a complete run with the proxy; measure first")
+            return 2
+        DOC.write_text(write_doc(last["results"], last["facts"]))
+        print(f"Wrote {DOC.relative_to(REPO)} from bench/results/last.json ({last['facts']['date']})")
+        return 0
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
@@ -1304,7 +1387,8 @@ def main(argv=None) -> int:
     else:
         log("fewer than 2 usable cores: running without core pinning")
 
-    res: dict = {"pinned": pin, "duration": args.duration}
+    res: dict = {"pinned": pin, "duration": args.duration, "warmup": args.warmup,
+                 "command": " ".join(["bash bench/run", *(argv if argv is not None else sys.argv[1:])])}
     if args.quiet_wait > 0:
         busy, quiet = wait_quiet(args.quiet_wait)
         res["busy_at_start"] = busy
@@ -1349,7 +1433,18 @@ def main(argv=None) -> int:
                     stop(proxy)
                     proxy = None
 
+        lane_wait_left = [args.quiet_wait]  # ... and at most --quiet-wait over all lanes
+
         def lane(name, fn):
+            waited = None
+            if args.quiet_wait > 0 and lane_wait_left[0] > 0:
+                # Other people's work may start mid-run: before each lane,
+                # wait (a little) for the cores to be idle again, so that
+                # lanes compared with each other saw the same quiet machine.
+                w0 = time.monotonic()
+                busy, quiet = wait_quiet(min(lane_wait_left[0], LANE_QUIET_WAIT), window=1.0)
+                waited = {"busy": busy, "quiet": quiet, "waited_s": time.monotonic() - w0}
+                lane_wait_left[0] -= max(0.0, waited["waited_s"] - 1.0)  # the 1 s sample is free
             log(f"lane {name} ({args.duration:g} s)")
             t0, s0 = time.monotonic(), cpu_stat()
             p0 = cpu_seconds(proxy.pid) if proxy else 0.0
@@ -1371,6 +1466,8 @@ def main(argv=None) -> int:
                 if r["noisy"]:
                     log(f"lane {name}: core 0 was shared: other processes {r['core0']['others_pct']:.0f}%, "
                         f"steal {r['core0']['steal_pct']:.0f}%")
+            if waited is not None:
+                r["quiet_before"] = waited
             res[name] = r
             if "raw" in r:
                 RESULTS.mkdir(parents=True, exist_ok=True)
@@ -1457,6 +1554,10 @@ def main(argv=None) -> int:
     rows = build_rows(res)
     print()
     print(table(rows))
+    extra_rows = build_extra_rows(res)
+    if extra_rows:
+        print()
+        print(table(extra_rows, EXTRA_HEADER))
     print()
     v, added = verdict(res)
     print("Result: " + v.replace("**", ""))
@@ -1464,12 +1565,14 @@ def main(argv=None) -> int:
     print("Noise: " + noise_line(res))
     if "audit" in res:
         print(f"Proxy audit lines by type: {res['audit']['types']}; status codes: {res['audit']['status_codes']}")
+        print(f"  by requests: {res['audit'].get('by_lane')}; interventions: {res['audit'].get('interventions')}")
     prof = res.get("profile")
     if prof:
         if "error" in prof:
             print(f"\nProfile failed: {prof['error']}")
         else:
-            print(f"\nProfile: {prof['samples']} samples; flame graph {prof['svg']}")
+            print(f"\nProfile ({prof.get('lane', 'plain')} requests): {prof['samples']} samples; "
+                  f"flame graph {prof['svg']}; load: {prof.get('load_raw')}")
             print("innermost cllama_tx frame:")
             for f, n, s in prof["own_code"][:12]:
                 print(f"  {s:5.1f}%  {f}")
@@ -1495,8 +1598,12 @@ def main(argv=None) -> int:
         print("\n--direct-only: docs/PERFORMANCE.md was left as it was.")
     elif not args.no_doc:
         DOC.parent.mkdir(parents=True, exist_ok=True)
-        DOC.write_text(write_doc(res, facts, args))
+        DOC.write_text(write_doc(res, facts))
         print(f"\nWrote {DOC.relative_to(REPO)}")
+    if not args.direct_only and res.get("latency_proxy"):
+        print("\nbench/HISTORY.md is kept by hand. To record this run there, append this row to its table")
+        print("(replace WHAT CHANGED; then `bash bench/run --doc-only` puts it into docs/PERFORMANCE.md):")
+        print(history_row(res, facts))
     failed = [k for k in LANES if res.get(k) is not None and not res[k].get("ok")]
     if failed:
         print(f"FAILED lanes: {', '.join(failed)}")

@@ -135,8 +135,19 @@ class LedgerCase(TestCase):
         and the Deferred of the blocking call.
         """
         gate = threading.Event()
+        entered = threading.Event()
         self.addCleanup(gate.set)
-        return gate, ledger._on_writer(lambda conn: gate.wait(30))
+
+        def hold(conn):
+            entered.set()
+            return gate.wait(30)
+
+        held = ledger._on_writer(hold)
+        # Wait until the writer is really inside: otherwise it could take
+        # the hold and only part of what the test queues next in one batch.
+        if not entered.wait(30):
+            self.fail("the writer thread did not take the hold")
+        return gate, held
 
 
 class ServiceTests(LedgerCase):
