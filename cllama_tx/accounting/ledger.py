@@ -1295,6 +1295,42 @@ class SqliteLedger(service.Service):
 
         return self._read(query)
 
+    def rows_between(
+        self,
+        since: float | None,
+        until: float | None,
+        limit: int = 1000,
+        team_id: str | None = None,
+        user_id: str | None = None,
+        key_id: str | None = None,
+    ) -> defer.Deferred:
+        """
+        Fires with up to C{limit} rows with C{since <= ts < until} (open
+        ends when None), optionally for one team, user or key, oldest first:
+        the per-request rows of a billing export (C{GET /spend/logs}).
+        """
+        limit = _clamp(limit)
+        where, args = [], []
+        for column, value in (("team_id", team_id), ("user_id", user_id), ("key_id", key_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(float(since))
+        if until is not None:
+            where.append("ts < ?")
+            args.append(float(until))
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        sql = f"SELECT id, {', '.join(_ROW_FIELDS)} FROM requests {clause} ORDER BY id LIMIT ?"
+
+        def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            result = conn.execute(sql, (*args, limit))
+            names = [c[0] for c in result.description]
+            return [_row_dict(names, values) for values in result]
+
+        return self._read(query)
+
     def spend(
         self, agent: str | None = None, since: float | None = None, until: float | None = None
     ) -> defer.Deferred:

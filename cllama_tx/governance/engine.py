@@ -35,12 +35,17 @@ class Admission:
 
     agent: str
     candidates: tuple[ModelRef, ...]
-    reservation: Reservation | None = None
+    # One reservation per budget scope (an agent; or a virtual key and its team).
+    reservations: list = attrs.Factory(list)
     openrouter_models: list[str] | None = None
     rate_key: str | None = None
     rate_at: float | None = None
     token_estimate: int = 0
     budget_label: str | None = None
+
+    @property
+    def reservation(self) -> Reservation | None:
+        return self.reservations[0] if self.reservations else None
 
 
 @attrs.frozen
@@ -207,6 +212,40 @@ class Governance:
         for agent, entries in by_agent.items():
             self.book.load_counts(agent, entries)
 
+    def scopes(self, context) -> list[tuple[str, Any, Any]]:
+        """
+        The budgets a request of this principal must fit: C{(scope, budget,
+        timezone)}.  An agent has its own; a virtual key (a context with
+        C{budget_scopes}) has its key's and its team's.
+        """
+        extra = getattr(context, "budget_scopes", None)
+        if extra is not None:
+            scopes = []
+            for scope, raw in extra():
+                runtime = self.runtime.get(scope) or {}
+                layer = dict(raw or {})
+                layer.update(runtime.get("budget") or {})
+                if runtime.get("spent_offset_usd") is not None:
+                    layer["spent_offset_usd"] = runtime["spent_offset_usd"]
+                budget = self._parsed(scope, (json.dumps(layer, sort_keys=True),), lambda layer=layer: layer)
+                if budget is not None:
+                    scopes.append((scope, budget, None))
+            return scopes
+        budget = self.budget(context)
+        return [] if budget is None else [(context.agent_id, budget, context.timezone)]
+
+    def _parsed(self, scope: str, key: tuple, raw):
+        cached = self._budgets.get(scope)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            budget = parse_budget(raw())
+        except BudgetError as e:
+            log.warn("budget of {scope} is invalid: {error}", scope=scope, error=str(e))
+            raise ProxyError(503, "budget_unavailable", "budget enforcement unavailable for this caller") from None
+        self._budgets[scope] = (key, budget)
+        return budget
+
     def budget(self, context):
         sources = self._sources(context)
         cached = self._budgets.get(context.agent_id)
@@ -244,24 +283,27 @@ class Governance:
             self._intervention(ex, decision.intervention, requested_model=requested, chosen=str(decision.ref))
         admission = Admission(agent=context.agent_id, candidates=decision.candidates)
         admission.token_estimate = estimate_prompt_tokens(doc, ex.surface.api_format)
-        budget = self.budget(context)
-        tz = context.timezone
-        if budget is not None:
+        scopes = self.scopes(context)
+        if scopes:
+            scope, budget, tz = scopes[0]
             admission.budget_label = budget.label
-            self._apply_tiers(ex, admission, budget, tz)
+            self._apply_tiers(ex, admission, scope, budget, tz)
         self._check_rate(admission, context, doc)
-        if budget is not None:
-            try:
-                self._reserve(admission, budget, tz, doc, ex.body_size)
-            except ProxyError:
-                self._release_rate(admission)
-                raise
+        try:
+            for scope, budget, tz in scopes:
+                self._reserve(admission, scope, budget, tz, doc, ex.body_size)
+        except ProxyError:
+            self._release_rate(admission)
+            for held in admission.reservations:
+                self.book.release(held)
+            admission.reservations = []
+            raise
         return admission
 
-    def _apply_tiers(self, ex, admission: Admission, budget, tz) -> None:
+    def _apply_tiers(self, ex, admission: Admission, scope: str, budget, tz) -> None:
         chosen = admission.candidates[0]
         try:
-            decision = self.book.choose_model(admission.agent, budget, str(chosen), tz)
+            decision = self.book.choose_model(scope, budget, str(chosen), tz)
         except BudgetError as e:
             log.warn("budget check failed for {agent}: {error}", agent=admission.agent, error=str(e))
             raise ProxyError(503, "budget_unavailable", "budget enforcement unavailable for this agent") from None
@@ -310,7 +352,7 @@ class Governance:
             self._limiter.settle(admission.rate_key, admission.token_estimate, 0, admitted_at=admission.rate_at)
             admission.rate_key = None
 
-    def _reserve(self, admission: Admission, budget, tz, doc: dict, body_size: int) -> None:
+    def _reserve(self, admission: Admission, scope: str, budget, tz, doc: dict, body_size: int) -> None:
         """
         Hold the worst case of the dearest candidate.  The prompt is bounded
         by the body's size in bytes (no tokenizer makes more tokens than
@@ -322,13 +364,13 @@ class Governance:
             if cost is not None:
                 worst = cost if worst is None else max(worst, cost)
         try:
-            held = self.book.reserve(admission.agent, budget, worst, tz)
+            held = self.book.reserve(scope, budget, worst, tz)
         except BudgetError as e:
             log.warn("budget check failed for {agent}: {error}", agent=admission.agent, error=str(e))
             raise ProxyError(503, "budget_unavailable", "budget enforcement unavailable for this agent") from None
         if isinstance(held, Refusal):
             raise budget_error(held)
-        admission.reservation = held
+        admission.reservations.append(held)
 
     # -- the end of a request
 
@@ -342,18 +384,16 @@ class Governance:
         if admission.rate_key is not None:
             actual = row.input_tokens + row.output_tokens
             self._limiter.settle(admission.rate_key, admission.token_estimate, actual, admitted_at=admission.rate_at)
-        held = admission.reservation
-        if held is None:
-            return
-        if success or row.cost_usd > 0:
-            self.book.settle(held, row.cost_usd if row.priced else None, counted=success)
-        else:
-            self.book.release(held)
-        if held.alert:
-            self._intervention(ex, "budget_alert", reason=held.alert_reason, budget=admission.budget_label)
-        if self._alerts is not None:
-            usage = self.book.usage(admission.agent, held.budget, held.tz)
-            self._alerts.observe_usage(admission.agent, held.budget, usage)
+        for held in admission.reservations:
+            if success or row.cost_usd > 0:
+                self.book.settle(held, row.cost_usd if row.priced else None, counted=success)
+            else:
+                self.book.release(held)
+            if held.alert:
+                self._intervention(ex, "budget_alert", reason=held.alert_reason, scope=held.agent)
+            if self._alerts is not None:
+                usage = self.book.usage(held.agent, held.budget, held.tz)
+                self._alerts.observe_usage(held.agent, held.budget, usage)
 
 
 def _max_tokens(doc: dict, default):
