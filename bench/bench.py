@@ -1000,7 +1000,8 @@ def build_extra_rows(res: dict) -> list[list[str]]:
         return "ok"
 
     for kind, label in (("governed", f"governed (agent `{GOV_AGENT}`: policy, budget, rate limits)"),
-                        ("translated", f"translated chat → messages (`{ANTHROPIC_MODEL}`)")):
+                        ("translated", f"translated chat → messages (`{ANTHROPIC_MODEL}`)"),
+                        ("control", "control: the plain lane again, last (noise band)")):
         lp, lx = res.get("latency_proxy"), res.get(f"latency_{kind}")
         if lx is None and res.get(f"throughput_{kind}") is None:
             continue
@@ -1127,7 +1128,7 @@ def audit_lane(doc: dict) -> str:
 
 
 AUDIT_LANES = {
-    "plain": ("latency_proxy", "throughput_proxy", "stream_proxy"),
+    "plain": ("latency_proxy", "throughput_proxy", "stream_proxy", "latency_control", "throughput_control"),
     "governed": ("latency_governed", "throughput_governed"),
     "translated": ("latency_translated", "throughput_translated", "stream_translated"),
 }
@@ -1210,7 +1211,8 @@ def extra_md(rows, res: dict) -> str:
         "The governed and translated lanes against the plain proxy lanes above, same proxy "
         "process, measured right after them: *added* is the cost of governing (model policy, "
         "budget reservation and settlement, rate limits) or of translating one request, "
-        "beyond plain proxying.\n\n"
+        "beyond plain proxying. The control rows repeat the plain lane after the others: "
+        "differences of that size are noise.\n\n"
         + table(rows, EXTRA_HEADER)
     )
 
@@ -1307,12 +1309,17 @@ proxy, wrk against an nginx mock). Target for cllama_tx: added p50 under
     (model `{STREAM_MODEL}`) and times the first `data:` byte and the end of the stream.
   - governed: the same wrk lanes (same body, model `{CHAT_MODEL}`, the policy's primary, so
     no intervention) with the `{GOV_AGENT}` agent's token.
+  - control: the plain wrk lane once more after the governed and translated ones; its
+    "added vs plain" is the drift between two identical lanes of the run, i.e. how large a
+    governed or translated difference must be to mean something.
   - translated: the same wrk lanes POSTing `{TRANSLATED_BODY}` to `/v1/chat/completions`
     with the `{AGENT}` token: the proxy translates chat → messages (adding `max_tokens`
     4096), sends it to the Anthropic location with `x-api-key`, and translates the Anthropic
     `message` back to a `chat.completion`; the translated stream lane does the same with
     `"stream": true` (Anthropic SSE → chat chunks and `data: [DONE]`), timed by the stream
-    client against the plain stream lane (which relays OpenAI-format chunks).
+    client against the plain stream lane (which relays OpenAI-format chunks). The model
+    `claude-bench` has no price, so these requests skip the cost computation the plain ones
+    do (under 1 % of the proxy's samples in a profile).
 - A lane with socket errors, timeouts or non-2xx answers is marked FAILED and its figures
   are not shown; so is a lane whose requests the proxy's own audit stream shows answered
   with anything but 200 (or 499, a request cut off at the end of a lane).
@@ -1320,8 +1327,9 @@ proxy, wrk against an nginx mock). Target for cllama_tx: added p50 under
     return re.sub(r"\n{3,}", "\n\n", doc)
 
 
-LANES = ["latency_direct", "latency_proxy", "latency_governed", "latency_translated",
+LANES = ["latency_direct", "latency_proxy", "latency_governed", "latency_translated", "latency_control",
          "throughput_direct", "throughput_proxy", "throughput_governed", "throughput_translated",
+         "throughput_control",
          "stream_direct", "stream_proxy", "stream_translated"]
 
 
@@ -1485,6 +1493,9 @@ def main(argv=None) -> int:
         if extra:
             lane("latency_governed", lambda: run_wrk(through, gov_lua, 1, args.duration, load_core, pid=proxy.pid))
             lane("latency_translated", lambda: run_wrk(through, tr_lua, 1, args.duration, load_core, pid=proxy.pid))
+            # The plain lane again: how far two identical lanes drift apart
+            # (the noise band of the "added vs plain" figures).
+            lane("latency_control", lambda: run_wrk(through, lua, 1, args.duration, load_core, pid=proxy.pid))
         lane("throughput_direct", lambda: run_wrk(direct, lua, 32, args.duration, load_core))
         if proxy:
             lane("throughput_proxy", lambda: run_wrk(through, lua, 32, args.duration, load_core, pid=proxy.pid))
@@ -1493,6 +1504,7 @@ def main(argv=None) -> int:
                  lambda: run_wrk(through, gov_lua, 32, args.duration, load_core, pid=proxy.pid))
             lane("throughput_translated",
                  lambda: run_wrk(through, tr_lua, 32, args.duration, load_core, pid=proxy.pid))
+            lane("throughput_control", lambda: run_wrk(through, lua, 32, args.duration, load_core, pid=proxy.pid))
         lane("stream_direct", lambda: run_stream_lane(mock_port, "/stream/v1/chat/completions", args.duration))
         if proxy:
             lane("stream_proxy", lambda: run_stream_lane(api_port, "/v1/chat/completions", args.duration))

@@ -162,7 +162,11 @@ class ApiApp:
         ui_token: str | None = None,
         providers=None,
         pricing=None,
+        keys_api=None,
+        billing=None,
     ) -> None:
+        self._keys_api = keys_api
+        self._billing = billing
         self._matrix_doc = matrix_doc or matrix.describe()
         self._contexts = contexts
         self._history = history
@@ -215,6 +219,68 @@ class ApiApp:
                 "data": [{"id": ref, "object": "model", "created": 0, "owned_by": owner(ref)} for ref in refs],
             }
         return json.dumps(doc).encode("utf-8")
+
+    # -- virtual keys (LiteLLM-compatible key API) and billing, master key
+
+    @app.route("/key/generate", methods=["POST"])
+    async def key_generate(self, request):
+        return await self._keys(request, "generate")
+
+    @app.route("/key/info", methods=["GET"])
+    async def key_info(self, request):
+        return await self._keys(request, "info")
+
+    @app.route("/key/update", methods=["POST"])
+    async def key_update(self, request):
+        return await self._keys(request, "update")
+
+    @app.route("/key/delete", methods=["POST"])
+    async def key_delete(self, request):
+        return await self._keys(request, "delete")
+
+    @app.route("/key/list", methods=["GET"])
+    async def key_list(self, request):
+        return await self._keys(request, "list")
+
+    @app.route("/key/block", methods=["POST"])
+    async def key_block(self, request):
+        return await self._keys(request, "block")
+
+    @app.route("/key/unblock", methods=["POST"])
+    async def key_unblock(self, request):
+        return await self._keys(request, "unblock")
+
+    @app.route("/health/liveliness", methods=["GET", "HEAD"])
+    @app.route("/health/liveness", methods=["GET", "HEAD"])
+    async def liveliness(self, request):
+        return await self._keys(request, "liveliness")
+
+    @app.route("/health/readiness", methods=["GET", "HEAD"])
+    async def readiness(self, request):
+        return await self._keys(request, "readiness")
+
+    async def _keys(self, request, name: str):
+        if self._keys_api is None:
+            return _error(request, ProxyError(404, "not_found", "the key API is not enabled"))
+        return await getattr(self._keys_api, name)(request)
+
+    @app.route("/spend/logs", methods=["GET"])
+    async def spend_logs(self, request):
+        return await self._bill(request, "spend_logs")
+
+    @app.route("/api/spend/events", methods=["GET"])
+    async def spend_events(self, request):
+        return await self._bill(request, "events")
+
+    @app.route("/team/new", methods=["POST"])
+    @app.route("/team/update", methods=["POST"])
+    async def team_budget(self, request):
+        return await self._bill(request, "team_budget")
+
+    async def _bill(self, request, name: str):
+        if self._billing is None:
+            return _error(request, ProxyError(404, "not_found", "billing is not enabled"))
+        return await getattr(self._billing, name)(request)
 
     @app.route("/history", methods=["GET"])
     async def own_history(self, request):

@@ -125,6 +125,20 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple, default: str) -> 
     return value
 
 
+MIN_MASTER_KEY_LENGTH = 16
+
+
+def _master_key(env: Mapping[str, str]) -> str | None:
+    """CLLAMA_MASTER_KEY, else LITELLM_MASTER_KEY; None turns key administration off."""
+    for name in ("CLLAMA_MASTER_KEY", "LITELLM_MASTER_KEY"):
+        value = (env.get(name) or "").strip()
+        if value:
+            if len(value) < MIN_MASTER_KEY_LENGTH:
+                raise ConfigError(f"{name} is shorter than {MIN_MASTER_KEY_LENGTH} characters: use a long random value")
+            return value
+    return None
+
+
 def _count(env: Mapping[str, str], name: str) -> int | None:
     raw = env.get(name)
     if not raw:
@@ -174,6 +188,7 @@ class Config:
     default_rpm: int | None
     default_tpm: int | None
     alert_webhooks: str | None = attrs.field(repr=False)  # URLs embed tokens
+    master_key: str | None = attrs.field(repr=False)
     # The environment as seen after command-line overrides; provider keys and
     # base URLs are read from it by the provider registry.
     env: Mapping[str, str] = attrs.field(repr=False)
@@ -214,5 +229,6 @@ class Config:
             default_rpm=_count(env, "CLLAMA_DEFAULT_RPM"),
             default_tpm=_count(env, "CLLAMA_DEFAULT_TPM"),
             alert_webhooks=env.get("CLLAMA_ALERT_WEBHOOKS") or None,
+            master_key=_master_key(env),
             env=env,
         )

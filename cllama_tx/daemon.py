@@ -32,6 +32,9 @@ from .providers.catalog import ProviderSpec
 from .providers.keys import KeyPool
 from .providers.registry import ProviderRegistry, ResolvedProvider, UnknownProvider
 from .governance.engine import build_governance
+from .billing import BillingApi
+from .identity.virtual_keys import VirtualKeyStore
+from .keyapi import KeyApi
 from .metering import Metering
 from .operations import Operations
 from .proxy import Proxy
@@ -262,6 +265,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
     )
     # Before the listeners: it is stopped after them, so in-flight rows land.
     ledger.setServiceParent(top)
+    keys = VirtualKeyStore(ledger.path, reactor, reactor)
+    keys.setServiceParent(top)
     history = None
     if config.session_history_dir:
         history = SessionHistory(config.session_history_dir, reactor)
@@ -298,7 +303,16 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         first_byte_timeout=config.first_byte_timeout,
         idle_timeout=config.idle_timeout,
         no_stream_options=config.no_stream_options,
+        keys=keys,
     )
+    keys_api = KeyApi(
+        keys,
+        config.master_key,
+        ledger=ledger,
+        clock=reactor,
+        spend_of=lambda token_hash: ledger.cost_of(key_id=token_hash),
+    )
+    billing = BillingApi(keys_api=keys_api, ledger=ledger, governance=governance, audit=audit)
     api_site = build_api_site(
         proxy,
         config.max_body_bytes,
@@ -309,6 +323,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
             ui_token=config.ui_token,
             providers=providers,
             pricing=pricing,
+            keys_api=keys_api,
+            billing=billing,
         ),
     )
     operations = Operations(

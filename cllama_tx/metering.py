@@ -50,6 +50,10 @@ class Exchange:
     settled: bool = False
     attempt_started: float = 0.0
     body_size: int = 0
+    # Who is billed, for requests made with a virtual key.
+    key_id: str | None = None
+    team_id: str | None = None
+    user_id: str | None = None
     admission: object = None  # what governance held for this request
     bridge: object = None  # the surface translation in use, if any
 
@@ -173,6 +177,9 @@ class Metering:
             cost_usd=cost,
             priced=priced,
             estimated=estimated,
+            key_id=ex.key_id,
+            team_id=ex.team_id,
+            user_id=ex.user_id,
         )
         fields = dict(
             status_code=status,

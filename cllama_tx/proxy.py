@@ -19,7 +19,9 @@ from twisted.web.http_headers import Headers
 
 from .accounting.usage import SseTap, output_chars_from_json, usage_from_json
 from .errors import OPENAI, ProxyError, error_body, sse_error_event
+from .identity.principals import KeyPrincipal
 from .identity.tokens import MalformedCredentials, parse_credentials
+from .identity.virtual_keys import looks_like_virtual_key
 from .metering import CLIENT_CLOSED, Exchange
 from .providers.catalog import auth_headers, upstream_url
 from .providers.keys import MAX_TRIES, classify_failure
@@ -99,7 +101,9 @@ class Proxy:
         first_byte_timeout: float,
         idle_timeout: float,
         no_stream_options: frozenset[str] = frozenset(),
+        keys=None,
     ) -> None:
+        self._keys = keys
         self._clock = clock
         self._contexts = contexts
         self._providers = providers
@@ -154,7 +158,7 @@ class Proxy:
         request.finish()
 
     async def _serve(self, request, ex: Exchange) -> None:
-        context = self._identify(request)
+        context = self._identify(request, ex)
         ex.claw_id = context.agent_id
         doc = self._parse_body(request, ex)
         model = doc.get("model")
@@ -220,8 +224,19 @@ class Proxy:
                 raise Failover(error.message) from None
             raise
 
-    def _identify(self, request):
+    def _identify(self, request, ex: Exchange):
         headers = request.requestHeaders
+        token = _bearer_or_api_key(headers)
+        if self._keys is not None and token is not None and looks_like_virtual_key(token):
+            key = self._keys.lookup(token)
+            if key is None:
+                status = self._keys.status(token)
+                reason = {"expired": "this key has expired", "blocked": "this key is blocked"}.get(
+                    status, "unknown or deleted key"
+                )
+                raise ProxyError(401, "invalid_api_key", reason)
+            ex.key_id, ex.team_id, ex.user_id = key.token_hash, key.team_id, key.user_id
+            return KeyPrincipal(key)
         try:
             agent_id, secret = parse_credentials(
                 _first(headers, b"authorization"), _first(headers, b"x-api-key")
@@ -587,6 +602,22 @@ def forward_headers(incoming: Headers) -> Headers:
         out.setRawHeaders(name, values)
     out.setRawHeaders(b"content-type", [b"application/json"])
     return out
+
+
+def _bearer_or_api_key(headers: Headers) -> str | None:
+    """The presented token (no colon means it cannot be an agent's)."""
+    raw = _first(headers, b"authorization")
+    if raw is not None:
+        scheme, _, value = raw.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return None
+    else:
+        raw = _first(headers, b"x-api-key")
+        if raw is None:
+            return None
+        value = raw
+    token = value.strip().decode("ascii", "replace")
+    return None if ":" in token else token
 
 
 def _first(headers: Headers, name: bytes) -> bytes | None:

@@ -19,6 +19,9 @@ from cllama_tx.accounting.pricing import Pricing
 from cllama_tx.api import ApiApp, build_api_site
 from cllama_tx.governance.alerts import AlertNotifier, parse_webhooks
 from cllama_tx.governance.engine import build_governance
+from cllama_tx.billing import BillingApi
+from cllama_tx.identity.virtual_keys import VirtualKeyStore
+from cllama_tx.keyapi import KeyApi
 from cllama_tx.metering import Metering
 from cllama_tx.operations import Operations
 from cllama_tx.audit import AuditLog
@@ -36,8 +39,9 @@ AGENT = "tiverton"
 SECRET = "9f1c" * 12  # 48 lowercase hex characters, as Clawdapus makes them
 PROVIDER_KEY = "sk-upstream-real-key-0001"
 UI_TOKEN = "operator-ui-token-3141"
+MASTER_KEY = "sk-master-key-for-tests-0123456789"
 
-SCANNER.register(SECRET, PROVIDER_KEY, UI_TOKEN)
+SCANNER.register(SECRET, PROVIDER_KEY, UI_TOKEN, MASTER_KEY)
 
 
 def write_agent(root: str, agent_id: str, secret: str, **metadata) -> str:
@@ -60,7 +64,7 @@ class ProxyHarness:
                  first_byte_timeout=10.0, idle_timeout=10.0, providers_json=None,
                  history_dir=None, pricing_file=None, no_stream_options=frozenset(),
                  fake_providers=("openai",), governance_dir=None, policy_file=None, unpriced="refuse",
-                 default_rpm=None, default_tpm=None, alert_webhooks=None):
+                 default_rpm=None, default_tpm=None, alert_webhooks=None, key_clock=None):
         self.testcase = testcase
         self.env_extra = env or {}
         self.max_body_bytes = max_body_bytes
@@ -77,6 +81,7 @@ class ProxyHarness:
         self.default_rpm = default_rpm
         self.default_tpm = default_tpm
         self.alert_webhooks = alert_webhooks
+        self.key_clock = key_clock
         self.audit_stream = _WatchedStream()
 
     @defer.inlineCallbacks
@@ -138,6 +143,9 @@ class ProxyHarness:
             )
             self.alerts.startService()
             case.addCleanup(self.alerts.stopService)
+        self.keys = VirtualKeyStore(self.ledger.path, self.key_clock or reactor, reactor)
+        self.keys.startService()
+        case.addCleanup(self.keys.stopService)
         self.governance = build_governance(
             clock=reactor,
             pricing=self.pricing,
@@ -156,10 +164,16 @@ class ProxyHarness:
             upstream=self.upstream,
             metering=self.metering,
             governance=self.governance,
+            keys=self.keys,
             first_byte_timeout=self.first_byte_timeout,
             idle_timeout=self.idle_timeout,
             no_stream_options=self.no_stream_options,
         )
+        self.keys_api = KeyApi(
+            self.keys, MASTER_KEY, ledger=self.ledger, clock=reactor,
+            spend_of=lambda token_hash: self.ledger.cost_of(key_id=token_hash),
+        )
+        self.billing = BillingApi(keys_api=self.keys_api, ledger=self.ledger, governance=self.governance, audit=self.audit)
         site = build_api_site(
             self.proxy,
             self.max_body_bytes,
@@ -170,6 +184,8 @@ class ProxyHarness:
                 ui_token=UI_TOKEN,
                 providers=self.providers,
                 pricing=self.pricing,
+                keys_api=self.keys_api,
+                billing=self.billing,
             ),
         )
         self.operations = Operations(

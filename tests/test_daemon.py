@@ -73,7 +73,8 @@ class DaemonProcess(protocol.ProcessProtocol):
         self.ended.callback(reason.value.exitCode)
 
     def audit_lines(self):
-        return [json.loads(line) for line in self.stdout.decode().splitlines() if line.strip()]
+        complete = self.stdout[: self.stdout.rfind(b"\n") + 1]  # a line may be half-written
+        return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
 
     def wait_for_audit(self, predicate):
         d = defer.Deferred()

@@ -1295,6 +1295,16 @@ class SqliteLedger(service.Service):
 
         return self._read(query)
 
+    def cost_of(self, key_id: str | None = None, team_id: str | None = None) -> defer.Deferred:
+        """Fires with the total cost recorded for one virtual key or one team."""
+        column, value = ("key_id", key_id) if key_id is not None else ("team_id", team_id)
+        sql = f"SELECT COALESCE(SUM(cost_usd), 0) FROM requests WHERE {column} = ?"
+
+        def query(conn: sqlite3.Connection) -> float:
+            return float(conn.execute(sql, (value,)).fetchone()[0])
+
+        return self._read(query)
+
     def rows_between(
         self,
         since: float | None,

@@ -225,6 +225,8 @@ class Governance:
                 runtime = self.runtime.get(scope) or {}
                 layer = dict(raw or {})
                 layer.update(runtime.get("budget") or {})
+                if not layer:
+                    continue
                 if runtime.get("spent_offset_usd") is not None:
                     layer["spent_offset_usd"] = runtime["spent_offset_usd"]
                 budget = self._parsed(scope, (json.dumps(layer, sort_keys=True),), lambda layer=layer: layer)
@@ -279,6 +281,14 @@ class Governance:
         """
         requested = doc.get("model") if "model" in doc else None
         decision = decide(self.policy(context), requested)
+        allows = getattr(context, "allows_model", None)
+        if allows is not None:
+            # A virtual key: its model list, and no failover beyond it.
+            if not allows(str(decision.ref)):
+                raise ProxyError(403, "model_not_allowed", f"this key may not use {str(decision.ref)[:200]!r}")
+            if getattr(context, "spending_denied", False):
+                raise ProxyError(429, "budget_exceeded", "this key has a budget of 0", error_type="budget_exceeded")
+            decision = attrs.evolve(decision, candidates=(decision.ref,))
         if decision.intervention is not None:
             self._intervention(ex, decision.intervention, requested_model=requested, chosen=str(decision.ref))
         admission = Admission(agent=context.agent_id, candidates=decision.candidates)
@@ -332,7 +342,8 @@ class Governance:
         if limits.rpm is None and limits.tpm is None:
             return
         tokens = admission.token_estimate + _max_tokens(doc, 0)
-        verdict = self._limiter.check(context.agent_id, limits.rpm, limits.tpm, tokens)
+        scope = getattr(context, "rate_scope", context.agent_id)
+        verdict = self._limiter.check(scope, limits.rpm, limits.tpm, tokens)
         if not verdict.allowed:
             message = (
                 "request too large for the agent's tokens-per-minute limit"
@@ -343,7 +354,7 @@ class Governance:
                 429, "rate_limited", message, retry_after=max(1, int(-(-verdict.retry_after // 1))),
                 error_type="rate_limited",
             )
-        admission.rate_key = context.agent_id
+        admission.rate_key = scope
         admission.rate_at = verdict.at
         admission.token_estimate = tokens
 
