@@ -138,11 +138,6 @@ class UiApp:
                 "spend and manage provider keys and budgets.  Never run like this on a shared network."
             )
 
-    # Kept for code written against the single-module UI.
-    @property
-    def _pod(self):
-        return self.services.pod
-
     # --- plumbing ----------------------------------------------------------------------
 
     def _json(self, request, status: int, doc) -> bytes:
@@ -250,8 +245,13 @@ class UiApp:
         )
 
     def _unauthorised(self, request) -> bytes:
-        if self._wants_html(request) and request.method in (b"GET", b"HEAD"):
-            target = request.uri.decode("utf-8", "replace")
+        if self._wants_html(request):
+            # A browser: to the sign-in page, and back here afterwards (a
+            # refused POST is not replayed: back to the page it came from).
+            if request.method in (b"GET", b"HEAD"):
+                target = request.uri.decode("utf-8", "replace")
+            else:
+                target = _referer_path(request) or "/"
             return self._redirect(request, "/signin?next=" + quote(_safe_next(target), safe=""))
         if self._token is None:
             message = "the operator UI is locked: set CLLAMA_UI_TOKEN to use it"
@@ -273,8 +273,8 @@ class UiApp:
         if write and who.kind != "bearer":
             presented = (form or {}).get(CSRF_FIELD) or request.getHeader(CSRF_HEADER)
             ok = same_origin(request) and who.session is not None and csrf_matches(who.session, presented)
-            if not ok and who.kind == "open" and who.session is None:
-                # Auth off, no session: a script.  A JSON body cannot be sent
+            if not ok and who.kind == "open":
+                # Auth off: scripts send JSON, which cannot be sent
                 # cross-site without a CORS preflight we never answer.
                 ok = same_origin(request) and _content_type(request) == b"application/json"
             if not ok:
@@ -514,10 +514,12 @@ class UiApp:
 
     def _costs_view(self, request) -> dict:
         arg = lambda name: (request.args.get(name) or [b""])[0].decode("utf-8", "replace").strip() or None  # noqa: E731
-        period = arg(b"period")
-        if period == "custom":
+        period, since, until = arg(b"period"), arg(b"since"), arg(b"until")
+        if period and period != "custom":
+            since = until = None  # a named period wins over the dates shown beside it
+        elif period == "custom":
             period = None
-        return views.costs(self.services, period, arg(b"since"), arg(b"until"))
+        return views.costs(self.services, period, since, until)
 
     def _csv(self, request, view: dict) -> bytes:
         request.setHeader(b"content-type", b"text/csv; charset=utf-8")
@@ -557,15 +559,19 @@ class UiApp:
             who = self._gate(request)
         except _Refused as refused:
             return refused.body
-        return self._page(request, who, views.budgets(self.services), pages.budgets_page)
+        view = views.budgets(self.services)
+        editing = (request.args.get(b"edit") or [b""])[0].decode("utf-8", "replace")
+        view["editing"] = editing if valid_agent_id(editing) else None
+        return self._page(request, who, view, pages.budgets_page)
 
     @app.route("/keys", methods=["GET"])
-    def vkeys(self, request):
+    async def vkeys(self, request):
         try:
             who = self._gate(request)
         except _Refused as refused:
             return refused.body
-        return self._page(request, who, views.virtual_keys(self.services), pages.keys_page)
+        view = await views.virtual_keys(self.services)
+        return self._page(request, who, view, pages.keys_page)
 
     @app.route("/pricing", methods=["GET"])
     def pricing(self, request):
@@ -584,6 +590,10 @@ class UiApp:
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")
+        if request.method != b"GET":
+            # HEAD (which routing allows wherever GET is) must not hold the
+            # connection open: its client is done once it has the headers.
+            return b""
         done = self.live.subscribe(request, who.session)
         if done is None:
             request.setResponseCode(204)  # EventSource stops retrying on 204
@@ -664,7 +674,7 @@ class UiApp:
             who, form = self._form_gate(request)
         except _Refused as refused:
             return refused.body
-        back = f"/budgets#agent-{agent}"
+        back = f"/budgets?edit={agent}#agent-{agent}"  # a refusal reopens the form
         if not valid_agent_id(agent):
             return self._failed(request, who, "/budgets", ProxyError(400, "invalid_agent", "not a valid agent id"))
         if self.services.operations is None:
@@ -680,7 +690,7 @@ class UiApp:
         except ProxyError as e:
             return self._failed(request, who, back, e)
         self._generation += 1
-        return self._done(request, who, back, f"Budget of {agent} updated ({', '.join(sorted(doc))}).", {"agent": agent, "override": entry})
+        return self._done(request, who, f"/budgets#agent-{agent}", f"Budget of {agent} updated ({', '.join(sorted(doc))}).", {"agent": agent, "override": entry})
 
     @app.route("/budgets/<agent>/reset", methods=["POST"])
     async def reset_budget_form(self, request, agent):
@@ -733,7 +743,8 @@ class UiApp:
         # The key is shown once, in this answer: never stored, never in the session.
         ctx = self._context(request, who)
         ctx.flash.append(("ok", f"Virtual key {shown['key_alias'] or shown['key_name']} created."))
-        return self._html(request, 201, pages.keys_page(ctx, views.virtual_keys(self.services), created={"secret": key, **shown}))
+        view = await views.virtual_keys(self.services)
+        return self._html(request, 201, pages.keys_page(ctx, view, created={"secret": key, **shown}))
 
     @app.route("/keys/revoke", methods=["POST"])
     async def revoke_vkey(self, request):

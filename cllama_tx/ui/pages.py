@@ -25,7 +25,9 @@ from .render import (
     hbar,
     millis,
     money,
+    money_short,
     percent,
+    plural,
     utc,
 )
 
@@ -182,14 +184,18 @@ def signin_page(ctx: PageContext, *, csrf: str, next_url: str, error: str | None
 # --- overview ----------------------------------------------------------------------------------------
 
 
-def kpi(label: str, value: str, sub: Any = "", tone: str = "", ident: str | None = None) -> Html:
+def kpi(label: str, value: str, sub: Any = "", tone: str = "", ident: str | None = None, exact: str | None = None) -> Html:
     return el(
         "div",
         {"class": f"kpi {tone}".strip(), "id": ident},
         el("div", {"class": "kpi-label"}, label),
-        el("div", {"class": "kpi-value", "data-kpi": ident}, value),
+        el("div", {"class": "kpi-value", "title": exact}, value),
         el("div", {"class": "kpi-sub"}, sub),
     )
+
+
+def money_kpi(label: str, amount: float, sub: Any = "", ident: str | None = None) -> Html:
+    return kpi(label, money_short(amount), sub, ident=ident, exact=money(amount))
 
 
 def overview_page(ctx: PageContext, view: dict) -> Html:
@@ -199,9 +205,9 @@ def overview_page(ctx: PageContext, view: dict) -> Html:
     kpis = el(
         "section",
         {"class": "kpis", "id": "kpis", "data-live": True, "aria-label": "Key figures"},
-        kpi("Spend today", money(today["cost_usd"]), f"{count(today['requests'])} requests", ident="kpi-spend-today"),
-        kpi("Spend this month", money(month["cost_usd"]), f"{count(month['requests'])} requests", ident="kpi-spend-month"),
-        kpi("Spend all time", money(all_time["cost_usd"]), f"{count(all_time['requests'])} requests", ident="kpi-spend-all"),
+        money_kpi("Spend today", today["cost_usd"], plural(today["requests"], "request"), ident="kpi-spend-today"),
+        money_kpi("Spend this month", month["cost_usd"], plural(month["requests"], "request"), ident="kpi-spend-month"),
+        money_kpi("Spend all time", all_time["cost_usd"], plural(all_time["requests"], "request"), ident="kpi-spend-all"),
         kpi("Requests today", count(today["requests"]), f"{count(today['errors'])} failed", ident="kpi-requests"),
         kpi(
             "Tokens today",
@@ -218,23 +224,17 @@ def overview_page(ctx: PageContext, view: dict) -> Html:
         ),
     )
     attention = attention_panel(view["attention"], view)
-    points = [
-        (d["day"][5:].replace("-", "/"), d["cost_usd"], f"{d['day']}: {money(d['cost_usd'])}, {count(d['requests'])} requests")
-        for d in view["daily"]
-    ]
-    chart = el(
-        "section",
-        {"class": "card", "id": "spend-chart", "data-live": True},
-        el("div", {"class": "card-head"}, el("h2", None, "Daily spend"), el("span", {"class": "hint"}, f"last {len(points)} days, UTC; today highlighted")),
-        bar_chart(points, label=f"Daily spend over the last {len(points)} days"),
-    )
+    chart = daily_chart(view["daily"], "spend-chart")
     agent_rows = view["agent_spend"]
     peak = max((a["month"]["cost_usd"] for a in agent_rows), default=0.0) or 1.0
     bars = []
     for a in agent_rows[:12]:
         tone = {"exhausted": "crit", "warning": "warn", "invalid": "crit"}.get(a["budget_status"], "accent")
         used = a["used_fraction"]
-        budget_text = f"{percent(used)} of budget" if used is not None else "no budget"
+        if used is not None:
+            budget_text = f"{percent(used)} of budget"
+        else:
+            budget_text = {"key": "virtual key", "retired": "no context"}.get(a.get("kind"), "no budget")
         bars.append(
             el(
                 "li",
@@ -306,7 +306,7 @@ def overview_page(ctx: PageContext, view: dict) -> Html:
             el("div", {"class": "grid"}, top_agents, top_models),
         ]
     )
-    subtitle = f"{count(len(view['agents']))} agents · {count(sum(1 for p in view['providers'] if p['configured']))} providers configured"
+    subtitle = f"{plural(len(view['agents']), 'agent')} · {plural(sum(1 for p in view['providers'] if p['configured']), 'provider')} configured"
     return layout(ctx, page="overview", title="Overview", subtitle=subtitle, content=content)
 
 
@@ -382,16 +382,24 @@ def budget_gauge(state: dict) -> Html:
     status = state["status"]
     used = state["used_fraction"]
     tone = {"ok": "ok", "warning": "warn", "exhausted": "crit", "invalid": "crit"}.get(status, "muted")
+    eff = state["effective"] or {}
+    usage = state["usage"] or {}
     if status == "none":
-        caption = el("div", {"class": "gauge-caption"}, el("strong", None, "No budget"), el("span", None, "unlimited"))
+        text, caption = "–", "no budget"
     elif status == "invalid":
-        caption = el("div", {"class": "gauge-caption"}, el("strong", {"class": "text-crit"}, "Invalid"), el("span", None, "requests refused"))
+        text, caption = "!", "invalid: requests refused"
     else:
-        usage = state["usage"] or {}
-        limit = (state["effective"] or {}).get("limit_usd")
-        line = f"{money(usage.get('cost_usd'))} of {money(limit)}" if limit else f"{count(usage.get('requests'))} of {count((state['effective'] or {}).get('max_requests'))} requests"
-        caption = el("div", {"class": "gauge-caption"}, el("strong", {"class": f"text-{tone}"}, percent(used)), el("span", None, line))
-    return el("div", {"class": "gauge-box"}, gauge(used, tone, f"Budget used: {percent(used)}"), caption)
+        text = percent(used)
+        if eff.get("limit_usd"):
+            caption = f"{money(usage.get('cost_usd'))} of {money(eff['limit_usd'])}"
+        else:
+            caption = f"{count(usage.get('requests'))} of {count(eff.get('max_requests'))} requests"
+    return el(
+        "div",
+        {"class": "gauge-box"},
+        gauge(used if status not in ("none", "invalid") else None, tone, f"Budget used: {percent(used)}", text),
+        el("div", {"class": f"gauge-caption{' text-crit' if status == 'invalid' else ''}"}, caption),
+    )
 
 
 def agent_card(ctx: PageContext, a: dict, *, recent_limit: int = 5) -> Html:
@@ -400,15 +408,18 @@ def agent_card(ctx: PageContext, a: dict, *, recent_limit: int = 5) -> Html:
     if state["tier"]:
         t = state["tier"]
         badges.append(badge(f"tier: {t['name']}", "accent", title=", ".join(t["models"]) or None))
-    badges.append(badge({"none": "no budget", "ok": "within budget", "warning": "budget 80%+", "exhausted": "budget exhausted", "invalid": "budget invalid"}[state["status"]], TONE[state["status"]]))
-    if not a["has_context"]:
+    if a["has_context"] or state["status"] != "none":
+        badges.append(badge({"none": "no budget", "ok": "within budget", "warning": "budget 80%+", "exhausted": "budget exhausted", "invalid": "budget invalid"}[state["status"]], TONE[state["status"]]))
+    if a.get("kind") == "key":
+        badges.append(el("a", {"href": "/keys"}, badge("virtual key", "accent", title="Requests made with a virtual key are billed to its user (or alias)")))
+    elif not a["has_context"]:
         badges.append(badge("no context", "muted", title="Known from the ledger only: its context directory is gone"))
     meta = [x for x in (a.get("pod"), a.get("service"), a.get("type")) if isinstance(x, str) and x]
     stats = el(
         "dl",
         {"class": "stats"},
         [
-            Html(el("dt", None, label) + el("dd", {"class": "num"}, value))
+            el("div", None, el("dt", None, label), el("dd", None, value))
             for label, value in (
                 ("Today", money(a["today"]["cost_usd"])),
                 ("This month", money(a["month"]["cost_usd"])),
@@ -463,7 +474,12 @@ def agent_card(ctx: PageContext, a: dict, *, recent_limit: int = 5) -> Html:
         el(
             "div",
             {"class": "agent-body"},
-            el("div", {"class": "agent-budget"}, budget_gauge(state), el("p", {"class": "muted small"}, budget_summary(state["effective"]))),
+            el(
+                "div",
+                {"class": "agent-budget"},
+                budget_gauge(state),
+                el("p", {"class": "muted small"}, budget_summary(state["effective"])) if state["effective"] else "",
+            ),
             stats,
         ),
         el("h3", None, "Models"),
@@ -483,13 +499,31 @@ def agents_page(ctx: PageContext, view: dict) -> Html:
     content = el("div", {"class": "cards", "id": "agent-cards", "data-live": True}, cards) if cards else el(
         "p", {"class": "empty"}, "No agents yet. Each directory under CLAW_CONTEXT_ROOT with a metadata.json is an agent."
     )
-    return layout(ctx, page="agents", title="Agents", subtitle=f"{len(cards)} agents, from the context root and the ledger", content=content)
+    return layout(ctx, page="agents", title="Agents", subtitle=f"{plural(len(cards), 'agent')}, from the context root and the ledger", content=content)
+
+
+def daily_chart(daily: list[dict], ident: str, title: str = "Daily spend") -> Html:
+    points = [
+        (d["day"][5:].replace("-", "/"), d["cost_usd"], f"{d['day']}: {money(d['cost_usd'])}, {count(d['requests'])} requests")
+        for d in daily
+    ]
+    return el(
+        "section",
+        {"class": "card", "id": ident, "data-live": True},
+        el("div", {"class": "card-head"}, el("h2", None, title), el("span", {"class": "hint"}, f"last {len(points)} days, UTC; today highlighted")),
+        bar_chart(points, label=f"{title} over the last {len(points)} days"),
+    )
 
 
 def agent_page(ctx: PageContext, view: dict) -> Html:
     [a] = view["agents"]
-    card = el("div", {"id": "agent-detail", "data-live": True}, agent_card(ctx, a, recent_limit=25))
-    return layout(ctx, page="agents", title=f"Agent {a['agent']}", subtitle=el("a", {"href": "/agents"}, "← all agents"), content=card)
+    content = Html.join(
+        [
+            daily_chart(a["daily"], "agent-chart", f"Daily spend of {a['agent']}"),
+            el("div", {"id": "agent-detail", "data-live": True}, agent_card(ctx, a, recent_limit=25)),
+        ]
+    )
+    return layout(ctx, page="agents", title=f"Agent {a['agent']}", subtitle=el("a", {"href": "/agents"}, "← all agents"), content=content)
 
 
 # --- costs ---------------------------------------------------------------------------------------------------
@@ -497,8 +531,7 @@ def agent_page(ctx: PageContext, view: dict) -> Html:
 
 def costs_page(ctx: PageContext, view: dict) -> Html:
     options = [el("option", {"value": p["key"], "selected": p["key"] == view["period"]}, p["label"]) for p in view["periods"]]
-    if view["period"] == "custom":
-        options.append(el("option", {"value": "custom", "selected": True}, "Custom"))
+    options.append(el("option", {"value": "custom", "selected": view["period"] == "custom"}, "Custom dates"))
     query = f"period={view['period']}" if view["period"] != "custom" else f"since={view['since_day'] or ''}&until={view['until_day'] or ''}"
     filters = ctx.templates.render(
         "costs_filter",
@@ -511,7 +544,7 @@ def costs_page(ctx: PageContext, view: dict) -> Html:
     kpis = el(
         "section",
         {"class": "kpis kpis-4", "id": "cost-kpis", "data-live": True},
-        kpi("Spend", money(total["cost_usd"]), view["label"], ident="kpi-cost"),
+        money_kpi("Spend", total["cost_usd"], view["label"], ident="kpi-cost"),
         kpi("Requests", count(total["requests"]), f"{count(total['errors'])} failed"),
         kpi("Tokens", compact(total["tokens"]), f"{compact(total['prompt_tokens'])} in · {compact(total['output_tokens'])} out"),
         kpi(
@@ -671,7 +704,8 @@ def provider_card(ctx: PageContext, p: dict, manageable: bool) -> Html:
         state = badge("ready", "ok")
     else:
         state = badge("not usable", "crit", title=p["problem"])
-    retry = p.get("retry_after")
+    pool = p.get("pool") or {}
+    summary = " · ".join(f"{n} {state}" for state, n in pool.items() if n) or "no keys"
     keys = table(
         ["Key", "Secret", "Source", "State", "Last error", "Added", ""],
         [
@@ -679,12 +713,12 @@ def provider_card(ctx: PageContext, p: dict, manageable: bool) -> Html:
                 Html(el("strong", None, k["label"] or k["id"]) + (badge("active", "accent") if k["active"] else "") + el("div", {"class": "muted small"}, k["id"])),
                 el("code", {"class": "masked"}, k["masked_secret"] or "–"),
                 "environment" if k["from_environment"] else k["source"],
-                Html(badge(k["state"], KEY_TONE.get(k["state"], "muted")) + (el("div", {"class": "muted small"}, f"until {k['cooldown_until']}") if k.get("cooldown_until") else "")),
+                Html(badge(k["state"], KEY_TONE.get(k["state"], "muted")) + (el("div", {"class": "muted small"}, "until ", _stamp(k.get("cooldown_until"), ctx.now)) if k.get("cooldown_until") else "")),
                 Html(
                     el("span", None, " ".join(str(x) for x in (k.get("last_error_code"), k.get("last_error_reason")) if x))
-                    + (el("div", {"class": "muted small"}, k["last_error_at"]) if k.get("last_error_at") else "")
+                    + (el("div", {"class": "muted small"}, _stamp(k.get("last_error_at"), ctx.now)) if k.get("last_error_at") else "")
                 ) if k.get("last_error_code") or k.get("last_error_reason") else el("span", {"class": "muted"}, "none"),
-                el("span", {"class": "small"}, k.get("added_at") or "–"),
+                _stamp(k.get("added_at"), ctx.now),
                 key_actions(ctx, p, k) if manageable else "",
             ]
             for k in p["keys"]
@@ -705,12 +739,32 @@ def provider_card(ctx: PageContext, p: dict, manageable: bool) -> Html:
                 el("h2", None, p["name"]),
                 el("p", {"class": "muted small"}, f"{p['base_url'] or 'no base URL'} · auth {p['auth']} · {p['api_format']} format · from {p['source']}"),
             ),
-            el("div", {"class": "badges"}, state, badge(f"retry in {retry} s", "warn") if retry else ""),
+            el(
+                "div",
+                {"class": "badges"},
+                el("span", {"class": "muted small"}, f"pool: {summary}") if not p["keyless"] else "",
+                state,
+                badge(f"all cooling down, {p['waiting_s']} s", "warn") if p.get("waiting_s") else "",
+            ),
         ),
         el("p", {"class": "problem"}, p["problem"]) if p.get("problem") else "",
         keys,
         provider_key_form(ctx, p) if manageable and not p["keyless"] else "",
     )
+
+
+def _stamp(text: str | None, now: float) -> Html:
+    """A registry timestamp (RFC 3339) as "5 min ago", the exact time on hover."""
+    if not text:
+        return el("span", {"class": "muted"}, "–")
+    import datetime
+
+    try:
+        ts = datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return el("span", {"class": "small"}, text)
+    when = ago(ts, now) if ts <= now else "in " + duration(ts - now)
+    return el("time", {"datetime": text, "title": utc(ts)}, when)
 
 
 def key_actions(ctx: PageContext, p: dict, k: dict) -> Html:
@@ -743,59 +797,75 @@ def budgets_page(ctx: PageContext, view: dict) -> Html:
         usage = a["usage"] or {}
         runtime = a["runtime"] or {}
         rt_budget = runtime.get("budget") or {}
+        if a["effective"]:
+            effective = budget_summary(a["effective"])
+        elif a["status"] == "invalid":
+            effective = "invalid: " + (a["problem"] or "")
+        else:
+            effective = "no budget: unlimited"
         lines = [
-            ("Effective", budget_summary(a["effective"]) if a["effective"] else ("invalid: " + (a["problem"] or "") if a["status"] == "invalid" else "no budget")),
-            ("Spent in window", f"{money(usage.get('cost_usd'))} · {count(usage.get('requests'))} requests" if usage else "–"),
-            ("In flight", f"{money(usage.get('reserved_usd'))} · {count(usage.get('reserved_requests'))} requests" if usage else "–"),
+            ("Budget", effective),
+            ("Counted now", f"{money(usage.get('cost_usd'))} · {plural(usage.get('requests'), 'request')}" if usage else "–"),
+            ("In flight", f"{money(usage.get('reserved_usd'))} · {plural(usage.get('reserved_requests'), 'request')}" if usage else "–"),
             ("Resets", utc(usage.get("resets_at"), with_seconds=False) if usage.get("resets_at") else ("rolling window" if eff.get("window") else "–")),
-            ("Tier", (a["tier"] or {}).get("name") or "–"),
-            ("Runtime change", f"by {runtime.get('updated_by') or 'unknown'}, {ago(runtime.get('updated_at'), ctx.now)}" if runtime else "none (files only)"),
+            ("Runtime change", f"{', '.join(sorted(rt_budget)) or 'spend reset'} by {runtime.get('updated_by') or 'unknown'}, {ago(runtime.get('updated_at'), ctx.now)}" if runtime else "none: files only"),
         ]
-        facts = el("dl", {"class": "facts"}, [Html(el("dt", None, k) + el("dd", None, v)) for k, v in lines])
+        facts = el("dl", {"class": "facts"}, [el("div", None, el("dt", None, k), el("dd", None, v)) for k, v in lines])
         if eff.get("tiers"):
+            current = (a["tier"] or {}).get("index")
             tiers = el(
-                "ol",
-                {"class": "tiers"},
-                [
-                    el("li", {"class": "current" if a["tier"] and a["tier"]["index"] == i else None}, el("strong", None, t["name"] or f"tier {i + 1}"), f" above {percent(t['threshold'])} left: ", ", ".join(t["models"]))
-                    for i, t in enumerate(eff["tiers"])
-                ],
+                "div",
+                {"class": "tiers-box"},
+                el("h3", None, "Tiers"),
+                el(
+                    "ol",
+                    {"class": "tiers"},
+                    [
+                        el(
+                            "li",
+                            {"class": "current" if current == i else None},
+                            el("strong", None, t["name"] or f"tier {i + 1}"),
+                            el("span", {"class": "muted"}, f" while more than {percent(t['threshold'])} is left"),
+                            el("div", {"class": "small model"}, ", ".join(t["models"])),
+                        )
+                        for i, t in enumerate(eff["tiers"])
+                    ],
+                ),
             )
         else:
             tiers = Html("")
         form = Html("")
+        reset = Html("")
         if view["editable"]:
             behavior_options = Html.join(
-                [el("option", {"value": "", "selected": not rt_budget.get("behavior")}, "(keep)")]
-                + [el("option", {"value": b, "selected": rt_budget.get("behavior") == b}, b.replace("_", " ")) for b in view["behaviors"]]
+                [el("option", {"value": "", "selected": True}, "(keep: " + (eff.get("behavior") or "hard_stop").replace("_", " ") + ")")]
+                + [el("option", {"value": b}, b.replace("_", " ")) for b in view["behaviors"]]
             )
             period_options = Html.join(
-                [el("option", {"value": "", "selected": not rt_budget.get("period")}, "(keep)")]
-                + [el("option", {"value": p, "selected": rt_budget.get("period") == p}, p) for p in view["periods"]]
+                [el("option", {"value": "", "selected": True}, "(keep" + (f": {eff['period']}" if eff.get("period") else "") + ")")]
+                + [el("option", {"value": p}, p) for p in view["periods"]]
             )
             form = ctx.templates.render(
                 "budget_form",
                 csrf=csrf_field(ctx),
                 agent=a["agent"],
-                limit_placeholder=str(eff.get("limit_usd") or "none"),
-                requests_placeholder=str(eff.get("max_requests") or "none"),
-                window_placeholder=eff.get("window") or "e.g. 24h",
-                limit_value=_plain(rt_budget.get("limit_usd")),
-                requests_value=_plain(rt_budget.get("max_requests")),
-                window_value=rt_budget.get("window") or "",
+                limit_placeholder=f"now {_plain(eff['limit_usd'])}" if eff.get("limit_usd") is not None else "none",
+                requests_placeholder=f"now {eff['max_requests']}" if eff.get("max_requests") is not None else "none",
+                window_placeholder=f"now {eff['window']}" if eff.get("window") else "e.g. 24h",
                 behavior_options=behavior_options,
                 period_options=period_options,
-                tiers_value=json.dumps(rt_budget["tiers"], indent=1) if rt_budget.get("tiers") else "",
-                tiers_placeholder='[{"threshold": 0.5, "models": ["openai/gpt-4o-mini"]}]',
+                tiers_placeholder='[{"threshold": 0.5, "models": ["openai/gpt-4.1-mini"]}]',
+                open="open" if a["status"] == "invalid" or a["agent"] == view.get("editing") else "",
             )
-        reset = post_form(
-            ctx,
-            f"/budgets/{a['agent']}/reset",
-            {},
-            "Reset spend",
-            tone="btn-warn",
-            confirm=f"Forget {a['agent']}'s spend so far and its runtime budget change?",
-        ) if view["editable"] else ""
+            reset = post_form(
+                ctx,
+                f"/budgets/{a['agent']}/reset",
+                {},
+                "Reset spend",
+                tone="btn-warn",
+                confirm=f"Forget {a['agent']}'s spend so far and its runtime budget change?",
+                title="Forget the spend counted so far and the runtime change",
+            )
         cards.append(
             el(
                 "article",
@@ -803,23 +873,25 @@ def budgets_page(ctx: PageContext, view: dict) -> Html:
                 el(
                     "header",
                     {"class": "agent-head"},
-                    el("h2", None, a["agent"]),
-                    el("div", {"class": "badges"}, badge({"none": "no budget", "ok": "within budget", "warning": "80%+ used", "exhausted": "exhausted", "invalid": "invalid"}[a["status"]], TONE[a["status"]]), reset),
+                    el("h2", None, el("a", {"href": f"/agents/{a['agent']}"}, a["agent"])),
+                    el(
+                        "div",
+                        {"class": "badges"},
+                        badge(f"tier: {a['tier']['name']}", "accent") if a["tier"] else "",
+                        badge({"none": "no budget", "ok": "within budget", "warning": "80%+ used", "exhausted": "exhausted", "invalid": "invalid"}[a["status"]], TONE[a["status"]]),
+                        reset,
+                    ),
                 ),
-                el(
-                    "div",
-                    {"class": "budget-body"},
-                    el("div", {"class": "budget-now", "id": f"budget-now-{a['agent']}", "data-live": True}, budget_gauge(a), facts, tiers),
-                    form,
-                ),
+                el("div", {"class": "budget-now", "id": f"budget-now-{a['agent']}", "data-live": True}, budget_gauge(a), facts, tiers),
+                form,
             )
         )
-    content = el("div", {"class": "cards cards-1"}, cards) if cards else el("p", {"class": "empty"}, "No agents yet.")
+    content = el("div", {"class": "cards budget-cards"}, cards) if cards else el("p", {"class": "empty"}, "No agents yet.")
     return layout(
         ctx,
         page="budgets",
         title="Budgets",
-        subtitle="changes here are runtime changes: stored in the ledger, they win over the files until reset",
+        subtitle="changes made here are stored in the ledger and win over the files until the spend is reset",
         content=content,
     )
 
@@ -866,13 +938,13 @@ def keys_page(ctx: PageContext, view: dict, created: dict | None = None) -> Html
         )
     form = ctx.templates.render("vkey_form", csrf=csrf_field(ctx), open="" if view["keys"] else "open")
     rows = table(
-        ["Key", "Team / user", "Models", "Budget", "Limits", "Expires", "State", ""],
+        ["Key", "Team / user", "Models", "Spent", "Limits", "Expires", "State", ""],
         [
             [
                 Html(el("strong", None, k["key_alias"] or k["key_name"]) + el("div", {"class": "muted small"}, el("code", None, k["key_name"]), " · created ", ago(k["created_at"], ctx.now))),
                 Html(el("div", None, k["team_id"] or "–") + el("div", {"class": "muted small"}, k["user_id"] or "")),
                 el("span", {"class": "small"}, ", ".join(k["models"]) or "every model"),
-                (money(k["max_budget"]) + (f" / {k['budget_duration']}" if k["budget_duration"] else "")) if k["max_budget"] is not None else "–",
+                _key_spend(k),
                 " · ".join(x for x in (f"{count(k['rpm_limit'])} rpm" if k["rpm_limit"] is not None else "", f"{compact(k['tpm_limit'])} tpm" if k["tpm_limit"] is not None else "") if x) or "–",
                 el("span", {"title": utc(k["expires"])}, _until(k["expires"], ctx.now)) if k["expires"] is not None else el("span", {"class": "muted"}, "never"),
                 badge(k["state"], {"active": "ok", "expired": "muted", "blocked": "warn"}[k["state"]]),
@@ -886,7 +958,23 @@ def keys_page(ctx: PageContext, view: dict, created: dict | None = None) -> Html
     )
     more = el("p", {"class": "hint"}, f"showing the newest {view['shown']} of {view['total']}") if view["total"] > view["shown"] else ""
     content = Html.join([shown, form, el("section", {"class": "card", "id": "vkeys", "data-live": True}, rows, more)])
-    return layout(ctx, page="keys", title="Virtual keys", subtitle=f"{count(view['total'])} live keys (expired ones are kept a while)", content=content)
+    return layout(ctx, page="keys", title="Virtual keys", subtitle=f"{plural(view['total'], 'live key')} (expired ones are kept a while)", content=content)
+
+
+def _key_spend(k: dict) -> Html:
+    spent = k.get("spend_usd")
+    budget = k["max_budget"]
+    if budget is None:
+        return el("span", None, money(spent) if spent is not None else "–", el("div", {"class": "muted small"}, "no budget"))
+    per = f" per {k['budget_duration']}" if k["budget_duration"] else ""
+    fraction = (spent or 0.0) / budget if budget else 1.0
+    tone = "crit" if fraction >= 1 else "warn" if fraction >= 0.8 else "accent"
+    return el(
+        "div",
+        {"class": "key-spend"},
+        el("span", None, money(spent) if spent is not None else "–", el("span", {"class": "muted"}, f" of {money(budget)}{per}")),
+        hbar(fraction, tone=tone),
+    )
 
 
 def _until(ts: float, now: float) -> str:

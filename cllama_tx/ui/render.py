@@ -174,6 +174,18 @@ def money(value: float | None) -> str:
     return f"${value:.{min(digits, 8)}f}"
 
 
+def money_short(value: float | None) -> str:
+    """L{money} for headline figures: amounts under a cent are C{<$0.01}."""
+    if value is not None and 0 < value < 0.01:
+        return "<$0.01"
+    return money(value)
+
+
+def plural(n: int | None, word: str) -> str:
+    """C{"1 request"}, C{"1,204 requests"}."""
+    return f"{count(n)} {word}{'' if n == 1 else 's'}"
+
+
 def count(value: int | float | None) -> str:
     if value is None:
         return "–"
@@ -278,10 +290,12 @@ def bar_chart(
     lines with values, axis labels thinned to fit, the last bar (today)
     highlighted.
     """
-    left, right, top, bottom = 56, 8, 12, 26
-    plot_w, plot_h = width - left - right, height - top - bottom
     peak = max((v for _, v, _ in points), default=0.0)
     ceiling = _nice_ceiling(peak) if peak > 0 else 1.0
+    # Room for the longest tick label (about 6.5 units a character at 11px).
+    longest = max(len(fmt(ceiling * i / 4)) for i in range(5))
+    left, right, top, bottom = max(44, int(longest * 6.5) + 14), 8, 12, 26
+    plot_w, plot_h = width - left - right, height - top - bottom
     parts: list[Html] = []
     for i in range(5):
         y = top + plot_h - plot_h * i / 4
@@ -331,26 +345,26 @@ def hbar(fraction: float, *, marker: float | None = None, tone: str = "accent", 
     )
 
 
-def gauge(fraction: float | None, tone: str, label: str) -> Html:
-    """A semicircle gauge of C{fraction} used (0..1; over 1 is drawn full)."""
-    size, stroke = 120, 12
-    r = (size - stroke) / 2
-    cx, cy = size / 2, size / 2
+def gauge(fraction: float | None, tone: str, label: str, text: str | None = None) -> Html:
+    """
+    A semicircle gauge of C{fraction} used (0..1; over 1 is drawn full),
+    with C{text} (the percentage) written inside the arc.
+    """
+    width, stroke = 132, 12
+    r = (width - stroke) / 2
+    cx, cy = width / 2, r + stroke / 2
     length = math.pi * r
-
-    def arc() -> str:
-        return f"M {cx - r:.2f} {cy:.2f} A {r:.2f} {r:.2f} 0 0 1 {cx + r:.2f} {cy:.2f}"
-
+    arc = f"M {cx - r:.2f} {cy:.2f} A {r:.2f} {r:.2f} 0 0 1 {cx + r:.2f} {cy:.2f}"
     used = 0.0 if fraction is None else min(max(fraction, 0.0), 1.0)
     return el(
         "svg",
-        {"viewBox": f"0 0 {size} {size / 2 + stroke}", "class": "gauge", "role": "img", "aria-label": label},
+        {"viewBox": f"0 0 {width} {cy + stroke / 2 + 1:.0f}", "class": "gauge", "role": "img", "aria-label": label},
         el("title", None, label),
-        el("path", {"d": arc(), "class": "gauge-track", "stroke-width": stroke, "fill": "none", "stroke-linecap": "round"}),
+        el("path", {"d": arc, "class": "gauge-track", "stroke-width": stroke, "fill": "none", "stroke-linecap": "round"}),
         el(
             "path",
             {
-                "d": arc(),
+                "d": arc,
                 "class": f"gauge-fill fill-{tone}",
                 "stroke-width": stroke,
                 "fill": "none",
@@ -359,6 +373,9 @@ def gauge(fraction: float | None, tone: str, label: str) -> Html:
             },
         )
         if used > 0
+        else None,
+        el("text", {"x": f"{cx:.1f}", "y": f"{cy - 4:.1f}", "text-anchor": "middle", "class": f"gauge-text text-{tone}"}, text or "")
+        if text
         else None,
     )
 

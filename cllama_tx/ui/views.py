@@ -151,6 +151,29 @@ def agent_ids(services: Services) -> list[str]:
     return sorted(ids)
 
 
+def identity_kinds(services: Services) -> dict[str, str]:
+    """
+    What each id of L{agent_ids} is: C{agent} (it has a context), C{key} (a
+    virtual key's user or alias: the ledger bills key requests to them), or
+    C{retired} (only the ledger remembers it).
+    """
+    with_context = set(services.contexts.agent_ids())
+    key_names: set[str] = set()
+    store = services.keys
+    if store is not None:
+        for vk in store.list(page=1, size=max(1, len(store))).keys:
+            key_names.add(vk.claw_id)
+    kinds = {}
+    for agent in agent_ids(services):
+        if agent in with_context:
+            kinds[agent] = "agent"
+        elif agent in key_names:
+            kinds[agent] = "key"
+        else:
+            kinds[agent] = "retired"
+    return kinds
+
+
 def _budget_dict(budget) -> dict:
     return {
         "behavior": budget.behavior,
@@ -256,18 +279,16 @@ def overview(services: Services, *, days: int = 30) -> dict:
         "month": _brief(_period(totals, month_start, today)),
         "all_time": _brief(_period(totals, None, None)),
     }
-    daily = []
-    for offset in range(days - 1, -1, -1):
-        day = shift_day(today, -offset)
-        p = _period(totals, day, day)
-        daily.append({"day": day, "cost_usd": p["total_cost_usd"], "requests": p["total_requests"]})
+    daily = _daily(totals, today, days)
     agents = []
+    kinds = identity_kinds(services)
     for agent in agent_ids(services):
         month = _brief(_period(totals, month_start, today, agent))
         budget = budget_state(services, agent)
         agents.append(
             {
                 "agent": agent,
+                "kind": kinds.get(agent, "agent"),
                 "month": month,
                 "today": _brief(_period(totals, today, today, agent)),
                 "budget_status": budget["status"],
@@ -360,7 +381,9 @@ def agents(services: Services, only: str | None = None, recent: int = 5):
     today = utc_day(now)
     month_start = today[:8] + "01"
     totals = _totals(services)
-    ids = [only] if only is not None else agent_ids(services)
+    kinds = identity_kinds(services)
+    order = {"agent": 0, "key": 1, "retired": 2}
+    ids = [only] if only is not None else sorted(agent_ids(services), key=lambda a: (order[kinds.get(a, "retired")], a))
     cards = []
     recents = yield defer.gatherResults(
         [
@@ -377,6 +400,7 @@ def agents(services: Services, only: str | None = None, recent: int = 5):
         cards.append(
             {
                 "agent": agent,
+                "kind": kinds.get(agent, "retired"),
                 "has_context": context is not None,
                 "pod": getattr(context, "pod", None),
                 "service": getattr(context, "service", None),
@@ -402,7 +426,18 @@ def agents(services: Services, only: str | None = None, recent: int = 5):
                 "last_request_at": rows[0]["ts"] if rows else None,
             }
         )
+        if only is not None:
+            cards[-1]["daily"] = _daily(totals, today, 30, agent)
     return {"now": now, "agents": cards}
+
+
+def _daily(totals, today: str, days: int, agent: str | None = None) -> list[dict]:
+    out = []
+    for offset in range(days - 1, -1, -1):
+        day = shift_day(today, -offset)
+        p = _period(totals, day, day, agent)
+        out.append({"day": day, "cost_usd": p["total_cost_usd"], "requests": p["total_requests"]})
+    return out
 
 
 def _policy_summary(policy) -> dict | None:
@@ -554,6 +589,13 @@ def providers(services: Services) -> dict:
     from ..providers.catalog import API_FORMATS, AUTH_MODES
 
     snapshot = services.providers.snapshot()
+    for p in snapshot:
+        states = [k["state"] for k in p["keys"]]
+        p["pool"] = {state: states.count(state) for state in ("ready", "cooldown", "dead", "disabled")}
+        # The registry's retry_after is 1 whenever a key is ready: only a
+        # pool with nothing ready is waiting for anything.
+        p["waiting_s"] = p["retry_after"] if not p["pool"]["ready"] and p["pool"]["cooldown"] else None
+    snapshot.sort(key=lambda p: (not p["keys"], p["name"]))
     in_use = [p for p in snapshot if p["configured"] or p["keys"] or p["source"] != "catalog"]
     others = [p for p in snapshot if p not in in_use]
     return {
@@ -578,7 +620,10 @@ def budgets(services: Services) -> dict:
     out = []
     for agent in agent_ids(services):
         state = budget_state(services, agent)
-        out.append({"agent": agent, "has_context": services.contexts.get(agent) is not None, **state})
+        has_context = services.contexts.get(agent) is not None
+        if not has_context and state["runtime"] is None:
+            continue  # a virtual key's user, or a retired agent: nothing to govern here
+        out.append({"agent": agent, "has_context": has_context, **state})
     return {
         "now": services.clock.seconds(),
         "editable": services.operations is not None,
@@ -626,13 +671,24 @@ def vkey_record(vk: Any, now: float) -> dict:
     }
 
 
-def virtual_keys(services: Services) -> dict:
+VKEY_SPEND_LIMIT = 100
+"""Spend is looked up (one ledger read each) for at most this many keys per page."""
+
+
+@defer.inlineCallbacks
+def virtual_keys(services: Services):
     store = services.keys
     now = services.clock.seconds()
     if store is None:
         return {"enabled": False, "keys": [], "total": 0, "shown": 0}
     page = store.list(page=1, size=VKEY_LIST_LIMIT)
     keys = [vkey_record(vk, now) for vk in page.keys]
+    cost_of = getattr(services.ledger, "cost_of", None)
+    if cost_of is not None and keys:
+        shown = keys[:VKEY_SPEND_LIMIT]
+        spent = yield defer.DeferredList([cost_of(key_id=k["id"]) for k in shown], consumeErrors=True)
+        for k, (ok, value) in zip(shown, spent):
+            k["spend_usd"] = value if ok else None
     return {"enabled": True, "keys": keys, "total": page.total_count, "shown": len(keys), "now": now}
 
 

@@ -102,4 +102,11 @@ def make_virtual_keys(harness):
         key, vk = yield store.create(key_alias=alias, team_id=team, user_id=user, models=models, max_budget=budget,
                                      budget_duration="30d" if budget else None, duration="7d", rpm_limit=60)
         made.append((key, vk))
+    # Some spend on two of them (as the proxy records it: billed to the key's user).
+    now = reactor.seconds()
+    pending = []
+    for n, (_, vk) in enumerate(made[:2]):
+        for i in range(6 + 10 * n):
+            pending.append(harness.record(vk.user_id, now - 600 * (i + 1), cost=0.09 * (1 + n), key=vk))
+    yield defer.DeferredList(pending, fireOnOneErrback=True)
     return made

@@ -16,7 +16,6 @@ import threading
 from http.cookies import SimpleCookie
 from urllib.parse import urlencode
 
-import treq
 from twisted.internet import defer, reactor
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
@@ -41,9 +40,9 @@ CHROMIUM_ARGS = [
 
 def browser_unavailable() -> str | None:
     """Why browser tests cannot run here, or None."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("playwright") is None:
         return "Playwright for Python is not installed (pip install playwright; .ci/run installs it)"
     if not os.path.exists(CHROMIUM):
         return f"Chromium not found at {CHROMIUM} (apt-get install chromium; .ci/run installs it)"
@@ -52,6 +51,8 @@ def browser_unavailable() -> str | None:
 
 class _TrackingFactory(WrappingFactory):
     """Knows every open connection, so a test can end them all and wait."""
+
+    noisy = False
 
     def __init__(self, wrapped):
         super().__init__(wrapped)
@@ -89,9 +90,12 @@ class UiHarness:
     def start(self):
         case = self.testcase
         self.h = yield ProxyHarness(case, **self.proxy_kwargs).start()
-        self.keys = VirtualKeyStore(os.path.join(os.path.abspath(case.mktemp()) + "-keys.sqlite3"), reactor, reactor)
-        self.keys.startService()
-        case.addCleanup(self.keys.stopService)
+        # The proxy's own key store: a key made in the UI works on the API.
+        self.keys = getattr(self.h, "keys", None)
+        if self.keys is None:
+            self.keys = VirtualKeyStore(self.h.ledger.path, reactor, reactor)
+            self.keys.startService()
+            case.addCleanup(self.keys.stopService)
         kwargs = dict(
             token=UI_TOKEN,
             pod="test-pod",
@@ -122,7 +126,7 @@ class UiHarness:
         return [line for line in self.h.audit_lines() if line["type"] == "operator"]
 
     def record(self, agent, ts, *, model="gpt-4.1-mini", provider="openai", cost=0.01, status=200,
-               tokens_in=1200, tokens_out=300, priced=True, latency=850.0):
+               tokens_in=1200, tokens_out=300, priced=True, latency=850.0, key=None):
         """A ledger row as the proxy would write it (for history the API cannot make up)."""
         import secrets
 
@@ -141,6 +145,9 @@ class UiHarness:
             output_tokens=tokens_out,
             cost_usd=cost if priced else 0.0,
             priced=priced,
+            key_id=key.token_hash if key is not None else None,
+            team_id=key.team_id if key is not None else None,
+            user_id=key.user_id if key is not None else None,
         )
         return self.h.ledger.record(row)
 
@@ -259,7 +266,9 @@ class BrowserThread:
         self.page.on("pageerror", lambda error: self.console_errors.append(f"pageerror: {error}"))
 
     def _console(self, message):
-        if message.type == "error":
+        # Refusals the tests ask for (401, 403, 429) are logged by Chromium as
+        # failed loads; anything else (CSP violations, script errors) is a bug.
+        if message.type == "error" and not re.match(r"Failed to load resource: .* status of (401|403|429)\b", message.text):
             self.console_errors.append(message.text)
 
     def _stop(self):

@@ -17,6 +17,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
+from cllama_tx.ui.render import money
+
 from ..secret_scan import SCANNER
 from ..support import AGENT, UI_TOKEN, chat_body
 from .fleet import kill_a_key, make_virtual_keys, seed_fleet
@@ -63,6 +65,10 @@ class BrowserCase(TestCase):
 
         return self.browser.run(steps)
 
+    def live(self):
+        """Fires once the page's live-update stream is connected."""
+        return self.browser.run(lambda: self.browser.page.wait_for_selector("#live-state.on"))
+
     def text(self, selector):
         return self.browser.run(lambda: self.browser.page.inner_text(selector))
 
@@ -106,10 +112,14 @@ class SignInAndLiveSpendTests(BrowserCase):
             page.wait_for_function(
                 "() => document.querySelector('#kpi-spend-today .kpi-value').textContent !== '$0.00'"
             )
-            return page.inner_text("#kpi-spend-today .kpi-value"), page.inner_text("#kpi-requests .kpi-value")
+            value = page.locator("#kpi-spend-today .kpi-value")
+            return value.inner_text(), value.get_attribute("title"), page.inner_text("#kpi-requests .kpi-value")
 
-        spend, requests = yield self.browser.run(spend_shows)
-        self.assertRegex(spend, r"^\$0\.0\d+$")
+        spend, exact, requests = yield self.browser.run(spend_shows)
+        self.assertEqual(spend, "<$0.01")  # a fraction of a cent; the exact amount on hover
+        [row] = yield self.h.ledger_rows()
+        self.assertGreater(row["cost_usd"], 0)
+        self.assertEqual(exact, money(row["cost_usd"]))
         self.assertEqual(requests, "1")
         yield self.browser.shot("02-overview-after-traffic")
         agents_html = yield self.browser.run(lambda: (self.browser.page.goto(self.url + "/agents"), self.browser.page.content())[1])
@@ -208,15 +218,28 @@ class VirtualKeyTests(BrowserCase):
         [vk] = self.harness.keys.list().keys
         self.assertEqual((vk.key_alias, vk.team_id, vk.models), ("session-99", "org-7", ("openai/gpt-4.1-mini",)))
         self.assertIsNotNone(self.harness.keys.lookup(secret))
-        html = yield self.browser.run(lambda: (self.browser.page.goto(self.url + "/keys"), self.browser.page.content())[1])
+        # The new key works on the API, and its spend shows on the page.
+        response = yield self.h.chat(chat_body(model="openai/gpt-4.1-mini"), token=secret)
+        self.assertEqual(response.code, 200, (yield response.text()))
+        yield self.h.committed()
+        [row] = yield self.h.ledger_rows()
+        self.assertEqual(row["key_id"], vk.token_hash)
+
+        def listed():
+            page = self.browser.page
+            page.goto(self.url + "/keys")
+            return page.content(), page.inner_text(f"#vkey-{vk.token_hash[:16]}")
+
+        html, line = yield self.browser.run(listed)
         self.assertNotIn(secret, html)  # shown once
+        self.assertIn(money(row["cost_usd"]), line)
         self.assertNotIn(secret, self.h.audit_text())
 
         def revoke():
             page = self.browser.page
             page.once("dialog", lambda dialog: dialog.accept())
             page.click(f"#vkey-{vk.token_hash[:16]} button:has-text('Revoke')")
-            page.wait_for_selector("#vkey-rows", state="detached")
+            page.wait_for_selector("#vkey-rows:has-text('No virtual keys yet')")
             return page.inner_text("#flash")
 
         flash = yield self.browser.run(revoke)
@@ -235,6 +258,7 @@ class BudgetTests(BrowserCase):
         def edit():
             page = self.browser.page
             page.goto(self.url + "/budgets")
+            page.click("#edit-cedar summary")
             form = page.locator("#budget-form-cedar")
             form.locator("input[name=limit_usd]").fill("12.5")
             form.locator("select[name=period]").select_option("weekly")
@@ -252,10 +276,12 @@ class BudgetTests(BrowserCase):
 
         def invalid():
             page = self.browser.page
+            page.click("#edit-cedar summary")
             form = page.locator("#budget-form-cedar")
             form.locator("input[name=window]").fill("forever")
             form.locator("button[type=submit]").click()
             page.wait_for_selector("#flash .flash-error")
+            page.wait_for_selector("#budget-form-cedar input[name=window]", state="visible")  # reopened
             return page.inner_text("#flash")
 
         error = yield self.browser.run(invalid)
@@ -273,6 +299,7 @@ class RefusalTests(BrowserCase):
         def tamper():
             page = self.browser.page
             page.goto(self.url + "/budgets")
+            page.click("#edit-tiverton summary")
             page.eval_on_selector("#budget-form-tiverton input[name=csrf]", "e => e.value = 'forged'")
             form = page.locator("#budget-form-tiverton")
             form.locator("input[name=limit_usd]").fill("1")
@@ -297,8 +324,9 @@ class RefusalTests(BrowserCase):
                 status=200, content_type="text/html",
                 body=f'<form id=f method=post action="{self.url}/budgets/{AGENT}/reset"></form><script>document.getElementById("f").submit()</script>',
             ))
-            page.goto(evil)
-            page.wait_for_url(re.compile(r"/(signin|budgets)"))
+            page.goto(evil, wait_until="commit")  # its script navigates away at once
+            # No cookie went with the cross-site POST: it was sent to sign in.
+            page.wait_for_selector("#signin-form")
             return page.url
 
         url = yield self.browser.run(attack)
@@ -331,10 +359,12 @@ class ScreenshotTests(BrowserCase):
             ("18-pricing", "/pricing"),
         ):
             yield self.goto(path)
+            yield self.live()
             yield self.browser.shot(name)
         yield self.browser.run(lambda: self.browser.page.set_viewport_size({"width": 390, "height": 844}))
-        for name, path in (("20-phone-overview", "/"), ("21-phone-agents", "/agents")):
+        for name, path in (("20-phone-overview", "/"), ("21-phone-agents", "/agents"), ("22-phone-providers", "/providers")):
             yield self.goto(path)
+            yield self.live()
             yield self.browser.shot(name)
         yield self.browser.run(lambda: self.browser.context.clear_cookies())
         yield self.goto("/signin")

@@ -53,7 +53,7 @@
 
   function connect() {
     if (!window.EventSource || document.body.getAttribute("data-live") !== "on") {
-      setLive("", "static");
+      setLive("", "not live");
       return;
     }
     var source = new EventSource("/events");
@@ -65,10 +65,11 @@
     });
     source.onerror = function () {
       if (source.readyState === EventSource.CLOSED) {
+        // The server refused the stream (the session ended, or too many
+        // streams): look again in a while; refresh() goes to the sign-in
+        // page if the session is gone.
         setLive("off", "offline");
-        // A 401 closes the stream for good: the session ended.
-        fetch("/events", { method: "HEAD", credentials: "same-origin" }).catch(function () {});
-        window.setTimeout(connect, 5000);
+        window.setTimeout(function () { refresh(); connect(); }, 5000);
       } else {
         setLive("off", "reconnecting");
       }
@@ -81,6 +82,15 @@
     var question = form.getAttribute("data-confirm");
     if (question && !window.confirm(question)) {
       event.preventDefault();
+    }
+  });
+
+  // Costs: picking dates means a custom period.
+  document.addEventListener("change", function (event) {
+    var input = event.target;
+    if (input.form && input.form.id === "cost-filter" && input.type === "date") {
+      var select = input.form.querySelector("select[name=period]");
+      if (select) select.value = "custom";
     }
   });
 
