@@ -171,6 +171,12 @@ class GovernanceSeed(service.Service):
             self.governance.set_runtime(agent, entry)
         timeline = self.ledger.spend_timeline(self.clock.seconds() - self.LOOKBACK)
         self.governance.seed(timeline)
+        # Virtual key and team budgets may last a key's life: all their rows.
+        for column, prefix in (("key_id", "key:"), ("team_id", "team:")):
+            self.governance.seed(
+                (prefix + value, ts, cost, counted, unpriced)
+                for value, ts, cost, counted, unpriced in self.ledger.scope_timeline(column, 0.0)
+            )
 
 
 class ReloadOnHangup(service.Service):

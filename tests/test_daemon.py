@@ -491,3 +491,66 @@ class OperationsTests(TestCase):
         body = yield refused.json()
         self.assertEqual(body["budget"]["requests"], 1)
         self.assertAlmostEqual(body["budget"]["reported_cost_usd"], (10 * 2.0 + 998 * 8.0) / 1e6, places=9)
+
+
+class VirtualKeyRestartTests(TestCase):
+    """A key's budget remembers its spend across a restart of the real daemon."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_key_budget_survives_a_restart(self):
+        import json as _json
+
+        from cllama_tx.testing import Reply, openai_completion
+
+        fake = FakeProvider(reactor)
+        yield fake.start()
+        self.addCleanup(fake.stop)
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(base, "auth"))
+        os.makedirs(os.path.join(base, "context"))
+        prices = os.path.join(base, "prices.json")
+        with open(prices, "w") as f:
+            _json.dump({"openai": {"gpt-test": {"input": 2.0, "output": 8.0}}}, f)
+        master = "sk-restart-master-key-000000000"
+        SCANNER.register(master)
+        env = {
+            "LISTEN_ADDR": "tcp:0:interface=127.0.0.1",
+            "UI_ADDR": "127.0.0.1:0",
+            "CLAW_CONTEXT_ROOT": os.path.join(base, "context"),
+            "CLAW_AUTH_DIR": os.path.join(base, "auth"),
+            "CLLAMA_STATE_DIR": os.path.join(base, "state"),
+            "CLLAMA_PRICING_FILE": prices,
+            "CLLAMA_MASTER_KEY": master,
+            "OPENAI_API_KEY": PROVIDER_KEY,
+            "OPENAI_BASE_URL": fake.base_url,
+        }
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        process, transport = spawn_daemon(self, env)
+        ports = yield process.ready
+        api = f"http://127.0.0.1:{ports['API']}"
+        minted = yield http.post(api + "/key/generate", json={"max_budget": 0.01}, headers={"Authorization": f"Bearer {master}"})
+        key = (yield minted.json())["key"]
+        SCANNER.register(key)
+        fake.enqueue(Reply(json=openai_completion("ok", "gpt-test", 10, 998)))  # $0.008 of $0.01
+        response = yield http.post(
+            api + "/v1/chat/completions", json=chat_body(model="openai/gpt-test", max_tokens=1000),
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        self.assertEqual(response.code, 200)
+        yield response.content()
+        yield process.wait_for_audit(lambda lines: any(l["type"] == "response" for l in lines))
+        transport.signalProcess("TERM")
+        yield process.ended
+        process2, _ = spawn_daemon(self, env)
+        ports2 = yield process2.ready
+        refused = yield http.post(
+            f"http://127.0.0.1:{ports2['API']}/v1/chat/completions",
+            json=chat_body(model="openai/gpt-test", max_tokens=500),
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        self.assertEqual(refused.code, 429)
+        self.assertEqual((yield refused.json())["budget"]["requests"], 1)

@@ -1446,6 +1446,27 @@ class SqliteLedger(service.Service):
         since, bucket = _timeline_arguments(since, bucket_seconds)
         return _run_read(self.path, _timeline_reader(since, self._reset_times(), bucket))
 
+    def scope_timeline(self, column: str, since: float, bucket_seconds: int = TIMELINE_BUCKET) -> list[tuple]:
+        """
+        SYNCHRONOUS, at start (like L{spend_timeline}): the committed spend
+        per virtual key (C{column="key_id"}) or team (C{"team_id"}) and
+        minute, as C{(scope_value, bucket_ts, cost_usd, counted_requests,
+        unpriced_requests)}, to seed key and team budgets.  Rows already
+        folded into rollups are not included (rollups keep no key or team).
+        """
+        if column not in ("key_id", "team_id"):
+            raise ValueError(f"no timeline by {column!r}")
+        if self._writer is None:
+            raise LedgerClosed("the ledger is not running")
+        bucket = int(bucket_seconds)
+        sql = (
+            f"SELECT {column}, CAST(ts / {bucket} AS INTEGER) * {bucket} AS bucket, SUM(cost_usd), "
+            "SUM(CASE WHEN status >= 200 AND status < 300 THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN status >= 200 AND status < 300 AND priced = 0 THEN 1 ELSE 0 END) "
+            f"FROM requests WHERE {column} IS NOT NULL AND ts >= ? GROUP BY {column}, bucket ORDER BY {column}, bucket"
+        )
+        return _run_read(self.path, lambda conn: [tuple(row) for row in conn.execute(sql, (float(since),))])
+
     def spend_timeline_async(self, since: float, bucket_seconds: int = TIMELINE_BUCKET) -> defer.Deferred:
         """L{spend_timeline} in the read threadpool: fires with the same list."""
         try:
