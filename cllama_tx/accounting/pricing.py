@@ -18,20 +18,19 @@ rate.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
-import stat
 from importlib import resources
 from typing import Any, Mapping
 
 import attrs
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from cllama_tx.accounting.records import Usage
+from cllama_tx.jsonfile import Signature, UnreadableFile, file_signature, read_json_file
 from cllama_tx.interfaces import IPricing
 
 #: The environment variable naming the operator's override file.  Read by
@@ -57,7 +56,6 @@ _LONG_CONTEXT_KEYS = frozenset(
 )
 
 # (st_mtime_ns, st_size, st_ino); None when the file does not exist.
-Signature = tuple[int, int, int] | None
 
 Table = dict[str, dict[str, "Price"]]
 
@@ -338,59 +336,12 @@ def packaged_table() -> Table:
     return parse_table(packaged_document(), "packaged pricing.json")
 
 
-def _file_signature(path: str) -> Signature:
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        # Unstattable but maybe present: a distinct signature, so the load
-        # is attempted (and reports the problem) once per change of errno.
-        return (-1, -1, e.errno or 0)
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
 def _read_json_file(path: str) -> tuple[Signature, Any]:
-    """
-    Read and parse the JSON file at C{path}: its signature and value;
-    C{(None, None)} when it does not exist.
-
-    @raise PricingError: it exists but cannot be read or parsed.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    """The override file's signature and value; PricingError when unusable."""
     try:
-        fd = os.open(path, flags)
-    except (FileNotFoundError, NotADirectoryError):
-        return None, None
-    except OSError as e:
-        raise PricingError(f"{path}: cannot be opened ({errno.errorcode.get(e.errno or 0, e)})")
-    try:
-        st = os.fstat(fd)
-        # O_NONBLOCK and this check: a FIFO must not block the reactor.
-        if not stat.S_ISREG(st.st_mode):
-            raise PricingError(f"{path}: is not a regular file")
-        chunks: list[bytes] = []
-        remaining = MAX_OVERRIDE_FILE_BYTES + 1
-        while remaining > 0:
-            chunk = os.read(fd, remaining)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-    except OSError as e:
-        raise PricingError(f"{path}: cannot be read ({errno.errorcode.get(e.errno or 0, e)})")
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > MAX_OVERRIDE_FILE_BYTES:
-        raise PricingError(f"{path}: is larger than {MAX_OVERRIDE_FILE_BYTES} bytes")
-    try:
-        value = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise PricingError(f"{path}: is not UTF-8") from None
-    except ValueError as e:
-        raise PricingError(f"{path}: is not valid JSON ({e})") from None
-    return (st.st_mtime_ns, st.st_size, st.st_ino), value
+        return read_json_file(path, MAX_OVERRIDE_FILE_BYTES)
+    except UnreadableFile as e:
+        raise PricingError(f"{path}: {e}") from None
 
 
 @implementer(IPricing)
@@ -503,7 +454,7 @@ class Pricing:
         if now - self._checked_at < self._recheck_interval:
             return
         self._checked_at = now
-        if _file_signature(self._override_path) != self._signature:
+        if file_signature(self._override_path) != self._signature:
             self._reload(initial=False)
 
     def _reload(self, initial: bool) -> None:
@@ -528,7 +479,7 @@ class Pricing:
         except PricingError as e:
             # Remember the signature so the same broken file is reported
             # once, not at every recheck.
-            self._signature = _file_signature(path)
+            self._signature = file_signature(path)
             self._log.error(
                 "Pricing override ignored, the previous table stays in force: {problem}",
                 problem=str(e),

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from ..accounting.usage import estimate_prompt_tokens
 from ..errors import ProxyError
+from ..jsonfile import UnreadableFile, file_signature, read_json_file
 from ..surfaces.matrix import InvalidModelRef, ModelRef, split_model_ref
 from .budgets import BudgetError, Refusal, Reservation, layer_budgets, parse_budget, refusal_body
 from .policy import PolicyError, decide, parse_policy
@@ -27,6 +28,7 @@ log = Logger()
 
 # How often an agent's governance file is stat()ed at most.
 RECHECK_INTERVAL = 1.0
+MAX_GOVERNANCE_FILE_BYTES = 1 << 20
 
 
 @attrs.define
@@ -86,24 +88,18 @@ class _FileCache:
         if cached is not None and now - cached[0] < RECHECK_INTERVAL:
             return cached[2]
         path = os.path.join(self._root, agent, "budget.json")
-        try:
-            st = os.stat(path)
-            signature = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            signature = None
+        signature = file_signature(path)
         if cached is not None and cached[1] == signature:
             self._entries[agent] = (now, signature, cached[2])
             return cached[2]
         doc = None
-        if signature is not None:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    doc = json.load(f)
-                if not isinstance(doc, dict):
-                    raise ValueError("not a JSON object")
-            except (OSError, ValueError) as e:
-                log.warn("ignoring governance budget file {path}: {error}", path=path, error=str(e))
-                doc = None
+        try:
+            signature, doc = read_json_file(path, MAX_GOVERNANCE_FILE_BYTES)
+            if doc is not None and not isinstance(doc, dict):
+                raise UnreadableFile("is not a JSON object")
+        except UnreadableFile as e:
+            log.warn("ignoring governance budget file {path}: {error}", path=path, error=str(e))
+            doc = None
         self._entries[agent] = (now, signature, doc)
         return doc
 

@@ -9,19 +9,18 @@ it costs two C{stat} calls, and files are only read again when their
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import stat
 from collections import OrderedDict
 from typing import Any
 
 import attrs
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from cllama_tx.identity.tokens import expected_secret, secrets_equal, valid_agent_id
+from cllama_tx.jsonfile import Signature, UnreadableFile, file_signature, read_json_file
 from cllama_tx.interfaces import IContextRegistry
 
 METADATA_FILE = "metadata.json"
@@ -40,7 +39,6 @@ MAX_REMEMBERED_MISSES = 4096
 _DUMMY_SECRET = "0" * 48
 
 # (st_mtime_ns, st_size, st_ino); None when the file does not exist.
-Signature = tuple[int, int, int] | None
 
 
 class _Unusable(Exception):
@@ -95,61 +93,12 @@ class _Missing:
     checked_at: float
 
 
-def _file_signature(path: str) -> Signature:
-    """
-    What identifies a version of the file at C{path}, without reading it.
-    """
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        # Unstattable but maybe present: a distinct signature, so the load is
-        # attempted (and reports the problem) once per change of errno.
-        return (-1, -1, e.errno or 0)
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
 def _read_json(path: str) -> tuple[Signature, Any]:
-    """
-    Read and parse the JSON file at C{path}.
-
-    @return: its signature and value; C{(None, None)} when it does not exist.
-    @raise _Unusable: it exists but cannot be read or parsed.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    """A context file's signature and value; _Unusable when it cannot be used."""
     try:
-        fd = os.open(path, flags)
-    except (FileNotFoundError, NotADirectoryError):
-        return None, None
-    except OSError as e:
-        raise _Unusable(f"cannot be opened ({errno.errorcode.get(e.errno or 0, e)})")
-    try:
-        # O_NONBLOCK and this check: a FIFO must not block the reactor.
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _Unusable("is not a regular file")
-        chunks: list[bytes] = []
-        remaining = MAX_CONTEXT_FILE_BYTES + 1
-        while remaining > 0:
-            chunk = os.read(fd, remaining)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-    except OSError as e:
-        raise _Unusable(f"cannot be read ({errno.errorcode.get(e.errno or 0, e)})")
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > MAX_CONTEXT_FILE_BYTES:
-        raise _Unusable(f"is larger than {MAX_CONTEXT_FILE_BYTES} bytes")
-    try:
-        value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        # Not the parser's message: it could quote the content.
-        raise _Unusable("is not valid UTF-8 JSON") from None
-    return (st.st_mtime_ns, st.st_size, st.st_ino), value
+        return read_json_file(path, MAX_CONTEXT_FILE_BYTES)
+    except UnreadableFile as e:
+        raise _Unusable(str(e)) from None
 
 
 def _optional_object(metadata: dict, key: str) -> dict | None:
@@ -264,11 +213,11 @@ class ContextRegistry:
         Stat the agent's files and reload them if their signature changed.
         """
         directory, metadata_path, override_path = self._paths(agent_id)
-        metadata_signature = _file_signature(metadata_path)
+        metadata_signature = file_signature(metadata_path)
         if metadata_signature is None:
             self._forget(agent_id, directory, now)
             return None
-        signature = (metadata_signature, _file_signature(override_path))
+        signature = (metadata_signature, file_signature(override_path))
         if loaded is not None and loaded.signature == signature:
             loaded.checked_at = now
             return loaded.context
@@ -340,8 +289,8 @@ class ContextRegistry:
                 problem=str(e),
             )
             if metadata_signature is None:
-                metadata_signature = _file_signature(metadata_path)
-            signature = (metadata_signature, _file_signature(override_path))
+                metadata_signature = file_signature(metadata_path)
+            signature = (metadata_signature, file_signature(override_path))
             return _Loaded(None, signature, now)
 
         override_signature, budget = self._load_budget_override(
@@ -381,7 +330,7 @@ class ContextRegistry:
                 file=BUDGET_OVERRIDE_FILE,
                 problem=str(e),
             )
-            return _file_signature(override_path), budget
+            return file_signature(override_path), budget
         if signature is None:
             return None, budget
         if not isinstance(override, dict):

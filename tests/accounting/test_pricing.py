@@ -730,7 +730,7 @@ class PricingServiceTests(SynchronousTestCase):
 
     def test_no_override_never_stats(self) -> None:
         stats = []
-        self.patch(pricing, "_file_signature", lambda path: stats.append(path))
+        self.patch(pricing, "file_signature", lambda path: stats.append(path))
         p = self.make(None)
         self.clock.advance(100)
         p.price("openai", "gpt-4o")

@@ -102,7 +102,7 @@ class RegistryTestsMixin:
         def boom(*args: Any) -> Any:
             raise AssertionError(f"touched the disk: {args!r}")
 
-        for name in ["_file_signature", "_read_json"]:
+        for name in ["file_signature", "_read_json"]:
             self.patch(contexts, name, boom)  # type: ignore[attr-defined]
         for name in ["stat", "open", "listdir", "scandir"]:
             self.patch(contexts.os, name, boom)  # type: ignore[attr-defined]
@@ -331,7 +331,7 @@ class CacheTests(RegistryTestsMixin, SynchronousTestCase):
 
     def test_cache_hit_does_no_io(self) -> None:
         self.make_agent("alice")
-        stats = self.count_calls("_file_signature")
+        stats = self.count_calls("file_signature")
         reads = self.count_calls("_read_json")
         self.assertIsNotNone(self.registry.authenticate("alice", SECRET))
         self.assertEqual(len(reads), 2)  # metadata.json, budget-override.json
@@ -345,7 +345,7 @@ class CacheTests(RegistryTestsMixin, SynchronousTestCase):
 
     def test_recheck_stats_but_does_not_read_unchanged(self) -> None:
         directory = self.make_agent("alice")
-        stats = self.count_calls("_file_signature")
+        stats = self.count_calls("file_signature")
         reads = self.count_calls("_read_json")
         self.registry.get("alice")
         del stats[:], reads[:]
@@ -416,7 +416,7 @@ class CacheTests(RegistryTestsMixin, SynchronousTestCase):
         self.assertIsNotNone(self.registry.authenticate("bob", SECRET))
 
     def test_miss_is_remembered(self) -> None:
-        stats = self.count_calls("_file_signature")
+        stats = self.count_calls("file_signature")
         self.assertIsNone(self.registry.authenticate("ghost", SECRET))
         self.assertEqual(len(stats), 1)
         for _ in range(100):
@@ -432,7 +432,7 @@ class CacheTests(RegistryTestsMixin, SynchronousTestCase):
         most recent misses are remembered.
         """
         self.patch(contexts, "MAX_REMEMBERED_MISSES", 3)
-        stats = self.count_calls("_file_signature")
+        stats = self.count_calls("file_signature")
         for i in range(10):
             self.registry.get(f"ghost{i}")
         self.assertEqual(len(stats), 10)
