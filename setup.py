@@ -11,10 +11,14 @@ setup(
     python_requires=">=3.10",
     # twisted.plugins is listed explicitly: it is a namespace we drop a module
     # into, never a package of ours (no __init__.py there).
-    packages=find_packages(include=["cllama_tx", "cllama_tx.*"]) + ["twisted.plugins"],
+    # web/ (the operator UI's templates and static files) is installed as the
+    # package cllama_tx.web, data only.
+    packages=find_packages(include=["cllama_tx", "cllama_tx.*"]) + ["twisted.plugins", "cllama_tx.web"],
+    package_dir={"cllama_tx.web": "web"},
     package_data={
         "twisted": ["plugins/cllama_tx_plugin.py"],
         "cllama_tx": ["data/*.json"],
+        "cllama_tx.web": ["templates/*.html", "static/*"],
     },
     data_files=[],
     include_package_data=True,
@@ -31,7 +35,8 @@ setup(
     ],
     extras_require={
         # The official SDKs are clients in our end-to-end tests.
-        "test": ["openai>=1.40", "anthropic>=0.40"],
+        # Playwright drives Chromium in the operator UI's browser tests.
+        "test": ["openai>=1.40", "anthropic>=0.40", "playwright>=1.40"],
     },
     entry_points={"console_scripts": ["cllama-tx = cllama_tx.cli:main"]},
     zip_safe=False,

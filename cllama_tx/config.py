@@ -188,6 +188,8 @@ class Config:
     default_rpm: int | None
     default_tpm: int | None
     alert_webhooks: str | None = attrs.field(repr=False)  # URLs embed tokens
+    # The operator UI without authentication: only by explicit choice.
+    ui_no_auth: bool
     master_key: str | None = attrs.field(repr=False)
     # The environment as seen after command-line overrides; provider keys and
     # base URLs are read from it by the provider registry.
@@ -229,6 +231,7 @@ class Config:
             default_rpm=_count(env, "CLLAMA_DEFAULT_RPM"),
             default_tpm=_count(env, "CLLAMA_DEFAULT_TPM"),
             alert_webhooks=env.get("CLLAMA_ALERT_WEBHOOKS") or None,
+            ui_no_auth=env.get("CLLAMA_UI_NO_AUTH", "").lower() in ("1", "true", "yes"),
             master_key=_master_key(env),
             env=env,
         )

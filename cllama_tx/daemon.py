@@ -17,7 +17,6 @@ from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.python.failure import Failure
 from twisted.logger import Logger
-from twisted.web.server import Site
 from zope.interface import implementer
 
 from .accounting.history import SessionHistory
@@ -39,7 +38,7 @@ from .metering import Metering
 from .operations import Operations
 from .proxy import Proxy
 from .relay import UpstreamClient
-from .ui import UiApp
+from .ui import TokenFileError, UiApp, build_ui_site, ensure_ui_token
 
 log = Logger()
 
@@ -263,6 +262,18 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
 
     state_dir = tempfile.mkdtemp(prefix="cllama-demo-state-") if config.demo else config.state_dir
     ensure_private_dir(state_dir)
+    ui_token = config.ui_token
+    if config.ui_no_auth:
+        ui_token = None  # UiApp logs it loudly and says so on every page
+    elif ui_token is None:
+        try:
+            ui_token, token_path = ensure_ui_token(state_dir)
+        except (OSError, TokenFileError) as e:
+            raise ConfigError(f"cannot keep the operator UI token in {state_dir}: {e}") from None
+        log.info(
+            "Operator UI token (no CLLAMA_UI_TOKEN set): sign in with the contents of {path} (mode 0600)",
+            path=token_path,
+        )
     ledger = SqliteLedger(
         os.path.join(state_dir, "ledger.sqlite3"),
         reactor,
@@ -326,7 +337,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         ApiApp(
             contexts=contexts,
             history=history,
-            ui_token=config.ui_token,
+            ui_token=ui_token,
             providers=providers,
             pricing=pricing,
             keys_api=keys_api,
@@ -344,18 +355,22 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
     )
     GovernanceSeed(ledger, governance, reactor).setServiceParent(top)
     ReloadOnHangup(reactor, operations).setServiceParent(top)
-    ui_site = Site(
+    ui_site = build_ui_site(
         UiApp(
-            token=config.ui_token,
+            token=ui_token,
+            auth_disabled=config.ui_no_auth,
             pod=config.pod,
             contexts=contexts,
             providers=providers,
             ledger=ledger,
             clock=reactor,
             operations=operations,
-        ).app.resource()
+            governance=governance,
+            pricing=pricing,
+            audit=audit,
+            keys=keys,
+        )
     )
-    ui_site.noisy = False
     api_listener = Listener(reactor, config.api_endpoint, api_site, "API")
     api_listener.setServiceParent(top)
     Listener(reactor, config.ui_endpoint, ui_site, "UI").setServiceParent(top)

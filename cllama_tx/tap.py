@@ -76,6 +76,7 @@ class Options(usage.Options):
     )
     optFlags = [
         ["demo", None, "serve a built-in offline demo provider and demo agent (no provider keys needed)"],
+        ["ui-no-auth", None, "DANGEROUS: serve the operator UI without authentication [env CLLAMA_UI_NO_AUTH=1]"],
     ]
     optParameters = [[name, short, None, help] for name, short, _env, help in _ENV_OPTIONS]
 
@@ -117,6 +118,8 @@ class Options(usage.Options):
             env[f"{prefix}_API_KEY" if n == 0 else f"{prefix}_API_KEY_{n}"] = key
         for prefix, url in self["provider-base-url"]:
             env[f"{prefix}_BASE_URL"] = url
+        if self["ui-no-auth"]:
+            env["CLLAMA_UI_NO_AUTH"] = "1"
         return env
 
     def postOptions(self) -> None:

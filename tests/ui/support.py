@@ -296,6 +296,10 @@ class BrowserThread:
         path = os.path.join(self.screenshots, f"{name}.png")
 
         def take():
+            if full_page:
+                # From the top: a page scrolled to an anchor would draw the
+                # sticky sidebar where the viewport was.
+                self.page.evaluate("window.scrollTo(0, 0)")
             self.page.screenshot(path=path, full_page=full_page)
             return path
 
