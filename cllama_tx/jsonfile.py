@@ -32,14 +32,12 @@ def file_signature(path: str) -> Signature:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def read_json_file(path: str, max_bytes: int) -> tuple[Signature, Any]:
+def read_text_file(path: str, max_bytes: int) -> tuple[Signature, str | None]:
     """
-    Read and parse the JSON file at C{path}: its signature and value;
-    C{(None, None)} when it does not exist.
+    Read the UTF-8 text file at C{path} (a BOM is dropped): its signature and
+    text; C{(None, None)} when it does not exist.
 
-    @raise UnreadableFile: it exists but cannot be read or parsed (the
-        message says why, with a line and column, never the content, which
-        may hold secrets).
+    @raise UnreadableFile: it exists but cannot be read (never quoting it).
     """
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -69,11 +67,25 @@ def read_json_file(path: str, max_bytes: int) -> tuple[Signature, Any]:
     if len(data) > max_bytes:
         raise UnreadableFile(f"is larger than {max_bytes} bytes")
     try:
-        text = data.decode("utf-8")
+        return (st.st_mtime_ns, st.st_size, st.st_ino), data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise UnreadableFile("is not UTF-8") from None
+
+
+def read_json_file(path: str, max_bytes: int) -> tuple[Signature, Any]:
+    """
+    Read and parse the JSON file at C{path}: its signature and value;
+    C{(None, None)} when it does not exist.
+
+    @raise UnreadableFile: it exists but cannot be read or parsed (the
+        message says why, with a line and column, never the content, which
+        may hold secrets).
+    """
+    signature, text = read_text_file(path, max_bytes)
+    if text is None:
+        return None, None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise UnreadableFile(f"is not valid JSON (line {e.lineno} column {e.colno})") from None
-    return (st.st_mtime_ns, st.st_size, st.st_ino), value
+    return signature, value

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import stat
 from typing import Any, Mapping
 
 from .budgets import HARD_STOP, SOFT_ALERT, parse_budget
+from ..jsonfile import UnreadableFile, read_text_file
 from .periods import PERIODS, BudgetError, parse_window
 
 POLICY_FILE_ENV = "CLLAMA_POLICY_FILE"
@@ -252,35 +251,13 @@ def _import_yaml() -> Any:
 
 
 def _read(path: str) -> str:
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise PolicyFileError(f"{path}: does not exist") from None
-    except OSError as e:
-        raise PolicyFileError(f"{path}: cannot be opened ({e.strerror})") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise PolicyFileError(f"{path}: is not a regular file")
-        chunks = []
-        remaining = MAX_POLICY_FILE_BYTES + 1
-        while remaining > 0:
-            chunk = os.read(fd, remaining)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-    except OSError as e:
-        raise PolicyFileError(f"{path}: cannot be read ({e.strerror})") from None
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > MAX_POLICY_FILE_BYTES:
-        raise PolicyFileError(f"{path}: is larger than {MAX_POLICY_FILE_BYTES} bytes")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise PolicyFileError(f"{path}: is not UTF-8") from None
+        signature, text = read_text_file(path, MAX_POLICY_FILE_BYTES)
+    except UnreadableFile as e:
+        raise PolicyFileError(f"{path}: {e}") from None
+    if text is None:
+        raise PolicyFileError(f"{path}: does not exist")
+    return text
 
 
 def parse_policy_text(text: str, source: str) -> Any:
