@@ -188,10 +188,6 @@ class InstalledImageTests(TestCase):
         )
         self.assertEqual(result.stdout.split(), ["True", "True"], result.stderr)
 
-    def test_zoneinfo_available(self):
-        result = run([self.python, "-c", "import zoneinfo; zoneinfo.ZoneInfo('America/New_York')"], env=self.env)
-        self.assertEqual(result.returncode, 0, result.stderr)
-
     def wrapper(self, listen_addr):
         env = {"PATH": self.bin + os.pathsep + "/usr/bin:/bin", "LISTEN_ADDR": listen_addr}
         return deferToThread(run, [WRAPPER, "-healthcheck"], env=env, cwd=self.base, timeout=20)
