@@ -32,6 +32,8 @@ setup(
         "attrs>=23.1",
         # YAML operator policy files (CLLAMA_POLICY_FILE) in the budget-tier gateways' shape.
         "pyyaml>=6.0",
+        # The /metrics endpoint of the operator UI (Prometheus exposition).
+        "prometheus-client>=0.17",
     ],
     extras_require={
         # The official SDKs are clients in our end-to-end tests.

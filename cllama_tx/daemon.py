@@ -35,6 +35,7 @@ from .billing import BillingApi
 from .identity.virtual_keys import VirtualKeyStore
 from .keyapi import KeyApi
 from .metering import Metering
+from .metrics import Metrics
 from .operations import Operations
 from .proxy import Proxy
 from .relay import UpstreamClient
@@ -290,6 +291,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         history.setServiceParent(top)
     pricing = Pricing(reactor, override_path=config.pricing_file)
     metering = Metering(clock=reactor, pricing=pricing, ledger=ledger, audit=audit, history=history)
+    metrics = Metrics(ledger=ledger)
+    metering.on_settled.append(metrics.observe_settled)
     alerts = None
     if config.alert_webhooks:
         alerts = build_alerts(reactor, config)
@@ -321,6 +324,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         idle_timeout=config.idle_timeout,
         no_stream_options=config.no_stream_options,
         keys=keys,
+        metrics=metrics,
     )
     keys_api = KeyApi(
         keys,
@@ -369,6 +373,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
             pricing=pricing,
             audit=audit,
             keys=keys,
+            metrics=metrics,
         )
     )
     api_listener = Listener(reactor, config.api_endpoint, api_site, "API")
@@ -382,4 +387,5 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
     top.providers = providers
     top.contexts = contexts
     top.ledger = ledger
+    top.metrics = metrics
     return top

@@ -56,6 +56,7 @@ class Exchange:
     user_id: str | None = None
     admission: object = None  # what governance held for this request
     bridge: object = None  # the surface translation in use, if any
+    error_code: str | None = None  # the ProxyError code the request ended with, if any
 
 
 @attrs.frozen

@@ -8,6 +8,7 @@ once and serialises it once, and keeps its state in one small L{Exchange}.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -102,8 +103,10 @@ class Proxy:
         idle_timeout: float,
         no_stream_options: frozenset[str] = frozenset(),
         keys=None,
+        metrics=None,
     ) -> None:
         self._keys = keys
+        self._metrics = metrics
         self._clock = clock
         self._contexts = contexts
         self._providers = providers
@@ -141,6 +144,7 @@ class Proxy:
         if ex.gone:
             self._metering.settle(ex, CLIENT_CLOSED, "client disconnected")
             return
+        ex.error_code = error.code
         self._metering.settle(ex, error.status, error.message)
         if request.startedWriting:
             # Headers are gone already: the body cannot become an error body.
@@ -406,7 +410,9 @@ class Proxy:
             return
         content_type = _first(response.headers, b"content-type") or b""
         if content_type.startswith(b"text/event-stream"):
-            await self._relay_stream(request, response, ex, api_format)
+            # inflight_streams: up when the relay starts, down when it ends (any way).
+            with self._metrics.streaming() if self._metrics is not None else contextlib.nullcontext():
+                await self._relay_stream(request, response, ex, api_format)
         else:
             body = await self._collect(request, response, ex)
             if body is not None:
@@ -469,6 +475,7 @@ class Proxy:
                 raise error from None
             # The agent already has part of the stream: end it with an error
             # event it can parse, then close the stream cleanly.
+            ex.error_code = error.code
             metering.settle(ex, error.status, error.message)
             request.write(sse_error_event(error, ex.surface.shape))
             request.finish()

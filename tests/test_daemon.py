@@ -91,8 +91,8 @@ def spawn_daemon(testcase, env, args=(), command=None, cwd=REPO):
     full_env.update(env)
     transport = reactor.spawnProcess(
         process,
-        (command or [TWISTD, "-n", "cllama"])[0],
-        [*(command or [TWISTD, "-n", "cllama"]), *args],
+        (command or [TWISTD, "--pidfile=", "-n", "cllama"])[0],
+        [*(command or [TWISTD, "--pidfile=", "-n", "cllama"]), *args],
         env=full_env,
         path=cwd,
     )

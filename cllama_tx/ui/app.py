@@ -100,6 +100,7 @@ class UiApp:
         pricing=None,
         audit=None,
         keys=None,
+        metrics=None,
         auth_disabled: bool = False,
         session_lifetime: float = DEFAULT_SESSION_LIFETIME,
         session_idle: float = DEFAULT_SESSION_IDLE,
@@ -108,6 +109,7 @@ class UiApp:
         throttle: SignInThrottle | None = None,
     ) -> None:
         self._token = token.encode("utf-8") if token else None
+        self.metrics = metrics
         self._auth_disabled = bool(auth_disabled)
         if clock is None:
             clock = _WallClock()
@@ -776,6 +778,17 @@ class UiApp:
         except _Refused as refused:
             return refused.body
         return self._json(request, 200, views.status(self.services))
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_exposition(self, request):
+        """Prometheus scrape (Authorization: Bearer <operator token>)."""
+        try:
+            self._gate(request)
+        except _Refused as refused:
+            return refused.body
+        if self.metrics is None:
+            return self._json(request, 404, self._error_doc("metrics are not enabled", "metrics_disabled", "not_found_error"))
+        return self.metrics.render(request)
 
     @app.route("/costs/api", methods=["GET"])
     def costs_api(self, request):

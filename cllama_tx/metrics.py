@@ -1,0 +1,186 @@
+"""
+Prometheus metrics for the proxy, in their own registry (never the
+process-global one, so several daemons or test harnesses in one process
+never share counters).
+
+Almost everything is filled from the ledger row of each settled exchange:
+L{Metrics.observe_settled} is meant to be appended to
+C{Metering.on_settled}.  The one thing a row cannot tell is how many streams
+are being relayed right now: the proxy calls L{Metrics.stream_started} and
+L{Metrics.stream_ended} around each stream relay (or uses
+L{Metrics.streaming}).
+
+Label cardinality is bounded: providers and models an agent names are only
+labels once the request reached upstream, at most C{max_providers} /
+C{max_models} distinct values are kept (later ones become C{"other"}), and
+every label value is truncated to C{MAX_LABEL_CHARS}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "OTHER", "NONE"]
+
+OTHER = "other"
+NONE = "none"
+MAX_LABEL_CHARS = 128
+
+# Seconds.  Inference latencies range from tens of milliseconds (refusals,
+# cached answers) to many minutes (long streams).
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
+
+# Status 499: the agent hung up (CLIENT_CLOSED in metering).
+_CLIENT_CLOSED = 499
+
+# Proxy error codes that say what went wrong talking to the provider,
+# reported as the status label of upstream_errors_total.
+_TRANSPORT_LABELS = {
+    "upstream_timeout": "timeout",
+    "upstream_unreachable": "transport",
+    "upstream_interrupted": "transport",
+}
+# Proxy-side 5xx that are not the provider's fault.
+_NOT_UPSTREAM = frozenset({"internal_error", "budget_unavailable"})
+
+
+class _Bounded:
+    """The first C{limit} distinct values pass; the rest become C{"other"}."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value) -> str:
+        if value is None or value == "":
+            return NONE
+        value = str(value)[:MAX_LABEL_CHARS]
+        if value in self._seen:
+            return value
+        with self._lock:
+            if value in self._seen:
+                return value
+            if len(self._seen) >= self._limit:
+                return OTHER
+            self._seen.add(value)
+            return value
+
+
+def status_class(status: int) -> str:
+    """C{"2xx"} .. C{"5xx"}; 499 (the agent hung up) is its own class."""
+    if status == _CLIENT_CLOSED:
+        return "client_closed"
+    if 100 <= status <= 599:
+        return f"{status // 100}xx"
+    return "other"
+
+
+class Metrics:
+    """The proxy's metrics, in one private L{CollectorRegistry}."""
+
+    def __init__(self, *, ledger=None, max_models: int = 200, max_providers: int = 50, namespace: str = "cllama") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._providers = _Bounded(max_providers)
+        self._models = _Bounded(max_models)
+        r, ns = self.registry, namespace
+        self.requests = Counter(
+            "requests", "Requests settled, by surface, provider and status class.",
+            ["surface", "provider", "status_class"], namespace=ns, registry=r,
+        )
+        self.latency = Histogram(
+            "request_latency_seconds", "From arrival to settlement (the whole answer), by surface.",
+            ["surface"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+        )
+        self.ttfb = Histogram(
+            "time_to_first_byte_seconds", "From arrival to the provider's first body byte (streams and JSON).",
+            ["surface", "stream"], namespace=ns, registry=r, buckets=TTFB_BUCKETS,
+        )
+        self.tokens = Counter(
+            "tokens", "Tokens metered (reported by the provider, or estimated).",
+            ["provider", "model", "kind"], namespace=ns, registry=r,
+        )
+        self.cost = Counter(
+            "cost_usd", "Cost in US dollars, as recorded in the ledger.",
+            ["provider", "model"], namespace=ns, registry=r,
+        )
+        self.upstream_errors = Counter(
+            "upstream_errors", "Provider failures that reached the agent: 5xx answers, transport errors, timeouts.",
+            ["provider", "status"], namespace=ns, registry=r,
+        )
+        self.budget_refusals = Counter(
+            "budget_refusals", "Requests refused 429 by governance (budgets, rate limits), by error code.",
+            ["code"], namespace=ns, registry=r,
+        )
+        self.inflight_streams = Gauge(
+            "inflight_streams", "Streamed answers being relayed right now.", namespace=ns, registry=r,
+        )
+        if ledger is not None and hasattr(ledger, "writer_stats"):
+            queue = Gauge(
+                "ledger_writer_queue_depth", "Rows and calls waiting for the ledger's writer thread.",
+                namespace=ns, registry=r,
+            )
+            queue.set_function(lambda: ledger.writer_stats()["queued"])
+
+    # --- feeding ---------------------------------------------------------------------------
+
+    def observe_settled(self, ex, row) -> None:
+        """A C{Metering.on_settled} observer: count one settled exchange."""
+        surface = getattr(getattr(ex, "surface", None), "name", None) or NONE
+        reached = bool(getattr(ex, "upstream_called", False))
+        # Before upstream, a provider name is whatever the agent wrote.
+        provider = self._providers(row.provider) if reached else NONE
+        model = self._models(row.effective_model) if reached else NONE
+        status = int(row.status)
+        self.requests.labels(surface, provider, status_class(status)).inc()
+        self.latency.labels(surface).observe(max(row.latency_ms, 0.0) / 1000.0)
+        if row.ttfb_ms is not None:
+            self.ttfb.labels(surface, "true" if row.stream else "false").observe(max(row.ttfb_ms, 0.0) / 1000.0)
+        if reached:
+            for kind, value in (
+                ("input", row.input_tokens),
+                ("output", row.output_tokens),
+                ("cache_read", row.cache_read_tokens),
+                ("cache_write", row.cache_write_tokens),
+            ):
+                if value:
+                    self.tokens.labels(provider, model, kind).inc(value)
+            if row.cost_usd:
+                self.cost.labels(provider, model).inc(row.cost_usd)
+        code = getattr(ex, "error_code", None)
+        if status >= 500 and reached and code not in _NOT_UPSTREAM:
+            label = _TRANSPORT_LABELS.get(code, str(status) if status <= 599 else "other")
+            self.upstream_errors.labels(provider, label).inc()
+        if status == 429 and not reached:
+            # Governance refuses before anything is sent; a provider's own
+            # 429 (or every key cooling down) has upstream_called set.
+            self.budget_refusals.labels(str(code)[:MAX_LABEL_CHARS] if code else "unknown").inc()
+
+    def stream_started(self) -> None:
+        self.inflight_streams.inc()
+
+    def stream_ended(self) -> None:
+        self.inflight_streams.dec()
+
+    @contextlib.contextmanager
+    def streaming(self):
+        """C{with metrics.streaming():} around one stream relay."""
+        self.stream_started()
+        try:
+            yield
+        finally:
+            self.stream_ended()
+
+    # --- exposition ------------------------------------------------------------------------
+
+    def render(self, request=None) -> bytes:
+        """The exposition text; sets the content type on C{request} if given."""
+        if request is not None:
+            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+            request.setHeader(b"cache-control", b"no-store")
+        return generate_latest(self.registry)
