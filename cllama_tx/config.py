@@ -148,6 +148,17 @@ def _count(env: Mapping[str, str], name: str) -> int | None:
     return int(raw)
 
 
+def _ca_file(env: Mapping[str, str]) -> str | None:
+    """CLLAMA_UPSTREAM_CA_FILE, checked now so a bad bundle stops the start."""
+    path = (env.get("CLLAMA_UPSTREAM_CA_FILE") or "").strip()
+    if not path:
+        return None
+    from .tls import load_ca_certificates  # raises UpstreamCAError, a ConfigError
+
+    load_ca_certificates(path)
+    return path
+
+
 def default_state_dir(env: Mapping[str, str]) -> str:
     """
     Where the ledger lives: C{CLLAMA_STATE_DIR}, else systemd's
@@ -191,6 +202,8 @@ class Config:
     # The operator UI without authentication: only by explicit choice.
     ui_no_auth: bool
     master_key: str | None = attrs.field(repr=False)
+    # Operator CA bundle (PEM) trusted for upstream TLS besides the platform store.
+    upstream_ca_file: str | None
     # The environment as seen after command-line overrides; provider keys and
     # base URLs are read from it by the provider registry.
     env: Mapping[str, str] = attrs.field(repr=False)
@@ -233,5 +246,6 @@ class Config:
             alert_webhooks=env.get("CLLAMA_ALERT_WEBHOOKS") or None,
             ui_no_auth=env.get("CLLAMA_UI_NO_AUTH", "").lower() in ("1", "true", "yes"),
             master_key=_master_key(env),
+            upstream_ca_file=_ca_file(env),
             env=env,
         )

@@ -39,6 +39,7 @@ from .metrics import Metrics
 from .operations import Operations
 from .proxy import Proxy
 from .relay import UpstreamClient
+from .tls import upstream_tls_policy
 from .ui import TokenFileError, UiApp, build_ui_site, ensure_ui_token
 
 log = Logger()
@@ -311,7 +312,9 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
     )
 
     contexts = ContextRegistry(context_root, reactor)
-    upstream = UpstreamClient(reactor, config.connect_timeout)
+    upstream = UpstreamClient(
+        reactor, config.connect_timeout, tls_policy=upstream_tls_policy(config.upstream_ca_file)
+    )
     UpstreamService(upstream).setServiceParent(top)
     proxy = Proxy(
         clock=reactor,

@@ -30,6 +30,7 @@ from .providers.registry import ProviderNotConfigured, UnknownProvider
 from .relay import HOP_BY_HOP, StreamRelay, UpstreamTimeout, copy_response_headers, read_body
 from .surfaces.bridges import bridge_for
 from .surfaces.translate import UntranslatableRequest
+from .tls import describe_tls_failure
 
 log = Logger()
 
@@ -638,6 +639,9 @@ def _money(value: float) -> str:
 
 def _describe(error: Exception) -> str:
     """A short, secret-free description of a transport failure."""
+    tls = describe_tls_failure(error)
+    if tls is not None:
+        return tls
     reasons = getattr(error, "reasons", None)
     if reasons:
         error = reasons[0].value

@@ -64,7 +64,7 @@ class ProxyHarness:
                  first_byte_timeout=10.0, idle_timeout=10.0, providers_json=None,
                  history_dir=None, pricing_file=None, no_stream_options=frozenset(),
                  fake_providers=("openai",), governance_dir=None, policy_file=None, unpriced="refuse",
-                 default_rpm=None, default_tpm=None, alert_webhooks=None, key_clock=None):
+                 default_rpm=None, default_tpm=None, alert_webhooks=None, key_clock=None, tls_policy=None):
         self.testcase = testcase
         self.env_extra = env or {}
         self.max_body_bytes = max_body_bytes
@@ -82,6 +82,7 @@ class ProxyHarness:
         self.default_tpm = default_tpm
         self.alert_webhooks = alert_webhooks
         self.key_clock = key_clock
+        self.tls_policy = tls_policy
         self.audit_stream = _WatchedStream()
 
     @defer.inlineCallbacks
@@ -109,7 +110,7 @@ class ProxyHarness:
             env, self.auth_dir, reactor,
             on_pool_event=lambda event: self.audit.emit("provider_pool", None, None, **event),
         )
-        self.upstream = UpstreamClient(reactor, connect_timeout=5.0)
+        self.upstream = UpstreamClient(reactor, connect_timeout=5.0, tls_policy=self.tls_policy)
         case.addCleanup(self.upstream.close)
         self.ledger = SqliteLedger(os.path.join(base, "state", "ledger.sqlite3"), reactor)
         os.makedirs(os.path.join(base, "state"), mode=0o700)

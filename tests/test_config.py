@@ -149,3 +149,14 @@ class OptionsTests(SynchronousTestCase):
     def test_demo_flag(self):
         self.assertTrue(self.parse(["--demo"], {}).config.demo)
         self.assertFalse(self.parse([], {}).config.demo)
+
+
+class HealthUrlTests(SynchronousTestCase):
+    def test_plain_and_tls(self):
+        from cllama_tx.cli import health_url
+
+        self.assertEqual(health_url({"LISTEN_ADDR": "127.0.0.1:9000"}), "http://127.0.0.1:9000/health")
+        self.assertEqual(
+            health_url({"LISTEN_ADDR": "ssl:8443:privateKey=k.pem:certKey=c.pem"}), "https://127.0.0.1:8443/health"
+        )
+        self.assertEqual(health_url({}), "http://127.0.0.1:8080/health")
