@@ -25,6 +25,8 @@ DEFAULT_MAX_BODY = 32 * 1024 * 1024
 DEFAULT_FIRST_BYTE_TIMEOUT = 300.0
 DEFAULT_IDLE_TIMEOUT = 120.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
+# Below Docker's default stop timeout (10 s): in-flight requests get this long on SIGTERM.
+DEFAULT_DRAIN_GRACE = 8.0
 
 _ENDPOINT_PREFIXES = ("tcp:", "tcp6:", "ssl:", "unix:", "systemd:", "le:", "lets:")
 _GO_ADDR = re.compile(r"^(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*))?:(?P<port>\d{1,5})$")
@@ -188,6 +190,7 @@ class Config:
     first_byte_timeout: float
     idle_timeout: float
     connect_timeout: float
+    drain_grace: float
     demo: bool
     state_dir: str
     pricing_file: str | None
@@ -229,6 +232,7 @@ class Config:
             connect_timeout=_seconds(
                 env, "CLLAMA_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT
             ),
+            drain_grace=_seconds(env, "CLLAMA_DRAIN_GRACE", DEFAULT_DRAIN_GRACE),
             demo=demo or env.get("CLLAMA_DEMO", "").lower() in ("1", "true", "yes"),
             state_dir=default_state_dir(env),
             pricing_file=env.get("CLLAMA_PRICING_FILE") or None,

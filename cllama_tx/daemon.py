@@ -2,8 +2,11 @@
 The service tree of one daemon, built from a L{Config}.
 
 Order matters: L{MultiService} starts children in order and stops them in
-reverse, so shared services come first and the listeners last; on shutdown
-the listeners close first, then the upstream pool, then the audit flush.
+reverse, but stops them concurrently.  So the shared services are children
+of a L{DrainService} (first in the tree), the listeners come last: on
+shutdown the listeners stop accepting, the DrainService waits for the
+in-flight requests (at most the drain grace), and only then stops its
+children: the upstream pool, the ledger, the audit flush.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .accounting.pricing import Pricing
 from .api import ApiApp, build_api_site
 from .audit import AuditLog
 from .config import Config, ConfigError
+from .drain import DrainService, InFlight
 from .identity.contexts import ContextRegistry
 from .interfaces import IProviderRegistry
 from .providers.catalog import ProviderSpec
@@ -240,8 +244,12 @@ def ensure_private_dir(path: str) -> None:
 
 def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.MultiService:
     top = service.MultiService()
+    inflight = InFlight()
+    # Parent of every shared service; stopped only once the drain is over.
+    shared = DrainService(reactor, inflight, config.drain_grace)
+    shared.setServiceParent(top)
     audit = AuditLog(audit_stream, reactor, schedule=lambda flush: reactor.callLater(0, flush))
-    AuditFlushService(audit).setServiceParent(top)
+    AuditFlushService(audit).setServiceParent(shared)
 
     def pool_event(event: dict) -> None:
         audit.emit("provider_pool", None, None, **event)
@@ -254,13 +262,13 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         context_root = tempfile.mkdtemp(prefix="cllama-demo-")
         write_demo_context(context_root)
         demo = DemoService(reactor)
-        demo.setServiceParent(top)
+        demo.setServiceParent(shared)
         providers = DemoProviders(demo, reactor)
         banner = demo_banner
     else:
         providers = ProviderRegistry(config.env, config.auth_dir, reactor, on_pool_event=pool_event)
         # A service: it saves pending key state when stopped, after the listeners.
-        providers.setServiceParent(top)
+        providers.setServiceParent(shared)
 
     state_dir = tempfile.mkdtemp(prefix="cllama-demo-state-") if config.demo else config.state_dir
     ensure_private_dir(state_dir)
@@ -283,13 +291,13 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         retention_seconds=config.ledger_retention,
     )
     # Before the listeners: it is stopped after them, so in-flight rows land.
-    ledger.setServiceParent(top)
+    ledger.setServiceParent(shared)
     keys = VirtualKeyStore(ledger.path, reactor, reactor)
-    keys.setServiceParent(top)
+    keys.setServiceParent(shared)
     history = None
     if config.session_history_dir:
         history = SessionHistory(config.session_history_dir, reactor)
-        history.setServiceParent(top)
+        history.setServiceParent(shared)
     pricing = Pricing(reactor, override_path=config.pricing_file)
     metering = Metering(clock=reactor, pricing=pricing, ledger=ledger, audit=audit, history=history)
     metrics = Metrics(ledger=ledger)
@@ -297,7 +305,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
     alerts = None
     if config.alert_webhooks:
         alerts = build_alerts(reactor, config)
-        alerts.setServiceParent(top)
+        alerts.setServiceParent(shared)
     governance = build_governance(
         clock=reactor,
         pricing=pricing,
@@ -315,7 +323,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
     upstream = UpstreamClient(
         reactor, config.connect_timeout, tls_policy=upstream_tls_policy(config.upstream_ca_file)
     )
-    UpstreamService(upstream).setServiceParent(top)
+    UpstreamService(upstream).setServiceParent(shared)
     proxy = Proxy(
         clock=reactor,
         contexts=contexts,
@@ -328,6 +336,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         no_stream_options=config.no_stream_options,
         keys=keys,
         metrics=metrics,
+        inflight=inflight,
     )
     keys_api = KeyApi(
         keys,
@@ -360,8 +369,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         providers=providers,
         contexts=contexts,
     )
-    GovernanceSeed(ledger, governance, reactor).setServiceParent(top)
-    ReloadOnHangup(reactor, operations).setServiceParent(top)
+    GovernanceSeed(ledger, governance, reactor).setServiceParent(shared)
+    ReloadOnHangup(reactor, operations).setServiceParent(shared)
     ui_site = build_ui_site(
         UiApp(
             token=ui_token,
@@ -390,5 +399,6 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
     top.providers = providers
     top.contexts = contexts
     top.ledger = ledger
+    top.inflight = inflight
     top.metrics = metrics
     return top

@@ -105,7 +105,9 @@ class Proxy:
         no_stream_options: frozenset[str] = frozenset(),
         keys=None,
         metrics=None,
+        inflight=None,
     ) -> None:
+        self._inflight = inflight
         self._keys = keys
         self._metrics = metrics
         self._clock = clock
@@ -121,6 +123,8 @@ class Proxy:
     def handle(self, request, surface: Surface) -> None:
         """Serve C{request}; the response is written asynchronously."""
         ex = Exchange(new_request_id(), self._clock.seconds(), surface)
+        if self._inflight is not None:
+            self._inflight.track(request)  # a graceful shutdown waits for it
         request.notifyFinish().addErrback(self._agent_gone, ex)
         defer.ensureDeferred(self._run(request, ex))
 
