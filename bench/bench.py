@@ -34,6 +34,11 @@ What it does, in order:
      (or 499, cut off at a lane's end);
   4. prints the table, writes docs/PERFORMANCE.md (unless --no-doc or the
      proxy never answered) and bench/results/last.json;
+  4a. with a 20 ms upstream (bench/slowmock.py, core 1, the xai provider):
+     a sustained lane (wrk -c64) and a ramp of concurrent SSE streams
+     (bench/streamload.py; --stream-levels, default 250,500,1000) with the
+     proxy's RSS before, while and after; the targets (added p50/p99,
+     req/s, streams, KiB per stream, idle RSS) met or not met go into the doc;
   5. with --profile, samples the proxy under the 32-client load with py-spy
      and lists the hot spots (--profile-lane plain|governed|translated).
 
@@ -128,6 +133,22 @@ BAR = [
     ("floor: twisted.web Resource + raw Agent", 0.68, 2000),
 ]
 TARGET_ADDED_P50_MS = 1.0
+
+# The slow-upstream lanes (bench/slowmock.py on the load core, reached by the
+# proxy as the xai provider): sustained rate with a 20 ms upstream, and
+# concurrent SSE streams (64 events 20 ms apart) ramped to 1,000 and more.
+SLOW_MODEL = "xai/slow"
+SLOW_BODY = json.dumps({"model": SLOW_MODEL, "messages": [{"role": "user", "content": "hi"}]})
+SLOW_STREAM_BODY = json.dumps(
+    {"model": SLOW_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+)
+SLOW_DELAY_MS = 20
+SLOW_CHUNKS = 64
+SLOW_GAP_MS = 20
+SLOW_PORT = [0]
+SLOW_LANES: list = []  # filled in by main() from the options
+TARGETS = {"added_p50_ms": 1.0, "added_p99_ms": 3.0, "rps": 1500, "streams": 1000,
+           "kib_per_stream": 64, "idle_rss_mib": 80}
 PROFILE_RATE = 250  # py-spy samples per second
 
 
@@ -500,6 +521,8 @@ def proxy_env(tmp: Path, api_port: int, ui_port: int, mock_port: int) -> dict:
             "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{mock_port}/anthropic/v1",
         }
     )
+    if SLOW_PORT[0]:
+        env.update({"XAI_API_KEY": "xai-bench-not-real", "XAI_BASE_URL": f"http://127.0.0.1:{SLOW_PORT[0]}/v1"})
     return env
 
 
@@ -1162,6 +1185,8 @@ def audit_lane(doc: dict) -> str:
     agent, model = doc.get("claw_id"), doc.get("model")
     if agent == GOV_AGENT:
         return "governed"
+    if agent == AGENT and isinstance(model, str) and model.startswith("xai/"):
+        return "slow"
     if agent == AGENT and model == ANTHROPIC_MODEL:
         return "translated"
     if agent == AGENT:
@@ -1173,6 +1198,7 @@ AUDIT_LANES = {
     "plain": ("latency_proxy", "throughput_proxy", "stream_proxy", "latency_control", "throughput_control"),
     "governed": ("latency_governed", "throughput_governed"),
     "translated": ("latency_translated", "throughput_translated", "stream_translated"),
+    "slow": SLOW_LANES,
 }
 
 
@@ -1265,7 +1291,17 @@ def history_md() -> str:
     return "\n" + path.read_text() if path.exists() else ""
 
 
+def add_slow_lanes(res: dict) -> None:
+    """Make the slow-upstream lanes of C{res} known to LANES (also for --doc-only)."""
+    levels = res.get("stream_levels") or []
+    for name in ["sustained_direct", "sustained_proxy"] + [f"streams{n}_{side}" for n in levels
+                                                           for side in ("direct", "proxy")]:
+        if name not in LANES and (name in res or "sustained" in name):
+            LANES.append(name)
+
+
 def write_doc(res: dict, facts: dict) -> str:
+    add_slow_lanes(res)
     rows = build_rows(res)
     extra_rows = build_extra_rows(res)
     duration = res.get("duration", 10.0)
@@ -1305,6 +1341,8 @@ and marked noisy if it still was: its figures are pessimistic. Waiting and re-me
 one budget (`--quiet-wait`, {res.get("quiet_wait", 60):g} s).
 
 {extra_md(extra_rows, res)}
+
+{slow_md(res)}
 
 {audit_line(res)}
 
@@ -1377,6 +1415,186 @@ LANES = ["latency_direct", "latency_proxy", "latency_governed", "latency_transla
          "stream_direct", "stream_proxy", "stream_translated"]
 
 
+# ---------------------------------------------------------------- slow upstream
+
+def rss_kib(pid: int) -> int | None:
+    """VmRSS of process C{pid} in KiB (from /proc/<pid>/status)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def slow_lanes(args, res, lane, tmp, slow_port, api_port, proxy, load_core) -> None:
+    """Sustained rate (wrk -c64, 20 ms upstream) and the concurrent-stream ramp."""
+    import streamload  # bench/streamload.py
+
+    slow_lua = write_lua(tmp, "slow", SLOW_BODY, TOKEN)
+    direct = f"http://127.0.0.1:{slow_port}/v1/chat/completions"
+    through = f"http://127.0.0.1:{api_port}/v1/chat/completions"
+    d = args.sustained_duration
+    if proxy:
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        try:
+            status, _, body = http("POST", through, SLOW_BODY.encode(), headers)
+        except OSError as e:
+            status, body = None, str(e).encode()
+        if status != 200 or MOCK_ID.encode() not in body:
+            log(f"slow lanes: the proxy answered {status} for {SLOW_MODEL}: {body[:300]!r}; skipping the proxy side")
+            proxy = None
+        else:
+            run_wrk(through, slow_lua, 64, min(2.0, max(1.0, args.warmup)), load_core, latency=False)
+    lane("sustained_direct", lambda: run_wrk(direct, slow_lua, 64, d, load_core))
+    if proxy:
+        lane("sustained_proxy", lambda: run_wrk(through, slow_lua, 64, d, load_core, pid=proxy.pid))
+
+    levels = res.get("stream_levels") or []
+    hold = args.stream_hold
+    if proxy:
+        time.sleep(1.0)
+        res["rss_idle_kib"] = rss_kib(proxy.pid)
+    for n in levels:
+        lane(f"streams{n}_direct", lambda n=n: streamload.run(
+            slow_port, "/v1/chat/completions", SLOW_STREAM_BODY, TOKEN, n, hold, expect=SLOW_CHUNKS + 1))
+        if proxy:
+            def one(n=n):
+                time.sleep(1.0)  # let the last step's connections close
+                before = rss_kib(proxy.pid)
+                r = streamload.run(api_port, "/v1/chat/completions", SLOW_STREAM_BODY, TOKEN, n, hold,
+                                   expect=SLOW_CHUNKS + 1, sample=lambda: rss_kib(proxy.pid))
+                time.sleep(1.0)
+                r["rss_before_kib"], r["rss_while_kib"], r["rss_after_kib"] = before, r.pop("sample"), rss_kib(proxy.pid)
+                if before and r["rss_while_kib"] and r.get("active_at_sample"):
+                    r["kib_per_stream"] = (r["rss_while_kib"] - before) / r["active_at_sample"]
+                return r
+            lane(f"streams{n}_proxy", one)
+    if proxy:
+        time.sleep(1.0)
+        res["rss_end_kib"] = rss_kib(proxy.pid)
+
+
+def _ms(x, digits=2):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def slow_md(res: dict) -> str:
+    """The slow-upstream tables and the targets, as Markdown ('' if not run)."""
+    sd, sp = res.get("sustained_direct"), res.get("sustained_proxy")
+    levels = res.get("stream_levels") or []
+    if not sd and not any(res.get(f"streams{n}_direct") for n in levels):
+        return ""
+    out = [f"## Slow upstream: sustained rate and concurrent streams\n",
+           f"Upstream: `bench/slowmock.py` (asyncio, core 1, as the `xai` provider, model `{SLOW_MODEL}`): "
+           f"JSON answers {SLOW_DELAY_MS} ms after the request; streams of {SLOW_CHUNKS} SSE events "
+           f"{SLOW_GAP_MS} ms apart plus `data: [DONE]` (about {SLOW_CHUNKS * SLOW_GAP_MS / 1000:.2f} s a stream).\n"]
+    rows = []
+
+    def ok(r):
+        return r is not None and r.get("ok")
+
+    if sd:
+        rd = f"{sd['rps']:.0f}" if ok(sd) else "FAILED"
+        rp = f"{sp['rps']:.0f}" if ok(sp) else ("FAILED" if sp else "-")
+        rows.append(["sustained (wrk -c64)", "req/s", rd, rp,
+                     f"{sp['rps'] / sd['rps']:.2f}x" if ok(sd) and ok(sp) and sd["rps"] else "-"])
+        for q in ("p50", "p99"):
+            a = sd.get(f"{q}_us") if ok(sd) else None
+            b = sp.get(f"{q}_us") if ok(sp) else None
+            rows.append(["sustained (wrk -c64)", f"latency {q} ms", _ms(a / 1e3 if a else None),
+                         _ms(b / 1e3 if b else None), f"+{(b - a) / 1e3:.2f} ms" if a and b else "-"])
+    for n in levels:
+        d, p = res.get(f"streams{n}_direct"), res.get(f"streams{n}_proxy")
+        label = f"{n} concurrent streams"
+        def held(r):
+            if r is None:
+                return "-"
+            return (f"{r.get('active_at_sample', 0)}/{n} open, {r.get('completed', 0)} done, "
+                    f"ramp {r.get('ramp_s', 0):.1f} s"
+                    + ("" if r.get("ok") else " FAILED"))
+        rows.append([label, "held mid-hold / streams completed", held(d), held(p), "yes" if p and p.get("held") else "no"])
+        for key, name in (("ttfb", "time to first event"), ("gap", "inter-event gap")):
+            for q in ("p50", "p99"):
+                a = d.get(f"{key}_{q}_ms") if d else None
+                b = p.get(f"{key}_{q}_ms") if p else None
+                rows.append([label, f"{name} {q} ms", _ms(a), _ms(b), f"{b - a:+.2f} ms" if a is not None and b is not None else "-"])
+        if p and p.get("rss_while_kib"):
+            rows.append([label, "proxy RSS before / while / after MiB", "",
+                         f"{p['rss_before_kib'] / 1024:.1f} / {p['rss_while_kib'] / 1024:.1f} / {p['rss_after_kib'] / 1024:.1f}",
+                         f"{p['kib_per_stream']:.1f} KiB/stream" if p.get("kib_per_stream") is not None else "-"])
+    out.append(table(rows, ("lane", "metric", "direct", "proxy", "added / ratio")))
+    out.append("")
+    out.append(f"Each step opens N keep-alive connections in batches of 50 (the ramp), then holds "
+               f"{res.get('stream_hold', 4):g} s, each connection sending streaming requests back to back; "
+               "\"open\" counts connections with a stream in flight mid-hold, \"done\" every stream that "
+               "ended with `data: [DONE]` (including those during the ramp). ")
+    out.append("Time to first event is from sending the request to the first complete SSE event; the "
+               "gaps are between consecutive events of one stream (several events in one read count as "
+               "0 ms gaps). Memory per stream = (RSS mid-hold − RSS before the step) / streams open "
+               "mid-hold. Direct figures include the mock's and the client's own delays (both on core 1).")
+    out.append("")
+    out.append("## Targets\n")
+    out.append(targets_md(res))
+    return "\n".join(out) + "\n"
+
+
+def targets(res: dict) -> list[list[str]]:
+    t = TARGETS
+    rows = []
+    ld, lp = res.get("latency_direct"), res.get("latency_proxy")
+    sd, sp = res.get("sustained_direct"), res.get("sustained_proxy")
+
+    def okr(r):
+        return r is not None and r.get("ok")
+
+    def row(what, target, value, met):
+        rows.append([what, target, value, "-" if met is None else ("met" if met else "**not met**")])
+
+    for q, key in (("p50", "added_p50_ms"), ("p99", "added_p99_ms")):
+        if okr(ld) and okr(lp):
+            a = (lp[f"{q}_us"] - ld[f"{q}_us"]) / 1e3
+            row(f"added {q}, 1 client (nginx upstream)", f"≤ {t[key]:g} ms", f"{a:.2f} ms", a <= t[key])
+        if okr(sd) and okr(sp):
+            a = (sp[f"{q}_us"] - sd[f"{q}_us"]) / 1e3
+            row(f"added {q}, 64 clients (20 ms upstream)", f"≤ {t[key]:g} ms", f"{a:.2f} ms", a <= t[key])
+    tp = res.get("throughput_proxy")
+    if okr(tp):
+        row("req/s, 32 clients (nginx upstream)", f"≥ {t['rps']:,}", f"{tp['rps']:.0f}", tp["rps"] >= t["rps"])
+    if okr(sp):
+        row("req/s, 64 clients (20 ms upstream)", f"≥ {t['rps']:,}", f"{sp['rps']:.0f}"
+            + (f" (mock ceiling {sd['rps']:.0f})" if okr(sd) else ""), sp["rps"] >= t["rps"])
+    held = [n for n in res.get("stream_levels") or [] if (res.get(f"streams{n}_proxy") or {}).get("held")]
+    tried = [n for n in res.get("stream_levels") or [] if res.get(f"streams{n}_proxy")]
+    if tried:
+        best = max(held) if held else 0
+        row("concurrent streams held through the proxy", f"≥ {t['streams']:,}",
+            f"{best:,} (tried {', '.join(map(str, tried))})", best >= t["streams"])
+        top = res.get(f"streams{max(tried)}_proxy") or {}
+        k = top.get("kib_per_stream")
+        if k is not None:
+            row(f"memory per open stream (at {max(tried):,})", f"≤ {t['kib_per_stream']} KiB", f"{k:.1f} KiB",
+                k <= t["kib_per_stream"])
+    idle = res.get("rss_idle_kib") or res.get("rss_start_kib")
+    if idle:
+        row("idle RSS (proxy after warm-up, before the stream ramp)" if res.get("rss_idle_kib") else
+            "idle RSS (proxy at start)", f"≤ {t['idle_rss_mib']} MiB", f"{idle / 1024:.1f} MiB",
+            idle / 1024 <= t["idle_rss_mib"])
+    if res.get("rss_end_kib"):
+        row("RSS after the ramp (for reference)", "", f"{res['rss_end_kib'] / 1024:.1f} MiB", None)
+    return rows
+
+
+def targets_md(res: dict) -> str:
+    rows = targets(res)
+    if not rows:
+        return "(no figures)"
+    missed = [r[0] for r in rows if "not met" in r[3]]
+    return (table(rows, ("target", "bar", "this run", "status")) + "\n\n"
+            + ("Missed: " + "; ".join(missed) + "." if missed else "All targets met."))
+
+
 # ---------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -1401,6 +1619,18 @@ def main(argv=None) -> int:
                     help="seconds per run to spend waiting for other processes to leave the cores idle "
                          "(before the run, and up to 20 s before each lane) and re-measuring noisy lanes "
                          "[env BENCH_QUIET_WAIT, default 60; 0 = do not wait]")
+    ap.add_argument("--sustained-duration", type=float,
+                    default=float(os.environ.get("BENCH_SUSTAINED_DURATION", "10")),
+                    help="seconds per side of the sustained lane (wrk -c64, 20 ms upstream) "
+                         "[env BENCH_SUSTAINED_DURATION, default 10]")
+    ap.add_argument("--stream-levels", default=os.environ.get("BENCH_STREAM_LEVELS", "250,500,1000"),
+                    help="concurrent streaming clients per step of the ramp, comma-separated "
+                         "[env BENCH_STREAM_LEVELS, default 250,500,1000]")
+    ap.add_argument("--stream-hold", type=float, default=float(os.environ.get("BENCH_STREAM_HOLD", "4")),
+                    help="seconds each step holds its streams open after the ramp "
+                         "[env BENCH_STREAM_HOLD, default 4]")
+    ap.add_argument("--no-slow", action="store_true",
+                    help="skip the slow-upstream lanes (sustained rate and concurrent streams)")
     ap.add_argument("--start-timeout", type=float, default=30.0, help="seconds to wait for /health [default 30]")
     args = ap.parse_args(argv)
 
@@ -1438,7 +1668,13 @@ def main(argv=None) -> int:
     else:
         log("fewer than 2 usable cores: running without core pinning")
 
-    res: dict = {"pinned": pin, "duration": args.duration, "warmup": args.warmup, "quiet_wait": args.quiet_wait,
+    levels = [int(x) for x in str(args.stream_levels).split(",") if x.strip()]
+    if not args.no_slow:
+        SLOW_LANES[:] = ["sustained_proxy"] + [f"streams{n}_proxy" for n in levels]
+        LANES.extend(["sustained_direct", "sustained_proxy"]
+                     + [f"streams{n}_{side}" for n in levels for side in ("direct", "proxy")])
+    res: dict = {"pinned": pin, "stream_levels": levels, "stream_hold": args.stream_hold,
+                 "sustained_duration": args.sustained_duration, "duration": args.duration, "warmup": args.warmup, "quiet_wait": args.quiet_wait,
                  "command": " ".join(["bash bench/run", *(argv if argv is not None else sys.argv[1:])])}
     # Waiting for quiet cores (before the run and before each lane) and
     # re-measuring noisy lanes share one budget: --quiet-wait seconds per run.
@@ -1460,6 +1696,25 @@ def main(argv=None) -> int:
         log(f"temporary directory {tmp}")
         nginx = start_nginx(tmp, mock_port, load_core)
         nginx_pids = session_pids(nginx.pid)
+        slow_port = None
+        if not args.no_slow:
+            slow_port = SLOW_PORT[0] = free_port()
+            slow = start(pinned(load_core, [str(VENV_PY), str(HERE / "slowmock.py"), str(slow_port),
+                                            "--delay-ms", str(SLOW_DELAY_MS), "--chunks", str(SLOW_CHUNKS),
+                                            "--gap-ms", str(SLOW_GAP_MS)]),
+                         stdin=subprocess.DEVNULL, stdout=open(tmp / "slowmock.log", "wb"),
+                         stderr=subprocess.STDOUT)
+            nginx_pids = nginx_pids + [slow.pid]
+            t_end = time.monotonic() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", slow_port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > t_end or slow.poll() is not None:
+                        raise RuntimeError(f"the slow mock did not start:\n{tail(tmp / 'slowmock.log')}")
+                    time.sleep(0.1)
+            log(f"slow mock (bench/slowmock.py) on 127.0.0.1:{slow_port}")
         log(f"nginx mock on 127.0.0.1:{mock_port}")
         lua = write_lua(tmp)
         gov_lua = write_lua(tmp, "governed", CHAT_BODY, GOV_TOKEN)
@@ -1472,6 +1727,7 @@ def main(argv=None) -> int:
                 proxy = start_proxy(tmp, proxy_env(tmp, api_port, ui_port, mock_port), api_port,
                                     proxy_core, args.start_timeout)
                 log(f"proxy pid {proxy.pid} on 127.0.0.1:{api_port}: /health answered 200")
+                res["rss_start_kib"] = rss_kib(proxy.pid)
                 verify_proxy(api_port, tmp)
                 log("proxy verified: JSON and streamed requests came back from the mock, plain, "
                     "governed and translated")
@@ -1586,6 +1842,9 @@ def main(argv=None) -> int:
             lane("stream_translated", lambda: run_stream_lane(api_port, "/v1/chat/completions", args.duration,
                                                               body=TRANSLATED_STREAM_BODY))
 
+        if slow_port:
+            slow_lanes(args, res, lane, tmp, slow_port, api_port, proxy, load_core)
+
         if proxy and proxy.poll() is not None:
             proxy_error = f"the proxy exited with status {proxy.returncode} during the run:\n{tail(tmp / 'proxy.log')}"
         if proxy and args.profile:
@@ -1647,6 +1906,9 @@ def main(argv=None) -> int:
     print()
     v, added = verdict(res)
     print("Result: " + v.replace("**", ""))
+    if slow_md(res):
+        print()
+        print(slow_md(res).replace("**", ""))
     print("Requests per lane: " + counts_line(res))
     print("Noise: " + noise_line(res))
     if "audit" in res:
