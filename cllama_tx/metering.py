@@ -59,6 +59,26 @@ class Exchange:
     error_code: str | None = None  # the ProxyError code the request ended with, if any
 
 
+def audit_fields(row: LedgerRow) -> dict:
+    """A settled request's fields on its C{response}/C{error} audit line."""
+    return {
+        "status_code": row.status,
+        "latency_ms": row.latency_ms,
+        "ttfb_ms": row.ttfb_ms,
+        "provider": row.provider,
+        "effective_model": row.effective_model,
+        "stream": row.stream,
+        "tokens_in": row.input_tokens,
+        "tokens_out": row.output_tokens,
+        "cached_tokens": row.cache_read_tokens,
+        "cache_write_tokens": row.cache_write_tokens,
+        "reasoning_tokens": row.reasoning_tokens,
+        "cost_usd": row.cost_usd,
+        "priced": row.priced,
+        "estimated": row.estimated,
+    }
+
+
 @attrs.frozen
 class Settlement:
     """What settling an exchange decided; the cost goes back to the caller."""
@@ -182,22 +202,7 @@ class Metering:
             team_id=ex.team_id,
             user_id=ex.user_id,
         )
-        fields = dict(
-            status_code=status,
-            latency_ms=latency_ms,
-            ttfb_ms=ttfb_ms,
-            provider=ex.provider,
-            effective_model=ex.upstream_model,
-            stream=ex.stream,
-            tokens_in=row.input_tokens,
-            tokens_out=row.output_tokens,
-            cached_tokens=row.cache_read_tokens,
-            cache_write_tokens=row.cache_write_tokens,
-            reasoning_tokens=row.reasoning_tokens,
-            cost_usd=cost,
-            priced=priced,
-            estimated=estimated,
-        )
+        fields = audit_fields(row)
         if error is None:
             self._audit.emit("response", ex.claw_id, ex.model, request_id=ex.request_id, **fields)
         else:

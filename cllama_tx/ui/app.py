@@ -385,10 +385,7 @@ class UiApp:
         next_url = _safe_next((request.args.get(b"next") or [b"/"])[0].decode("utf-8", "replace"))
         if self._auth_disabled:
             return self._redirect(request, next_url)
-        try:
-            who = self._principal(request)
-        except _Refused as refused:
-            return refused.body
+        who = self._principal(request)
         if who is not None:
             return self._redirect(request, next_url)
         wait = self.throttle.retry_after(client_address(request))
@@ -447,10 +444,7 @@ class UiApp:
     @app.route("/signout", methods=["POST"])
     def signout(self, request):
         form = _read_form(request)
-        try:
-            who = self._gate(request, write=True, form=form)
-        except _Refused as refused:
-            return refused.body
+        who = self._gate(request, write=True, form=form)
         if who.session is not None:
             self.sessions.destroy(who.session)
         secure = is_secure(request)
@@ -462,27 +456,18 @@ class UiApp:
 
     @app.route("/", methods=["GET"])
     def overview(self, request):
-        try:
-            who = self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        who = self._gate(request)
         return self._page(request, who, views.overview(self.services), pages.overview_page)
 
     @app.route("/agents", methods=["GET"])
     async def agents(self, request):
-        try:
-            who = self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        who = self._gate(request)
         view = await views.agents(self.services)
         return self._page(request, who, view, pages.agents_page)
 
     @app.route("/agents/<agent>", methods=["GET"])
     async def agent(self, request, agent):
-        try:
-            who = self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        who = self._gate(request)
         if not valid_agent_id(agent) or agent not in views.agent_ids(self.services):
             return self._not_found(request, f"no agent {agent!r}")
         view = await views.agents(self.services, only=agent, recent=25)
@@ -490,10 +475,7 @@ class UiApp:
 
     @app.route("/costs", methods=["GET"])
     def costs(self, request):
-        try:
-            who = self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        who = self._gate(request)
         try:
             view = self._costs_view(request)
         except ValueError as e:
@@ -504,10 +486,7 @@ class UiApp:
 
     @app.route("/costs.csv", methods=["GET"])
     def costs_csv(self, request):
-        try:
-            who = self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        who = self._gate(request)
         try:
             view = self._costs_view(request)
         except ValueError as e:
@@ -532,10 +511,7 @@ class UiApp:
 
     @app.route("/requests", methods=["GET"])
     async def requests(self, request):
-        try:
-            who = self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        who = self._gate(request)
         agent = (request.args.get(b"agent") or [b""])[0].decode("utf-8", "replace").strip() or None
         if agent is not None and not valid_agent_id(agent):
             return self._bad_request(request, who, "not a valid agent id")
@@ -549,18 +525,12 @@ class UiApp:
 
     @app.route("/providers", methods=["GET"])
     def providers_page(self, request):
-        try:
-            who = self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        who = self._gate(request)
         return self._page(request, who, views.providers(self.services), pages.providers_page)
 
     @app.route("/budgets", methods=["GET"])
     def budgets(self, request):
-        try:
-            who = self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        who = self._gate(request)
         view = views.budgets(self.services)
         editing = (request.args.get(b"edit") or [b""])[0].decode("utf-8", "replace")
         view["editing"] = editing if valid_agent_id(editing) else None
@@ -568,27 +538,18 @@ class UiApp:
 
     @app.route("/keys", methods=["GET"])
     async def vkeys(self, request):
-        try:
-            who = self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        who = self._gate(request)
         view = await views.virtual_keys(self.services)
         return self._page(request, who, view, pages.keys_page)
 
     @app.route("/pricing", methods=["GET"])
     def pricing(self, request):
-        try:
-            who = self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        who = self._gate(request)
         return self._page(request, who, views.pricing(self.services), pages.pricing_page)
 
     @app.route("/events", methods=["GET"])
     async def events(self, request):
-        try:
-            who = self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        who = self._gate(request)
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")
@@ -614,10 +575,7 @@ class UiApp:
 
     @app.route("/providers", methods=["POST"])
     def add_provider(self, request):
-        try:
-            who, form = self._form_gate(request)
-        except _Refused as refused:
-            return refused.body
+        who, form = self._form_gate(request)
         registry = self.services.providers
         name = (form.get("name") or "").strip()
         try:
@@ -636,10 +594,7 @@ class UiApp:
 
     @app.route("/providers/keys", methods=["POST"])
     def add_key(self, request):
-        try:
-            who, form = self._form_gate(request)
-        except _Refused as refused:
-            return refused.body
+        who, form = self._form_gate(request)
         provider = (form.get("provider") or "").strip()
         label = (form.get("label") or "").strip()[:64] or None
         try:
@@ -653,10 +608,7 @@ class UiApp:
 
     @app.route("/providers/keys/<action>", methods=["POST"])
     def key_action(self, request, action):
-        try:
-            who, form = self._form_gate(request)
-        except _Refused as refused:
-            return refused.body
+        who, form = self._form_gate(request)
         operations = {"activate": "activate_key", "disable": "disable_key", "delete": "delete_key"}
         if action not in operations:
             return self._not_found(request, f"no key action {action!r}")
@@ -672,10 +624,7 @@ class UiApp:
 
     @app.route("/budgets/<agent>", methods=["POST"])
     async def edit_budget(self, request, agent):
-        try:
-            who, form = self._form_gate(request)
-        except _Refused as refused:
-            return refused.body
+        who, form = self._form_gate(request)
         back = f"/budgets?edit={agent}#agent-{agent}"  # a refusal reopens the form
         if not valid_agent_id(agent):
             return self._failed(request, who, "/budgets", ProxyError(400, "invalid_agent", "not a valid agent id"))
@@ -696,10 +645,7 @@ class UiApp:
 
     @app.route("/budgets/<agent>/reset", methods=["POST"])
     async def reset_budget_form(self, request, agent):
-        try:
-            who, form = self._form_gate(request)
-        except _Refused as refused:
-            return refused.body
+        who, form = self._form_gate(request)
         if not valid_agent_id(agent) or self.services.operations is None:
             return self._failed(request, who, "/budgets", ProxyError(400, "invalid_agent", "not a valid agent id"))
         entry = await self.services.operations.reset(agent, who.actor)
@@ -708,10 +654,7 @@ class UiApp:
 
     @app.route("/reload", methods=["POST"])
     def reload_form(self, request):
-        try:
-            who, form = self._form_gate(request)
-        except _Refused as refused:
-            return refused.body
+        who, form = self._form_gate(request)
         back = _safe_next(_referer_path(request) or "/")
         result = self.services.operations.reload(who.actor)
         self._generation += 1
@@ -722,10 +665,7 @@ class UiApp:
 
     @app.route("/keys", methods=["POST"])
     async def create_vkey(self, request):
-        try:
-            who, form = self._form_gate(request)
-        except _Refused as refused:
-            return refused.body
+        who, form = self._form_gate(request)
         store = self.services.keys
         if store is None:
             return self._failed(request, who, "/keys", ProxyError(404, "key_api_off", "the virtual key API is off"))
@@ -750,10 +690,7 @@ class UiApp:
 
     @app.route("/keys/revoke", methods=["POST"])
     async def revoke_vkey(self, request):
-        try:
-            who, form = self._form_gate(request)
-        except _Refused as refused:
-            return refused.body
+        who, form = self._form_gate(request)
         store = self.services.keys
         key_id = (form.get("key_id") or "").strip()
         if store is None:
@@ -773,19 +710,13 @@ class UiApp:
 
     @app.route("/api/status", methods=["GET"])
     def status(self, request):
-        try:
-            self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        self._gate(request)
         return self._json(request, 200, views.status(self.services))
 
     @app.route("/metrics", methods=["GET"])
     def metrics_exposition(self, request):
         """Prometheus scrape (Authorization: Bearer <operator token>)."""
-        try:
-            self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        self._gate(request)
         if self.metrics is None:
             return self._json(request, 404, self._error_doc("metrics are not enabled", "metrics_disabled", "not_found_error"))
         return self.metrics.render(request)
@@ -793,18 +724,12 @@ class UiApp:
     @app.route("/costs/api", methods=["GET"])
     def costs_api(self, request):
         """The Clawdapus dashboard's cost feed (CONTRACT 5), from the ledger."""
-        try:
-            self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        self._gate(request)
         return self._json(request, 200, self.services.ledger.totals().costs_api())
 
     @app.route("/api/spend", methods=["GET"])
     def spend(self, request):
-        try:
-            self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        self._gate(request)
         totals = self.services.ledger.totals()
         now = self._clock.seconds()
         doc = spend_periods(totals, now, None)
@@ -814,10 +739,7 @@ class UiApp:
 
     @app.route("/api/spend/<agent>", methods=["GET"])
     def spend_agent(self, request, agent):
-        try:
-            self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        self._gate(request)
         totals = self.services.ledger.totals()
         if agent not in totals.agents() and self.services.contexts.get(agent) is None:
             return self._json(request, 404, {"error": {"message": f"no agent {agent!r}", "type": "not_found_error", "code": "unknown_agent"}})
@@ -825,10 +747,7 @@ class UiApp:
 
     @app.route("/api/health", methods=["GET"])
     async def api_health(self, request):
-        try:
-            self._gate(request)
-        except _Refused as refused:
-            return refused.body
+        self._gate(request)
         doc = await self.services.operations.health()
         return self._json(request, 200 if doc["ok"] else 503, doc)
 
@@ -847,10 +766,7 @@ class UiApp:
 
     @app.route("/api/budget/<agent>", methods=["POST"])
     async def set_budget(self, request, agent):
-        try:
-            who, doc = self._api_body(request)
-        except _Refused as refused:
-            return refused.body
+        who, doc = self._api_body(request)
         if not valid_agent_id(agent):
             return self._problem(request, ProxyError(400, "invalid_agent", "not a valid agent id"))
         if doc is _INVALID:
@@ -864,10 +780,7 @@ class UiApp:
 
     @app.route("/api/reset/<agent>", methods=["POST"])
     async def reset_budget(self, request, agent):
-        try:
-            who, _ = self._api_body(request)
-        except _Refused as refused:
-            return refused.body
+        who, _ = self._api_body(request)
         if not valid_agent_id(agent):
             return self._problem(request, ProxyError(400, "invalid_agent", "not a valid agent id"))
         entry = await self.services.operations.reset(agent, who.actor)
@@ -876,10 +789,7 @@ class UiApp:
 
     @app.route("/api/reload", methods=["POST"])
     def reload(self, request):
-        try:
-            who, _ = self._api_body(request)
-        except _Refused as refused:
-            return refused.body
+        who, _ = self._api_body(request)
         result = self.services.operations.reload(who.actor)
         self._generation += 1
         return self._json(request, 200 if not result["failed"] else 500, result)
@@ -895,6 +805,11 @@ class UiApp:
         if self._wants_html(request):
             return self._html(request, 400, pages.simple_page(self._context(request, who), title="That did not work", status_line="400", message=message))
         return self._json(request, 400, self._error_doc(message, "invalid_parameter"))
+
+    @app.handle_errors(_Refused)
+    def refused(self, request, failure):
+        """A gate refused the request; the answer is already prepared."""
+        return failure.value.body
 
     @app.handle_errors(NotFound)
     def not_found(self, request, failure):
