@@ -4,10 +4,12 @@ reactor thread, plus the in-memory totals the UI and C{/costs/api} read.
 
 Why it is shaped like this:
 
-  - B{One writer thread, one queue.}  Rows are committed in the order they
-    were recorded (the reactor's threadpool would reorder them), and the
-    thread commits every row queued at that moment in one transaction
-    (group commit), so a burst of N finished requests costs one commit.
+  - B{One writer at a time, in record order.}  Rows finished in one
+    reactor turn are committed together at the end of that turn, on the
+    reactor (group commit: a burst of N finished requests costs one
+    commit of tens of microseconds); long writes (operator changes,
+    pruning) and C{sync="full"} commits run on the writer thread, and rows
+    recorded while it works follow them there.  See L{writer}.
   - B{record() fires after the commit.}  The proxy waits for it before it
     sends the agent the response's last byte: a request the agent saw
     finish is on disk.  WAL with C{synchronous=NORMAL} survives a crash or
@@ -47,9 +49,7 @@ import functools
 import json
 import math
 import os
-import queue
 import sqlite3
-import threading
 from typing import Any, Callable, Iterable
 
 import attrs
@@ -61,6 +61,7 @@ from zope.interface import implementer
 
 from ..interfaces import ILedger
 from .records import LedgerRow
+from .writer import Call, Row, Stop, Writer, open_inline
 
 SCHEMA_VERSION = 2
 """The version written to C{meta}; a newer one in the file refuses to start.
@@ -70,9 +71,6 @@ C{rollups.counted_unpriced_requests} (budget seeding), C{budget_overrides}."""
 
 PRUNE_INTERVAL = 3600.0
 """Seconds between two retention prunes."""
-
-MAX_BATCH = 5000
-"""At most this many queued items are taken into one group commit."""
 
 MAX_READ_LIMIT = 10000
 """Upper bound of C{limit} in L{SqliteLedger.recent} and L{SqliteLedger.rows_after}."""
@@ -887,143 +885,6 @@ def _check_offset(value: float | None) -> float | None:
     return float(value)
 
 
-# --- the writer thread ------------------------------------------------------
-
-
-@attrs.define
-class _Row:
-    row: LedgerRow
-    params: tuple[Any, ...]
-    deferred: defer.Deferred
-
-
-@attrs.define
-class _Call:
-    """Run C{function(connection)} on the writer thread, in queue order."""
-
-    function: Callable[[sqlite3.Connection], Any]
-    deferred: defer.Deferred
-
-
-@attrs.define
-class _Stop:
-    deferred: defer.Deferred
-
-
-class _Writer:
-    """
-    Owns the writer connection and the thread that uses it.  Every result
-    goes back to the reactor thread through C{reactor.callFromThread}.
-    """
-
-    def __init__(self, conn: sqlite3.Connection, reactor: Any, deliver: Callable[[list], None]) -> None:
-        self._conn = conn
-        self._reactor = reactor
-        self._deliver = deliver
-        self.queue: "queue.SimpleQueue[_Row | _Call | _Stop]" = queue.SimpleQueue()
-        self.commits = 0
-        self.rows = 0
-        self.failed_rows = 0
-        self.largest_batch = 0
-        self.thread = threading.Thread(target=self._run, name="cllama-ledger-writer", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            items = [self.queue.get()]
-            while len(items) < MAX_BATCH:
-                try:
-                    items.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                if self._process(items):
-                    return
-            except BaseException:  # pragma: no cover - a bug; keep the thread alive
-                failure = Failure()
-                self._reactor.callFromThread(
-                    _log.failure, "ledger writer: unexpected error", failure=failure
-                )
-
-    def _process(self, items: list) -> bool:
-        """Handle C{items} in order; return True after a stop."""
-        rows: list[_Row] = []
-        for item in items:
-            if isinstance(item, _Row):
-                rows.append(item)
-                continue
-            if rows:
-                self._commit(rows)
-                rows = []
-            if isinstance(item, _Call):
-                self._call(item)
-            else:
-                self._stop(item)
-                return True
-        if rows:
-            self._commit(rows)
-        return False
-
-    def _commit(self, rows: list[_Row]) -> None:
-        results: list[tuple[defer.Deferred, LedgerRow | None, Failure | None]]
-        try:
-            self._transaction(lambda c: c.executemany(_INSERT, [r.params for r in rows]))
-            self.commits += 1
-            results = [(r.deferred, r.row, None) for r in rows]
-        except Exception:
-            if len(rows) == 1:
-                results = [(rows[0].deferred, rows[0].row, Failure())]
-            else:
-                # One bad row (a duplicate request_id, say) must not fail the
-                # innocent rows it was batched with: retry them one by one.
-                results = []
-                for r in rows:
-                    try:
-                        self._transaction(lambda c, p=r.params: c.execute(_INSERT, p))
-                        self.commits += 1
-                        results.append((r.deferred, r.row, None))
-                    except Exception:
-                        results.append((r.deferred, r.row, Failure()))
-        failed = sum(1 for result in results if result[2] is not None)
-        self.rows += len(rows) - failed
-        self.failed_rows += failed
-        self.largest_batch = max(self.largest_batch, len(rows))
-        self._reactor.callFromThread(self._deliver, results)
-
-    def _transaction(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = body(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-            raise
-        return result
-
-    def _call(self, item: _Call) -> None:
-        try:
-            result = item.function(self._conn)
-        except Exception:
-            self._reactor.callFromThread(self._deliver, [(item.deferred, None, Failure())])
-        else:
-            self._reactor.callFromThread(item.deferred.callback, result)
-
-    def _stop(self, item: _Stop) -> None:
-        failure = None
-        try:
-            self._conn.close()
-        except Exception:
-            failure = Failure()
-        self._reactor.callFromThread(self._deliver, [(item.deferred, None, failure)])
-
-
 # --- the service --------------------------------------------------------------
 
 
@@ -1055,7 +916,7 @@ class SqliteLedger(service.Service):
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self._totals = Totals()
-        self._writer: _Writer | None = None
+        self._writer: Writer | None = None
         self._closing: defer.Deferred | None = None
         self._close_waiters: list[defer.Deferred] = []
         self._retention: task.LoopingCall | None = None
@@ -1082,7 +943,8 @@ class SqliteLedger(service.Service):
         self._totals = totals
         self._overrides = overrides
         self._override_writes = {}
-        self._writer = _Writer(conn, self._reactor, self._deliver)
+        inline = open_inline(self.path) if self.sync == "normal" else None
+        self._writer = Writer(conn, self._reactor, self._deliver, _INSERT, inline=inline, path=self.path)
         self._writer.start()
         service.Service.startService(self)
         if self.retention_seconds is not None:
@@ -1115,11 +977,12 @@ class SqliteLedger(service.Service):
         assert writer is not None
         self._writer = None  # record(), prune() and reads refuse from now on
         self._closing = closing = defer.Deferred()
-        writer.queue.put(_Stop(closing))
+        writer.call(Stop(closing))
 
         def done(result: Any) -> None:
             # The thread has delivered its last result and is returning.
             writer.thread.join()
+            writer.close_inline()
             self._closing = None
             waiters, self._close_waiters = self._close_waiters, []
             for w in waiters:
@@ -1146,7 +1009,7 @@ class SqliteLedger(service.Service):
             return defer.fail(LedgerClosed("the ledger is not running"))
         d: defer.Deferred = defer.Deferred()
         self._totals.add(row)
-        writer.queue.put(_Row(row, _row_params(row), d))
+        writer.record(Row(row, _row_params(row), d))
         return d
 
     def totals(self) -> Totals:
@@ -1202,7 +1065,7 @@ class SqliteLedger(service.Service):
         if writer is None:
             return defer.fail(LedgerClosed("the ledger is not running"))
         d: defer.Deferred = defer.Deferred()
-        writer.queue.put(_Call(function, d))
+        writer.call(Call(function, d))
         return d
 
     def writer_stats(self) -> dict[str, int]:
@@ -1215,7 +1078,7 @@ class SqliteLedger(service.Service):
             "rows": writer.rows,
             "failed_rows": writer.failed_rows,
             "largest_batch": writer.largest_batch,
-            "queued": writer.queue.qsize(),
+            "queued": writer.queued,
         }
 
     def _deliver(self, results: list) -> None:
