@@ -64,6 +64,24 @@ def listen_endpoint(addr: str) -> str:
     return f"tcp:{port}:interface={host}"
 
 
+LISTEN_BACKLOG = 1024
+"""
+Connections the kernel queues before the reactor accepts them.  Twisted's
+default of 50 overflows when a fleet of agents connects at once, and a
+client that sends its request right after the handshake (as most do) can
+then see its connection reset; Go servers use the system maximum.  The
+kernel caps it at C{net.core.somaxconn}.
+"""
+
+
+def with_backlog(endpoint: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """C{endpoint} with a C{backlog=} for listening kinds that take one, unless it has one."""
+    kind = endpoint.partition(":")[0]
+    if kind not in ("tcp", "tcp6", "ssl", "unix") or re.search(r"(^|:)backlog=", endpoint):
+        return endpoint
+    return f"{endpoint}:backlog={backlog}"
+
+
 def _port(text: str, addr: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:
@@ -125,6 +143,18 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple, default: str) -> 
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
     return value
+
+
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """An on/off setting: 1/true/yes/on or 0/false/no/off; empty means C{default}."""
+    value = (env.get(name) or "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (on or off), not {value!r}")
 
 
 MIN_MASTER_KEY_LENGTH = 16
@@ -207,6 +237,9 @@ class Config:
     master_key: str | None = attrs.field(repr=False)
     # Operator CA bundle (PEM) trusted for upstream TLS besides the platform store.
     upstream_ca_file: str | None
+    # Plain TCP writes go to the socket at once when nothing is buffered
+    # (see cllama_tx.writethrough); off keeps Twisted's buffered writes.
+    write_through: bool
     # The environment as seen after command-line overrides; provider keys and
     # base URLs are read from it by the provider registry.
     env: Mapping[str, str] = attrs.field(repr=False)
@@ -251,5 +284,6 @@ class Config:
             ui_no_auth=env.get("CLLAMA_UI_NO_AUTH", "").lower() in ("1", "true", "yes"),
             master_key=_master_key(env),
             upstream_ca_file=_ca_file(env),
+            write_through=_switch(env, "CLLAMA_WRITE_THROUGH", True),
             env=env,
         )

@@ -27,7 +27,7 @@ from .accounting.ledger import SqliteLedger
 from .accounting.pricing import Pricing
 from .api import ApiApp, build_api_site
 from .audit import AuditLog
-from .config import Config, ConfigError
+from .config import Config, ConfigError, with_backlog
 from .drain import DrainService, InFlight
 from .identity.contexts import ContextRegistry
 from .interfaces import IProviderRegistry
@@ -45,6 +45,7 @@ from .proxy import Proxy
 from .relay import UpstreamClient
 from .tls import upstream_tls_policy
 from .ui import TokenFileError, UiApp, build_ui_site, ensure_ui_token
+from .writethrough import install as install_write_through
 
 log = Logger()
 
@@ -112,7 +113,7 @@ class Listener(service.Service):
     def privilegedStartService(self):
         super().privilegedStartService()
         outcome = []
-        endpoint = endpoints.serverFromString(self._reactor, self.description)
+        endpoint = endpoints.serverFromString(self._reactor, with_backlog(self.description))
         endpoint.listen(self.factory).addBoth(outcome.append)
         if not outcome:
             raise RuntimeError(f"{self.label}: endpoint {self.description!r} did not listen at once")
@@ -243,6 +244,8 @@ def ensure_private_dir(path: str) -> None:
 
 
 def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.MultiService:
+    if config.write_through:
+        install_write_through()
     top = service.MultiService()
     inflight = InFlight()
     # Parent of every shared service; stopped only once the drain is over.

@@ -949,7 +949,11 @@ class FakeProvider:
             site.log = lambda request: None  # no access log lines from a fake
             site.noisy = False
             self._factory = _TrackingFactory(site)
-            self._port = self._reactor.listenTCP(self._wanted_port, self._factory, interface="127.0.0.1")
+            # A deep accept queue, as the daemon's listeners have: a burst of
+            # concurrent requests must not overflow it.
+            self._port = self._reactor.listenTCP(
+                self._wanted_port, self._factory, interface="127.0.0.1", backlog=1024
+            )
         return succeed(self)
 
     def stop(self) -> Deferred:

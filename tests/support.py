@@ -26,6 +26,8 @@ from cllama_tx.metering import Metering
 from cllama_tx.operations import Operations
 from cllama_tx.audit import AuditLog
 from cllama_tx.identity.contexts import ContextRegistry
+from cllama_tx.writethrough import install as install_write_through
+from cllama_tx.config import LISTEN_BACKLOG
 from cllama_tx.providers.registry import ProviderRegistry
 from cllama_tx.proxy import Proxy
 from cllama_tx.relay import UpstreamClient
@@ -42,6 +44,10 @@ UI_TOKEN = "operator-ui-token-3141"
 MASTER_KEY = "sk-master-key-for-tests-0123456789"
 
 SCANNER.register(SECRET, PROVIDER_KEY, UI_TOKEN, MASTER_KEY)
+
+# The daemon sends TCP writes at once (cllama_tx.writethrough); so do the
+# in-process harnesses, so that the suite runs the transports as served.
+install_write_through()
 
 
 def write_agent(root: str, agent_id: str, secret: str, **metadata) -> str:
@@ -198,9 +204,9 @@ class ProxyHarness:
             ledger=self.ledger, clock=reactor, operations=self.operations,
         )
         ui_site = Site(self.ui.app.resource())
-        self.ui_port = reactor.listenTCP(0, ui_site, interface="127.0.0.1")
+        self.ui_port = reactor.listenTCP(0, ui_site, interface="127.0.0.1", backlog=LISTEN_BACKLOG)
         case.addCleanup(self.ui_port.stopListening)
-        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.port = reactor.listenTCP(0, site, interface="127.0.0.1", backlog=LISTEN_BACKLOG)
         case.addCleanup(self.port.stopListening)
         self.base_url = f"http://127.0.0.1:{self.port.getHost().port}"
         self.pool = HTTPConnectionPool(reactor, persistent=False)

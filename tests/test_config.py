@@ -160,3 +160,28 @@ class HealthUrlTests(SynchronousTestCase):
             health_url({"LISTEN_ADDR": "ssl:8443:privateKey=k.pem:certKey=c.pem"}), "https://127.0.0.1:8443/health"
         )
         self.assertEqual(health_url({}), "http://127.0.0.1:8080/health")
+
+
+class BacklogTests(SynchronousTestCase):
+    def test_listening_kinds_get_a_deep_backlog(self) -> None:
+        from cllama_tx.config import LISTEN_BACKLOG, with_backlog
+
+        self.assertEqual(LISTEN_BACKLOG, 1024)
+        self.assertEqual(with_backlog("tcp:8080"), "tcp:8080:backlog=1024")
+        self.assertEqual(with_backlog("tcp6:8080:interface=\\:\\:1"), "tcp6:8080:interface=\\:\\:1:backlog=1024")
+        self.assertEqual(
+            with_backlog("ssl:8443:privateKey=k.pem:certKey=c.pem"),
+            "ssl:8443:privateKey=k.pem:certKey=c.pem:backlog=1024",
+        )
+        self.assertEqual(with_backlog("unix:/run/cllama.sock"), "unix:/run/cllama.sock:backlog=1024")
+        # The operator's own choice stays; systemd sockets have theirs in the unit.
+        self.assertEqual(with_backlog("tcp:8080:backlog=64"), "tcp:8080:backlog=64")
+        self.assertEqual(with_backlog("systemd:domain=INET:index=0"), "systemd:domain=INET:index=0")
+
+    def test_the_endpoint_listens_with_it(self) -> None:
+        from twisted.internet import endpoints, reactor
+
+        from cllama_tx.config import with_backlog
+
+        endpoint = endpoints.serverFromString(reactor, with_backlog("tcp:0:interface=127.0.0.1"))
+        self.assertEqual(endpoint._backlog, 1024)
