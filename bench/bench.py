@@ -72,6 +72,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import litellm_lane  # bench/ is on sys.path: this script's own directory
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
@@ -1037,7 +1039,17 @@ def build_rows(res: dict) -> list[list[str]]:
             "streams, 1 client, sequential", label, fmt(d), fmt(p),
             f"+{fmt(p - d)} ms" if d is not None and p is not None else "–", status(sd, sp),
         ])
+    if res.get("litellm"):
+        cells = litellm_lane.column(res)
+        for row in rows:
+            row.insert(5, cells.get(row[1], "–"))
     return rows
+
+
+def main_header(res: dict) -> tuple[str, ...]:
+    """The main table's columns: a LiteLLM one when this run measured (or tried) it."""
+    base = ("lane", "metric", "direct", "proxy", "added / ratio", "status")
+    return base[:5] + ("LiteLLM (same run)",) + base[5:] if res.get("litellm") else base
 
 
 def build_extra_rows(res: dict) -> list[list[str]]:
@@ -1241,6 +1253,9 @@ def bar_table(res: dict, added) -> str:
     tp = res.get("throughput_proxy")
     rps = f"{tp['rps']:,.0f}" if tp and tp.get("ok") else "–"
     rows.append(["**cllama_tx, this run**", fmt(added), rps])
+    litellm_row = litellm_lane.bar_row(res)
+    if litellm_row:
+        rows.append(litellm_row)
     return table(rows, ("proxy", "added ms (p50, 1 client)", "req/s (32 clients)"))
 
 
@@ -1329,7 +1344,9 @@ read the direct column as the noise floor of the run.
 - Result: {v}
 {"- **Lanes that failed: " + ", ".join(failed) + "** (their figures are left out, not reported as fast)" if failed else ""}
 
-{table(rows)}
+{table(rows, main_header(res))}
+
+{litellm_lane.summary(res)}
 
 Requests measured per lane: {counts_line(res)}.
 
@@ -1629,6 +1646,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stream-hold", type=float, default=float(os.environ.get("BENCH_STREAM_HOLD", "4")),
                     help="seconds each step holds its streams open after the ramp "
                          "[env BENCH_STREAM_HOLD, default 4]")
+    ap.add_argument("--no-litellm", action="store_true", default=os.environ.get("BENCH_LITELLM") == "0",
+                    help="skip the LiteLLM column (LiteLLM's proxy, installed once into bench/.litellm-venv, "
+                         "measured by the latency and throughput lanes) [env BENCH_LITELLM=0]")
     ap.add_argument("--no-slow", action="store_true",
                     help="skip the slow-upstream lanes (sustained rate and concurrent streams)")
     ap.add_argument("--start-timeout", type=float, default=30.0, help="seconds to wait for /health [default 30]")
@@ -1746,13 +1766,19 @@ def main(argv=None) -> int:
                     stop(proxy)
                     proxy = None
 
-        def measure(name, fn):
+        def measure(name, fn, pid=None):
+            # pid: the process under test (default: cllama_tx while it runs).
+            if pid is None and proxy is not None and proxy.poll() is None:
+                pid = proxy.pid
             t0, s0 = time.monotonic(), cpu_stat()
-            p0 = cpu_seconds(proxy.pid) if proxy else 0.0
+            p0 = cpu_seconds(pid) if pid else 0.0
             o0 = ours_on_load_core(nginx_pids)
             r = fn()
             wall, s1 = time.monotonic() - t0, cpu_stat()
-            p1 = cpu_seconds(proxy.pid) if proxy and proxy.poll() is None else p0
+            try:
+                p1 = cpu_seconds(pid) if pid else p0
+            except OSError:  # it exited during the lane
+                p1 = p0
             o1 = ours_on_load_core(nginx_pids)
             if pin and "cpu0" in s0 and "cpu0" in s1:
                 busy0 = s1["cpu0"][0] - s0["cpu0"][0]
@@ -1783,7 +1809,7 @@ def main(argv=None) -> int:
                     log(f"lane {name}: the cores were shared: " + "; ".join(noisy))
             return r
 
-        def lane(name, fn):
+        def lane(name, fn, pid=None):
             waited = None
             attempts = 0
             while True:
@@ -1797,7 +1823,7 @@ def main(argv=None) -> int:
                     waited = {"busy": busy, "quiet": quiet, "waited_s": time.monotonic() - w0}
                     budget_left[0] -= max(0.0, waited["waited_s"] - 1.0)  # the 1 s sample is free
                 log(f"lane {name} ({args.duration:g} s)" + (" again: the last try was noisy" if attempts > 1 else ""))
-                r = measure(name, fn)
+                r = measure(name, fn, pid)
                 # A noisy proxy lane is measured once more while the budget
                 # for waiting lasts; the second figures are kept either way.
                 if not (r.get("noisy") and r.get("ok") and attempts == 1 and budget_left[0] >= args.duration):
@@ -1812,6 +1838,7 @@ def main(argv=None) -> int:
                 (RESULTS / f"wrk-{name}.txt").write_text(r["raw"])
             if not r.get("ok"):
                 log(f"lane {name} FAILED: {r.get('error')}")
+            return r
 
         # Each group: direct, the plain proxy, then the governed and the
         # translated variants right after it, so "added by governance" and
@@ -1885,6 +1912,11 @@ def main(argv=None) -> int:
             }
             check_audit(res)
             res["proxy_log_tail"] = tail(tmp / "proxy.log", 15)
+        if not args.no_litellm and not args.direct_only:
+            # Last, with cllama_tx stopped: LiteLLM's proxy gets core 0 to
+            # itself, behind the same nginx mock, measured by the same lanes.
+            res.update(litellm_lane.run(sys.modules[__name__], tmp, mock_port, proxy_core, load_core,
+                                        args.duration, args.warmup, lane=lane, log=log))
     except RuntimeError as e:
         log(f"harness error: {e}")
         stop_all()
@@ -1898,7 +1930,9 @@ def main(argv=None) -> int:
 
     rows = build_rows(res)
     print()
-    print(table(rows))
+    print(table(rows, main_header(res)))
+    if res.get("litellm"):
+        print(litellm_lane.summary(res))
     extra_rows = build_extra_rows(res)
     if extra_rows:
         print()

@@ -8,8 +8,11 @@ runs it on the load core).  nginx cannot delay an answer, so this one does:
     request arrived;
   - C{"stream": true} in the body: a C{text/event-stream} of C{--chunks} (64)
     SSE events, C{--gap-ms} (20) apart (the first at once), then C{data: [DONE]},
-    chunked transfer encoding.  All streams share one ticker, so the mock's
-    own cost stays small with a thousand streams open.
+    chunked transfer encoding.  Each stream keeps the phase it started with,
+    as real providers' streams do: a 1 ms ticker serves the streams of one
+    millisecond slot of the gap at a time, so a thousand streams are spread
+    over the gap instead of all sending in the same instant, and the
+    mock's own cost stays small.
 
 HTTP/1.1 keep-alive, no limits; just enough HTTP for wrk, the proxy and the
 bench's stream client.  Usage: C{slowmock.py PORT [--delay-ms 20] [--chunks 64]
@@ -53,8 +56,7 @@ class Mock(asyncio.Protocol):
         self.transport = transport
 
     def connection_lost(self, exc):
-        self.srv.streams.pop(self, None)
-        self.transport = None
+        self.transport = None  # its slot drops it at its next turn
 
     def data_received(self, data):
         self.buf += data
@@ -79,7 +81,7 @@ class Mock(asyncio.Protocol):
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n" + chunked(self.srv.events[0]))
-            self.srv.streams[self] = 1
+            self.srv.add_stream(self)
         else:
             asyncio.get_running_loop().call_later(self.srv.delay, self.answer)
 
@@ -97,23 +99,31 @@ class Server:
         body = chat_body()
         self.json_answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        self.streams: dict = {}
+        self.slot_count = max(1, round(self.gap * 1000))  # 1 ms slots per gap
+        self.slots: list[dict] = [{} for _ in range(self.slot_count)]
+        self.slot = 0
+
+    def add_stream(self, proto) -> None:
+        """Its next event one gap from now: the slot just served."""
+        self.slots[(self.slot - 1) % self.slot_count][proto] = 1
 
     def tick(self):
         loop = asyncio.get_running_loop()
-        self.next_tick += self.gap
+        self.next_tick += self.gap / self.slot_count
         loop.call_at(max(self.next_tick, loop.time()), self.tick)
+        slot = self.slots[self.slot]
+        self.slot = (self.slot + 1) % self.slot_count
         n = len(self.events)
-        for proto, i in list(self.streams.items()):
+        for proto, i in list(slot.items()):
             t = proto.transport
             if t is None:
-                continue
-            if i < n:
+                del slot[proto]
+            elif i < n:
                 t.write(self.events[i])
-                self.streams[proto] = i + 1
+                slot[proto] = i + 1
             else:
                 t.write(self.done)
-                del self.streams[proto]
+                del slot[proto]
 
 
 async def main():
