@@ -1300,6 +1300,12 @@ def extra_md(rows, res: dict) -> str:
     )
 
 
+def analysis_md() -> str:
+    """Where the time goes, and what was done about it: kept by hand in bench/ANALYSIS.md."""
+    path = REPO / "bench" / "ANALYSIS.md"
+    return "\n" + path.read_text() if path.exists() else ""
+
+
 def history_md() -> str:
     """Earlier runs worth comparing against, kept by hand in bench/HISTORY.md."""
     path = REPO / "bench" / "HISTORY.md"
@@ -1370,6 +1376,7 @@ proxy, wrk against an nginx mock). Target for cllama_tx: added p50 under
 {TARGET_ADDED_P50_MS:g} ms.
 
 {bar_table(res, added)}
+{analysis_md()}
 {history_md()}
 ## Method
 
@@ -1503,10 +1510,12 @@ def slow_md(res: dict) -> str:
     levels = res.get("stream_levels") or []
     if not sd and not any(res.get(f"streams{n}_direct") for n in levels):
         return ""
-    out = [f"## Slow upstream: sustained rate and concurrent streams\n",
+    out = ["## Slow upstream: sustained rate and concurrent streams\n",
            f"Upstream: `bench/slowmock.py` (asyncio, core 1, as the `xai` provider, model `{SLOW_MODEL}`): "
            f"JSON answers {SLOW_DELAY_MS} ms after the request; streams of {SLOW_CHUNKS} SSE events "
-           f"{SLOW_GAP_MS} ms apart plus `data: [DONE]` (about {SLOW_CHUNKS * SLOW_GAP_MS / 1000:.2f} s a stream).\n"]
+           f"{SLOW_GAP_MS} ms apart plus `data: [DONE]` (about {SLOW_CHUNKS * SLOW_GAP_MS / 1000:.2f} s a stream); "
+           "each stream keeps the phase it started with (a 1 ms ticker serves one slot of the gap at a time), "
+           "so the events of a thousand streams are spread over the gap, as real providers' are.\n"]
     rows = []
 
     def ok(r):

@@ -245,7 +245,7 @@ def ensure_private_dir(path: str) -> None:
 
 def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.MultiService:
     if config.write_through:
-        install_write_through()
+        install_write_through(reactor)
     top = service.MultiService()
     inflight = InFlight()
     # Parent of every shared service; stopped only once the drain is over.

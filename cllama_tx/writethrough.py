@@ -1,45 +1,52 @@
 """
-Send at once: a write on a plain TCP connection goes to the socket in the
-call that makes it when nothing is waiting in the buffer, instead of in the
-reactor's next turn.
+Send as soon as the reactor's callback returns: the writes that one I/O
+event (or one round of timed calls) makes on a plain TCP connection are
+joined and sent with one C{send()} when that callback returns, instead of
+in the reactor's next turn.
 
 Why: Twisted's TCP transports buffer every C{write()} and send it when the
 reactor next polls the socket for writability.  Under load one reactor turn
 handles dozens of requests, so each hop of a proxied request (agent to
 proxy, proxy to upstream, back, and to the agent) waits for the rest of the
-turn, and the clients fall into lockstep batches: with a 20 ms upstream and
-64 clients the proxy sat idle a third of the time while requests queued.
-Registering each socket for writability and unregistering it again also
-cost about a seventh of the CPU of a request.  With an empty buffer, a
-C{send()} now is what the next turn would do anyway.  What the kernel does
-not take is buffered the usual way, so backpressure (producers paused when
-the buffer fills) works as before.
+turn, and the clients fall into lockstep: with a 20 ms upstream and 64
+clients the proxy sat idle a quarter of the time while requests queued, at
+1,000-1,200 requests/s; with this it runs at full load and 1,600-1,700.
+Joining the writes of one callback (a response's headers and body, say)
+keeps the number of C{send()} calls at one per connection and callback,
+and no socket is registered for writability unless the kernel did not take
+everything.  What it did not take is buffered the usual way, so
+backpressure (producers paused when the buffer fills) works as before.
 
 Only plain TCP connections (L{tcp.Server}, L{tcp.Client}) are changed: the
 agents' connections to the API and UI listeners and the upstream
 connections, including the ciphertext of upstream TLS, which is written to
 a plain TCP transport.  Connections that terminate TLS in the transport
-(C{ssl:} listeners) and UNIX sockets keep Twisted's own path.  Twisted's
-HTTP server and client set C{TCP_NODELAY}, so a response written in two
-calls does not wait for Nagle.
+(C{ssl:} listeners), UNIX sockets and transports with a pull producer keep
+Twisted's own path.
 
-The daemon installs it once at start; C{CLLAMA_WRITE_THROUGH=0} keeps
-Twisted's behaviour.
+The daemon installs it once at start, on its reactor (the reactor's
+C{_doReadOrWrite} and C{runUntilCurrent} are wrapped on the instance);
+C{CLLAMA_WRITE_THROUGH=0} keeps Twisted's behaviour.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from twisted.internet import tcp
 
 PLAIN = (tcp.Server, tcp.Client)
+# The reactor's entry points into our code: one I/O event, and the timed
+# calls and thread callbacks of a turn.
+_DISPATCHERS = ("_doReadOrWrite", "runUntilCurrent")
 _saved: dict[type, dict[str, Any]] = {}
+_reactors: list[Any] = []
+_batch: list[dict[Any, list[bytes]] | None] = [None]  # the writes of the running dispatch
 
 
-def _send_now(transport: Any, data: bytes) -> bytes:
-    """Send what the kernel takes now; return the rest (all of it when we may not send)."""
-    if (
+def _eligible(transport: Any) -> bool:
+    """May C{transport}'s writes skip Twisted's buffer right now?"""
+    return not (
         type(transport) not in PLAIN
         or transport.TLS
         or not transport.connected
@@ -50,8 +57,11 @@ def _send_now(transport: Any, data: bytes) -> bytes:
         # A pull producer is asked for more each time the buffer drains,
         # which only the buffered path notices.
         or (transport.producer is not None and not transport.streamingProducer)
-    ):
-        return data
+    )
+
+
+def _send(transport: Any, data: bytes) -> bytes:
+    """Send what the kernel takes now; return the rest."""
     try:
         sent = transport.socket.send(data)
     except OSError:
@@ -70,23 +80,58 @@ def _original(transport: Any, name: str) -> Any:
 
 
 def _write(self: Any, data: bytes) -> None:
-    if type(data) is bytes and data:
-        data = _send_now(self, data)
-        if not data:
-            return
+    if isinstance(data, bytes) and data:
+        batch = _batch[0]
+        if batch is not None:  # outside the reactor's callbacks: Twisted's way
+            pending = batch.get(self)
+            if pending is not None:
+                pending.append(data)
+                return
+            if _eligible(self):
+                batch[self] = [data]
+                return
     _original(self, "write")(self, data)
 
 
 def _write_sequence(self: Any, iovec: Iterable[bytes]) -> None:
     iovec = list(iovec)
-    if iovec and all(type(part) is bytes for part in iovec):
+    if iovec and all(isinstance(part, bytes) for part in iovec):
         _write(self, b"".join(iovec))
         return
     _original(self, "writeSequence")(self, iovec)
 
 
-def install() -> None:
-    """Make plain TCP writes send at once.  Idempotent."""
+def _flush(batch: dict[Any, list[bytes]]) -> None:
+    """Send each transport's writes of one dispatch in one call."""
+    for transport, parts in batch.items():
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if _eligible(transport):
+            data = _send(transport, data)
+            if not data:
+                continue
+        _original(transport, "write")(transport, data)
+
+
+def _batched(function: Callable[..., Any]) -> Callable[..., Any]:
+    """C{function}, with the writes it makes coalesced per transport and sent when it returns."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if _batch[0] is not None:
+            return function(*args, **kwargs)
+        batch: dict[Any, list[bytes]] = {}
+        _batch[0] = batch
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _batch[0] = None
+            if batch:
+                _flush(batch)
+
+    return run
+
+
+def install(reactor: Any) -> None:
+    """Make plain TCP writes of C{reactor}'s callbacks go out as each returns.  Idempotent."""
     if _saved:
         return
     for cls in PLAIN:
@@ -97,6 +142,12 @@ def install() -> None:
         }
         cls.write = _write
         cls.writeSequence = _write_sequence
+    # An instance attribute shadows the method: the poll loop looks both up
+    # on the reactor each time round.
+    for name in _DISPATCHERS:
+        if hasattr(reactor, name):
+            setattr(reactor, name, _batched(getattr(reactor, name)))
+    _reactors.append(reactor)
 
 
 def uninstall() -> None:
@@ -108,6 +159,10 @@ def uninstall() -> None:
             else:
                 delattr(cls, name)
     _saved.clear()
+    for reactor in _reactors:
+        for name in _DISPATCHERS:
+            reactor.__dict__.pop(name, None)
+    _reactors.clear()
 
 
 def installed() -> bool:

@@ -47,7 +47,7 @@ SCANNER.register(SECRET, PROVIDER_KEY, UI_TOKEN, MASTER_KEY)
 
 # The daemon sends TCP writes at once (cllama_tx.writethrough); so do the
 # in-process harnesses, so that the suite runs the transports as served.
-install_write_through()
+install_write_through(reactor)
 
 
 def write_agent(root: str, agent_id: str, secret: str, **metadata) -> str:
