@@ -11,6 +11,7 @@ children: the upstream pool, the ledger, the audit flush.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import tempfile
@@ -243,9 +244,26 @@ def ensure_private_dir(path: str) -> None:
     os.makedirs(path, mode=0o700, exist_ok=True)
 
 
+GC_THRESHOLDS = (50_000, 20, 100)
+"""
+Python's defaults (700, 10, 10) run a young collection every 700 net
+allocations, and with a thousand streams open each one walks tens of
+thousands of live objects: the profile of the stream lane showed a fifth
+of the proxy's time in collections.  The request path makes little cyclic
+garbage, so collecting less often costs a few MiB at most.
+"""
+
+
+def tune_gc(reactor) -> None:
+    """Fewer collections, and none over what start-up built (frozen once running)."""
+    gc.set_threshold(*GC_THRESHOLDS)
+    reactor.callWhenRunning(gc.freeze)
+
+
 def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.MultiService:
     if config.write_through:
         install_write_through(reactor)
+    tune_gc(reactor)
     top = service.MultiService()
     inflight = InFlight()
     # Parent of every shared service; stopped only once the drain is over.

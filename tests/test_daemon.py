@@ -554,3 +554,30 @@ class VirtualKeyRestartTests(TestCase):
         )
         self.assertEqual(refused.code, 429)
         self.assertEqual((yield refused.json())["budget"]["requests"], 1)
+
+
+class GarbageCollectionTests(TestCase):
+    def test_the_daemon_collects_less_often_and_freezes_start_up(self) -> None:
+        import gc
+
+        from twisted.internet.task import Clock
+
+        from cllama_tx.daemon import GC_THRESHOLDS, tune_gc
+
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        self.addCleanup(gc.unfreeze)
+        started = []
+
+        class NotYetRunning(Clock):
+            def callWhenRunning(self, f, *args):
+                started.append((f, args))
+
+        tune_gc(NotYetRunning())
+        self.assertEqual(gc.get_threshold(), GC_THRESHOLDS)
+        self.assertEqual(GC_THRESHOLDS[0], 50_000)
+        [(freeze, args)] = started  # frozen once running, over what start-up built
+        self.assertIs(freeze, gc.freeze)
+        gc.unfreeze()
+        freeze(*args)
+        self.assertGreater(gc.get_freeze_count(), 0)

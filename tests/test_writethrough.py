@@ -216,10 +216,15 @@ class SettingTests(TestCase):
         self.assertIn("CLLAMA_WRITE_THROUGH", str(error))
 
     def test_the_daemon_installs_it_unless_told_not_to(self) -> None:
+        import gc
+
         was = writethrough.installed()
         self.addCleanup(lambda: writethrough.install(reactor) if was else writethrough.uninstall())
+        self.addCleanup(gc.unfreeze)
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
         writethrough.uninstall()
         build_daemon(Config.from_env(self.env(CLLAMA_WRITE_THROUGH="0")), reactor, io.StringIO())
         self.assertFalse(writethrough.installed())
         build_daemon(Config.from_env(self.env()), reactor, io.StringIO())
         self.assertTrue(writethrough.installed())
+
