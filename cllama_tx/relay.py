@@ -16,7 +16,7 @@ from typing import Callable
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone, _ensureValidURI, _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
@@ -71,6 +71,8 @@ class UpstreamClient:
     request, no redirects, no cookies.
     """
 
+    MAX_TARGETS = 256
+
     def __init__(
         self,
         reactor,
@@ -87,13 +89,45 @@ class UpstreamClient:
         if tls_policy is not None:
             kwargs["contextFactory"] = tls_policy
         self._agent = Agent(reactor, **kwargs)
+        self._targets: dict[bytes, tuple] = {}
+        # Agent's per-URL work is skipped through its two internal steps;
+        # should a Twisted release rename them, requests take the public way.
+        self._direct = all(hasattr(self._agent, name) for name in ("_requestWithEndpoint", "_getEndpoint"))
 
     def request(
         self, method: bytes, url: bytes, headers: Headers, body: bytes | None
     ) -> defer.Deferred:
         """Send one request; the Deferred fires with the response headers."""
         producer = BytesProducer(body) if body is not None else None
-        return self._agent.request(method, url, headers, producer)
+        target = self._targets.get(url)
+        if target is None:
+            if not self._direct:
+                return self._agent.request(method, url, headers, producer)
+            try:
+                target = self._target(url)
+            except Exception:
+                return defer.fail()
+        key, endpoint, parsed = target
+        return self._agent._requestWithEndpoint(
+            key, endpoint, method, parsed, headers, producer, parsed.originForm
+        )
+
+    def _target(self, url: bytes) -> tuple:
+        """
+        What C{Agent.request} works out from a URL on every call (validation,
+        parsing, a new endpoint object): done once per upstream URL.  The
+        URLs are few (providers times paths), the cache is bounded anyway.
+        """
+        parsed = URI.fromBytes(_ensureValidURI(url.strip()))
+        target = (
+            (parsed.scheme, parsed.host, parsed.port),
+            self._agent._getEndpoint(parsed),
+            parsed,
+        )
+        if len(self._targets) >= self.MAX_TARGETS:
+            self._targets.clear()
+        self._targets[url] = target
+        return target
 
     def close(self) -> defer.Deferred:
         return self.pool.closeCachedConnections()
