@@ -88,6 +88,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._providers = _Bounded(max_providers)
         self._models = _Bounded(max_models)
+        # Bounded too: providers and models are (see _Bounded), the rest are fixed sets.
+        self._children: dict = {}
         r, ns = self.registry, namespace
         self.requests = Counter(
             "requests", "Requests settled, by surface, provider and status class.",
@@ -122,12 +124,20 @@ class Metrics:
         )
         if ledger is not None and hasattr(ledger, "writer_stats"):
             queue = Gauge(
-                "ledger_writer_queue_depth", "Rows and calls waiting for the ledger's writer thread.",
+                "ledger_writer_queue_depth", "Ledger rows and writes waiting for their commit.",
                 namespace=ns, registry=r,
             )
             queue.set_function(lambda: ledger.writer_stats()["queued"])
 
     # --- feeding ---------------------------------------------------------------------------
+
+    def _child(self, metric, *labels):
+        """C{metric.labels(*labels)}, memoised: the lookup costs more than the increment."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_settled(self, ex, row) -> None:
         """A C{Metering.on_settled} observer: count one settled exchange."""
@@ -137,10 +147,10 @@ class Metrics:
         provider = self._providers(row.provider) if reached else NONE
         model = self._models(row.effective_model) if reached else NONE
         status = int(row.status)
-        self.requests.labels(surface, provider, status_class(status)).inc()
-        self.latency.labels(surface).observe(max(row.latency_ms, 0.0) / 1000.0)
+        self._child(self.requests, surface, provider, status_class(status)).inc()
+        self._child(self.latency, surface).observe(max(row.latency_ms, 0.0) / 1000.0)
         if row.ttfb_ms is not None:
-            self.ttfb.labels(surface, "true" if row.stream else "false").observe(max(row.ttfb_ms, 0.0) / 1000.0)
+            self._child(self.ttfb, surface, "true" if row.stream else "false").observe(max(row.ttfb_ms, 0.0) / 1000.0)
         if reached:
             for kind, value in (
                 ("input", row.input_tokens),
@@ -149,17 +159,17 @@ class Metrics:
                 ("cache_write", row.cache_write_tokens),
             ):
                 if value:
-                    self.tokens.labels(provider, model, kind).inc(value)
+                    self._child(self.tokens, provider, model, kind).inc(value)
             if row.cost_usd:
-                self.cost.labels(provider, model).inc(row.cost_usd)
+                self._child(self.cost, provider, model).inc(row.cost_usd)
         code = getattr(ex, "error_code", None)
         if status >= 500 and reached and code not in _NOT_UPSTREAM:
             label = _TRANSPORT_LABELS.get(code, str(status) if status <= 599 else "other")
-            self.upstream_errors.labels(provider, label).inc()
+            self._child(self.upstream_errors, provider, label).inc()
         if status == 429 and not reached:
             # Governance refuses before anything is sent; a provider's own
             # 429 (or every key cooling down) has upstream_called set.
-            self.budget_refusals.labels(str(code)[:MAX_LABEL_CHARS] if code else "unknown").inc()
+            self._child(self.budget_refusals, str(code)[:MAX_LABEL_CHARS] if code else "unknown").inc()
 
     def stream_started(self) -> None:
         self.inflight_streams.inc()

@@ -34,8 +34,10 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 from twisted.internet import tcp
+from twisted.logger import Logger
 
 PLAIN = (tcp.Server, tcp.Client)
+_log = Logger()
 # The reactor's entry points into our code: one I/O event, and the timed
 # calls and thread callbacks of a turn.
 _DISPATCHERS = ("_doReadOrWrite", "runUntilCurrent")
@@ -105,11 +107,16 @@ def _flush(batch: dict[Any, list[bytes]]) -> None:
     """Send each transport's writes of one dispatch in one call."""
     for transport, parts in batch.items():
         data = parts[0] if len(parts) == 1 else b"".join(parts)
-        if _eligible(transport):
-            data = _send(transport, data)
-            if not data:
-                continue
-        _original(transport, "write")(transport, data)
+        try:
+            if _eligible(transport):
+                data = _send(transport, data)
+                if not data:
+                    continue
+            _original(transport, "write")(transport, data)
+        except Exception:
+            # One transport's trouble must not strand the others' bytes.
+            _log.failure("write-through: could not hand {size} bytes to {transport!r}",
+                         size=len(data), transport=transport)
 
 
 def _batched(function: Callable[..., Any]) -> Callable[..., Any]:

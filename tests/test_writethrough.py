@@ -228,3 +228,24 @@ class SettingTests(TestCase):
         build_daemon(Config.from_env(self.env()), reactor, io.StringIO())
         self.assertTrue(writethrough.installed())
 
+
+
+class FlushFailureTests(TestCase):
+    def test_one_failing_transport_does_not_strand_the_others(self) -> None:
+        class Broken:
+            """Not a transport we know: its fallback write raises."""
+
+        sent = []
+
+        class Fine:
+            pass
+
+        self.patch(writethrough, "_eligible", lambda t: False)
+        originals = {Broken: lambda t, d: (_ for _ in ()).throw(RuntimeError("boom")),
+                     Fine: lambda t, d: sent.append(d)}
+        self.patch(writethrough, "_original", lambda t, name: originals[type(t)])
+        broken, fine = Broken(), Fine()
+        writethrough._flush({broken: [b"a"], fine: [b"b", b"c"]})
+        self.assertEqual(sent, [b"bc"])
+        [failure] = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(str(failure.value), "boom")
