@@ -41,6 +41,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..sqlite_tx import DatabaseBusy, transaction as _transaction
 from .records import LedgerRow
 
 MAX_BATCH = 5000
@@ -72,18 +73,6 @@ class Call:
 @attrs.define
 class Stop:
     deferred: defer.Deferred
-
-
-class DatabaseBusy(Exception):
-    """
-    Another process holds the write lock; the reactor does not wait for it.
-    C{done} holds the results of the rows committed before (in a retry one
-    by one), the rest are not committed.
-    """
-
-    def __init__(self, message: str, done: "list[Result] | None" = None) -> None:
-        super().__init__(message)
-        self.done = done or []
 
 
 def open_inline(path: str) -> sqlite3.Connection:
@@ -333,23 +322,3 @@ class Writer:
             failure = Failure()
         self._reactor.callFromThread(self._answered, 1, self._deliver, [(item.deferred, None, failure)])
 
-
-def _transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], Any]) -> Any:
-    """C{body(conn)} in one write transaction; L{DatabaseBusy} if it could not begin."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as e:
-        if "locked" in str(e) or "busy" in str(e):
-            raise DatabaseBusy(str(e)) from None
-        raise
-    try:
-        result = body(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-        raise
-    return result

@@ -49,6 +49,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from ..sqlite_tx import transaction as _transaction
+
 __all__ = [
     "DuplicateKey",
     "InvalidField",
@@ -659,21 +661,6 @@ def _open_database(path: str) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
-
-
-def _transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], Any]) -> Any:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = body(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-        raise
-    return result
 
 
 def _insert(conn: sqlite3.Connection, row: tuple[Any, ...]) -> None:

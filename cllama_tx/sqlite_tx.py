@@ -1,0 +1,42 @@
+"""
+One write transaction on a SQLite connection, shared by the two writers of
+the state database (the ledger and the virtual-key store).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any, Callable
+
+
+class DatabaseBusy(sqlite3.OperationalError):
+    """
+    The write lock could not be taken within the connection's busy timeout
+    (at once, with a timeout of 0).  C{done} holds whatever a caller
+    committed before it gave up (see the ledger's writer).
+    """
+
+    def __init__(self, message: str, done: list | None = None) -> None:
+        super().__init__(message)
+        self.done = done or []
+
+
+def transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], Any]) -> Any:
+    """C{body(conn)} in one write transaction (BEGIN IMMEDIATE), rolled back if it raises."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            raise DatabaseBusy(str(e)) from None
+        raise
+    try:
+        result = body(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        raise
+    return result
