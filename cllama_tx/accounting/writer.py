@@ -10,8 +10,9 @@ Two connections write to the database, never at the same time:
     is a C{write()} into the WAL, tens of microseconds, cheaper and much
     steadier than handing the rows to a thread and the answer back (two
     wake-ups and two GIL hand-overs, which under load cost milliseconds).
-    Its busy timeout is 0: if another process holds the write lock, the
-    rows go to the thread, which may wait; the reactor never does.
+    Its busy timeout is 0: if another connection (the virtual-key store's,
+    an operator's shell) holds the write lock, the rows go to the thread,
+    which may wait; the reactor never does.
   - B{The writer thread's connection} runs everything that may take long:
     operator writes, pruning, closing; every row while the thread owns the
     database; and every row when C{sync="full"} (an fsync per commit has
@@ -81,7 +82,7 @@ def open_inline(path: str) -> sqlite3.Connection:
     the setting is per connection), never waits for a lock, never
     checkpoints.
     """
-    conn = sqlite3.connect(path, timeout=0.0, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, timeout=0.0, isolation_level=None)
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA busy_timeout = 0")
     conn.execute("PRAGMA wal_autocheckpoint = 0")
