@@ -179,7 +179,32 @@ def _sse_event(name: str, doc: Any) -> bytes:
 # ---------------------------------------------------------------------------
 
 
-class AnthropicToChatStream:
+class _StreamTranslator:
+    """
+    What both stream translators share: an L{SseReader} over the upstream
+    body (C{self._reader}), a C{_translate(events)} of their own, and
+    silence after an error (C{self._dead}).
+    """
+
+    _reader: SseReader
+    _dead: bool
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of the current partial upstream event held back."""
+        return self._reader.buffered_bytes
+
+    def feed(self, data: bytes) -> bytes:
+        """One upstream chunk in; the SSE bytes to send the agent now."""
+        if self._dead:
+            return b""
+        return self._translate(self._reader.feed(data))
+
+    def _translate(self, events) -> bytes:
+        raise NotImplementedError
+
+
+class AnthropicToChatStream(_StreamTranslator):
     """
     Upstream Anthropic Messages SSE in, OpenAI C{chat.completion.chunk} SSE
     out.
@@ -225,17 +250,6 @@ class AnthropicToChatStream:
         self._finished = False  # finish_reason chunk written
         self._dead = False  # after an error: translate nothing more
         self._input = self._cache_read = self._cache_creation = self._output = 0
-
-    @property
-    def buffered_bytes(self) -> int:
-        """Bytes of the current partial upstream event held back."""
-        return self._reader.buffered_bytes
-
-    def feed(self, data: bytes) -> bytes:
-        """One upstream chunk in; the SSE bytes to send the agent now."""
-        if self._dead:
-            return b""
-        return self._translate(self._reader.feed(data))
 
     def finish(self) -> bytes:
         """End of the upstream body: flush, then C{data: [DONE]} if the message completed."""
@@ -404,7 +418,7 @@ class AnthropicToChatStream:
 # ---------------------------------------------------------------------------
 
 
-class ChatToAnthropicStream:
+class ChatToAnthropicStream(_StreamTranslator):
     """
     Upstream OpenAI C{chat.completion.chunk} SSE in, Anthropic Messages SSE
     out.
@@ -455,17 +469,6 @@ class ChatToAnthropicStream:
         self._refusal = False
         self._usage: dict | None = None
         self._dead = False
-
-    @property
-    def buffered_bytes(self) -> int:
-        """Bytes of the current partial upstream event held back."""
-        return self._reader.buffered_bytes
-
-    def feed(self, data: bytes) -> bytes:
-        """One upstream chunk in; the SSE bytes to send the agent now."""
-        if self._dead:
-            return b""
-        return self._translate(self._reader.feed(data))
 
     def finish(self) -> bytes:
         """End of the upstream body: flush; close the message if it finished."""
