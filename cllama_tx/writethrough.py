@@ -47,15 +47,19 @@ _batch: list[dict[Any, list[bytes]] | None] = [None]  # the writes of the runnin
 
 
 def _eligible(transport: Any) -> bool:
-    """May C{transport}'s writes skip Twisted's buffer right now?"""
+    """
+    May C{transport}'s writes skip Twisted's buffer right now?  The
+    transport's private state is read with defaults that say no, so a
+    Twisted release that renames it gets its own buffered path, not errors.
+    """
     return not (
         type(transport) not in PLAIN
         or transport.TLS
         or not transport.connected
-        or transport._writeDisconnected
+        or getattr(transport, "_writeDisconnected", True)
         or getattr(transport, "_aborting", False)
-        or transport._tempDataLen
-        or transport.offset != len(transport.dataBuffer)
+        or getattr(transport, "_tempDataLen", True)
+        or getattr(transport, "offset", None) != len(getattr(transport, "dataBuffer", b"?"))
         # A pull producer is asked for more each time the buffer drains,
         # which only the buffered path notices.
         or (transport.producer is not None and not transport.streamingProducer)

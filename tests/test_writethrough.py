@@ -249,3 +249,26 @@ class FlushFailureTests(TestCase):
         self.assertEqual(sent, [b"bc"])
         [failure] = self.flushLoggedErrors(RuntimeError)
         self.assertEqual(str(failure.value), "boom")
+
+
+class UnknownInternalsTests(TestCase):
+    async def test_a_transport_without_the_expected_state_takes_twisted_path(self) -> None:
+        from twisted.internet import tcp
+
+        was = writethrough.installed()
+        self.addCleanup(lambda: writethrough.install(reactor) if was else writethrough.uninstall())
+        writethrough.install(reactor)
+        made, lost = defer.Deferred(), defer.Deferred()
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(lambda: Recorded(made, lost)),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(peer.close)
+        server = await made
+        self.assertIsInstance(server.transport, tcp.Server)
+        self.assertTrue(writethrough._eligible(server.transport))
+        del server.transport._tempDataLen  # as if a Twisted release renamed it
+        self.assertFalse(writethrough._eligible(server.transport))
+        server.transport._tempDataLen = 0
+        server.transport.abortConnection()
+        await lost
