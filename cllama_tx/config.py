@@ -237,8 +237,9 @@ class Config:
     master_key: str | None = attrs.field(repr=False)
     # Operator CA bundle (PEM) trusted for upstream TLS besides the platform store.
     upstream_ca_file: str | None
-    # Plain TCP writes go to the socket at once when nothing is buffered
-    # (see cllama_tx.writethrough); off keeps Twisted's buffered writes.
+    # The writes one reactor callback makes on a plain TCP connection are sent
+    # together as it returns (see cllama_tx.writethrough); off keeps Twisted's
+    # buffered writes, sent on the next turn.
     write_through: bool
     # The environment as seen after command-line overrides; provider keys and
     # base URLs are read from it by the provider registry.

@@ -41,7 +41,7 @@ _ENV_OPTIONS = [
     ("master-key", None, "CLLAMA_MASTER_KEY", "master key of the virtual key API (LITELLM_MASTER_KEY also read); prefer the environment [env CLLAMA_MASTER_KEY]"),
     ("alert-webhooks", None, "CLLAMA_ALERT_WEBHOOKS", "comma-separated webhook URLs (json:, slack:, discord: prefixes) for budget alerts [env CLLAMA_ALERT_WEBHOOKS]"),
     ("upstream-ca-file", None, "CLLAMA_UPSTREAM_CA_FILE", "PEM bundle of extra CAs trusted for HTTPS to providers, besides the platform store [env CLLAMA_UPSTREAM_CA_FILE]"),
-    ("write-through", None, "CLLAMA_WRITE_THROUGH", "1 (default): TCP writes go out at once when nothing is buffered; 0: Twisted's buffered writes [env CLLAMA_WRITE_THROUGH]"),
+    ("write-through", None, "CLLAMA_WRITE_THROUGH", "1 (default): a reactor callback's TCP writes are sent as it returns; 0: Twisted's buffered writes, sent on the next turn [env CLLAMA_WRITE_THROUGH]"),
     ("no-stream-options", None, "CLLAMA_NO_STREAM_OPTIONS", "comma-separated providers that reject stream_options (their stream usage is estimated) [env CLLAMA_NO_STREAM_OPTIONS]"),
 ]
 

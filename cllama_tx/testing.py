@@ -38,6 +38,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
+from cllama_tx.config import LISTEN_BACKLOG
 from cllama_tx.interfaces import IFakeProvider
 
 __all__ = [
@@ -952,7 +953,7 @@ class FakeProvider:
             # A deep accept queue, as the daemon's listeners have: a burst of
             # concurrent requests must not overflow it.
             self._port = self._reactor.listenTCP(
-                self._wanted_port, self._factory, interface="127.0.0.1", backlog=1024
+                self._wanted_port, self._factory, interface="127.0.0.1", backlog=LISTEN_BACKLOG
             )
         return succeed(self)
 

@@ -45,8 +45,9 @@ MASTER_KEY = "sk-master-key-for-tests-0123456789"
 
 SCANNER.register(SECRET, PROVIDER_KEY, UI_TOKEN, MASTER_KEY)
 
-# The daemon sends TCP writes at once (cllama_tx.writethrough); so do the
-# in-process harnesses, so that the suite runs the transports as served.
+# The daemon sends each reactor callback's TCP writes as it returns
+# (cllama_tx.writethrough); so do the in-process harnesses, so that the
+# suite runs the transports as served.
 install_write_through(reactor)
 
 
