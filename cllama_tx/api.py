@@ -19,7 +19,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .accounting.history import clamp_limit
 from .errors import ANTHROPIC, OPENAI, ProxyError, error_body
-from .identity.operator import bearer_matches
+from .identity.operator import OperatorGuard, bearer_matches, request_source
 from .identity.tokens import MalformedCredentials, parse_credentials
 from .proxy import Proxy, Surface, new_request_id
 from .surfaces import matrix
@@ -164,7 +164,11 @@ class ApiApp:
         pricing=None,
         keys_api=None,
         billing=None,
+        guard: OperatorGuard | None = None,
     ) -> None:
+        # The daemon's one guard for operator credentials (shared with the
+        # UI and the key API): wrong UI tokens here slow guesses there too.
+        self._guard = guard if guard is not None else getattr(keys_api, "guard", None) or OperatorGuard()
         self._keys_api = keys_api
         self._billing = billing
         self._matrix_doc = matrix_doc or matrix.describe()
@@ -292,8 +296,22 @@ class ApiApp:
 
     @app.route("/history/<agent>", methods=["GET"])
     async def agent_history(self, request, agent):
-        """Any agent's session history, for the operator."""
-        if not bearer_matches(request.getHeader(b"authorization"), self._ui_token):
+        """
+        Any agent's session history, for the operator.  The UI token is
+        compared only when the caller's address need not wait (see
+        L{OperatorGuard}); a wrong one is counted.
+        """
+        authorization = request.getHeader(b"authorization")
+        if self._ui_token is None or not authorization:
+            return _error(request, ProxyError(401, "operator_token_required", "operator token required"))
+        source = request_source(request)
+        wait = self._guard.refusal(source, "history")
+        if wait is not None:
+            request.setHeader(b"retry-after", str(wait).encode("ascii"))
+            message = f"too many wrong operator tokens from this address: the next one is compared in {wait} s"
+            return _error(request, ProxyError(429, "too_many_attempts", message, retry_after=wait))
+        if not bearer_matches(authorization, self._ui_token):
+            self._guard.failed(source, "history")
             return _error(request, ProxyError(401, "operator_token_required", "operator token required"))
         return await self._history_lines(request, agent)
 

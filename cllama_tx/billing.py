@@ -13,7 +13,7 @@ import json
 from .errors import ProxyError
 from .governance.budgets import BudgetError, parse_budget
 from .identity.principals import LIFETIME_WINDOW
-from .keyapi import presented_credential
+from .keyapi import KeyApiError
 
 
 def _json(request, status: int, doc) -> bytes:
@@ -24,6 +24,8 @@ def _json(request, status: int, doc) -> bytes:
 
 
 def _error(request, error: ProxyError) -> bytes:
+    if error.retry_after is not None:
+        request.setHeader(b"retry-after", str(error.retry_after).encode("ascii"))
     return _json(
         request,
         error.status,
@@ -87,10 +89,12 @@ class BillingApi:
         self._audit = audit
 
     def _master(self, request) -> None:
-        if not self._keys_api.administration_enabled:
-            raise ProxyError(403, "admin_off", "key administration is off: set CLLAMA_MASTER_KEY")
-        if not self._keys_api.is_master(presented_credential(request)):
-            raise ProxyError(401, "invalid_master_key", "Authentication Error, invalid master key")
+        """The master key, through the key API's check (throttled like every operator credential)."""
+        try:
+            self._keys_api.require_master(request, surface="billing")
+        except KeyApiError as e:
+            code = {403: "admin_off", 429: "too_many_attempts"}.get(e.status, "invalid_master_key")
+            raise ProxyError(e.status, code, e.message, retry_after=e.retry_after) from None
 
     async def spend_logs(self, request) -> bytes:
         """GET /spend/logs?start_date=&end_date=&team_id=&user_id=&api_key=&limit="""

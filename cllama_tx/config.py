@@ -234,6 +234,9 @@ class Config:
     alert_webhooks: str | None = attrs.field(repr=False)  # URLs embed tokens
     # The operator UI without authentication: only by explicit choice.
     ui_no_auth: bool
+    # Host names the UI answers to when authentication is off, besides
+    # localhost and IP literals (against DNS rebinding); see docs/UI.md.
+    ui_allowed_hosts: frozenset
     master_key: str | None = attrs.field(repr=False)
     # Operator CA bundle (PEM) trusted for upstream TLS besides the platform store.
     upstream_ca_file: str | None
@@ -283,6 +286,9 @@ class Config:
             default_tpm=_count(env, "CLLAMA_DEFAULT_TPM"),
             alert_webhooks=env.get("CLLAMA_ALERT_WEBHOOKS") or None,
             ui_no_auth=env.get("CLLAMA_UI_NO_AUTH", "").lower() in ("1", "true", "yes"),
+            ui_allowed_hosts=frozenset(
+                h.strip().lower().rstrip(".") for h in env.get("CLLAMA_UI_ALLOWED_HOSTS", "").split(",") if h.strip()
+            ),
             master_key=_master_key(env),
             upstream_ca_file=_ca_file(env),
             write_through=_switch(env, "CLLAMA_WRITE_THROUGH", True),

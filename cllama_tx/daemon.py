@@ -31,6 +31,8 @@ from .audit import AuditLog
 from .config import Config, ConfigError, with_backlog
 from .drain import DrainService, InFlight
 from .identity.contexts import ContextRegistry
+from .identity.operator import OperatorGuard
+from .identity.throttle import FailureThrottle
 from .interfaces import IProviderRegistry
 from .providers.catalog import ProviderSpec
 from .providers.keys import KeyPool
@@ -360,12 +362,16 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         metrics=metrics,
         inflight=inflight,
     )
+    # One throttle of wrong operator credentials (UI token, master key) for
+    # every place that compares one: guessing on one slows all of them.
+    operator_guard = OperatorGuard(FailureThrottle(reactor), audit=audit)
     keys_api = KeyApi(
         keys,
         config.master_key,
         ledger=ledger,
         clock=reactor,
         spend_of=lambda token_hash: ledger.cost_of(key_id=token_hash),
+        guard=operator_guard,
     )
     billing = BillingApi(keys_api=keys_api, ledger=ledger, governance=governance, audit=audit)
     api_site = build_api_site(
@@ -380,6 +386,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
             pricing=pricing,
             keys_api=keys_api,
             billing=billing,
+            guard=operator_guard,
         ),
     )
     operations = Operations(
@@ -397,6 +404,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         UiApp(
             token=ui_token,
             auth_disabled=config.ui_no_auth,
+            allowed_hosts=config.ui_allowed_hosts,
+            guard=operator_guard,
             pod=config.pod,
             contexts=contexts,
             providers=providers,

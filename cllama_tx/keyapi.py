@@ -12,7 +12,10 @@ Key administration needs the master key (C{CLLAMA_MASTER_KEY}, or
 C{LITELLM_MASTER_KEY}), presented as C{Authorization: Bearer <master>} or
 C{x-api-key: <master>} and compared in constant time.  Without one
 configured, administration is off and every administrative call answers 403
-saying so.  A virtual key may read its own C{/key/info}.
+saying so.  A virtual key may read its own C{/key/info}.  Wrong credentials
+are slowed by the daemon's L{OperatorGuard} (shared with the operator UI):
+an address that keeps guessing gets 429 and C{Retry-After}, and what it
+presents meanwhile is not compared.
 
 L{KeyApi} has one plain C{async} method per endpoint taking a
 C{twisted.web} request and returning the body (status and content type set),
@@ -34,12 +37,15 @@ from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from . import __version__
+from .identity.operator import OperatorGuard, request_source
 from .identity.virtual_keys import (
     KEY_FIELDS,
     InvalidField,
     KeyNotFound,
     StoreClosed,
     VirtualKey,
+    hash_key,
+    looks_like_virtual_key,
     token_hash_of,
     validate_key_fields,
 )
@@ -63,6 +69,7 @@ _TYPES = {
     403: "auth_error",
     404: "not_found_error",
     405: "bad_request_error",
+    429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable",
 }
@@ -92,12 +99,15 @@ def master_key_from_env(env: Mapping[str, str]) -> str | None:
 class KeyApiError(Exception):
     """A refusal, answered in LiteLLM's error shape.  Never holds a secret."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.kind = kind or _TYPES.get(status, "internal_server_error")
+        self.retry_after = retry_after
 
 
 def error_body(error: KeyApiError) -> bytes:
@@ -122,7 +132,18 @@ def _json(request: Any, status: int, doc: Any) -> bytes:
 def _write_error(request: Any, error: KeyApiError) -> bytes:
     request.setResponseCode(error.status)
     request.setHeader(b"content-type", b"application/json")
+    if error.retry_after is not None:
+        request.setHeader(b"retry-after", str(error.retry_after).encode("ascii"))
     return error_body(error)
+
+
+def throttled(wait: int) -> KeyApiError:
+    """The refusal of a credential not compared because its address must wait."""
+    return KeyApiError(
+        429,
+        f"too many wrong keys from this address: the next one is compared in {wait} s",
+        retry_after=wait,
+    )
 
 
 def presented_credential(request: Any) -> str | None:
@@ -253,9 +274,11 @@ class KeyApi:
     @param master_key: the master key, or L{None} (administration off).
     @param ledger: anything with C{ready() -> Deferred[bool]}, for
         C{/health/readiness}; L{None} reports the database as not connected.
-    @param clock: times the readiness check out (L{None}: no timeout).
+    @param clock: times the readiness check out (L{None}: no timeout), and
+        the throttle of a guard made here.
     @param spend_of: C{spend_of(token_hash)} -> the key's spend in USD, a
         float or a Deferred of one, for C{/key/info}; L{None}: 0.0.
+    @param guard: the daemon's L{OperatorGuard}; L{None}: one of its own.
     """
 
     app = Klein()
@@ -268,7 +291,9 @@ class KeyApi:
         clock: Any = None,
         spend_of: Callable[[str], Any] | None = None,
         readiness_timeout: float = READINESS_TIMEOUT,
+        guard: OperatorGuard | None = None,
     ) -> None:
+        self.guard = guard if guard is not None else OperatorGuard(clock=clock)
         self._store = store
         self._master_digest = _digest(master_key) if master_key else None
         self._ledger = ledger
@@ -288,14 +313,36 @@ class KeyApi:
             return False
         return hmac.compare_digest(_digest(token), self._master_digest)
 
-    def _require_master(self, request: Any) -> None:
+    def require_master(self, request: Any, surface: str = "key_api") -> None:
+        """
+        Pass when C{request} carries the master key, else raise the
+        L{KeyApiError} to answer: 403 (administration off), 401 (missing or
+        wrong; a wrong one is counted by the guard), 429 (the address must
+        wait: the credential is not compared).
+        """
         if self._master_digest is None:
             raise KeyApiError(403, ADMIN_OFF)
         token = presented_credential(request)
         if token is None:
             raise KeyApiError(401, "Authentication Error, send the master key as 'Authorization: Bearer <master key>'")
+        source = request_source(request)
+        wait = self.guard.refusal(source, surface)
+        if wait is not None:
+            raise throttled(wait)
         if not self.is_master(token):
+            if not self._issued(token):
+                self.guard.failed(source, surface)
             raise KeyApiError(401, "Authentication Error, invalid master key")
+
+    def _issued(self, token: str) -> bool:
+        """
+        Whether C{token} is a virtual key this proxy issued (expired and
+        blocked ones included): a client holding one is not guessing, and
+        is not counted (else an expired session key, retried, would slow
+        the master key of everyone at its address).
+        """
+        return looks_like_virtual_key(token) and self._store.get(hash_key(token)) is not None
+
 
     def _found(self, identifier: str) -> VirtualKey:
         token_hash = token_hash_of(identifier)
@@ -320,7 +367,7 @@ class KeyApi:
     @_answers
     async def generate(self, request: Any) -> bytes:
         """C{POST /key/generate}: mint a key; the answer is the only place the key appears."""
-        self._require_master(request)
+        self.require_master(request)
         doc = _read_body(request, allow_empty=True)
         validate_key_fields(doc, update=False)  # refuses unknown and unsupported fields
         custom = doc.get("key")
@@ -346,29 +393,40 @@ class KeyApi:
         """
         token = presented_credential(request)
         wanted = _arg(request, "key")
-        if self.is_master(token):
+        # A live virtual key reading its own info is answered at once (the
+        # inference paths tell a live key from a dead one anyway); anything
+        # else may be a guess at the master key, compared only when the
+        # address need not wait.
+        own = None if token is None else self._store.lookup(token)
+        if own is not None and not self.is_master(token):
+            if wanted and token_hash_of(wanted) != own.token_hash:
+                raise KeyApiError(403, "a key may only read its own info", "key")
+            vk = own
+        elif token is None:
+            if self._master_digest is None:
+                raise KeyApiError(403, ADMIN_OFF)
+            raise KeyApiError(401, "Authentication Error, send 'Authorization: Bearer <key>'")
+        else:
+            source = request_source(request)
+            wait = self.guard.refusal(source, "key_api")
+            if wait is not None:
+                raise throttled(wait)
+            if not self.is_master(token):
+                if not self._issued(token):
+                    self.guard.failed(source, "key_api")
+                if self._master_digest is None:
+                    raise KeyApiError(403, ADMIN_OFF)
+                raise KeyApiError(401, "Authentication Error, invalid, expired or blocked key")
             if not wanted:
                 raise KeyApiError(400, "pass the key to look up as ?key=<key or token hash>", "key")
             vk = self._found(wanted)
-        else:
-            own = None if token is None else self._store.lookup(token)
-            if own is not None:
-                if wanted and token_hash_of(wanted) != own.token_hash:
-                    raise KeyApiError(403, "a key may only read its own info", "key")
-                vk = own
-            elif self._master_digest is None:
-                raise KeyApiError(403, ADMIN_OFF)
-            elif token is None:
-                raise KeyApiError(401, "Authentication Error, send 'Authorization: Bearer <key>'")
-            else:
-                raise KeyApiError(401, "Authentication Error, invalid, expired or blocked key")
         spend = await self._spend(vk.token_hash)
         return _json(request, 200, {"key": vk.token_hash, "info": {**vk.to_info(), "spend": spend}})
 
     @_answers
     async def update(self, request: Any) -> bytes:
         """C{POST /key/update}: change the fields given; C{null} clears one."""
-        self._require_master(request)
+        self.require_master(request)
         doc = _read_body(request)
         vk = self._found(_identifier(doc))
         changes = {name: value for name, value in doc.items() if name != "key"}
@@ -381,7 +439,7 @@ class KeyApi:
         C{POST /key/delete} with C{{"keys": [...]}} (keys or token hashes)
         and/or C{{"key_aliases": [...]}}: the keys fail at once.
         """
-        self._require_master(request)
+        self.require_master(request)
         doc = _read_body(request)
         keys = doc.get("keys")
         aliases = doc.get("key_aliases")
@@ -418,7 +476,7 @@ class KeyApi:
         C{GET /key/list?page=&size=&team_id=&user_id=&key_alias=&return_full_object=}:
         token hashes (or info objects), newest first.
         """
-        self._require_master(request)
+        self.require_master(request)
         page = _int_arg(request, "page", 1, 1, None)
         size = _int_arg(request, "size", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
         full = _bool_arg(request, "return_full_object")
@@ -441,7 +499,7 @@ class KeyApi:
         )
 
     async def _set_blocked(self, request: Any, blocked: bool) -> bytes:
-        self._require_master(request)
+        self.require_master(request)
         vk = self._found(_identifier(_read_body(request)))
         updated = await self._store.update(vk.token_hash, blocked=blocked)
         return _json(request, 200, {"key": updated.token_hash, **updated.to_info()})

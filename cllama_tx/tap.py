@@ -23,6 +23,7 @@ _ENV_OPTIONS = [
     ("context-root", None, "CLAW_CONTEXT_ROOT", "agent contexts directory [env CLAW_CONTEXT_ROOT, default /claw/context]"),
     ("auth-dir", None, "CLAW_AUTH_DIR", "directory of providers.json [env CLAW_AUTH_DIR, default /claw/auth]"),
     ("pod", None, "CLAW_POD", "pod name shown in the UI [env CLAW_POD]"),
+    ("ui-allowed-hosts", None, "CLLAMA_UI_ALLOWED_HOSTS", "with --ui-no-auth: comma-separated host names the UI answers to besides localhost and IP addresses (.example.com for a domain) [env CLLAMA_UI_ALLOWED_HOSTS]"),
     ("ui-token", None, "CLLAMA_UI_TOKEN", "operator token; prefer the environment, the command line is visible to other users [env CLLAMA_UI_TOKEN]"),
     ("session-history-dir", None, "CLAW_SESSION_HISTORY_DIR", "per-agent session history directory [env CLAW_SESSION_HISTORY_DIR]"),
     ("governance-dir", None, "CLAW_GOVERNANCE_DIR", "per-agent budget overrides directory [env CLAW_GOVERNANCE_DIR]"),

@@ -11,7 +11,7 @@ The flow for one request::
     budget = parse_budget(layer_budgets(metadata, override, governance))
     choice = book.choose_model(agent, budget, ref, tz)        # tiers
     if isinstance(choice, Refusal): answer 429 (refusal_body, Retry-After)
-    worst = book.worst_case(provider, model, input_estimate, max_tokens)
+    worst = book.worst_case(provider, model, input_tokens, max_tokens, choices=n)
     held = book.reserve(agent, budget, worst, tz)
     if isinstance(held, Refusal): answer held.status (refusal_body, Retry-After)
     if held.alert: audit intervention "budget_alert"
@@ -315,15 +315,21 @@ def worst_case_cost(
     input_tokens: int,
     max_tokens: int | None,
     fallback_max_output: int = FALLBACK_MAX_OUTPUT_TOKENS,
+    *,
+    choices: int = 1,
+    min_output_tokens: int = 0,
+    extra_output_tokens: int = 0,
 ) -> float | None:
     """
     The most a request can cost: C{input_tokens} at the model's highest
-    input-side rate (input, cache read or cache write) plus C{max_tokens}
-    output tokens (else the model's C{max_output_tokens}, else
-    C{fallback_max_output}), with the long-context multipliers when
-    C{input_tokens} is over the threshold.  L{None} when the model is
-    unpriced.  C{input_tokens} must not be an underestimate (see
-    C{docs/BUDGETS.md}).
+    input-side rate (input, cache read or cache write) plus the output at
+    the output rate, with the long-context multipliers when C{input_tokens}
+    is over the threshold.  The output is C{choices} candidates of
+    C{max_tokens} each (else the model's C{max_output_tokens}, else
+    C{fallback_max_output}; at least C{min_output_tokens}, a thinking
+    budget), plus C{extra_output_tokens} (a predicted output, billed as
+    output when rejected).  L{None} when the model is unpriced.
+    C{input_tokens} must not be an underestimate (see C{docs/BUDGETS.md}).
     """
     price = pricing.price(provider, model) if pricing is not None else None
     if price is None:
@@ -332,6 +338,8 @@ def worst_case_cost(
     out = _tokens(max_tokens) if max_tokens is not None else None
     if not out:
         out = price.max_output_tokens or fallback_max_output
+    out = max(out, _tokens(min_output_tokens) or 0) * max(1, _tokens(choices) or 1)
+    out += _tokens(extra_output_tokens) or 0
     input_rate, output_rate = _rates(price, tokens_in)
     return (tokens_in * input_rate + out * output_rate) / 1_000_000
 
@@ -569,9 +577,11 @@ class BudgetBook:
 
     # -- reads
 
-    def worst_case(self, provider: str, model: str, input_tokens: int, max_tokens: int | None) -> float | None:
-        """L{worst_case_cost} with the book's pricing."""
-        return worst_case_cost(self._pricing, provider, model, input_tokens, max_tokens)
+    def worst_case(
+        self, provider: str, model: str, input_tokens: int, max_tokens: int | None, **output: int
+    ) -> float | None:
+        """L{worst_case_cost} with the book's pricing (C{output}: its keyword arguments)."""
+        return worst_case_cost(self._pricing, provider, model, input_tokens, max_tokens, **output)
 
     def usage(self, agent: str, budget: Budget, tz: Any = None) -> BudgetUsage:
         """What counts against C{budget} for C{agent} now."""

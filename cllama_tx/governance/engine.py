@@ -23,6 +23,7 @@ from .budgets import BudgetError, Refusal, Reservation, layer_budgets, parse_bud
 from .policy import PolicyError, decide, parse_policy
 from .policy_file import load_policy_file
 from .ratelimit import RateLimiter
+from .request_cost import RequestShape, read_request, worst_input_tokens
 
 log = Logger()
 
@@ -289,15 +290,17 @@ class Governance:
             self._intervention(ex, decision.intervention, requested_model=requested, chosen=str(decision.ref))
         admission = Admission(agent=context.agent_id, candidates=decision.candidates)
         admission.token_estimate = estimate_prompt_tokens(doc, ex.surface.api_format)
+        shape = read_request(doc, ex.body_size)
         scopes = self.scopes(context)
         if scopes:
             scope, budget, tz = scopes[0]
             admission.budget_label = budget.label
             self._apply_tiers(ex, admission, scope, budget, tz)
-        self._check_rate(admission, context, doc)
+        self._check_rate(admission, context, shape)
         try:
+            worst = self._worst_case(admission.candidates, shape) if scopes else None
             for scope, budget, tz in scopes:
-                self._reserve(admission, scope, budget, tz, doc, ex.body_size)
+                self._reserve(admission, scope, budget, tz, worst)
         except ProxyError:
             self._release_rate(admission)
             for held in admission.reservations:
@@ -333,11 +336,12 @@ class Governance:
                 for m in decision.openrouter_models
             ]
 
-    def _check_rate(self, admission: Admission, context, doc: dict) -> None:
+    def _check_rate(self, admission: Admission, context, shape: RequestShape) -> None:
         limits = self.limits(context)
         if limits.rpm is None and limits.tpm is None:
             return
-        tokens = admission.token_estimate + _max_tokens(doc, 0)
+        # Every candidate's output counts (n=8 asks for eight answers).
+        tokens = admission.token_estimate + shape.choices * shape.output_tokens(0) + shape.prediction_bytes
         scope = getattr(context, "rate_scope", context.agent_id)
         verdict = self._limiter.check(scope, limits.rpm, limits.tpm, tokens)
         if not verdict.allowed:
@@ -359,17 +363,31 @@ class Governance:
             self._limiter.settle(admission.rate_key, admission.token_estimate, 0, admitted_at=admission.rate_at)
             admission.rate_key = None
 
-    def _reserve(self, admission: Admission, scope: str, budget, tz, doc: dict, body_size: int) -> None:
+    def _worst_case(self, candidates, shape: RequestShape) -> float | None:
         """
-        Hold the worst case of the dearest candidate.  The prompt is bounded
-        by the body's size in bytes (no tokenizer makes more tokens than
-        bytes), so a settled cost never exceeds what was held.
+        The worst case of the dearest candidate: everything the provider can
+        bill for this request (L{worst_input_tokens}: text by its bytes,
+        images, documents and tool use by the provider's rules; every
+        candidate answer at its output limit), so a settled cost never
+        exceeds what was held.  L{None} when no candidate is priced.
         """
         worst = None
-        for ref in admission.candidates:
-            cost = self.book.worst_case(ref.provider, ref.model, max(body_size, 1), _max_tokens(doc, None))
+        for ref in candidates:
+            cost = self.book.worst_case(
+                ref.provider,
+                ref.model,
+                worst_input_tokens(shape, ref.provider, ref.model),
+                shape.max_tokens,
+                choices=shape.choices,
+                min_output_tokens=shape.thinking_budget or 0,
+                extra_output_tokens=shape.prediction_bytes,
+            )
             if cost is not None:
                 worst = cost if worst is None else max(worst, cost)
+        return worst
+
+    def _reserve(self, admission: Admission, scope: str, budget, tz, worst: float | None) -> None:
+        """Hold C{worst} (L{_worst_case}) against one budget scope."""
         try:
             held = self.book.reserve(scope, budget, worst, tz)
         except BudgetError as e:
@@ -401,14 +419,6 @@ class Governance:
             if self._alerts is not None:
                 usage = self.book.usage(held.agent, held.budget, held.tz)
                 self._alerts.observe_usage(held.agent, held.budget, usage)
-
-
-def _max_tokens(doc: dict, default):
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = doc.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return default
 
 
 def build_governance(*, clock, pricing, metering, governance_dir, policy_file, unpriced, default_rpm, default_tpm,

@@ -27,11 +27,13 @@ import attrs
 from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .. import __version__
 from ..errors import ProxyError
+from ..identity.operator import OperatorGuard, request_source
 from ..identity.tokens import valid_agent_id
 from . import pages, views
 from .auth import (
@@ -42,12 +44,13 @@ from .auth import (
     SIGNIN_COOKIE,
     Session,
     SessionStore,
-    SignInThrottle,
     bearer_of,
     clean_name,
     client_address,
     cookie_header,
     csrf_matches,
+    host_allowed,
+    host_name,
     is_secure,
     read_session_cookie,
     same_origin,
@@ -106,7 +109,8 @@ class UiApp:
         session_idle: float = DEFAULT_SESSION_IDLE,
         live_interval: float = 2.0,
         web_root: str | None = None,
-        throttle: SignInThrottle | None = None,
+        guard: OperatorGuard | None = None,
+        allowed_hosts: frozenset[str] = frozenset(),
     ) -> None:
         self._token = token.encode("utf-8") if token else None
         self.metrics = metrics
@@ -129,7 +133,11 @@ class UiApp:
             audit=audit if audit is not None else getattr(operations, "_audit", None),
         )
         self.sessions = SessionStore(clock, lifetime=session_lifetime, idle=session_idle)
-        self.throttle = throttle or SignInThrottle(clock)
+        # The daemon passes its one guard, shared with the API port's
+        # operator endpoints; a UI built alone gets its own.
+        self.guard = guard if guard is not None else OperatorGuard(clock=clock, audit=self.services.audit)
+        self.allowed_hosts = frozenset(allowed_hosts)
+        self._refused_hosts: set[str] = set()
         self.templates = Templates(web_root)
         self.static = Static(web_root)
         self._generation = 0
@@ -208,8 +216,10 @@ class UiApp:
 
     def _principal(self, request) -> Principal | None:
         """
-        The operator behind C{request}, or None.  A wrong bearer token counts
-        as a failed attempt; an address over the limit raises L{_Refused}.
+        The operator behind C{request}, or None.  A bearer token is a guess
+        like any other: while its address must wait (L{OperatorGuard}) it
+        is not compared and L{_Refused} (429) is raised; a wrong one is
+        counted.  A session cookie is not a guess and never waits.
         """
         presented = bearer_of(request.getHeader(b"authorization"))
         if self._auth_disabled:
@@ -218,13 +228,13 @@ class UiApp:
                 session = self._start_session(request, None)
             return Principal("open", self._actor("open", request), session)
         if presented is not None and self._token is not None:
-            address = client_address(request)
-            wait = self.throttle.retry_after(address)
+            source = request_source(request)
+            wait = self.guard.refusal(source, "ui")
             if wait is not None:
                 raise _Refused(self._throttled(request, wait))
             if token_matches(presented, self._token):
                 return Principal("bearer", self._actor("bearer", request))
-            self.throttle.failed(address)
+            self.guard.failed(source, "ui")
             return None
         if self._token is None:
             return None
@@ -240,11 +250,49 @@ class UiApp:
                 request,
                 429,
                 pages.simple_page(self._context(request, None), title="Too many failed attempts", status_line="429",
-                                  message=f"Too many failed sign-ins from your address. Try again in {wait} seconds."),
+                                  message=f"Too many wrong operator tokens from your address. Try again in {wait} seconds."),
             )
         return self._json(
-            request, 429, self._error_doc(f"too many failed operator sign-ins from this address; retry in {wait} s", "too_many_attempts", "rate_limit_error")
+            request,
+            429,
+            self._error_doc(
+                f"too many wrong operator tokens from this address: the next one is compared in {wait} s",
+                "too_many_attempts",
+                "rate_limit_error",
+            ),
         )
+
+    def refuses_host(self, request) -> bool:
+        """
+        Authentication off: whether C{request} names a host this UI does
+        not answer to (L{host_allowed}).  A DNS-rebinding page reaches the
+        UI under its own name, and would otherwise be same-origin with it.
+        """
+        if not self._auth_disabled:
+            return False
+        host = request.getHeader(b"host")
+        if host_allowed(host, self.allowed_hosts):
+            return False
+        name = host_name(host or b"")[:255]
+        if name not in self._refused_hosts and len(self._refused_hosts) < 100:
+            self._refused_hosts.add(name)  # logged once per name, not per request
+            log.warn(
+                "operator UI (authentication off): refused requests for host {host!r} from {address}; "
+                "add it to CLLAMA_UI_ALLOWED_HOSTS if it is yours",
+                host=name, address=client_address(request),
+            )
+        return True
+
+    def misdirected(self, request) -> bytes:
+        """The answer to a request L{refuses_host}: 421 Misdirected Request."""
+        message = (
+            "authentication is off, so this UI answers only to localhost, IP addresses and the names "
+            "in CLLAMA_UI_ALLOWED_HOSTS (a protection against DNS rebinding)"
+        )
+        if self._wants_html(request):
+            page = pages.simple_page(self._context(request, None), title="Unknown host name", status_line="421", message=message)
+            return self._html(request, 421, page)
+        return self._json(request, 421, self._error_doc(message, "host_not_allowed", "permission_error"))
 
     def _unauthorised(self, request) -> bytes:
         if self._wants_html(request):
@@ -388,7 +436,7 @@ class UiApp:
         who = self._principal(request)
         if who is not None:
             return self._redirect(request, next_url)
-        wait = self.throttle.retry_after(client_address(request))
+        wait = self.guard.throttle.retry_after(request_source(request))
         return self._signin_page(request, next_url, None, 200 if wait is None else 429, wait)
 
     def _signin_page(self, request, next_url: str, error: str | None, status: int, wait: int | None = None) -> bytes:
@@ -410,14 +458,14 @@ class UiApp:
     def signin(self, request):
         form = _read_form(request)
         next_url = _safe_next(form.get("next") or "/")
-        address = client_address(request)
+        source = request_source(request)
         if self._auth_disabled:
             return self._redirect(request, next_url)
         if self._token is None:
             return self._signin_page(request, next_url, None, 403)
-        wait = self.throttle.retry_after(address)
+        # Not compared while the address waits: see OperatorGuard.
+        wait = self.guard.refusal(source, "sign_in", action="sign_in_throttled")
         if wait is not None:
-            self._emit("sign_in_throttled", Principal("anonymous", f"anonymous@{address}"))
             return self._signin_page(request, next_url, None, 429, wait)
         nonce = request.getCookie(SIGNIN_COOKIE.encode())
         if not same_origin(request) or not nonce or not secrets.compare_digest(
@@ -427,11 +475,9 @@ class UiApp:
                 request, next_url, "The sign-in form expired or your browser refused its cookie. Please try again.", 403
             )
         if not token_matches(form.get("token") or "", self._token):
-            self.throttle.failed(address)
-            self._emit("sign_in_failed", Principal("anonymous", f"anonymous@{address}"))
-            wait = self.throttle.retry_after(address)
+            self.guard.failed(source, "sign_in", action="sign_in_failed")
+            wait = self.guard.throttle.retry_after(source)
             return self._signin_page(request, next_url, "That is not the operator token.", 401 if wait is None else 429, wait)
-        self.throttle.succeeded(address)
         # A fresh session id at every sign-in (no fixation); drop any old one.
         old = self.sessions.get(read_session_cookie(request), touch=False)
         if old is not None:
@@ -1030,8 +1076,21 @@ class _CappedUiRequest(Request):
         transport.loseConnection()
 
 
+class _Misdirected(Resource):
+    """Answers a request for a host name the UI does not serve (see L{UiApp.refuses_host})."""
+
+    isLeaf = True
+
+    def __init__(self, ui: UiApp) -> None:
+        super().__init__()
+        self._ui = ui
+
+    def render(self, request):
+        return self._ui.misdirected(request)
+
+
 class UiSite(Site):
-    """The UI's Site: capped bodies, forms parsed by the app, no access log."""
+    """The UI's Site: capped bodies, forms parsed by the app, no access log, the Host check."""
 
     requestFactory = _CappedUiRequest
 
@@ -1042,6 +1101,14 @@ class UiSite(Site):
 
     def log(self, request):
         """No access log: operator actions are in the audit stream."""
+
+    def getResourceFor(self, request):
+        """Every request, before any route, passes the Host check (authentication off)."""
+        if self.ui.refuses_host(request):
+            request.site = self
+            request.sitepath = request.prepath[:]
+            return _Misdirected(self.ui)
+        return super().getResourceFor(request)
 
     def stopFactory(self):
         self.ui.live.stop()

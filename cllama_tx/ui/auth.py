@@ -9,9 +9,12 @@ Who may use the operator UI, and how a browser proves it.
    Sessions live in memory: a restart signs everybody out.  Every
    state-changing request made with the cookie carries the session's CSRF
    token (a hidden form field, or the C{X-CSRF-Token} header).
- - B{Failed attempts} (sign-in forms and wrong bearer tokens) are counted per
-   client address and in total; past the limit the address is refused with
-   429 and C{Retry-After} until the window has passed.
+ - B{Wrong tokens} (sign-in forms and bearer headers) are slowed per client
+   address by the daemon's one L{cllama_tx.identity.operator.OperatorGuard}:
+   an address that keeps guessing waits (429, C{Retry-After}) before its
+   next token is compared; nobody else's failures ever lock the operator out.
+ - B{Without authentication}, the UI answers only to the host names it
+   knows (L{host_allowed}): a DNS-rebinding page cannot drive it.
  - B{The token} comes from C{CLLAMA_UI_TOKEN}, or L{ensure_ui_token} makes one
    at start in a 0600 file of the state directory.  Running without
    authentication needs an explicit option and is logged loudly.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import secrets
@@ -129,67 +133,6 @@ def bearer_of(authorization: bytes | None) -> bytes | None:
     if scheme.lower() != b"bearer":
         return None
     return presented.strip()
-
-
-# --- failed attempts ---------------------------------------------------------------
-
-
-class SignInThrottle:
-    """
-    Failed attempts in a sliding window, per client address and in total.
-    An address with C{per_address} failures in C{window} seconds is refused
-    until the oldest of them leaves the window; so is everybody when the
-    whole UI saw C{overall} failures (a spread-out guessing attack).  A
-    success clears the address's record.
-    """
-
-    MAX_ADDRESSES = 10000
-
-    def __init__(self, clock, per_address: int = 5, overall: int = 100, window: float = 300.0) -> None:
-        self._clock = clock
-        self.per_address = per_address
-        self.overall = overall
-        self.window = window
-        self._failures: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
-        self._all: collections.deque = collections.deque()
-
-    def _prune(self, queue: collections.deque, now: float) -> None:
-        while queue and queue[0] <= now - self.window:
-            queue.popleft()
-
-    def retry_after(self, address: str) -> int | None:
-        """Seconds until C{address} may try again, or None when it may now."""
-        now = self._clock.seconds()
-        waits = []
-        self._prune(self._all, now)
-        if len(self._all) >= self.overall:
-            waits.append(self._all[len(self._all) - self.overall] + self.window - now)
-        queue = self._failures.get(address)
-        if queue is not None:
-            self._prune(queue, now)
-            if len(queue) >= self.per_address:
-                waits.append(queue[len(queue) - self.per_address] + self.window - now)
-            elif not queue:
-                del self._failures[address]
-        if not waits:
-            return None
-        return max(1, int(max(waits) + 0.999))
-
-    def failed(self, address: str) -> None:
-        now = self._clock.seconds()
-        queue = self._failures.pop(address, None)
-        if queue is None:
-            queue = collections.deque(maxlen=self.per_address * 2)
-        queue.append(now)
-        self._failures[address] = queue  # most recent last
-        while len(self._failures) > self.MAX_ADDRESSES:
-            self._failures.popitem(last=False)
-        self._all.append(now)
-        while len(self._all) > self.overall * 2:
-            self._all.popleft()
-
-    def succeeded(self, address: str) -> None:
-        self._failures.pop(address, None)
 
 
 # --- sessions ---------------------------------------------------------------------
@@ -335,3 +278,44 @@ def same_origin(request) -> bool:
         return True
     match = re.match(rb"^[a-z][a-z0-9+.-]*://([^/?#]+)", source.lower())
     return bool(match) and match.group(1) == host
+
+
+# --- the Host check (authentication off) ----------------------------------------------
+
+
+def host_name(host: bytes | str) -> str:
+    """The name of a C{Host} header: lower case, without port or brackets or final dot."""
+    if isinstance(host, bytes):
+        host = host.decode("latin-1")
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host[1:]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def host_allowed(host: bytes | str | None, allowed: frozenset[str] = frozenset()) -> bool:
+    """
+    Whether a request naming C{host} may be served when authentication is
+    off.  A DNS-rebinding page reaches the UI under the attacker's own host
+    name, so only names that cannot be rebound pass: IP literals,
+    C{localhost} and C{*.localhost}, and the operator's C{allowed} names
+    (C{name}, C{.domain} for it and its subdomains, C{*} for any).  A
+    request without C{Host} (HTTP/1.0: never a browser) passes.
+    """
+    if host is None or not host.strip():
+        return True
+    name = host_name(host)
+    if not name:
+        return False
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+        return True
+    except ValueError:
+        pass
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    if "*" in allowed or name in allowed:
+        return True
+    return any(entry.startswith(".") and (name.endswith(entry) or name == entry[1:]) for entry in allowed)

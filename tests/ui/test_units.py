@@ -1,5 +1,5 @@
 """
-The UI's pure parts: the token file, the failed-attempt throttle, sessions,
+The UI's pure parts: the token file, the Host check, sessions,
 content negotiation, escaping and templates, number formats, SVG.
 """
 
@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cllama_tx.ui import TokenFileError, ensure_ui_token, negotiate
 from cllama_tx.ui.app import _safe_next, budget_doc, vkey_fields
-from cllama_tx.ui.auth import SessionStore, SignInThrottle, clean_name, cookie_header, csrf_matches
+from cllama_tx.ui.auth import SessionStore, clean_name, cookie_header, csrf_matches, host_allowed, host_name
 from cllama_tx.ui.render import Html, Static, Templates, bar_chart, compact, el, escape, gauge, money, percent
 from cllama_tx.ui.views import costs_csv, period_bounds
 
@@ -52,33 +52,29 @@ class TokenFileTests(SynchronousTestCase):
         self.assertRaises(TokenFileError, ensure_ui_token, state)
 
 
-class ThrottleTests(SynchronousTestCase):
-    def test_per_address_window(self):
-        clock = Clock()
-        throttle = SignInThrottle(clock, per_address=3, overall=100, window=60)
-        for _ in range(3):
-            self.assertIsNone(throttle.retry_after("10.0.0.1"))
-            throttle.failed("10.0.0.1")
-        self.assertEqual(throttle.retry_after("10.0.0.1"), 60)
-        self.assertIsNone(throttle.retry_after("10.0.0.2"))
-        clock.advance(59.5)
-        self.assertEqual(throttle.retry_after("10.0.0.1"), 1)
-        clock.advance(1)
-        self.assertIsNone(throttle.retry_after("10.0.0.1"))
+class HostCheckTests(SynchronousTestCase):
+    """Authentication off: the names a DNS-rebinding page cannot use."""
 
-    def test_overall_limit_stops_a_spread_out_attack(self):
-        clock = Clock()
-        throttle = SignInThrottle(clock, per_address=5, overall=10, window=60)
-        for n in range(10):
-            throttle.failed(f"10.0.0.{n}")
-        self.assertIsNotNone(throttle.retry_after("192.168.1.1"))
+    def test_loopback_names_and_ip_literals_pass(self):
+        for host in (b"localhost", b"localhost:8081", b"LOCALHOST.", b"ui.localhost:8081", b"127.0.0.1:8081",
+                     b"[::1]:8081", b"[::1]", b"10.1.2.3", b"192.168.0.7:8081", b"[fe80::1%25eth0]:8081", None, b""):
+            self.assertTrue(host_allowed(host), host)
 
-    def test_success_clears_the_address(self):
-        throttle = SignInThrottle(Clock(), per_address=2)
-        throttle.failed("a")
-        throttle.succeeded("a")
-        throttle.failed("a")
-        self.assertIsNone(throttle.retry_after("a"))
+    def test_other_names_are_refused_unless_allowed(self):
+        for host in (b"evil.example:8081", b"attacker.com", b"localhost.evil.com", b"127.0.0.1.nip.io:8081", b"[not-an-ip]:80", b":8081"):
+            self.assertFalse(host_allowed(host), host)
+        allowed = frozenset({"cllama.lan", ".corp.example"})
+        self.assertTrue(host_allowed(b"CLLAMA.lan:8081", allowed))
+        self.assertTrue(host_allowed(b"ui.corp.example", allowed))
+        self.assertTrue(host_allowed(b"corp.example:8081", allowed))
+        self.assertFalse(host_allowed(b"evilcorp.example", allowed))
+        self.assertFalse(host_allowed(b"cllama.lan.evil.com", allowed))
+        self.assertTrue(host_allowed(b"anything.at.all", frozenset({"*"})))
+
+    def test_host_name(self):
+        self.assertEqual(host_name(b"Ex.COM.:8081"), "ex.com")
+        self.assertEqual(host_name(b"[::1]:8081"), "::1")
+        self.assertEqual(host_name("::1"), "::1")
 
 
 class SessionTests(SynchronousTestCase):

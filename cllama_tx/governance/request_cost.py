@@ -1,0 +1,308 @@
+"""
+The most a request can make a provider bill, in tokens, before it is sent:
+what budget reservations hold (C{docs/BUDGETS.md}, "Worst case").
+
+L{read_request} walks an OpenAI chat or Anthropic messages body once and
+keeps what a provider bills beyond the body's text: images, documents,
+tools, and the multipliers of the output (C{n} and its cousins, thinking
+budgets, predicted outputs).  L{worst_input_tokens} prices that shape for
+one model with L{billing_rules}.  Pure logic: no I/O, and never a fetch of
+a URL the request names (an image behind a URL counts as the largest image
+the model takes).
+
+Text is bounded by bytes: no tokenizer makes more tokens than UTF-8 bytes,
+and the JSON around each message is longer than the tokens a chat template
+adds per message.  Inline base64 images and documents are taken out of
+those bytes and counted by the provider's rules instead; inline audio stays
+counted as bytes (one token per base64 character is far above any
+documented audio rate for any real bitrate).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import attrs
+
+from .billing_rules import TOOL_WRAPPER_TOKENS, BillingRules, builtin_tool_tokens, rules_for
+
+__all__ = ["RequestShape", "read_request", "worst_input_tokens"]
+
+#: Fields that ask for several candidates, each billed in full.
+_CHOICE_FIELDS = ("n", "best_of", "candidate_count", "candidateCount")
+_MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+#: Nested objects of OpenAI-compatible providers that may carry the same
+#: fields (Gemini's generation config, its "extra_body.google" block).
+_NESTED = ("generationConfig", "generation_config")
+
+
+@attrs.frozen
+class RequestShape:
+    """
+    What a provider bills for one request, beyond what depends on the model.
+
+    @ivar text_bytes: the body's size without the inline media counted below.
+    @ivar images: image parts (of any detail).
+    @ivar low_detail_images: of those, OpenAI C{detail: "low"} ones.
+    @ivar documents: PDF documents whose page count is unknown.
+    @ivar opaque_inputs: inputs of unknown kind and size (file ids, MCP
+        servers, earlier audio answers): bounded by the context window.
+    @ivar tools: tool definitions (functions, custom tools, builtin tools).
+    @ivar builtin_tools: the provider-defined tools' types (C{bash_20250124}).
+    @ivar tool_choice: C{auto}, C{none}, C{any}, C{tool}, or L{None} when
+        not given in a known form.
+    @ivar choices: candidates generated (C{n}, C{best_of}, candidate counts).
+    @ivar max_tokens: the output limit per candidate, L{None} when absent.
+    @ivar thinking_budget: a thinking budget, L{None} when absent.
+    @ivar prediction_bytes: a predicted output's bytes (rejected prediction
+        tokens are billed as output).
+    """
+
+    text_bytes: int
+    images: int = 0
+    low_detail_images: int = 0
+    documents: int = 0
+    opaque_inputs: int = 0
+    tools: int = 0
+    builtin_tools: tuple[str, ...] = ()
+    tool_choice: str | None = None
+    choices: int = 1
+    max_tokens: int | None = None
+    thinking_budget: int | None = None
+    prediction_bytes: int = 0
+
+    def output_tokens(self, model_max: int | None) -> int:
+        """The output of one candidate: C{max_tokens} (else C{model_max}), at least the thinking budget."""
+        limit = self.max_tokens if self.max_tokens is not None else (model_max or 0)
+        return max(limit, self.thinking_budget or 0)
+
+
+def _count(value: Any) -> int | None:
+    """A positive whole number as a lenient provider would read it, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+        return math.ceil(value)
+    return None
+
+
+def _largest(*values: Any) -> int | None:
+    counts = [c for c in (_count(v) for v in values) if c is not None]
+    return max(counts) if counts else None
+
+
+def _nested_configs(doc: Mapping) -> list[Mapping]:
+    configs = [doc]
+    for name in _NESTED:
+        if isinstance(doc.get(name), Mapping):
+            configs.append(doc[name])
+    extra = doc.get("extra_body")
+    google = extra.get("google") if isinstance(extra, Mapping) else None
+    if isinstance(google, Mapping):
+        configs.append(google)
+        for name in _NESTED:
+            if isinstance(google.get(name), Mapping):
+                configs.append(google[name])
+    return configs
+
+
+def _thinking_budget(doc: Mapping, configs: list[Mapping]) -> int | None:
+    values = []
+    thinking = doc.get("thinking")
+    if isinstance(thinking, Mapping):
+        values.append(thinking.get("budget_tokens"))
+    reasoning = doc.get("reasoning")
+    if isinstance(reasoning, Mapping):
+        values.append(reasoning.get("max_tokens"))
+    for config in configs:
+        for name in ("thinking_config", "thinkingConfig"):
+            inner = config.get(name)
+            if isinstance(inner, Mapping):
+                values.append(inner.get("thinking_budget"))
+                values.append(inner.get("thinkingBudget"))
+    return _largest(*values)
+
+
+def _tool_choice(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, Mapping) else value
+    return {
+        "auto": "auto",
+        "none": "none",
+        "any": "any",
+        "required": "any",
+        "tool": "tool",
+        "function": "tool",
+    }.get(kind) if isinstance(kind, str) else None
+
+
+def _prediction_bytes(prediction: Any) -> int:
+    if not isinstance(prediction, Mapping):
+        return 0
+    content = prediction.get("content")
+    if isinstance(content, str):
+        return len(content.encode("utf-8", "surrogatepass"))
+    total = 0
+    if isinstance(content, list):
+        for part in content:
+            text = part.get("text") if isinstance(part, Mapping) else None
+            if isinstance(text, str):
+                total += len(text.encode("utf-8", "surrogatepass"))
+    return total
+
+
+class _Media:
+    """Counts media parts while the content blocks are walked."""
+
+    def __init__(self) -> None:
+        self.inline = 0
+        self.images = 0
+        self.low = 0
+        self.documents = 0
+        self.opaque = 0
+
+    def image_url(self, part: Mapping, key: str) -> None:
+        image = part.get(key)
+        url = image.get("url") if isinstance(image, Mapping) else image
+        detail = image.get("detail") if isinstance(image, Mapping) else part.get("detail")
+        if isinstance(url, str) and url[:5].lower() == "data:":
+            self.inline += len(url)
+        self.images += 1
+        if detail == "low":
+            self.low += 1
+
+    def image(self, part: Mapping) -> None:
+        source = part.get("source")
+        if isinstance(source, Mapping) and source.get("type") == "base64" and isinstance(source.get("data"), str):
+            self.inline += len(source["data"])
+        self.images += 1
+
+    def document(self, part: Mapping, pending: list) -> None:
+        source = part.get("source")
+        if not isinstance(source, Mapping):
+            self.opaque += 1
+            return
+        kind = source.get("type")
+        data = source.get("data")
+        if kind == "text":
+            return  # plain text: counted with the body's bytes
+        if kind == "content":
+            pending.append(source.get("content"))
+            return
+        if kind == "base64" and isinstance(data, str):
+            self.inline += len(data)
+            self.documents += 1
+        elif kind == "url":
+            self.documents += 1
+        else:
+            self.opaque += 1  # a file id: a PDF, or a text file of any length
+
+    def file(self, part: Mapping, key: str) -> None:
+        file = part.get(key)
+        if not isinstance(file, Mapping):
+            file = part
+        data = file.get("file_data")
+        if isinstance(data, str):
+            self.inline += len(data)
+            self.documents += 1
+        elif isinstance(file.get("file_url"), str):
+            self.documents += 1
+        else:
+            self.opaque += 1
+
+    def walk(self, content: Any) -> None:
+        """Every content block of a message, nested tool results included."""
+        pending = [content]
+        while pending:
+            blocks = pending.pop()
+            if not isinstance(blocks, list):
+                continue
+            for part in blocks:
+                if not isinstance(part, Mapping):
+                    continue
+                kind = part.get("type")
+                if kind == "image_url":
+                    self.image_url(part, "image_url")
+                elif kind == "input_image":
+                    self.image_url(part, "image_url")
+                elif kind == "image":
+                    self.image(part)
+                elif kind == "document":
+                    self.document(part, pending)
+                elif kind in ("file", "input_file"):
+                    self.file(part, "file")
+                elif kind in ("tool_result", "search_result"):
+                    pending.append(part.get("content"))
+
+
+def read_request(doc: Mapping, body_size: int) -> RequestShape:
+    """The billable shape of a chat or messages body of C{body_size} bytes."""
+    media = _Media()
+    messages = doc.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if not isinstance(message, Mapping):
+                continue
+            media.walk(message.get("content"))
+            audio = message.get("audio")
+            if isinstance(audio, Mapping) and "id" in audio:
+                media.opaque += 1  # an earlier spoken answer, billed again as input
+    mcp = doc.get("mcp_servers")
+    if isinstance(mcp, list):
+        media.opaque += len(mcp)  # their tools' definitions are fetched upstream
+    tools = [t for key in ("tools", "functions") if isinstance(doc.get(key), list) for t in doc[key]]
+    builtin = tuple(
+        t["type"]
+        for t in tools
+        if isinstance(t, Mapping) and isinstance(t.get("type"), str) and t["type"] not in ("function", "custom")
+    )
+    configs = _nested_configs(doc)
+    choices = _largest(*(config.get(name) for config in configs for name in _CHOICE_FIELDS))
+    max_tokens = _largest(
+        *(config.get(name) for config in configs for name in (*_MAX_TOKENS_FIELDS, "maxOutputTokens"))
+    )
+    return RequestShape(
+        text_bytes=max(0, body_size - media.inline),
+        images=media.images,
+        low_detail_images=media.low,
+        documents=media.documents,
+        opaque_inputs=media.opaque,
+        tools=len(tools),
+        builtin_tools=builtin,
+        tool_choice=_tool_choice(doc.get("tool_choice")),
+        choices=choices or 1,
+        max_tokens=max_tokens,
+        thinking_budget=_thinking_budget(doc, configs),
+        prediction_bytes=_prediction_bytes(doc.get("prediction")),
+    )
+
+
+def worst_input_tokens(shape: RequestShape, provider: str, model: str, rules: BillingRules | None = None) -> int:
+    """
+    The most prompt tokens C{provider}/C{model} can bill for C{shape}: the
+    text's bytes, every image at the largest size the model keeps, every
+    document at its most pages (parts of unknown size at the whole context
+    window), and the tokens tool use adds.
+    """
+    rules = rules or rules_for(provider, model)
+    high = shape.images - shape.low_detail_images
+    document = min(rules.document_pages * rules.page_tokens(), rules.context_tokens)
+    media = (
+        high * rules.image_tokens
+        + shape.low_detail_images * rules.low_detail_image_tokens
+        + shape.documents * document
+        + shape.opaque_inputs * rules.context_tokens
+    )
+    tools = 0
+    if shape.tools or shape.builtin_tools:
+        tools = (
+            rules.tool_prompt(shape.tool_choice)
+            + shape.tools * TOOL_WRAPPER_TOKENS
+            + sum(builtin_tool_tokens(kind) for kind in shape.builtin_tools)
+        )
+    return max(1, shape.text_bytes) + min(media, rules.context_tokens) + tools
