@@ -6,12 +6,14 @@ Operator credentials are long random strings: what keeps them safe is
 that wrong guesses are slow, not that the right one is kept out.  The
 rules, per client source (an IPv4 address, or an IPv6 /64):
 
- - its first L{FailureThrottle.free} wrong guesses are compared at once;
+ - its first C{free} wrong guesses cost nothing: the next credential it
+   presents is compared at once, whatever else happens;
  - every further wrong guess makes the source wait before its next
    credential is even compared: 1 s, 2 s, 4 s, ... at most C{max_delay};
  - across all sources, wrong guesses spend a shared budget
    (C{global_burst}, refilled at C{global_rate} a second); while it is
-   spent, sources past their free guesses wait for it too;
+   spent, sources past their free guesses wait for it too (so many
+   sources cannot add up their waits into a fast guessing rate);
  - a source is forgotten C{forget_after} seconds after its last wrong
    guess, and at most C{max_sources} sources are remembered.
 
@@ -127,7 +129,7 @@ class FailureThrottle:
         """
         now = self._clock.seconds()
         record = self._record(source, now)
-        if record is None or record.failures < self.free:
+        if record is None or record.failures <= self.free:
             return None
         waits = []
         until = record.last + self.delay_after(record.failures)

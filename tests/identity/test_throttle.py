@@ -72,9 +72,12 @@ class ThrottleTests(SynchronousTestCase):
         for n in range(10):
             throttle.failed(f"bot-{n}")  # the budget is spent
         for _ in range(5):
-            throttle.failed("heavy")  # past its free guesses, no own wait yet
+            throttle.failed("typo")  # its free guesses: never waits
+        self.assertIsNone(throttle.wait("typo"))
+        for _ in range(6):
+            throttle.failed("heavy")  # past its free guesses: own wait 1 s
         self.assertEqual(throttle.retry_after("heavy"), 2)  # one token at 0.5/s
-        self.assertIsNone(throttle.wait("bot-1"))  # within its free guesses
+        self.assertIsNone(throttle.wait("bot-1"))
         self.assertIsNone(throttle.wait("fresh"))
         self.clock.advance(2)
         self.assertIsNone(throttle.wait("heavy"))
