@@ -36,6 +36,7 @@ from .identity.throttle import FailureThrottle
 from .interfaces import IProviderRegistry
 from .providers.catalog import ProviderSpec
 from .providers.keys import KeyPool
+from .providers.probe import UpstreamProber
 from .providers.registry import ProviderRegistry, ResolvedProvider, UnknownProvider
 from .governance.engine import build_governance
 from .billing import BillingApi
@@ -276,7 +277,9 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
     AuditFlushService(audit).setServiceParent(shared)
 
     def pool_event(event: dict) -> None:
-        audit.emit("provider_pool", None, None, **event)
+        # A per-model cooldown names its model in the line's own model field.
+        event = dict(event)
+        audit.emit("provider_pool", None, event.pop("model", None), **event)
 
     context_root = config.context_root
     banner = None
@@ -348,6 +351,9 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         reactor, config.connect_timeout, tls_policy=upstream_tls_policy(config.upstream_ca_file)
     )
     UpstreamService(upstream).setServiceParent(shared)
+    if isinstance(providers, ProviderRegistry):
+        # Suspect keys are re-checked, dead ones re-probed, through the same client.
+        providers.attach_prober(UpstreamProber(upstream, reactor))
     proxy = Proxy(
         clock=reactor,
         contexts=contexts,

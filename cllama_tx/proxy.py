@@ -25,6 +25,9 @@ from .identity.tokens import MalformedCredentials, parse_credentials
 from .identity.virtual_keys import looks_like_virtual_key
 from .metering import CLIENT_CLOSED, Exchange
 from .providers.catalog import auth_headers, upstream_url
+from .providers.bodies import read_small
+from .providers.forwarding import NEVER_FORWARD, HeaderPolicy, forward
+from .providers.health import INCONCLUSIVE, VALID
 from .providers.keys import MAX_TRIES, classify_failure
 from .providers.registry import ProviderNotConfigured, UnknownProvider
 from .relay import HOP_BY_HOP, StreamRelay, UpstreamTimeout, copy_response_headers, read_body
@@ -34,19 +37,11 @@ from .tls import describe_tls_failure
 
 log = Logger()
 
-# Request headers that never travel upstream: the agent's credentials, this
-# hop's framing, and the pod's internal markers (CONTRACT 3.2).
-DROP_UPSTREAM = HOP_BY_HOP | {
-    b"authorization",
-    b"x-api-key",
-    b"host",
-    b"content-length",
-    b"accept-encoding",
-    b"x-claw-consumer-session-epoch",
-    b"x-cllama-policy-origin",
-}
-
-ANTHROPIC_VERSION = b"2023-06-01"
+# Request headers that never travel upstream whatever a provider's
+# allow-list says: credentials, account selection, cookies, client identity,
+# this hop's framing, the pod's markers.  What does travel is an explicit
+# allow-list per provider (cllama_tx.providers.forwarding).
+DROP_UPSTREAM = HOP_BY_HOP | NEVER_FORWARD
 
 # A non-stream answer is held whole (its cost goes into a header, and the
 # ledger row is committed before its last byte); past this size it is
@@ -212,9 +207,7 @@ class Proxy:
         ex.doc = upstream_doc
         self._ask_for_stream_usage(upstream_doc, ex, upstream_format)
         body = json.dumps(upstream_doc, separators=(",", ":")).encode("utf-8")
-        headers = forward_headers(request.requestHeaders)
-        if upstream_format == "anthropic" and not headers.hasHeader(b"anthropic-version"):
-            headers.setRawHeaders(b"anthropic-version", [ANTHROPIC_VERSION])
+        headers = forward_headers(request.requestHeaders, resolved.headers)
         url = upstream_url(resolved.spec.base_url, upstream_path).encode("utf-8")
         try:
             response, buffered = await self._send_with_pool(resolved, url, headers, body, ex)
@@ -327,34 +320,69 @@ class Proxy:
 
     async def _send_with_pool(self, resolved, url: bytes, headers: Headers, body: bytes, ex: Exchange):
         """
-        Send with the provider's next usable key; a key the provider refuses
-        (revoked, out of quota, rate limited) is marked and the next tried.
+        Send with the provider's next usable key for this model.  A key the
+        provider refuses is marked and the next one tried: out of quota,
+        dead; rate limited, cooling down (for this model only where the
+        provider limits per model); a 401 makes it suspect, and a re-check
+        that carries nothing from any agent decides whether the key is dead
+        or the 401 was about this request (then the agent hears it).
+
+        Returns the response and, for any non-2xx answer, its body (read
+        whole, bounded); every header and that body have the configured
+        secrets scrubbed out before anything reaches the agent.
         """
         pool = resolved.pool
+        scrubber = resolved.scrubber
+        model = ex.upstream_model
         tried: set[str] = set()
+        passthrough = None
         for _ in range(MAX_TRIES):
-            key = pool.acquire(tried)
+            key = pool.acquire(tried, model)
             if key is None:
-                break
+                # A suspect key's re-check may be in flight: wait for it
+                # rather than refuse while its fate is unknown.
+                pending = pool.checks_pending()
+                if pending is None:
+                    break
+                await pending
+                key = pool.acquire(tried, model)
+                if key is None:
+                    break
             attempt = headers.copy()
             for name, value in auth_headers(resolved.spec.auth, key.secret):
                 attempt.setRawHeaders(name, [value])
             response = await self._send(url, attempt, body, ex)
-            if response.code not in (401, 402, 429):
+            code = response.code
+            if scrubber is not None:
+                scrubber.scrub_headers(response.headers)
+            if 200 <= code < 300:
+                pool.succeeded(key)
                 return response, None
-            error_bytes = await read_body(response)
+            error_bytes = await read_small(response, self._clock, self._idle_timeout)
+            relayed = scrubber.scrub(error_bytes) if scrubber is not None else error_bytes
+            if code not in (401, 402, 429):
+                return response, relayed
             verdict = classify_failure(
-                response.code,
+                code,
                 _first(response.headers, b"retry-after"),
                 error_bytes,
                 now=self._clock.seconds(),
             )
-            # Not a key problem, or a keyless provider: the agent hears the
-            # provider's answer as it is.
-            if verdict is None or not pool.report(key, verdict):
-                return response, error_bytes
+            # Not a key problem, a 401 about the request, or a keyless
+            # provider: the agent hears the provider's answer.
+            if verdict is None or not pool.report(key, verdict, model):
+                return response, relayed
+            if pool.is_suspect(key):
+                outcome = await pool.recheck(key)
+                if outcome == VALID:
+                    return response, relayed
+                if outcome == INCONCLUSIVE:
+                    # Not proven dead: try another key, else pass the 401 on.
+                    passthrough = (response, relayed)
             tried.add(key.id)
-        retry_after = pool.retry_after()
+        if passthrough is not None:
+            return passthrough
+        retry_after = pool.retry_after(model)
         if retry_after is not None:
             raise ProxyError(
                 429,
@@ -362,11 +390,13 @@ class Proxy:
                 f"every key of provider {ex.provider!r} is cooling down after rate limits",
                 retry_after=max(1, int(retry_after)),
             )
+        # Every key is dead: the next re-probe may bring one back.
+        reprobe = pool.next_probe_in()
         raise ProxyError(
             503,
             "provider_keys_exhausted",
             f"no usable key left for provider {ex.provider!r}",
-            retry_after=60,
+            retry_after=min(60, reprobe) if reprobe is not None else 60,
         )
 
     async def _send(self, url: bytes, headers: Headers, body: bytes, ex: Exchange):
@@ -601,19 +631,13 @@ class Proxy:
         return settlement
 
 
-def forward_headers(incoming: Headers) -> Headers:
-    """The agent's headers minus everything that must not travel upstream."""
-    out = Headers()
-    connection_named = set()
-    for value in incoming.getRawHeaders(b"connection") or ():
-        connection_named.update(v.strip().lower() for v in value.split(b","))
-    for name, values in incoming.getAllRawHeaders():
-        lowered = name.lower()
-        if lowered in DROP_UPSTREAM or lowered in connection_named:
-            continue
-        out.setRawHeaders(name, values)
-    out.setRawHeaders(b"content-type", [b"application/json"])
-    return out
+def forward_headers(incoming: Headers, policy: HeaderPolicy) -> Headers:
+    """
+    What the upstream gets of the agent's headers: the provider's allow-list
+    only (never credentials, organization, project, cookies or forwarding
+    headers), JSON content type, and the operator's provider headers.
+    """
+    return forward(incoming, policy)
 
 
 def _bearer_or_api_key(headers: Headers) -> str | None:

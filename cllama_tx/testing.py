@@ -52,14 +52,17 @@ __all__ = [
     "anthropic_stream_events",
     "anthropic_usage",
     "dumps",
+    "echo_headers_error",
     "openai_completion",
     "openai_error",
     "openai_sse_events",
     "openai_stream_chunks",
     "openai_usage",
     "parse_sse",
+    "presented_key",
     "sse_encode_anthropic",
     "sse_encode_openai",
+    "strict_provider",
 ]
 
 _log = Logger()
@@ -1122,3 +1125,86 @@ class FakeProvider:
             return Reply(status=status, json=anthropic_error(kind, message))
         kind = {404: "invalid_request_error", 405: "invalid_request_error"}.get(status, "server_error")
         return Reply(status=status, json=openai_error(message, kind))
+
+
+# ---------------------------------------------------------------------------
+# Responders that judge the request: key health and secret scrubbing
+# ---------------------------------------------------------------------------
+
+
+def presented_key(received: ReceivedRequest) -> str | None:
+    """
+    The key a request carries (C{Authorization: Bearer} or C{x-api-key}).
+    """
+    auth = received.header("authorization")
+    if auth is not None and auth[:7].lower() == "bearer ":
+        return auth[7:]
+    return received.header("x-api-key")
+
+
+def _default_responder() -> Responder:
+    from cllama_tx.demo import DemoModel
+
+    return DemoModel().respond
+
+
+def strict_provider(
+    valid_keys: Any,
+    organization: str | None = None,
+    fallback: Responder | None = None,
+) -> Responder:
+    """
+    A responder that checks each request as OpenAI does, on every path (the
+    model list included): a key not in C{valid_keys} (read at each request,
+    so a test may revoke and restore keys) answers 401 C{invalid_api_key};
+    an C{OpenAI-Organization} header other than C{organization} answers 401
+    C{mismatched_organization}.  Anything else goes to C{fallback} (the demo
+    model).  Anthropic paths answer Anthropic's C{authentication_error}.
+    """
+    answer = fallback or _default_responder()
+
+    def respond(received: ReceivedRequest) -> Reply:
+        anthropic = _wire_format(received.path) == "anthropic" or received.header("anthropic-version") is not None
+        if presented_key(received) not in valid_keys:
+            if anthropic:
+                return Reply(status=401, json=anthropic_error("authentication_error", "invalid x-api-key"))
+            return Reply(
+                status=401,
+                json=openai_error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
+            )
+        org = received.header("openai-organization")
+        if org is not None and org != organization:
+            return Reply(
+                status=401,
+                json=openai_error(
+                    "OpenAI-Organization header should match organization for API key",
+                    "invalid_request_error",
+                    "mismatched_organization",
+                ),
+            )
+        return answer(received)
+
+    return respond
+
+
+def echo_headers_error(status: int = 400, fallback: Responder | None = None) -> Responder:
+    """
+    A responder that answers every inference request C{status} with an error
+    body quoting all the request's headers (as some gateways' debugging
+    errors do), and the presented key again in an C{x-echo-key} response
+    header; other paths (the model list) go to C{fallback}.
+    """
+    answer = fallback or _default_responder()
+
+    def respond(received: ReceivedRequest) -> Reply:
+        if received.path.endswith("/models"):
+            return answer(received)
+        quoted = "; ".join(f"{name}: {', '.join(values)}" for name, values in sorted(received.headers.items()))
+        message = f"could not route the request (headers: {quoted})"
+        if _wire_format(received.path) == "anthropic":
+            body = anthropic_error("invalid_request_error", message)
+        else:
+            body = openai_error(message, "invalid_request_error", "bad_request")
+        return Reply(status=status, json=body, headers={"x-echo-key": presented_key(received) or ""})
+
+    return respond

@@ -28,6 +28,7 @@ from cllama_tx.audit import AuditLog
 from cllama_tx.identity.contexts import ContextRegistry
 from cllama_tx.writethrough import install as install_write_through
 from cllama_tx.config import LISTEN_BACKLOG
+from cllama_tx.providers.probe import UpstreamProber
 from cllama_tx.providers.registry import ProviderRegistry
 from cllama_tx.proxy import Proxy
 from cllama_tx.relay import UpstreamClient
@@ -71,7 +72,8 @@ class ProxyHarness:
                  first_byte_timeout=10.0, idle_timeout=10.0, providers_json=None,
                  history_dir=None, pricing_file=None, no_stream_options=frozenset(),
                  fake_providers=("openai",), governance_dir=None, policy_file=None, unpriced="refuse",
-                 default_rpm=None, default_tpm=None, alert_webhooks=None, key_clock=None, tls_policy=None):
+                 default_rpm=None, default_tpm=None, alert_webhooks=None, key_clock=None, tls_policy=None,
+                 provider_clock=None):
         self.testcase = testcase
         self.env_extra = env or {}
         self.max_body_bytes = max_body_bytes
@@ -90,6 +92,9 @@ class ProxyHarness:
         self.alert_webhooks = alert_webhooks
         self.key_clock = key_clock
         self.tls_policy = tls_policy
+        # The key pools' clock (cooldowns, re-probe backoff): a task.Clock
+        # lets a test move key health on without waiting.
+        self.provider_clock = provider_clock or reactor
         self.audit_stream = _WatchedStream()
 
     @defer.inlineCallbacks
@@ -114,10 +119,14 @@ class ProxyHarness:
         self.audit = AuditLog(self.audit_stream, reactor)
         self.contexts = ContextRegistry(self.context_root, reactor)
         self.providers = ProviderRegistry(
-            env, self.auth_dir, reactor,
-            on_pool_event=lambda event: self.audit.emit("provider_pool", None, None, **event),
+            env, self.auth_dir, self.provider_clock,
+            on_pool_event=lambda event: self.audit.emit(
+                "provider_pool", None, event.get("model"), **{k: v for k, v in event.items() if k != "model"}
+            ),
         )
         self.upstream = UpstreamClient(reactor, connect_timeout=5.0, tls_policy=self.tls_policy)
+        self.providers.attach_prober(UpstreamProber(self.upstream, reactor))
+        case.addCleanup(self.providers.stop_probes)
         case.addCleanup(self.upstream.close)
         self.ledger = SqliteLedger(os.path.join(base, "state", "ledger.sqlite3"), reactor)
         os.makedirs(os.path.join(base, "state"), mode=0o700)

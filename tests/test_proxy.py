@@ -86,8 +86,15 @@ class PassthroughTests(TestCase):
                 "Accept-Encoding": ["gzip"],
                 "Connection": ["keep-alive, X-Hop"],
                 "X-Hop": ["drop me"],
-                "X-Custom-Trace": ["keep me"],
+                "X-Custom-Trace": ["an unknown header"],
                 "OpenAI-Organization": ["org-1"],
+                "OpenAI-Project": ["proj_1"],
+                "Cookie": ["session=1"],
+                "X-Forwarded-For": ["10.0.0.7"],
+                "X-Agent-ID": ["someone-else"],
+                "X-Stainless-OS": ["Linux"],
+                "User-Agent": ["OpenAI/Python 1.99.0"],
+                "Accept": ["application/json"],
             },
         )).content()
         [received] = self.h.fake.received
@@ -97,10 +104,22 @@ class PassthroughTests(TestCase):
             "x-cllama-policy-origin",
             "accept-encoding",
             "x-hop",
+            # An explicit allow-list: nothing the agent says about the
+            # account, nothing unknown.
+            "x-custom-trace",
+            "openai-organization",
+            "openai-project",
+            "cookie",
+            "x-forwarded-for",
+            "x-agent-id",
+            "x-stainless-os",
         ):
             self.assertIsNone(received.header(dropped), dropped)
-        self.assertEqual(received.header("x-custom-trace"), "keep me")
-        self.assertEqual(received.header("openai-organization"), "org-1")
+        self.assertEqual(
+            sorted(received.headers),
+            ["accept", "authorization", "content-length", "content-type", "host", "user-agent"],
+        )
+        self.assertEqual(received.header("user-agent"), "OpenAI/Python 1.99.0")
         self.assertEqual(received.headers["authorization"], [f"Bearer {PROVIDER_KEY}"])
         self.assertNotIn(SECRET, repr(received.headers))
 

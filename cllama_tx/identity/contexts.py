@@ -1,25 +1,32 @@
 """
-Agent contexts under C{CLAW_CONTEXT_ROOT}, cached and reloaded on change.
+Agent contexts under C{CLAW_CONTEXT_ROOT}, loaded ahead of use.
 
-The reference proxy re-reads about ten files per request.  Here a request for
-a known agent costs a dictionary lookup; at most once per C{recheck_interval}
-it costs two C{stat} calls, and files are only read again when their
-(mtime, size, inode) signature changed.
+Every context is read when the registry is built, and a watcher re-scans the
+root in the background (two C{stat} calls per agent, files read only when
+their (mtime, size, inode) signature changed), so a context added, changed
+or removed while running takes effect within C{recheck_interval} without a
+restart.  A request never touches the file system: it costs a dictionary
+lookup and one hash of the presented secret, the same for a known agent, an
+unknown one and a wrong secret, so neither the answer nor its timing tells
+which agents exist.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
-from collections import OrderedDict
 from typing import Any
 
 import attrs
 
+from twisted.application import service
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from cllama_tx.identity.tokens import expected_secret, secrets_equal, valid_agent_id
+from cllama_tx.identity.tokens import expected_secret, valid_agent_id
 from cllama_tx.jsonfile import Signature, UnreadableFile, file_signature, read_json_file
 from cllama_tx.interfaces import IContextRegistry
 
@@ -30,15 +37,21 @@ BUDGET_OVERRIDE_FILE = "budget-override.json"
 # read on the reactor thread.
 MAX_CONTEXT_FILE_BYTES = 1024 * 1024
 
-# Unknown ids are remembered for recheck_interval, but only this many, so a
-# flood of made-up ids cannot grow memory without bound.
-MAX_REMEMBERED_MISSES = 4096
+_log = Logger()
+
+
+def _digest(secret: str) -> bytes:
+    """
+    What a secret is compared by: a fixed-length digest, so that the
+    comparison takes the same time whatever the lengths of the presented
+    and the expected secrets.
+    """
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+
 
 # Compared against when there is no context, so that an unknown agent costs
-# the same as a wrong secret.  Same length as a Clawdapus secret.
-_DUMMY_SECRET = "0" * 48
-
-# (st_mtime_ns, st_size, st_ino); None when the file does not exist.
+# the same as a wrong secret.  Random: no secret can match it.
+_DUMMY_DIGEST = hashlib.sha256(os.urandom(32)).digest()
 
 
 class _Unusable(Exception):
@@ -73,24 +86,12 @@ class AgentContext:
 @attrs.define
 class _Loaded:
     """
-    A cached load of an existing C{metadata.json}: a context, or the problem
-    that prevents one.
+    A load of an existing C{metadata.json}: a context, or L{None} for the
+    problem that prevents one, and the signature of the files it came from.
     """
 
     context: AgentContext | None
     signature: tuple[Signature, Signature]
-    checked_at: float
-
-
-@attrs.define
-class _Missing:
-    """
-    A remembered miss: no C{metadata.json}.  C{directory_exists} is kept so
-    that a directory without metadata is warned about once, not per request.
-    """
-
-    directory_exists: bool
-    checked_at: float
 
 
 def _read_json(path: str) -> tuple[Signature, Any]:
@@ -118,13 +119,11 @@ class ContextRegistry:
     """
     The agents whose contexts live under one root directory.
 
-    Every agent id is checked with L{valid_agent_id} before it is joined to
-    a path.  Known agents are served from memory; files are re-checked by
-    C{stat} at most once per C{recheck_interval} seconds of C{clock} and
-    re-read only when they changed.  A miss triggers a load attempt, so an
-    agent added while running is found without a restart; misses are
-    remembered for C{recheck_interval} too, so unknown ids do not hit the disk
-    on every request.
+    Building the registry loads every context; L{scan} (run by the
+    L{ContextWatcher} of L{watcher} every C{recheck_interval} seconds of
+    C{clock}) follows additions, changes and removals.  The lookups
+    (L{authenticate}, L{get}, L{agent_ids}) only read memory.  Directory
+    names are checked with L{valid_agent_id} before they become paths.
     """
 
     def __init__(
@@ -138,61 +137,93 @@ class ContextRegistry:
         self._clock = clock
         self._recheck_interval = recheck_interval
         self._log = log if log is not None else Logger()
+        # Every agent directory with a metadata.json, usable or not.
         self._loaded: dict[str, _Loaded] = {}
-        self._missing: OrderedDict[str, _Missing] = OrderedDict()
+        # What requests see: the usable contexts and their secrets' digests.
+        self._usable: dict[str, tuple[AgentContext, bytes]] = {}
+        # Directories without metadata.json, warned about once.
+        self._bare: set[str] = set()
+        self._root_problem: str | None = None
+        self.scan()
 
-    def reload(self) -> None:
-        """Forget every cached context: each is read again on its next use."""
-        self._loaded.clear()
-        self._missing.clear()
+    def watcher(self) -> "ContextWatcher":
+        """The service that keeps this registry in line with the disk."""
+        return ContextWatcher(self, self._clock, self._recheck_interval)
+
+    # -- the request path: memory only
 
     def authenticate(self, agent_id: str, secret: str) -> AgentContext | None:
         """
         The agent's context when C{secret} is its secret, else L{None}.
 
-        Unknown or invalid ids are compared against a dummy secret, so the
-        answer and its timing do not tell which agents exist.
+        The same work for every answer: one lookup, one digest of the
+        presented secret, one constant-time comparison (against a random
+        digest when there is no such agent).
         """
-        context = self.get(agent_id)
-        expected = context.secret if context is not None else _DUMMY_SECRET
-        presented = secret if isinstance(secret, str) else ""
-        matches = secrets_equal(presented, expected)
-        if context is None or not matches:
-            return None
-        return context
+        entry = self._usable.get(agent_id) if isinstance(agent_id, str) else None
+        expected = _DUMMY_DIGEST if entry is None else entry[1]
+        presented = _digest(secret if isinstance(secret, str) else "")
+        if hmac.compare_digest(presented, expected) and entry is not None:
+            return entry[0]
+        return None
 
     def get(self, agent_id: str) -> AgentContext | None:
         """
         The current context of C{agent_id}, or L{None} when it has none that
         can be used.
         """
-        if not valid_agent_id(agent_id):
-            return None
-        now = self._clock.seconds()
-        loaded = self._loaded.get(agent_id)
-        if loaded is not None:
-            if now - loaded.checked_at < self._recheck_interval:
-                return loaded.context
-            return self._recheck(agent_id, loaded, now)
-        missing = self._missing.get(agent_id)
-        if missing is not None and now - missing.checked_at < self._recheck_interval:
-            return None
-        return self._recheck(agent_id, None, now)
+        entry = self._usable.get(agent_id) if isinstance(agent_id, str) else None
+        return None if entry is None else entry[0]
 
     def agent_ids(self) -> list[str]:
+        """The sorted ids of the agents with a usable context."""
+        return sorted(self._usable)
+
+    # -- loading: at start, then from the watcher
+
+    def reload(self) -> None:
+        """Read every context again, changed or not (operator reload)."""
+        self.scan(force=True)
+
+    def scan(self, force: bool = False) -> None:
         """
-        The sorted ids of the agents with a usable context.  Lists the root,
-        so it is for the UI, not for the request path.
+        Bring the registry in line with the root: load new and changed
+        contexts (every context with C{force}), drop removed ones.  When the
+        root cannot be listed (other than not existing), the contexts
+        already loaded stay.
         """
+        names = self._list_root()
+        if names is None:
+            return
+        for agent_id in names:
+            self._refresh(agent_id, force)
+        for agent_id in [a for a in self._loaded if a not in names]:
+            self._drop(agent_id, "its directory is gone")
+        self._bare &= names
+
+    def _list_root(self) -> set[str] | None:
+        """The valid ids that name a directory under the root."""
+        names: set[str] = set()
         try:
-            names = os.listdir(self._root)
-        except OSError:
-            return []
-        return sorted(
-            name
-            for name in names
-            if valid_agent_id(name) and self.get(name) is not None
-        )
+            with os.scandir(self._root) as entries:
+                for entry in entries:
+                    if valid_agent_id(entry.name) and _is_directory(entry):
+                        names.add(entry.name)
+        except (FileNotFoundError, NotADirectoryError):
+            self._root_trouble("does not exist")
+            return names
+        except OSError as e:
+            self._root_trouble(f"cannot be listed ({e.strerror or e.__class__.__name__})")
+            return None
+        if self._root_problem is not None:
+            self._log.info("Context root {root} is readable again", root=self._root)
+            self._root_problem = None
+        return names
+
+    def _root_trouble(self, problem: str) -> None:
+        if problem != self._root_problem:
+            self._log.warn("Context root {root} {problem}", root=self._root, problem=problem)
+            self._root_problem = problem
 
     def _paths(self, agent_id: str) -> tuple[str, str, str]:
         """
@@ -206,52 +237,45 @@ class ContextRegistry:
             os.path.join(directory, BUDGET_OVERRIDE_FILE),
         )
 
-    def _recheck(
-        self, agent_id: str, loaded: _Loaded | None, now: float
-    ) -> AgentContext | None:
+    def _refresh(self, agent_id: str, force: bool) -> None:
         """
-        Stat the agent's files and reload them if their signature changed.
+        Stat the agent's files and load them if their signature changed.
         """
         directory, metadata_path, override_path = self._paths(agent_id)
         metadata_signature = file_signature(metadata_path)
         if metadata_signature is None:
-            self._forget(agent_id, directory, now)
-            return None
+            self._drop(agent_id, f"its {METADATA_FILE} is gone")
+            if agent_id not in self._bare:
+                self._bare.add(agent_id)
+                self._log.warn(
+                    "Agent {agent_id} cannot authenticate: {file} is missing",
+                    agent_id=agent_id,
+                    file=METADATA_FILE,
+                )
+            return
+        self._bare.discard(agent_id)
         signature = (metadata_signature, file_signature(override_path))
-        if loaded is not None and loaded.signature == signature:
-            loaded.checked_at = now
-            return loaded.context
-        self._missing.pop(agent_id, None)
-        reloaded = self._load(agent_id, directory, metadata_path, override_path, now)
+        loaded = self._loaded.get(agent_id)
+        if not force and loaded is not None and loaded.signature == signature:
+            return
+        reloaded = self._load(agent_id, directory, metadata_path, override_path)
         if reloaded is None:
-            # Vanished between the stat and the open.
-            self._forget(agent_id, directory, now)
-            return None
+            # Vanished between the stat and the open: the next scan sees it.
+            self._drop(agent_id, f"its {METADATA_FILE} is gone")
+            return
         self._loaded[agent_id] = reloaded
-        return reloaded.context
+        context = reloaded.context
+        if context is None:
+            self._usable.pop(agent_id, None)
+        else:
+            self._usable[agent_id] = (context, _digest(context.secret))
 
-    def _forget(self, agent_id: str, directory: str, now: float) -> None:
-        """
-        Record that C{agent_id} has no metadata: drop its context, remember
-        the miss, and warn once when its directory exists without metadata.
-        """
-        if self._loaded.pop(agent_id, None) is not None:
-            self._log.info(
-                "Agent context {agent_id} removed: its {file} is gone",
-                agent_id=agent_id,
-                file=METADATA_FILE,
-            )
-        directory_exists = os.path.isdir(directory)
-        previous = self._missing.pop(agent_id, None)
-        if directory_exists and (previous is None or not previous.directory_exists):
-            self._log.warn(
-                "Agent {agent_id} cannot authenticate: {file} is missing",
-                agent_id=agent_id,
-                file=METADATA_FILE,
-            )
-        self._missing[agent_id] = _Missing(directory_exists, now)
-        while len(self._missing) > MAX_REMEMBERED_MISSES:
-            self._missing.popitem(last=False)
+    def _drop(self, agent_id: str, reason: str) -> None:
+        """Forget C{agent_id}'s context, if it had one."""
+        loaded = self._loaded.pop(agent_id, None)
+        self._usable.pop(agent_id, None)
+        if loaded is not None:
+            self._log.info("Agent context {agent_id} removed: {reason}", agent_id=agent_id, reason=reason)
 
     def _load(
         self,
@@ -259,10 +283,9 @@ class ContextRegistry:
         directory: str,
         metadata_path: str,
         override_path: str,
-        now: float,
     ) -> _Loaded | None:
         """
-        Read the agent's files into a fresh cache entry; L{None} when
+        Read the agent's files into a fresh entry; L{None} when
         C{metadata.json} does not exist.  Problems are logged here, which
         only runs when a file changed, so each problem is logged once.
         """
@@ -291,7 +314,7 @@ class ContextRegistry:
             if metadata_signature is None:
                 metadata_signature = file_signature(metadata_path)
             signature = (metadata_signature, file_signature(override_path))
-            return _Loaded(None, signature, now)
+            return _Loaded(None, signature)
 
         override_signature, budget = self._load_budget_override(
             agent_id, override_path, budget
@@ -310,7 +333,7 @@ class ContextRegistry:
             budget=budget,
         )
         self._log.info("Agent context {agent_id} loaded", agent_id=agent_id)
-        return _Loaded(context, (metadata_signature, override_signature), now)
+        return _Loaded(context, (metadata_signature, override_signature))
 
     def _load_budget_override(
         self, agent_id: str, override_path: str, budget: dict | None
@@ -341,3 +364,43 @@ class ContextRegistry:
             )
             return signature, budget
         return signature, override
+
+
+def _is_directory(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+class ContextWatcher(service.Service):
+    """
+    Re-scans a L{ContextRegistry}'s root every C{interval} seconds, off the
+    request path, so that a context added while running is loaded before
+    its agent's first request and not by it.
+    """
+
+    def __init__(self, registry: ContextRegistry, clock: IReactorTime, interval: float) -> None:
+        self._registry = registry
+        self._clock = clock
+        self._interval = interval
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self._scan)
+        self._loop.clock = self._clock
+        self._loop.start(self._interval, now=True)
+
+    def stopService(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        return super().stopService()
+
+    def _scan(self) -> None:
+        # A failing scan must not stop the loop: the next one may succeed.
+        try:
+            self._registry.scan()
+        except Exception:
+            _log.failure("Scanning the agent contexts failed")
