@@ -33,6 +33,7 @@ from .providers.registry import ProviderNotConfigured, UnknownProvider
 from .relay import HOP_BY_HOP, StreamRelay, UpstreamTimeout, copy_response_headers, read_body
 from .surfaces.bridges import bridge_for
 from .surfaces.translate import UntranslatableRequest
+from .surfaces.validate import check_fields, parse_body
 from .tls import describe_tls_failure
 
 log = Logger()
@@ -170,6 +171,8 @@ class Proxy:
         if (model is not None or policy is None) and (not isinstance(model, str) or not model.strip()):
             raise ProxyError(400, "missing_model", "the request body needs a 'model' string")
         ex.model = model
+        # Before anything is reserved or sent: the fields metering relies on.
+        check_fields(doc, ex.surface.api_format)
         ex.stream = doc.get("stream") is True
         options = doc.get("stream_options")
         ex.agent_wants_usage = ex.stream and isinstance(options, dict) and options.get("include_usage") is True
@@ -254,13 +257,7 @@ class Proxy:
     def _parse_body(request, ex: Exchange) -> dict:
         raw = request.content.read()
         ex.body_size = len(raw)
-        try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ProxyError(400, "invalid_json", f"the request body is not valid JSON: {e}") from None
-        if not isinstance(doc, dict):
-            raise ProxyError(400, "invalid_body", "the request body must be a JSON object")
-        return doc
+        return parse_body(raw)
 
     def _resolve(self, provider: str, ex: Exchange):
         try:

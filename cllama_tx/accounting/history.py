@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import re
 import threading
@@ -67,7 +68,23 @@ _RFC3339_HELP = (
 
 
 def _encode(value: Any) -> bytes:
-    return _ENCODER.encode(value).encode("ascii")
+    try:
+        return _ENCODER.encode(value).encode("ascii")
+    except ValueError:
+        # NaN or Infinity (a provider's answer may carry them; requests with
+        # them are refused): written as null rather than losing the turn.
+        return _ENCODER.encode(_finite(value)).encode("ascii")
+
+
+def _finite(value: Any) -> Any:
+    """C{value} with every NaN and infinity replaced by C{None}."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def parse_rfc3339(value: str) -> _dt.datetime:

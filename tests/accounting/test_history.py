@@ -99,8 +99,21 @@ class EntryTests(SynchronousTestCase):
         line.decode("ascii")
         self.assertEqual(json.loads(line)["request_original"]["text"], "\u65e5\u672c \U0001F600")
 
-    def test_nan_is_refused(self):
-        self.assertRaises(ValueError, make_entry(request_original={"x": float("nan")}).to_json_line)
+    def test_nan_is_written_as_null(self):
+        """
+        A provider's answer with NaN or Infinity keeps its turn: those
+        numbers become null, and the line stays strict JSON.
+        """
+        entry = make_entry(
+            request_original={"x": float("nan"), "ok": 1.5},
+            response=json_response({"scores": [float("inf"), -float("inf"), 2.0], "n": {"v": float("nan")}}),
+        )
+        line = entry.to_json_line()
+        self.assertNotIn(b"NaN", line)
+        self.assertNotIn(b"Infinity", line)
+        doc = json.loads(line, parse_constant=lambda name: self.fail(f"{name} written"))
+        self.assertEqual(doc["request_original"], {"x": None, "ok": 1.5})
+        self.assertEqual(doc["response"]["json"], {"scores": [None, None, 2.0], "n": {"v": None}})
 
     def test_helpers(self):
         self.assertEqual(sse_response("data: x\n\n"), {"format": "sse", "text": "data: x\n\n"})
