@@ -11,6 +11,7 @@ from twisted.trial.unittest import TestCase
 
 from cllama_tx.testing import (
     Reply,
+    strict_provider,
     openai_completion,
     openai_error,
     openai_sse_events,
@@ -106,25 +107,30 @@ class KeyPoolTests(TestCase):
 
     @defer.inlineCallbacks
     def test_revoked_key_fails_over_to_the_next(self):
+        """A 401 makes the key suspect; the re-check confirms it; the next key serves."""
         h = yield ProxyHarness(self, env=self.env).start()
-        h.fake.enqueue(
-            Reply(status=401, json=openai_error("Incorrect API key", "invalid_request_error", "invalid_api_key")),
-            Reply(json=openai_completion("ok", "gpt-4o-mini", 1, 1)),
-        )
+        h.fake._responder = strict_provider({"sk-key-two-bbbb"})
         response = yield h.chat(chat_body())
         self.assertEqual(response.code, 200)
-        yield response.content()
-        keys = [r.header("authorization") for r in h.fake.received]
-        self.assertEqual(keys, ["Bearer sk-key-one-aaaa", "Bearer sk-key-two-bbbb"])
+        self.assertEqual((yield response.json())["object"], "chat.completion")
+        seen = [(r.method, r.path, r.header("authorization")) for r in h.fake.received]
+        self.assertEqual(
+            seen,
+            [
+                ("POST", "/v1/chat/completions", "Bearer sk-key-one-aaaa"),
+                ("GET", "/v1/models", "Bearer sk-key-one-aaaa"),  # the re-check
+                ("POST", "/v1/chat/completions", "Bearer sk-key-two-bbbb"),
+            ],
+        )
         pool_lines = [l for l in h.audit_lines() if l["type"] == "provider_pool"]
-        self.assertEqual(len(pool_lines), 1)
-        self.assertEqual(pool_lines[0]["action"], "dead")
-        self.assertEqual(pool_lines[0]["provider"], "openai")
+        self.assertEqual([l["action"] for l in pool_lines], ["suspect", "dead"])
+        self.assertEqual({l["provider"] for l in pool_lines}, {"openai"})
+        self.assertEqual(pool_lines[1]["reason"], "unauthorized: re-check confirmed (GET /v1/models answered 401)")
         self.assertNotIn("sk-key-one-aaaa", h.audit_text())
         # The dead key is not tried again.
-        h.fake.enqueue(Reply(json=openai_completion("ok", "gpt-4o-mini", 1, 1)))
         yield (yield h.chat(chat_body())).content()
         self.assertEqual(h.fake.received[-1].header("authorization"), "Bearer sk-key-two-bbbb")
+        self.assertEqual(len(h.fake.received), 4)
 
     @defer.inlineCallbacks
     def test_all_keys_rate_limited_is_an_honest_429(self):

@@ -23,6 +23,17 @@ OPENAI_FORMAT = "openai"
 ANTHROPIC_FORMAT = "anthropic"
 API_FORMATS = frozenset({OPENAI_FORMAT, ANTHROPIC_FORMAT})
 
+# Where a provider's rate limits apply: to each model separately ("model":
+# a 429 for one model cools the key for that model only) or to the whole
+# key ("key", the contract's default for providers we know nothing about).
+PER_MODEL = "model"
+PER_KEY = "key"
+RATE_LIMIT_SCOPES = frozenset({PER_MODEL, PER_KEY})
+
+# The cheap authenticated GET that tells whether a key is valid, as an
+# ingress-style path (upstream_url() maps it onto the base URL).
+DEFAULT_PROBE_PATH = "/v1/models"
+
 
 def _one_of(allowed: frozenset):
     def check(instance, attribute, value):
@@ -45,24 +56,50 @@ class ProviderSpec:
     base_url: str | None
     auth: str = attrs.field(validator=_one_of(AUTH_MODES))
     api_format: str = attrs.field(validator=_one_of(API_FORMATS))
+    rate_limit_scope: str = attrs.field(default=PER_KEY, validator=_one_of(RATE_LIMIT_SCOPES))
+    probe_path: str | None = DEFAULT_PROBE_PATH
+    # The operator's OpenAI organization and project (openai format only).
+    organization: str | None = attrs.field(default=None, repr=False)
+    project: str | None = attrs.field(default=None, repr=False)
 
 
-def _spec(name: str, base_url: str | None, auth: str, api_format: str) -> ProviderSpec:
-    return ProviderSpec(name=name, base_url=base_url, auth=auth, api_format=api_format)
+def _spec(
+    name: str,
+    base_url: str | None,
+    auth: str,
+    api_format: str,
+    rate_limit_scope: str = PER_KEY,
+    probe_path: str | None = DEFAULT_PROBE_PATH,
+) -> ProviderSpec:
+    return ProviderSpec(
+        name=name,
+        base_url=base_url,
+        auth=auth,
+        api_format=api_format,
+        rate_limit_scope=rate_limit_scope,
+        probe_path=probe_path,
+    )
 
 
 CATALOG: Mapping[str, ProviderSpec] = MappingProxyType(
     {
         # --- CONTRACT 3.2 table (exact) -------------------------------------
+        # Rate limits per model: OpenAI (per model, per organization),
+        # Anthropic (per model class), Gemini (per model), xAI (per model),
+        # OpenRouter (per model; its 429s for paid models come from that
+        # model's upstream).  Probes: GET /models needs the key on all five,
+        # except OpenRouter's, which is public: its /key is not.
         # CONTRACT 3.2.
-        "openai": _spec("openai", "https://api.openai.com/v1", BEARER, OPENAI_FORMAT),
+        "openai": _spec(
+            "openai", "https://api.openai.com/v1", BEARER, OPENAI_FORMAT, PER_MODEL
+        ),
         # CONTRACT 3.2.
         "anthropic": _spec(
-            "anthropic", "https://api.anthropic.com/v1", X_API_KEY, ANTHROPIC_FORMAT
+            "anthropic", "https://api.anthropic.com/v1", X_API_KEY, ANTHROPIC_FORMAT, PER_MODEL
         ),
         # CONTRACT 3.2.
         "openrouter": _spec(
-            "openrouter", "https://openrouter.ai/api/v1", BEARER, OPENAI_FORMAT
+            "openrouter", "https://openrouter.ai/api/v1", BEARER, OPENAI_FORMAT, PER_MODEL, "/v1/key"
         ),
         # CONTRACT 3.2 (Gemini's OpenAI-compatible endpoint).
         "google": _spec(
@@ -70,13 +107,17 @@ CATALOG: Mapping[str, ProviderSpec] = MappingProxyType(
             "https://generativelanguage.googleapis.com/v1beta/openai",
             BEARER,
             OPENAI_FORMAT,
+            PER_MODEL,
         ),
         # CONTRACT 3.2.
-        "xai": _spec("xai", "https://api.x.ai/v1", BEARER, OPENAI_FORMAT),
-        # CONTRACT 3.2.
-        "vercel": _spec("vercel", "https://ai-gateway.vercel.sh/v1", BEARER, OPENAI_FORMAT),
+        "xai": _spec("xai", "https://api.x.ai/v1", BEARER, OPENAI_FORMAT, PER_MODEL),
+        # CONTRACT 3.2.  The gateway's model list is public; its credit
+        # balance is the key's own.
+        "vercel": _spec(
+            "vercel", "https://ai-gateway.vercel.sh/v1", BEARER, OPENAI_FORMAT, PER_KEY, "/v1/credits"
+        ),
         # CONTRACT 3.2 (the pod's ollama service; keyless).
-        "ollama": _spec("ollama", "http://ollama:11434/v1", NO_AUTH, OPENAI_FORMAT),
+        "ollama": _spec("ollama", "http://ollama:11434/v1", NO_AUTH, OPENAI_FORMAT, PER_KEY, None),
         # --- Anthropic Messages surface (CONTRACT 3.1) -----------------------
         # Base URLs below end in /v1 because upstream_url() strips the ingress
         # path's /v1 (Anthropic SDK clients append /v1/messages to the
@@ -142,6 +183,10 @@ class EnvNames:
 
     key_prefixes: tuple[str, ...]
     base_url: str | None
+    # Variables naming the operator's organization and project (the
+    # official OpenAI SDK's names), or None.
+    organization: str | None = None
+    project: str | None = None
 
     def key_vars(self) -> tuple[str, ...]:
         """Every key variable, highest priority first."""
@@ -156,7 +201,7 @@ KEY_SUFFIXES = ("", "_1", "_2")
 
 ENV_NAMES: Mapping[str, EnvNames] = MappingProxyType(
     {
-        "openai": EnvNames(("OPENAI",), "OPENAI_BASE_URL"),
+        "openai": EnvNames(("OPENAI",), "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"),
         "anthropic": EnvNames(("ANTHROPIC",), "ANTHROPIC_BASE_URL"),
         "openrouter": EnvNames(("OPENROUTER",), "OPENROUTER_BASE_URL"),
         "xai": EnvNames(("XAI",), "XAI_BASE_URL"),

@@ -18,6 +18,12 @@ Environment keys are never written to the file.  Runtime changes (key state
 changes, operator operations) are written back as v2: pool state changes
 after a short delay (coalesced), operator operations at once.
 
+Each provider also gets the operator's organization and project (file, or
+C{OPENAI_ORG_ID} / C{OPENAI_PROJECT_ID}), its forwarded-header policy
+(L{cllama_tx.providers.forwarding}) and, once L{attach_prober} is called,
+a re-checker for its keys (L{cllama_tx.providers.health}).  Every secret
+configured here is known to L{ProviderRegistry.scrubber}.
+
 L{ProviderRegistry.resolve} is on the per-request path: it does two dict
 lookups and one integer test, never any I/O.
 """
@@ -35,6 +41,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..interfaces import IProviderRegistry
+from ..scrub import SecretScrubber
 from ..surfaces.matrix import canonical_provider
 from . import store
 from .catalog import (
@@ -42,13 +49,18 @@ from .catalog import (
     AUTH_MODES,
     BEARER,
     CATALOG,
+    DEFAULT_PROBE_PATH,
     ENV_NAMES,
     NO_AUTH,
     OPENAI_FORMAT,
+    PER_KEY,
+    PER_MODEL,
     ProviderSpec,
     seed_key_id,
 )
-from .keys import KeyPool
+from .forwarding import HeaderPolicy, policy_for, valid_header_value
+from .health import KeyHealth
+from .keys import REPROBE_FIRST, REPROBE_MAX, KeyPool, mask_secret
 from .store import DISABLED, READY, SEED_PREFIX, KeyRecord, ProviderEntry, ProvidersFileError
 
 DEFAULT_SAVE_DELAY = 1.0
@@ -78,11 +90,16 @@ class ProviderNotConfigured(Exception):
 
 @attrs.frozen
 class ResolvedProvider:
-    """Where to send a request (C{spec}, with the effective base URL) and
-    the keys to send it with (C{pool})."""
+    """Where to send a request (C{spec}, with the effective base URL), the
+    keys to send it with (C{pool}), which headers go along (C{headers}) and
+    what to scrub from what comes back (C{scrubber}, or L{None})."""
 
     spec: ProviderSpec
     pool: KeyPool
+    headers: HeaderPolicy = attrs.field(
+        default=attrs.Factory(lambda self: policy_for(self.spec), takes_self=True)
+    )
+    scrubber: SecretScrubber | None = None
 
 
 def valid_secret(secret: str) -> bool:
@@ -127,6 +144,8 @@ class ProviderRegistry(Service):
         on_pool_event: Callable[[dict], None] | None = None,
         log: Logger | None = None,
         save_delay: float = DEFAULT_SAVE_DELAY,
+        reprobe_first: float = REPROBE_FIRST,
+        reprobe_max: float = REPROBE_MAX,
     ) -> None:
         self._env = env
         self._path = store.providers_path(auth_dir) if auth_dir else None
@@ -143,6 +162,11 @@ class ProviderRegistry(Service):
         self._pools: dict[str, KeyPool] = {}
         self._resolved: dict[str, ResolvedProvider] = {}
         self._problems: dict[str, str] = {}
+        self._reprobe_first = reprobe_first
+        self._reprobe_max = reprobe_max
+        self._prober = None
+        self.scrubber = SecretScrubber()
+        """Every secret configured here (keys, organization, project), ever."""
         self._build(self._load_file())
 
     @property
@@ -205,6 +229,13 @@ class ProviderRegistry(Service):
         for name in sorted(names):
             keys, active = self._merge_keys(name, entries.get(name))
             self._compose(name, keys, active)
+        self._learn_secrets()
+
+    def _learn_secrets(self) -> None:
+        secrets_now = [k.secret for pool in self._pools.values() for k in pool.keys]
+        for spec in self._specs.values():
+            secrets_now.extend(v for v in (spec.organization, spec.project) if v)
+        self.scrubber.add(secrets_now)
 
     def _env_value(self, var: str) -> str:
         return (self._env.get(var) or "").strip()
@@ -310,20 +341,59 @@ class ProviderRegistry(Service):
         base_from = "the catalog"
         auth = catalog.auth if catalog else BEARER
         api_format = catalog.api_format if catalog else OPENAI_FORMAT
+        scope = catalog.rate_limit_scope if catalog else PER_KEY
+        probe_path = catalog.probe_path if catalog else DEFAULT_PROBE_PATH
+        ids: dict[str, tuple[str | None, str]] = {"organization": (None, ""), "project": (None, "")}
         if entry is not None:
             if entry.base_url:
                 base_url = entry.base_url
                 base_from = "providers.json"
             auth = entry.auth or auth
             api_format = entry.api_format or api_format
+            scope = entry.rate_limit_scope or scope
+            for field in ids:
+                if getattr(entry, field):
+                    ids[field] = (getattr(entry, field), "providers.json")
         env_names = ENV_NAMES.get(name)
         if env_names is not None and env_names.base_url:
             override = self._env_value(env_names.base_url)
             if override:
                 base_url = override
                 base_from = env_names.base_url
-        spec = ProviderSpec(name=name, base_url=base_url, auth=auth, api_format=api_format)
+        if env_names is not None:
+            for field in ids:
+                var = getattr(env_names, field)
+                if var and self._env_value(var):
+                    ids[field] = (self._env_value(var), var)
+        organization, organization_from = ids["organization"]
+        project, project_from = ids["project"]
+        spec = ProviderSpec(
+            name=name,
+            base_url=base_url,
+            auth=auth,
+            api_format=api_format,
+            rate_limit_scope=scope,
+            probe_path=probe_path,
+            organization=organization if api_format == OPENAI_FORMAT else None,
+            project=project if api_format == OPENAI_FORMAT else None,
+        )
         where = self._path or "CLAW_AUTH_DIR/providers.json"
+        for field, (value, source) in ids.items():
+            if value is None:
+                continue
+            if not valid_header_value(value):
+                return spec, (
+                    f"provider {name!r} has an invalid {field} (from {source}): it must be "
+                    "printable ASCII without spaces"
+                )
+            if api_format != OPENAI_FORMAT:
+                self._log.warn(
+                    "Ignoring the {field} of provider {provider} (from {source}): it "
+                    "applies to openai-format providers only",
+                    field=field,
+                    provider=name,
+                    source=source,
+                )
         if base_url is None:
             return spec, (
                 f"provider {name!r} has no base URL: set \"base_url\" for it in "
@@ -354,19 +424,52 @@ class ProviderRegistry(Service):
                 keyless=keyless,
                 on_change=self._pool_event,
                 on_dirty=lambda name=name: self._mark_dirty(name),
+                reprobe_first=self._reprobe_first,
+                reprobe_max=self._reprobe_max,
             )
             self._pools[name] = pool
+            self._attach_health(name, pool)
         else:
             pool.keyless = keyless
             if keys is not None:
                 pool.reset(keys, active)
+        pool.per_model = spec.rate_limit_scope == PER_MODEL
         self._specs[name] = spec
         if problem is None:
-            self._resolved[name] = ResolvedProvider(spec=spec, pool=pool)
+            self._resolved[name] = ResolvedProvider(
+                spec=spec, pool=pool, headers=policy_for(spec), scrubber=self.scrubber
+            )
             self._problems.pop(name, None)
         else:
             self._resolved.pop(name, None)
             self._problems[name] = problem
+
+    # --- key health -------------------------------------------------------
+
+    def attach_prober(self, prober) -> None:
+        """
+        Re-check suspect keys and re-probe dead ones with C{prober} (a
+        L{cllama_tx.providers.probe.UpstreamProber}); dead keys get their
+        first re-probe scheduled now.  Until this is called a 401 kills a
+        key at once (nothing could re-check it).
+        """
+        self._prober = prober
+        for name, pool in self._pools.items():
+            self._attach_health(name, pool)
+
+    def _attach_health(self, name: str, pool: KeyPool) -> None:
+        if self._prober is None or pool.health is not None:
+            return
+        pool.health = KeyHealth(
+            pool, lambda key, name=name: self._prober.probe(self._specs[name], key), self._clock, self._log
+        )
+        pool.arm_reprobes()
+
+    def stop_probes(self) -> None:
+        """Cancel every scheduled re-probe (shutdown, tests)."""
+        for pool in self._pools.values():
+            if pool.health is not None:
+                pool.health.stop()
 
     def _problem(self, name: str) -> str | None:
         problem = self._problems.get(name)
@@ -476,6 +579,9 @@ class ProviderRegistry(Service):
                 active_key_id=active,
                 source=entry.source,
                 keys=[k for k in keys if not k.from_environment],
+                organization=entry.organization,
+                project=entry.project,
+                rate_limit_scope=entry.rate_limit_scope,
             )
         return entries
 
@@ -510,6 +616,7 @@ class ProviderRegistry(Service):
         self._build(self._load_file())
 
     def stopService(self):
+        self.stop_probes()
         try:
             self.flush()
         except ProvidersFileError as e:
@@ -616,6 +723,7 @@ class ProviderRegistry(Service):
                 added_at=self._clock.seconds(),
             )
         )
+        self.scrubber.add([secret])
         self._save_now()
         return key_id
 
@@ -669,6 +777,9 @@ class ProviderRegistry(Service):
                     else None,
                     "auth": spec.auth,
                     "api_format": spec.api_format,
+                    "rate_limit_scope": spec.rate_limit_scope,
+                    "organization": mask_secret(spec.organization) or None,
+                    "project": mask_secret(spec.project) or None,
                     "source": source,
                     "configured": problem is None,
                     "problem": problem,

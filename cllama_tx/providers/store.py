@@ -38,7 +38,13 @@ READY = "ready"
 COOLDOWN = "cooldown"
 DEAD = "dead"
 DISABLED = "disabled"
-STATES = frozenset({READY, COOLDOWN, DEAD, DISABLED})
+# A 401 made the key suspect: it waits for a re-check before anything
+# decides its fate.  Held in memory only; the file says "ready" (the
+# contract's states), so a restart simply re-checks on the next 401.
+SUSPECT = "suspect"
+FILE_STATES = frozenset({READY, COOLDOWN, DEAD, DISABLED})
+STATES = FILE_STATES | {SUSPECT}
+RATE_LIMIT_SCOPES = frozenset({"model", "key"})
 
 
 class ProvidersFileError(Exception):
@@ -70,6 +76,18 @@ class KeyRecord:
     last_error_reason: str | None = None
     last_error_at: float | None = None
     added_at: float | None = None
+    # Health bookkeeping, in memory only (never written to the file).
+    # When a dead key is re-probed next (None: not scheduled).
+    next_probe_at: float | None = None
+    # Deaths and failed re-probes since the key last served a request: the
+    # exponent of the re-probe backoff.
+    backoff_level: int = 0
+    # 401s whose re-check could not tell, since the key last served a request.
+    strikes: int = 0
+    # When a re-check last found the key valid.
+    checked_at: float | None = None
+    # model -> end of its cooldown, for providers that limit per model.
+    model_cooldowns: dict[str, float] = attrs.Factory(dict)
 
     @property
     def from_environment(self) -> bool:
@@ -91,6 +109,14 @@ class ProviderEntry:
     active_key_id: str | None = None
     source: str = "seed"
     keys: list[KeyRecord] = attrs.Factory(list)
+    # Operator settings beyond the contract's fields: written only when set,
+    # so a file that does not use them stays exactly as the contract has it.
+    # Organization and project are sent as the provider's OpenAI-Organization
+    # and OpenAI-Project headers (never the agent's); not secrets, but kept
+    # out of logs and reprs anyway.
+    organization: str | None = attrs.field(default=None, repr=False)
+    project: str | None = attrs.field(default=None, repr=False)
+    rate_limit_scope: str | None = None
 
 
 def providers_path(auth_dir: str) -> str:
@@ -225,6 +251,13 @@ def _parse_entry(path: str, name: str, raw: Any) -> ProviderEntry:
     source = _opt_str(path, where, "source", raw) or "seed"
     if source not in SOURCES:
         raise ProvidersFileError(path, f"{where}: \"source\" must be \"seed\" or \"runtime\"")
+    scope = _opt_str(path, where, "rate_limit_scope", raw)
+    if scope is not None:
+        scope = scope.lower()
+        if scope not in RATE_LIMIT_SCOPES:
+            raise ProvidersFileError(
+                path, f"{where}: \"rate_limit_scope\" must be \"model\" or \"key\""
+            )
     entry = ProviderEntry(
         name=name,
         base_url=_opt_str(path, where, "base_url", raw),
@@ -232,6 +265,9 @@ def _parse_entry(path: str, name: str, raw: Any) -> ProviderEntry:
         api_format=api_format,
         active_key_id=_opt_str(path, where, "active_key_id", raw),
         source=source,
+        organization=_opt_str(path, where, "organization", raw),
+        project=_opt_str(path, where, "project", raw),
+        rate_limit_scope=scope,
     )
     raw_keys = raw.get("keys")
     if raw_keys is not None:
@@ -280,8 +316,13 @@ def _parse_key(path: str, where: str, raw: Any) -> KeyRecord | None:
     if source not in SOURCES:
         raise ProvidersFileError(path, f"{where}: \"source\" must be \"seed\" or \"runtime\"")
     state = (_opt_str(path, where, "state", raw) or READY).lower()
-    if state not in STATES:
-        raise ProvidersFileError(path, f"{where}: \"state\" must be one of {sorted(STATES)}")
+    if state == SUSPECT:
+        # Not a contract state; a suspect key is re-checked on its next 401.
+        state = READY
+    if state not in FILE_STATES:
+        raise ProvidersFileError(
+            path, f"{where}: \"state\" must be one of {sorted(FILE_STATES)}"
+        )
     code = raw.get("last_error_code")
     if code in (None, "", 0):
         code = None
@@ -321,31 +362,36 @@ def to_document(entries: Mapping[str, ProviderEntry]) -> dict:
     providers = {}
     for name in sorted(entries):
         entry = entries[name]
-        providers[name] = {
+        document: dict[str, Any] = {
             "base_url": entry.base_url,
             "auth": entry.auth,
             "api_format": entry.api_format,
             "active_key_id": entry.active_key_id,
             "source": entry.source,
-            "keys": [
-                {
-                    "id": key.id,
-                    "label": key.label,
-                    "secret": key.secret,
-                    "source": key.source,
-                    "state": key.state,
-                    "cooldown_until": format_timestamp(
-                        key.cooldown_until if key.state == COOLDOWN else None
-                    ),
-                    "last_error_code": key.last_error_code,
-                    "last_error_reason": key.last_error_reason,
-                    "last_error_at": format_timestamp(key.last_error_at),
-                    "added_at": format_timestamp(key.added_at),
-                }
-                for key in entry.keys
-                if not key.id.startswith(SEED_PREFIX)
-            ],
         }
+        for field in ("organization", "project", "rate_limit_scope"):
+            value = getattr(entry, field)
+            if value is not None:
+                document[field] = value
+        providers[name] = document
+        document["keys"] = [
+            {
+                "id": key.id,
+                "label": key.label,
+                "secret": key.secret,
+                "source": key.source,
+                "state": READY if key.state == SUSPECT else key.state,
+                "cooldown_until": format_timestamp(
+                    key.cooldown_until if key.state == COOLDOWN else None
+                ),
+                "last_error_code": key.last_error_code,
+                "last_error_reason": key.last_error_reason,
+                "last_error_at": format_timestamp(key.last_error_at),
+                "added_at": format_timestamp(key.added_at),
+            }
+            for key in entry.keys
+            if not key.id.startswith(SEED_PREFIX)
+        ]
     return {"version": FILE_VERSION, "providers": providers}
 
 

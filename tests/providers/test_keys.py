@@ -31,10 +31,11 @@ SECRETS = {
 
 
 class ClassifyTests(SynchronousTestCase):
-    def test_401_dead(self):
+    def test_401_suspect(self):
+        """A 401 alone does not condemn a key: it may be about the request."""
         self.assertEqual(
             classify_failure(401, None, b'{"error":"invalid key"}'),
-            Verdict("dead", "unauthorized", None, 401),
+            Verdict("suspect", "unauthorized", None, 401),
         )
 
     def test_402_dead(self):
@@ -205,6 +206,8 @@ class AcquireTests(PoolTestCase):
             if outcome is None:
                 break
             pool.report(key, classify_failure(*outcome))
+            if pool.is_suspect(key):
+                pool.recheck(key)  # no re-checker: the 401 stands
             tried.add(key.id)
         self.assertEqual(key.id, "c")
         self.assertEqual(
@@ -214,25 +217,36 @@ class AcquireTests(PoolTestCase):
 
 
 class ReportTests(PoolTestCase):
-    def test_401_dead(self):
+    def test_401_suspect_then_dead_without_a_rechecker(self):
         pool = self.pool(_keys("a", "b"))
         key = pool.acquire()
-        pool.report(key, classify_failure(401, None, b""))
-        self.assertEqual(key.state, "dead")
+        self.assertTrue(pool.report(key, classify_failure(401, None, b"")))
+        self.assertEqual(key.state, "suspect")
+        self.assertTrue(pool.is_suspect(key))
         self.assertEqual(key.last_error_code, 401)
         self.assertEqual(key.last_error_reason, "unauthorized")
         self.assertEqual(key.last_error_at, NOW)
         self.assertEqual(pool.acquire().id, "b")
+        self.assertIsNone(pool.checks_pending())
+        self.assertEqual(self.successResultOf(pool.recheck(key)), "invalid")
+        self.assertEqual(key.state, "dead")
         self.assertEqual(
             self.events,
             [
                 {
                     "provider": "openai",
                     "key_id": "a",
-                    "action": "dead",
-                    "reason": "unauthorized",
+                    "action": "suspect",
+                    "reason": "unauthorized: re-checking the key",
                     "cooldown_until": None,
-                }
+                },
+                {
+                    "provider": "openai",
+                    "key_id": "a",
+                    "action": "dead",
+                    "reason": "unauthorized: re-check confirmed (no re-check available)",
+                    "cooldown_until": None,
+                },
             ],
         )
         self.assertTrue(self.dirty)
@@ -438,3 +452,92 @@ class ManagementTests(PoolTestCase):
         pool = self.pool(_keys("a"))
         self.assertNoSecrets(repr(pool))
         self.assertNoSecrets(repr(pool.keys))
+
+
+class PerModelCooldownTests(PoolTestCase):
+    """Providers that limit each model separately: a 429 cools one model."""
+
+    def pool(self, keys, per_model=True, **kwargs):
+        pool = super().pool(keys, **kwargs)
+        pool.per_model = per_model
+        return pool
+
+    def test_a_429_for_one_model_leaves_the_others(self):
+        pool = self.pool(_keys("a"))
+        a = pool.acquire(set(), "gpt-4o")
+        self.assertTrue(pool.report(a, classify_failure(429, b"20", b"Rate limit reached for gpt-4o"), "gpt-4o"))
+        self.assertEqual(a.state, "ready")
+        self.assertEqual(a.model_cooldowns, {"gpt-4o": NOW + 20})
+        self.assertIsNone(pool.acquire(set(), "gpt-4o"))
+        self.assertIs(pool.acquire(set(), "gpt-4o-mini"), a)
+        self.assertIs(pool.acquire(), a)
+        self.assertEqual(pool.retry_after("gpt-4o"), 20)
+        self.assertEqual(pool.retry_after("gpt-4o-mini"), 1)
+        self.assertEqual(
+            self.events,
+            [
+                {
+                    "provider": "openai",
+                    "key_id": "a",
+                    "action": "cooldown",
+                    "reason": "rate limited",
+                    "cooldown_until": "2026-01-02T03:04:25.000Z",
+                    "model": "gpt-4o",
+                }
+            ],
+        )
+        self.clock.advance(20)
+        self.assertIs(pool.acquire(set(), "gpt-4o"), a)
+        self.assertEqual(a.model_cooldowns, {})
+        self.assertEqual(self.events[-1]["action"], "ready")
+        self.assertEqual(self.events[-1]["model"], "gpt-4o")
+
+    def test_other_keys_serve_the_cooled_model(self):
+        pool = self.pool(_keys("a", "b"))
+        pool.report(pool.keys[0], Verdict("cooldown", "rate limited", 30, 429), "gpt-4o")
+        self.assertEqual(pool.acquire(set(), "gpt-4o").id, "b")
+        self.assertEqual(pool.acquire(set(), "o3").id, "a")
+        pool.report(pool.keys[1], Verdict("cooldown", "rate limited", 5, 429), "gpt-4o")
+        self.assertIsNone(pool.acquire(set(), "gpt-4o"))
+        self.assertEqual(pool.retry_after("gpt-4o"), 5)
+
+    def test_model_cooldown_only_extends(self):
+        pool = self.pool(_keys("a"))
+        a = pool.keys[0]
+        pool.report(a, Verdict("cooldown", "rate limited", 30, 429), "m")
+        pool.report(a, Verdict("cooldown", "rate limited", 5, 429), "m")
+        self.assertEqual(a.model_cooldowns, {"m": NOW + 30})
+        self.assertEqual([e["action"] for e in self.events], ["cooldown"])
+
+    def test_quota_exhaustion_is_still_the_whole_key(self):
+        pool = self.pool(_keys("a"))
+        a = pool.keys[0]
+        pool.report(a, classify_failure(429, None, b'{"error":{"code":"insufficient_quota"}}'), "gpt-4o")
+        self.assertEqual(a.state, "dead")
+        self.assertIsNone(pool.acquire(set(), "o3"))
+
+    def test_per_key_providers_cool_the_whole_key(self):
+        pool = self.pool(_keys("a"), per_model=False)
+        a = pool.keys[0]
+        pool.report(a, Verdict("cooldown", "rate limited", 10, 429), "gpt-4o")
+        self.assertEqual((a.state, a.model_cooldowns), ("cooldown", {}))
+        self.assertIsNone(pool.acquire(set(), "o3"))
+        self.assertNotIn("model", self.events[-1])
+
+    def test_a_dead_key_forgets_its_model_cooldowns(self):
+        pool = self.pool(_keys("a"))
+        a = pool.keys[0]
+        pool.report(a, Verdict("cooldown", "rate limited", 30, 429), "m")
+        pool.report(a, Verdict("dead", "payment required", None, 402))
+        pool.activate("a")
+        self.assertEqual(a.model_cooldowns, {})
+        self.assertIs(pool.acquire(set(), "m"), a)
+
+    def test_snapshot_lists_model_cooldowns(self):
+        pool = self.pool(_keys("a"))
+        pool.report(pool.keys[0], Verdict("cooldown", "rate limited", 30, 429), "gpt-4o")
+        [key] = pool.snapshot()["keys"]
+        self.assertEqual(key["state"], "ready")
+        self.assertEqual(key["model_cooldowns"], [{"model": "gpt-4o", "until": "2026-01-02T03:04:35.000Z"}])
+        self.clock.advance(30)
+        self.assertEqual(pool.snapshot()["keys"][0]["model_cooldowns"], [])

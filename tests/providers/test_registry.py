@@ -731,3 +731,100 @@ class ReloadTests(RegistryTestCase):
         with self.assertRaises(ProvidersFileError):
             registry.reload()
         self.assertEqual(registry.resolve("openai").pool.acquire().secret, ENV_SECRET)
+
+
+ORG = "org-operator0000000000000001"
+PROJECT = "proj_operator00000000000001"
+
+
+class OperatorSettingsTests(RegistryTestCase):
+    """Organization, project, rate-limit scope, header policy and scrubbing."""
+
+    def test_organization_from_the_file_is_sent_as_the_providers_header(self):
+        self.write({"version": 2, "providers": {"openai": {"organization": ORG, "project": PROJECT}}})
+        resolved = self.registry({"OPENAI_API_KEY": ENV_SECRET}).resolve("openai")
+        self.assertEqual(
+            resolved.headers.fixed,
+            ((b"OpenAI-Organization", ORG.encode()), (b"OpenAI-Project", PROJECT.encode())),
+        )
+
+    def test_environment_overrides_the_file(self):
+        self.write({"version": 2, "providers": {"openai": {"organization": "org-from-file-000"}}})
+        registry = self.registry(
+            {"OPENAI_API_KEY": ENV_SECRET, "OPENAI_ORG_ID": ORG, "OPENAI_PROJECT_ID": PROJECT}
+        )
+        spec = registry.resolve("openai").spec
+        self.assertEqual((spec.organization, spec.project), (ORG, PROJECT))
+        # The file keeps its own value: the environment is never written to it.
+        registry.add_key("openai", FILE_SECRET)
+        self.assertIn(b"org-from-file-000", self.read())
+        self.assertNotIn(ORG.encode(), self.read())
+
+    def test_invalid_organization_makes_the_provider_unusable(self):
+        registry = self.registry({"OPENAI_API_KEY": ENV_SECRET, "OPENAI_ORG_ID": "org 1\r\nX-Evil: 1"})
+        with self.assertRaises(ProviderNotConfigured) as caught:
+            registry.resolve("openai")
+        self.assertIn("invalid organization (from OPENAI_ORG_ID)", caught.exception.message)
+        self.assertNotIn("X-Evil", caught.exception.message)
+
+    def test_organization_ignored_for_anthropic_format(self):
+        self.write({"version": 2, "providers": {"anthropic": {"organization": ORG}}})
+        resolved = self.registry({"ANTHROPIC_API_KEY": ENV_SECRET}).resolve("anthropic")
+        self.assertIsNone(resolved.spec.organization)
+        self.assertEqual(resolved.headers.fixed, ())
+        self.assertEqual(resolved.headers.defaults, ((b"anthropic-version", b"2023-06-01"),))
+
+    def test_rate_limit_scope(self):
+        self.write(
+            {
+                "version": 2,
+                "providers": {
+                    "xai": {"rate_limit_scope": "key"},
+                    "lab": {"base_url": "http://lab.example/v1", "keys": [{"id": "runtime:l", "secret": FILE_SECRET}]},
+                },
+            }
+        )
+        registry = self.registry({"OPENAI_API_KEY": ENV_SECRET, "XAI_API_KEY": ENV_SECRET_1})
+        self.assertTrue(registry.resolve("openai").pool.per_model)
+        self.assertFalse(registry.resolve("xai").pool.per_model)  # the file says so
+        self.assertFalse(registry.resolve("lab").pool.per_model)  # unknown: the contract's default
+        self.assertEqual(registry.resolve("lab").spec.probe_path, "/v1/models")
+        snapshot = {p["name"]: p for p in registry.snapshot()}
+        self.assertEqual(snapshot["openai"]["rate_limit_scope"], "model")
+        self.assertEqual(snapshot["xai"]["rate_limit_scope"], "key")
+
+    def test_scrubber_knows_every_secret(self):
+        self.write(
+            {
+                "version": 2,
+                "providers": {
+                    "openai": {"organization": ORG, "project": PROJECT},
+                    "xai": {"keys": [{"id": "runtime:x", "secret": FILE_SECRET}]},
+                },
+            }
+        )
+        registry = self.registry({"OPENAI_API_KEY": ENV_SECRET, "ANTHROPIC_API_KEY": ENV_SECRET_1})
+        registry.add_key("xai", UI_SECRET)
+        resolved = registry.resolve("openai")
+        self.assertIs(resolved.scrubber, registry.scrubber)
+        body = " ".join([ENV_SECRET, ENV_SECRET_1, FILE_SECRET, UI_SECRET, ORG, PROJECT]).encode()
+        self.assertEqual(registry.scrubber.scrub(body), b" ".join([b"[redacted]"] * 6))
+        # A deleted key may still be echoed by an answer in flight.
+        [ui_key] = [k.id for k in registry.resolve("xai").pool.keys if k.id.startswith("runtime:") and k.id != "runtime:x"]
+        registry.delete_key("xai", ui_key)
+        self.assertEqual(registry.scrubber.scrub(UI_SECRET.encode()), b"[redacted]")
+
+    def test_snapshot_masks_organization_and_project(self):
+        registry = self.registry({"OPENAI_API_KEY": ENV_SECRET, "OPENAI_ORG_ID": ORG, "OPENAI_PROJECT_ID": PROJECT})
+        [openai] = [p for p in registry.snapshot() if p["name"] == "openai"]
+        self.assertEqual(openai["organization"], "org-…0001")
+        self.assertEqual(openai["project"], "proj…0001")
+        self.assertNotIn(ORG, json.dumps(registry.snapshot()))
+
+    def test_org_fields_survive_a_save(self):
+        self.write({"version": 2, "providers": {"openai": {"organization": ORG, "rate_limit_scope": "key"}}})
+        registry = self.registry()
+        registry.add_key("openai", FILE_SECRET)
+        document = json.loads(self.read())["providers"]["openai"]
+        self.assertEqual((document["organization"], document["rate_limit_scope"]), (ORG, "key"))
+        self.assertNotIn("project", document)

@@ -431,3 +431,72 @@ class KeyRecordTests(SynchronousTestCase):
         key = KeyRecord(id="k", label=None, secret="s")
         with self.assertRaises(ValueError):
             key.state = "zombie"
+
+
+class OperatorFieldTests(SynchronousTestCase):
+    """Organization, project and rate-limit scope: optional, written only when set."""
+
+    def test_round_trip(self):
+        d = Dir(self)
+        d.write(
+            {
+                "version": 2,
+                "providers": {
+                    "openai": {
+                        "organization": " org-operator0001 ",
+                        "project": "proj_operator0001",
+                        "rate_limit_scope": "KEY",
+                        "keys": [{"id": "runtime:a", "secret": SECRET}],
+                    }
+                },
+            }
+        )
+        entries = load(d.path)
+        entry = entries["openai"]
+        self.assertEqual(
+            (entry.organization, entry.project, entry.rate_limit_scope),
+            ("org-operator0001", "proj_operator0001", "key"),
+        )
+        self.assertNotIn("org-operator0001", repr(entry))
+        save(d.path, entries)
+        document = json.loads(d.read_bytes())["providers"]["openai"]
+        self.assertEqual(document["organization"], "org-operator0001")
+        self.assertEqual(document["project"], "proj_operator0001")
+        self.assertEqual(document["rate_limit_scope"], "key")
+
+    def test_unset_fields_are_not_written(self):
+        d = Dir(self)
+        save(d.path, {"xai": ProviderEntry(name="xai", keys=[KeyRecord(id="runtime:a", label=None, secret=SECRET)])})
+        document = json.loads(d.read_bytes())["providers"]["xai"]
+        self.assertEqual(
+            sorted(document), ["active_key_id", "api_format", "auth", "base_url", "keys", "source"]
+        )
+
+    def test_bad_scope(self):
+        d = Dir(self)
+        d.write({"providers": {"openai": {"rate_limit_scope": "per-galaxy"}}})
+        with self.assertRaises(ProvidersFileError) as caught:
+            load(d.path)
+        self.assertIn("rate_limit_scope", str(caught.exception))
+
+    def test_suspect_is_read_and_written_as_ready(self):
+        d = Dir(self)
+        d.write({"version": 2, "providers": {"xai": {"keys": [{"id": "runtime:a", "secret": SECRET, "state": "suspect"}]}}})
+        entries = load(d.path)
+        self.assertEqual(entries["xai"].keys[0].state, "ready")
+        entries["xai"].keys[0].state = "suspect"
+        save(d.path, entries)
+        self.assertEqual(json.loads(d.read_bytes())["providers"]["xai"]["keys"][0]["state"], "ready")
+
+    def test_health_bookkeeping_is_not_written(self):
+        d = Dir(self)
+        key = KeyRecord(id="runtime:a", label=None, secret=SECRET, state="dead")
+        key.next_probe_at, key.backoff_level, key.strikes = T0, 3, 1
+        key.model_cooldowns["gpt-4o"] = T0
+        save(d.path, {"xai": ProviderEntry(name="xai", keys=[key])})
+        [written] = json.loads(d.read_bytes())["providers"]["xai"]["keys"]
+        self.assertEqual(
+            sorted(written),
+            ["added_at", "cooldown_until", "id", "label", "last_error_at", "last_error_code",
+             "last_error_reason", "secret", "source", "state"],
+        )
