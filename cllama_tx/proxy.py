@@ -580,7 +580,7 @@ class Proxy:
         if 200 <= status < 300:
             try:
                 doc = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the stack
                 doc = None
             if isinstance(doc, dict):
                 ex.usage = usage_from_json(doc, api_format)

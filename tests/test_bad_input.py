@@ -226,6 +226,19 @@ class BadInputTests(TestCase):
         self.assertEqual(len(self.h.fake.received), len(accepted))
 
     @defer.inlineCallbacks
+    def test_provider_answer_nested_past_the_stack(self):
+        """
+        A provider's JSON answer nested past Python's recursion limit is no
+        500: the agent gets it as sent, like any answer that is not JSON.
+        """
+        deep = b'{"id":"x","object":"chat.completion","choices":[],"x":' + nested(5000) + b"}"
+        self.h.fake.enqueue(Reply(raw=deep, headers={"content-type": "application/json"}))
+        response = yield self.h.post(CHAT_PATH, data=body(CHAT_PATH), token=f"{AGENT}:{SECRET}")
+        self.assertEqual((response.code, (yield response.content())), (200, deep))
+        line = yield self.h.wait_for_audit(lambda line: line["type"] in ("response", "error"))
+        self.assertEqual((line["type"], line["status_code"]), ("response", 200))
+
+    @defer.inlineCallbacks
     def test_unauthenticated_bad_body_is_a_403(self):
         """Identity comes first: a bad body from a stranger is no 400."""
         response = yield self.h.post(CHAT_PATH, data=body(CHAT_PATH, b'"x":NaN'), token=f"ghost:{SECRET}")
