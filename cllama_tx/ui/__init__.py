@@ -2,7 +2,8 @@
 The operator UI site (default :8081), one module per job:
 
   - L{app}: the Klein app (routes, negotiation, forms) and its Site;
-  - L{auth}: the operator token, sessions, CSRF, failed-attempt throttling;
+  - L{auth}: the operator token, sessions, CSRF, the Host check (guesses are
+    slowed by L{cllama_tx.identity.operator.OperatorGuard});
   - L{views}: what each page shows, as JSON-able dicts (the pages' JSON twins);
   - L{pages}: those dicts as HTML, from the templates in C{web/};
   - L{render}: escaping, templates, number formats, SVG charts;
