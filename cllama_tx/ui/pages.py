@@ -43,7 +43,7 @@ NAV = (
 )
 
 TONE = {"ok": "ok", "warning": "warn", "exhausted": "crit", "invalid": "crit", "none": "muted"}
-KEY_TONE = {"ready": "ok", "cooldown": "warn", "dead": "crit", "disabled": "muted"}
+KEY_TONE = {"ready": "ok", "cooldown": "warn", "suspect": "warn", "dead": "crit", "disabled": "muted"}
 
 
 @attrs.define
@@ -713,7 +713,7 @@ def provider_card(ctx: PageContext, p: dict, manageable: bool) -> Html:
                 Html(el("strong", None, k["label"] or k["id"]) + (badge("active", "accent") if k["active"] else "") + el("div", {"class": "muted small"}, k["id"])),
                 el("code", {"class": "masked"}, k["masked_secret"] or "–"),
                 "environment" if k["from_environment"] else k["source"],
-                Html(badge(k["state"], KEY_TONE.get(k["state"], "muted")) + (el("div", {"class": "muted small"}, "until ", _stamp(k.get("cooldown_until"), ctx.now)) if k.get("cooldown_until") else "")),
+                Html(badge(k["state"], KEY_TONE.get(k["state"], "muted")) + key_health(ctx, k)),
                 Html(
                     el("span", None, " ".join(str(x) for x in (k.get("last_error_code"), k.get("last_error_reason")) if x))
                     + (el("div", {"class": "muted small"}, _stamp(k.get("last_error_at"), ctx.now)) if k.get("last_error_at") else "")
@@ -737,7 +737,10 @@ def provider_card(ctx: PageContext, p: dict, manageable: bool) -> Html:
                 "div",
                 None,
                 el("h2", None, p["name"]),
-                el("p", {"class": "muted small"}, f"{p['base_url'] or 'no base URL'} · auth {p['auth']} · {p['api_format']} format · from {p['source']}"),
+                el("p", {"class": "muted small"}, f"{p['base_url'] or 'no base URL'} · auth {p['auth']} · {p['api_format']} format · from {p['source']}"
+                   + (" · rate limits per model" if p.get("rate_limit_scope") == "model" else "")
+                   + (f" · organization {p['organization']}" if p.get("organization") else "")
+                   + (f" · project {p['project']}" if p.get("project") else "")),
             ),
             el(
                 "div",
@@ -751,6 +754,21 @@ def provider_card(ctx: PageContext, p: dict, manageable: bool) -> Html:
         keys,
         provider_key_form(ctx, p) if manageable and not p["keyless"] else "",
     )
+
+
+def key_health(ctx: PageContext, k: dict) -> Html:
+    """Under a key's state: until when it cools down (for every model, or
+    which ones), when a dead key is re-probed, whether a re-check runs."""
+    lines = []
+    if k.get("cooldown_until"):
+        lines.append(el("div", {"class": "muted small"}, "until ", _stamp(k["cooldown_until"], ctx.now)))
+    for c in k.get("model_cooldowns") or ():
+        lines.append(el("div", {"class": "muted small key-model-cooldown"}, f"{c['model']} cooling down until ", _stamp(c["until"], ctx.now)))
+    if k.get("probing"):
+        lines.append(el("div", {"class": "muted small key-probe"}, "re-checking the key now"))
+    elif k.get("next_probe_at"):
+        lines.append(el("div", {"class": "muted small key-probe"}, "next re-probe ", _stamp(k["next_probe_at"], ctx.now)))
+    return Html.join(lines)
 
 
 def _stamp(text: str | None, now: float) -> Html:

@@ -340,7 +340,7 @@ def attention(services: Services, agents: list[dict], providers: list[dict], tot
         keys = p.get("keys") or []
         if not keys or p.get("keyless"):
             continue
-        usable = [k for k in keys if k["state"] in ("ready", "cooldown")]
+        usable = [k for k in keys if k["state"] in ("ready", "cooldown", "suspect")]
         if not usable:
             items.append(
                 {"level": "critical", "text": f"Provider {p['name']}: no usable key (every key is dead or disabled)", "href": "/providers"}
@@ -348,7 +348,12 @@ def attention(services: Services, agents: list[dict], providers: list[dict], tot
         for k in keys:
             if k["state"] == "dead":
                 why = k.get("last_error_reason") or k.get("last_error_code") or "refused by the provider"
-                items.append({"level": "critical", "text": f"Provider {p['name']}: key {k['masked_secret'] or k['id']} is dead ({why})", "href": "/providers"})
+                again = "; re-probed now" if k.get("probing") else (
+                    f"; next re-probe {k['next_probe_at']}" if k.get("next_probe_at") else ""
+                )
+                items.append({"level": "critical", "text": f"Provider {p['name']}: key {k['masked_secret'] or k['id']} is dead ({why}{again})", "href": "/providers"})
+            elif k["state"] == "suspect":
+                items.append({"level": "warning", "text": f"Provider {p['name']}: key {k['masked_secret'] or k['id']} answered 401 and is being re-checked", "href": "/providers"})
             elif k["state"] == "cooldown":
                 items.append({"level": "warning", "text": f"Provider {p['name']}: key {k['masked_secret'] or k['id']} is cooling down", "href": "/providers"})
     for a in agents:
@@ -591,7 +596,7 @@ def providers(services: Services) -> dict:
     snapshot = services.providers.snapshot()
     for p in snapshot:
         states = [k["state"] for k in p["keys"]]
-        p["pool"] = {state: states.count(state) for state in ("ready", "cooldown", "dead", "disabled")}
+        p["pool"] = {state: states.count(state) for state in ("ready", "cooldown", "suspect", "dead", "disabled")}
         # The registry's retry_after is 1 whenever a key is ready: only a
         # pool with nothing ready is waiting for anything.
         p["waiting_s"] = p["retry_after"] if not p["pool"]["ready"] and p["pool"]["cooldown"] else None
