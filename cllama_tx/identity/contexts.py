@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import attrs
 
 from twisted.application import service
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -38,6 +39,10 @@ BUDGET_OVERRIDE_FILE = "budget-override.json"
 MAX_CONTEXT_FILE_BYTES = 1024 * 1024
 
 _log = Logger()
+
+#: Agents a background scan checks per reactor turn (two stat calls each,
+#: about 10 us), so that a large root never holds the reactor for long.
+SCAN_SLICE = 100
 
 
 def _digest(secret: str) -> bytes:
@@ -192,10 +197,21 @@ class ContextRegistry:
         root cannot be listed (other than not existing), the contexts
         already loaded stay.
         """
+        for _ in self.scan_slices(force):
+            pass
+
+    def scan_slices(self, force: bool = False, size: int | None = None) -> Iterator[None]:
+        """
+        L{scan}, pausing (yielding) after every C{size} agents (default
+        L{SCAN_SLICE}), for a caller that spreads it over reactor turns.
+        """
+        size = size or SCAN_SLICE
         names = self._list_root()
         if names is None:
             return
-        for agent_id in names:
+        for done, agent_id in enumerate(names):
+            if done and done % size == 0:
+                yield None
             self._refresh(agent_id, force)
         for agent_id in [a for a in self._loaded if a not in names]:
             self._drop(agent_id, "its directory is gone")
@@ -377,7 +393,9 @@ class ContextWatcher(service.Service):
     """
     Re-scans a L{ContextRegistry}'s root every C{interval} seconds, off the
     request path, so that a context added while running is loaded before
-    its agent's first request and not by it.
+    its agent's first request and not by it.  A scan runs in slices of
+    L{SCAN_SLICE} agents, one per reactor turn; the next starts
+    C{interval} seconds after one ends.
     """
 
     def __init__(self, registry: ContextRegistry, clock: IReactorTime, interval: float) -> None:
@@ -385,6 +403,7 @@ class ContextWatcher(service.Service):
         self._clock = clock
         self._interval = interval
         self._loop: LoopingCall | None = None
+        self._next_slice: IDelayedCall | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -396,11 +415,32 @@ class ContextWatcher(service.Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._next_slice is not None and self._next_slice.active():
+            self._next_slice.cancel()
+        self._next_slice = None
         return super().stopService()
 
-    def _scan(self) -> None:
-        # A failing scan must not stop the loop: the next one may succeed.
-        try:
-            self._registry.scan()
-        except Exception:
-            _log.failure("Scanning the agent contexts failed")
+    def _scan(self) -> Deferred:
+        """One scan, slice by slice; fires when it is over."""
+        done: Deferred = Deferred()
+        slices: Iterator[None] | None = None
+
+        def step() -> None:
+            nonlocal slices
+            self._next_slice = None
+            try:
+                if slices is None:
+                    slices = self._registry.scan_slices()
+                next(slices)
+            except StopIteration:
+                done.callback(None)
+                return
+            except Exception:
+                # A failing scan must not stop the loop: the next may succeed.
+                _log.failure("Scanning the agent contexts failed")
+                done.callback(None)
+                return
+            self._next_slice = self._clock.callLater(0, step)
+
+        step()
+        return done

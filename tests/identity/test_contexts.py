@@ -543,7 +543,12 @@ class WatcherTests(RegistryTestsMixin, SynchronousTestCase):
         clock = Clock()
         registry = ContextRegistry(self.root, clock, recheck_interval=5.0)
         scans: list[bool] = []
-        self.patch(registry, "scan", lambda force=False: scans.append(force))
+
+        def scan_slices(force: bool = False) -> Any:
+            scans.append(force)
+            return iter(())
+
+        self.patch(registry, "scan_slices", scan_slices)
         watcher = registry.watcher()
         self.assertIsInstance(watcher, ContextWatcher)
         watcher.startService()
@@ -563,16 +568,16 @@ class WatcherTests(RegistryTestsMixin, SynchronousTestCase):
 
         globalLogPublisher.addObserver(failures.append)
         self.addCleanup(globalLogPublisher.removeObserver, failures.append)
-        original = self.registry.scan
+        original = self.registry.scan_slices
         calls = []
 
-        def flaky(force: bool = False) -> None:
+        def flaky(force: bool = False) -> Any:
             calls.append(force)
             if len(calls) == 1:
                 raise OSError("disk on fire")
-            original(force)
+            return original(force)
 
-        self.patch(self.registry, "scan", flaky)
+        self.patch(self.registry, "scan_slices", flaky)
         self.tick()
         self.make_agent("alice")
         self.assertEqual(len(calls), 2)
@@ -581,6 +586,64 @@ class WatcherTests(RegistryTestsMixin, SynchronousTestCase):
         self.assertEqual(len(logged), 1)
         self.assertIn("disk on fire", str(logged[0]["log_failure"].value))
         self.flushLoggedErrors(OSError)
+
+
+class SliceTests(RegistryTestsMixin, SynchronousTestCase):
+    """
+    The watcher's scan checks L{contexts.SCAN_SLICE} agents per reactor
+    turn, so a large root never holds the reactor for a whole scan.
+    """
+
+    def test_one_slice_per_turn(self) -> None:
+        self.patch(contexts, "SCAN_SLICE", 10)
+        for i in range(25):
+            self.make_agent(f"agent{i:02d}", tick=False)
+        refreshed: list[int] = []
+        turns = [0]
+        original = self.registry._refresh
+
+        def refresh(agent_id: str, force: bool) -> None:
+            refreshed.append(turns[0])
+            original(agent_id, force)
+
+        self.patch(self.registry, "_refresh", refresh)
+        real_call_later = self.clock.callLater
+
+        def call_later(delay: float, f: Any, *args: Any, **kwargs: Any) -> Any:
+            if delay == 0:
+                turns[0] += 1
+            return real_call_later(delay, f, *args, **kwargs)
+
+        self.patch(self.clock, "callLater", call_later)
+        self.tick()
+        self.assertEqual([refreshed.count(turn) for turn in range(3)], [10, 10, 5])
+        self.assertEqual(len(self.registry.agent_ids()), 25)
+        # The next scan starts an interval after this one ended.
+        del refreshed[:]
+        self.clock.advance(0.99)
+        self.assertEqual(refreshed, [])
+        self.clock.advance(0.01)
+        self.assertEqual(len(refreshed), 25)
+
+    def test_stop_between_slices(self) -> None:
+        """A scan cut by the service's stop leaves no call behind."""
+        self.patch(contexts, "SCAN_SLICE", 1)
+        for i in range(3):
+            self.make_agent(f"agent{i}", tick=False)
+        clock = Clock()
+        watcher = ContextWatcher(self.registry, clock, 1.0)
+        watcher.startService()
+        self.assertTrue(clock.getDelayedCalls())
+        watcher.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_synchronous_scan_is_whole(self) -> None:
+        self.patch(contexts, "SCAN_SLICE", 2)
+        for i in range(5):
+            self.make_agent(f"agent{i}", tick=False)
+        self.registry.scan()
+        self.assertEqual(len(self.registry.agent_ids()), 5)
+        self.assertEqual(len(list(self.registry.scan_slices(size=2))), 2)
 
 
 class TimingTests(SynchronousTestCase):
