@@ -21,6 +21,12 @@ agents exist.
 
     .venv/bin/python bench/probe_input.py --agents 300 --before 3e9330b
 
+With C{--daemon-tree} the daemon runs from another source tree, so parts 1
+and 2 can be compared with an older revision:
+
+    mkdir /tmp/before && git archive 3e9330b | tar -x -C /tmp/before
+    .venv/bin/python bench/probe_input.py --daemon-tree /tmp/before
+
 Exit status 0 when every bad body got its 400, 1 otherwise.  Takes about
 half a minute.
 """
@@ -66,11 +72,11 @@ def write_root(root: str, agents: list[str]) -> None:
             json.dump(metadata, f)
 
 
-def start_daemon(root: str, state: str) -> tuple[subprocess.Popen, int, str]:
+def start_daemon(root: str, state: str, tree: str) -> tuple[subprocess.Popen, int, str]:
     api, ui = free_port(), free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
-        "PYTHONPATH": REPO,
+        "PYTHONPATH": tree,
         "LISTEN_ADDR": f"127.0.0.1:{api}",
         "UI_ADDR": f"127.0.0.1:{ui}",
         "CLAW_CONTEXT_ROOT": root,
@@ -260,13 +266,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, default=300, help="agents in the context root (default 300)")
     parser.add_argument("--before", default=None, help="a git revision whose registry to time in process too")
+    parser.add_argument("--daemon-tree", default=REPO,
+                        help="run the daemon from this source tree, e.g. an older revision from "
+                             "'git archive REV | tar -x -C DIR' (default: this one)")
     args = parser.parse_args()
 
     state = tempfile.mkdtemp(prefix="probe-input-")
     root = os.path.join(state, "context")
     agents = [f"agent{i:05d}" for i in range(args.agents)]
     write_root(root, agents)
-    daemon, api, log_path = start_daemon(root, state)
+    daemon, api, log_path = start_daemon(root, state, os.path.abspath(args.daemon_tree))
     try:
         ok = probe_bodies(api, log_path)
         probe_daemon_timing(api, agents)
