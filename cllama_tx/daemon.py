@@ -346,7 +346,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         alerts=alerts,
     )
 
-    contexts = ContextRegistry(context_root, reactor)
+    contexts = ContextRegistry(context_root, reactor)  # every context loaded here
+    contexts.watcher().setServiceParent(shared)
     upstream = UpstreamClient(
         reactor, config.connect_timeout, tls_policy=upstream_tls_policy(config.upstream_ca_file)
     )

@@ -52,6 +52,12 @@ SCANNER.register(SECRET, PROVIDER_KEY, UI_TOKEN, MASTER_KEY)
 install_write_through(reactor)
 
 
+# The in-process harnesses' context registries, by root.  The daemon's
+# watcher loads a context written while running within a second; here
+# write_agent loads it at once, so a test can use it on its next line.
+_REGISTRIES: dict[str, list] = {}
+
+
 def write_agent(root: str, agent_id: str, secret: str, **metadata) -> str:
     directory = os.path.join(root, agent_id)
     os.makedirs(directory, exist_ok=True)
@@ -59,6 +65,8 @@ def write_agent(root: str, agent_id: str, secret: str, **metadata) -> str:
     doc.update(metadata)
     with open(os.path.join(directory, "metadata.json"), "w") as f:
         json.dump(doc, f)
+    for registry in _REGISTRIES.get(os.path.abspath(root), ()):
+        registry.scan()
     return directory
 
 
@@ -118,6 +126,9 @@ class ProxyHarness:
         env.update(self.env_extra)
         self.audit = AuditLog(self.audit_stream, reactor)
         self.contexts = ContextRegistry(self.context_root, reactor)
+        watched = _REGISTRIES.setdefault(os.path.abspath(self.context_root), [])
+        watched.append(self.contexts)
+        case.addCleanup(watched.remove, self.contexts)
         self.providers = ProviderRegistry(
             env, self.auth_dir, self.provider_clock,
             on_pool_event=lambda event: self.audit.emit(
