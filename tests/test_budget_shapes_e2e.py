@@ -210,3 +210,21 @@ class BillingModelTests(TestCase):
         self.assertEqual((prompt, completion), (len("Weather in Paris?") + 4 + tools + 346, 10))
         prompt, _ = model.usage(dict(body, tool_choice={"type": "any"}), "anthropic")
         self.assertEqual(prompt, len("Weather in Paris?") + 4 + tools + 313)
+
+
+class RateLimitShapeTests(ShapesCase):
+    """The tokens-per-minute estimate counts every candidate's output, as the budget does."""
+
+    @defer.inlineCallbacks
+    def test_n_counts_against_tpm(self):
+        write_agent(self.h.context_root, "tpm", SECRET, rate_limits={"tpm": 5000})
+        body = {"model": "openai/gpt-4o", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]}
+        self.h.fake.enqueue(BillingModel().respond)
+        one = yield self.h.chat(body, token=f"tpm:{SECRET}")
+        self.assertEqual(one.code, 200, (yield one.json()))
+        eight = yield self.h.chat(dict(body, n=8), token=f"tpm:{SECRET}")
+        self.assertEqual(eight.code, 429)
+        error = (yield eight.json())["error"]
+        self.assertEqual(error["code"], "rate_limited")
+        self.assertIn("too large", error["message"])
+        self.assertEqual(len(self.h.fake.received), 1)

@@ -12,6 +12,7 @@ is never below what the provider can bill.  Pure logic, no I/O.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -263,6 +264,7 @@ def _openai(name: str) -> BillingRules:
     )
 
 
+@functools.lru_cache(maxsize=4096)  # bounded: made-up model names cannot grow memory
 def rules_for(provider: str, model: str) -> BillingRules:
     """
     The rules of the model behind C{provider}/C{model}, recognised by its

@@ -21,7 +21,7 @@ documented audio rate for any real bitrate).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import attrs
 
@@ -31,13 +31,13 @@ __all__ = ["RequestShape", "read_request", "worst_input_tokens"]
 
 #: Fields that ask for several candidates, each billed in full.
 _CHOICE_FIELDS = ("n", "best_of", "candidate_count", "candidateCount")
-_MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "maxOutputTokens")
 #: Nested objects of OpenAI-compatible providers that may carry the same
 #: fields (Gemini's generation config, its "extra_body.google" block).
 _NESTED = ("generationConfig", "generation_config")
 
 
-@attrs.frozen
+@attrs.define
 class RequestShape:
     """
     What a provider bills for one request, beyond what depends on the model.
@@ -80,6 +80,8 @@ class RequestShape:
 
 def _count(value: Any) -> int | None:
     """A positive whole number as a lenient provider would read it, else None."""
+    if type(value) is int:
+        return value if value > 0 else None
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
@@ -92,45 +94,53 @@ def _count(value: Any) -> int | None:
     return None
 
 
-def _largest(*values: Any) -> int | None:
-    counts = [c for c in (_count(v) for v in values) if c is not None]
-    return max(counts) if counts else None
+def _largest(configs: list[dict], names: tuple[str, ...]) -> int | None:
+    """The largest count among C{names} in any of C{configs}."""
+    best = None
+    for config in configs:
+        for name in names:
+            value = config.get(name)
+            if value is not None:
+                count = _count(value)
+                if count is not None and (best is None or count > best):
+                    best = count
+    return best
 
 
-def _nested_configs(doc: Mapping) -> list[Mapping]:
-    configs = [doc]
+def _nested_configs(doc: dict) -> list[dict]:
+    configs: list[dict] = [doc]
     for name in _NESTED:
-        if isinstance(doc.get(name), Mapping):
+        if isinstance(doc.get(name), dict):
             configs.append(doc[name])
     extra = doc.get("extra_body")
-    google = extra.get("google") if isinstance(extra, Mapping) else None
-    if isinstance(google, Mapping):
+    google = extra.get("google") if isinstance(extra, dict) else None
+    if isinstance(google, dict):
         configs.append(google)
         for name in _NESTED:
-            if isinstance(google.get(name), Mapping):
+            if isinstance(google.get(name), dict):
                 configs.append(google[name])
     return configs
 
 
-def _thinking_budget(doc: Mapping, configs: list[Mapping]) -> int | None:
-    values = []
+def _thinking_budget(doc: dict, configs: list[dict]) -> int | None:
+    places = []
     thinking = doc.get("thinking")
-    if isinstance(thinking, Mapping):
-        values.append(thinking.get("budget_tokens"))
+    if isinstance(thinking, dict):
+        places.append({"budget": thinking.get("budget_tokens")})
     reasoning = doc.get("reasoning")
-    if isinstance(reasoning, Mapping):
-        values.append(reasoning.get("max_tokens"))
+    if isinstance(reasoning, dict):
+        places.append({"budget": reasoning.get("max_tokens")})
     for config in configs:
         for name in ("thinking_config", "thinkingConfig"):
             inner = config.get(name)
-            if isinstance(inner, Mapping):
-                values.append(inner.get("thinking_budget"))
-                values.append(inner.get("thinkingBudget"))
-    return _largest(*values)
+            if isinstance(inner, dict):
+                places.append({"budget": inner.get("thinking_budget")})
+                places.append({"budget": inner.get("thinkingBudget")})
+    return _largest(places, ("budget",)) if places else None
 
 
 def _tool_choice(value: Any) -> str | None:
-    kind = value.get("type") if isinstance(value, Mapping) else value
+    kind = value.get("type") if isinstance(value, dict) else value
     return {
         "auto": "auto",
         "none": "none",
@@ -142,7 +152,7 @@ def _tool_choice(value: Any) -> str | None:
 
 
 def _prediction_bytes(prediction: Any) -> int:
-    if not isinstance(prediction, Mapping):
+    if not isinstance(prediction, dict):
         return 0
     content = prediction.get("content")
     if isinstance(content, str):
@@ -150,7 +160,7 @@ def _prediction_bytes(prediction: Any) -> int:
     total = 0
     if isinstance(content, list):
         for part in content:
-            text = part.get("text") if isinstance(part, Mapping) else None
+            text = part.get("text") if isinstance(part, dict) else None
             if isinstance(text, str):
                 total += len(text.encode("utf-8", "surrogatepass"))
     return total
@@ -166,25 +176,25 @@ class _Media:
         self.documents = 0
         self.opaque = 0
 
-    def image_url(self, part: Mapping, key: str) -> None:
+    def image_url(self, part: dict, key: str) -> None:
         image = part.get(key)
-        url = image.get("url") if isinstance(image, Mapping) else image
-        detail = image.get("detail") if isinstance(image, Mapping) else part.get("detail")
+        url = image.get("url") if isinstance(image, dict) else image
+        detail = image.get("detail") if isinstance(image, dict) else part.get("detail")
         if isinstance(url, str) and url[:5].lower() == "data:":
             self.inline += len(url)
         self.images += 1
         if detail == "low":
             self.low += 1
 
-    def image(self, part: Mapping) -> None:
+    def image(self, part: dict) -> None:
         source = part.get("source")
-        if isinstance(source, Mapping) and source.get("type") == "base64" and isinstance(source.get("data"), str):
+        if isinstance(source, dict) and source.get("type") == "base64" and isinstance(source.get("data"), str):
             self.inline += len(source["data"])
         self.images += 1
 
-    def document(self, part: Mapping, pending: list) -> None:
+    def document(self, part: dict, pending: list) -> None:
         source = part.get("source")
-        if not isinstance(source, Mapping):
+        if not isinstance(source, dict):
             self.opaque += 1
             return
         kind = source.get("type")
@@ -202,9 +212,9 @@ class _Media:
         else:
             self.opaque += 1  # a file id: a PDF, or a text file of any length
 
-    def file(self, part: Mapping, key: str) -> None:
+    def file(self, part: dict, key: str) -> None:
         file = part.get(key)
-        if not isinstance(file, Mapping):
+        if not isinstance(file, dict):
             file = part
         data = file.get("file_data")
         if isinstance(data, str):
@@ -223,7 +233,7 @@ class _Media:
             if not isinstance(blocks, list):
                 continue
             for part in blocks:
-                if not isinstance(part, Mapping):
+                if not isinstance(part, dict):
                     continue
                 kind = part.get("type")
                 if kind == "image_url":
@@ -240,17 +250,17 @@ class _Media:
                     pending.append(part.get("content"))
 
 
-def read_request(doc: Mapping, body_size: int) -> RequestShape:
+def read_request(doc: dict, body_size: int) -> RequestShape:
     """The billable shape of a chat or messages body of C{body_size} bytes."""
     media = _Media()
     messages = doc.get("messages")
     if isinstance(messages, list):
         for message in messages:
-            if not isinstance(message, Mapping):
+            if not isinstance(message, dict):
                 continue
             media.walk(message.get("content"))
             audio = message.get("audio")
-            if isinstance(audio, Mapping) and "id" in audio:
+            if isinstance(audio, dict) and "id" in audio:
                 media.opaque += 1  # an earlier spoken answer, billed again as input
     mcp = doc.get("mcp_servers")
     if isinstance(mcp, list):
@@ -259,13 +269,11 @@ def read_request(doc: Mapping, body_size: int) -> RequestShape:
     builtin = tuple(
         t["type"]
         for t in tools
-        if isinstance(t, Mapping) and isinstance(t.get("type"), str) and t["type"] not in ("function", "custom")
+        if isinstance(t, dict) and isinstance(t.get("type"), str) and t["type"] not in ("function", "custom")
     )
     configs = _nested_configs(doc)
-    choices = _largest(*(config.get(name) for config in configs for name in _CHOICE_FIELDS))
-    max_tokens = _largest(
-        *(config.get(name) for config in configs for name in (*_MAX_TOKENS_FIELDS, "maxOutputTokens"))
-    )
+    choices = _largest(configs, _CHOICE_FIELDS)
+    max_tokens = _largest(configs, _MAX_TOKENS_FIELDS)
     return RequestShape(
         text_bytes=max(0, body_size - media.inline),
         images=media.images,
