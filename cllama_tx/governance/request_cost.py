@@ -45,7 +45,8 @@ class RequestShape:
     @ivar text_bytes: the body's size without the inline media counted below.
     @ivar images: image parts (of any detail).
     @ivar low_detail_images: of those, OpenAI C{detail: "low"} ones.
-    @ivar documents: PDF documents whose page count is unknown.
+    @ivar documents: PDF documents behind a URL (page count unknown).
+    @ivar inline_documents: the base64 length of each inline document.
     @ivar opaque_inputs: inputs of unknown kind and size (file ids, MCP
         servers, earlier audio answers): bounded by the context window.
     @ivar tools: tool definitions (functions, custom tools, builtin tools).
@@ -63,6 +64,7 @@ class RequestShape:
     images: int = 0
     low_detail_images: int = 0
     documents: int = 0
+    inline_documents: tuple[int, ...] = ()
     opaque_inputs: int = 0
     tools: int = 0
     builtin_tools: tuple[str, ...] = ()
@@ -174,6 +176,7 @@ class _Media:
         self.images = 0
         self.low = 0
         self.documents = 0
+        self.inline_documents: list[int] = []
         self.opaque = 0
 
     def image_url(self, part: dict, key: str) -> None:
@@ -206,7 +209,7 @@ class _Media:
             return
         if kind == "base64" and isinstance(data, str):
             self.inline += len(data)
-            self.documents += 1
+            self.inline_documents.append(len(data))
         elif kind == "url":
             self.documents += 1
         else:
@@ -219,7 +222,7 @@ class _Media:
         data = file.get("file_data")
         if isinstance(data, str):
             self.inline += len(data)
-            self.documents += 1
+            self.inline_documents.append(len(data))
         elif isinstance(file.get("file_url"), str):
             self.documents += 1
         else:
@@ -279,6 +282,7 @@ def read_request(doc: dict, body_size: int) -> RequestShape:
         images=media.images,
         low_detail_images=media.low,
         documents=media.documents,
+        inline_documents=tuple(media.inline_documents),
         opaque_inputs=media.opaque,
         tools=len(tools),
         builtin_tools=builtin,
@@ -294,8 +298,9 @@ def worst_input_tokens(shape: RequestShape, provider: str, model: str, rules: Bi
     """
     The most prompt tokens C{provider}/C{model} can bill for C{shape}: the
     text's bytes, every image at the largest size the model keeps, every
-    document at its most pages (parts of unknown size at the whole context
-    window), and the tokens tool use adds.
+    document at its most pages (an inline one at least at its base64
+    length, should the provider read it as a text file; parts of unknown
+    size at the whole context window), and the tokens tool use adds.
     """
     rules = rules or rules_for(provider, model)
     high = shape.images - shape.low_detail_images
@@ -304,6 +309,7 @@ def worst_input_tokens(shape: RequestShape, provider: str, model: str, rules: Bi
         high * rules.image_tokens
         + shape.low_detail_images * rules.low_detail_image_tokens
         + shape.documents * document
+        + sum(max(size, document) for size in shape.inline_documents)
         + shape.opaque_inputs * rules.context_tokens
     )
     tools = 0

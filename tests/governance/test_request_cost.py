@@ -215,8 +215,8 @@ class DocumentTests(SynchronousTestCase):
             {"type": "image", "source": {"type": "url", "url": "https://example.com/c.png"}},
         ]}}
         shape, size = shape_of({"model": "claude-3-haiku", "messages": [user(pdf, url, text, nested)]})
-        self.assertEqual((shape.documents, shape.images, shape.opaque_inputs), (2, 1, 0))
-        self.assertEqual(shape.text_bytes, size - len(B64))
+        self.assertEqual((shape.documents, shape.inline_documents, shape.images), (1, (len(B64),), 1))
+        self.assertEqual((shape.opaque_inputs, shape.text_bytes), (0, size - len(B64)))
         # claude-3: 600 pages of (1,650 + 3,000) exceed its 200k window: two
         # documents and an image fill at most the window.
         self.assertEqual(worst_input_tokens(shape, "anthropic", "claude-3-haiku"), size - len(B64) + 200_000)
@@ -224,6 +224,20 @@ class DocumentTests(SynchronousTestCase):
         rules = rules_for("anthropic", "claude-3-haiku")
         self.assertEqual(rules.page_tokens(), CLAUDE_STANDARD_IMAGE + PAGE_TEXT_TOKENS)
         self.assertEqual(worst_input_tokens(small, "anthropic", "claude-3-haiku"), 10 + 200_000)
+
+    def test_an_inline_document_counts_at_least_its_base64_length(self) -> None:
+        # A provider reading it as a text file bills about 3/4 of a token per
+        # base64 character; a PDF's pages are bounded by the page rule.
+        big = "QUJD" * 200_000  # 800,000 characters
+        doc = {"messages": [user({"type": "document", "source": {
+            "type": "base64", "media_type": "application/pdf", "data": big}})]}
+        shape, size = shape_of(doc)
+        self.assertEqual(shape.text_bytes, size - len(big))
+        # gpt-4.1: 100 pages of 4,445 = 444,500 < 800,000.
+        self.assertEqual(worst_input_tokens(shape, "openai", "gpt-4.1"), size - len(big) + 800_000)
+        small, size = shape_of({"messages": [user({"type": "document", "source": {
+            "type": "base64", "media_type": "application/pdf", "data": B64}})]})
+        self.assertEqual(worst_input_tokens(small, "openai", "gpt-4.1"), size - len(B64) + 444_500)
 
     def test_file_ids_are_bounded_by_the_context_window(self) -> None:
         doc = {"messages": [user({"type": "document", "source": {"type": "file", "file_id": "file_1"}})]}
@@ -236,8 +250,9 @@ class DocumentTests(SynchronousTestCase):
         inline = {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64," + B64}}
         by_id = {"type": "file", "file": {"file_id": "file-abc"}}
         shape, size = shape_of(chat(user(inline, by_id)))
-        self.assertEqual((shape.documents, shape.opaque_inputs), (1, 1))
-        self.assertEqual(shape.text_bytes, size - len(inline["file"]["file_data"]))
+        data = inline["file"]["file_data"]
+        self.assertEqual((shape.documents, shape.inline_documents, shape.opaque_inputs), (0, (len(data),), 1))
+        self.assertEqual(shape.text_bytes, size - len(data))
         # gpt-4o: 100 pages of (1,445 + 3,000) exceed its 128k window, which
         # bounds the document and the file together.
         self.assertEqual(worst_input_tokens(shape, "openai", "gpt-4o"), shape.text_bytes + 128_000)
