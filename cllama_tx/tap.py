@@ -44,6 +44,8 @@ _ENV_OPTIONS = [
     ("upstream-ca-file", None, "CLLAMA_UPSTREAM_CA_FILE", "PEM bundle of extra CAs trusted for HTTPS to providers, besides the platform store [env CLLAMA_UPSTREAM_CA_FILE]"),
     ("write-through", None, "CLLAMA_WRITE_THROUGH", "1 (default): a reactor callback's TCP writes are sent as it returns; 0: Twisted's buffered writes, sent on the next turn [env CLLAMA_WRITE_THROUGH]"),
     ("no-stream-options", None, "CLLAMA_NO_STREAM_OPTIONS", "comma-separated providers that reject stream_options (their stream usage is estimated) [env CLLAMA_NO_STREAM_OPTIONS]"),
+    ("openai-organization", None, "OPENAI_ORG_ID", "the operator's OpenAI organization, sent as OpenAI-Organization (an agent's is never forwarded) [env OPENAI_ORG_ID]"),
+    ("openai-project", None, "OPENAI_PROJECT_ID", "the operator's OpenAI project, sent as OpenAI-Project (an agent's is never forwarded) [env OPENAI_PROJECT_ID]"),
 ]
 
 # Provider env prefixes accepted by --provider-key / --provider-base-url.

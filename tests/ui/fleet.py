@@ -86,7 +86,10 @@ def kill_a_key(harness, secret: str = "sk-live-rotated-0000-deadbeef9999") -> st
     registry = harness.h.providers
     key_id = registry.add_key("openai", secret, "old production key")
     pool = registry.resolve("openai").pool
-    pool.report(pool.get(key_id), classify_failure(401, None, b'{"error":"invalid api key"}'))
+    key = pool.get(key_id)
+    # A 401 makes it suspect; the re-check the provider refuses too kills it.
+    pool.report(key, classify_failure(401, None, b'{"error":"invalid api key"}'))
+    pool.check_failed(key, "GET /v1/models answered 401")
     return key_id
 
 
