@@ -342,6 +342,8 @@ class Proxy:
                 if pending is None:
                     break
                 await pending
+                if ex.gone:
+                    raise AgentGone()
                 key = pool.acquire(tried, model)
                 if key is None:
                     break
@@ -371,6 +373,8 @@ class Proxy:
                 return response, relayed
             if pool.is_suspect(key):
                 outcome = await pool.recheck(key)
+                if ex.gone:
+                    raise AgentGone()
                 if outcome == VALID:
                     return response, relayed
                 if outcome == INCONCLUSIVE:

@@ -202,6 +202,42 @@ class DeadKeyTests(TestCase):
         self.assertEqual([line["action"] for line in _pool_lines(h)], ["suspect", "dead"])
 
 
+class AgentGoneTests(TestCase):
+    @defer.inlineCallbacks
+    def test_an_agent_that_leaves_during_the_recheck_costs_no_further_request(self):
+        h = yield ProxyHarness(self, env={"OPENAI_API_KEY_1": SECOND_KEY}).start()
+        strict = strict_provider({SECOND_KEY})
+        probe_gate = defer.Deferred()
+
+        def respond(received):
+            reply = strict(received)
+            if received.path.endswith("/models"):
+                return Reply(status=reply.status, json=reply.json, hold_until=probe_gate)
+            return reply
+
+        h.fake._responder = respond
+        noticed = defer.Deferred()
+        agent_gone = h.proxy._agent_gone
+
+        def observed(reason, ex):
+            agent_gone(reason, ex)
+            noticed.callback(None)
+
+        h.proxy._agent_gone = observed
+        request = h.chat(chat_body())
+        request.addErrback(lambda failure: None)
+        yield h.fake.wait_for_request(2)  # the 401, then the re-check
+        request.cancel()  # the agent hangs up while the key is re-checked
+        yield noticed
+        gone = h.wait_for_audit(lambda line: line["type"] == "error")
+        probe_gate.callback(None)
+        line = yield gone
+        self.assertEqual(line["status_code"], 499)
+        # The key was still judged, but nothing more was sent for that agent.
+        self.assertEqual([(r.method, presented_key(r)) for r in h.fake.received], [("POST", PROVIDER_KEY), ("GET", PROVIDER_KEY)])
+        self.assertEqual([l["action"] for l in _pool_lines(h)], ["suspect", "dead"])
+
+
 class PerModelCooldownTests(TestCase):
     @defer.inlineCallbacks
     def test_a_429_on_one_model_leaves_the_other_served_by_the_same_key(self):
