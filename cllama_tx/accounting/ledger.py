@@ -60,8 +60,22 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..interfaces import ILedger
+from ..sqlite_tx import transaction as _transaction
 from .records import LedgerRow
-from .writer import Call, Row, Stop, Writer, open_inline
+from .spill import SpillError, read_spill, remove_spill, spill_path, write_spill
+from .writer import HELD, WAL_RESET_BYTES, Call, Row, Writer, open_inline
+
+__all__ = ["HELD", "NOT_KEPT", "LedgerClosed", "LedgerSchemaError", "SqliteLedger", "Totals"]
+
+NOT_KEPT = "not_kept"
+"""
+What C{record()} fires with for a row it did not keep: the storage is
+failing, the backlog is full, and the row is of a request that never reached
+a provider (it costs nothing; its audit line is its record).
+"""
+
+DEFAULT_BACKLOG = 10000
+"""Rows held in memory at most while the storage refuses them (about 1 KiB each)."""
 
 SCHEMA_VERSION = 2
 """The version written to C{meta}; a newer one in the file refuses to start.
@@ -516,6 +530,9 @@ CREATE TABLE IF NOT EXISTS budget_overrides (
 _INSERT = "INSERT INTO requests ({}) VALUES ({})".format(
     ", ".join(_ROW_FIELDS), ", ".join("?" for _ in _ROW_FIELDS)
 )
+# A held row may already be on disk (a commit reported as failed can have
+# reached it): then it is taken as written, not counted twice.
+_INSERT_AGAIN = _INSERT + " ON CONFLICT (request_id) DO NOTHING"
 
 _ERROR_SQL = "CASE WHEN status < 200 OR status >= 400 THEN 1 ELSE 0 END"
 # A row that counts against a request budget: a successful (2xx) turn.
@@ -630,6 +647,7 @@ def _open_database(path: str, sync: str) -> sqlite3.Connection:
             raise LedgerSchemaError(f"{path}: cannot use WAL mode (journal_mode is {mode})")
         conn.execute(f"PRAGMA synchronous = {_SYNC_MODES[sync]}")
         conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_RESET_BYTES}")
         _migrate(conn, path)
     except BaseException:
         conn.close()
@@ -797,6 +815,39 @@ def _timeline_arguments(since: float, bucket_seconds: int) -> tuple[float, int]:
     return float(since), bucket_seconds
 
 
+def _held_buckets(
+    rows: Iterable[LedgerRow], scope: Callable[[LedgerRow], "str | None"], since: float,
+    resets: dict[str, float], bucket: int,
+) -> dict[tuple[str, float], list]:
+    """Held rows (not in SQL yet) per C{(scope, bucket_ts)}, counted as the timeline SQL counts."""
+    out: dict[tuple[str, float], list] = {}
+    for row in rows:
+        value = _text(scope(row))
+        if value is None or row.ts < since or row.ts < resets.get(value, since):
+            continue
+        counted = 200 <= row.status < 300
+        acc = out.setdefault((value, float(int(row.ts / bucket) * bucket)), [0.0, 0, 0])
+        acc[0] += row.cost_usd
+        acc[1] += 1 if counted else 0
+        acc[2] += 1 if counted and not row.priced else 0
+    return out
+
+
+def _merge_timeline(entries: list[tuple], held: dict[tuple[str, float], list]) -> list[tuple]:
+    """C{entries} with the held rows' buckets added: one entry per scope and time, sorted."""
+    if not held:
+        return entries
+    combined = {(e[0], e[1]): [e[2], e[3], e[4]] for e in entries}
+    for key, (cost, counted, unpriced) in held.items():
+        acc = combined.setdefault(key, [0.0, 0, 0])
+        acc[0] += cost
+        acc[1] += counted
+        acc[2] += unpriced
+    return sorted(
+        (key[0], key[1], _money(v[0]), v[1], v[2]) for key, v in combined.items() if v[0] != 0 or v[1] > 0
+    )
+
+
 # --- budget overrides ---------------------------------------------------------
 
 _OVERRIDE_COLUMNS = ("agent", "budget_json", "spent_offset_usd", "reset_at", "updated_at", "updated_by")
@@ -896,6 +947,11 @@ class SqliteLedger(service.Service):
     fsync per group commit).  With C{retention_seconds}, rows older than
     that are folded into daily rollups at start and every hour, timed by
     C{clock} (default: C{reactor}).
+
+    Rows the storage refuses (a full disk, I/O errors) are held in memory,
+    up to about C{backlog} of them, and committed when it takes them again
+    (see L{writer}); rows still held when the ledger closes are saved in
+    C{spill_dir} (L{spill}; L{None}: nowhere) and imported at the next start.
     """
 
     def __init__(
@@ -905,14 +961,22 @@ class SqliteLedger(service.Service):
         sync: str = "normal",
         retention_seconds: float | None = None,
         clock: Any = None,
+        backlog: int = DEFAULT_BACKLOG,
+        spill_dir: str | None = None,
     ) -> None:
         if sync not in _SYNC_MODES:
             raise ValueError(f"sync must be one of {sorted(_SYNC_MODES)}, not {sync!r}")
         if retention_seconds is not None and not retention_seconds > 0:
             raise ValueError("retention_seconds must be positive")
+        if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
+            raise ValueError(f"backlog must be a whole number of rows >= 1, not {backlog!r}")
         self.path = path
         self.sync = sync
         self.retention_seconds = retention_seconds
+        self.backlog = backlog
+        self.spill_file = None if spill_dir is None else spill_path(spill_dir, path)
+        self._unkept = 0  # rows not kept since start (see NOT_KEPT)
+        self._unkept_now = 0  # ... during the current failure
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self._totals = Totals()
@@ -935,6 +999,7 @@ class SqliteLedger(service.Service):
             raise RuntimeError("ledger already started, or still closing")
         conn = _open_database(self.path, self.sync)
         try:
+            still_held = self._import_spill(conn)
             totals = _rebuild_totals(conn)
             overrides = _load_overrides(conn, self.path)
         except BaseException:
@@ -944,8 +1009,20 @@ class SqliteLedger(service.Service):
         self._overrides = overrides
         self._override_writes = {}
         inline = open_inline(self.path) if self.sync == "normal" else None
-        self._writer = Writer(conn, self._reactor, self._deliver, _INSERT, inline=inline, path=self.path)
-        self._writer.start()
+        spill_file = self.spill_file
+        self._writer = writer = Writer(
+            conn, self._reactor, self._deliver, _INSERT, inline=inline, path=self.path,
+            insert_again=_INSERT_AGAIN, capacity=self.backlog,
+            spill=None if spill_file is None else functools.partial(write_spill, spill_file),
+        )
+        writer.on_recovered.append(self._recovered)
+        writer.start()
+        if still_held:
+            # The disk is still full: the saved rows are held again, counted, and retried.
+            rows, error = still_held
+            for row in rows:
+                self._totals.add(row)
+            writer._hold([Row(row, _row_params(row), defer.Deferred()) for row in rows], error)
         service.Service.startService(self)
         if self.retention_seconds is not None:
             self._retention = task.LoopingCall(self._prune_expired)
@@ -977,7 +1054,7 @@ class SqliteLedger(service.Service):
         assert writer is not None
         self._writer = None  # record(), prune() and reads refuse from now on
         self._closing = closing = defer.Deferred()
-        writer.call(Stop(closing))
+        writer.stop(closing)
 
         def done(result: Any) -> None:
             # The thread has delivered its last result and is returning.
@@ -1003,10 +1080,25 @@ class SqliteLedger(service.Service):
         row is then un-counted) if its commit failed, e.g. a duplicate
         C{request_id}; with L{LedgerClosed} if the ledger is not running.
         Cancelling the Deferred does not un-record the row.
+
+        When the storage refuses the row it fires with L{HELD}: the row is
+        counted and kept in memory until it can be written.  With the
+        backlog full, a row of a request that never reached a provider is
+        not kept (L{NOT_KEPT}, not counted): see L{admission_refusal}.
         """
         writer = self._writer
         if writer is None:
             return defer.fail(LedgerClosed("the ledger is not running"))
+        if writer.full and not _metered((_text(row.agent), _text(row.provider), _text(row.effective_model))):
+            self._unkept += 1
+            self._unkept_now += 1
+            if self._unkept_now == 1:
+                _log.warn(
+                    "ledger: the backlog is full ({held} rows); rows of requests that never reached a "
+                    "provider are not kept until the ledger writes again (their audit lines remain)",
+                    held=writer.held,
+                )
+            return defer.succeed(NOT_KEPT)
         d: defer.Deferred = defer.Deferred()
         self._totals.add(row)
         writer.record(Row(row, _row_params(row), d))
@@ -1059,6 +1151,86 @@ class SqliteLedger(service.Service):
 
         return d.addCallbacks(pruned, failed)
 
+    def _import_spill(self, conn: sqlite3.Connection) -> tuple[list[LedgerRow], str] | None:
+        """
+        At start: commit the rows a previous run could not write (its spill
+        file), then forget the file.  If the storage still refuses them,
+        returns them and the error, to be held again.
+        """
+        spill_file = self.spill_file
+        if spill_file is None:
+            return None
+        try:
+            rows = read_spill(spill_file)
+        except (SpillError, OSError) as e:
+            _log.error("ledger: not importing the spill file: {error}; it is left for the operator", error=str(e))
+            self.spill_file = None  # neither overwritten nor removed by this run
+            return None
+        if not rows:
+            return None
+        try:
+            _transaction(conn, lambda c: c.executemany(_INSERT_AGAIN, [_row_params(r) for r in rows]))
+        except sqlite3.Error as e:
+            _log.error(
+                "ledger: {count} rows saved in {spill} by the last run cannot be written yet: {error}",
+                count=len(rows), spill=spill_file, error=str(e),
+            )
+            return rows, str(e)
+        remove_spill(spill_file)
+        _log.info("ledger: imported {count} rows saved in {spill} by the last run", count=len(rows), spill=spill_file)
+        return None
+
+    def _recovered(self) -> None:
+        """Every held row is written: no spill file is needed any more."""
+        if self._unkept_now:
+            _log.warn(
+                "ledger: {count} rows of refused requests were not kept while the backlog was full "
+                "(their audit lines remain)",
+                count=self._unkept_now,
+            )
+            self._unkept_now = 0
+        if self.spill_file is not None:
+            try:
+                remove_spill(self.spill_file)
+            except OSError as e:
+                _log.warn("ledger: could not remove the spill file: {error}", error=str(e))
+
+    # -- storage health and admission
+
+    def health(self) -> dict[str, Any]:
+        """
+        How the ledger stands: C{state} C{"ok"}, C{"failing"} (rows are
+        held: the storage refuses writes) or C{"closed"}; C{pending_rows}
+        held now, C{capacity}, the storage's C{error}, C{failing_since}
+        (epoch seconds) and C{unkept_rows} since start.
+        """
+        writer = self._writer
+        held = writer.held if writer is not None else 0
+        return {
+            "state": "closed" if writer is None else ("failing" if held else "ok"),
+            "pending_rows": held,
+            "capacity": self.backlog,
+            "error": writer.last_error if writer is not None and held else None,
+            "failing_since": writer.failing_since if writer is not None else None,
+            "unkept_rows": self._unkept,
+        }
+
+    def admission_refusal(self, budgeted: bool) -> str | None:
+        """
+        Why a request that will be metered must be refused now, or L{None}.
+        While any row is held, a caller with a budget is refused: its spend
+        would be counted only in memory.  Once the backlog is full, every
+        caller is: nothing more can be held.
+        """
+        writer = self._writer
+        if writer is None or not writer.held:
+            return None
+        if writer.full:
+            return "the ledger cannot write its records and holds as many unwritten ones as it may; try again later"
+        if budgeted:
+            return "the ledger cannot write its records, so spend against this budget cannot be counted; try again later"
+        return None
+
     def _on_writer(self, function: Callable[[sqlite3.Connection], Any]) -> defer.Deferred:
         """Run C{function(connection)} on the writer thread, after queued rows."""
         writer = self._writer
@@ -1069,16 +1241,29 @@ class SqliteLedger(service.Service):
         return d
 
     def writer_stats(self) -> dict[str, int]:
-        """Counters of the writer thread (for metrics): commits, rows, failed_rows, largest_batch."""
+        """
+        Counters of the writer (for metrics): commits, rows, failed_rows,
+        largest_batch, queued; held (rows waiting for the storage),
+        recovered (held, then written), unkept (see L{NOT_KEPT}), wal_bytes
+        (after the last checkpoint) and wal_resets.
+        """
         writer = self._writer
         if writer is None:
-            return {"commits": 0, "rows": 0, "failed_rows": 0, "largest_batch": 0, "queued": 0}
+            return {
+                "commits": 0, "rows": 0, "failed_rows": 0, "largest_batch": 0, "queued": 0,
+                "held": 0, "recovered": 0, "unkept": self._unkept, "wal_bytes": 0, "wal_resets": 0,
+            }
         return {
             "commits": writer.commits,
             "rows": writer.rows,
             "failed_rows": writer.failed_rows,
             "largest_batch": writer.largest_batch,
             "queued": writer.queued,
+            "held": writer.held,
+            "recovered": writer.recovered_rows,
+            "unkept": self._unkept,
+            "wal_bytes": writer.wal_bytes,
+            "wal_resets": writer.wal_resets,
         }
 
     def _deliver(self, results: list) -> None:
@@ -1109,8 +1294,11 @@ class SqliteLedger(service.Service):
         )
 
     def ready(self) -> defer.Deferred:
-        """Fires with True when the database answers a trivial query, else False."""
-        if self._writer is None:
+        """
+        Fires with True when the database answers a trivial query and no
+        row is held (the storage takes writes), else False.
+        """
+        if self._writer is None or self._writer.held:
             return defer.succeed(False)
         d = self._read(lambda conn: conn.execute("SELECT COUNT(*) FROM meta").fetchone() is not None)
         return d.addErrback(lambda _: False)
@@ -1307,7 +1495,9 @@ class SqliteLedger(service.Service):
         if self._writer is None:
             raise LedgerClosed("the ledger is not running")
         since, bucket = _timeline_arguments(since, bucket_seconds)
-        return _run_read(self.path, _timeline_reader(since, self._reset_times(), bucket))
+        resets = self._reset_times()
+        entries = _run_read(self.path, _timeline_reader(since, resets, bucket))
+        return _merge_timeline(entries, self._held_buckets(lambda row: row.agent, since, resets, bucket))
 
     def scope_timeline(self, column: str, since: float, bucket_seconds: int = TIMELINE_BUCKET) -> list[tuple]:
         """
@@ -1328,7 +1518,19 @@ class SqliteLedger(service.Service):
             "SUM(CASE WHEN status >= 200 AND status < 300 AND priced = 0 THEN 1 ELSE 0 END) "
             f"FROM requests WHERE {column} IS NOT NULL AND ts >= ? GROUP BY {column}, bucket ORDER BY {column}, bucket"
         )
-        return _run_read(self.path, lambda conn: [tuple(row) for row in conn.execute(sql, (float(since),))])
+        entries = _run_read(self.path, lambda conn: [tuple(row) for row in conn.execute(sql, (float(since),))])
+        return _merge_timeline(
+            entries, self._held_buckets(lambda row: getattr(row, column), float(since), {}, bucket)
+        )
+
+    def _held_buckets(
+        self, scope: Callable[[LedgerRow], "str | None"], since: float, resets: dict[str, float], bucket: int
+    ) -> dict[tuple[str, float], list]:
+        """The held rows' share of a timeline: spend the database has not got yet is still spend."""
+        writer = self._writer
+        if writer is None or not writer.held:
+            return {}
+        return _held_buckets((item.row for item in writer.backlog), scope, since, resets, bucket)
 
     def spend_timeline_async(self, since: float, bucket_seconds: int = TIMELINE_BUCKET) -> defer.Deferred:
         """L{spend_timeline} in the read threadpool: fires with the same list."""
@@ -1336,7 +1538,11 @@ class SqliteLedger(service.Service):
             since, bucket = _timeline_arguments(since, bucket_seconds)
         except ValueError:
             return defer.fail()
-        return self._read(_timeline_reader(since, self._reset_times(), bucket))
+        resets = self._reset_times()
+        d = self._read(_timeline_reader(since, resets, bucket))
+        return d.addCallback(
+            lambda entries: _merge_timeline(entries, self._held_buckets(lambda row: row.agent, since, resets, bucket))
+        )
 
     def _reset_times(self) -> dict[str, float]:
         """Each agent's C{reset_at}, from memory (so a reset not yet committed counts)."""

@@ -121,3 +121,41 @@ class InlineCommitTests(LedgerCase):
         await ledger.record(row("r3"))
         self.assertIsNone(writer.checkpointing)  # the count starts again
         self.assertEqual(await ledger.count(), 4)
+
+
+class WalBoundTests(LedgerCase):
+    """The WAL is emptied once it passed a size: it does not grow without limit under steady writes."""
+
+    async def test_a_large_wal_is_emptied_on_the_thread(self) -> None:
+        self.patch(writer_module, "CHECKPOINT_EVERY", 3)
+        self.patch(writer_module, "WAL_RESET_BYTES", 64 * 1024)
+        ledger = self.open_ledger()
+        writer = ledger._writer
+        for turn in range(3):
+            await defer.gatherResults([ledger.record(row(f"t{turn}-{i}")) for i in range(100)])
+        self.assertGreater(writer_module.wal_size(ledger.path), 64 * 1024)
+        checkpointing = writer.checkpointing
+        self.assertIsNotNone(checkpointing)
+        await checkpointing
+        self.assertEqual(writer.wal_resets, 1)
+        self.assertEqual(writer_module.wal_size(ledger.path), 0)  # TRUNCATE: emptied
+        self.assertEqual(ledger.writer_stats()["wal_bytes"], 0)
+        self.assertEqual(await ledger.count(), 300)
+
+    async def test_steady_writes(self) -> None:
+        # Rows keep coming while each PASSIVE checkpoint runs: it never
+        # catches up with the end of the WAL, so SQLite never starts the
+        # WAL over by itself (without the reset it grows to megabytes here).
+        # Bound: twice the reset size, plus what CHECKPOINT_EVERY commits add.
+        self.patch(writer_module, "CHECKPOINT_EVERY", 2)
+        self.patch(writer_module, "WAL_RESET_BYTES", 128 * 1024)
+        ledger = self.open_ledger()
+        largest = 0
+        for turn in range(300):
+            await defer.gatherResults([ledger.record(row(f"t{turn}-{i}")) for i in range(10)])
+            largest = max(largest, writer_module.wal_size(ledger.path))
+        self.assertLess(largest, 4 * 128 * 1024)
+        self.assertGreater(ledger._writer.wal_resets, 0)
+        self.assertEqual(await ledger.count(), 3000)
+        stored = [r for (r,) in sql(ledger.path, "SELECT request_id FROM requests ORDER BY id")]
+        self.assertEqual(stored, [f"t{turn}-{i}" for turn in range(300) for i in range(10)])
