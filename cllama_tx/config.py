@@ -27,6 +27,10 @@ DEFAULT_IDLE_TIMEOUT = 120.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 # Below Docker's default stop timeout (10 s): in-flight requests get this long on SIGTERM.
 DEFAULT_DRAIN_GRACE = 8.0
+# Audit lines kept for a stdout reader that is behind, besides the pipe's own
+# 64 KiB: at about 300 bytes a line, some 14,000 lines (a few thousand
+# requests), enough to ride out a log shipper's restart.
+DEFAULT_AUDIT_BUFFER = 4 * 1024 * 1024
 
 _ENDPOINT_PREFIXES = ("tcp:", "tcp6:", "ssl:", "unix:", "systemd:", "le:", "lets:")
 _GO_ADDR = re.compile(r"^(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*))?:(?P<port>\d{1,5})$")
@@ -244,6 +248,9 @@ class Config:
     # together as it returns (see cllama_tx.writethrough); off keeps Twisted's
     # buffered writes, sent on the next turn.
     write_through: bool
+    # Bytes of audit lines held for a stdout reader that is behind; beyond it
+    # lines are dropped and counted (cllama_tx.bounded_output).
+    audit_buffer_bytes: int
     # The environment as seen after command-line overrides; provider keys and
     # base URLs are read from it by the provider registry.
     env: Mapping[str, str] = attrs.field(repr=False)
@@ -292,5 +299,8 @@ class Config:
             master_key=_master_key(env),
             upstream_ca_file=_ca_file(env),
             write_through=_switch(env, "CLLAMA_WRITE_THROUGH", True),
+            audit_buffer_bytes=parse_size(env["CLLAMA_AUDIT_BUFFER"])
+            if env.get("CLLAMA_AUDIT_BUFFER")
+            else DEFAULT_AUDIT_BUFFER,
             env=env,
         )

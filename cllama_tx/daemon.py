@@ -27,7 +27,7 @@ from .accounting.history import SessionHistory
 from .accounting.ledger import SqliteLedger
 from .accounting.pricing import Pricing
 from .api import ApiApp, build_api_site
-from .audit import AuditLog
+from .audit import AuditLog, open_audit_output
 from .config import Config, ConfigError, with_backlog
 from .drain import DrainService, InFlight
 from .identity.contexts import ContextRegistry
@@ -65,15 +65,32 @@ class UpstreamService(service.Service):
         return self.upstream.close()
 
 
-class AuditFlushService(service.Service):
-    """Flushes buffered audit lines last thing on shutdown."""
+AUDIT_FLUSH_GRACE = 1.0
+"""Seconds shutdown waits for a stdout reader that is behind; then the rest is lost."""
 
-    def __init__(self, audit: AuditLog) -> None:
+
+class AuditFlushService(service.Service):
+    """
+    Flushes buffered audit lines last thing on shutdown, waiting at most
+    L{AUDIT_FLUSH_GRACE} for a stdout reader that is behind: a stalled
+    reader must not hold the stop past the supervisor's timeout.
+    """
+
+    def __init__(self, audit: AuditLog, output=None) -> None:
         self.audit = audit
+        self.output = output
 
     def stopService(self):
         super().stopService()
         self.audit.flush()
+        if self.output is None:
+            return None
+
+        def report(left: int) -> None:
+            if left:
+                log.warn("{lines} audit lines were not written: stdout was not read before shutdown", lines=left)
+
+        return self.output.drain(AUDIT_FLUSH_GRACE).addCallback(report)
 
 
 @implementer(IProviderRegistry)
@@ -273,8 +290,12 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
     # Parent of every shared service; stopped only once the drain is over.
     shared = DrainService(reactor, inflight, config.drain_grace)
     shared.setServiceParent(top)
-    audit = AuditLog(audit_stream, reactor, schedule=lambda flush: reactor.callLater(0, flush))
-    AuditFlushService(audit).setServiceParent(shared)
+    # stdout without ever blocking the reactor (None for an in-memory stream).
+    audit_output = open_audit_output(audit_stream, reactor, config.audit_buffer_bytes)
+    audit = AuditLog(
+        audit_output or audit_stream, reactor, schedule=lambda flush: reactor.callLater(0, flush)
+    )
+    AuditFlushService(audit, audit_output).setServiceParent(shared)
 
     def pool_event(event: dict) -> None:
         # A per-model cooldown names its model in the line's own model field.
@@ -328,6 +349,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
     pricing = Pricing(reactor, override_path=config.pricing_file)
     metering = Metering(clock=reactor, pricing=pricing, ledger=ledger, audit=audit, history=history)
     metrics = Metrics(ledger=ledger)
+    if audit_output is not None:
+        metrics.watch_audit_output(audit_output)
     metering.on_settled.append(metrics.observe_settled)
     alerts = None
     if config.alert_webhooks:
@@ -433,6 +456,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         BannerService(api_listener, banner).setServiceParent(top)
     # Handles for tests and tooling; not used by the services themselves.
     top.audit = audit
+    top.audit_output = audit_output
     top.proxy = proxy
     top.providers = providers
     top.contexts = contexts

@@ -128,6 +128,18 @@ class Metrics:
                 namespace=ns, registry=r,
             )
             queue.set_function(lambda: ledger.writer_stats()["queued"])
+        self.audit_lines_dropped = Counter(
+            "audit_lines_dropped", "Audit lines dropped because stdout was not read fast enough (an audit_gap line marks where).",
+            namespace=ns, registry=r,
+        )
+        self._audit_buffer = Gauge(
+            "audit_buffer_bytes", "Bytes of audit lines waiting for the stdout reader.", namespace=ns, registry=r,
+        )
+
+    def watch_audit_output(self, output) -> None:
+        """Count the drops of the audit's L{BoundedOutput} and show what it holds."""
+        output.on_dropped.append(self.audit_lines_dropped.inc)
+        self._audit_buffer.set_function(lambda: output.buffered)
 
     # --- feeding ---------------------------------------------------------------------------
 

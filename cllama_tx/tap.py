@@ -46,6 +46,7 @@ _ENV_OPTIONS = [
     ("no-stream-options", None, "CLLAMA_NO_STREAM_OPTIONS", "comma-separated providers that reject stream_options (their stream usage is estimated) [env CLLAMA_NO_STREAM_OPTIONS]"),
     ("openai-organization", None, "OPENAI_ORG_ID", "the operator's OpenAI organization, sent as OpenAI-Organization (an agent's is never forwarded) [env OPENAI_ORG_ID]"),
     ("openai-project", None, "OPENAI_PROJECT_ID", "the operator's OpenAI project, sent as OpenAI-Project (an agent's is never forwarded) [env OPENAI_PROJECT_ID]"),
+    ("audit-buffer", None, "CLLAMA_AUDIT_BUFFER", "audit lines held for a stdout reader that is behind, e.g. 4MiB; beyond it lines are dropped and counted [env CLLAMA_AUDIT_BUFFER, default 4MiB]"),
 ]
 
 # Provider env prefixes accepted by --provider-key / --provider-base-url.
