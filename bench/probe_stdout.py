@@ -67,7 +67,7 @@ def wait_healthy(port: int, deadline: float) -> None:
                 return
         except OSError:
             time.sleep(0.05)
-    raise SystemExit("the daemon did not answer /health in time")
+    raise TimeoutError("the daemon did not answer /health in time")
 
 
 def drain(fd: int, into: bytearray, stop: threading.Event) -> None:
@@ -116,7 +116,11 @@ def main() -> int:
     if args.stall == "stdout":
         threading.Thread(target=drain, args=(err_r, err_text, threading.Event()), daemon=True).start()
     try:
-        wait_healthy(api, time.monotonic() + 30)
+        try:
+            wait_healthy(api, time.monotonic() + 30)
+        except TimeoutError as e:
+            time.sleep(0.5)
+            raise SystemExit(f"{e}; its stderr:\n{bytes(err_text).decode(errors='replace')}") from None
         served, failed_at, health = 0, None, []
         started = time.monotonic()
         for i in range(args.requests):
