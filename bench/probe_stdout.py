@@ -24,6 +24,7 @@ import http.client
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -191,6 +192,7 @@ def main() -> int:
         stop_reading.set()
         daemon.send_signal(signal.SIGKILL)
         daemon.wait()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":
