@@ -372,6 +372,10 @@ class Pricing:
         self.updated: str | None = doc.get("updated")
         self.sources: dict[str, str] = dict(doc.get("sources") or {})
         self._table: Table = self._packaged
+        # The packaged table with the override file merged (what _install got).
+        self._base: Table = self._packaged
+        # Prices of the operator model table's deployments, laid over both.
+        self._extra: Table = {}
         self._cache: dict[tuple[Any, Any], Price | None] = {}
         self._signature: Signature = None
         self._checked_at = clock.seconds()
@@ -394,6 +398,10 @@ class Pricing:
         except TypeError:  # unhashable junk
             return None
         found = lookup(self._table, provider, model)
+        if found is None and isinstance(provider, str) and "@" in provider:
+            # A model table deployment (<provider>@<name>) without a price
+            # of its own costs what its provider charges for the model.
+            found = lookup(self._table, provider.partition("@")[0], model)
         if len(self._cache) >= MAX_CACHED_LOOKUPS:
             self._cache.clear()
         self._cache[key] = found
@@ -469,7 +477,7 @@ class Pricing:
                         "Pricing override {path} does not exist (yet): using the packaged table",
                         path=path,
                     )
-                elif self._table is not self._packaged:
+                elif self._base is not self._packaged:
                     self._log.info(
                         "Pricing override {path} is gone: using the packaged table", path=path
                     )
@@ -494,6 +502,15 @@ class Pricing:
             providers=", ".join(sorted(override)) or "no provider",
         )
 
+    def set_extra(self, table: Table) -> None:
+        """
+        Lay C{table} (the model table's per-deployment prices) over the
+        packaged and override prices; replaces the previous extra layer.
+        """
+        self._extra = table
+        self._install(self._base)
+
     def _install(self, table: Table) -> None:
-        self._table = table
+        self._base = table
+        self._table = merge_tables(table, self._extra) if self._extra else table
         self._cache.clear()

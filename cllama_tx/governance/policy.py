@@ -30,6 +30,7 @@ surrounding whitespace removed):
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import attrs
@@ -55,6 +56,13 @@ BARE_MODEL_NORMALIZED = "bare_model_normalized"
 AMBIGUOUS_CLAMPED = "ambiguous_clamped"
 PROVIDER_NORMALIZED = "provider_normalized"
 DISALLOWED_CLAMPED = "disallowed_clamped"
+# A dated snapshot id of an allowed model (claude-haiku-4-5-20251001 for an
+# allowed anthropic/claude-haiku-4-5): the allowed ref, as declared.
+DATED_MODEL_NORMALIZED = "dated_model_normalized"
+
+# The date suffixes providers give snapshot ids: Anthropic's -20251001,
+# OpenAI's -2024-08-06, Vertex's @20250929.
+_DATE_SUFFIX = re.compile(r"(?:-\d{8}|-\d{4}-\d{2}-\d{2}|@\d{8})$")
 
 # Gateways whose model ids are themselves "<vendor>/<model>".
 VENDOR_GATEWAYS = frozenset({"openrouter", "vercel"})
@@ -237,6 +245,18 @@ def _last_segment(model: str) -> str:
     return model.rpartition("/")[2]
 
 
+def undated(model: str) -> str | None:
+    """
+    C{model} without its snapshot date (C{claude-haiku-4-5-20251001} ->
+    C{claude-haiku-4-5}, C{gpt-4o-2024-08-06} -> C{gpt-4o}), or None when
+    it has none.
+    """
+    match = _DATE_SUFFIX.search(model)
+    if match is None or match.start() == 0:
+        return None
+    return model[: match.start()]
+
+
 def _candidates(policy: ModelPolicy, chosen: ModelRef) -> tuple[ModelRef, ...]:
     """C{chosen}, then the failover chain without C{chosen} or repeats."""
     return _unique((chosen, *policy.failover_chain))
@@ -326,11 +346,15 @@ def decide(
         (C{claude-sonnet-4} -> C{openrouter/anthropic/claude-sonnet-4}, as the
         reference proxy does).  One: that ref, C{bare_model_normalized}.
         Several (in the first tier that has any): the default,
-        C{ambiguous_clamped}.  None: the default, C{disallowed_clamped}.
+        C{ambiguous_clamped}.  None: the same two tiers again with the
+        name's snapshot date removed (L{undated}:
+        C{claude-haiku-4-5-20251001} -> C{anthropic/claude-haiku-4-5}),
+        C{dated_model_normalized}; else the default, C{disallowed_clamped}.
      6. Prefixed and I{same upstream} (module docstring) as allowed refs:
         one: that ref, C{provider_normalized}; several: the default,
-        C{ambiguous_clamped}.  A prefixed name that is not a routable ref
-        (e.g. C{cllama/...}) matches nothing.
+        C{ambiguous_clamped}; then the same with the model's snapshot date
+        removed, C{dated_model_normalized}.  A prefixed name that is not a
+        routable ref (e.g. C{cllama/...}) matches nothing.
      7. Anything else: the default, C{disallowed_clamped}.
 
     In C{mode: "reject"} every outcome that would land on the default
@@ -369,9 +393,15 @@ def decide(
             [r for r in refs if r.model == name],
             [r for r in refs if _last_segment(r.model) == name],
         )
-        for matches in tiers:
+        base = undated(name)
+        if base is not None:
+            tiers += (
+                [r for r in refs if r.model == base],
+                [r for r in refs if _last_segment(r.model) == base],
+            )
+        for index, matches in enumerate(tiers):
             if len(matches) == 1:
-                return _chosen(policy, matches[0], BARE_MODEL_NORMALIZED)
+                return _chosen(policy, matches[0], BARE_MODEL_NORMALIZED if index < 2 else DATED_MODEL_NORMALIZED)
             if matches:
                 return _clamp(policy, name, AMBIGUOUS_CLAMPED, matches)
         return _clamp(policy, name, DISALLOWED_CLAMPED)
@@ -385,9 +415,17 @@ def decide(
         [r for r in refs if r == wanted],
         [r for r in refs if _same_model_key(r) == key],
     )
-    for matches in tiers:
+    base = undated(wanted.model)
+    if base is not None:
+        plain = ModelRef(wanted.provider, base)
+        plain_key = _same_model_key(plain)
+        tiers += (
+            [r for r in refs if r == plain],
+            [r for r in refs if _same_model_key(r) == plain_key],
+        )
+    for index, matches in enumerate(tiers):
         if len(matches) == 1:
-            return _chosen(policy, matches[0], PROVIDER_NORMALIZED)
+            return _chosen(policy, matches[0], PROVIDER_NORMALIZED if index < 2 else DATED_MODEL_NORMALIZED)
         if matches:
             return _clamp(policy, name, AMBIGUOUS_CLAMPED, matches)
     return _clamp(policy, name, DISALLOWED_CLAMPED)

@@ -72,3 +72,26 @@ class KeyPrincipal:
         if self.key.team_id:
             scopes.append((f"team:{self.key.team_id}", None))
         return scopes
+
+
+#: The name the master key's requests are attributed to (ledger, audit, UI).
+MASTER = "master"
+
+
+@attrs.frozen
+class MasterPrincipal:
+    """
+    An inference request made with the master key (LiteLLM allows it): no
+    model policy and no model list; governed like an agent named
+    C{master} (a budget for it can be set as for any agent, e.g.
+    C{CLAW_GOVERNANCE_DIR/master/budget.json} or the UI).
+    """
+
+    agent_id: str = MASTER
+    model_policy = None
+    timezone = None
+    budget = None
+
+    @property
+    def metadata(self) -> dict:
+        return {}

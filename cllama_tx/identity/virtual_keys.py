@@ -85,6 +85,7 @@ _MONTH_APPROXIMATION = 30 * 86400
 MAX_TEXT = 256
 MAX_MODELS = 1000
 MAX_METADATA_BYTES = 16 * 1024
+MAX_ALIASES = 1000
 MAX_COUNT = 2**53  # rpm / tpm: any larger is not a limit a JSON client can mean
 
 #: Keys that expired longer ago than this are dropped from memory (they stay
@@ -241,6 +242,8 @@ class VirtualKey:
     rpm_limit: int | None = None
     tpm_limit: int | None = None
     metadata: dict = attrs.field(factory=dict, hash=False)
+    #: The key's own model names (LiteLLM's C{aliases}): name -> model name.
+    aliases: dict = attrs.field(factory=dict, hash=False)
     created_at: float = 0.0
     updated_at: float = 0.0
     #: Epoch seconds; the key fails from this instant on.  None: never expires.
@@ -301,7 +304,7 @@ class VirtualKey:
             # LiteLLM fields without an equivalent here.
             "max_parallel_requests": None,
             "soft_budget": None,
-            "aliases": {},
+            "aliases": dict(self.aliases),
             "config": {},
             "permissions": {},
             "allowed_cache_controls": [],
@@ -337,6 +340,7 @@ KEY_FIELDS = (
     "metadata",
     "duration",
     "blocked",
+    "aliases",
 )
 
 #: LiteLLM fields that cllama_tx does not support.  Sent empty (null, {},
@@ -345,7 +349,6 @@ KEY_FIELDS = (
 #: worse than a 400.
 UNSUPPORTED_FIELDS = frozenset(
     {
-        "aliases",
         "allowed_cache_controls",
         "allowed_routes",
         "auto_rotate",
@@ -460,6 +463,28 @@ def _metadata(value: Any) -> dict:
     return json.loads(encoded)
 
 
+def model_aliases(field: str, value: Any) -> dict:
+    """
+    A name -> model name mapping (a key's C{aliases}, a team's
+    C{model_aliases}): strings as L{_text} checks them, at most
+    L{MAX_ALIASES}; None is no alias.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidField(field, f"'{field}' must be an object mapping model names to model names")
+    if len(value) > MAX_ALIASES:
+        raise InvalidField(field, f"'{field}' has more than {MAX_ALIASES} entries")
+    out: dict[str, str] = {}
+    for name, target in value.items():
+        name = _text(field, name)
+        target = _text(field, target)
+        if name is None or target is None:
+            raise InvalidField(field, f"'{field}' must map non-empty names to non-empty model names")
+        out[name.strip()] = target.strip()
+    return out
+
+
 def _blocked(value: Any) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
@@ -478,6 +503,7 @@ _VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "metadata": _metadata,
     "duration": lambda v: _duration("duration", v),
     "blocked": _blocked,
+    "aliases": lambda v: model_aliases("aliases", v),
 }
 
 
@@ -529,6 +555,7 @@ def validate_key_fields(doc: Mapping[str, Any], *, update: bool) -> dict[str, An
             "metadata": {},
             "duration": None,
             "blocked": False,
+            "aliases": {},
         }
         for name, default in defaults.items():
             if out.get(name) is None:
@@ -551,6 +578,7 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("rpm_limit", "INTEGER"),
     ("tpm_limit", "INTEGER"),
     ("metadata_json", "TEXT NOT NULL DEFAULT '{}'"),
+    ("aliases_json", "TEXT NOT NULL DEFAULT '{}'"),
     ("created_at", "REAL NOT NULL DEFAULT 0"),
     ("updated_at", "REAL NOT NULL DEFAULT 0"),
     ("expires", "REAL"),
@@ -560,6 +588,17 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
 _ROW_COLUMNS = tuple(name for name, _ in _COLUMNS if name != "deleted_at")
 _CREATE_TABLE = "CREATE TABLE IF NOT EXISTS virtual_keys ({})".format(
     ", ".join(f"{name} {kind}" for name, kind in _COLUMNS)
+)
+# A team's settings kept here (its budget lives in the ledger): LiteLLM's
+# model_aliases for now.
+_CREATE_TEAMS = (
+    "CREATE TABLE IF NOT EXISTS team_settings (team_id TEXT PRIMARY KEY, "
+    "model_aliases_json TEXT NOT NULL DEFAULT '{}', updated_at REAL NOT NULL DEFAULT 0)"
+)
+_UPSERT_TEAM = (
+    "INSERT INTO team_settings (team_id, model_aliases_json, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT(team_id) DO UPDATE SET model_aliases_json = excluded.model_aliases_json, "
+    "updated_at = excluded.updated_at"
 )
 _CREATE_INDEXES = (
     "CREATE INDEX IF NOT EXISTS virtual_keys_team ON virtual_keys (team_id)",
@@ -593,6 +632,7 @@ def _row(vk: VirtualKey) -> tuple[Any, ...]:
         vk.rpm_limit,
         vk.tpm_limit,
         json.dumps(vk.metadata),
+        json.dumps(vk.aliases),
         vk.created_at,
         vk.updated_at,
         vk.expires,
@@ -614,6 +654,7 @@ def _from_row(values: tuple[Any, ...]) -> VirtualKey:
         rpm_limit=row["rpm_limit"],
         tpm_limit=row["tpm_limit"],
         metadata=json.loads(row["metadata_json"] or "{}"),
+        aliases=json.loads(row["aliases_json"] or "{}"),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         expires=row["expires"],
@@ -652,6 +693,7 @@ def _open_database(path: str) -> sqlite3.Connection:
                     conn.execute(f"ALTER TABLE virtual_keys ADD COLUMN {name} {kind}")
             for statement in _CREATE_INDEXES:
                 conn.execute(statement)
+            conn.execute(_CREATE_TEAMS)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -665,6 +707,10 @@ def _open_database(path: str) -> sqlite3.Connection:
 
 def _insert(conn: sqlite3.Connection, row: tuple[Any, ...]) -> None:
     _transaction(conn, lambda c: c.execute(_INSERT, row))
+
+
+def _set_team(conn: sqlite3.Connection, team_id: str, aliases_json: str, ts: float) -> None:
+    _transaction(conn, lambda c: c.execute(_UPSERT_TEAM, (team_id, aliases_json, ts)))
 
 
 def _update(conn: sqlite3.Connection, row: tuple[Any, ...]) -> None:
@@ -736,6 +782,7 @@ class VirtualKeyStore(service.Service):
         self.prune_interval = prune_interval
         self._keys: dict[str, VirtualKey] = {}
         self._aliases: dict[str, str] = {}  # key_alias -> token_hash, live keys only
+        self._team_aliases: dict[str, dict[str, str]] = {}  # team_id -> model_aliases
         self._conn: sqlite3.Connection | None = None
         self._pool: ThreadPool | None = None
         self._closing = False
@@ -757,11 +804,16 @@ class VirtualKeyStore(service.Service):
         try:
             since = self._clock.seconds() - self.expired_retention
             keys = {vk.token_hash: vk for vk in map(_from_row, conn.execute(_SELECT_LIVE, (since,)))}
+            teams = {
+                team: json.loads(raw or "{}")
+                for team, raw in conn.execute("SELECT team_id, model_aliases_json FROM team_settings")
+            }
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         self._keys = keys
+        self._team_aliases = {team: aliases for team, aliases in teams.items() if aliases}
         self._aliases = {vk.key_alias: h for h, vk in keys.items() if vk.key_alias is not None}
         self._closing = False
         # One thread: its FIFO queue keeps the writes in the order they were asked for.
@@ -897,6 +949,7 @@ class VirtualKeyStore(service.Service):
         metadata: dict | None = None,
         duration: str | None = None,
         blocked: bool = False,
+        aliases: dict | None = None,
     ) -> defer.Deferred:
         """
         Mint a key (or take the caller's C{key}, which must look like one).
@@ -921,6 +974,7 @@ class VirtualKeyStore(service.Service):
                 "metadata": metadata,
                 "duration": duration,
                 "blocked": blocked,
+                "aliases": aliases,
             },
             update=False,
         )
@@ -952,6 +1006,7 @@ class VirtualKeyStore(service.Service):
             rpm_limit=fields["rpm_limit"],
             tpm_limit=fields["tpm_limit"],
             metadata=fields["metadata"],
+            aliases=fields["aliases"],
             created_at=now,
             updated_at=now,
             expires=expires,
@@ -1065,6 +1120,37 @@ class VirtualKeyStore(service.Service):
             return failure
 
         return _shield(d.addCallbacks(stored, failed))
+
+    def team_aliases(self, team_id: str) -> dict[str, str]:
+        """A team's C{model_aliases} (empty when it has none); from memory."""
+        return self._team_aliases.get(team_id, {})
+
+    def set_team_aliases(self, team_id: str, aliases: Any) -> defer.Deferred:
+        """
+        Replace a team's C{model_aliases} (LiteLLM's C{/team/new} and
+        C{/team/update}); in effect at once, fires once committed.
+
+        @raise InvalidField: not a mapping of names to model names.
+        """
+        self._check_open()
+        checked = model_aliases("model_aliases", aliases)
+        previous = self._team_aliases.get(team_id)
+        if checked:
+            self._team_aliases[team_id] = checked
+        else:
+            self._team_aliases.pop(team_id, None)
+        d = self._write(_set_team, team_id, json.dumps(checked), self._clock.seconds())
+
+        def failed(failure: Failure) -> Failure:
+            if previous is None:
+                self._team_aliases.pop(team_id, None)
+            else:
+                self._team_aliases[team_id] = previous
+            _log.error("virtual keys: could not store the aliases of team {team}: {error}",
+                       team=team_id, error=failure.getErrorMessage())
+            return failure
+
+        return _shield(d.addCallbacks(lambda _: checked, failed))
 
     def prune(self) -> int:
         """

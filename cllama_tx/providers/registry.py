@@ -25,7 +25,9 @@ a re-checker for its keys (L{cllama_tx.providers.health}).  Every secret
 configured here is known to L{ProviderRegistry.scrubber}.
 
 L{ProviderRegistry.resolve} is on the per-request path: it does two dict
-lookups and one integer test, never any I/O.
+lookups and one integer test, never any I/O.  A name it does not know that
+contains C{@} is a deployment of the operator model table (L{routes}),
+resolved there.
 """
 
 from __future__ import annotations
@@ -167,6 +169,8 @@ class ProviderRegistry(Service):
         self._prober = None
         self.scrubber = SecretScrubber()
         """Every secret configured here (keys, organization, project), ever."""
+        self.routes = None
+        """The operator model table's deployments (L{cllama_tx.providers.model_table}), or None."""
         self._build(self._load_file())
 
     @property
@@ -181,12 +185,31 @@ class ProviderRegistry(Service):
         if resolved is None:
             problem = self._problems.get(name)
             if problem is None:
+                if self.routes is not None and "@" in name:
+                    # A deployment of the operator model table (<provider>@<name>).
+                    return self.routes.resolve(name)
                 raise UnknownProvider(name)
             raise ProviderNotConfigured(problem, name)
         pool = resolved.pool
         if not pool.keyless and not pool.enabled_count:
             raise ProviderNotConfigured(self._no_key_message(name, pool), name)
         return resolved
+
+    def configured(self, name: str) -> bool:
+        """Whether C{name} resolves now (known, complete, with a usable key or keyless)."""
+        resolved = self._resolved.get(name)
+        if resolved is None:
+            return False
+        pool = resolved.pool
+        return pool.keyless or bool(pool.enabled_count)
+
+    def known(self, name: str) -> bool:
+        """Whether C{name} is a provider at all (the catalog or providers.json)."""
+        return name in self._specs
+
+    def spec_of(self, name: str) -> ProviderSpec | None:
+        """C{name}'s spec as configured (effective base URL), or None."""
+        return self._specs.get(name)
 
     def names(self) -> list[str]:
         """The sorted names of the providers that resolve now."""

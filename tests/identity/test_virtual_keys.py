@@ -208,9 +208,18 @@ class ValidationTests(SynchronousTestCase):
             {
                 "key_alias": None, "team_id": None, "user_id": None, "models": (), "max_budget": None,
                 "budget_duration": None, "rpm_limit": None, "tpm_limit": None, "metadata": {},
-                "duration": None, "blocked": False,
+                "duration": None, "blocked": False, "aliases": {},
             },
         )
+
+    def test_aliases(self):
+        fields = validate_key_fields({"aliases": {"gpt-4": " openai/gpt-4o "}}, update=False)
+        self.assertEqual(fields["aliases"], {"gpt-4": "openai/gpt-4o"})
+        self.assertEqual(validate_key_fields({"aliases": None}, update=True), {"aliases": {}})
+        for bad in ({"a": 1}, ["a"], {"": "x"}, {"a": ""}, {f"n{i}": "m" for i in range(1001)}):
+            with self.assertRaises(InvalidField) as caught:
+                validate_key_fields({"aliases": bad}, update=False)
+            self.assertEqual(caught.exception.field, "aliases")
 
     def test_normalised(self):
         fields = validate_key_fields(
@@ -336,6 +345,24 @@ class StoreTests(StoreTestMixin, TestCase):
         self.assertEqual(row["team_id"], "org-1")
         self.assertEqual(json.loads(row["metadata_json"]), {"sandbox": "sb-9"})
         self.assertIsNone(row["deleted_at"])
+
+    async def test_key_and_team_aliases_survive_a_restart(self):
+        store = self.make_store()
+        key, vk = await self.create(store, team_id="org-1", aliases={"gpt-4": "openai/gpt-4o"})
+        self.assertEqual(vk.aliases, {"gpt-4": "openai/gpt-4o"})
+        self.assertEqual(vk.to_info()["aliases"], {"gpt-4": "openai/gpt-4o"})
+        await store.update(vk.token_hash, aliases={"fast": "anthropic/claude-haiku-4-5"})
+        self.assertEqual(await store.set_team_aliases("org-1", {"smart": "openai/o3"}), {"smart": "openai/o3"})
+        self.assertEqual(store.team_aliases("org-1"), {"smart": "openai/o3"})
+        self.assertEqual(store.team_aliases("org-2"), {})
+        store = await self.restart(store)
+        self.assertEqual(store.lookup(key).aliases, {"fast": "anthropic/claude-haiku-4-5"})
+        self.assertEqual(store.team_aliases("org-1"), {"smart": "openai/o3"})
+        await store.set_team_aliases("org-1", None)
+        store = await self.restart(store)
+        self.assertEqual(store.team_aliases("org-1"), {})
+        with self.assertRaises(InvalidField):
+            store.set_team_aliases("org-1", {"x": 3})
 
     async def test_only_the_hash_reaches_the_disk(self):
         store = self.make_store()
