@@ -184,6 +184,35 @@ def _count(env: Mapping[str, str], name: str) -> int | None:
     return int(raw)
 
 
+DEFAULT_LEDGER_BACKLOG = 10000
+
+
+def _ledger_backlog(env: Mapping[str, str]) -> int:
+    """CLLAMA_LEDGER_BACKLOG: rows held while the disk refuses them (at least 1)."""
+    value = _count(env, "CLLAMA_LEDGER_BACKLOG")
+    if value is None:
+        return DEFAULT_LEDGER_BACKLOG
+    if value < 1:
+        raise ConfigError("CLLAMA_LEDGER_BACKLOG must be at least 1")
+    return value
+
+
+def _default_spill_dir() -> str:
+    from .accounting.spill import default_spill_dir
+
+    return default_spill_dir()
+
+
+def _cap(env: Mapping[str, str], name: str, default: int) -> int:
+    """A connection cap: a whole number, at least 1."""
+    value = _count(env, name)
+    if value is None:
+        return default
+    if value < 1:
+        raise ConfigError(f"{name} must be at least 1")
+    return value
+
+
 def _ca_file(env: Mapping[str, str]) -> str | None:
     """CLLAMA_UPSTREAM_CA_FILE, checked now so a bad bundle stops the start."""
     path = (env.get("CLLAMA_UPSTREAM_CA_FILE") or "").strip()
@@ -230,6 +259,10 @@ class Config:
     pricing_file: str | None
     ledger_sync: str
     ledger_retention: float | None
+    # Ledger rows held in memory at most while the disk refuses them, and
+    # where rows still held at shutdown are saved (docs/LEDGER.md).
+    ledger_backlog: int
+    ledger_spill_dir: str
     no_stream_options: frozenset
     policy_file: str | None
     unpriced_budget: str
@@ -284,6 +317,8 @@ class Config:
             ledger_retention=parse_duration(env["CLLAMA_LEDGER_RETENTION"])
             if env.get("CLLAMA_LEDGER_RETENTION")
             else None,
+            ledger_backlog=_ledger_backlog(env),
+            ledger_spill_dir=env.get("CLLAMA_LEDGER_SPILL_DIR") or _default_spill_dir(),
             no_stream_options=frozenset(
                 p.strip().lower() for p in env.get("CLLAMA_NO_STREAM_OPTIONS", "").split(",") if p.strip()
             ),

@@ -337,6 +337,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         reactor,
         sync=config.ledger_sync,
         retention_seconds=config.ledger_retention,
+        backlog=config.ledger_backlog,
+        spill_dir=config.ledger_spill_dir,
     )
     # Before the listeners: it is stopped after them, so in-flight rows land.
     ledger.setServiceParent(shared)
@@ -367,6 +369,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         default_tpm=config.default_tpm,
         runtime_overrides=None,
         alerts=alerts,
+        ledger=ledger,
     )
 
     contexts = ContextRegistry(context_root, reactor)  # every context loaded here

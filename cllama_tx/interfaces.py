@@ -101,6 +101,8 @@ class ILedger(Interface):
         Add one L{cllama_tx.accounting.records.LedgerRow}.  Return a Deferred
         that fires (with None) once the row is durably committed; the proxy
         waits for it before sending the agent the response's final byte.
+        When the disk refuses it, the row is held in memory until it can be
+        written and the Deferred fires with a marker instead (C{"held"}).
         """
 
     def totals():

@@ -521,9 +521,12 @@ class KeyApi:
     async def readiness(self, request: Any) -> bytes:
         """
         C{GET /health/readiness}: 200 when the key store runs and the ledger
-        answers a query (within C{readiness_timeout}), else 503.
+        answers a query (within C{readiness_timeout}) and writes its rows,
+        else 503.  C{ledger} says how it stands: C{failing} while rows are
+        held in memory because the disk refuses them.
         """
         store_ok = bool(getattr(self._store, "running", False))
+        ledger = None
         if self._ledger is None:
             db = "Not connected"
             db_ok = True
@@ -538,10 +541,16 @@ class KeyApi:
             except Exception:
                 db_ok = False
             db = "connected" if db_ok else "disconnected"
+            if hasattr(self._ledger, "health"):
+                storage = self._ledger.health()
+                ledger = {"state": storage["state"], "pending_rows": storage["pending_rows"]}
+                if storage["state"] == "failing":
+                    db = "failing"
         healthy = store_ok and db_ok
         doc = {
             "status": "healthy" if healthy else "unhealthy",
             "db": db,
+            "ledger": ledger,
             "virtual_keys": "loaded" if store_ok else "not running",
             "key_administration": "on" if self.administration_enabled else "off",
             "cache": None,

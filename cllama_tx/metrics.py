@@ -22,6 +22,7 @@ import contextlib
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST", "OTHER", "NONE"]
@@ -81,6 +82,27 @@ def status_class(status: int) -> str:
     return "other"
 
 
+class _LedgerCounters:
+    """Counters the ledger keeps itself, read at scrape time."""
+
+    def __init__(self, ledger, namespace: str) -> None:
+        self._ledger = ledger
+        self._ns = namespace
+
+    def collect(self):
+        stats = self._ledger.writer_stats()
+        yield CounterMetricFamily(
+            f"{self._ns}_ledger_unkept_rows",
+            "Rows of refused requests (never sent to a provider) not kept while the ledger backlog was full.",
+            value=stats.get("unkept", 0),
+        )
+        yield CounterMetricFamily(
+            f"{self._ns}_ledger_recovered_rows",
+            "Ledger rows held while the disk refused them, then written.",
+            value=stats.get("recovered", 0),
+        )
+
+
 class Metrics:
     """The proxy's metrics, in one private L{CollectorRegistry}."""
 
@@ -128,6 +150,12 @@ class Metrics:
                 namespace=ns, registry=r,
             )
             queue.set_function(lambda: ledger.writer_stats()["queued"])
+            pending = Gauge(
+                "ledger_pending_rows", "Ledger rows held in memory because the disk refuses them (0 when healthy).",
+                namespace=ns, registry=r,
+            )
+            pending.set_function(lambda: ledger.writer_stats()["held"])
+            r.register(_LedgerCounters(ledger, ns))
         self.audit_lines_dropped = Counter(
             "audit_lines_dropped", "Audit lines dropped because stdout was not read fast enough (an audit_gap line marks where).",
             namespace=ns, registry=r,

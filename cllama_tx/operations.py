@@ -36,9 +36,12 @@ class Operations:
 
     async def health(self) -> dict:
         ready = await self._ledger.ready()
+        # Rows held in memory because the disk refuses them: not ok, and said so.
+        storage = self._ledger.health() if hasattr(self._ledger, "health") else {"state": "ok"}
         return {
             "ok": bool(ready),
-            "ledger": "ready" if ready else "unavailable",
+            "ledger": "ready" if ready else ("failing" if storage["state"] == "failing" else "unavailable"),
+            "ledger_storage": storage,
             "agents": len(self._contexts.agent_ids()),
             "providers": self._providers.names(),
             "uptime_s": round(self._clock.seconds() - self._started, 3),

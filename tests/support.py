@@ -184,6 +184,7 @@ class ProxyHarness:
             default_rpm=self.default_rpm,
             default_tpm=self.default_tpm,
             alerts=self.alerts,
+            ledger=self.ledger,
         )
         self.proxy = Proxy(
             clock=reactor,

@@ -27,6 +27,9 @@ from .request_cost import RequestShape, read_request, worst_input_tokens
 
 log = Logger()
 
+# Seconds a caller refused because the ledger cannot write is told to wait.
+LEDGER_RETRY_AFTER = 5
+
 # How often an agent's governance file is stat()ed at most.
 RECHECK_INTERVAL = 1.0
 MAX_GOVERNANCE_FILE_BYTES = 1 << 20
@@ -120,6 +123,7 @@ class Governance:
         default_limits: RateLimits = RateLimits(),
         intervention: Callable[..., None] = lambda *a, **k: None,
         alerts=None,
+        ledger=None,
     ) -> None:
         self._clock = clock
         self.book = book
@@ -134,6 +138,8 @@ class Governance:
         self._default_limits = default_limits
         self._intervention = intervention
         self._alerts = alerts
+        # Asked before a metered request is admitted: can its row be kept?
+        self._ledger = ledger
         self._policies: dict[str, tuple[Any, Any]] = {}
         self._budgets: dict[str, tuple[tuple, Any]] = {}
 
@@ -292,6 +298,7 @@ class Governance:
         admission.token_estimate = estimate_prompt_tokens(doc, ex.surface.api_format)
         shape = read_request(doc, ex.body_size)
         scopes = self.scopes(context)
+        self._check_ledger(ex, scopes)
         if scopes:
             scope, budget, tz = scopes[0]
             admission.budget_label = budget.label
@@ -335,6 +342,14 @@ class Governance:
                 m.partition("/")[2] if m.lower().startswith("openrouter/") else m
                 for m in decision.openrouter_models
             ]
+
+    def _check_ledger(self, ex, scopes: list) -> None:
+        """503 when the ledger could not keep this request's row (docs/LEDGER.md)."""
+        if self._ledger is None or not ex.surface.billable:
+            return
+        reason = self._ledger.admission_refusal(budgeted=bool(scopes))
+        if reason is not None:
+            raise ProxyError(503, "ledger_unavailable", reason, retry_after=LEDGER_RETRY_AFTER)
 
     def _check_rate(self, admission: Admission, context, shape: RequestShape) -> None:
         limits = self.limits(context)
@@ -422,7 +437,7 @@ class Governance:
 
 
 def build_governance(*, clock, pricing, metering, governance_dir, policy_file, unpriced, default_rpm, default_tpm,
-                     runtime_overrides=None, alerts=None):
+                     runtime_overrides=None, alerts=None, ledger=None):
     """The daemon's Governance, wired to metering (interventions, settlement)."""
     from .budgets import BudgetBook
 
@@ -436,6 +451,7 @@ def build_governance(*, clock, pricing, metering, governance_dir, policy_file, u
         default_limits=RateLimits(default_rpm, default_tpm),
         intervention=metering.intervention,
         alerts=alerts,
+        ledger=ledger,
     )
     metering.on_settled.append(governance.finish)
     return governance
