@@ -14,11 +14,13 @@ import json
 from klein import Klein
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .accounting.history import clamp_limit
 from .errors import ANTHROPIC, OPENAI, ProxyError, error_body
+from .guard import ConnectionGuard, GuardedRequest, GuardedSite, refuse_request
+from .header_gate import HeaderGate, Refusal, refusal, shape_for_path
 from .identity.operator import OperatorGuard, bearer_matches, request_source
 from .identity.tokens import MalformedCredentials, parse_credentials
 from .proxy import Proxy, Surface, new_request_id
@@ -66,24 +68,39 @@ class ProxyResource(Resource):
         return NOT_DONE_YET
 
 
-class CappedRequest(Request):
+class CappedRequest(GuardedRequest):
     """
-    A request whose body may not exceed the site's cap.  twisted.web buffers
-    the whole body before a resource runs and has no limit of its own, so the
-    cap is enforced here: from C{Content-Length} before reading, and while
-    reading for chunked bodies.  The answer is a 413 in the surface's shape,
-    then the connection is closed so no more of the body is read.
+    A request whose headers decide whether its body is read at all, and
+    whose body may not exceed its cap.
+
+    twisted.web reads the whole body before a resource runs, with no limit
+    of its own, so both are decided here, when the headers are in
+    (C{gotLength}): the L{HeaderGate} authenticates an inference request
+    (and hands its principal to the proxy) or refuses it; a body larger
+    than the cap is refused from C{Content-Length} before reading, or while
+    reading a chunked one.  A refusal is answered at once in the surface's
+    shape and no more of the body is read or kept (L{refuse_request}).
     """
 
     _refused = False
     _received = 0
-
-    def _cap(self) -> int:
-        return self.channel.site.max_body_bytes
+    _limit = 0
 
     def gotLength(self, length):
-        if length is not None and length > self._cap():
-            self._refuse_oversized()
+        channel = self.channel
+        site = channel.site
+        path = _target_path(channel)
+        gate = site.gate
+        self._limit = site.max_body_bytes
+        if gate is not None:
+            method = getattr(channel, "_command", b"")
+            self._limit = gate.body_limit(method, path)
+            refused = gate.check(self, method, path, length)
+            if refused is not None:
+                self._answer(refused, path)
+                return
+        if length is not None and length > self._limit:
+            self._refuse_oversized(path)
             return
         super().gotLength(length)
 
@@ -91,51 +108,75 @@ class CappedRequest(Request):
         if self._refused:
             return
         self._received += len(data)
-        if self._received > self._cap():
-            self._refuse_oversized()
+        if self._received > self._limit:
+            self._refuse_oversized(_target_path(self.channel))
             return
         super().handleContentChunk(data)
 
-    def _refuse_oversized(self) -> None:
-        self._refused = True
-        channel = self.channel
-        path = getattr(channel, "_path", b"") or b""
-        cap = self._cap()
+    def requestReceived(self, command, path, version):
+        if self._refused:
+            return  # answered on its headers; the channel only finished parsing
+        super().requestReceived(command, path, version)
+
+    def _refuse_oversized(self, path: bytes) -> None:
         error = ProxyError(
-            413, "request_too_large", f"the request body is larger than {cap} bytes"
+            413, "request_too_large", f"the request body is larger than {self._limit} bytes"
         )
-        body = error_body(error, _shape_for_path(path))
-        site = channel.site
-        if site.audit is not None:
-            site.audit.emit(
-                "error", None, None, request_id=new_request_id(), status_code=413, latency_ms=0,
-                error=error.message, path=path.decode("latin-1"),
-            )
-        channel.transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Connection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
-        channel.transport.loseConnection()
+        gate = self.channel.site.gate
+        shape = gate.shape(path) if gate is not None else shape_for_path(path)
+        self._answer(refusal(error, shape), path)
+
+    def _answer(self, refused: Refusal, path: bytes) -> None:
+        """Answer with C{refused}, audited, and read no more of this request."""
+        self._refused = True
+        request_id = refused.request_id
+        if request_id is None:  # not settled by the proxy: audited here
+            request_id = new_request_id()
+            audit = self.channel.site.audit
+            if audit is not None:
+                audit.emit(
+                    "error", None, None, request_id=request_id, status_code=refused.status, latency_ms=0,
+                    error=refused.message, path=path.decode("latin-1"),
+                )
+        headers = [(b"X-Cllama-Request-Id", request_id.encode("ascii"))]
+        if refused.retry_after is not None:
+            headers.append((b"Retry-After", b"%d" % refused.retry_after))
+        refuse_request(self, refused.status, refused.body, headers)
 
 
-class ApiSite(Site):
+def _target_path(channel) -> bytes:
+    """The path of the request whose headers the channel is reading (no query)."""
+    return (getattr(channel, "_path", b"") or b"").split(b"?", 1)[0]
+
+
+class ApiSite(GuardedSite, Site):
     """
     The API's Site: exact-path dispatch to the inference resources, the
-    Klein app for the rest, and capped request bodies.
+    Klein app for the rest, requests checked on their headers (L{HeaderGate}),
+    capped bodies, and (with a guard) capped connections with deadlines.
     """
 
     requestFactory = CappedRequest
 
-    def __init__(self, klein_resource, hot: dict[bytes, Resource], max_body_bytes: int, audit=None):
+    def __init__(
+        self,
+        klein_resource,
+        hot: dict[bytes, Resource],
+        max_body_bytes: int,
+        audit=None,
+        gate: HeaderGate | None = None,
+        guard: ConnectionGuard | None = None,
+    ):
         # No form parsing: twisted.web would otherwise build an email.Message
         # per POST to look at its Content-Type (a tenth of the per-request CPU).
         super().__init__(klein_resource, parsePOSTFormSubmission=False)
         self._hot = hot
         self.max_body_bytes = max_body_bytes
         self.audit = audit
+        self.gate = gate
         self.noisy = False
+        if guard is not None:
+            self.set_guard(guard)
 
     def log(self, request):
         """No access log: the audit stream records every request already."""
@@ -389,10 +430,10 @@ def model_refs(context, providers, pricing) -> list[str]:
     return [f"{name}/{model}" for name in providers.names() for model in sorted(table.get(name, {}))]
 
 
-def build_api_site(proxy: Proxy, max_body_bytes: int, audit=None, app: ApiApp | None = None) -> ApiSite:
-    hot = {
-        CHAT.path.encode(): ProxyResource(proxy, CHAT),
-        MESSAGES.path.encode(): ProxyResource(proxy, MESSAGES),
-        COUNT_TOKENS.path.encode(): ProxyResource(proxy, COUNT_TOKENS),
-    }
-    return ApiSite((app or ApiApp()).app.resource(), hot, max_body_bytes, audit)
+def build_api_site(
+    proxy: Proxy, max_body_bytes: int, audit=None, app: ApiApp | None = None, guard: ConnectionGuard | None = None
+) -> ApiSite:
+    surfaces = {surface.path.encode(): surface for surface in (CHAT, MESSAGES, COUNT_TOKENS)}
+    hot = {path: ProxyResource(proxy, surface) for path, surface in surfaces.items()}
+    gate = HeaderGate(proxy, surfaces, max_body_bytes)
+    return ApiSite((app or ApiApp()).app.resource(), hot, max_body_bytes, audit, gate=gate, guard=guard)

@@ -14,6 +14,14 @@ from typing import Mapping
 
 import attrs
 
+from .guard import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_KEEPALIVE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_UI_MAX_CONNECTIONS,
+)
+
 DEFAULT_API_ADDR = ":8080"
 DEFAULT_UI_ADDR = ":8081"
 DEFAULT_CONTEXT_ROOT = "/claw/context"
@@ -213,6 +221,16 @@ def _cap(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _cap(env: Mapping[str, str], name: str, default: int) -> int:
+    """A connection cap: a whole number, at least 1."""
+    value = _count(env, name)
+    if value is None:
+        return default
+    if value < 1:
+        raise ConfigError(f"{name} must be at least 1")
+    return value
+
+
 def _ca_file(env: Mapping[str, str]) -> str | None:
     """CLLAMA_UPSTREAM_CA_FILE, checked now so a bad bundle stops the start."""
     path = (env.get("CLLAMA_UPSTREAM_CA_FILE") or "").strip()
@@ -281,6 +299,13 @@ class Config:
     # together as it returns (see cllama_tx.writethrough); off keeps Twisted's
     # buffered writes, sent on the next turn.
     write_through: bool
+    # Per listener: the connection cap, and the header, body and keep-alive
+    # deadlines (see cllama_tx.guard).
+    max_connections: int
+    ui_max_connections: int
+    header_timeout: float
+    body_timeout: float
+    keepalive_timeout: float
     # Bytes of audit lines held for a stdout reader that is behind; beyond it
     # lines are dropped and counted (cllama_tx.bounded_output).
     audit_buffer_bytes: int
@@ -334,6 +359,11 @@ class Config:
             master_key=_master_key(env),
             upstream_ca_file=_ca_file(env),
             write_through=_switch(env, "CLLAMA_WRITE_THROUGH", True),
+            max_connections=_cap(env, "CLLAMA_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
+            ui_max_connections=_cap(env, "CLLAMA_UI_MAX_CONNECTIONS", DEFAULT_UI_MAX_CONNECTIONS),
+            header_timeout=_seconds(env, "CLLAMA_HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT),
+            body_timeout=_seconds(env, "CLLAMA_BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT),
+            keepalive_timeout=_seconds(env, "CLLAMA_KEEPALIVE_TIMEOUT", DEFAULT_KEEPALIVE_TIMEOUT),
             audit_buffer_bytes=parse_size(env["CLLAMA_AUDIT_BUFFER"])
             if env.get("CLLAMA_AUDIT_BUFFER")
             else DEFAULT_AUDIT_BUFFER,

@@ -44,6 +44,9 @@ from .identity.virtual_keys import VirtualKeyStore
 from .keyapi import KeyApi
 from .metering import Metering
 from .metrics import Metrics
+from .connection_metrics import register as register_connection_metrics
+from .descriptors import fit_descriptors
+from .guard import ConnectionGuard, GuardLimits
 from .operations import Operations
 from .proxy import Proxy
 from .relay import UpstreamClient
@@ -281,6 +284,27 @@ def tune_gc(reactor) -> None:
     reactor.callWhenRunning(gc.freeze)
 
 
+def build_guards(config: Config, reactor) -> tuple[ConnectionGuard, ConnectionGuard]:
+    """
+    The API's and the UI's connection guards, with caps that fit in the
+    process's descriptors (the soft limit is raised for them if it can be).
+    """
+    fit = fit_descriptors(config.max_connections, config.ui_max_connections)
+
+    def limits(cap: int) -> GuardLimits:
+        return GuardLimits(
+            max_connections=cap,
+            header_timeout=config.header_timeout,
+            body_timeout=config.body_timeout,
+            keepalive_timeout=config.keepalive_timeout,
+        )
+
+    return (
+        ConnectionGuard(reactor, limits(fit.api_cap), "API"),
+        ConnectionGuard(reactor, limits(fit.ui_cap), "UI"),
+    )
+
+
 def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.MultiService:
     if config.write_through:
         install_write_through(reactor)
@@ -452,6 +476,10 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
             metrics=metrics,
         )
     )
+    api_guard, ui_guard = build_guards(config, reactor)
+    api_site.set_guard(api_guard)
+    ui_site.set_guard(ui_guard)
+    register_connection_metrics(metrics.registry, {"API": api_guard, "UI": ui_guard})
     api_listener = Listener(reactor, config.api_endpoint, api_site, "API")
     api_listener.setServiceParent(top)
     Listener(reactor, config.ui_endpoint, ui_site, "UI").setServiceParent(top)

@@ -20,9 +20,8 @@ from twisted.web.http_headers import Headers
 
 from .accounting.usage import SseTap, output_chars_from_json, usage_from_json
 from .errors import OPENAI, ProxyError, error_body, sse_error_event
+from .identity.authenticate import identify
 from .identity.principals import KeyPrincipal
-from .identity.tokens import MalformedCredentials, parse_credentials
-from .identity.virtual_keys import looks_like_virtual_key
 from .metering import CLIENT_CLOSED, Exchange
 from .providers.catalog import auth_headers, upstream_url
 from .providers.bodies import read_small
@@ -229,29 +228,31 @@ class Proxy:
                 raise Failover(error.message) from None
             raise
 
+    def authenticate(self, headers: Headers, request=None):
+        """The caller's principal from its headers alone; raises the 401/403 L{ProxyError}."""
+        return identify(headers, self._contexts, self._keys)
+
+    def refuse_early(self, surface: Surface, error: ProxyError) -> str:
+        """
+        Settle (audit, metrics) a request the site refused on its headers,
+        before its body was read; the site writes the answer.  Returns the
+        request id for the answer's C{x-cllama-request-id}.
+        """
+        ex = Exchange(new_request_id(), self._clock.seconds(), surface)
+        ex.error_code = error.code
+        self._metering.settle(ex, error.status, error.message)
+        return ex.request_id
+
     def _identify(self, request, ex: Exchange):
-        headers = request.requestHeaders
-        token = _bearer_or_api_key(headers)
-        if self._keys is not None and token is not None and looks_like_virtual_key(token):
-            key = self._keys.lookup(token)
-            if key is None:
-                status = self._keys.status(token)
-                reason = {"expired": "this key has expired", "blocked": "this key is blocked"}.get(
-                    status, "unknown or deleted key"
-                )
-                raise ProxyError(401, "invalid_api_key", reason)
+        # The API site authenticates on the headers, before the body is read,
+        # and hands the principal over: once per request.
+        principal = getattr(request, "principal", None)
+        if principal is None:
+            principal = self.authenticate(request.requestHeaders, request)
+        if isinstance(principal, KeyPrincipal):
+            key = principal.key
             ex.key_id, ex.team_id, ex.user_id = key.token_hash, key.team_id, key.user_id
-            return KeyPrincipal(key)
-        try:
-            agent_id, secret = parse_credentials(
-                _first(headers, b"authorization"), _first(headers, b"x-api-key")
-            )
-        except MalformedCredentials as e:
-            raise ProxyError(401, "missing_credentials", str(e)) from None
-        context = self._contexts.authenticate(agent_id, secret)
-        if context is None:
-            raise ProxyError(403, "invalid_credentials", "unknown agent or wrong secret")
-        return context
+        return principal
 
     @staticmethod
     def _parse_body(request, ex: Exchange) -> dict:
@@ -639,22 +640,6 @@ def forward_headers(incoming: Headers, policy: HeaderPolicy) -> Headers:
     headers), JSON content type, and the operator's provider headers.
     """
     return forward(incoming, policy)
-
-
-def _bearer_or_api_key(headers: Headers) -> str | None:
-    """The presented token (no colon means it cannot be an agent's)."""
-    raw = _first(headers, b"authorization")
-    if raw is not None:
-        scheme, _, value = raw.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return None
-    else:
-        raw = _first(headers, b"x-api-key")
-        if raw is None:
-            return None
-        value = raw
-    token = value.strip().decode("ascii", "replace")
-    return None if ":" in token else token
 
 
 def _first(headers: Headers, name: bytes) -> bytes | None:

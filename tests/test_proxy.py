@@ -263,7 +263,9 @@ class BadInputTests(TestCase):
         raw = yield _raw_exchange(
             self.h.port.getHost().port,
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-            b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n"
+            # Authenticated: an unauthenticated request is refused on its headers (401).
+            + f"Authorization: Bearer {AGENT}:{SECRET}\r\n".encode()
+            + b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n"
             + (b"1000\r\n" + b"x" * 4096 + b"\r\n") * 3,
         )
         self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw[:80])

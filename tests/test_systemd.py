@@ -20,6 +20,9 @@ from twisted.internet import defer, reactor, utils
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from cllama_tx.descriptors import descriptors_needed, fit_caps
+from cllama_tx.guard import DEFAULT_MAX_CONNECTIONS, DEFAULT_UI_MAX_CONNECTIONS
+
 from .support import AGENT, PROVIDER_KEY, SECRET, write_agent
 from .test_daemon import REPO, spawn_daemon
 
@@ -113,6 +116,21 @@ class UnitFileTests(TestCase):
             self.assertIn(f"FileDescriptorName={name}", lines)
             self.assertIn("Service=cllama-tx.service", lines)
             self.assertIn(f"ListenStream=0.0.0.0:{port}", lines)
+
+
+    def test_descriptor_limit_holds_the_default_connection_caps(self):
+        """
+        LimitNOFILE= leaves room for the default caps with every API
+        connection holding an upstream one too, so the daemon never lowers
+        them (nor runs out of descriptors before they protect it).
+        """
+        with open(os.path.join(UNITS_DIR, "cllama-tx.service")) as f:
+            limits = [line.strip().partition("=")[2] for line in f if line.startswith("LimitNOFILE=")]
+        self.assertEqual(limits, ["65536"])
+        needed = descriptors_needed(DEFAULT_MAX_CONNECTIONS, DEFAULT_UI_MAX_CONNECTIONS)
+        self.assertLessEqual(needed, 65536 // 4)
+        fit = fit_caps(DEFAULT_MAX_CONNECTIONS, DEFAULT_UI_MAX_CONNECTIONS, 65536, 65536)
+        self.assertFalse(fit.lowered(DEFAULT_MAX_CONNECTIONS, DEFAULT_UI_MAX_CONNECTIONS))
 
 
 class SocketActivationTests(TestCase):

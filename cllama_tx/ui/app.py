@@ -33,6 +33,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .. import __version__
 from ..errors import ProxyError
+from ..guard import GuardedSite, guarded_request
 from ..identity.operator import OperatorGuard, request_source
 from ..identity.tokens import valid_agent_id
 from . import pages, views
@@ -1089,10 +1090,15 @@ class _Misdirected(Resource):
         return self._ui.misdirected(request)
 
 
-class UiSite(Site):
-    """The UI's Site: capped bodies, forms parsed by the app, no access log, the Host check."""
+class UiSite(GuardedSite, Site):
+    """
+    The UI's Site: capped bodies, forms parsed by the app, no access log, the
+    Host check; with a guard (the daemon sets one), capped connections and
+    header, body and keep-alive deadlines, as on the API.
+    """
 
-    requestFactory = _CappedUiRequest
+    requestFactory = guarded_request(_CappedUiRequest)
+
 
     def __init__(self, ui: UiApp) -> None:
         super().__init__(ui.app.resource(), parsePOSTFormSubmission=False)
