@@ -221,16 +221,6 @@ def _cap(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
-def _cap(env: Mapping[str, str], name: str, default: int) -> int:
-    """A connection cap: a whole number, at least 1."""
-    value = _count(env, name)
-    if value is None:
-        return default
-    if value < 1:
-        raise ConfigError(f"{name} must be at least 1")
-    return value
-
-
 def _ca_file(env: Mapping[str, str]) -> str | None:
     """CLLAMA_UPSTREAM_CA_FILE, checked now so a bad bundle stops the start."""
     path = (env.get("CLLAMA_UPSTREAM_CA_FILE") or "").strip()
