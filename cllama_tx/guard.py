@@ -80,8 +80,11 @@ DEFAULT_KEEPALIVE_TIMEOUT = 120.0
 # How long a refused request's sender may keep sending the body we drop:
 # long enough for its client to read the answer instead of a reset.
 LINGER = 5.0
-# The log says what the guard did at most this often.
+# The log says what the guard did at most this often; idle keep-alive
+# connections ending and drained ones cut are routine, counted in the
+# metrics only.
 REPORT_EVERY = 60.0
+REPORTED = (EVICTED, REFUSED, "header_timeout", "body_timeout")
 
 
 @attrs.frozen
@@ -231,10 +234,11 @@ class ConnectionGuard:
         """Say in the log what the guard did since it last said so (at most once a minute)."""
         if self._last_report is not None and now - self._last_report < REPORT_EVERY:
             return
-        news = self.closed - self._reported
+        news = Counter({reason: self.closed[reason] - self._reported[reason] for reason in REPORTED})
+        news = +news  # only what grew
         if not news:
             return
-        self._reported = self.closed.copy()
+        self._reported = Counter({reason: self.closed[reason] for reason in REPORTED})
         self._last_report = now
         log.warn(
             "{label} listener: closed {what}; {live} connections open (cap {cap})",

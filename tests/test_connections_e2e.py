@@ -323,6 +323,21 @@ class HeaderAuthenticationTests(ConnectionTestCase):
         self.assertNotIn(b"wrong-secret", self.process.stdout)
 
     @defer.inlineCallbacks
+    def test_other_routes_take_small_bodies_only(self):
+        """
+        A body for a route other than inference, with credentials (the
+        route checks them), may be 64 KiB: more is refused on the headers.
+        """
+        yield self.start_daemon()
+        client = yield self.connect()
+        client.send(b"POST /key/generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-whatever-0000\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 70000\r\n\r\n")
+        status, headers, body = response_of((yield client.closed))
+        self.assertEqual((status, json.loads(body)), (413, {"error": {
+            "message": "the request body is larger than 65536 bytes", "type": "invalid_request_error",
+            "code": "request_too_large"}}))
+
+    @defer.inlineCallbacks
     def test_unauthenticated_bodies_are_never_spooled(self):
         """
         Twenty unauthenticated connections each sending 1 MiB of a declared

@@ -391,3 +391,21 @@ class GuardedRequestClassTests(GuardTestCase):
         self.assertEqual(conn.state, BUSY)
         self.resource.held[0].finish()
         self.assertEqual(conn.state, IDLE)
+
+
+class ReportTests(GuardTestCase):
+    def test_the_log_says_what_was_cut_but_not_routine_closes(self):
+        from twisted.logger import capturedLogs
+
+        with capturedLogs() as events:
+            self.served()
+            self.clock.advance(121)  # an idle keep-alive connection ends: routine
+        self.assertEqual([e for e in events if e.get("log_namespace") == "cllama_tx.guard"], [])
+        with capturedLogs() as events:
+            self.clock.advance(60)
+            self.connect()
+            self.connect()
+            self.clock.advance(11)
+        [event] = [e for e in events if e.get("log_namespace") == "cllama_tx.guard"]
+        self.assertEqual(event["what"], "2 header timeout")
+        self.assertEqual((event["label"], event["live"], event["cap"]), ("API", 0, 100))
