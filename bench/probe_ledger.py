@@ -198,7 +198,7 @@ def probe_wal(args) -> int:
     sampler.start()
     log(f"steady load: wrk -c{args.connections} for {args.duration} s")
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--timeout", "10s", "-s", str(lua),
+        ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--timeout", "10s", "--latency", "-s", str(lua),
          f"http://127.0.0.1:{daemon.api}/v1/chat/completions"],
         capture_output=True, text=True, check=False,
     ).stdout
