@@ -36,9 +36,10 @@ setup(
         "prometheus-client>=0.17",
     ],
     extras_require={
-        # The official SDKs are clients in our end-to-end tests.
+        # The official SDKs and LiteLLM's are clients in our end-to-end tests
+        # (LiteLLM pinned: some of its releases were compromised upstream).
         # Playwright drives Chromium in the operator UI's browser tests.
-        "test": ["openai>=1.40", "anthropic>=0.40", "playwright>=1.40"],
+        "test": ["openai>=1.40", "anthropic>=0.40", "litellm==1.110.2", "playwright>=1.40"],
     },
     entry_points={"console_scripts": ["cllama-tx = cllama_tx.cli:main"]},
     zip_safe=False,

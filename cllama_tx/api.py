@@ -21,6 +21,7 @@ from .accounting.history import clamp_limit
 from .errors import ANTHROPIC, OPENAI, ProxyError, error_body
 from .guard import ConnectionGuard, GuardedRequest, GuardedSite, refuse_request
 from .header_gate import HeaderGate, Refusal, refusal, shape_for_path
+from .identity.authenticate import identify
 from .identity.operator import OperatorGuard, bearer_matches, request_source
 from .identity.tokens import MalformedCredentials, parse_credentials
 from .proxy import Proxy, Surface, new_request_id
@@ -36,7 +37,7 @@ COUNT_TOKENS = Surface(
 
 
 def _shape_for_path(path: bytes) -> str:
-    return ANTHROPIC if path.startswith(b"/v1/messages") else OPENAI
+    return ANTHROPIC if path.startswith((b"/v1/messages", b"/messages")) else OPENAI
 
 
 def _json(request, status: int, doc) -> bytes:
@@ -218,6 +219,37 @@ class ApiApp:
         self._ui_token = ui_token.encode("utf-8") if ui_token else None
         self._providers = providers
         self._pricing = pricing
+        self._proxy = None
+        self._audit = None
+
+    def bind(self, proxy: Proxy, audit=None) -> None:
+        """The proxy (who is calling, what it may use) and the audit stream."""
+        self._proxy = proxy
+        self._audit = audit
+
+    def _audited(self, request, status: int, who: str | None, error: str | None = None) -> None:
+        """One audit line for a request served here (the inference paths write their own)."""
+        if self._audit is None:
+            return
+        clock = self._proxy.clock if self._proxy is not None else None
+        started = getattr(request, "_cllama_started", None)
+        latency = round((clock.seconds() - started) * 1000, 3) if clock is not None and started is not None else 0
+        fields = {
+            "request_id": new_request_id(), "status_code": status, "latency_ms": latency,
+            "path": request.path.decode("latin-1")[:500], "method": request.method.decode("latin-1")[:16],
+        }
+        if error is None:
+            self._audit.emit("response", who, None, **fields)
+        else:
+            self._audit.emit("error", who, None, error=error, **fields)
+
+    def _who(self, request) -> str | None:
+        """The caller's name when its credentials are good (agents and keys), else None."""
+        store = getattr(self._keys_api, "store", None)
+        try:
+            return identify(request.requestHeaders, self._contexts, store).agent_id
+        except ProxyError:
+            return None
 
     def _agent(self, request):
         """The calling agent's context, or the ProxyError to answer with."""
@@ -233,18 +265,37 @@ class ApiApp:
         return context
 
     @app.route("/v1/models", methods=["GET"])
+    @app.route("/models", methods=["GET"])
     def models(self, request):
         """
-        The models this agent may use: its model policy's refs, else every
-        priced model of every configured provider.  Anthropic's list shape
-        when the request carries C{anthropic-version}, else OpenAI's.
+        The models the caller may use, under the names it may use them by
+        (L{cllama_tx.governance.resolution.visible_models}): an agent's
+        model policy refs; a virtual key's aliases and model list; else
+        the model table's names and every priced model of every configured
+        provider.  Agents, virtual keys and the master key may ask.
+        Anthropic's list shape when the request carries
+        C{anthropic-version}, else OpenAI's.  Audited.
         """
         anthropic = request.getHeader(b"anthropic-version") is not None
         shape = ANTHROPIC if anthropic else OPENAI
-        context = self._agent(request)
-        if isinstance(context, ProxyError):
-            return _error(request, context, shape)
-        refs = model_refs(context, self._providers, self._pricing)
+        clock = self._proxy.clock if self._proxy is not None else None
+        request._cllama_started = clock.seconds() if clock is not None else None
+        if self._proxy is None:
+            context = self._agent(request)
+            if isinstance(context, ProxyError):
+                self._audited(request, context.status, None, context.message)
+                return _error(request, context, shape)
+            refs = model_refs(context, self._providers, self._pricing)
+        else:
+            try:
+                context = self._proxy.authenticate(request.requestHeaders, request)
+            except ProxyError as error:
+                self._audited(request, error.status, None, error.message)
+                if error.retry_after is not None:
+                    request.setHeader(b"retry-after", b"%d" % error.retry_after)
+                return _error(request, error, shape)
+            refs = self._proxy.models_for(context)
+        self._audited(request, 200, context.agent_id)
         request.setHeader(b"content-type", b"application/json")
         if anthropic:
             data = [
@@ -258,7 +309,7 @@ class ApiApp:
                 "last_id": refs[-1] if refs else None,
             }
         else:
-            owner = lambda ref: ref.partition("/")[0]  # noqa: E731
+            owner = lambda ref: ref.partition("/")[0] if "/" in ref else "cllama_tx"  # noqa: E731
             doc = {
                 "object": "list",
                 "data": [{"id": ref, "object": "model", "created": 0, "owned_by": owner(ref)} for ref in refs],
@@ -379,7 +430,9 @@ class ApiApp:
 
     @app.handle_errors(NotFound)
     def not_found(self, request, failure):
-        error = ProxyError(404, "not_found", f"no such endpoint: {request.path.decode('latin-1')}")
+        error = ProxyError(404, "not_found", f"no such endpoint: {request.path.decode('latin-1')[:200]}")
+        # Audited: a runner calling a path that is not here shows up.
+        self._audited(request, 404, self._who(request), error.message)
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"application/json")
         return error_body(error, _shape_for_path(request.path))
@@ -390,6 +443,7 @@ class ApiApp:
         if allowed:
             request.setHeader(b"allow", ", ".join(sorted(allowed)).encode())
         error = ProxyError(405, "method_not_allowed", f"method {request.method.decode()} is not allowed here")
+        self._audited(request, 405, self._who(request), error.message)
         request.setResponseCode(405)
         request.setHeader(b"content-type", b"application/json")
         return error_body(error, _shape_for_path(request.path))
@@ -434,6 +488,11 @@ def build_api_site(
     proxy: Proxy, max_body_bytes: int, audit=None, app: ApiApp | None = None, guard: ConnectionGuard | None = None
 ) -> ApiSite:
     surfaces = {surface.path.encode(): surface for surface in (CHAT, MESSAGES, COUNT_TOKENS)}
+    # The same surfaces without /v1, as LiteLLM serves them: SDKs given a
+    # LiteLLM-style base URL (no /v1) call these.
+    surfaces.update({path[len(b"/v1"):]: surface for path, surface in list(surfaces.items())})
     hot = {path: ProxyResource(proxy, surface) for path, surface in surfaces.items()}
     gate = HeaderGate(proxy, surfaces, max_body_bytes)
-    return ApiSite((app or ApiApp()).app.resource(), hot, max_body_bytes, audit, gate=gate, guard=guard)
+    app = app or ApiApp()
+    app.bind(proxy, audit)
+    return ApiSite(app.app.resource(), hot, max_body_bytes, audit, gate=gate, guard=guard)

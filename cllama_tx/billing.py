@@ -13,6 +13,7 @@ import json
 from .errors import ProxyError
 from .governance.budgets import BudgetError, parse_budget
 from .identity.principals import LIFETIME_WINDOW
+from .identity.virtual_keys import InvalidField
 from .keyapi import KeyApiError
 
 
@@ -138,7 +139,10 @@ class BillingApi:
     async def team_budget(self, request) -> bytes:
         """
         POST /team/new or /team/update: {"team_id", "max_budget",
-        "budget_duration"}: a budget shared by every key of the team.
+        "budget_duration", "model_aliases"}: a budget shared by every key of
+        the team, and/or names its keys may use for models (LiteLLM's
+        C{model_aliases}; C{null} or C{{}} removes them).  A field left out
+        is left as it is.
         """
         try:
             self._master(request)
@@ -147,18 +151,37 @@ class BillingApi:
             if not isinstance(team, str) or not team or len(team) > 256:
                 raise ProxyError(400, "invalid_parameter", "team_id must be a non-empty string")
             max_budget = doc.get("max_budget")
-            if not isinstance(max_budget, (int, float)) or isinstance(max_budget, bool) or max_budget <= 0:
-                raise ProxyError(400, "invalid_parameter", "max_budget must be a positive number of dollars")
-            budget = {"limit_usd": float(max_budget), "behavior": "hard_stop"}
-            duration = doc.get("budget_duration")
-            budget["window"] = duration if isinstance(duration, str) and duration else LIFETIME_WINDOW
-            parse_budget(budget)
+            has_aliases = "model_aliases" in doc
+            if max_budget is None and not has_aliases:
+                raise ProxyError(400, "invalid_parameter", "send max_budget (a positive number of dollars) and/or model_aliases")
+            budget = duration = None
+            if max_budget is not None:
+                if not isinstance(max_budget, (int, float)) or isinstance(max_budget, bool) or max_budget <= 0:
+                    raise ProxyError(400, "invalid_parameter", "max_budget must be a positive number of dollars")
+                budget = {"limit_usd": float(max_budget), "behavior": "hard_stop"}
+                duration = doc.get("budget_duration")
+                budget["window"] = duration if isinstance(duration, str) and duration else LIFETIME_WINDOW
+                parse_budget(budget)
+            aliases = None
+            if has_aliases:
+                aliases = await self._keys_api.store.set_team_aliases(team, doc["model_aliases"])
+        except InvalidField as e:
+            return _error(request, ProxyError(400, "invalid_parameter", str(e)))
         except (ValueError, BudgetError) as e:
             return _error(request, ProxyError(400, "invalid_parameter", str(e)))
         except ProxyError as e:
             return _error(request, e)
-        scope = f"team:{team}"
-        entry = await self._ledger.set_budget_override(scope, budget, None, "master-key")
-        self._governance.set_runtime(scope, entry)
-        self._audit.emit("operator", None, None, action="team_budget_set", actor="master-key", team_id=team)
-        return _json(request, 200, {"team_id": team, "max_budget": budget["limit_usd"], "budget_duration": duration})
+        answer: dict = {"team_id": team}
+        if budget is not None:
+            scope = f"team:{team}"
+            entry = await self._ledger.set_budget_override(scope, budget, None, "master-key")
+            self._governance.set_runtime(scope, entry)
+            self._audit.emit("operator", None, None, action="team_budget_set", actor="master-key", team_id=team)
+            answer.update(max_budget=budget["limit_usd"], budget_duration=duration)
+        if aliases is not None:
+            self._audit.emit(
+                "operator", None, None, action="team_aliases_set", actor="master-key", team_id=team,
+                aliases=sorted(aliases),
+            )
+            answer["model_aliases"] = aliases
+        return _json(request, 200, answer)

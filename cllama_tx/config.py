@@ -273,6 +273,8 @@ class Config:
     ledger_spill_dir: str
     no_stream_options: frozenset
     policy_file: str | None
+    # The operator model table (public names, LiteLLM model_list YAML).
+    model_table: str | None
     unpriced_budget: str
     default_rpm: int | None
     default_tpm: int | None
@@ -338,6 +340,7 @@ class Config:
                 p.strip().lower() for p in env.get("CLLAMA_NO_STREAM_OPTIONS", "").split(",") if p.strip()
             ),
             policy_file=env.get("CLLAMA_POLICY_FILE") or None,
+            model_table=env.get("CLLAMA_MODEL_TABLE") or None,
             unpriced_budget=_choice(env, "CLLAMA_UNPRICED_BUDGET", ("refuse", "allow"), "refuse"),
             default_rpm=_count(env, "CLLAMA_DEFAULT_RPM"),
             default_tpm=_count(env, "CLLAMA_DEFAULT_TPM"),

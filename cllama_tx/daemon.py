@@ -39,6 +39,8 @@ from .providers.keys import KeyPool
 from .providers.probe import UpstreamProber
 from .providers.registry import ProviderRegistry, ResolvedProvider, UnknownProvider
 from .governance.engine import build_governance
+from .governance.resolution import Router
+from .providers.model_table import ModelTableError, ModelTableFile
 from .billing import BillingApi
 from .identity.virtual_keys import VirtualKeyStore
 from .keyapi import KeyApi
@@ -382,7 +384,16 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
     if config.alert_webhooks:
         alerts = build_alerts(reactor, config)
         alerts.setServiceParent(shared)
+    try:
+        model_table = ModelTableFile(
+            config.model_table, config.env, reactor,
+            registry=providers if isinstance(providers, ProviderRegistry) else None, pricing=pricing,
+        )
+    except ModelTableError as e:
+        raise ConfigError(f"CLLAMA_MODEL_TABLE: {e}") from None
+    router = Router(providers=providers, table=model_table, team_aliases=keys.team_aliases, pricing=pricing)
     governance = build_governance(
+        router=router,
         clock=reactor,
         pricing=pricing,
         metering=metering,
@@ -430,6 +441,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         spend_of=lambda token_hash: ledger.cost_of(key_id=token_hash),
         guard=operator_guard,
     )
+    proxy.accept_master_key(keys_api)
     billing = BillingApi(keys_api=keys_api, ledger=ledger, governance=governance, audit=audit)
     api_site = build_api_site(
         proxy,
@@ -454,6 +466,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         pricing=pricing,
         providers=providers,
         contexts=contexts,
+        model_table=model_table,
     )
     GovernanceSeed(ledger, governance, reactor).setServiceParent(shared)
     ReloadOnHangup(reactor, operations).setServiceParent(shared)
@@ -474,6 +487,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
             audit=audit,
             keys=keys,
             metrics=metrics,
+            model_table=model_table,
         )
     )
     api_guard, ui_guard = build_guards(config, reactor)

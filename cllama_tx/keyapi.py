@@ -302,6 +302,11 @@ class KeyApi:
         self._readiness_timeout = readiness_timeout
 
     @property
+    def store(self) -> Any:
+        """The virtual key store (team aliases are kept there too)."""
+        return self._store
+
+    @property
     def administration_enabled(self) -> bool:
         return self._master_digest is not None
 

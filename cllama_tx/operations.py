@@ -21,8 +21,9 @@ BUDGET_KEYS = ("limit_usd", "max_requests", "window", "period", "behavior", "tie
 
 
 class Operations:
-    def __init__(self, *, clock, audit, ledger, governance, pricing, providers, contexts) -> None:
+    def __init__(self, *, clock, audit, ledger, governance, pricing, providers, contexts, model_table=None) -> None:
         self._clock = clock
+        self._model_table = model_table
         self._audit = audit
         self._ledger = ledger
         self._governance = governance
@@ -85,14 +86,18 @@ class Operations:
         return entry
 
     def reload(self, actor: str) -> dict:
-        """Re-read policy file, pricing, providers and contexts."""
+        """Re-read policy file, pricing, providers, the model table and contexts."""
         done, failed = [], {}
-        for name, step in (
+        steps = [
             ("policy", self._governance.load_policy_file),
             ("pricing", self._pricing.reload),
             ("providers", getattr(self._providers, "reload", lambda: None)),
             ("contexts", self._contexts.reload),
-        ):
+        ]
+        if self._model_table is not None and self._model_table.path:
+            # After pricing: the table's prices are laid over the reloaded ones.
+            steps.insert(3, ("model_table", self._model_table.reload))
+        for name, step in steps:
             try:
                 step()
                 done.append(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from urllib.parse import unquote_to_bytes
 
 import attrs
 from twisted.internet import defer
@@ -20,8 +21,10 @@ from twisted.web.http_headers import Headers
 
 from .accounting.usage import SseTap, output_chars_from_json, usage_from_json
 from .errors import OPENAI, ProxyError, error_body, sse_error_event
-from .identity.authenticate import identify
-from .identity.principals import KeyPrincipal
+from .identity.authenticate import identify, presented_token
+from .identity.operator import request_source
+from .identity.principals import KeyPrincipal, MasterPrincipal
+from .identity.virtual_keys import hash_key, looks_like_virtual_key
 from .metering import CLIENT_CLOSED, Exchange
 from .providers.catalog import auth_headers, upstream_url
 from .providers.bodies import read_small
@@ -103,6 +106,7 @@ class Proxy:
         inflight=None,
     ) -> None:
         self._inflight = inflight
+        self.clock = clock
         self._keys = keys
         self._metrics = metrics
         self._clock = clock
@@ -114,6 +118,8 @@ class Proxy:
         self._first_byte_timeout = first_byte_timeout
         self._idle_timeout = idle_timeout
         self._no_stream_options = no_stream_options
+        self._master = None
+        self._master_principal = MasterPrincipal()
 
     def handle(self, request, surface: Surface) -> None:
         """Serve C{request}; the response is written asynchronously."""
@@ -211,6 +217,10 @@ class Proxy:
         body = json.dumps(upstream_doc, separators=(",", ":")).encode("utf-8")
         headers = forward_headers(request.requestHeaders, resolved.headers)
         url = upstream_url(resolved.spec.base_url, upstream_path).encode("utf-8")
+        if ex.bridge is None:
+            # The agent's query (Anthropic's ?beta=true) belongs to its own
+            # wire format: it goes along unless the request is translated.
+            url += upstream_query(request.uri)
         try:
             response, buffered = await self._send_with_pool(resolved, url, headers, body, ex)
         except ProxyError as error:
@@ -229,8 +239,50 @@ class Proxy:
             raise
 
     def authenticate(self, headers: Headers, request=None):
-        """The caller's principal from its headers alone; raises the 401/403 L{ProxyError}."""
-        return identify(headers, self._contexts, self._keys)
+        """
+        The caller's principal from its headers alone; raises the 401/403
+        L{ProxyError}.  A token that is neither an agent's nor a virtual key
+        may be the master key (L{accept_master_key}): compared only then, so
+        agents and keys pay nothing for it, and throttled per address like
+        every operator credential when C{request} tells the address.
+        """
+        try:
+            return identify(headers, self._contexts, self._keys)
+        except ProxyError as error:
+            if error.status != 401 or self._master is None:
+                raise
+            if self._is_master(headers, request):
+                return self._master_principal
+            raise
+
+    def models_for(self, principal) -> list[str]:
+        """The model names C{principal} may use (C{GET /v1/models})."""
+        return self._governance.models_for(principal)
+
+    def accept_master_key(self, keys_api) -> None:
+        """Let the master key of C{keys_api} call inference, as C{master}."""
+        self._master = keys_api if keys_api.administration_enabled else None
+
+    def _is_master(self, headers: Headers, request) -> bool:
+        token = presented_token(headers)
+        if token is None:
+            return False
+        guard = self._master.guard
+        source = request_source(request) if request is not None else None
+        if source is not None:
+            wait = guard.refusal(source, "inference")
+            if wait is not None:
+                raise ProxyError(
+                    429, "too_many_attempts",
+                    f"too many wrong keys from this address: the next one is compared in {wait} s",
+                    retry_after=wait,
+                )
+        if self._master.is_master(token):
+            return True
+        issued = looks_like_virtual_key(token) and self._keys is not None and self._keys.get(hash_key(token)) is not None
+        if source is not None and not issued:
+            guard.failed(source, "inference")
+        return False
 
     def refuse_early(self, surface: Surface, error: ProxyError) -> str:
         """
@@ -640,6 +692,22 @@ def forward_headers(incoming: Headers, policy: HeaderPolicy) -> Headers:
     headers), JSON content type, and the operator's provider headers.
     """
     return forward(incoming, policy)
+
+
+# Query parameters that carry credentials: an agent's never reach a provider.
+CREDENTIAL_PARAMS = frozenset({b"key", b"api_key", b"api-key", b"apikey", b"token", b"access_token", b"x-api-key"})
+
+
+def upstream_query(uri: bytes) -> bytes:
+    """
+    C{?<query>} of the agent's request URI for the upstream URL (empty when
+    it has none), without parameters that carry credentials.
+    """
+    _, sep, query = uri.partition(b"?")
+    if not sep or not query:
+        return b""
+    kept = [p for p in query.split(b"&") if p and unquote_to_bytes(p.partition(b"=")[0]).lower() not in CREDENTIAL_PARAMS]
+    return b"?" + b"&".join(kept) if kept else b""
 
 
 def _first(headers: Headers, name: bytes) -> bytes | None:

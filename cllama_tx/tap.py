@@ -37,6 +37,7 @@ _ENV_OPTIONS = [
     ("ledger-retention", None, "CLLAMA_LEDGER_RETENTION", "fold ledger rows older than this into daily rollups, e.g. 90d [env CLLAMA_LEDGER_RETENTION]"),
     ("ledger-backlog", None, "CLLAMA_LEDGER_BACKLOG", "ledger rows held in memory at most while the disk refuses them; then metered requests get 503 [env CLLAMA_LEDGER_BACKLOG, default 10000]"),
     ("ledger-spill-dir", None, "CLLAMA_LEDGER_SPILL_DIR", "where ledger rows still unwritten at shutdown are saved, best on another disk than the state directory [env CLLAMA_LEDGER_SPILL_DIR, default <tmp>/cllama_tx-ledger-spill-<uid>]"),
+    ("model-table", None, "CLLAMA_MODEL_TABLE", "operator model table: public model names -> provider/model, LiteLLM's model_list YAML accepted as it is [env CLLAMA_MODEL_TABLE]"),
     ("policy-file", None, "CLLAMA_POLICY_FILE", "operator budget policy file (YAML or JSON, cost_routing.agents.<id>) [env CLLAMA_POLICY_FILE]"),
     ("unpriced-budget", None, "CLLAMA_UNPRICED_BUDGET", "refuse or allow requests for unpriced models under a dollar budget [env CLLAMA_UNPRICED_BUDGET, default refuse]"),
     ("default-rpm", None, "CLLAMA_DEFAULT_RPM", "requests per minute per agent unless its metadata sets rate_limits.rpm [env CLLAMA_DEFAULT_RPM]"),

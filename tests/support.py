@@ -19,6 +19,8 @@ from cllama_tx.accounting.pricing import Pricing
 from cllama_tx.api import ApiApp, build_api_site
 from cllama_tx.governance.alerts import AlertNotifier, parse_webhooks
 from cllama_tx.governance.engine import build_governance
+from cllama_tx.governance.resolution import Router
+from cllama_tx.providers.model_table import ModelTableFile
 from cllama_tx.billing import BillingApi
 from cllama_tx.identity.virtual_keys import VirtualKeyStore
 from cllama_tx.keyapi import KeyApi
@@ -81,8 +83,10 @@ class ProxyHarness:
                  history_dir=None, pricing_file=None, no_stream_options=frozenset(),
                  fake_providers=("openai",), governance_dir=None, policy_file=None, unpriced="refuse",
                  default_rpm=None, default_tpm=None, alert_webhooks=None, key_clock=None, tls_policy=None,
-                 provider_clock=None):
+                 provider_clock=None, model_table=None):
         self.testcase = testcase
+        # A model table file (CLLAMA_MODEL_TABLE), or None.
+        self.model_table_path = model_table
         self.env_extra = env or {}
         self.max_body_bytes = max_body_bytes
         self.first_byte_timeout = first_byte_timeout
@@ -174,7 +178,14 @@ class ProxyHarness:
         self.keys = VirtualKeyStore(self.ledger.path, self.key_clock or reactor, reactor)
         self.keys.startService()
         case.addCleanup(self.keys.stopService)
+        self.model_table = ModelTableFile(
+            self.model_table_path, env, reactor, registry=self.providers, pricing=self.pricing
+        )
+        self.router = Router(
+            providers=self.providers, table=self.model_table, team_aliases=self.keys.team_aliases, pricing=self.pricing
+        )
         self.governance = build_governance(
+            router=self.router,
             clock=reactor,
             pricing=self.pricing,
             metering=self.metering,
@@ -202,6 +213,7 @@ class ProxyHarness:
             self.keys, MASTER_KEY, ledger=self.ledger, clock=reactor,
             spend_of=lambda token_hash: self.ledger.cost_of(key_id=token_hash),
         )
+        self.proxy.accept_master_key(self.keys_api)
         self.billing = BillingApi(keys_api=self.keys_api, ledger=self.ledger, governance=self.governance, audit=self.audit)
         site = build_api_site(
             self.proxy,
@@ -220,10 +232,11 @@ class ProxyHarness:
         self.operations = Operations(
             clock=reactor, audit=self.audit, ledger=self.ledger, governance=self.governance,
             pricing=self.pricing, providers=self.providers, contexts=self.contexts,
+            model_table=self.model_table,
         )
         self.ui = UiApp(
             token=UI_TOKEN, pod="test-pod", contexts=self.contexts, providers=self.providers,
-            ledger=self.ledger, clock=reactor, operations=self.operations,
+            ledger=self.ledger, clock=reactor, operations=self.operations, model_table=self.model_table,
         )
         ui_site = Site(self.ui.app.resource())
         self.ui_port = reactor.listenTCP(0, ui_site, interface="127.0.0.1", backlog=LISTEN_BACKLOG)

@@ -222,6 +222,7 @@ class BadInputTests(TestCase):
         self.assertEqual(body["error"]["code"], code)
         self.assertIn("message", body["error"])
         self.assertEqual(self.h.fake.received, [])
+        return body
 
     @defer.inlineCallbacks
     def test_malformed_json(self):
@@ -243,7 +244,15 @@ class BadInputTests(TestCase):
 
     @defer.inlineCallbacks
     def test_bare_and_synthetic_refs(self):
-        yield self.assertBad(400, "invalid_model", (yield self.h.chat(chat_body(model="gpt-4o"))))
+        # A bare name of no known family names no provider on the chat
+        # surface: the refusal names what was sent and says what to write.
+        response = yield self.h.chat(chat_body(model="my-model"))
+        body = yield self.assertBad(400, "invalid_model", response)
+        self.assertEqual(
+            body["error"]["message"],
+            "model 'my-model' names no provider: send '<provider>/<model>' with a configured provider "
+            "(ollama, openai), or a name from the operator's model table",
+        )
         yield self.assertBad(
             400, "invalid_model", (yield self.h.chat(chat_body(model="cllama/google/gemini-2.5-flash")))
         )

@@ -20,7 +20,9 @@ from ..errors import ProxyError
 from ..jsonfile import UnreadableFile, file_signature, read_json_file
 from ..surfaces.matrix import InvalidModelRef, ModelRef, split_model_ref
 from .budgets import BudgetError, Refusal, Reservation, layer_budgets, parse_budget, refusal_body
-from .policy import PolicyError, decide, parse_policy
+from ..surfaces.matrix import ANTHROPIC_MESSAGES, BARE_REF_PROVIDER
+from .policy import PolicyError, parse_policy
+from .resolution import Router
 from .policy_file import load_policy_file
 from .ratelimit import RateLimiter
 from .request_cost import RequestShape, read_request, worst_input_tokens
@@ -124,7 +126,10 @@ class Governance:
         intervention: Callable[..., None] = lambda *a, **k: None,
         alerts=None,
         ledger=None,
+        router: Router | None = None,
     ) -> None:
+        # Which provider and model a requested name means (resolution.py).
+        self.router = router if router is not None else Router()
         self._clock = clock
         self.book = book
         self._limiter = limiter
@@ -275,6 +280,10 @@ class Governance:
             return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
         return RateLimits(number("rpm", self._default_limits.rpm), number("tpm", self._default_limits.tpm))
 
+    def models_for(self, context) -> list[str]:
+        """What C{GET /v1/models} lists for C{context} (L{Router.models_for})."""
+        return self.router.models_for(context, self.policy(context))
+
     # -- admission
 
     def admit(self, ex, context, doc: dict) -> Admission:
@@ -283,18 +292,23 @@ class Governance:
         answer with.  Nothing is held when this raises.
         """
         requested = doc.get("model") if "model" in doc else None
-        decision = decide(self.policy(context), requested)
+        bare = BARE_REF_PROVIDER if ex.surface.name == ANTHROPIC_MESSAGES else None
+        decision = self.router.resolve(context, requested, self.policy(context), bare)
+        candidates = decision.candidates
         allows = getattr(context, "allows_model", None)
         if allows is not None:
-            # A virtual key: its model list, and no failover beyond it.
-            if not allows(str(decision.ref)):
-                raise ProxyError(403, "model_not_allowed", f"this key may not use {str(decision.ref)[:200]!r}")
+            # A virtual key: its model list (names as sent, aliased or
+            # resolved), and no failover beyond what a listed name means.
+            by_name = any(allows(n) for n in decision.names)
+            if not by_name and not allows(str(decision.ref)):
+                raise ProxyError(403, "model_not_allowed", f"this key may not use {str(requested)[:200]!r}")
             if getattr(context, "spending_denied", False):
                 raise ProxyError(429, "budget_exceeded", "this key has a budget of 0", error_type="budget_exceeded")
-            decision = attrs.evolve(decision, candidates=(decision.ref,))
-        if decision.intervention is not None:
-            self._intervention(ex, decision.intervention, requested_model=requested, chosen=str(decision.ref))
-        admission = Admission(agent=context.agent_id, candidates=decision.candidates)
+            if not by_name:
+                candidates = (decision.ref,)
+        for step in decision.steps:
+            self._intervention(ex, step.rule, requested_model=requested, **step.details)
+        admission = Admission(agent=context.agent_id, candidates=candidates)
         admission.token_estimate = estimate_prompt_tokens(doc, ex.surface.api_format)
         shape = read_request(doc, ex.body_size)
         scopes = self.scopes(context)
@@ -437,7 +451,7 @@ class Governance:
 
 
 def build_governance(*, clock, pricing, metering, governance_dir, policy_file, unpriced, default_rpm, default_tpm,
-                     runtime_overrides=None, alerts=None, ledger=None):
+                     runtime_overrides=None, alerts=None, ledger=None, router=None):
     """The daemon's Governance, wired to metering (interventions, settlement)."""
     from .budgets import BudgetBook
 
@@ -452,6 +466,7 @@ def build_governance(*, clock, pricing, metering, governance_dir, policy_file, u
         intervention=metering.intervention,
         alerts=alerts,
         ledger=ledger,
+        router=router,
     )
     metering.on_settled.append(governance.finish)
     return governance

@@ -202,11 +202,15 @@ class RegistryView(ProviderView):
 
     def __init__(self, registry) -> None:
         self._registry = registry
+        # Bound once: resolution asks on every request.
+        configured = getattr(registry, "configured", None)
+        if configured is not None:
+            self.configured = configured  # type: ignore[method-assign]
+        known = getattr(registry, "known", None)
+        if known is not None:
+            self.known = known  # type: ignore[method-assign]
 
     def configured(self, name: str) -> bool:
-        check = getattr(self._registry, "configured", None)
-        if check is not None:
-            return check(name)
         try:
             self._registry.resolve(name)
         except Exception:
@@ -214,8 +218,7 @@ class RegistryView(ProviderView):
         return True
 
     def known(self, name: str) -> bool:
-        check = getattr(self._registry, "known", None)
-        return check(name) if check is not None else self.configured(name)
+        return self.configured(name)
 
     def names(self) -> list[str]:
         return list(self._registry.names())
@@ -420,7 +423,9 @@ class Router:
             catalog = [f"{name}/{model}" for name in self._view.names() for model in sorted(prices.get(name, {}))]
         key = getattr(principal, "key", None)
         key_aliases, team_aliases = self._aliases(principal)
-        aliases = {**(team_aliases or {}), **(key_aliases or {})}
+        aliases = dict(key_aliases or {})
+        for name, target in (team_aliases or {}).items():
+            aliases.setdefault(name, target)  # the key's own win
         return visible_models(
             policy=policy,
             key_models=key.models if key is not None else None,

@@ -112,6 +112,7 @@ class UiApp:
         web_root: str | None = None,
         guard: OperatorGuard | None = None,
         allowed_hosts: frozenset[str] = frozenset(),
+        model_table=None,
     ) -> None:
         self._token = token.encode("utf-8") if token else None
         self.metrics = metrics
@@ -132,6 +133,7 @@ class UiApp:
             pricing=pricing if pricing is not None else getattr(operations, "_pricing", None),
             keys=keys,
             audit=audit if audit is not None else getattr(operations, "_audit", None),
+            model_table=model_table if model_table is not None else getattr(operations, "_model_table", None),
         )
         self.sessions = SessionStore(clock, lifetime=session_lifetime, idle=session_idle)
         # The daemon passes its one guard, shared with the API port's
@@ -593,6 +595,11 @@ class UiApp:
     def pricing(self, request):
         who = self._gate(request)
         return self._page(request, who, views.pricing(self.services), pages.pricing_page)
+
+    @app.route("/models", methods=["GET"])
+    def model_table(self, request):
+        who = self._gate(request)
+        return self._page(request, who, views.model_table(self.services), pages.models_page)
 
     @app.route("/events", methods=["GET"])
     async def events(self, request):

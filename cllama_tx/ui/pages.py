@@ -40,6 +40,7 @@ NAV = (
     ("providers", "/providers", "Providers & keys"),
     ("keys", "/keys", "Virtual keys"),
     ("pricing", "/pricing", "Pricing coverage"),
+    ("models", "/models", "Model table"),
 )
 
 TONE = {"ok": "ok", "warning": "warn", "exhausted": "crit", "invalid": "crit", "none": "muted"}
@@ -1069,6 +1070,74 @@ def pricing_page(ctx: PageContext, view: dict) -> Html:
         el("button", {"type": "submit", "class": "btn btn-ghost"}, "Reload pricing now"),
     )
     return layout(ctx, page="pricing", title="Pricing coverage", subtitle=f"override file: {where}", content=content, tools=reload)
+
+
+# --- model table -----------------------------------------------------------------------------------------------------------
+
+
+def models_page(ctx: PageContext, view: dict) -> Html:
+    entries = table(
+        ["Public name", "Routes to", "Upstream", "Key", "Input $/M", "Output $/M", "State"],
+        [
+            [
+                el("span", {"class": "model"}, e["model_name"]),
+                el("code", None, e["route"]),
+                e["api_base"] or "the provider's base URL",
+                e["key"],
+                _rate(e["price"], "input"),
+                _rate(e["price"], "output"),
+                badge("cannot serve", "crit", e["problem"]) if e["problem"] else badge("ok", "ok"),
+            ]
+            for e in view["entries"]
+        ],
+        numeric=(4, 5),
+        empty="No model table (set CLLAMA_MODEL_TABLE): names resolve by the rules below only.",
+        ident="model-table-rows",
+    )
+    problems = [e for e in view["entries"] if e["problem"]]
+    aliases = table(
+        ["Alias", "Entry"],
+        [[a, t] for a, t in sorted(view["aliases"].items())],
+        empty="No model_group_alias.",
+        ident="model-aliases",
+    )
+    families = table(
+        ["Bare names", "Provider"],
+        [[el("code", None, f["pattern"]), f["provider"]] for f in view["families"]],
+        empty="No families.",
+        ident="model-families",
+    )
+    content = Html.join(
+        [
+            el(
+                "section",
+                {"class": "card", "id": "entries"},
+                el("div", {"class": "card-head"}, el("h2", None, "Public model names"),
+                   badge(f"{len(problems)} cannot serve", "crit") if problems else Html("")),
+                entries,
+                el("ul", {"class": "plain-list small"}, [el("li", None, f"{e['model_name']}: {e['problem']}") for e in problems]),
+            ),
+            el("section", {"class": "card", "id": "aliases"}, el("h2", None, "Aliases"), aliases),
+            el(
+                "section",
+                {"class": "card", "id": "families"},
+                el("h2", None, "Bare names by family"),
+                el("p", {"class": "muted"}, "A bare model name (no provider/) that matches goes to this provider; "
+                   "other bare names on /v1/messages go to anthropic."),
+                families,
+            ),
+        ]
+    )
+    loaded = utc(view["loaded_at"]) if view.get("loaded_at") else "–"
+    reload = el(
+        "form",
+        {"method": "post", "action": "/reload", "class": "inline"},
+        csrf_field(ctx),
+        el("button", {"type": "submit", "class": "btn btn-ghost"}, "Reload configuration"),
+    )
+    return layout(ctx, page="models", title="Model table",
+                  subtitle=f"file: {view['file'] or 'none (set CLLAMA_MODEL_TABLE)'} · loaded {loaded}",
+                  content=content, tools=reload)
 
 
 def _rate(price: dict | None, field: str) -> str:

@@ -37,6 +37,7 @@ class Services:
     pricing: Any = None
     keys: Any = None
     audit: Any = None
+    model_table: Any = None
 
 
 # --- days and periods ---------------------------------------------------------------
@@ -750,6 +751,17 @@ def pricing(services: Services) -> dict:
         "snippet": snippet,
         "unpriced_requests": sum(e["unpriced_requests"] for e in unpriced),
     }
+
+
+# --- the operator model table -------------------------------------------------------------------
+
+
+def model_table(services: Services) -> dict:
+    """The model table in force (never a key: only where each comes from)."""
+    table = services.model_table
+    if table is None:
+        return {"file": None, "loaded_at": None, "entries": [], "aliases": {}, "families": []}
+    return table.snapshot()
 
 
 def status(services: Services) -> dict:

@@ -30,3 +30,21 @@ class SpecDocTests(SynchronousTestCase):
     def test_synthetic_prefixes_are_documented(self):
         for prefix in matrix.SYNTHETIC_PREFIXES:
             self.assertIn(f"`{prefix}/...`", self.text)
+
+    def test_families_match_the_code(self):
+        from cllama_tx.governance.resolution import DEFAULT_FAMILIES
+
+        self.assertEqual(table(self.text, "families"), dict(DEFAULT_FAMILIES))
+
+    def test_resolution_order_is_one_table_in_both_documents(self):
+        configuration = os.path.join(os.path.dirname(SPEC), "CONFIGURATION.md")
+        with open(configuration, encoding="utf-8") as f:
+            other = f.read()
+        pattern = r"<!-- resolution:start -->(.*?)<!-- resolution:end -->"
+        here, there = re.search(pattern, self.text, re.S).group(1), re.search(pattern, other, re.S).group(1)
+        self.assertEqual(here, there)
+        from cllama_tx.governance import resolution
+
+        for rule in (resolution.KEY_ALIAS, resolution.TEAM_ALIAS, resolution.MODEL_TABLE, resolution.BARE_FAMILY,
+                     resolution.BARE_SURFACE, resolution.OPENROUTER_FALLBACK, "dated_model_normalized"):
+            self.assertIn(f"`{rule}`", here)
