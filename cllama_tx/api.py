@@ -1,10 +1,12 @@
 """
 The API site (default :8080).
 
-The two inference paths are served by lean L{ProxyResource}s looked up by
-exact path before any routing library runs: they are the hot path.  Every
-other route lives in a Klein app, where clarity matters more than
-microseconds.
+The inference paths (chat completions, messages, token counting; each with
+and without C{/v1}) are served by lean L{ProxyResource}s looked up by exact
+path before any routing library runs: they are the hot path.  Every other
+route lives in a Klein app, where clarity matters more than microseconds;
+its answers that no route writes a line for (C{/v1/models}, 404, 405) are
+audited here.
 """
 
 from __future__ import annotations
