@@ -32,6 +32,9 @@ DEFAULT_MAX_BODY = 32 * 1024 * 1024
 # dead upstream.
 DEFAULT_FIRST_BYTE_TIMEOUT = 300.0
 DEFAULT_IDLE_TIMEOUT = 120.0
+# An agent that leaves its stream unread this long (the upstream paused by its
+# backpressure all the while) is cut, and billed for what was relayed.
+DEFAULT_AGENT_STALL_TIMEOUT = 120.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 # Below Docker's default stop timeout (10 s): in-flight requests get this long on SIGTERM.
 DEFAULT_DRAIN_GRACE = 8.0
@@ -260,6 +263,7 @@ class Config:
     max_body_bytes: int
     first_byte_timeout: float
     idle_timeout: float
+    agent_stall_timeout: float
     connect_timeout: float
     drain_grace: float
     demo: bool
@@ -323,6 +327,7 @@ class Config:
                 env, "CLLAMA_FIRST_BYTE_TIMEOUT", DEFAULT_FIRST_BYTE_TIMEOUT
             ),
             idle_timeout=_seconds(env, "CLLAMA_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
+            agent_stall_timeout=_seconds(env, "CLLAMA_AGENT_STALL_TIMEOUT", DEFAULT_AGENT_STALL_TIMEOUT),
             connect_timeout=_seconds(
                 env, "CLLAMA_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT
             ),

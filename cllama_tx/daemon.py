@@ -425,6 +425,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         governance=governance,
         first_byte_timeout=config.first_byte_timeout,
         idle_timeout=config.idle_timeout,
+        agent_stall_timeout=config.agent_stall_timeout,
         no_stream_options=config.no_stream_options,
         keys=keys,
         metrics=metrics,

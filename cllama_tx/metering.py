@@ -13,13 +13,16 @@ from twisted.logger import Logger
 
 from .accounting.history import HistoryEntry, history_usage, json_response, sse_response
 from .accounting.records import LedgerRow, Usage
-from .accounting.usage import estimate_prompt_tokens, estimate_tokens
+from .accounting.usage import estimate_output_tokens, estimate_prompt_tokens
 from .audit import rfc3339_ms
 
 log = Logger()
 
 # The status we record when the agent hangs up before the answer is complete.
 CLIENT_CLOSED = 499
+# The status we record when a stream is cut because the agent stopped reading
+# it for longer than the agent stall timeout (docs/LEDGER.md, stream billing).
+AGENT_STALLED = 408
 
 
 @attrs.define
@@ -43,7 +46,16 @@ class Exchange:
     strip_usage_chunk: bool = False
     agent_wants_usage: bool = False
     usage: Usage | None = None
+    # Set by the stream tap: the provider's final count arrived (the usage
+    # chunk, message_delta's usage), else usage holds at most a part of it
+    # (message_start's input).  None: no tap; a usage seen is the whole.
+    usage_final: bool | None = None
     output_chars: int = 0
+    # Bytes relayed to the agent that could not be read as text.
+    unmetered_bytes: int = 0
+    # Part of a 2xx answer reached the agent before it ended in an error:
+    # the row bills that part whatever the status.
+    delivered: bool = False
     response_json: object = None
     response_sse: list | None = None
     response_sse_size: int = 0
@@ -85,6 +97,38 @@ class Settlement:
 
     row: LedgerRow
     committed: defer.Deferred
+
+
+def billed_usage(ex: Exchange, status: int) -> tuple[Usage, bool]:
+    """
+    The usage a settled exchange is billed for, and whether it is estimated.
+
+    An answer the agent got (2xx), walked away from (499), or got part of
+    before it broke (C{ex.delivered}: a provider reset, a close, an idle
+    cut, an agent stall cut) is billed: with the provider's count when its
+    final count arrived; else with what arrived of it (Anthropic's
+    C{message_start} input) completed by an estimate, the output never
+    below what the relayed text and bytes amount to
+    (L{estimate_output_tokens}); else wholly estimated, the input from the
+    request.  Anything else (refusals, upstream errors before a byte
+    reached the agent) is billed as reported, usually nothing.
+    """
+    usage = ex.usage if ex.usage is not None else Usage()
+    if not (ex.upstream_called and ex.surface.billable):
+        return usage, False
+    if not (200 <= status < 300 or status == CLIENT_CLOSED or ex.delivered):
+        return usage, False
+    final = usage.seen if ex.usage_final is None else ex.usage_final
+    if final:
+        return usage, False
+    output = estimate_output_tokens(ex.output_chars, ex.unmetered_bytes)
+    if not usage.seen:
+        prompt = estimate_prompt_tokens(ex.original or {}, ex.surface.api_format)
+        return Usage(input_tokens=prompt, output_tokens=output), True
+    partial = attrs.evolve(usage, output_tokens=max(usage.output_tokens, output))
+    if partial.prompt_tokens == 0:
+        partial.input_tokens = estimate_prompt_tokens(ex.original or {}, ex.surface.api_format)
+    return partial, True
 
 
 class Metering:
@@ -163,14 +207,7 @@ class Metering:
             return None
         ex.settled = True
         now = self._clock.seconds()
-        usage = ex.usage if ex.usage is not None else Usage()
-        estimated = False
-        if not usage.seen and ex.upstream_called and ex.surface.billable and (200 <= status < 300 or status == CLIENT_CLOSED):
-            usage = Usage(
-                input_tokens=estimate_prompt_tokens(ex.original or {}, ex.surface.api_format),
-                output_tokens=estimate_tokens(ex.output_chars),
-            )
-            estimated = True
+        usage, estimated = billed_usage(ex, status)
         if not ex.surface.billable:
             cost, priced = 0.0, False
         elif ex.provider is not None and ex.upstream_model is not None:

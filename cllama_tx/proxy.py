@@ -25,17 +25,18 @@ from .identity.authenticate import identify, presented_token
 from .identity.operator import request_source
 from .identity.principals import KeyPrincipal, MasterPrincipal
 from .identity.virtual_keys import hash_key, looks_like_virtual_key
-from .metering import CLIENT_CLOSED, Exchange
+from .metering import AGENT_STALLED, CLIENT_CLOSED, Exchange
 from .providers.catalog import auth_headers, upstream_url
 from .providers.bodies import read_small
 from .providers.forwarding import NEVER_FORWARD, HeaderPolicy, forward
 from .providers.health import INCONCLUSIVE, VALID
 from .providers.keys import MAX_TRIES, classify_failure
 from .providers.registry import ProviderNotConfigured, UnknownProvider
-from .relay import HOP_BY_HOP, StreamRelay, UpstreamTimeout, copy_response_headers, read_body
+from .relay import HOP_BY_HOP, AgentStalled, StreamRelay, UpstreamTimeout, copy_response_headers, read_body
 from .surfaces.bridges import bridge_for
 from .surfaces.translate import UntranslatableRequest
 from .surfaces.validate import check_fields, parse_body
+from .tcp_progress import acked_bytes
 from .tls import describe_tls_failure
 
 log = Logger()
@@ -104,9 +105,12 @@ class Proxy:
         keys=None,
         metrics=None,
         inflight=None,
+        agent_stall_timeout: float | None = None,
     ) -> None:
         self._inflight = inflight
         self.clock = clock
+        # How long an agent may leave a stream unread (None: the idle timeout).
+        self._agent_stall_timeout = idle_timeout if agent_stall_timeout is None else agent_stall_timeout
         self._keys = keys
         self._metrics = metrics
         self._clock = clock
@@ -520,6 +524,8 @@ class Proxy:
             first_byte_timeout=max(remaining, 0.0),
             on_data=on_data,
             on_first_byte=first_byte,
+            stall_timeout=self._agent_stall_timeout,
+            agent_progress=lambda: acked_bytes(request.transport),
         )
         ex.cancel = relay.abort
         response.deliverBody(relay)
@@ -552,27 +558,39 @@ class Proxy:
         def on_data(data: bytes) -> None:
             emit(tap.feed(data))
 
+        def take_meter() -> None:
+            # What was relayed, for the row: every way the stream ends bills it.
+            ex.usage, ex.usage_final = tap.usage, tap.usage_final
+            ex.output_chars, ex.unmetered_bytes = tap.output_chars, tap.unmetered_bytes
+            ex.delivered = request.startedWriting and 200 <= response.code < 300
+
         relay = self._start_relay(request, response, ex, on_data)
         try:
             await relay.done
         except Exception as e:
-            ex.usage, ex.output_chars = tap.usage, tap.output_chars
+            take_meter()
             if ex.gone:
                 raise AgentGone() from None
             error = _relay_error(e, ex)
             if not request.startedWriting:
                 raise error from None
-            # The agent already has part of the stream: end it with an error
-            # event it can parse, then close the stream cleanly.
             ex.error_code = error.code
             metering.settle(ex, error.status, error.message)
+            if isinstance(e, AgentStalled):
+                # It reads nothing: an error event would only queue behind
+                # what it did not read.  Cut its connection.
+                if request.transport is not None:
+                    request.transport.abortConnection()
+                return
+            # The agent already has part of the stream: end it with an error
+            # event it can parse, then close the stream cleanly.
             request.write(sse_error_event(error, ex.surface.shape))
             request.finish()
             return
         finally:
             ex.cancel = None
         emit(tap.finish())
-        ex.usage, ex.output_chars = tap.usage, tap.output_chars
+        take_meter()
         held = tap.held()
         if convert is not None:
             held = convert.feed(held) + convert.finish()
@@ -605,11 +623,11 @@ class Proxy:
         passthrough = []
 
         def on_data(data: bytes) -> None:
+            size[0] += len(data)
             if passthrough:
                 request.write(data)
                 return
             parts.append(data)
-            size[0] += len(data)
             if size[0] > MAX_BUFFERED_BODY:
                 passthrough.append(True)
                 request.write(b"".join(parts))
@@ -619,13 +637,17 @@ class Proxy:
         try:
             await relay.done
         except Exception as e:
+            if passthrough:
+                # Part of the body reached the agent: billed by its size.
+                ex.unmetered_bytes = size[0]
+                ex.delivered = 200 <= response.code < 300
             if ex.gone:
                 raise AgentGone() from None
             raise _relay_error(e, ex) from None
         finally:
             ex.cancel = None
         if passthrough:
-            ex.output_chars = size[0]
+            ex.unmetered_bytes = size[0]
             await self._settle_then(request, ex, response.code)
             request.finish()
             return None
@@ -737,6 +759,8 @@ def _describe(error: Exception) -> str:
 def _relay_error(error: Exception, ex: Exchange) -> ProxyError:
     if isinstance(error, UpstreamTimeout):
         return ProxyError(504, "upstream_timeout", f"provider {ex.provider!r} {error}")
+    if isinstance(error, AgentStalled):
+        return ProxyError(AGENT_STALLED, "agent_stalled", f"stream cut: {error}")
     reason = error.value if isinstance(error, Failure) else error
     return ProxyError(
         502,

@@ -30,6 +30,7 @@ _ENV_OPTIONS = [
     ("max-body-size", None, "CLLAMA_MAX_BODY_SIZE", "largest accepted request body, e.g. 32MiB [env CLLAMA_MAX_BODY_SIZE]"),
     ("first-byte-timeout", None, "CLLAMA_FIRST_BYTE_TIMEOUT", "seconds to wait for an upstream's first byte [env CLLAMA_FIRST_BYTE_TIMEOUT, default 300]"),
     ("idle-timeout", None, "CLLAMA_IDLE_TIMEOUT", "seconds an upstream stream may stay silent [env CLLAMA_IDLE_TIMEOUT, default 120]"),
+    ("agent-stall-timeout", None, "CLLAMA_AGENT_STALL_TIMEOUT", "seconds an agent may leave a stream unread before it is cut (408 agent_stalled, billed) [env CLLAMA_AGENT_STALL_TIMEOUT, default 120]"),
     ("connect-timeout", None, "CLLAMA_CONNECT_TIMEOUT", "seconds to connect to an upstream [env CLLAMA_CONNECT_TIMEOUT, default 10]"),
     ("state-dir", None, "CLLAMA_STATE_DIR", "directory of the ledger database [env CLLAMA_STATE_DIR, default $STATE_DIRECTORY or ~/.local/state/cllama_tx]"),
     ("pricing-file", None, "CLLAMA_PRICING_FILE", "operator price table merged over the packaged one [env CLLAMA_PRICING_FILE]"),

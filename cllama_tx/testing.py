@@ -20,6 +20,8 @@ SDKs' typed models in C{tests/test_testing.py}, so the fakes stay honest.
 from __future__ import annotations
 
 import json as _json
+import socket
+import struct
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
@@ -53,6 +55,8 @@ __all__ = [
     "anthropic_usage",
     "dumps",
     "echo_headers_error",
+    "garbage_sse_events",
+    "huge_event_sse_events",
     "openai_completion",
     "openai_error",
     "openai_sse_events",
@@ -478,6 +482,35 @@ def sse_encode_anthropic(events: Iterable[tuple[str, Mapping[str, Any]]]) -> byt
     return b"".join(anthropic_sse_events(events))
 
 
+def huge_event_sse_events(wire_format: str, model: str, size: int, input_tokens: int = 0) -> list[bytes]:
+    """
+    A stream whose whole answer is one event of about C{size} bytes of text,
+    with no usage anywhere (OpenAI: no usage chunk; Anthropic: C{message_start}
+    reports C{input_tokens}, C{message_delta} reports nothing).
+    """
+    text = ("huge " * (size // 5 + 1))[:size]
+    if wire_format == "anthropic":
+        events = anthropic_stream_events([text], model, input_tokens, 0)
+        delta_name, delta = events[-2]
+        events[-2] = (delta_name, {key: value for key, value in delta.items() if key != "usage"})
+        events[0][1]["message"]["usage"]["output_tokens"] = 0
+        return anthropic_sse_events(events)
+    return openai_sse_events(openai_stream_chunks([text], model, include_usage=False))
+
+
+def garbage_sse_events(count: int, size: int = 1000) -> list[bytes]:
+    """
+    C{count} events whose data is not JSON (C{size} bytes each), then the
+    same number of lines that are no SSE field at all, then C{[DONE]}:
+    what a broken gateway or a proxy's error page streams.
+    """
+    junk = ("garbage! " * (size // 9 + 1))[:size].encode("ascii")
+    events = [b"data: " + junk + b"\n\n" for _ in range(count)]
+    events += [junk + b"\n\n" for _ in range(count)]
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
 def anthropic_error(type: str, message: str) -> dict:
     """
     Anthropic's error body (also the data of a mid-stream C{event: error}).
@@ -560,6 +593,11 @@ class Reply:
         C{json}/C{raw} body is one chunk), close the TCP connection without
         finishing the response (what was written is flushed first), so the
         client sees a truncated body.  C{0} means headers only.
+    @ivar reset_after_chunks: like C{cut_after_chunks}, but the connection is
+        reset (RST, C{SO_LINGER} 0) once those chunks were flushed.
+    @ivar stall_after_chunks: after the headers and that many body chunks,
+        send nothing more and keep the connection open (a provider that
+        hangs mid-answer); the client must give up.
     @ivar abort_before_headers: abort the connection instead of answering
         (after C{hold_until} and C{delay_before_headers}): a transport error.
     @ivar firehose_bytes: stream at least that many bytes of valid SSE (in the
@@ -578,6 +616,8 @@ class Reply:
     delay_before_headers: float = 0.0
     delay_between_chunks: float = 0.0
     cut_after_chunks: int | None = None
+    reset_after_chunks: int | None = None
+    stall_after_chunks: int | None = None
     abort_before_headers: bool = False
     firehose_bytes: int | None = None
     hold_until: Deferred | None = None
@@ -763,16 +803,29 @@ class _Exchange:
         if reply.cut_after_chunks is not None and index + 1 >= reply.cut_after_chunks:
             self._cut()
             return
+        if reply.reset_after_chunks is not None and index + 1 >= reply.reset_after_chunks:
+            self._cut(reset=True)
+            return
+        if reply.stall_after_chunks is not None and index + 1 >= reply.stall_after_chunks:
+            return  # silence, until the client hangs up
         if index + 1 < len(chunks) and reply.delay_between_chunks > 0:
             self.call_later(reply.delay_between_chunks, self._write, reply, chunks, index + 1)
         else:
             self._write(reply, chunks, index + 1)
 
-    def _cut(self) -> None:
+    def _cut(self, reset: bool = False) -> None:
         # loseConnection flushes what was written first, then closes: the
-        # client gets exactly the chunks so far and then an unexpected EOF.
+        # client gets exactly the chunks so far and then an unexpected EOF
+        # (or, with a zero linger time, a reset).
+        # The HTTP channel is the transport's producer: once a large write
+        # paused it, loseConnection would wait for it to go away.
         transport = self._transport()
         if transport is not None:
+            if reset:
+                transport.getHandle().setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+            transport.unregisterProducer()
             transport.loseConnection()
 
     def finish(self) -> None:

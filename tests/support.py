@@ -83,7 +83,7 @@ class ProxyHarness:
                  history_dir=None, pricing_file=None, no_stream_options=frozenset(),
                  fake_providers=("openai",), governance_dir=None, policy_file=None, unpriced="refuse",
                  default_rpm=None, default_tpm=None, alert_webhooks=None, key_clock=None, tls_policy=None,
-                 provider_clock=None, model_table=None):
+                 agent_stall_timeout=None, provider_clock=None, model_table=None):
         self.testcase = testcase
         # A model table file (CLLAMA_MODEL_TABLE), or None.
         self.model_table_path = model_table
@@ -104,6 +104,7 @@ class ProxyHarness:
         self.alert_webhooks = alert_webhooks
         self.key_clock = key_clock
         self.tls_policy = tls_policy
+        self.agent_stall_timeout = agent_stall_timeout
         # The key pools' clock (cooldowns, re-probe backoff): a task.Clock
         # lets a test move key health on without waiting.
         self.provider_clock = provider_clock or reactor
@@ -207,6 +208,7 @@ class ProxyHarness:
             keys=self.keys,
             first_byte_timeout=self.first_byte_timeout,
             idle_timeout=self.idle_timeout,
+            agent_stall_timeout=self.agent_stall_timeout,
             no_stream_options=self.no_stream_options,
         )
         self.keys_api = KeyApi(

@@ -24,6 +24,8 @@ from cllama_tx.testing import (
     parse_sse,
 )
 
+from cllama_tx.accounting.usage import estimate_prompt_tokens
+
 from .support import AGENT, PROVIDER_KEY, SECRET, UI_TOKEN, ProxyHarness, chat_body
 from .test_relay import _request_bytes, _StreamingClient
 
@@ -159,13 +161,27 @@ class OpenAIMeteringTests(MeteringCase):
         self.assertEqual((row["status"], row["cost_usd"], row["estimated"]), (400, 0.0, False))
 
     @defer.inlineCallbacks
-    def test_cut_stream_recorded_with_usage_seen(self):
-        chunks = openai_stream_chunks(["a", "b", "c"], "gpt-test", 40, 10)
-        self.h.fake.enqueue(Reply(sse=openai_sse_events(chunks), headers=SSE, cut_after_chunks=2))
+    def test_cut_stream_bills_what_was_relayed(self):
+        """No usage arrived before the cut: the relayed output is estimated."""
+        chunks = openai_stream_chunks(["abcd", "efgh", "ijkl"], "gpt-test", 40, 10)
+        self.h.fake.enqueue(Reply(sse=openai_sse_events(chunks), headers=SSE, cut_after_chunks=3))
         yield (yield self.h.chat(chat_body(model="openai/gpt-test", stream=True))).content()
         row = yield self.only_row()
         self.assertEqual(row["status"], 502)
-        self.assertEqual(row["cost_usd"], 0.0)  # no usage arrived before the cut
+        prompt = estimate_prompt_tokens(chat_body(), "openai")
+        self.assertEqual((row["input_tokens"], row["output_tokens"], row["estimated"]), (prompt, 2, True))
+        self.assertCost(row["cost_usd"], openai_cost(prompt, 2))
+
+    @defer.inlineCallbacks
+    def test_cut_after_the_usage_chunk_bills_the_usage(self):
+        """The provider's count arrived before the cut: it is the bill."""
+        chunks = openai_stream_chunks(["abcd", "efgh"], "gpt-test", 40, 10)
+        events = openai_sse_events(chunks)
+        self.h.fake.enqueue(Reply(sse=events, headers=SSE, cut_after_chunks=len(events) - 1))
+        yield (yield self.h.chat(chat_body(model="openai/gpt-test", stream=True))).content()
+        row = yield self.only_row()
+        self.assertEqual((row["status"], row["input_tokens"], row["output_tokens"], row["estimated"]), (502, 40, 10, False))
+        self.assertCost(row["cost_usd"], openai_cost(40, 10))
 
     @defer.inlineCallbacks
     def test_disconnect_mid_stream_is_estimated(self):

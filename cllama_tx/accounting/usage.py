@@ -6,7 +6,8 @@ L{SseTap} sits in the streaming relay and sees every upstream chunk, so it
 is written to be cheap: it scans each byte once, keeps only the current
 partial event (never the stream), and parses each complete C{data:}
 payload once with C{json.loads}.  The estimators give a rough token count
-for responses that carry no usage at all (rows marked C{estimated}).
+for responses that carry no usage, or only part of it (rows marked
+C{estimated}).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ __all__ = [
     "OPENAI",
     "WIRE_FORMATS",
     "SseTap",
+    "RAW_BYTES_PER_TOKEN",
+    "estimate_output_tokens",
     "estimate_prompt_tokens",
     "estimate_tokens",
     "output_chars_from_json",
@@ -174,6 +177,31 @@ _ANTHROPIC_DELTA_TEXT = {
     "thinking_delta": "thinking",
 }
 
+#: The Messages stream's event types; another one is relayed unread.
+_ANTHROPIC_KINDS = frozenset(
+    {
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+        "ping",
+        "error",
+    }
+)
+#: Events whose unparseable data is no generated text.
+_ANTHROPIC_NO_CONTENT = frozenset({"message_stop", "ping", "error"})
+
+#: SSE fields besides data and event, with or without a value.
+_OTHER_FIELDS = (b"id", b"retry", b"event", b"data")
+
+
+def _known_field(line: bytes) -> bool:
+    """Is C{line} an SSE field (not C{data:}/C{event:} with a value), not junk?"""
+    name = line.split(b":", 1)[0]
+    return name in _OTHER_FIELDS
+
 
 def _openai_message_chars(m: Mapping[str, Any]) -> int:
     """Characters of generated text in an OpenAI C{delta} or C{message}."""
@@ -280,15 +308,24 @@ class SseTap:
     partial event is ever buffered; once that partial event grows beyond
     C{max_event_bytes} it is forwarded as it arrives and never parsed.
 
-    Attributes: C{usage} (L{Usage}, updated in place), C{output_chars}
-    (generated text seen in deltas), C{events} (complete events with data,
-    oversized ones included), C{saw_terminal}, C{error_event} (the first
-    mid-stream error the provider sent, as parsed), C{buffered_bytes}.
+    Attributes: C{usage} (L{Usage}, updated in place), C{usage_final}
+    (the provider's final count arrived: OpenAI's usage chunk, Anthropic's
+    C{message_delta} usage; until then C{usage} may hold only the input, as
+    after C{message_start}), C{output_chars} (generated text seen in
+    deltas), C{unmetered_bytes} (bytes forwarded that could not be read as
+    text: oversized events, payloads that are not JSON or not a known
+    event, lines that are no SSE field; they are billed by size when no
+    final usage arrives, see L{estimate_output_tokens}), C{events}
+    (complete events with data, oversized ones included), C{saw_terminal},
+    C{error_event} (the first mid-stream error the provider sent, as
+    parsed), C{buffered_bytes}.
     """
 
     __slots__ = (
         "usage",
+        "usage_final",
         "output_chars",
+        "unmetered_bytes",
         "events",
         "saw_terminal",
         "error_event",
@@ -302,6 +339,7 @@ class SseTap:
         "_name",
         "_data",
         "_skip",
+        "_junk",
         "_pending_lf",
         "_held",
         "_finished",
@@ -319,7 +357,9 @@ class SseTap:
         self._extra = None if self._anthropic else usage_chunk_extra
         self._max = max_event_bytes
         self.usage = Usage()
+        self.usage_final = False
         self.output_chars = 0
+        self.unmetered_bytes = 0
         self.events = 0
         self.saw_terminal = False
         self.error_event: dict | None = None
@@ -335,6 +375,8 @@ class SseTap:
         self._name: bytes | bytearray | None = None
         self._data: list = []
         self._skip = False
+        # Bytes of lines in the current partial event that are no SSE field.
+        self._junk = 0
         # A chunk ended on CR: where an LF opening the next chunk belongs.
         self._pending_lf: int | None = None
         self._held: list = []
@@ -382,6 +424,7 @@ class SseTap:
         skip = self._skip
         name = self._name
         datas = self._data
+        junk = self._junk
         buf: Any = self._buf
         if buf:
             buf += data
@@ -425,13 +468,19 @@ class SseTap:
                 # A blank line: the event is complete.
                 blank = True
                 if skip:
+                    # The end of an oversized event: all of it went out
+                    # unread (buf holds only this chunk while skipping).
                     skip = False
+                    self.unmetered_bytes += nxt
                     self.events += 1
                     last = _HOLD if holding else _FORWARD
                 else:
                     disp = self._dispatch(name, datas) if (datas or name is not None) else None
                     name = None
                     datas = []
+                    if junk:
+                        self.unmetered_bytes += junk
+                        junk = 0
                     if disp is None:
                         last = _HOLD if holding else _FORWARD
                     elif disp == _TERMINAL:
@@ -469,14 +518,23 @@ class SseTap:
                         field = buf[line:eol]
                         if field == b"data":
                             datas.append(b"")
-                        # id:, retry:, "event" alone and unknown fields: ignored
+                        elif not _known_field(field):
+                            # Not SSE: relayed all the same, billed by size.
+                            junk += eol - line
+                        # id:, retry:, "event" alone: ignored
             line = pos = nxt
 
         if not skip and n - ev > self._max:
-            # The partial event is too big to keep: send it as it comes.
+            # The partial event is too big to keep: send it as it comes,
+            # counted by size (its junk lines are part of that size).
             skip = True
             name = None
             datas = []
+            junk = 0
+            self.unmetered_bytes += n - ev
+        elif skip:
+            # The middle of an oversized event that began before this chunk.
+            self.unmetered_bytes += n
         if skip:
             if n > region:
                 target.append(buf[region:n])
@@ -505,6 +563,7 @@ class SseTap:
         self._skip = skip
         self._name = name
         self._data = datas
+        self._junk = junk
         return b"".join(out)
 
     def finish(self) -> bytes:
@@ -525,6 +584,7 @@ class SseTap:
             return b""
         name, datas = self._name, self._data
         self._name, self._data = None, []
+        junk, self._junk = self._junk, 0
         line = self._line
         if line < len(buf):
             if buf.startswith(b"data:", line):
@@ -537,7 +597,10 @@ class SseTap:
                 if v < len(buf) and buf[v] == _SP:
                     v += 1
                 name = buf[v:] or None
+            elif buf[line] != _COLON and not _known_field(bytes(buf[line:])):
+                junk += len(buf) - line
         raw = bytes(buf)
+        self.unmetered_bytes += junk
         # Metered, but never rewritten: the tail goes out as it came.
         disp = self._dispatch(name, datas, rewrite=False) if (datas or name is not None) else None
         if disp == _TERMINAL:
@@ -569,8 +632,10 @@ class SseTap:
         try:
             doc = json.loads(payload)
         except (ValueError, RecursionError):
+            self.unmetered_bytes += len(payload)
             return None
         if type(doc) is not dict:
+            self.unmetered_bytes += len(payload)
             return None
         choices = doc.get("choices")
         if type(choices) is list:
@@ -583,8 +648,12 @@ class SseTap:
             self.error_event = doc
         usage = doc.get("usage")
         if type(usage) is not dict:
+            if type(choices) is not list and not doc.get("error"):
+                # A JSON object that is no chunk: relayed unread.
+                self.unmetered_bytes += len(payload)
             return None
         _fill_openai(self.usage, usage)
+        self.usage_final = True
         if choices != [] or not rewrite:
             return None
         if self._strip:
@@ -611,6 +680,11 @@ class SseTap:
             kind: Any = bytes(name).decode("utf-8", "replace")
         else:
             kind = doc.get("type") if doc is not None else None
+        if doc is None:
+            if kind not in _ANTHROPIC_NO_CONTENT:
+                self.unmetered_bytes += len(payload)
+        elif kind not in _ANTHROPIC_KINDS:
+            self.unmetered_bytes += len(payload)
         if kind == "content_block_delta":
             if doc is not None:
                 delta = doc.get("delta")
@@ -630,6 +704,7 @@ class SseTap:
                 u = doc.get("usage")
                 if type(u) is dict:
                     _fill_anthropic(self.usage, u, delta=True)
+                    self.usage_final = True
         elif kind == "message_stop":
             return _TERMINAL
         elif kind == "error":
@@ -668,6 +743,24 @@ def estimate_tokens(text_chars: int) -> int:
     if text_chars <= 0:
         return 0
     return (text_chars + 3) // 4
+
+
+#: Relayed bytes that could not be read as text (an oversized event, a
+#: payload that is not JSON) are billed one token per this many bytes: the
+#: ratio of text, applied to bytes that include the SSE and JSON framing
+#: around the text, so the estimate errs high, never low.
+RAW_BYTES_PER_TOKEN = 4
+
+
+def estimate_output_tokens(text_chars: int, unmetered_bytes: int = 0) -> int:
+    """
+    Output tokens of an answer whose provider did not report them: the
+    text read from its deltas at four characters a token, plus what was
+    relayed unread at L{RAW_BYTES_PER_TOKEN} bytes a token.  Never 0 when
+    anything was delivered.
+    """
+    raw = 0 if unmetered_bytes <= 0 else -(-unmetered_bytes // RAW_BYTES_PER_TOKEN)
+    return estimate_tokens(text_chars) + raw
 
 
 def _walk(root: Any, keys: bool) -> tuple[int, int]:

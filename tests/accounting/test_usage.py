@@ -16,7 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from cllama_tx.accounting.records import Usage
 from cllama_tx.accounting.usage import (
     IMAGE_TOKENS,
+    RAW_BYTES_PER_TOKEN,
     SseTap,
+    estimate_output_tokens,
     estimate_prompt_tokens,
     estimate_tokens,
     output_chars_from_json,
@@ -613,6 +615,113 @@ class AnthropicTapTests(SplitMixin, SynchronousTestCase):
         self.assertEqual(out + held, body)
 
 
+class UnreadOutputTests(SynchronousTestCase):
+    """
+    What the tap forwards but cannot read as text is counted by size, so an
+    answer that delivered anything is never estimated at 0 output tokens.
+    """
+
+    def test_oversized_event_counted_whole_at_every_split(self):
+        big = "x" * 5000
+        events = openai_events(pieces=("ab", big, "cd"), include_usage=False)
+        [oversized] = [e for e in events if len(e) > 1000]
+        body = b"".join(events) + DONE
+        for transform in (lambda b: b, crlf, cr):
+            stream = transform(body)
+            size = len(transform(oversized))
+            for step in list(range(1, 40)) + [333, 4096]:
+                tap = SseTap("openai", max_event_bytes=1000)
+                for i in range(0, len(stream), step):
+                    tap.feed(stream[i : i + step])
+                    self.assertLessEqual(tap.buffered_bytes, 1000)
+                tap.finish()
+                self.assertEqual(tap.output_chars, 4, step)
+                # Whole, framing included; a line end split across chunks
+                # may be missed (at most the blank line's two bytes).
+                self.assertTrue(size - 2 <= tap.unmetered_bytes <= size, (step, tap.unmetered_bytes, size))
+                self.assertFalse(tap.usage_final)
+
+    def test_an_oversized_event_complete_in_one_chunk_is_read(self):
+        """Nothing forces a pass-through when the whole event is there: it is metered as text."""
+        events = openai_events(pieces=("x" * 5000,), include_usage=False)
+        tap = SseTap("openai", max_event_bytes=1000)
+        run(tap, [b"".join(events) + DONE])
+        self.assertEqual((tap.output_chars, tap.unmetered_bytes), (5000, 0))
+
+    def test_ten_megabytes_in_one_event_keep_the_memory_bounded(self):
+        head = b'data: {"choices":[{"delta":{"content":"'
+        tap = SseTap("openai")
+        sent = len(tap.feed(head))
+        piece = b"y" * 65536
+        for _ in range(160):
+            sent += len(tap.feed(piece))
+            self.assertLessEqual(tap.buffered_bytes, 1 << 20)
+        sent += len(tap.feed(b'"}}]}\n\n' + DONE))
+        tap.finish()
+        total = len(head) + 160 * 65536 + len(b'"}}]}\n\n')
+        self.assertEqual(tap.unmetered_bytes, total)
+        self.assertEqual(sent, total)  # all forwarded; [DONE] held
+        self.assertEqual(estimate_output_tokens(tap.output_chars, tap.unmetered_bytes), -(-total // 4))
+
+    def test_payloads_that_are_not_chunks(self):
+        body = (
+            b"data: not json\n\n"  # 8
+            b"data: [1, 2]\n\n"  # 6
+            b'data: {"foo": "bar"}\n\n'  # 14: JSON, but no chunk
+            b'data: {"choices": [{"delta": {"content": "abc"}}]}\n\n'  # read: 3 characters
+            b'data: {"choices": []}\n\n'  # a chunk, empty
+            b'data: {"error": {"message": "boom"}}\n\n'  # an error, not output
+            b"this line is no field\n\n"  # 21
+            b"id: 7\nretry: 10\n: a comment\n\n"  # fields and comments: nothing
+            + DONE
+        )
+        tap = SseTap("openai")
+        run(tap, [body])
+        self.assertEqual((tap.output_chars, tap.unmetered_bytes), (3, 8 + 6 + 14 + 21))
+        for step in (1, 2, 5):
+            split = SseTap("openai")
+            run(split, [body[i : i + step] for i in range(0, len(body), step)])
+            self.assertEqual((split.output_chars, split.unmetered_bytes), (3, 49), step)
+
+    def test_junk_in_an_unterminated_tail(self):
+        tap = SseTap("openai")
+        out, _ = run(tap, [b'data: {"choices": [{"delta": {"content": "ab"}}]}\n\nnot sse at all'])
+        self.assertTrue(out.endswith(b"not sse at all"))
+        self.assertEqual((tap.output_chars, tap.unmetered_bytes), (2, 14))
+
+    def test_anthropic_unknown_and_unreadable_events(self):
+        body = b"".join(anthropic_events(pieces=("abcd",)))
+        broken, novel = b"{broken", b'{"type": "brand_new", "text": "zz"}'
+        extra = (
+            b"event: content_block_delta\ndata: " + broken + b"\n\n"
+            b"event: brand_new\ndata: " + novel + b"\n\n"
+            b"event: ping\ndata: nope\n\n"  # no content
+        )
+        tap = SseTap("anthropic")
+        run(tap, [extra + body])
+        self.assertEqual((tap.output_chars, tap.unmetered_bytes), (4, len(broken) + len(novel)))
+
+    def test_usage_final_openai(self):
+        events = openai_events(pieces=("ab",), prompt=3, completion=1)
+        tap = SseTap("openai")
+        run(tap, events[:-1])
+        self.assertFalse(tap.usage_final)
+        tap.feed(events[-1])
+        self.assertTrue(tap.usage_final)
+
+    def test_usage_final_anthropic(self):
+        """message_start's usage is a part (input, output 1); message_delta's is the whole."""
+        events = anthropic_events(pieces=("ab",), inp=30, out=7)
+        tap = SseTap("anthropic")
+        tap.feed(events[0])
+        self.assertEqual((tap.usage.seen, tap.usage_final, tap.usage.input_tokens, tap.usage.output_tokens), (True, False, 30, 1))
+        for event in events[1:-2]:
+            tap.feed(event)
+        self.assertFalse(tap.usage_final)
+        tap.feed(events[-2])  # message_delta
+        self.assertEqual((tap.usage_final, tap.usage.output_tokens), (True, 7))
+
+
 # ---------------------------------------------------------------------------
 # Estimates
 # ---------------------------------------------------------------------------
@@ -621,6 +730,14 @@ class AnthropicTapTests(SplitMixin, SynchronousTestCase):
 class EstimateTests(SynchronousTestCase):
     def test_estimate_tokens(self):
         self.assertEqual([estimate_tokens(n) for n in (-3, 0, 1, 3, 4, 5, 8, 9)], [0, 0, 1, 1, 1, 2, 2, 3])
+
+    def test_estimate_output_tokens(self):
+        self.assertEqual(RAW_BYTES_PER_TOKEN, 4)
+        self.assertEqual(estimate_output_tokens(0, 0), 0)
+        self.assertEqual(estimate_output_tokens(8, 0), 2)
+        self.assertEqual(estimate_output_tokens(0, 1), 1)  # anything delivered is at least a token
+        self.assertEqual(estimate_output_tokens(8, 9), 2 + 3)
+        self.assertEqual(estimate_output_tokens(0, 10 * 1024 * 1024), 10 * 1024 * 1024 // 4)
 
     def test_openai_prompt(self):
         doc = {
