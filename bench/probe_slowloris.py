@@ -144,6 +144,13 @@ def daemon_fds(pid: int) -> int:
         return -1
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of C{pid} so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def daemon_rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -404,10 +411,12 @@ def main() -> int:
         for agent in agents.values():
             agent.phase = "attack"
         fds = []
+        cpu_before = cpu_seconds(daemon.pid)
         until = time.monotonic() + args.attack
         while time.monotonic() < until:
             fds.append(daemon_fds(daemon.pid))
             time.sleep(1)
+        daemon_cpu = (cpu_seconds(daemon.pid) - cpu_before) / args.attack
         loris_stop.set()
         slowloris = loris_results.get(timeout=30)
         loris.join(10)
@@ -428,7 +437,11 @@ def main() -> int:
             name: {phase: summary(agent, phase) for phase in ("baseline", "ramp", "attack", "bodies")}
             for name, agent in agents.items()
         }
-        report["slowloris"] = {**slowloris, "daemon_fds_max": max(fds) if fds else None}
+        report["slowloris"] = {
+            **slowloris, "daemon_fds_max": max(fds) if fds else None,
+            "daemon_cpu_share": round(daemon_cpu, 3),  # CPU seconds per second of attack
+            "host_load_1m": round(os.getloadavg()[0], 2),
+        }
         report["big_bodies"] = {
             **big_bodies,
             "daemon_rss_max_kib": max(rss) if rss else None,

@@ -45,6 +45,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.http import RESPONSES
 from twisted.web.server import Request
+from zope.interface import directlyProvides, providedBy
 
 log = Logger()
 
@@ -80,6 +81,10 @@ DEFAULT_KEEPALIVE_TIMEOUT = 120.0
 # How long a refused request's sender may keep sending the body we drop:
 # long enough for its client to read the answer instead of a reset.
 LINGER = 5.0
+# The first request's head is held (the channel not yet built) up to this
+# size; past it the channel gets it, and refuses it (its own limit is
+# 16 KiB of headers).
+MAX_HEAD = 20 * 1024
 # The log says what the guard did at most this often; idle keep-alive
 # connections ending and drained ones cut are routine, counted in the
 # metrics only.
@@ -252,19 +257,64 @@ class ConnectionGuard:
 class GuardedConnection(ProtocolWrapper):
     """
     One connection as the guard sees it: Twisted's HTTP channel inside, the
-    transport outside.  A refused request's connection is drained: what
-    the client still sends is dropped, what the channel still writes too.
+    transport outside.
+
+    The channel is built only once the first request's headers are complete
+    (held here until then, at most L{MAX_HEAD} bytes): a connection that
+    never sends them, a slowloris's, costs an accept, a few bytes and a
+    close, not a channel and a request object.  That halves what a flood
+    of such connections costs the event loop, which is what the agents'
+    latency pays during one.
+
+    A refused request's connection is drained: what the client still sends
+    is dropped, what the channel still writes too.
     """
 
     state = HEAD
+    wrappedProtocol = None
+    _head = b""
+
+    def __init__(self, factory: ConnectionGuard, build) -> None:
+        self.factory = factory
+        self._build = build  # makes the HTTP channel
+
+    def logPrefix(self):
+        return self.__class__.__name__
+
+    def makeConnection(self, transport) -> None:
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state
+        if state is DRAIN:
+            return
+        channel = self.wrappedProtocol
+        if channel is None:
+            self._hold(data)
+            return
         if state is IDLE:
             self.factory.move(self, HEAD)  # the first byte of the next request
-        elif state is DRAIN:
+        channel.dataReceived(data)
+
+    def _hold(self, data: bytes) -> None:
+        """Keep the first request's head until it is complete, then start the channel with it."""
+        held = self._head
+        self._head = held + data
+        if self._head.find(b"\r\n\r\n", max(0, len(held) - 3)) < 0 and len(self._head) <= MAX_HEAD:
             return
-        self.wrappedProtocol.dataReceived(data)
+        head, self._head = self._head, b""
+        channel, self._build = self._build(), None
+        self.wrappedProtocol = channel
+        channel.makeConnection(self)
+        channel.dataReceived(head)
+
+    def connectionLost(self, reason) -> None:
+        self.factory.unregisterProtocol(self)
+        channel, self.wrappedProtocol, self._build = self.wrappedProtocol, None, None
+        if channel is not None:
+            channel.connectionLost(reason)
 
     def write(self, data: bytes) -> None:
         if self.state is not DRAIN:
@@ -318,7 +368,7 @@ class GuardedSite:
             return super().buildProtocol(addr)
         if not guard.admit():
             return _Refused()
-        return GuardedConnection(guard, super().buildProtocol(addr))
+        return GuardedConnection(guard, lambda: super(GuardedSite, self).buildProtocol(addr))
 
 
 def _connection(request: Request) -> GuardedConnection | None:

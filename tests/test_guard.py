@@ -409,3 +409,31 @@ class ReportTests(GuardTestCase):
         [event] = [e for e in events if e.get("log_namespace") == "cllama_tx.guard"]
         self.assertEqual(event["what"], "2 header timeout")
         self.assertEqual((event["label"], event["live"], event["cap"]), ("API", 0, 100))
+
+
+class HeldHeadTests(GuardTestCase):
+    def test_no_channel_until_the_first_head_is_complete(self):
+        """A connection that never finishes its headers never costs an HTTP channel."""
+        conn = self.connect()
+        request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        for byte in request[:-1]:
+            conn.send(bytes([byte]))
+            self.assertIsNone(conn.protocol.wrappedProtocol)
+        conn.send(request[-1:])  # the terminator split across reads
+        self.assertIsNotNone(conn.protocol.wrappedProtocol)
+        self.assertIn(b"200 OK", conn.written())
+        self.assertEqual(conn.state, IDLE)
+
+    def test_an_endless_head_goes_to_the_channel_which_refuses_it(self):
+        """Past MAX_HEAD the channel gets it: a line over its limit closes the connection."""
+        conn = self.connect()
+        conn.send(b"GET / HTTP/1.1\r\n" + b"X-Padding: " + b"p" * (21 * 1024))
+        self.assertFalse(conn.open)
+        conn = self.connect()
+        conn.send(b"GET / HTTP/1.1\r\n" + b"X-Padding: ppppppppp\r\n" * 1200)
+        self.assertTrue(conn.written().startswith(b"HTTP/1.1 400 "), conn.written()[:40])
+
+    def test_pipelined_requests_after_the_first_head(self):
+        conn = self.connect()
+        conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(conn.written().count(b"200 OK"), 2)
