@@ -1106,7 +1106,6 @@ class UiSite(GuardedSite, Site):
 
     requestFactory = guarded_request(_CappedUiRequest)
 
-
     def __init__(self, ui: UiApp) -> None:
         super().__init__(ui.app.resource(), parsePOSTFormSubmission=False)
         self.ui = ui
