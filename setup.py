@@ -41,6 +41,6 @@ setup(
         # Playwright drives Chromium in the operator UI's browser tests.
         "test": ["openai>=1.40", "anthropic>=0.40", "litellm==1.110.2", "playwright>=1.40"],
     },
-    entry_points={"console_scripts": ["cllama-tx = cllama_tx.cli:main"]},
+    entry_points={"console_scripts": ["cllama-tx = cllama_tx.runtime.cli:main"]},
     zip_safe=False,
 )

@@ -3,7 +3,7 @@
 Probe: do budget reservations count everything the provider bills?
 
 Starts a fake provider that bills the most the real one would for each
-request (C{cllama_tx.testing_billing.BillingModel}: text at a token a byte,
+request (C{cllama_tx.testing.billing.BillingModel}: text at a token a byte,
 every image at the largest size the model keeps, the tool-use system prompt,
 every candidate answer at its C{max_tokens}) and the real daemon
 (C{twistd -n cllama}) in front of it.  Then, for each shape and for all of
@@ -43,7 +43,7 @@ from twisted.internet import defer, protocol, task  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
 from cllama_tx.testing import FakeProvider  # noqa: E402
-from cllama_tx.testing_billing import BillingModel  # noqa: E402
+from cllama_tx.testing.billing import BillingModel  # noqa: E402
 
 SECRET = "5eed" * 12
 MASTER = "sk-probe-master-key-000000000000"

@@ -98,7 +98,7 @@ class ILedger(Interface):
 
     def record(row):
         """
-        Add one L{cllama_tx.accounting.records.LedgerRow}.  Return a Deferred
+        Add one L{cllama_tx.store.records.LedgerRow}.  Return a Deferred
         that fires (with None) once the row is durably committed; the proxy
         waits for it before sending the agent the response's final byte.
         When the disk refuses it, the row is held in memory until it can be
@@ -108,7 +108,7 @@ class ILedger(Interface):
     def totals():
         """
         Return the running totals (kept in memory, rebuilt from the database
-        at start): a L{cllama_tx.accounting.ledger.Totals}.
+        at start): a L{cllama_tx.store.ledger.Totals}.
         """
 
     def close():

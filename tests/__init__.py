@@ -1,1 +1,1 @@
-from . import secret_scan  # noqa: F401  (watches every log line of the run)
+from tests import secret_scan  # noqa: F401  (watches every log line of the run)

@@ -14,30 +14,30 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 import treq
 from cllama_tx.accounting.history import SessionHistory
-from cllama_tx.accounting.ledger import SqliteLedger
+from cllama_tx.store.ledger import SqliteLedger
 from cllama_tx.accounting.pricing import Pricing
-from cllama_tx.api import ApiApp, build_api_site
+from cllama_tx.sites.api import ApiApp, build_api_site
 from cllama_tx.governance.alerts import AlertNotifier, parse_webhooks
 from cllama_tx.governance.engine import build_governance
 from cllama_tx.governance.resolution import Router
 from cllama_tx.providers.model_table import ModelTableFile
-from cllama_tx.billing import BillingApi
+from cllama_tx.sites.billing import BillingApi
 from cllama_tx.identity.virtual_keys import VirtualKeyStore
-from cllama_tx.keyapi import KeyApi
-from cllama_tx.metering import Metering
-from cllama_tx.operations import Operations
-from cllama_tx.audit import AuditLog
+from cllama_tx.sites.keys import KeyApi
+from cllama_tx.pipeline.metering import Metering
+from cllama_tx.sites.operations import Operations
+from cllama_tx.runtime.audit import AuditLog
 from cllama_tx.identity.contexts import ContextRegistry
-from cllama_tx.writethrough import install as install_write_through
-from cllama_tx.config import LISTEN_BACKLOG
+from cllama_tx.runtime.writethrough import install as install_write_through
+from cllama_tx.runtime.config import LISTEN_BACKLOG
 from cllama_tx.providers.probe import UpstreamProber
 from cllama_tx.providers.registry import ProviderRegistry
-from cllama_tx.proxy import Proxy
-from cllama_tx.relay import UpstreamClient
+from cllama_tx.pipeline.proxy import Proxy
+from cllama_tx.pipeline.relay import UpstreamClient
 from cllama_tx.testing import FakeProvider
 
-from .secret_scan import SCANNER
-from cllama_tx.ui import UiApp
+from tests.secret_scan import SCANNER
+from cllama_tx.sites.ui import UiApp
 from twisted.web.server import Site
 
 AGENT = "tiverton"
@@ -49,7 +49,7 @@ MASTER_KEY = "sk-master-key-for-tests-0123456789"
 SCANNER.register(SECRET, PROVIDER_KEY, UI_TOKEN, MASTER_KEY)
 
 # The daemon sends each reactor callback's TCP writes as it returns
-# (cllama_tx.writethrough); so do the in-process harnesses, so that the
+# (cllama_tx.runtime.writethrough); so do the in-process harnesses, so that the
 # suite runs the transports as served.
 install_write_through(reactor)
 

@@ -7,8 +7,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from cllama_tx.audit import AuditLog, rfc3339_ms
-from cllama_tx.errors import ANTHROPIC, OPENAI, ProxyError, error_body, sse_error_event
+from cllama_tx.runtime.audit import AuditLog, rfc3339_ms
+from cllama_tx.surfaces.errors import ANTHROPIC, OPENAI, ProxyError, error_body, sse_error_event
 from cllama_tx.interfaces import IAuditLog
 
 
@@ -71,7 +71,7 @@ class ErrorShapeTests(SynchronousTestCase):
 
 class InterventionLineTests(SynchronousTestCase):
     def test_intervention_line(self):
-        from cllama_tx.metering import Exchange, Metering
+        from cllama_tx.pipeline.metering import Exchange, Metering
 
         stream = io.StringIO()
         audit = AuditLog(stream, Clock())

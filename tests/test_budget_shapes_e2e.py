@@ -4,7 +4,7 @@ Reservations count everything the provider bills, end to end over loopback:
 text (C{n: 8}, three C{image_url} parts, Anthropic C{tools}) and of all of
 them mixed, against a hard budget that fits five of the most expensive
 ones, as an agent, a virtual key and a team.  The fake provider
-(L{cllama_tx.testing_billing.BillingModel}) bills the most the real
+(L{cllama_tx.testing.billing.BillingModel}) bills the most the real
 provider would for each request; what settles stays within the limit.
 """
 
@@ -17,10 +17,10 @@ import attr
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from cllama_tx.testing_billing import BillingModel
+from cllama_tx.testing.billing import BillingModel
 
-from .secret_scan import SCANNER
-from .support import MASTER_KEY, SECRET, ProxyHarness, write_agent
+from tests.secret_scan import SCANNER
+from tests.support import MASTER_KEY, SECRET, ProxyHarness, write_agent
 
 PRICES = {
     "openai": {"gpt-4o": {"input": 2.5, "output": 10.0, "max_output_tokens": 16_384}},

@@ -20,8 +20,8 @@ from twisted.trial.unittest import TestCase
 
 from cllama_tx.testing import Reply, anthropic_message, openai_completion
 
-from .secret_scan import SCANNER
-from .support import AGENT, MASTER_KEY, PROVIDER_KEY, SECRET, UI_TOKEN, ProxyHarness
+from tests.secret_scan import SCANNER
+from tests.support import AGENT, MASTER_KEY, PROVIDER_KEY, SECRET, UI_TOKEN, ProxyHarness
 
 # LiteLLM must not fetch its price map from the network when imported.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -188,7 +188,7 @@ class AnthropicSdkTests(CompatCase):
 
     @defer.inlineCallbacks
     def test_policy_with_dated_ids(self):
-        from .support import write_agent
+        from tests.support import write_agent
 
         write_agent(self.h.context_root, "coder", SECRET, model_policy={"allowed": [
             {"slot": "primary", "ref": "anthropic/claude-sonnet-4-5"},
@@ -380,7 +380,7 @@ class DaemonTests(TestCase):
 
         from cllama_tx.testing import FakeProvider
 
-        from .support import write_agent
+        from tests.support import write_agent
 
         self.fake = FakeProvider(reactor)
         yield self.fake.start()
@@ -415,7 +415,7 @@ class DaemonTests(TestCase):
 
     @defer.inlineCallbacks
     def test_table_master_key_unprefixed_path_and_sighup(self):
-        from .test_daemon import spawn_daemon
+        from tests.runtime.test_daemon import spawn_daemon
 
         process, transport = spawn_daemon(self, self.env)
         ports = yield process.ready

@@ -26,8 +26,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from cllama_tx.testing import FakeProvider, Reply, openai_completion
 
-from .support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
-from .test_daemon import TWISTD, spawn_daemon
+from tests.support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
+from tests.runtime.test_daemon import TWISTD, spawn_daemon
 
 UI_TOKEN = "connections-ui-token-5150"
 AUTH = f"Authorization: Bearer {AGENT}:{SECRET}\r\n".encode()

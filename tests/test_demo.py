@@ -1,5 +1,5 @@
 """
-Tests for L{cllama_tx.demo}.
+Tests for L{cllama_tx.demo.model}.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from cllama_tx.demo import (
+from cllama_tx.demo.model import (
     DEMO_AGENT_ID,
     DEMO_MODEL_REF,
     DEMO_SECRET,

@@ -12,7 +12,7 @@ from twisted.trial.unittest import TestCase
 
 from cllama_tx.testing import Reply, openai_completion, openai_error
 
-from .support import AGENT, SECRET, ProxyHarness, chat_body, write_agent
+from tests.support import AGENT, SECRET, ProxyHarness, chat_body, write_agent
 
 PRICES = {
     "openai": {
@@ -318,7 +318,7 @@ class PolicyFileTests(TestCase):
 
 class SpendAdministrationTests(GovernedCase):
     def admin(self, method, path, doc=None, token=None):
-        from .support import UI_TOKEN
+        from tests.support import UI_TOKEN
 
         headers = {"Authorization": f"Bearer {token or UI_TOKEN}"}
         kwargs = {"headers": headers}
@@ -401,7 +401,7 @@ class AlertTests(TestCase):
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         hook = f"http://127.0.0.1:{port.getHost().port}/hooks/alert-token-8080"
-        from .secret_scan import SCANNER
+        from tests.secret_scan import SCANNER
 
         SCANNER.register("alert-token-8080")
         h = yield ProxyHarness(self, pricing_file=price_file(self), alert_webhooks=f"json:{hook}").start()

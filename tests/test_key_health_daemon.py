@@ -17,9 +17,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from cllama_tx.testing import FakeProvider, Reply, echo_headers_error, openai_error, strict_provider
 
-from .secret_scan import SCANNER
-from .support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
-from .test_daemon import spawn_daemon
+from tests.secret_scan import SCANNER
+from tests.support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
+from tests.runtime.test_daemon import spawn_daemon
 
 ORG = "org-daemon-operator-00000042"
 PROJECT = "proj_daemon_operator_0042"

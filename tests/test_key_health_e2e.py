@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from cllama_tx.demo import DemoModel
+from cllama_tx.demo.model import DemoModel
 from cllama_tx.testing import (
     Reply,
     anthropic_error,
@@ -30,8 +30,8 @@ from cllama_tx.testing import (
     strict_provider,
 )
 
-from .secret_scan import SCANNER
-from .support import AGENT, PROVIDER_KEY, SECRET, UI_TOKEN, ProxyHarness, chat_body, write_agent
+from tests.secret_scan import SCANNER
+from tests.support import AGENT, PROVIDER_KEY, SECRET, UI_TOKEN, ProxyHarness, chat_body, write_agent
 
 OTHER = "atlas"
 OTHER_SECRET = "7a2e" * 12

@@ -17,7 +17,7 @@ from cllama_tx.testing import (
     anthropic_stream_events,
 )
 
-from .support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, write_agent
+from tests.support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, write_agent
 
 SSE = {"content-type": "text/event-stream"}
 WEATHER_TOOL = {

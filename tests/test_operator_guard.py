@@ -16,9 +16,9 @@ from twisted.trial.unittest import TestCase
 
 from cllama_tx.identity.throttle import FailureThrottle
 
-from .secret_scan import SCANNER
-from .sources import client_from
-from .support import AGENT, MASTER_KEY, SECRET, UI_TOKEN, ProxyHarness, chat_body
+from tests.secret_scan import SCANNER
+from tests.sources import client_from
+from tests.support import AGENT, MASTER_KEY, SECRET, UI_TOKEN, ProxyHarness, chat_body
 
 WRONG = "sk-wrong-guess-000000000000000000000000000000000"
 

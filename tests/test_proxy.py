@@ -19,7 +19,7 @@ from cllama_tx.testing import (
     parse_sse,
 )
 
-from .support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, chat_body
+from tests.support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, chat_body
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

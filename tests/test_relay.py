@@ -19,8 +19,8 @@ from cllama_tx.testing import (
     parse_sse,
 )
 
-from .secret_scan import SCANNER
-from .support import AGENT, SECRET, ProxyHarness, chat_body
+from tests.secret_scan import SCANNER
+from tests.support import AGENT, SECRET, ProxyHarness, chat_body
 
 SSE = {"content-type": "text/event-stream"}
 

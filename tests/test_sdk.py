@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 
 from cllama_tx.testing import Reply, openai_completion, openai_sse_events, openai_stream_chunks
 
-from .support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness
+from tests.support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness
 
 
 class OpenAISdkTests(TestCase):

@@ -18,7 +18,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 
 import treq
 
-from cllama_tx import proxy as proxy_module
+from cllama_tx.pipeline import proxy as proxy_module
 from cllama_tx.accounting.usage import estimate_prompt_tokens
 from cllama_tx.testing import (
     FakeProvider,
@@ -32,8 +32,8 @@ from cllama_tx.testing import (
     parse_sse,
 )
 
-from .support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, chat_body, write_agent
-from .test_daemon import spawn_daemon
+from tests.support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, chat_body, write_agent
+from tests.runtime.test_daemon import spawn_daemon
 
 SSE = {"content-type": "text/event-stream"}
 PRICES = {

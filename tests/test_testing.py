@@ -23,7 +23,7 @@ from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface.verify import verifyObject
 
-from cllama_tx.demo import DemoModel
+from cllama_tx.demo.model import DemoModel
 from cllama_tx.interfaces import IFakeProvider
 from cllama_tx.testing import (
     FakeProvider,

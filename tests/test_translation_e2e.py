@@ -21,7 +21,7 @@ from cllama_tx.testing import (
     openai_stream_chunks,
 )
 
-from .support import AGENT, SECRET, ProxyHarness
+from tests.support import AGENT, SECRET, ProxyHarness
 
 SSE = {"content-type": "text/event-stream"}
 WEATHER_ANTHROPIC = {

@@ -16,8 +16,8 @@ from twisted.trial.unittest import TestCase
 from cllama_tx.identity.virtual_keys import hash_key
 from cllama_tx.testing import Reply, anthropic_message, openai_completion
 
-from .secret_scan import SCANNER
-from .support import MASTER_KEY, ProxyHarness, chat_body
+from tests.secret_scan import SCANNER
+from tests.support import MASTER_KEY, ProxyHarness, chat_body
 
 PRICES = {"openai": {"gpt-test": {"input": 2.0, "output": 8.0}}, "anthropic": {"claude-test": {"input": 3.0, "output": 15.0}}}
 

@@ -6,7 +6,7 @@ test run reached a log event or an audit line.
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from .secret_scan import SCANNER, SecretScanner
+from tests.secret_scan import SCANNER, SecretScanner
 
 
 class SecretScanTests(SynchronousTestCase):

@@ -30,8 +30,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from ..identity.tokens import valid_agent_id
-from .records import Usage
+from cllama_tx.identity.tokens import valid_agent_id
+from cllama_tx.store.records import Usage
 
 log = Logger()
 
@@ -192,7 +192,7 @@ class HistoryEntry:
     order.  The dicts are handed over: do not mutate them after L{append
     <SessionHistory.append>}, the writer thread serialises them later.
 
-    C{ts} is RFC 3339 UTC with milliseconds (C{cllama_tx.audit.rfc3339_ms});
+    C{ts} is RFC 3339 UTC with milliseconds (C{cllama_tx.runtime.audit.rfc3339_ms});
     take it when the turn completes, so that file order and C{ts} order
     agree and C{after} pagination never skips a line.
     """

@@ -29,8 +29,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from cllama_tx.accounting.records import Usage
-from cllama_tx.jsonfile import Signature, UnreadableFile, file_signature, read_json_file
+from cllama_tx.store.records import Usage
+from cllama_tx.store.jsonfile import Signature, UnreadableFile, file_signature, read_json_file
 from cllama_tx.interfaces import IPricing
 
 #: The environment variable naming the operator's override file.  Read by

@@ -16,7 +16,7 @@ import json
 import math
 from typing import Any, Callable, Mapping
 
-from cllama_tx.accounting.records import Usage
+from cllama_tx.store.records import Usage
 
 __all__ = [
     "ANTHROPIC",

@@ -5,7 +5,7 @@ Governance: pure decisions about what an agent may do.
  - L{ratelimit}: sliding one-minute request and token limits.
 """
 
-from .policy import (
+from cllama_tx.governance.policy import (
     AllowedModel,
     Decision,
     ModelPolicy,
@@ -15,7 +15,7 @@ from .policy import (
     models_for,
     parse_policy,
 )
-from .ratelimit import Admission, RateLimiter
+from cllama_tx.governance.ratelimit import Admission, RateLimiter
 
 __all__ = [
     "Admission",

@@ -35,7 +35,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ..audit import rfc3339_ms
+from cllama_tx.store.records import rfc3339_ms
 
 __all__ = [
     "DEFAULT_THRESHOLDS",

@@ -57,7 +57,7 @@ from typing import Any, Iterable
 
 import attrs
 
-from .periods import (
+from cllama_tx.governance.periods import (
     EPSILON_USD,
     PERIODS,
     BudgetError,
@@ -69,7 +69,7 @@ from .periods import (
     retry_after,
     window_bounds,
 )
-from .tiers import Tier, TierDecision, parse_tiers, tier_decision
+from cllama_tx.governance.tiers import Tier, TierDecision, parse_tiers, tier_decision
 
 __all__ = [
     "BUDGET_ALERT",

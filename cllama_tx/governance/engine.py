@@ -15,17 +15,17 @@ from typing import Any, Callable
 import attrs
 from twisted.logger import Logger
 
-from ..accounting.usage import estimate_prompt_tokens
-from ..errors import ProxyError
-from ..jsonfile import UnreadableFile, file_signature, read_json_file
-from ..surfaces.matrix import InvalidModelRef, ModelRef, split_model_ref
-from .budgets import BudgetError, Refusal, Reservation, layer_budgets, parse_budget, refusal_body
-from ..surfaces.matrix import ANTHROPIC_MESSAGES, BARE_REF_PROVIDER
-from .policy import PolicyError, parse_policy
-from .resolution import Router
-from .policy_file import load_policy_file
-from .ratelimit import RateLimiter
-from .request_cost import RequestShape, read_request, worst_input_tokens
+from cllama_tx.accounting.usage import estimate_prompt_tokens
+from cllama_tx.surfaces.errors import ProxyError
+from cllama_tx.store.jsonfile import UnreadableFile, file_signature, read_json_file
+from cllama_tx.surfaces.matrix import InvalidModelRef, ModelRef, split_model_ref
+from cllama_tx.governance.budgets import BudgetError, Refusal, Reservation, layer_budgets, parse_budget, refusal_body
+from cllama_tx.surfaces.matrix import ANTHROPIC_MESSAGES, BARE_REF_PROVIDER
+from cllama_tx.governance.policy import PolicyError, parse_policy
+from cllama_tx.governance.resolution import Router
+from cllama_tx.governance.policy_file import load_policy_file
+from cllama_tx.governance.ratelimit import RateLimiter
+from cllama_tx.governance.request_cost import RequestShape, read_request, worst_input_tokens
 
 log = Logger()
 
@@ -453,7 +453,7 @@ class Governance:
 def build_governance(*, clock, pricing, metering, governance_dir, policy_file, unpriced, default_rpm, default_tpm,
                      runtime_overrides=None, alerts=None, ledger=None, router=None):
     """The daemon's Governance, wired to metering (interventions, settlement)."""
-    from .budgets import BudgetBook
+    from cllama_tx.governance.budgets import BudgetBook
 
     governance = Governance(
         clock=clock,

@@ -35,8 +35,8 @@ from typing import Any
 
 import attrs
 
-from ..errors import ProxyError
-from ..surfaces.matrix import (
+from cllama_tx.surfaces.errors import ProxyError
+from cllama_tx.surfaces.matrix import (
     InvalidModelRef,
     ModelRef,
     canonical_provider,

@@ -32,9 +32,9 @@ import math
 import re
 from typing import Any, Mapping
 
-from .budgets import HARD_STOP, SOFT_ALERT, parse_budget
-from ..jsonfile import UnreadableFile, read_text_file
-from .periods import PERIODS, BudgetError, parse_window
+from cllama_tx.governance.budgets import HARD_STOP, SOFT_ALERT, parse_budget
+from cllama_tx.store.jsonfile import UnreadableFile, read_text_file
+from cllama_tx.governance.periods import PERIODS, BudgetError, parse_window
 
 POLICY_FILE_ENV = "CLLAMA_POLICY_FILE"
 

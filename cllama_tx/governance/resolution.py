@@ -55,9 +55,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import attrs
 
-from ..errors import ProxyError
-from ..surfaces.matrix import InvalidModelRef, ModelRef, split_model_ref
-from .policy import PolicyRefusal, decide
+from cllama_tx.surfaces.errors import ProxyError
+from cllama_tx.surfaces.matrix import InvalidModelRef, ModelRef, split_model_ref
+from cllama_tx.governance.policy import PolicyRefusal, decide
 
 KEY_ALIAS = "key_alias"
 TEAM_ALIAS = "team_alias"

@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from .periods import BudgetError
+from cllama_tx.governance.periods import BudgetError
 
 BUDGET_TIER_DOWNGRADE = "budget_tier_downgrade"
 OPENROUTER = "openrouter"

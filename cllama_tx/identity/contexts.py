@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from cllama_tx.identity.tokens import expected_secret, valid_agent_id
-from cllama_tx.jsonfile import Signature, UnreadableFile, file_signature, read_json_file
+from cllama_tx.store.jsonfile import Signature, UnreadableFile, file_signature, read_json_file
 from cllama_tx.interfaces import IContextRegistry
 
 METADATA_FILE = "metadata.json"

@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from .throttle import FailureThrottle, source_of
+from cllama_tx.identity.throttle import FailureThrottle, source_of
 
 log = Logger(namespace="cllama_tx.operator")
 
@@ -53,7 +53,7 @@ class OperatorGuard:
     C{auth_throttled} (the first refusal of each wait), naming the
     C{surface}, the client C{source} and never what was presented.
 
-    @param audit: an L{cllama_tx.audit.AuditLog}, or None (the
+    @param audit: an L{cllama_tx.runtime.audit.AuditLog}, or None (the
         operational log gets the lines instead).
     """
 

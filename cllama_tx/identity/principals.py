@@ -10,7 +10,7 @@ import re
 
 import attrs
 
-from .virtual_keys import VirtualKey
+from cllama_tx.identity.virtual_keys import VirtualKey
 
 _MONTHS = re.compile(r"^\s*(\d+)\s*mo\s*$")
 # A key budget without budget_duration lasts the key's life.

@@ -1,6 +1,6 @@
 """
 Virtual keys: short-lived C{sk-...} keys minted through the LiteLLM-compatible
-key API (L{cllama_tx.keyapi}), each scoped to a team and a user, with its own
+key API (L{cllama_tx.sites.keys}), each scoped to a team and a user, with its own
 model allow-list, budget and rate limits.
 
 Why it is shaped like this:
@@ -49,7 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from ..sqlite_tx import transaction as _transaction
+from cllama_tx.store.sqlite_tx import transaction as _transaction
 
 __all__ = [
     "DuplicateKey",

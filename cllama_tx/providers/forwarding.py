@@ -15,7 +15,7 @@ from __future__ import annotations
 import attrs
 from twisted.web.http_headers import Headers
 
-from .catalog import ANTHROPIC_FORMAT, OPENAI_FORMAT, ProviderSpec
+from cllama_tx.providers.catalog import ANTHROPIC_FORMAT, OPENAI_FORMAT, ProviderSpec
 
 ANTHROPIC_VERSION = b"2023-06-01"
 

@@ -21,7 +21,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .store import KeyRecord
+from cllama_tx.providers.store import KeyRecord
 
 VALID = "valid"
 INVALID = "invalid"

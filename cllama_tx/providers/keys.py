@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 import attrs
 from twisted.internet.defer import succeed
 
-from .store import COOLDOWN, DEAD, DISABLED, READY, SUSPECT, KeyRecord, format_timestamp
+from cllama_tx.providers.store import COOLDOWN, DEAD, DISABLED, READY, SUSPECT, KeyRecord, format_timestamp
 
 MAX_TRIES = 5
 """How many keys the caller tries for one request before giving up."""

@@ -47,21 +47,21 @@ from typing import Any, Mapping
 import attrs
 from twisted.logger import Logger
 
-from ..accounting.pricing import Price, Table
-from ..governance.resolution import (
+from cllama_tx.accounting.pricing import Price, Table
+from cllama_tx.governance.resolution import (
     DEFAULT_FAMILIES,
     Families,
     FamilyError,
     TableEntry,
     compile_families,
 )
-from ..jsonfile import UnreadableFile, read_text_file
-from ..surfaces.matrix import ModelRef, canonical_provider
-from .catalog import ANTHROPIC_FORMAT, BEARER, CATALOG, NO_AUTH, OPENAI_FORMAT, ProviderSpec
-from .forwarding import policy_for
-from .keys import KeyPool
-from .registry import ProviderNotConfigured, ResolvedProvider, UnknownProvider, valid_base_url
-from .store import READY, KeyRecord
+from cllama_tx.store.jsonfile import UnreadableFile, read_text_file
+from cllama_tx.surfaces.matrix import ModelRef, canonical_provider
+from cllama_tx.providers.catalog import ANTHROPIC_FORMAT, BEARER, CATALOG, NO_AUTH, OPENAI_FORMAT, ProviderSpec
+from cllama_tx.providers.forwarding import policy_for
+from cllama_tx.providers.keys import KeyPool
+from cllama_tx.providers.registry import ProviderNotConfigured, ResolvedProvider, UnknownProvider, valid_base_url
+from cllama_tx.providers.store import READY, KeyRecord
 
 MODEL_TABLE_ENV = "CLLAMA_MODEL_TABLE"
 MAX_FILE_BYTES = 1024 * 1024

@@ -14,11 +14,11 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
 
-from .bodies import read_small
-from .catalog import ProviderSpec, auth_headers, upstream_url
-from .forwarding import policy_for
-from .health import INCONCLUSIVE, INVALID, VALID, ProbeResult
-from .store import KeyRecord
+from cllama_tx.providers.bodies import read_small
+from cllama_tx.providers.catalog import ProviderSpec, auth_headers, upstream_url
+from cllama_tx.providers.forwarding import policy_for
+from cllama_tx.providers.health import INCONCLUSIVE, INVALID, VALID, ProbeResult
+from cllama_tx.providers.store import KeyRecord
 
 PROBE_TIMEOUT = 10.0
 """Seconds a probe may take, answer and body included."""
@@ -27,7 +27,7 @@ _PROBE_BODY_LIMIT = 256 * 1024
 
 
 class UpstreamProber:
-    """Probes keys through C{upstream} (a L{cllama_tx.relay.UpstreamClient})."""
+    """Probes keys through C{upstream} (a L{cllama_tx.pipeline.relay.UpstreamClient})."""
 
     def __init__(self, upstream, clock, timeout: float = PROBE_TIMEOUT) -> None:
         self._upstream = upstream

@@ -42,11 +42,11 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..interfaces import IProviderRegistry
-from ..scrub import SecretScrubber
-from ..surfaces.matrix import canonical_provider
-from . import store
-from .catalog import (
+from cllama_tx.interfaces import IProviderRegistry
+from cllama_tx.providers.scrub import SecretScrubber
+from cllama_tx.surfaces.matrix import canonical_provider
+from cllama_tx.providers import store
+from cllama_tx.providers.catalog import (
     API_FORMATS,
     AUTH_MODES,
     BEARER,
@@ -60,10 +60,10 @@ from .catalog import (
     ProviderSpec,
     seed_key_id,
 )
-from .forwarding import HeaderPolicy, policy_for, valid_header_value
-from .health import KeyHealth
-from .keys import REPROBE_FIRST, REPROBE_MAX, KeyPool, mask_secret
-from .store import DISABLED, READY, SEED_PREFIX, KeyRecord, ProviderEntry, ProvidersFileError
+from cllama_tx.providers.forwarding import HeaderPolicy, policy_for, valid_header_value
+from cllama_tx.providers.health import KeyHealth
+from cllama_tx.providers.keys import REPROBE_FIRST, REPROBE_MAX, KeyPool, mask_secret
+from cllama_tx.providers.store import DISABLED, READY, SEED_PREFIX, KeyRecord, ProviderEntry, ProvidersFileError
 
 DEFAULT_SAVE_DELAY = 1.0
 

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import attrs
 
-from .catalog import API_FORMATS, AUTH_MODES
+from cllama_tx.providers.catalog import API_FORMATS, AUTH_MODES
 
 PROVIDERS_FILE = "providers.json"
 FILE_VERSION = 2

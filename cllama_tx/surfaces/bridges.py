@@ -11,7 +11,7 @@ from typing import Callable
 
 import attrs
 
-from . import translate
+from cllama_tx.surfaces import translate
 
 
 @attrs.frozen

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cllama_tx.errors import error_type as _surface_error_type
+from cllama_tx.surfaces.errors import error_type as _surface_error_type
 from cllama_tx.surfaces.translate_common import (
     anthropic_tool_id,
     anthropic_usage_to_openai,

@@ -16,7 +16,7 @@ import json
 import math
 from typing import Any
 
-from ..errors import ProxyError
+from cllama_tx.surfaces.errors import ProxyError
 
 #: How deeply objects and arrays may nest.  Real requests stay far below
 #: (a chat turn with a tool schema is about ten levels); Python's own

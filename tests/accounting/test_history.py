@@ -29,7 +29,7 @@ from cllama_tx.accounting.history import (
     parse_rfc3339,
     sse_response,
 )
-from cllama_tx.accounting.records import Usage
+from cllama_tx.store.records import Usage
 
 CONTRACT_KEYS = [
     "version", "id", "ts", "claw_id", "path", "requested_model",

@@ -28,7 +28,7 @@ from cllama_tx.accounting.pricing import (
     packaged_table,
     parse_table,
 )
-from cllama_tx.accounting.records import Usage
+from cllama_tx.store.records import Usage
 from cllama_tx.interfaces import IPricing
 
 PROVIDERS = ("openai", "anthropic", "google", "xai", "openrouter")

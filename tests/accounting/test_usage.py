@@ -13,7 +13,7 @@ import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cllama_tx.accounting.records import Usage
+from cllama_tx.store.records import Usage
 from cllama_tx.accounting.usage import (
     IMAGE_TOKENS,
     RAW_BYTES_PER_TOKEN,

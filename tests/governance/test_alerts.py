@@ -34,7 +34,7 @@ from cllama_tx.governance.alerts import (
 )
 from cllama_tx.governance.budgets import BudgetBook, parse_budget
 
-from ..secret_scan import SCANNER
+from tests.secret_scan import SCANNER
 
 SLACK_TOKEN = "T0ALERTS/B0ALERTS/slacksecret4242xyz"
 DISCORD_TOKEN = "1234567890/discord-secret-token-5151"

@@ -2,7 +2,7 @@
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cllama_tx.errors import ProxyError
+from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.governance import policy as P
 from cllama_tx.governance.policy import (
     AllowedModel,

@@ -3,7 +3,7 @@ Tests for L{cllama_tx.governance.request_cost} and its data,
 L{cllama_tx.governance.billing_rules}: each shape a provider bills beyond
 the body's text (candidates, images, documents, tools, thinking, predicted
 outputs), the per-model rules, and that the estimate is never below what a
-provider billing the most it can (L{cllama_tx.testing_billing}) reports.
+provider billing the most it can (L{cllama_tx.testing.billing}) reports.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from cllama_tx.governance.billing_rules import (
 )
 from cllama_tx.governance.budgets import worst_case_cost
 from cllama_tx.governance.request_cost import RequestShape, read_request, worst_input_tokens
-from cllama_tx.testing_billing import BillingModel
+from cllama_tx.testing.billing import BillingModel
 
 B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC" * 50
 GPT_4O_IMAGE = 85 + 8 * 170

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cllama_tx.errors import ProxyError
+from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.governance.policy import parse_policy
 from cllama_tx.governance.resolution import (
     DEFAULT,

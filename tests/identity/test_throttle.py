@@ -11,7 +11,7 @@ import json
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from cllama_tx.audit import AuditLog
+from cllama_tx.runtime.audit import AuditLog
 from cllama_tx.identity.operator import OperatorGuard
 from cllama_tx.identity.throttle import FailureThrottle, source_of
 

@@ -18,7 +18,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from cllama_tx.accounting.ledger import SqliteLedger
+from cllama_tx.store.ledger import SqliteLedger
 from cllama_tx.identity import virtual_keys
 from cllama_tx.identity.virtual_keys import (
     DEFAULT_EXPIRED_RETENTION,
@@ -38,7 +38,7 @@ from cllama_tx.identity.virtual_keys import (
     validate_key_fields,
 )
 
-from ..secret_scan import SCANNER
+from tests.secret_scan import SCANNER
 
 NOW = float(calendar.timegm((2026, 11, 17, 12, 0, 0)))
 URLSAFE = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")

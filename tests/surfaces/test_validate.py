@@ -7,7 +7,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cllama_tx.errors import ProxyError
+from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.surfaces import validate
 from cllama_tx.surfaces.validate import MAX_CHOICES, MAX_DEPTH, MAX_TOKEN_LIMIT, check_fields, parse_body, within_depth
 

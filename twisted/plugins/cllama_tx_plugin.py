@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 cllama = ServiceMaker(
     "cllama_tx",
-    "cllama_tx.tap",
+    "cllama_tx.runtime.tap",
     "cllama_tx governance proxy for AI agents (API and operator UI)",
     "cllama",
 )

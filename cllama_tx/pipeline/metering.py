@@ -1,0 +1,289 @@
+"""
+The state of one exchange, and how it is settled: priced, recorded in the
+ledger, written to the audit stream and (for successful turns) to the
+session history.  Every request ends in exactly one L{Metering.settle}, so
+no path (success, refusal, upstream failure, agent gone) can skip the books.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from cllama_tx.accounting.history import HistoryEntry, history_usage, json_response, sse_response
+from cllama_tx.store.records import LedgerRow, Usage
+from cllama_tx.accounting.usage import estimate_output_tokens, estimate_prompt_tokens
+from cllama_tx.store.records import rfc3339_ms
+
+log = Logger()
+
+# The status we record when the agent hangs up before the answer is complete.
+CLIENT_CLOSED = 499
+# The status we record when a stream is cut because the agent stopped reading
+# it for longer than the agent stall timeout (docs/LEDGER.md, stream billing).
+AGENT_STALLED = 408
+
+
+@attrs.define
+class Exchange:
+    """Everything known about one request, from arrival to settlement."""
+
+    request_id: str
+    started: float
+    surface: object
+    claw_id: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    upstream_model: str | None = None
+    stream: bool = False
+    doc: dict | None = None
+    original: dict | None = None  # the agent's body, kept only for history
+    first_byte_at: float | None = None
+    gone: bool = False
+    cancel: object = None
+    upstream_called: bool = False
+    strip_usage_chunk: bool = False
+    agent_wants_usage: bool = False
+    usage: Usage | None = None
+    # Set by the stream tap: the provider's final count arrived (the usage
+    # chunk, message_delta's usage), else usage holds at most a part of it
+    # (message_start's input).  None: no tap; a usage seen is the whole.
+    usage_final: bool | None = None
+    output_chars: int = 0
+    # Bytes relayed to the agent that could not be read as text.
+    unmetered_bytes: int = 0
+    # Part of a 2xx answer reached the agent before it ended in an error:
+    # the row bills that part whatever the status.
+    delivered: bool = False
+    response_json: object = None
+    response_sse: list | None = None
+    response_sse_size: int = 0
+    settled: bool = False
+    attempt_started: float = 0.0
+    body_size: int = 0
+    # Who is billed, for requests made with a virtual key.
+    key_id: str | None = None
+    team_id: str | None = None
+    user_id: str | None = None
+    admission: object = None  # what governance held for this request
+    bridge: object = None  # the surface translation in use, if any
+    error_code: str | None = None  # the ProxyError code the request ended with, if any
+
+
+def audit_fields(row: LedgerRow) -> dict:
+    """A settled request's fields on its C{response}/C{error} audit line."""
+    return {
+        "status_code": row.status,
+        "latency_ms": row.latency_ms,
+        "ttfb_ms": row.ttfb_ms,
+        "provider": row.provider,
+        "effective_model": row.effective_model,
+        "stream": row.stream,
+        "tokens_in": row.input_tokens,
+        "tokens_out": row.output_tokens,
+        "cached_tokens": row.cache_read_tokens,
+        "cache_write_tokens": row.cache_write_tokens,
+        "reasoning_tokens": row.reasoning_tokens,
+        "cost_usd": row.cost_usd,
+        "priced": row.priced,
+        "estimated": row.estimated,
+    }
+
+
+@attrs.frozen
+class Settlement:
+    """What settling an exchange decided; the cost goes back to the caller."""
+
+    row: LedgerRow
+    committed: defer.Deferred
+
+
+def billed_usage(ex: Exchange, status: int) -> tuple[Usage, bool]:
+    """
+    The usage a settled exchange is billed for, and whether it is estimated.
+
+    An answer the agent got (2xx), walked away from (499), or got part of
+    before it broke (C{ex.delivered}: a provider reset, a close, an idle
+    cut, an agent stall cut) is billed: with the provider's count when its
+    final count arrived; else with what arrived of it (Anthropic's
+    C{message_start} input) completed by an estimate, the output never
+    below what the relayed text and bytes amount to
+    (L{estimate_output_tokens}); else wholly estimated, the input from the
+    request.  Anything else (refusals, upstream errors before a byte
+    reached the agent) is billed as reported, usually nothing.
+    """
+    usage = ex.usage if ex.usage is not None else Usage()
+    if not (ex.upstream_called and ex.surface.billable):
+        return usage, False
+    if not (200 <= status < 300 or status == CLIENT_CLOSED or ex.delivered):
+        return usage, False
+    final = usage.seen if ex.usage_final is None else ex.usage_final
+    if final:
+        return usage, False
+    output = estimate_output_tokens(ex.output_chars, ex.unmetered_bytes)
+    if not usage.seen:
+        prompt = estimate_prompt_tokens(ex.original or {}, ex.surface.api_format)
+        return Usage(input_tokens=prompt, output_tokens=output), True
+    partial = attrs.evolve(usage, output_tokens=max(usage.output_tokens, output))
+    if partial.prompt_tokens == 0:
+        partial.input_tokens = estimate_prompt_tokens(ex.original or {}, ex.surface.api_format)
+    return partial, True
+
+
+class Metering:
+    """Prices and records exchanges; one instance per daemon."""
+
+    def __init__(self, *, clock, pricing, ledger, audit, history=None, history_sse_cap: int = 256 << 10) -> None:
+        self._clock = clock
+        self._pricing = pricing
+        self._ledger = ledger
+        self._audit = audit
+        self._history = history
+        self.history_sse_cap = history_sse_cap
+        # Called with (exchange, row) when an exchange is settled (governance).
+        self.on_settled: list = []
+
+    @property
+    def keeps_history(self) -> bool:
+        return self._history is not None
+
+    def audit_request(self, ex: Exchange) -> None:
+        """The C{request} line, once the agent and its model are known."""
+        self._audit.emit(
+            "request",
+            ex.claw_id,
+            ex.model,
+            request_id=ex.request_id,
+            path=ex.surface.path,
+            stream=ex.stream,
+        )
+
+    def failover(self, ex: Exchange, from_ref, to_ref, reason: str) -> None:
+        """A C{failover} line: one candidate failed, the next is tried."""
+        self._audit.emit(
+            "failover",
+            ex.claw_id,
+            ex.model,
+            request_id=ex.request_id,
+            from_provider=from_ref.provider,
+            from_model=from_ref.model,
+            to_provider=to_ref.provider,
+            to_model=to_ref.model,
+            reason=reason,
+        )
+
+    def intervention(self, ex: Exchange, name: str, **details) -> None:
+        """An C{intervention} line: the proxy changed what the agent asked for."""
+        self._audit.emit(
+            "intervention", ex.claw_id, ex.model, request_id=ex.request_id, intervention=name, **details
+        )
+
+    def cost_extra(self, ex: Exchange):
+        """For an agent that asked for usage: the price, OpenRouter style."""
+
+        def extra(usage: Usage) -> dict:
+            cost, priced = self._pricing.cost(ex.provider, ex.upstream_model, usage)
+            return {"cost": cost} if priced else {}
+
+        return extra
+
+    def keep_sse(self, ex: Exchange, data: bytes) -> None:
+        """Keep a bounded copy of a streamed answer for the session history."""
+        if ex.response_sse is None:
+            ex.response_sse = []
+        if ex.response_sse_size < self.history_sse_cap:
+            ex.response_sse.append(data)
+        ex.response_sse_size += len(data)
+
+    def settle(self, ex: Exchange, status: int, error: str | None = None) -> Settlement | None:
+        """
+        Close the books on C{ex}: price its usage (estimating it when the
+        provider reported none for an answer the agent got or walked away
+        from), record the ledger row, write the audit line.  Returns None
+        when it was settled already.
+        """
+        if ex.settled:
+            return None
+        ex.settled = True
+        now = self._clock.seconds()
+        usage, estimated = billed_usage(ex, status)
+        if not ex.surface.billable:
+            cost, priced = 0.0, False
+        elif ex.provider is not None and ex.upstream_model is not None:
+            cost, priced = self._pricing.cost(ex.provider, ex.upstream_model, usage)
+        else:
+            cost, priced = 0.0, False
+        latency_ms = round((now - ex.started) * 1000, 3)
+        ttfb_ms = None if ex.first_byte_at is None else round((ex.first_byte_at - ex.started) * 1000, 3)
+        row = LedgerRow(
+            request_id=ex.request_id,
+            ts=ex.started,
+            agent=ex.claw_id,
+            provider=ex.provider,
+            requested_model=ex.model,
+            effective_model=ex.upstream_model,
+            status=status,
+            stream=ex.stream,
+            latency_ms=latency_ms,
+            ttfb_ms=ttfb_ms,
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.output_tokens,
+            cache_read_tokens=usage.cache_read_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            cost_usd=cost,
+            priced=priced,
+            estimated=estimated,
+            key_id=ex.key_id,
+            team_id=ex.team_id,
+            user_id=ex.user_id,
+        )
+        fields = audit_fields(row)
+        if error is None:
+            self._audit.emit("response", ex.claw_id, ex.model, request_id=ex.request_id, **fields)
+        else:
+            self._audit.emit("error", ex.claw_id, ex.model, request_id=ex.request_id, error=error, **fields)
+        for observer in self.on_settled:
+            observer(ex, row)
+        if ex.claw_id is None or not ex.surface.billable:
+            # Refused before the agent was known, or a free call (token
+            # counting): audited, not billed to anyone.
+            return Settlement(row, defer.succeed(None))
+        committed = self._ledger.record(row)
+        committed.addErrback(self._record_failed, ex)
+        if error is None and 200 <= status < 300 and self._history is not None:
+            self._write_history(ex, status, usage, now)
+        return Settlement(row, committed)
+
+    def _record_failed(self, failure, ex: Exchange) -> None:
+        log.failure(
+            "could not record request {request_id} in the ledger", failure, request_id=ex.request_id
+        )
+
+    def _write_history(self, ex: Exchange, status: int, usage: Usage, now: float) -> None:
+        if ex.response_sse is not None:
+            response = sse_response(b"".join(ex.response_sse), total_bytes=ex.response_sse_size)
+        else:
+            response = json_response(ex.response_json)
+        entry = HistoryEntry(
+            version=1,
+            id=ex.request_id,
+            ts=rfc3339_ms(now),  # when the turn completed: file order == ts order
+            claw_id=ex.claw_id,
+            path=ex.surface.path,
+            requested_model=ex.model,
+            effective_provider=ex.provider,
+            effective_model=ex.upstream_model,
+            status_code=status,
+            stream=ex.stream,
+            request_original=ex.original,
+            request_effective=ex.doc,
+            response=response,
+            # reported_cost_usd stays what the provider reported (or null), as
+            # in the reference; our own price is in the ledger and the audit.
+            usage=history_usage(usage),
+        )
+        self._history.append(entry).addErrback(
+            lambda f: log.failure("could not write session history", f)
+        )

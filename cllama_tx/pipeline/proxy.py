@@ -1,0 +1,772 @@
+"""
+The pipeline of one inference request: identify the agent, route its model
+ref, swap in a provider key, send, relay the answer back, settle the books.
+
+This is the per-request hot path.  It reads no file, parses the request body
+once and serialises it once, and keeps its state in one small L{Exchange}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from urllib.parse import unquote_to_bytes
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from cllama_tx.accounting.usage import SseTap, output_chars_from_json, usage_from_json
+from cllama_tx.surfaces.errors import OPENAI, ProxyError, error_body, sse_error_event
+from cllama_tx.identity.authenticate import identify, presented_token
+from cllama_tx.identity.operator import request_source
+from cllama_tx.identity.principals import KeyPrincipal, MasterPrincipal
+from cllama_tx.identity.virtual_keys import hash_key, looks_like_virtual_key
+from cllama_tx.pipeline.metering import AGENT_STALLED, CLIENT_CLOSED, Exchange
+from cllama_tx.providers.catalog import auth_headers, upstream_url
+from cllama_tx.providers.bodies import read_small
+from cllama_tx.providers.forwarding import NEVER_FORWARD, HeaderPolicy, forward
+from cllama_tx.providers.health import INCONCLUSIVE, VALID
+from cllama_tx.providers.keys import MAX_TRIES, classify_failure
+from cllama_tx.providers.registry import ProviderNotConfigured, UnknownProvider
+from cllama_tx.pipeline.relay import HOP_BY_HOP, AgentStalled, StreamRelay, UpstreamTimeout, copy_response_headers, read_body
+from cllama_tx.surfaces.bridges import bridge_for
+from cllama_tx.surfaces.translate import UntranslatableRequest
+from cllama_tx.surfaces.validate import check_fields, parse_body
+from cllama_tx.pipeline.tcp_progress import acked_bytes
+from cllama_tx.pipeline.tls_failures import describe_tls_failure
+
+log = Logger()
+
+# Request headers that never travel upstream whatever a provider's
+# allow-list says: credentials, account selection, cookies, client identity,
+# this hop's framing, the pod's markers.  What does travel is an explicit
+# allow-list per provider (cllama_tx.providers.forwarding).
+DROP_UPSTREAM = HOP_BY_HOP | NEVER_FORWARD
+
+# A non-stream answer is held whole (its cost goes into a header, and the
+# ledger row is committed before its last byte); past this size it is
+# passed through unmetered instead, and its usage estimated.
+MAX_BUFFERED_BODY = 16 * 1024 * 1024
+
+
+@attrs.frozen
+class Surface:
+    """An ingress surface: its path, its wire format and its error shape."""
+
+    name: str
+    path: str
+    api_format: str
+    shape: str
+    # Token counting costs nothing: audited, never billed.
+    billable: bool = True
+
+
+class AgentGone(Exception):
+    """The agent disconnected; nothing more can be written to it."""
+
+
+class Failover(Exception):
+    """This candidate failed before anything reached the agent: try the next."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# Failures that move a request to its next candidate model (CONTRACT 4).
+FAILOVER_CODES = frozenset(
+    {"upstream_unreachable", "upstream_timeout", "upstream_interrupted", "provider_keys_exhausted"}
+)
+
+
+def new_request_id() -> str:
+    return os.urandom(8).hex()
+
+
+class Proxy:
+    """Serves the inference surfaces; one instance per daemon."""
+
+    def __init__(
+        self,
+        *,
+        clock,
+        contexts,
+        providers,
+        upstream,
+        metering,
+        governance,
+        first_byte_timeout: float,
+        idle_timeout: float,
+        no_stream_options: frozenset[str] = frozenset(),
+        keys=None,
+        metrics=None,
+        inflight=None,
+        agent_stall_timeout: float | None = None,
+    ) -> None:
+        self._inflight = inflight
+        self.clock = clock
+        # How long an agent may leave a stream unread (None: the idle timeout).
+        self._agent_stall_timeout = idle_timeout if agent_stall_timeout is None else agent_stall_timeout
+        self._keys = keys
+        self._metrics = metrics
+        self._clock = clock
+        self._contexts = contexts
+        self._providers = providers
+        self._upstream = upstream
+        self._metering = metering
+        self._governance = governance
+        self._first_byte_timeout = first_byte_timeout
+        self._idle_timeout = idle_timeout
+        self._no_stream_options = no_stream_options
+        self._master = None
+        self._master_principal = MasterPrincipal()
+
+    def handle(self, request, surface: Surface) -> None:
+        """Serve C{request}; the response is written asynchronously."""
+        ex = Exchange(new_request_id(), self._clock.seconds(), surface)
+        if self._inflight is not None:
+            self._inflight.track(request)  # a graceful shutdown waits for it
+        request.notifyFinish().addErrback(self._agent_gone, ex)
+        defer.ensureDeferred(self._run(request, ex))
+
+    def _agent_gone(self, reason: Failure, ex: Exchange) -> None:
+        ex.gone = True
+        if ex.cancel is not None:
+            ex.cancel()
+
+    async def _run(self, request, ex: Exchange) -> None:
+        try:
+            await self._serve(request, ex)
+        except ProxyError as error:
+            self._refuse(request, ex, error)
+        except AgentGone:
+            self._metering.settle(ex, CLIENT_CLOSED, "client disconnected")
+        except Exception:
+            log.failure("unexpected error serving request {request_id}", request_id=ex.request_id)
+            self._refuse(request, ex, ProxyError(500, "internal_error", "internal error"))
+
+    def _refuse(self, request, ex: Exchange, error: ProxyError) -> None:
+        """Answer with C{error} in the surface's shape, and settle."""
+        if ex.gone:
+            self._metering.settle(ex, CLIENT_CLOSED, "client disconnected")
+            return
+        ex.error_code = error.code
+        self._metering.settle(ex, error.status, error.message)
+        if request.startedWriting:
+            # Headers are gone already: the body cannot become an error body.
+            request.transport.abortConnection()
+            return
+        body = error_body(error, ex.surface.shape)
+        request.responseHeaders = Headers()
+        request.setResponseCode(error.status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.setHeader(b"x-cllama-request-id", ex.request_id.encode())
+        if error.retry_after is not None:
+            request.setHeader(b"retry-after", b"%d" % error.retry_after)
+        request.write(body)
+        request.finish()
+
+    async def _serve(self, request, ex: Exchange) -> None:
+        context = self._identify(request, ex)
+        ex.claw_id = context.agent_id
+        doc = self._parse_body(request, ex)
+        model = doc.get("model")
+        policy = self._governance.policy(context)
+        if (model is not None or policy is None) and (not isinstance(model, str) or not model.strip()):
+            raise ProxyError(400, "missing_model", "the request body needs a 'model' string")
+        ex.model = model
+        # Before anything is reserved or sent: the fields metering relies on.
+        check_fields(doc, ex.surface.api_format)
+        ex.stream = doc.get("stream") is True
+        options = doc.get("stream_options")
+        ex.agent_wants_usage = ex.stream and isinstance(options, dict) and options.get("include_usage") is True
+        ex.original = ex.doc = doc
+        self._metering.audit_request(ex)
+        admission = ex.admission = self._governance.admit(ex, context, doc)
+        candidates = admission.candidates
+        for index, ref in enumerate(candidates):
+            try:
+                await self._attempt(request, ex, doc, ref, last=index == len(candidates) - 1)
+                return
+            except Failover as hop:
+                following = candidates[index + 1]
+                self._metering.failover(ex, ref, following, hop.reason)
+                request.responseHeaders = Headers()
+                request.setResponseCode(200)
+
+    async def _attempt(self, request, ex: Exchange, doc: dict, ref, last: bool) -> None:
+        """
+        One try at one candidate model.  Raises L{Failover} when the next
+        candidate should be tried: only while nothing reached the agent.
+        """
+        ex.provider, ex.upstream_model = ref.provider, ref.model
+        ex.bridge, ex.strip_usage_chunk, ex.first_byte_at = None, False, None
+        ex.attempt_started = self._clock.seconds()
+        resolved = self._resolve(ref.provider, ex)
+        upstream_format = resolved.spec.api_format
+        upstream_doc = dict(doc)
+        upstream_doc["model"] = ref.model
+        openrouter_models = ex.admission.openrouter_models
+        if openrouter_models and ref.provider == "openrouter":
+            upstream_doc["models"] = openrouter_models
+            upstream_doc["route"] = "fallback"
+        upstream_doc, upstream_path = self._translate_request(upstream_doc, ex, upstream_format)
+        ex.doc = upstream_doc
+        self._ask_for_stream_usage(upstream_doc, ex, upstream_format)
+        body = json.dumps(upstream_doc, separators=(",", ":")).encode("utf-8")
+        headers = forward_headers(request.requestHeaders, resolved.headers)
+        url = upstream_url(resolved.spec.base_url, upstream_path).encode("utf-8")
+        if ex.bridge is None:
+            # The agent's query (Anthropic's ?beta=true) belongs to its own
+            # wire format: it goes along unless the request is translated.
+            url += upstream_query(request.uri)
+        try:
+            response, buffered = await self._send_with_pool(resolved, url, headers, body, ex)
+        except ProxyError as error:
+            if not last and error.code in FAILOVER_CODES:
+                raise Failover(error.message) from None
+            raise
+        if response.code >= 500 and not last:
+            if buffered is None:
+                await read_body(response)
+            raise Failover(f"provider {ref.provider!r} answered {response.code}")
+        try:
+            await self._relay(request, response, buffered, ex, upstream_format)
+        except ProxyError as error:
+            if not last and not request.startedWriting and error.code in FAILOVER_CODES:
+                raise Failover(error.message) from None
+            raise
+
+    def authenticate(self, headers: Headers, request=None):
+        """
+        The caller's principal from its headers alone; raises the 401/403
+        L{ProxyError}.  A token that is neither an agent's nor a virtual key
+        may be the master key (L{accept_master_key}): compared only then, so
+        agents and keys pay nothing for it, and throttled per address like
+        every operator credential when C{request} tells the address.
+        """
+        try:
+            return identify(headers, self._contexts, self._keys)
+        except ProxyError as error:
+            if error.status != 401 or self._master is None:
+                raise
+            if self._is_master(headers, request):
+                return self._master_principal
+            raise
+
+    def models_for(self, principal) -> list[str]:
+        """The model names C{principal} may use (C{GET /v1/models})."""
+        return self._governance.models_for(principal)
+
+    def accept_master_key(self, keys_api) -> None:
+        """Let the master key of C{keys_api} call inference, as C{master}."""
+        self._master = keys_api if keys_api.administration_enabled else None
+
+    def _is_master(self, headers: Headers, request) -> bool:
+        token = presented_token(headers)
+        if token is None:
+            return False
+        guard = self._master.guard
+        source = request_source(request) if request is not None else None
+        if source is not None:
+            wait = guard.refusal(source, "inference")
+            if wait is not None:
+                raise ProxyError(
+                    429, "too_many_attempts",
+                    f"too many wrong keys from this address: the next one is compared in {wait} s",
+                    retry_after=wait,
+                )
+        if self._master.is_master(token):
+            return True
+        issued = looks_like_virtual_key(token) and self._keys is not None and self._keys.get(hash_key(token)) is not None
+        if source is not None and not issued:
+            guard.failed(source, "inference")
+        return False
+
+    def refuse_early(self, surface: Surface, error: ProxyError) -> str:
+        """
+        Settle (audit, metrics) a request the site refused on its headers,
+        before its body was read; the site writes the answer.  Returns the
+        request id for the answer's C{x-cllama-request-id}.
+        """
+        ex = Exchange(new_request_id(), self._clock.seconds(), surface)
+        ex.error_code = error.code
+        self._metering.settle(ex, error.status, error.message)
+        return ex.request_id
+
+    def _identify(self, request, ex: Exchange):
+        # The API site authenticates on the headers, before the body is read,
+        # and hands the principal over: once per request.
+        principal = getattr(request, "principal", None)
+        if principal is None:
+            principal = self.authenticate(request.requestHeaders, request)
+        if isinstance(principal, KeyPrincipal):
+            key = principal.key
+            ex.key_id, ex.team_id, ex.user_id = key.token_hash, key.team_id, key.user_id
+        return principal
+
+    @staticmethod
+    def _parse_body(request, ex: Exchange) -> dict:
+        raw = request.content.read()
+        ex.body_size = len(raw)
+        return parse_body(raw)
+
+    def _resolve(self, provider: str, ex: Exchange):
+        try:
+            resolved = self._providers.resolve(provider)
+        except UnknownProvider as e:
+            raise ProxyError(400, "unknown_provider", str(e)) from None
+        except ProviderNotConfigured as e:
+            raise ProxyError(400, "provider_not_configured", str(e)) from None
+        if resolved.spec.api_format != ex.surface.api_format and not ex.surface.billable:
+            raise ProxyError(
+                400,
+                "wrong_surface",
+                f"provider {provider!r} speaks the {resolved.spec.api_format} wire "
+                f"format and has no token counting endpoint",
+            )
+        return resolved
+
+    def _translate_request(self, doc: dict, ex: Exchange, upstream_format: str):
+        """
+        The body and path to send upstream: the agent's own, or, when the
+        provider speaks the other wire format, its translation.
+        """
+        bridge = bridge_for(ex.surface.api_format, upstream_format)
+        if bridge is None:
+            return doc, ex.surface.path
+        try:
+            translated = bridge.request(doc)
+        except UntranslatableRequest as e:
+            raise ProxyError(400, "untranslatable_parameters", str(e)) from None
+        ex.bridge = bridge
+        self._metering.intervention(
+            ex,
+            "surface_translated",
+            from_surface=ex.surface.name,
+            to_format=upstream_format,
+            provider=ex.provider,
+        )
+        return translated, bridge.upstream_path
+
+    def _ask_for_stream_usage(self, doc: dict, ex: Exchange, api_format: str) -> None:
+        """
+        OpenAI-format streams carry usage only when asked: ask upstream, and
+        hide the extra chunk from an agent that did not ask for it.
+        """
+        if not ex.stream or api_format != "openai":
+            return
+        if ex.bridge is not None:
+            # A bridge asks for usage itself and consumes the usage chunk.
+            if ex.provider in self._no_stream_options:
+                doc.pop("stream_options", None)
+            return
+        if ex.agent_wants_usage or ex.provider in self._no_stream_options:
+            return
+        options = doc.get("stream_options")
+        doc["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+        ex.strip_usage_chunk = True
+
+    async def _send_with_pool(self, resolved, url: bytes, headers: Headers, body: bytes, ex: Exchange):
+        """
+        Send with the provider's next usable key for this model.  A key the
+        provider refuses is marked and the next one tried: out of quota,
+        dead; rate limited, cooling down (for this model only where the
+        provider limits per model); a 401 makes it suspect, and a re-check
+        that carries nothing from any agent decides whether the key is dead
+        or the 401 was about this request (then the agent hears it).
+
+        Returns the response and, for any non-2xx answer, its body (read
+        whole, bounded); every header and that body have the configured
+        secrets scrubbed out before anything reaches the agent.
+        """
+        pool = resolved.pool
+        scrubber = resolved.scrubber
+        model = ex.upstream_model
+        tried: set[str] = set()
+        passthrough = None
+        for _ in range(MAX_TRIES):
+            key = pool.acquire(tried, model)
+            if key is None:
+                # A suspect key's re-check may be in flight: wait for it
+                # rather than refuse while its fate is unknown.
+                pending = pool.checks_pending()
+                if pending is None:
+                    break
+                await pending
+                if ex.gone:
+                    raise AgentGone()
+                key = pool.acquire(tried, model)
+                if key is None:
+                    break
+            attempt = headers.copy()
+            for name, value in auth_headers(resolved.spec.auth, key.secret):
+                attempt.setRawHeaders(name, [value])
+            response = await self._send(url, attempt, body, ex)
+            code = response.code
+            if scrubber is not None:
+                scrubber.scrub_headers(response.headers)
+            if 200 <= code < 300:
+                pool.succeeded(key)
+                return response, None
+            error_bytes = await read_small(response, self._clock, self._idle_timeout)
+            relayed = scrubber.scrub(error_bytes) if scrubber is not None else error_bytes
+            if code not in (401, 402, 429):
+                return response, relayed
+            verdict = classify_failure(
+                code,
+                _first(response.headers, b"retry-after"),
+                error_bytes,
+                now=self._clock.seconds(),
+            )
+            # Not a key problem, a 401 about the request, or a keyless
+            # provider: the agent hears the provider's answer.
+            if verdict is None or not pool.report(key, verdict, model):
+                return response, relayed
+            if pool.is_suspect(key):
+                outcome = await pool.recheck(key)
+                if ex.gone:
+                    raise AgentGone()
+                if outcome == VALID:
+                    return response, relayed
+                if outcome == INCONCLUSIVE:
+                    # Not proven dead: try another key, else pass the 401 on.
+                    passthrough = (response, relayed)
+            tried.add(key.id)
+        if passthrough is not None:
+            return passthrough
+        retry_after = pool.retry_after(model)
+        if retry_after is not None:
+            raise ProxyError(
+                429,
+                "provider_keys_exhausted",
+                f"every key of provider {ex.provider!r} is cooling down after rate limits",
+                retry_after=max(1, int(retry_after)),
+            )
+        # Every key is dead: the next re-probe may bring one back.
+        reprobe = pool.next_probe_in()
+        raise ProxyError(
+            503,
+            "provider_keys_exhausted",
+            f"no usable key left for provider {ex.provider!r}",
+            retry_after=min(60, reprobe) if reprobe is not None else 60,
+        )
+
+    async def _send(self, url: bytes, headers: Headers, body: bytes, ex: Exchange):
+        remaining = self._first_byte_timeout - (self._clock.seconds() - ex.attempt_started)
+        ex.upstream_called = True
+        d = self._upstream.request(b"POST", url, headers, body)
+        timed_out = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        timer = self._clock.callLater(max(remaining, 0.0), expire)
+        ex.cancel = d.cancel
+        try:
+            return await d
+        except Exception as e:
+            if ex.gone:
+                raise AgentGone() from None
+            if timed_out:
+                raise ProxyError(
+                    504,
+                    "upstream_timeout",
+                    f"provider {ex.provider!r} sent no response within "
+                    f"{self._first_byte_timeout:g} s",
+                ) from None
+            raise ProxyError(
+                502,
+                "upstream_unreachable",
+                f"could not reach provider {ex.provider!r}: {_describe(e)}",
+            ) from None
+        finally:
+            ex.cancel = None
+            if timer.active():
+                timer.cancel()
+
+    async def _relay(self, request, response, buffered: bytes | None, ex: Exchange, api_format: str) -> None:
+        if ex.gone:
+            raise AgentGone()
+        request.setResponseCode(response.code)
+        copy_response_headers(response.headers, request.responseHeaders)
+        request.setHeader(b"x-cllama-request-id", ex.request_id.encode())
+        if buffered is not None:
+            ex.first_byte_at = self._clock.seconds()
+            await self._deliver_body(request, response.code, buffered, ex, api_format)
+            return
+        content_type = _first(response.headers, b"content-type") or b""
+        if content_type.startswith(b"text/event-stream"):
+            # inflight_streams: up when the relay starts, down when it ends (any way).
+            with self._metrics.streaming() if self._metrics is not None else contextlib.nullcontext():
+                await self._relay_stream(request, response, ex, api_format)
+        else:
+            body = await self._collect(request, response, ex)
+            if body is not None:
+                await self._deliver_body(request, response.code, body, ex, api_format)
+
+    def _start_relay(self, request, response, ex: Exchange, on_data) -> StreamRelay:
+        remaining = self._first_byte_timeout - (self._clock.seconds() - ex.attempt_started)
+
+        def first_byte() -> None:
+            ex.first_byte_at = self._clock.seconds()
+
+        relay = StreamRelay(
+            request,
+            self._clock,
+            idle_timeout=self._idle_timeout,
+            first_byte_timeout=max(remaining, 0.0),
+            on_data=on_data,
+            on_first_byte=first_byte,
+            stall_timeout=self._agent_stall_timeout,
+            agent_progress=lambda: acked_bytes(request.transport),
+        )
+        ex.cancel = relay.abort
+        response.deliverBody(relay)
+        return relay
+
+    async def _relay_stream(self, request, response, ex: Exchange, api_format: str) -> None:
+        """
+        Pipe an SSE answer through the usage tap; hold its terminal event
+        until the ledger row is committed.
+        """
+        metering = self._metering
+        tap = SseTap(
+            api_format,
+            strip_usage_chunk=ex.strip_usage_chunk,
+            usage_chunk_extra=metering.cost_extra(ex) if ex.agent_wants_usage else None,
+        )
+        # The tap may remove the usage chunk: the length is no longer known.
+        request.responseHeaders.removeHeader(b"content-length")
+        keep = metering.keeps_history and 200 <= response.code < 300
+        convert = self._stream_converter(ex, tap)
+
+        def emit(out: bytes) -> None:
+            if convert is not None and out:
+                out = convert.feed(out)
+            if out:
+                if keep:
+                    metering.keep_sse(ex, out)
+                request.write(out)
+
+        def on_data(data: bytes) -> None:
+            emit(tap.feed(data))
+
+        def take_meter() -> None:
+            # What was relayed, for the row: every way the stream ends bills it.
+            ex.usage, ex.usage_final = tap.usage, tap.usage_final
+            ex.output_chars, ex.unmetered_bytes = tap.output_chars, tap.unmetered_bytes
+            ex.delivered = request.startedWriting and 200 <= response.code < 300
+
+        relay = self._start_relay(request, response, ex, on_data)
+        try:
+            await relay.done
+        except Exception as e:
+            take_meter()
+            if ex.gone:
+                raise AgentGone() from None
+            error = _relay_error(e, ex)
+            if not request.startedWriting:
+                raise error from None
+            ex.error_code = error.code
+            metering.settle(ex, error.status, error.message)
+            if isinstance(e, AgentStalled):
+                # It reads nothing: an error event would only queue behind
+                # what it did not read.  Cut its connection.
+                if request.transport is not None:
+                    request.transport.abortConnection()
+                return
+            # The agent already has part of the stream: end it with an error
+            # event it can parse, then close the stream cleanly.
+            request.write(sse_error_event(error, ex.surface.shape))
+            request.finish()
+            return
+        finally:
+            ex.cancel = None
+        emit(tap.finish())
+        take_meter()
+        held = tap.held()
+        if convert is not None:
+            held = convert.feed(held) + convert.finish()
+        if keep and held:
+            metering.keep_sse(ex, held)
+        await self._settle_then(request, ex, response.code)
+        if held:
+            request.write(held)
+        request.finish()
+
+    def _stream_converter(self, ex: Exchange, tap: SseTap):
+        """The stream translator of a bridged request, else None."""
+        if ex.bridge is None:
+            return None
+        cost = self._metering.cost_extra(ex)
+        return ex.bridge.stream(
+            include_usage=ex.agent_wants_usage,
+            created=int(self._clock.seconds()),
+            model=ex.upstream_model,
+            usage_extra=lambda: cost(tap.usage),
+        )
+
+    async def _collect(self, request, response, ex: Exchange) -> bytes | None:
+        """
+        Read a non-stream answer whole (bounded).  A body past the bound is
+        passed through as it comes instead; None then, the relay finished it.
+        """
+        parts: list[bytes] = []
+        size = [0]
+        passthrough = []
+
+        def on_data(data: bytes) -> None:
+            size[0] += len(data)
+            if passthrough:
+                request.write(data)
+                return
+            parts.append(data)
+            if size[0] > MAX_BUFFERED_BODY:
+                passthrough.append(True)
+                request.write(b"".join(parts))
+                parts.clear()
+
+        relay = self._start_relay(request, response, ex, on_data)
+        try:
+            await relay.done
+        except Exception as e:
+            if passthrough:
+                # Part of the body reached the agent: billed by its size.
+                ex.unmetered_bytes = size[0]
+                ex.delivered = 200 <= response.code < 300
+            if ex.gone:
+                raise AgentGone() from None
+            raise _relay_error(e, ex) from None
+        finally:
+            ex.cancel = None
+        if passthrough:
+            ex.unmetered_bytes = size[0]
+            await self._settle_then(request, ex, response.code)
+            request.finish()
+            return None
+        return b"".join(parts)
+
+    async def _deliver_body(self, request, status: int, body: bytes, ex: Exchange, api_format: str) -> None:
+        """Meter a whole JSON answer, commit its row, then send it with its cost."""
+        doc = None
+        if 200 <= status < 300:
+            try:
+                doc = json.loads(body)
+            except (ValueError, RecursionError):  # not JSON, or nested past the stack
+                doc = None
+            if isinstance(doc, dict):
+                ex.usage = usage_from_json(doc, api_format)
+                if not ex.usage.seen:
+                    ex.output_chars = output_chars_from_json(doc, api_format)
+                ex.response_json = doc
+        if ex.bridge is not None:
+            body = self._translate_body(ex, status, body, doc)
+        settlement = await self._settle_then(request, ex, status)
+        if settlement is not None:
+            request.setHeader(b"x-cllama-cost-usd", _money(settlement.row.cost_usd).encode())
+        request.responseHeaders.removeHeader(b"content-length")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+    def _translate_body(self, ex: Exchange, status: int, body: bytes, doc) -> bytes:
+        """A whole upstream answer in the agent's wire format."""
+        if isinstance(doc, dict):
+            try:
+                translated = ex.bridge.response(doc, int(self._clock.seconds()), ex.upstream_model)
+            except ValueError:
+                raise ProxyError(
+                    502, "upstream_invalid", f"provider {ex.provider!r} sent an answer that is not a valid response"
+                ) from None
+            ex.response_json = translated
+            return json.dumps(translated, separators=(",", ":")).encode("utf-8")
+        if status >= 400:
+            return ex.bridge.error(status, body)
+        return body
+
+    async def _settle_then(self, request, ex: Exchange, status: int):
+        """
+        Settle and wait until the ledger row is committed, so that no answer
+        the agent received completely is missing from the ledger.
+        """
+        settlement = self._metering.settle(ex, status)
+        if settlement is not None:
+            try:
+                await settlement.committed
+            except Exception:
+                pass  # logged by Metering; the agent still gets its answer
+        if ex.gone:
+            raise AgentGone()
+        return settlement
+
+
+def forward_headers(incoming: Headers, policy: HeaderPolicy) -> Headers:
+    """
+    What the upstream gets of the agent's headers: the provider's allow-list
+    only (never credentials, organization, project, cookies or forwarding
+    headers), JSON content type, and the operator's provider headers.
+    """
+    return forward(incoming, policy)
+
+
+# Query parameters that carry credentials: an agent's never reach a provider.
+CREDENTIAL_PARAMS = frozenset({b"key", b"api_key", b"api-key", b"apikey", b"token", b"access_token", b"x-api-key"})
+
+
+def upstream_query(uri: bytes) -> bytes:
+    """
+    C{?<query>} of the agent's request URI for the upstream URL (empty when
+    it has none), without parameters that carry credentials.
+    """
+    _, sep, query = uri.partition(b"?")
+    if not sep or not query:
+        return b""
+    kept = [p for p in query.split(b"&") if p and unquote_to_bytes(p.partition(b"=")[0]).lower() not in CREDENTIAL_PARAMS]
+    return b"?" + b"&".join(kept) if kept else b""
+
+
+def _first(headers: Headers, name: bytes) -> bytes | None:
+    values = headers.getRawHeaders(name)
+    return values[0] if values else None
+
+
+def _money(value: float) -> str:
+    return f"{value:.10f}".rstrip("0").rstrip(".") or "0"
+
+
+def _describe(error: Exception) -> str:
+    """A short, secret-free description of a transport failure."""
+    tls = describe_tls_failure(error)
+    if tls is not None:
+        return tls
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        error = reasons[0].value
+    text = error.__class__.__name__
+    detail = str(error).strip()
+    if detail and len(detail) < 200:
+        text += f": {detail}"
+    return text
+
+
+def _relay_error(error: Exception, ex: Exchange) -> ProxyError:
+    if isinstance(error, UpstreamTimeout):
+        return ProxyError(504, "upstream_timeout", f"provider {ex.provider!r} {error}")
+    if isinstance(error, AgentStalled):
+        return ProxyError(AGENT_STALLED, "agent_stalled", f"stream cut: {error}")
+    reason = error.value if isinstance(error, Failure) else error
+    return ProxyError(
+        502,
+        "upstream_interrupted",
+        f"the connection to provider {ex.provider!r} broke mid-response: {_describe(reason)}",
+    )
+
+
+__all__ = ["Proxy", "Surface", "OPENAI"]

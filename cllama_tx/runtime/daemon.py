@@ -1,0 +1,512 @@
+"""
+The service tree of one daemon, built from a L{Config}.
+
+Order matters: L{MultiService} starts children in order and stops them in
+reverse, but stops them concurrently.  So the shared services are children
+of a L{DrainService} (first in the tree), the listeners come last: on
+shutdown the listeners stop accepting, the DrainService waits for the
+in-flight requests (at most the drain grace), and only then stops its
+children: the upstream pool, the ledger, the audit flush.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import tempfile
+from typing import TextIO
+
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.python.failure import Failure
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from cllama_tx.accounting.history import SessionHistory
+from cllama_tx.store.ledger import SqliteLedger
+from cllama_tx.accounting.pricing import Pricing
+from cllama_tx.sites.api import ApiApp, build_api_site
+from cllama_tx.runtime.audit import AuditLog, open_audit_output
+from cllama_tx.runtime.config import Config, ConfigError, with_backlog
+from cllama_tx.runtime.drain import DrainService, InFlight
+from cllama_tx.identity.contexts import ContextRegistry
+from cllama_tx.identity.operator import OperatorGuard
+from cllama_tx.identity.throttle import FailureThrottle
+from cllama_tx.interfaces import IProviderRegistry
+from cllama_tx.providers.catalog import ProviderSpec
+from cllama_tx.providers.keys import KeyPool
+from cllama_tx.providers.probe import UpstreamProber
+from cllama_tx.providers.registry import ProviderRegistry, ResolvedProvider, UnknownProvider
+from cllama_tx.governance.engine import build_governance
+from cllama_tx.governance.resolution import Router
+from cllama_tx.providers.model_table import ModelTableError, ModelTableFile
+from cllama_tx.sites.billing import BillingApi
+from cllama_tx.identity.virtual_keys import VirtualKeyStore
+from cllama_tx.sites.keys import KeyApi
+from cllama_tx.pipeline.metering import Metering
+from cllama_tx.runtime.metrics import Metrics
+from cllama_tx.runtime.connection_metrics import register as register_connection_metrics
+from cllama_tx.runtime.descriptors import fit_descriptors
+from cllama_tx.sites.guard import ConnectionGuard, GuardLimits
+from cllama_tx.sites.operations import Operations
+from cllama_tx.pipeline.proxy import Proxy
+from cllama_tx.pipeline.relay import UpstreamClient
+from cllama_tx.runtime.tls import upstream_tls_policy
+from cllama_tx.sites.ui import TokenFileError, UiApp, build_ui_site, ensure_ui_token
+from cllama_tx.runtime.writethrough import install as install_write_through
+
+log = Logger()
+
+
+class UpstreamService(service.Service):
+    """Owns the upstream connection pool; closes it after the listeners."""
+
+    def __init__(self, upstream: UpstreamClient) -> None:
+        self.upstream = upstream
+
+    def stopService(self):
+        super().stopService()
+        return self.upstream.close()
+
+
+AUDIT_FLUSH_GRACE = 1.0
+"""Seconds shutdown waits for a stdout reader that is behind; then the rest is lost."""
+
+
+class AuditFlushService(service.Service):
+    """
+    Flushes buffered audit lines last thing on shutdown, waiting at most
+    L{AUDIT_FLUSH_GRACE} for a stdout reader that is behind: a stalled
+    reader must not hold the stop past the supervisor's timeout.
+    """
+
+    def __init__(self, audit: AuditLog, output=None) -> None:
+        self.audit = audit
+        self.output = output
+
+    def stopService(self):
+        super().stopService()
+        self.audit.flush()
+        if self.output is None:
+            return None
+
+        def report(left: int) -> None:
+            if left:
+                log.warn("{lines} audit lines were not written: stdout was not read before shutdown", lines=left)
+
+        return self.output.drain(AUDIT_FLUSH_GRACE).addCallback(report)
+
+
+@implementer(IProviderRegistry)
+class DemoProviders:
+    """
+    Demo mode's only provider: the offline C{demo} model, whose base URL is
+    known once the demo server listens.  No real provider is reachable in
+    demo mode, so the public demo credential can never spend money.
+    """
+
+    def __init__(self, demo, clock) -> None:
+        self._demo = demo
+        self._pool = KeyPool("demo", [], clock, keyless=True)
+
+    def resolve(self, name):
+        if name != "demo":
+            raise UnknownProvider(name)
+        return ResolvedProvider(ProviderSpec("demo", self._demo.base_url, "none", "openai"), self._pool)
+
+    def names(self):
+        return ["demo"]
+
+    def snapshot(self):
+        return []
+
+
+class Listener(service.Service):
+    """
+    Listens on one endpoint string.  The port is bound in
+    privilegedStartService and a failure (a busy port) raises there, so
+    twistd stops at start-up with the error instead of running deaf.
+    """
+
+    def __init__(self, reactor, description: str, factory, label: str) -> None:
+        self._reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.label = label
+        self.port = None
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        outcome = []
+        endpoint = endpoints.serverFromString(self._reactor, with_backlog(self.description))
+        endpoint.listen(self.factory).addBoth(outcome.append)
+        if not outcome:
+            raise RuntimeError(f"{self.label}: endpoint {self.description!r} did not listen at once")
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self.port = outcome[0]
+        log.info("{label} listening on {address}", label=self.label, address=_address(self.port))
+
+    def startService(self):
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+
+
+def _address(port) -> str:
+    host = port.getHost()
+    if hasattr(host, "port"):
+        return f"{host.host}:{host.port}"
+    return str(getattr(host, "name", host))
+
+
+def build_alerts(reactor, config: Config):
+    """The budget alert notifier, with an HTTP client of its own."""
+    import treq
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from cllama_tx.governance.alerts import AlertNotifier, WebhookError, parse_webhooks
+
+    try:
+        webhooks = parse_webhooks(config.alert_webhooks)
+    except WebhookError as e:
+        raise ConfigError(str(e)) from None
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    client = treq.client.HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
+    return AlertNotifier(reactor, client, webhooks, pod=config.pod)
+
+
+class GovernanceSeed(service.Service):
+    """
+    Budgets resume where they were: committed spend of the last weeks and
+    the operator's runtime budget changes, read from the ledger once at
+    start, before anything is served.
+    """
+
+    LOOKBACK = 35 * 86400  # longer than any calendar period (a month)
+
+    def __init__(self, ledger, governance, clock) -> None:
+        self.ledger = ledger
+        self.governance = governance
+        self.clock = clock
+
+    def startService(self):
+        super().startService()
+        for agent, entry in self.ledger.budget_overrides().items():
+            self.governance.set_runtime(agent, entry)
+        timeline = self.ledger.spend_timeline(self.clock.seconds() - self.LOOKBACK)
+        self.governance.seed(timeline)
+        # Virtual key and team budgets may last a key's life: all their rows.
+        for column, prefix in (("key_id", "key:"), ("team_id", "team:")):
+            self.governance.seed(
+                (prefix + value, ts, cost, counted, unpriced)
+                for value, ts, cost, counted, unpriced in self.ledger.scope_timeline(column, 0.0)
+            )
+
+
+class ReloadOnHangup(service.Service):
+    """SIGHUP re-reads configuration, like POST /api/reload."""
+
+    def __init__(self, reactor, operations) -> None:
+        self.reactor = reactor
+        self.operations = operations
+        self._installed = False
+        self._previous = None
+
+    def privilegedStartService(self):
+        # Before the listeners bind: a SIGHUP that arrives once they are up
+        # must never meet the default action (which ends the process).
+        super().privilegedStartService()
+        self._install()
+
+    def startService(self):
+        super().startService()
+        self._install()
+
+    def _install(self) -> None:
+        if self._installed:
+            return
+
+        def hangup(signum, frame):
+            self.reactor.callFromThread(self.operations.reload, "SIGHUP")
+
+        try:
+            self._previous = signal.signal(signal.SIGHUP, hangup)
+            self._installed = True
+        except ValueError:  # not the main thread
+            pass
+
+    def stopService(self):
+        super().stopService()
+        if self._installed:
+            signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
+            self._installed = False
+
+
+class BannerService(service.Service):
+    """Prints how to talk to the demo once the API listens."""
+
+    def __init__(self, api: Listener, make_text) -> None:
+        self.api = api
+        self.make_text = make_text
+
+    def startService(self):
+        super().startService()
+        host = self.api.port.getHost()
+        address = f"127.0.0.1:{host.port}" if hasattr(host, "port") else str(host)
+        log.info("{banner}", banner=self.make_text(f"http://{address}"))
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create C{path} (0700) if missing; the ledger holds billing data."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+GC_THRESHOLDS = (50_000, 20, 100)
+"""
+Python's defaults (700, 10, 10) run a young collection every 700 net
+allocations, and with a thousand streams open each one walks tens of
+thousands of live objects (in A/B runs these thresholds took the first
+event of 1,000 streams from 760 to about 300 ms, and 32 clients from about
+1,650 to 2,150 requests/s).  The request path makes little cyclic
+garbage, so collecting less often costs a few MiB at most.
+"""
+
+
+def tune_gc(reactor) -> None:
+    """Fewer collections, and none over what start-up built (frozen once running)."""
+    gc.set_threshold(*GC_THRESHOLDS)
+    reactor.callWhenRunning(gc.freeze)
+
+
+def build_guards(config: Config, reactor) -> tuple[ConnectionGuard, ConnectionGuard]:
+    """
+    The API's and the UI's connection guards, with caps that fit in the
+    process's descriptors (the soft limit is raised for them if it can be).
+    """
+    fit = fit_descriptors(config.max_connections, config.ui_max_connections)
+
+    def limits(cap: int) -> GuardLimits:
+        return GuardLimits(
+            max_connections=cap,
+            header_timeout=config.header_timeout,
+            body_timeout=config.body_timeout,
+            keepalive_timeout=config.keepalive_timeout,
+        )
+
+    return (
+        ConnectionGuard(reactor, limits(fit.api_cap), "API"),
+        ConnectionGuard(reactor, limits(fit.ui_cap), "UI"),
+    )
+
+
+def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.MultiService:
+    if config.write_through:
+        install_write_through(reactor)
+    tune_gc(reactor)
+    top = service.MultiService()
+    inflight = InFlight()
+    # Parent of every shared service; stopped only once the drain is over.
+    shared = DrainService(reactor, inflight, config.drain_grace)
+    shared.setServiceParent(top)
+    # stdout without ever blocking the reactor (None for an in-memory stream).
+    audit_output = open_audit_output(audit_stream, reactor, config.audit_buffer_bytes)
+    audit = AuditLog(
+        audit_output or audit_stream, reactor, schedule=lambda flush: reactor.callLater(0, flush)
+    )
+    AuditFlushService(audit, audit_output).setServiceParent(shared)
+
+    def pool_event(event: dict) -> None:
+        # A per-model cooldown names its model in the line's own model field.
+        event = dict(event)
+        audit.emit("provider_pool", None, event.pop("model", None), **event)
+
+    context_root = config.context_root
+    banner = None
+    if config.demo:
+        from cllama_tx.demo.model import DemoService, banner as demo_banner, write_demo_context
+
+        context_root = tempfile.mkdtemp(prefix="cllama-demo-")
+        write_demo_context(context_root)
+        demo = DemoService(reactor)
+        demo.setServiceParent(shared)
+        providers = DemoProviders(demo, reactor)
+        banner = demo_banner
+    else:
+        providers = ProviderRegistry(config.env, config.auth_dir, reactor, on_pool_event=pool_event)
+        # A service: it saves pending key state when stopped, after the listeners.
+        providers.setServiceParent(shared)
+
+    state_dir = tempfile.mkdtemp(prefix="cllama-demo-state-") if config.demo else config.state_dir
+    ensure_private_dir(state_dir)
+    ui_token = config.ui_token
+    if config.ui_no_auth:
+        ui_token = None  # UiApp logs it loudly and says so on every page
+    elif ui_token is None:
+        try:
+            ui_token, token_path = ensure_ui_token(state_dir)
+        except (OSError, TokenFileError) as e:
+            raise ConfigError(f"cannot keep the operator UI token in {state_dir}: {e}") from None
+        log.info(
+            "Operator UI token (no CLLAMA_UI_TOKEN set): sign in with the contents of {path} (mode 0600)",
+            path=token_path,
+        )
+    ledger = SqliteLedger(
+        os.path.join(state_dir, "ledger.sqlite3"),
+        reactor,
+        sync=config.ledger_sync,
+        retention_seconds=config.ledger_retention,
+        backlog=config.ledger_backlog,
+        spill_dir=config.ledger_spill_dir,
+    )
+    # Before the listeners: it is stopped after them, so in-flight rows land.
+    ledger.setServiceParent(shared)
+    keys = VirtualKeyStore(ledger.path, reactor, reactor)
+    keys.setServiceParent(shared)
+    history = None
+    if config.session_history_dir:
+        history = SessionHistory(config.session_history_dir, reactor)
+        history.setServiceParent(shared)
+    pricing = Pricing(reactor, override_path=config.pricing_file)
+    metering = Metering(clock=reactor, pricing=pricing, ledger=ledger, audit=audit, history=history)
+    metrics = Metrics(ledger=ledger)
+    if audit_output is not None:
+        metrics.watch_audit_output(audit_output)
+    metering.on_settled.append(metrics.observe_settled)
+    alerts = None
+    if config.alert_webhooks:
+        alerts = build_alerts(reactor, config)
+        alerts.setServiceParent(shared)
+    try:
+        model_table = ModelTableFile(
+            config.model_table, config.env, reactor,
+            registry=providers if isinstance(providers, ProviderRegistry) else None, pricing=pricing,
+        )
+    except ModelTableError as e:
+        raise ConfigError(f"CLLAMA_MODEL_TABLE: {e}") from None
+    router = Router(providers=providers, table=model_table, team_aliases=keys.team_aliases, pricing=pricing)
+    governance = build_governance(
+        router=router,
+        clock=reactor,
+        pricing=pricing,
+        metering=metering,
+        governance_dir=config.governance_dir,
+        policy_file=config.policy_file,
+        unpriced=config.unpriced_budget,
+        default_rpm=config.default_rpm,
+        default_tpm=config.default_tpm,
+        runtime_overrides=None,
+        alerts=alerts,
+        ledger=ledger,
+    )
+
+    contexts = ContextRegistry(context_root, reactor)  # every context loaded here
+    contexts.watcher().setServiceParent(shared)
+    upstream = UpstreamClient(
+        reactor, config.connect_timeout, tls_policy=upstream_tls_policy(config.upstream_ca_file)
+    )
+    UpstreamService(upstream).setServiceParent(shared)
+    if isinstance(providers, ProviderRegistry):
+        # Suspect keys are re-checked, dead ones re-probed, through the same client.
+        providers.attach_prober(UpstreamProber(upstream, reactor))
+    proxy = Proxy(
+        clock=reactor,
+        contexts=contexts,
+        providers=providers,
+        upstream=upstream,
+        metering=metering,
+        governance=governance,
+        first_byte_timeout=config.first_byte_timeout,
+        idle_timeout=config.idle_timeout,
+        agent_stall_timeout=config.agent_stall_timeout,
+        no_stream_options=config.no_stream_options,
+        keys=keys,
+        metrics=metrics,
+        inflight=inflight,
+    )
+    # One throttle of wrong operator credentials (UI token, master key) for
+    # every place that compares one: guessing on one slows all of them.
+    operator_guard = OperatorGuard(FailureThrottle(reactor), audit=audit)
+    keys_api = KeyApi(
+        keys,
+        config.master_key,
+        ledger=ledger,
+        clock=reactor,
+        spend_of=lambda token_hash: ledger.cost_of(key_id=token_hash),
+        guard=operator_guard,
+    )
+    proxy.accept_master_key(keys_api)
+    billing = BillingApi(keys_api=keys_api, ledger=ledger, governance=governance, audit=audit)
+    api_site = build_api_site(
+        proxy,
+        config.max_body_bytes,
+        audit,
+        ApiApp(
+            contexts=contexts,
+            history=history,
+            ui_token=ui_token,
+            providers=providers,
+            pricing=pricing,
+            keys_api=keys_api,
+            billing=billing,
+            guard=operator_guard,
+        ),
+    )
+    operations = Operations(
+        clock=reactor,
+        audit=audit,
+        ledger=ledger,
+        governance=governance,
+        pricing=pricing,
+        providers=providers,
+        contexts=contexts,
+        model_table=model_table,
+    )
+    GovernanceSeed(ledger, governance, reactor).setServiceParent(shared)
+    ReloadOnHangup(reactor, operations).setServiceParent(shared)
+    ui_site = build_ui_site(
+        UiApp(
+            token=ui_token,
+            auth_disabled=config.ui_no_auth,
+            allowed_hosts=config.ui_allowed_hosts,
+            guard=operator_guard,
+            pod=config.pod,
+            contexts=contexts,
+            providers=providers,
+            ledger=ledger,
+            clock=reactor,
+            operations=operations,
+            governance=governance,
+            pricing=pricing,
+            audit=audit,
+            keys=keys,
+            metrics=metrics,
+            model_table=model_table,
+        )
+    )
+    api_guard, ui_guard = build_guards(config, reactor)
+    api_site.set_guard(api_guard)
+    ui_site.set_guard(ui_guard)
+    register_connection_metrics(metrics.registry, {"API": api_guard, "UI": ui_guard})
+    api_listener = Listener(reactor, config.api_endpoint, api_site, "API")
+    api_listener.setServiceParent(top)
+    Listener(reactor, config.ui_endpoint, ui_site, "UI").setServiceParent(top)
+    if banner is not None:
+        BannerService(api_listener, banner).setServiceParent(top)
+    # Handles for tests and tooling; not used by the services themselves.
+    top.audit = audit
+    top.audit_output = audit_output
+    top.proxy = proxy
+    top.providers = providers
+    top.contexts = contexts
+    top.ledger = ledger
+    top.inflight = inflight
+    top.metrics = metrics
+    return top

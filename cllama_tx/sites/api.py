@@ -1,0 +1,500 @@
+"""
+The API site (default :8080).
+
+The inference paths (chat completions, messages, token counting; each with
+and without C{/v1}) are served by lean L{ProxyResource}s looked up by exact
+path before any routing library runs: they are the hot path.  Every other
+route lives in a Klein app, where clarity matters more than microseconds;
+its answers that no route writes a line for (C{/v1/models}, 404, 405) are
+audited here.
+"""
+
+from __future__ import annotations
+
+import json
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from cllama_tx.accounting.history import clamp_limit
+from cllama_tx.surfaces.errors import ANTHROPIC, OPENAI, ProxyError, error_body
+from cllama_tx.sites.guard import ConnectionGuard, GuardedRequest, GuardedSite, refuse_request
+from cllama_tx.sites.header_gate import HeaderGate, Refusal, refusal, shape_for_path
+from cllama_tx.identity.authenticate import identify
+from cllama_tx.identity.operator import OperatorGuard, bearer_matches, request_source
+from cllama_tx.identity.tokens import MalformedCredentials, parse_credentials
+from cllama_tx.pipeline.proxy import Proxy, Surface, new_request_id
+from cllama_tx.surfaces import matrix
+
+CHAT = Surface(matrix.OPENAI_CHAT, "/v1/chat/completions", "openai", OPENAI)
+log = Logger()
+
+MESSAGES = Surface(matrix.ANTHROPIC_MESSAGES, "/v1/messages", "anthropic", ANTHROPIC)
+COUNT_TOKENS = Surface(
+    matrix.ANTHROPIC_MESSAGES, "/v1/messages/count_tokens", "anthropic", ANTHROPIC, billable=False
+)
+
+
+def _shape_for_path(path: bytes) -> str:
+    return ANTHROPIC if path.startswith((b"/v1/messages", b"/messages")) else OPENAI
+
+
+def _json(request, status: int, doc) -> bytes:
+    body = json.dumps(doc).encode("utf-8")
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return body
+
+
+class ProxyResource(Resource):
+    """One inference surface: POST only, handed to the L{Proxy}."""
+
+    isLeaf = True
+
+    def __init__(self, proxy: Proxy, surface: Surface) -> None:
+        super().__init__()
+        self._proxy = proxy
+        self._surface = surface
+
+    def render(self, request):
+        if request.method != b"POST":
+            request.setHeader(b"allow", b"POST")
+            error = ProxyError(405, "method_not_allowed", f"use POST for {self._surface.path}")
+            body = error_body(error, self._surface.shape)
+            request.setResponseCode(405)
+            request.setHeader(b"content-type", b"application/json")
+            return body
+        self._proxy.handle(request, self._surface)
+        return NOT_DONE_YET
+
+
+class CappedRequest(GuardedRequest):
+    """
+    A request whose headers decide whether its body is read at all, and
+    whose body may not exceed its cap.
+
+    twisted.web reads the whole body before a resource runs, with no limit
+    of its own, so both are decided here, when the headers are in
+    (C{gotLength}): the L{HeaderGate} authenticates an inference request
+    (and hands its principal to the proxy) or refuses it; a body larger
+    than the cap is refused from C{Content-Length} before reading, or while
+    reading a chunked one.  A refusal is answered at once in the surface's
+    shape and no more of the body is read or kept (L{refuse_request}).
+    """
+
+    _refused = False
+    _received = 0
+    _limit = 0
+
+    def gotLength(self, length):
+        channel = self.channel
+        site = channel.site
+        path = _target_path(channel)
+        gate = site.gate
+        self._limit = site.max_body_bytes
+        if gate is not None:
+            method = getattr(channel, "_command", b"")
+            self._limit = gate.body_limit(method, path)
+            refused = gate.check(self, method, path, length)
+            if refused is not None:
+                self._answer(refused, path)
+                return
+        if length is not None and length > self._limit:
+            self._refuse_oversized(path)
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self._limit:
+            self._refuse_oversized(_target_path(self.channel))
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version):
+        if self._refused:
+            return  # answered on its headers; the channel only finished parsing
+        super().requestReceived(command, path, version)
+
+    def _refuse_oversized(self, path: bytes) -> None:
+        error = ProxyError(
+            413, "request_too_large", f"the request body is larger than {self._limit} bytes"
+        )
+        gate = self.channel.site.gate
+        shape = gate.shape(path) if gate is not None else shape_for_path(path)
+        self._answer(refusal(error, shape), path)
+
+    def _answer(self, refused: Refusal, path: bytes) -> None:
+        """Answer with C{refused}, audited, and read no more of this request."""
+        self._refused = True
+        request_id = refused.request_id
+        if request_id is None:  # not settled by the proxy: audited here
+            request_id = new_request_id()
+            audit = self.channel.site.audit
+            if audit is not None:
+                audit.emit(
+                    "error", None, None, request_id=request_id, status_code=refused.status, latency_ms=0,
+                    error=refused.message, path=path.decode("latin-1"),
+                )
+        headers = [(b"X-Cllama-Request-Id", request_id.encode("ascii"))]
+        if refused.retry_after is not None:
+            headers.append((b"Retry-After", b"%d" % refused.retry_after))
+        refuse_request(self, refused.status, refused.body, headers)
+
+
+def _target_path(channel) -> bytes:
+    """The path of the request whose headers the channel is reading (no query)."""
+    return (getattr(channel, "_path", b"") or b"").split(b"?", 1)[0]
+
+
+class ApiSite(GuardedSite, Site):
+    """
+    The API's Site: exact-path dispatch to the inference resources, the
+    Klein app for the rest, requests checked on their headers (L{HeaderGate}),
+    capped bodies, and (with a guard) capped connections with deadlines.
+    """
+
+    requestFactory = CappedRequest
+
+    def __init__(
+        self,
+        klein_resource,
+        hot: dict[bytes, Resource],
+        max_body_bytes: int,
+        audit=None,
+        gate: HeaderGate | None = None,
+        guard: ConnectionGuard | None = None,
+    ):
+        # No form parsing: twisted.web would otherwise build an email.Message
+        # per POST to look at its Content-Type (a tenth of the per-request CPU).
+        super().__init__(klein_resource, parsePOSTFormSubmission=False)
+        self._hot = hot
+        self.max_body_bytes = max_body_bytes
+        self.audit = audit
+        self.gate = gate
+        self.noisy = False
+        if guard is not None:
+            self.set_guard(guard)
+
+    def log(self, request):
+        """No access log: the audit stream records every request already."""
+
+    def getResourceFor(self, request):
+        request.site = self
+        request.sitepath = request.prepath[:]
+        hot = self._hot.get(request.path)
+        if hot is not None:
+            return hot
+        return super().getResourceFor(request)
+
+
+class ApiApp:
+    """Everything on the API port except the inference paths."""
+
+    app = Klein()
+
+    def __init__(
+        self,
+        matrix_doc: dict | None = None,
+        contexts=None,
+        history=None,
+        ui_token: str | None = None,
+        providers=None,
+        pricing=None,
+        keys_api=None,
+        billing=None,
+        guard: OperatorGuard | None = None,
+    ) -> None:
+        # The daemon's one guard for operator credentials (shared with the
+        # UI and the key API): wrong UI tokens here slow guesses there too.
+        self._guard = guard if guard is not None else getattr(keys_api, "guard", None) or OperatorGuard()
+        self._keys_api = keys_api
+        self._billing = billing
+        self._matrix_doc = matrix_doc or matrix.describe()
+        self._contexts = contexts
+        self._history = history
+        self._ui_token = ui_token.encode("utf-8") if ui_token else None
+        self._providers = providers
+        self._pricing = pricing
+        self._proxy = None
+        self._audit = None
+
+    def bind(self, proxy: Proxy, audit=None) -> None:
+        """The proxy (who is calling, what it may use) and the audit stream."""
+        self._proxy = proxy
+        self._audit = audit
+
+    def _audited(self, request, status: int, who: str | None, error: str | None = None) -> None:
+        """One audit line for a request served here (the inference paths write their own)."""
+        if self._audit is None:
+            return
+        clock = self._proxy.clock if self._proxy is not None else None
+        started = getattr(request, "_cllama_started", None)
+        latency = round((clock.seconds() - started) * 1000, 3) if clock is not None and started is not None else 0
+        fields = {
+            "request_id": new_request_id(), "status_code": status, "latency_ms": latency,
+            "path": request.path.decode("latin-1")[:500], "method": request.method.decode("latin-1")[:16],
+        }
+        if error is None:
+            self._audit.emit("response", who, None, **fields)
+        else:
+            self._audit.emit("error", who, None, error=error, **fields)
+
+    def _who(self, request) -> str | None:
+        """The caller's name when its credentials are good (agents and keys), else None."""
+        store = getattr(self._keys_api, "store", None)
+        try:
+            return identify(request.requestHeaders, self._contexts, store).agent_id
+        except ProxyError:
+            return None
+
+    def _agent(self, request):
+        """The calling agent's context, or the ProxyError to answer with."""
+        try:
+            agent_id, secret = parse_credentials(
+                request.getHeader(b"authorization"), request.getHeader(b"x-api-key")
+            )
+        except MalformedCredentials as e:
+            return ProxyError(401, "missing_credentials", str(e))
+        context = None if self._contexts is None else self._contexts.authenticate(agent_id, secret)
+        if context is None:
+            return ProxyError(403, "invalid_credentials", "unknown agent or wrong secret")
+        return context
+
+    @app.route("/v1/models", methods=["GET"])
+    @app.route("/models", methods=["GET"])
+    def models(self, request):
+        """
+        The models the caller may use, under the names it may use them by
+        (L{cllama_tx.governance.resolution.visible_models}): an agent's
+        model policy refs; a virtual key's aliases and model list; else
+        the model table's names and every priced model of every configured
+        provider.  Agents, virtual keys and the master key may ask.
+        Anthropic's list shape when the request carries
+        C{anthropic-version}, else OpenAI's.  Audited.
+        """
+        anthropic = request.getHeader(b"anthropic-version") is not None
+        shape = ANTHROPIC if anthropic else OPENAI
+        clock = self._proxy.clock if self._proxy is not None else None
+        request._cllama_started = clock.seconds() if clock is not None else None
+        if self._proxy is None:
+            context = self._agent(request)
+            if isinstance(context, ProxyError):
+                self._audited(request, context.status, None, context.message)
+                return _error(request, context, shape)
+            refs = model_refs(context, self._providers, self._pricing)
+        else:
+            try:
+                context = self._proxy.authenticate(request.requestHeaders, request)
+            except ProxyError as error:
+                self._audited(request, error.status, None, error.message)
+                if error.retry_after is not None:
+                    request.setHeader(b"retry-after", b"%d" % error.retry_after)
+                return _error(request, error, shape)
+            refs = self._proxy.models_for(context)
+        self._audited(request, 200, context.agent_id)
+        request.setHeader(b"content-type", b"application/json")
+        if anthropic:
+            data = [
+                {"type": "model", "id": ref, "display_name": ref, "created_at": "1970-01-01T00:00:00Z"}
+                for ref in refs
+            ]
+            doc = {
+                "data": data,
+                "has_more": False,
+                "first_id": refs[0] if refs else None,
+                "last_id": refs[-1] if refs else None,
+            }
+        else:
+            owner = lambda ref: ref.partition("/")[0] if "/" in ref else "cllama_tx"  # noqa: E731
+            doc = {
+                "object": "list",
+                "data": [{"id": ref, "object": "model", "created": 0, "owned_by": owner(ref)} for ref in refs],
+            }
+        return json.dumps(doc).encode("utf-8")
+
+    # -- virtual keys (LiteLLM-compatible key API) and billing, master key
+
+    @app.route("/key/generate", methods=["POST"])
+    async def key_generate(self, request):
+        return await self._keys(request, "generate")
+
+    @app.route("/key/info", methods=["GET"])
+    async def key_info(self, request):
+        return await self._keys(request, "info")
+
+    @app.route("/key/update", methods=["POST"])
+    async def key_update(self, request):
+        return await self._keys(request, "update")
+
+    @app.route("/key/delete", methods=["POST"])
+    async def key_delete(self, request):
+        return await self._keys(request, "delete")
+
+    @app.route("/key/list", methods=["GET"])
+    async def key_list(self, request):
+        return await self._keys(request, "list")
+
+    @app.route("/key/block", methods=["POST"])
+    async def key_block(self, request):
+        return await self._keys(request, "block")
+
+    @app.route("/key/unblock", methods=["POST"])
+    async def key_unblock(self, request):
+        return await self._keys(request, "unblock")
+
+    @app.route("/health/liveliness", methods=["GET", "HEAD"])
+    @app.route("/health/liveness", methods=["GET", "HEAD"])
+    async def liveliness(self, request):
+        return await self._keys(request, "liveliness")
+
+    @app.route("/health/readiness", methods=["GET", "HEAD"])
+    async def readiness(self, request):
+        return await self._keys(request, "readiness")
+
+    async def _keys(self, request, name: str):
+        if self._keys_api is None:
+            return _error(request, ProxyError(404, "not_found", "the key API is not enabled"))
+        return await getattr(self._keys_api, name)(request)
+
+    @app.route("/spend/logs", methods=["GET"])
+    async def spend_logs(self, request):
+        return await self._bill(request, "spend_logs")
+
+    @app.route("/api/spend/events", methods=["GET"])
+    async def spend_events(self, request):
+        return await self._bill(request, "events")
+
+    @app.route("/team/new", methods=["POST"])
+    @app.route("/team/update", methods=["POST"])
+    async def team_budget(self, request):
+        return await self._bill(request, "team_budget")
+
+    async def _bill(self, request, name: str):
+        if self._billing is None:
+            return _error(request, ProxyError(404, "not_found", "billing is not enabled"))
+        return await getattr(self._billing, name)(request)
+
+    @app.route("/history", methods=["GET"])
+    async def own_history(self, request):
+        """The calling agent's own session history, NDJSON."""
+        context = self._agent(request)
+        if isinstance(context, ProxyError):
+            return _error(request, context)
+        return await self._history_lines(request, context.agent_id)
+
+    @app.route("/history/<agent>", methods=["GET"])
+    async def agent_history(self, request, agent):
+        """
+        Any agent's session history, for the operator.  The UI token is
+        compared only when the caller's address need not wait (see
+        L{OperatorGuard}); a wrong one is counted.
+        """
+        authorization = request.getHeader(b"authorization")
+        if self._ui_token is None or not authorization:
+            return _error(request, ProxyError(401, "operator_token_required", "operator token required"))
+        source = request_source(request)
+        wait = self._guard.refusal(source, "history")
+        if wait is not None:
+            request.setHeader(b"retry-after", str(wait).encode("ascii"))
+            message = f"too many wrong operator tokens from this address: the next one is compared in {wait} s"
+            return _error(request, ProxyError(429, "too_many_attempts", message, retry_after=wait))
+        if not bearer_matches(authorization, self._ui_token):
+            self._guard.failed(source, "history")
+            return _error(request, ProxyError(401, "operator_token_required", "operator token required"))
+        return await self._history_lines(request, agent)
+
+    async def _history_lines(self, request, agent: str):
+        if self._history is None:
+            return _error(request, ProxyError(404, "history_disabled", "session history is off: set CLAW_SESSION_HISTORY_DIR"))
+        args = request.args
+        try:
+            limit = clamp_limit(_arg(args, b"limit"))
+            lines = self._history.read(agent, _arg(args, b"after"), limit)
+        except ValueError as e:
+            return _error(request, ProxyError(400, "invalid_parameter", str(e)))
+        lines = await lines
+        request.setHeader(b"content-type", b"application/x-ndjson")
+        return b"".join(lines)
+
+    @app.route("/health", methods=["GET", "HEAD"])
+    def health(self, request):
+        return _json(request, 200, {"ok": True})
+
+    @app.route("/v1/surfaces", methods=["GET"])
+    def surfaces(self, request):
+        return _json(request, 200, self._matrix_doc)
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request, failure):
+        error = ProxyError(404, "not_found", f"no such endpoint: {request.path.decode('latin-1')[:200]}")
+        # Audited: a runner calling a path that is not here shows up.
+        self._audited(request, 404, self._who(request), error.message)
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"application/json")
+        return error_body(error, _shape_for_path(request.path))
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request, failure):
+        allowed = failure.value.valid_methods or []
+        if allowed:
+            request.setHeader(b"allow", ", ".join(sorted(allowed)).encode())
+        error = ProxyError(405, "method_not_allowed", f"method {request.method.decode()} is not allowed here")
+        self._audited(request, 405, self._who(request), error.message)
+        request.setResponseCode(405)
+        request.setHeader(b"content-type", b"application/json")
+        return error_body(error, _shape_for_path(request.path))
+
+    @app.handle_errors
+    def unexpected(self, request, failure):
+        log.failure("unexpected error on {path}", failure, path=request.path)
+        if request.startedWriting:
+            request.transport.abortConnection()
+            return b""
+        error = ProxyError(500, "internal_error", "internal error")
+        request.setResponseCode(500)
+        request.setHeader(b"content-type", b"application/json")
+        return error_body(error, _shape_for_path(request.path))
+
+
+def _arg(args, name: bytes) -> str | None:
+    values = args.get(name)
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _error(request, error: ProxyError, shape: str = OPENAI) -> bytes:
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    return error_body(error, shape)
+
+
+def model_refs(context, providers, pricing) -> list[str]:
+    """The model refs an agent may use, sorted as declared or by name."""
+    policy = context.model_policy or {}
+    allowed = [entry.get("ref") for entry in policy.get("allowed") or () if isinstance(entry, dict)]
+    refs = [ref for ref in allowed if isinstance(ref, str)]
+    if refs:
+        return list(dict.fromkeys(refs))
+    if providers is None or pricing is None:
+        return []
+    table = pricing.table
+    return [f"{name}/{model}" for name in providers.names() for model in sorted(table.get(name, {}))]
+
+
+def build_api_site(
+    proxy: Proxy, max_body_bytes: int, audit=None, app: ApiApp | None = None, guard: ConnectionGuard | None = None
+) -> ApiSite:
+    surfaces = {surface.path.encode(): surface for surface in (CHAT, MESSAGES, COUNT_TOKENS)}
+    # The same surfaces without /v1, as LiteLLM serves them: SDKs given a
+    # LiteLLM-style base URL (no /v1) call these.
+    surfaces.update({path[len(b"/v1"):]: surface for path, surface in list(surfaces.items())})
+    hot = {path: ProxyResource(proxy, surface) for path, surface in surfaces.items()}
+    gate = HeaderGate(proxy, surfaces, max_body_bytes)
+    app = app or ApiApp()
+    app.bind(proxy, audit)
+    return ApiSite(app.app.resource(), hot, max_body_bytes, audit, gate=gate, guard=guard)

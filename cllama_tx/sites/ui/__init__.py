@@ -1,0 +1,26 @@
+"""
+The operator UI site (default :8081), one module per job:
+
+  - L{app}: the Klein app (routes, negotiation, forms) and its Site;
+  - L{auth}: the operator token, sessions, CSRF, the Host check (guesses are
+    slowed by L{cllama_tx.identity.operator.OperatorGuard});
+  - L{views}: what each page shows, as JSON-able dicts (the pages' JSON twins);
+  - L{pages}: those dicts as HTML, from the templates in C{web/};
+  - L{render}: escaping, templates, number formats, SVG charts;
+  - L{live}: live updates over Server-Sent Events.
+"""
+
+from cllama_tx.sites.ui.app import UiApp, UiSite, actor_of, build_ui_site, negotiate, spend_periods
+from cllama_tx.sites.ui.auth import TOKEN_FILE, TokenFileError, ensure_ui_token
+
+__all__ = [
+    "TOKEN_FILE",
+    "TokenFileError",
+    "UiApp",
+    "UiSite",
+    "actor_of",
+    "build_ui_site",
+    "ensure_ui_token",
+    "negotiate",
+    "spend_periods",
+]

@@ -1,0 +1,73 @@
+"""
+The values metering passes between its rooms: token usage as a provider
+reported it, the ledger row of one client request, and how records spell a
+moment (RFC 3339 UTC with milliseconds: audit lines, history entries).
+"""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+
+
+def rfc3339_ms(epoch: float) -> str:
+    """C{epoch} as RFC 3339 UTC with milliseconds: C{2026-11-22T11:08:45.123Z}."""
+    whole = int(epoch)
+    millis = int((epoch - whole) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
+@attrs.define
+class Usage:
+    """
+    Tokens of one response, normalised across wire formats.
+
+    C{input_tokens} are the prompt tokens billed at the plain input rate:
+    for OpenAI that is C{prompt_tokens - cached_tokens}; for Anthropic
+    C{input_tokens} as reported (it already excludes cache reads and writes).
+    C{reasoning_tokens} are part of C{output_tokens}, reported for
+    information.  C{reported_cost_usd} is a provider-reported price
+    (OpenRouter's C{usage.cost}).  C{seen} is true once any usage arrived.
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    reported_cost_usd: float | None = None
+    seen: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Every prompt token, cached or not (OpenAI's C{prompt_tokens})."""
+        return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
+
+
+@attrs.frozen
+class LedgerRow:
+    """One client request as the ledger keeps it."""
+
+    request_id: str
+    ts: float  # epoch seconds when the request arrived
+    agent: str | None
+    provider: str | None
+    requested_model: str | None
+    effective_model: str | None
+    status: int
+    stream: bool
+    latency_ms: float
+    ttfb_ms: float | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    priced: bool = False
+    estimated: bool = False
+    # Virtual keys (later): who is billed.
+    key_id: str | None = None
+    team_id: str | None = None
+    user_id: str | None = None
