@@ -39,7 +39,18 @@ setup(
         # The official SDKs and LiteLLM's are clients in our end-to-end tests
         # (LiteLLM pinned: some of its releases were compromised upstream).
         # Playwright drives Chromium in the operator UI's browser tests.
-        "test": ["openai>=1.40", "anthropic>=0.40", "litellm==1.110.2", "playwright>=1.40"],
+        # mypy (with mypy-zope for the zope.interface contracts) and ruff check
+        # the package before the tests run (.ci/run); pinned so a new release's
+        # new checks never fail a build that changed nothing.
+        "test": [
+            "openai>=1.40",
+            "anthropic>=0.40",
+            "litellm==1.110.2",
+            "playwright>=1.40",
+            "mypy==2.4.1",
+            "mypy-zope==1.0.17",
+            "ruff==0.17.6",
+        ],
     },
     entry_points={"console_scripts": ["cllama-tx = cllama_tx.runtime.cli:main"]},
     zip_safe=False,
