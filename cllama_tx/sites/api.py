@@ -423,6 +423,9 @@ class ApiApp:
         return b"".join(lines)
 
     @app.route("/health", methods=["GET", "HEAD"])
+    # Claude Code warms its connection with HEAD <ANTHROPIC_BASE_URL>/api/hello
+    # on every start: answered like /health, not as a 404 in the audit.
+    @app.route("/api/hello", methods=["GET", "HEAD"])
     def health(self, request):
         return _json(request, 200, {"ok": True})
 

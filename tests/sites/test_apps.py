@@ -31,6 +31,14 @@ class ApiAppTests(TestCase):
         self.assertEqual((yield response.json()), {"ok": True})
 
     @defer.inlineCallbacks
+    def test_claude_code_connection_warmup(self):
+        # Claude Code sends HEAD <base URL>/api/hello when it starts.
+        for method in ("head", "get"):
+            response = yield getattr(self.client, method)("http://proxy/api/hello")
+            self.assertEqual(response.code, 200, method)
+        self.assertEqual((yield response.json()), {"ok": True})
+
+    @defer.inlineCallbacks
     def test_surfaces_served_from_the_matrix(self):
         response = yield self.client.get("http://proxy/v1/surfaces")
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
