@@ -21,7 +21,7 @@ import math
 import os
 import re
 import threading
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 from twisted.application import service
@@ -536,12 +536,12 @@ class SessionHistory(service.Service):
         )
         return self._track(d)
 
-    def _open_snapshot(self, agent_dir: str) -> list:
+    def _open_snapshot(self, agent_dir: str) -> list[BinaryIO]:
         """
         Open every history file of one agent, oldest first, under the
         rotation lock: the set is consistent and later renames do not matter.
         """
-        files = []
+        files: list[BinaryIO] = []
         with self._rotation_lock:
             try:
                 names = os.listdir(agent_dir)

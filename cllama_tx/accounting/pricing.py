@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from importlib import resources
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeGuard
 
 import attrs
 
@@ -101,7 +101,7 @@ class Price:
 # Parsing
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
@@ -109,7 +109,7 @@ def _is_number(value: Any) -> bool:
     )
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -277,9 +277,9 @@ def lookup(table: Mapping[str, Mapping[str, Price]], provider: Any, model: Any) 
 
 def _reported_cost(usage: Usage) -> float | None:
     value = usage.reported_cost_usd
-    if not _is_number(value) or value < 0:  # type: ignore[operator]
+    if not _is_number(value) or value < 0:
         return None
-    return float(value)  # type: ignore[arg-type]
+    return float(value)
 
 
 def compute_cost(price: Price | None, usage: Usage) -> tuple[float, bool]:

@@ -338,9 +338,10 @@ class DemoService(Service):
         C{http://127.0.0.1:<port>/v1}; known as soon as C{startService}
         returned (listening is synchronous).
         """
-        if self._fake is None:
+        url = self._fake.base_url if self._fake is not None else None
+        if url is None:
             raise RuntimeError("the demo provider is not running")
-        return self._fake.base_url
+        return url
 
     def startService(self) -> Deferred:
         Service.startService(self)

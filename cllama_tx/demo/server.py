@@ -423,6 +423,13 @@ class _Router(Resource):
         return self._fake._handle(request)
 
 
+class _QuietSite(Site):
+    """No access log lines from a fake."""
+
+    def log(self, request: Any) -> None:
+        pass
+
+
 class _TrackingFactory(WrappingFactory):
     """
     Knows every open connection, so L{FakeProvider.stop} can drop them and
@@ -504,9 +511,8 @@ class FakeProvider:
         returns) and return a Deferred firing with C{self}.
         """
         if self._port is None:
-            site = Site(_Router(self), reactor=self._reactor)
+            site = _QuietSite(_Router(self), reactor=self._reactor)
             site.displayTracebacks = False
-            site.log = lambda request: None  # no access log lines from a fake
             site.noisy = False
             self._factory = _TrackingFactory(site)
             # A deep accept queue, as the daemon's listeners have: a burst of

@@ -30,6 +30,7 @@ reactor.
 
 from __future__ import annotations
 
+import builtins
 import calendar
 import datetime
 import hashlib
@@ -543,7 +544,7 @@ def validate_key_fields(doc: Mapping[str, Any], *, update: bool) -> dict[str, An
             continue
         out[name] = checked
     if not update:
-        defaults = {
+        defaults: dict[str, Any] = {
             "key_alias": None,
             "team_id": None,
             "user_id": None,
@@ -941,7 +942,8 @@ class VirtualKeyStore(service.Service):
         key_alias: str | None = None,
         team_id: str | None = None,
         user_id: str | None = None,
-        models: list[str] | tuple[str, ...] | None = (),
+        # builtins.list: the class's own list() method shadows the builtin here.
+        models: builtins.list[str] | tuple[str, ...] | None = (),
         max_budget: float | None = None,
         budget_duration: str | None = None,
         rpm_limit: int | None = None,
@@ -1022,7 +1024,7 @@ class VirtualKeyStore(service.Service):
                 team_id=vk.team_id,
                 user_id=vk.user_id,
             )
-            return key, vk  # type: ignore[return-value]
+            return key, vk
 
         def failed(failure: Failure) -> Failure:
             if self._keys.get(token_hash) is vk:

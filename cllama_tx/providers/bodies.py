@@ -6,7 +6,10 @@ then stalls must not hold the request, or a key check, forever.
 
 from __future__ import annotations
 
+from typing import cast
+
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 
 ERROR_BODY_LIMIT = 1024 * 1024
@@ -39,7 +42,9 @@ class _Capped(Protocol):
     def _expire(self) -> None:
         self._timer = None
         if self.transport is not None:
-            self.transport.stopProducing()
+            # A response body's protocol is connected to a push producer
+            # (IResponse.deliverBody), not to a full transport.
+            cast(IPushProducer, self.transport).stopProducing()
         self._fire()
 
     def connectionLost(self, reason=None) -> None:

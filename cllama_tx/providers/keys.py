@@ -680,7 +680,7 @@ class KeyPool:
                 for model, until in list(key.model_cooldowns.items()):
                     if until <= now:
                         del key.model_cooldowns[model]
-        checking = self.health.checking() if self.health is not None else frozenset()
+        checking: frozenset[str] = self.health.checking() if self.health is not None else frozenset()
         return {
             "provider": self.provider,
             "keyless": self.keyless,

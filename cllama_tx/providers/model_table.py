@@ -332,7 +332,7 @@ def _deployment(item: Any, where: str, env: Mapping[str, str], families: Familie
 def _normalised_base(url: str, provider: str | None) -> str:
     """LiteLLM's Anthropic api_base has no /v1; ours (like the catalog's) does."""
     url = url.rstrip("/")
-    fmt = CATALOG[provider].api_format if provider in CATALOG else OPENAI_FORMAT
+    fmt = CATALOG[provider].api_format if provider is not None and provider in CATALOG else OPENAI_FORMAT
     if fmt == ANTHROPIC_FORMAT and not url.endswith("/v1"):
         url += "/v1"
     return url

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from functools import partial
 from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
@@ -157,7 +158,7 @@ class ProviderRegistry(Service):
         self._save_delay = save_delay
         self._pending_save = None
         self._dirty = False
-        self._fingerprint = None
+        self._fingerprint: tuple[int, int, int] | None = None
         # The file layer, including operator changes; what save() writes.
         self._file_entries: dict[str, ProviderEntry] = {}
         self._specs: dict[str, ProviderSpec] = {}
@@ -310,6 +311,7 @@ class ProviderRegistry(Service):
         env_ids = {k.id for k in env_keys}
         env_secrets = {k.secret for k in env_keys}
         file_active = entry.active_key_id if entry is not None else None
+        active: str | None
         used_ids = set(env_ids)
         file_keys: list[KeyRecord] = []
         for key in entry.keys if entry is not None else ():
@@ -446,7 +448,7 @@ class ProviderRegistry(Service):
                 active_key_id=active,
                 keyless=keyless,
                 on_change=self._pool_event,
-                on_dirty=lambda name=name: self._mark_dirty(name),
+                on_dirty=partial(self._mark_dirty, name),
                 reprobe_first=self._reprobe_first,
                 reprobe_max=self._reprobe_max,
             )

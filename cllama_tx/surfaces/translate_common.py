@@ -146,6 +146,12 @@ def stop_reason_from_finish_reason(finish_reason: Any) -> str:
 # ---------------------------------------------------------------------------
 
 
+def mapping(value: Any) -> dict:
+    """C{value} when it is a JSON object, else an empty one: fields of a
+    provider's document are read without trusting their shape."""
+    return value if isinstance(value, dict) else {}
+
+
 def count(value: Any) -> int:
     """A token count, or 0 for anything that is not a non-negative int."""
     return value if type(value) is int and value >= 0 else 0

@@ -647,7 +647,9 @@ def _system_to_chat(system: Any, refusals: Refusals) -> dict | None:
 
 def _image_part(block: dict, where: str, refusals: Refusals) -> dict | None:
     source = block.get("source")
-    kind = source.get("type") if isinstance(source, dict) else None
+    if not isinstance(source, dict):
+        source = {}
+    kind = source.get("type")
     if kind == "base64":
         return {
             "type": "image_url",

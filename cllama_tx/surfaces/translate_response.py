@@ -19,6 +19,7 @@ from cllama_tx.surfaces.translate_common import (
     count,
     dumps,
     finish_reason_from_stop_reason,
+    mapping,
     message_id_from_chat_id,
     openai_usage_to_anthropic,
     stop_reason_from_finish_reason,
@@ -70,7 +71,7 @@ def messages_response_to_chat(doc: dict, *, created: int = 0, model: str | None 
     }
     if calls:
         message["tool_calls"] = calls
-    usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
+    usage = mapping(doc.get("usage"))
     return {
         "id": chat_id_from_message_id(doc.get("id")),
         "object": "chat.completion",
@@ -132,7 +133,7 @@ def chat_response_to_messages(doc: dict, *, model: str | None = None) -> dict:
         raise ValueError("not an OpenAI chat completion")
     message_id = message_id_from_chat_id(doc.get("id"))
     choice = _first_choice(doc)
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    message = mapping(choice.get("message"))
     blocks: list[dict] = []
     content = message.get("content")
     if isinstance(content, list):  # some OpenAI-compatible servers answer with parts

@@ -24,6 +24,7 @@ from cllama_tx.surfaces.translate_common import (
     count,
     dumps,
     finish_reason_from_stop_reason,
+    mapping,
     message_id_from_chat_id,
     openai_usage_parts,
     stop_reason_from_finish_reason,
@@ -246,7 +247,7 @@ class AnthropicToChatStream(_StreamTranslator):
         self.complete = False
         self._reader = SseReader(max_event_bytes)
         self._model_name = model if model is not None else ""
-        self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool index
+        self._tools: dict[Any, int] = {}  # Anthropic block index (as sent) -> OpenAI tool index
         self._finished = False  # finish_reason chunk written
         self._dead = False  # after an error: translate nothing more
         self._input = self._cache_read = self._cache_creation = self._output = 0
@@ -306,7 +307,7 @@ class AnthropicToChatStream(_StreamTranslator):
             self._output = count(usage.get("output_tokens"))
 
     def _message_start(self, doc: dict, out: list) -> None:
-        message = doc.get("message") if isinstance(doc.get("message"), dict) else {}
+        message = mapping(doc.get("message"))
         self.id = chat_id_from_message_id(message.get("id"))
         if self.model is None and isinstance(message.get("model"), str):
             self._model_name = message["model"]
@@ -362,7 +363,7 @@ class AnthropicToChatStream(_StreamTranslator):
 
     def _message_delta(self, doc: dict, out: list) -> None:
         self._set_usage(doc.get("usage"))
-        delta = doc.get("delta") if isinstance(doc.get("delta"), dict) else {}
+        delta = mapping(doc.get("delta"))
         stop_reason = delta.get("stop_reason")
         if stop_reason is not None and not self._finished:
             self._finished = True
@@ -599,7 +600,7 @@ class ChatToAnthropicStream(_StreamTranslator):
 
     def _tool(self, call: dict, out: list) -> None:
         key = call.get("index", 0)
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        function = mapping(call.get("function"))
         if key not in self._tools:
             name = function.get("name")
             self._tools[key] = self._open(

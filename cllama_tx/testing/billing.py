@@ -104,8 +104,8 @@ class BillingModel:
         """C{(prompt tokens, completion tokens)} of one request."""
         billing = self.billing[wire_format]
         text, images = _content(body.get("system"))
-        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
-        for message in messages:
+        messages = body.get("messages")
+        for message in messages if isinstance(messages, list) else ():
             if isinstance(message, Mapping):
                 t, i = _content(message.get("content"))
                 text, images = text + t + MESSAGE_TOKENS, images + i
