@@ -389,7 +389,7 @@ def decide(
 
     refs = policy.refs
     if "/" not in name:
-        tiers = (
+        tiers: tuple[list[ModelRef], ...] = (
             [r for r in refs if r.model == name],
             [r for r in refs if _last_segment(r.model) == name],
         )

@@ -241,7 +241,7 @@ def policy_budgets(
 
 def _import_yaml() -> Any:
     try:
-        import yaml  # type: ignore[import-untyped]
+        import yaml
     except ImportError:
         raise PolicyFileError(
             f"{POLICY_FILE_ENV} names a YAML file, but PyYAML is not installed: "

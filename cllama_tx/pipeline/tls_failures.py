@@ -6,6 +6,7 @@ secret-free, and naming the setting that fixes a private CA.
 from __future__ import annotations
 
 from OpenSSL import SSL
+from service_identity import VerificationError
 
 CA_FILE_ENV = "CLLAMA_UPSTREAM_CA_FILE"
 
@@ -29,11 +30,7 @@ def describe_tls_failure(error: BaseException) -> str | None:
     reasons = getattr(error, "reasons", None)
     if reasons:
         error = reasons[0].value
-    try:
-        from service_identity import VerificationError
-    except ImportError:  # pragma: no cover - a Twisted dependency
-        VerificationError = ()
-    if VerificationError and isinstance(error, VerificationError):
+    if isinstance(error, VerificationError):
         names = []
         for mismatch in getattr(error, "errors", ()):
             wanted = getattr(getattr(mismatch, "mismatched_id", None), "hostname", None)

@@ -93,7 +93,7 @@ class HeaderGate:
         headers = request.requestHeaders
         if headers.hasHeader(b"authorization") or headers.hasHeader(b"x-api-key"):
             return None
-        error = ProxyError(
+        missing = ProxyError(
             401, "missing_credentials", "a request with a body needs credentials (Authorization or x-api-key)"
         )
-        return refusal(error, shape_for_path(path))
+        return refusal(missing, shape_for_path(path))

@@ -180,7 +180,7 @@ def checkpoint(path: str) -> tuple[tuple[int, int, int], int]:
         result = tuple(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
     finally:
         conn.close()
-    return result, wal_size(path)  # type: ignore[return-value]
+    return result, wal_size(path)
 
 
 def truncate_wal(conn: sqlite3.Connection) -> tuple[int, int, int]:
@@ -199,10 +199,15 @@ def truncate_wal(conn: sqlite3.Connection) -> tuple[int, int, int]:
         while True:
             result = tuple(conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
             if not result[0] or time.monotonic() >= deadline:
-                return result  # type: ignore[return-value]
+                return result
             time.sleep(0.001)
     finally:
         conn.execute(f"PRAGMA busy_timeout = {int(previous)}")
+
+
+def _statement(statement: str, params: Any) -> Callable[[sqlite3.Connection], Any]:
+    """One statement with its parameters, as the body of a transaction."""
+    return lambda conn: conn.execute(statement, params)
 
 
 class Writer:
@@ -541,7 +546,7 @@ class Writer:
                 results = []
                 for r in rows:
                     try:
-                        _transaction(conn, lambda c, p=r.params: c.execute(statement, p))
+                        _transaction(conn, _statement(statement, r.params))
                         self.commits += 1
                         results.append((r.deferred, r.row, None))
                     except DatabaseBusy as busy:
