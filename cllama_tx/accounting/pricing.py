@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from importlib import resources
-from typing import Any, Mapping, TypeGuard
+from typing import Any, TypeGuard
 
 import attrs
-
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from cllama_tx.store.records import Usage
-from cllama_tx.store.jsonfile import Signature, UnreadableFile, file_signature, read_json_file
 from cllama_tx.interfaces import IPricing
+from cllama_tx.store.jsonfile import Signature, UnreadableFile, file_signature, read_json_file
+from cllama_tx.store.records import Usage
 
 #: The environment variable naming the operator's override file.  Read by
 #: the configuration, not here.

@@ -15,7 +15,8 @@ import json as _json
 import socket
 import struct
 from collections import deque
-from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Union
 
 import attr
 from twisted.internet.defer import (
@@ -115,7 +116,7 @@ class Reply:
     """
 
     status: int = 200
-    headers: Mapping[str, Union[str, Sequence[str]]] = attr.ib(factory=dict)
+    headers: Mapping[str, str | Sequence[str]] = attr.ib(factory=dict)
     json: Any = None
     sse: Sequence[bytes] | None = None
     raw: bytes | None = None
@@ -179,7 +180,7 @@ class _Exchange:
     the connection.
     """
 
-    def __init__(self, fake: "FakeProvider", request: Any, received: ReceivedRequest) -> None:
+    def __init__(self, fake: FakeProvider, request: Any, received: ReceivedRequest) -> None:
         self.fake = fake
         self.request = request
         self.received = received
@@ -415,7 +416,7 @@ class _Router(Resource):
         "/v1/models": b"GET",
     }
 
-    def __init__(self, fake: "FakeProvider") -> None:
+    def __init__(self, fake: FakeProvider) -> None:
         super().__init__()
         self._fake = fake
 

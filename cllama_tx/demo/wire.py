@@ -11,7 +11,8 @@ C{anthropic} SDKs' typed models, so they stay honest.
 from __future__ import annotations
 
 import json as _json
-from typing import Any, Iterable, Mapping, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "DEFAULT_CREATED",
@@ -46,7 +47,7 @@ def dumps(obj: Any) -> bytes:
     return _json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def _pieces(pieces: Union[str, Sequence[str], None]) -> list[str]:
+def _pieces(pieces: str | Sequence[str] | None) -> list[str]:
     if pieces is None:
         return []
     if isinstance(pieces, str):
@@ -136,7 +137,7 @@ def openai_completion(
 
 
 def openai_stream_chunks(
-    pieces: Union[str, Sequence[str]],
+    pieces: str | Sequence[str],
     model: str,
     prompt_tokens: int = 0,
     completion_tokens: int = 0,
@@ -262,7 +263,7 @@ def anthropic_usage(
 
 
 def _anthropic_blocks(
-    content: Union[str, Sequence[Mapping[str, Any]], None],
+    content: str | Sequence[Mapping[str, Any]] | None,
     tool_uses: Sequence[Mapping[str, Any]] | None,
 ) -> list[dict]:
     if content is None:
@@ -285,7 +286,7 @@ def _stop_reason(stop_reason: str | None, tool_uses: Sequence[Any] | None) -> st
 
 
 def anthropic_message(
-    content: Union[str, Sequence[Mapping[str, Any]], None],
+    content: str | Sequence[Mapping[str, Any]] | None,
     model: str,
     input_tokens: int,
     output_tokens: int,
@@ -316,7 +317,7 @@ def anthropic_message(
 
 
 def anthropic_stream_events(
-    pieces: Union[str, Sequence[str]],
+    pieces: str | Sequence[str],
     model: str,
     input_tokens: int = 0,
     output_tokens: int = 0,

@@ -27,7 +27,8 @@ import json
 import math
 import random as _random
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs

@@ -30,11 +30,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from cllama_tx.governance.budgets import HARD_STOP, SOFT_ALERT, parse_budget
-from cllama_tx.store.jsonfile import UnreadableFile, read_text_file
 from cllama_tx.governance.periods import PERIODS, BudgetError, parse_window
+from cllama_tx.store.jsonfile import UnreadableFile, read_text_file
 
 POLICY_FILE_ENV = "CLLAMA_POLICY_FILE"
 

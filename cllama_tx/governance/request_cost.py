@@ -25,7 +25,12 @@ from typing import Any
 
 import attrs
 
-from cllama_tx.governance.billing_rules import TOOL_WRAPPER_TOKENS, BillingRules, builtin_tool_tokens, rules_for
+from cllama_tx.governance.billing_rules import (
+    TOOL_WRAPPER_TOKENS,
+    BillingRules,
+    builtin_tool_tokens,
+    rules_for,
+)
 
 __all__ = ["RequestShape", "read_request", "worst_input_tokens"]
 

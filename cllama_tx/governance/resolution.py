@@ -51,13 +51,14 @@ no I/O either.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import attrs
 
+from cllama_tx.governance.policy import PolicyRefusal, decide
 from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.surfaces.matrix import InvalidModelRef, ModelRef, split_model_ref
-from cllama_tx.governance.policy import PolicyRefusal, decide
 
 KEY_ALIAS = "key_alias"
 TEAM_ALIAS = "team_alias"

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from twisted.web.http_headers import Headers
 
-from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.identity.principals import KeyPrincipal
 from cllama_tx.identity.tokens import MalformedCredentials, parse_credentials
 from cllama_tx.identity.virtual_keys import looks_like_virtual_key
+from cllama_tx.surfaces.errors import ProxyError
 
 _KEY_REFUSALS = {"expired": "this key has expired", "blocked": "this key is blocked"}
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import attrs
-
 from twisted.application import service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -28,8 +28,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from cllama_tx.identity.tokens import expected_secret, valid_agent_id
-from cllama_tx.store.jsonfile import Signature, UnreadableFile, file_signature, read_json_file
 from cllama_tx.interfaces import IContextRegistry
+from cllama_tx.store.jsonfile import Signature, UnreadableFile, file_signature, read_json_file
 
 METADATA_FILE = "metadata.json"
 BUDGET_OVERRIDE_FILE = "budget-override.json"
@@ -151,7 +151,7 @@ class ContextRegistry:
         self._root_problem: str | None = None
         self.scan()
 
-    def watcher(self) -> "ContextWatcher":
+    def watcher(self) -> ContextWatcher:
         """The service that keeps this registry in line with the disk."""
         return ContextWatcher(self, self._clock, self._recheck_interval)
 

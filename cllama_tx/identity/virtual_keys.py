@@ -41,7 +41,8 @@ import os
 import re
 import secrets
 import sqlite3
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import attrs
 from twisted.application import service

@@ -9,8 +9,8 @@ C{providers.json} and the environment on top of this table.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Mapping
 
 import attrs
 

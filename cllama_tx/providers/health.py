@@ -14,7 +14,7 @@ injected clock.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 from twisted.internet import defer

@@ -21,13 +21,21 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from email.utils import mktime_tz, parsedate_tz
-from typing import Callable, Iterable
 
 import attrs
 from twisted.internet.defer import succeed
 
-from cllama_tx.providers.store import COOLDOWN, DEAD, DISABLED, READY, SUSPECT, KeyRecord, format_timestamp
+from cllama_tx.providers.store import (
+    COOLDOWN,
+    DEAD,
+    DISABLED,
+    READY,
+    SUSPECT,
+    KeyRecord,
+    format_timestamp,
+)
 
 MAX_TRIES = 5
 """How many keys the caller tries for one request before giving up."""

@@ -42,7 +42,8 @@ stops, on a reload the previous table stays.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 from twisted.logger import Logger
@@ -55,13 +56,25 @@ from cllama_tx.governance.resolution import (
     TableEntry,
     compile_families,
 )
-from cllama_tx.store.jsonfile import UnreadableFile, read_text_file
-from cllama_tx.surfaces.matrix import ModelRef, canonical_provider
-from cllama_tx.providers.catalog import ANTHROPIC_FORMAT, BEARER, CATALOG, NO_AUTH, OPENAI_FORMAT, ProviderSpec
+from cllama_tx.providers.catalog import (
+    ANTHROPIC_FORMAT,
+    BEARER,
+    CATALOG,
+    NO_AUTH,
+    OPENAI_FORMAT,
+    ProviderSpec,
+)
 from cllama_tx.providers.forwarding import policy_for
 from cllama_tx.providers.keys import KeyPool
-from cllama_tx.providers.registry import ProviderNotConfigured, ResolvedProvider, UnknownProvider, valid_base_url
+from cllama_tx.providers.registry import (
+    ProviderNotConfigured,
+    ResolvedProvider,
+    UnknownProvider,
+    valid_base_url,
+)
 from cllama_tx.providers.store import READY, KeyRecord
+from cllama_tx.store.jsonfile import UnreadableFile, read_text_file
+from cllama_tx.surfaces.matrix import ModelRef, canonical_provider
 
 MODEL_TABLE_ENV = "CLLAMA_MODEL_TABLE"
 MAX_FILE_BYTES = 1024 * 1024

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
 import attrs
@@ -44,8 +44,6 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from cllama_tx.interfaces import IProviderRegistry
-from cllama_tx.providers.scrub import SecretScrubber
-from cllama_tx.surfaces.matrix import canonical_provider
 from cllama_tx.providers import store
 from cllama_tx.providers.catalog import (
     API_FORMATS,
@@ -64,7 +62,16 @@ from cllama_tx.providers.catalog import (
 from cllama_tx.providers.forwarding import HeaderPolicy, policy_for, valid_header_value
 from cllama_tx.providers.health import KeyHealth
 from cllama_tx.providers.keys import REPROBE_FIRST, REPROBE_MAX, KeyPool, mask_secret
-from cllama_tx.providers.store import DISABLED, READY, SEED_PREFIX, KeyRecord, ProviderEntry, ProvidersFileError
+from cllama_tx.providers.scrub import SecretScrubber
+from cllama_tx.providers.store import (
+    DISABLED,
+    READY,
+    SEED_PREFIX,
+    KeyRecord,
+    ProviderEntry,
+    ProvidersFileError,
+)
+from cllama_tx.surfaces.matrix import canonical_provider
 
 DEFAULT_SAVE_DELAY = 1.0
 

@@ -12,7 +12,7 @@ only when something was found.  Pure logic: no I/O, no clock.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from twisted.web.http_headers import Headers
 

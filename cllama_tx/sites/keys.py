@@ -29,7 +29,8 @@ import functools
 import hashlib
 import hmac
 import json
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from klein import Klein
 from twisted.internet import defer
@@ -246,7 +247,7 @@ def _answers(method: Callable[..., Awaitable[bytes]]) -> Callable[..., Awaitable
     """Turn refusals and surprises into LiteLLM-shaped error bodies."""
 
     @functools.wraps(method)
-    async def wrapper(self: "KeyApi", request: Any) -> bytes:
+    async def wrapper(self: KeyApi, request: Any) -> bytes:
         try:
             return await method(self, request)
         except defer.CancelledError:

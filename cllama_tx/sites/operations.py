@@ -11,8 +11,8 @@ import time
 
 from twisted.logger import Logger
 
-from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.governance.budgets import BudgetError
+from cllama_tx.surfaces.errors import ProxyError
 
 log = Logger()
 

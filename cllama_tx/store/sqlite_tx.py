@@ -6,7 +6,8 @@ the state database (the ledger and the virtual-key store).
 from __future__ import annotations
 
 import sqlite3
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class DatabaseBusy(sqlite3.OperationalError):

@@ -56,15 +56,17 @@ import queue
 import sqlite3
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cllama_tx.store.sqlite_tx import DatabaseBusy, is_storage_error, transaction as _transaction
 from cllama_tx.store.records import LedgerRow
+from cllama_tx.store.sqlite_tx import DatabaseBusy, is_storage_error
+from cllama_tx.store.sqlite_tx import transaction as _transaction
 
 MAX_BATCH = 5000
 """At most this many queued items (or held rows) are taken into one commit on the thread."""
@@ -243,7 +245,7 @@ class Writer:
         self._path = path
         self._spill = spill
         self.capacity = capacity
-        self.queue: "queue.SimpleQueue[Row | Call | Retry | Stop]" = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[Row | Call | Retry | Stop] = queue.SimpleQueue()
         self._handed = 0  # items queued to the thread, not yet answered
         self._pending: list[Row] = []
         self._flush_call: Any = None

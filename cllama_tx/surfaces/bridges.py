@@ -7,7 +7,7 @@ translation itself lives in L{cllama_tx.surfaces.translate}.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 

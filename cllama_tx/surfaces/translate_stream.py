@@ -15,7 +15,8 @@ Pure logic: no I/O, no clock (the caller passes C{created}).
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from cllama_tx.surfaces.translate_common import (
     anthropic_tool_id,

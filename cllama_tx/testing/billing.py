@@ -22,7 +22,8 @@ shows the reservations hold against a real bill.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
