@@ -63,7 +63,14 @@ class Provider:
         from twisted.internet import reactor
         from twisted.internet.threads import blockingCallFromThread
 
-        from cllama_tx.testing import FakeProvider, Reply, echo_headers_error, openai_error, presented_key, strict_provider
+        from cllama_tx.testing import (
+            FakeProvider,
+            Reply,
+            echo_headers_error,
+            openai_error,
+            presented_key,
+            strict_provider,
+        )
 
         self.valid = {KEY}
         self.limited: set[str] = set()

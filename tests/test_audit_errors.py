@@ -7,9 +7,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from cllama_tx.interfaces import IAuditLog
 from cllama_tx.runtime.audit import AuditLog, rfc3339_ms
 from cllama_tx.surfaces.errors import ANTHROPIC, OPENAI, ProxyError, error_body, sse_error_event
-from cllama_tx.interfaces import IAuditLog
 
 
 class AuditTests(SynchronousTestCase):

@@ -16,9 +16,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from cllama_tx.surfaces.validate import MAX_DEPTH
 from cllama_tx.testing import FakeProvider, Reply, anthropic_message, openai_completion
-
-from tests.support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, chat_body, write_agent
 from tests.runtime.test_daemon import spawn_daemon
+from tests.support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, chat_body, write_agent
 from tests.test_governance_e2e import price_file
 
 BUDGETED = "budgeted"

@@ -18,7 +18,6 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from cllama_tx.testing.billing import BillingModel
-
 from tests.secret_scan import SCANNER
 from tests.support import MASTER_KEY, SECRET, ProxyHarness, write_agent
 

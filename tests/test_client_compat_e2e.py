@@ -19,7 +19,6 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from cllama_tx.testing import Reply, anthropic_message, openai_completion
-
 from tests.secret_scan import SCANNER
 from tests.support import AGENT, MASTER_KEY, PROVIDER_KEY, SECRET, UI_TOKEN, ProxyHarness
 
@@ -379,7 +378,6 @@ class DaemonTests(TestCase):
         from twisted.web.client import Agent, HTTPConnectionPool
 
         from cllama_tx.testing import FakeProvider
-
         from tests.support import write_agent
 
         self.fake = FakeProvider(reactor)

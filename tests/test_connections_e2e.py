@@ -25,9 +25,8 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from cllama_tx.testing import FakeProvider, Reply, openai_completion
-
-from tests.support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
 from tests.runtime.test_daemon import TWISTD, spawn_daemon
+from tests.support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
 
 UI_TOKEN = "connections-ui-token-5150"
 AUTH = f"Authorization: Bearer {AGENT}:{SECRET}\r\n".encode()

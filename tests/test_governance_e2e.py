@@ -11,7 +11,6 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from cllama_tx.testing import Reply, openai_completion, openai_error
-
 from tests.support import AGENT, SECRET, ProxyHarness, chat_body, write_agent
 
 PRICES = {

@@ -16,10 +16,9 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from cllama_tx.testing import FakeProvider, Reply, echo_headers_error, openai_error, strict_provider
-
+from tests.runtime.test_daemon import spawn_daemon
 from tests.secret_scan import SCANNER
 from tests.support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
-from tests.runtime.test_daemon import spawn_daemon
 
 ORG = "org-daemon-operator-00000042"
 PROJECT = "proj_daemon_operator_0042"

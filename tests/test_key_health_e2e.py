@@ -29,9 +29,14 @@ from cllama_tx.testing import (
     presented_key,
     strict_provider,
 )
-
 from tests.secret_scan import SCANNER
-from tests.support import AGENT, PROVIDER_KEY, SECRET, UI_TOKEN, ProxyHarness, chat_body, write_agent
+from tests.support import (
+    PROVIDER_KEY,
+    UI_TOKEN,
+    ProxyHarness,
+    chat_body,
+    write_agent,
+)
 
 OTHER = "atlas"
 OTHER_SECRET = "7a2e" * 12

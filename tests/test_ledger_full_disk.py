@@ -20,10 +20,9 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from cllama_tx.testing import FakeProvider
-
+from tests.runtime.test_daemon import spawn_daemon
 from tests.store.small_fs import fill, free, mount_tmpfs
 from tests.support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
-from tests.runtime.test_daemon import spawn_daemon
 
 BUDGETED = "budgeted"
 BUDGETED_SECRET = "b7" * 24

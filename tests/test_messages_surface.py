@@ -16,7 +16,6 @@ from cllama_tx.testing import (
     anthropic_sse_events,
     anthropic_stream_events,
 )
-
 from tests.support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, write_agent
 
 SSE = {"content-type": "text/event-stream"}

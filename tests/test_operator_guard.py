@@ -15,7 +15,6 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from cllama_tx.identity.throttle import FailureThrottle
-
 from tests.secret_scan import SCANNER
 from tests.sources import client_from
 from tests.support import AGENT, MASTER_KEY, SECRET, UI_TOKEN, ProxyHarness, chat_body

@@ -18,7 +18,6 @@ from cllama_tx.testing import (
     openai_stream_chunks,
     parse_sse,
 )
-
 from tests.support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, chat_body
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

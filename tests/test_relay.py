@@ -11,14 +11,13 @@ from twisted.trial.unittest import TestCase
 
 from cllama_tx.testing import (
     Reply,
-    strict_provider,
     openai_completion,
     openai_error,
     openai_sse_events,
     openai_stream_chunks,
     parse_sse,
+    strict_provider,
 )
-
 from tests.secret_scan import SCANNER
 from tests.support import AGENT, SECRET, ProxyHarness, chat_body
 

@@ -10,7 +10,6 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from cllama_tx.testing import Reply, openai_completion, openai_sse_events, openai_stream_chunks
-
 from tests.support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness
 
 

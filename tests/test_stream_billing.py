@@ -11,15 +11,14 @@ import json
 import os
 import sqlite3
 
+import treq
 from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 
-import treq
-
-from cllama_tx.pipeline import proxy as proxy_module
 from cllama_tx.accounting.usage import estimate_prompt_tokens
+from cllama_tx.pipeline import proxy as proxy_module
 from cllama_tx.testing import (
     FakeProvider,
     Reply,
@@ -31,9 +30,8 @@ from cllama_tx.testing import (
     openai_stream_chunks,
     parse_sse,
 )
-
-from tests.support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, chat_body, write_agent
 from tests.runtime.test_daemon import spawn_daemon
+from tests.support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, chat_body, write_agent
 
 SSE = {"content-type": "text/event-stream"}
 PRICES = {

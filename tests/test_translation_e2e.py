@@ -20,7 +20,6 @@ from cllama_tx.testing import (
     openai_sse_events,
     openai_stream_chunks,
 )
-
 from tests.support import AGENT, SECRET, ProxyHarness
 
 SSE = {"content-type": "text/event-stream"}

@@ -15,7 +15,6 @@ from twisted.trial.unittest import TestCase
 
 from cllama_tx.identity.virtual_keys import hash_key
 from cllama_tx.testing import Reply, anthropic_message, openai_completion
-
 from tests.secret_scan import SCANNER
 from tests.support import MASTER_KEY, ProxyHarness, chat_body
 

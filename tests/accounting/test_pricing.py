@@ -28,8 +28,8 @@ from cllama_tx.accounting.pricing import (
     packaged_table,
     parse_table,
 )
-from cllama_tx.store.records import Usage
 from cllama_tx.interfaces import IPricing
+from cllama_tx.store.records import Usage
 
 PROVIDERS = ("openai", "anthropic", "google", "xai", "openrouter")
 

@@ -13,7 +13,6 @@ import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cllama_tx.store.records import Usage
 from cllama_tx.accounting.usage import (
     IMAGE_TOKENS,
     RAW_BYTES_PER_TOKEN,
@@ -24,6 +23,7 @@ from cllama_tx.accounting.usage import (
     output_chars_from_json,
     usage_from_json,
 )
+from cllama_tx.store.records import Usage
 from cllama_tx.testing import (
     anthropic_error,
     anthropic_message,

@@ -13,6 +13,7 @@ import json
 import math
 
 import attrs
+from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -20,7 +21,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from treq.client import HTTPClient
 
 from cllama_tx.governance.alerts import (
     AlertNotifier,
@@ -33,7 +33,6 @@ from cllama_tx.governance.alerts import (
     render_body,
 )
 from cllama_tx.governance.budgets import BudgetBook, parse_budget
-
 from tests.secret_scan import SCANNER
 
 SLACK_TOKEN = "T0ALERTS/B0ALERTS/slacksecret4242xyz"

@@ -2,7 +2,6 @@
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.governance import policy as P
 from cllama_tx.governance.policy import (
     AllowedModel,
@@ -14,6 +13,7 @@ from cllama_tx.governance.policy import (
     models_for,
     parse_policy,
 )
+from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.surfaces.matrix import ModelRef
 
 

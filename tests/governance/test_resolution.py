@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.governance.policy import parse_policy
 from cllama_tx.governance.resolution import (
     DEFAULT,
@@ -20,6 +19,7 @@ from cllama_tx.governance.resolution import (
     resolve,
     visible_models,
 )
+from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.surfaces.matrix import ModelRef, split_model_ref
 
 R = split_model_ref

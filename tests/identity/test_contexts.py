@@ -10,7 +10,8 @@ import os
 import shutil
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent

@@ -11,9 +11,9 @@ import json
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from cllama_tx.runtime.audit import AuditLog
 from cllama_tx.identity.operator import OperatorGuard
 from cllama_tx.identity.throttle import FailureThrottle, source_of
+from cllama_tx.runtime.audit import AuditLog
 
 
 class SourceTests(SynchronousTestCase):

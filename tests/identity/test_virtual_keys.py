@@ -18,7 +18,6 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from cllama_tx.store.ledger import SqliteLedger
 from cllama_tx.identity import virtual_keys
 from cllama_tx.identity.virtual_keys import (
     DEFAULT_EXPIRED_RETENTION,
@@ -37,7 +36,7 @@ from cllama_tx.identity.virtual_keys import (
     token_hash_of,
     validate_key_fields,
 )
-
+from cllama_tx.store.ledger import SqliteLedger
 from tests.secret_scan import SCANNER
 
 NOW = float(calendar.timegm((2026, 11, 17, 12, 0, 0)))

@@ -11,7 +11,6 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from cllama_tx.accounting.pricing import Pricing
-from cllama_tx.store.records import Usage
 from cllama_tx.providers.model_table import (
     ModelTableError,
     ModelTableFile,
@@ -19,8 +18,8 @@ from cllama_tx.providers.model_table import (
     read_model_table,
 )
 from cllama_tx.providers.registry import ProviderNotConfigured, ProviderRegistry, UnknownProvider
+from cllama_tx.store.records import Usage
 from cllama_tx.surfaces.matrix import split_model_ref
-
 from tests.secret_scan import SCANNER
 
 TABLE_KEY = "sk-table-entry-key-7777"

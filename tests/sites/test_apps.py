@@ -2,17 +2,16 @@
 The Klein apps in memory (no sockets): routing, JSON errors, operator auth.
 """
 
+from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
-from treq.testing import StubTreq
 
-from cllama_tx.sites.api import ApiApp
 from cllama_tx.identity.contexts import ContextRegistry
 from cllama_tx.providers.registry import ProviderRegistry
-from cllama_tx.surfaces import matrix
+from cllama_tx.sites.api import ApiApp
 from cllama_tx.sites.ui import UiApp
-
+from cllama_tx.surfaces import matrix
 from tests.secret_scan import SCANNER
 from tests.support import SECRET, write_agent
 

@@ -19,10 +19,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
-from cllama_tx.store.ledger import SqliteLedger
 from cllama_tx.identity.virtual_keys import VirtualKeyStore, iso_time, looks_like_virtual_key
 from cllama_tx.sites.keys import ADMIN_OFF, ALIVE, KeyApi, master_key_from_env
-
+from cllama_tx.store.ledger import SqliteLedger
 from tests.secret_scan import SCANNER
 
 MASTER = "sk-master-" + "m4st3r" * 6

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from anthropic.lib.streaming._messages import accumulate_event
 from openai.lib.streaming.chat import ChatCompletionStreamState
@@ -147,7 +148,7 @@ class SseReaderTests(SynchronousTestCase):
         self.assertEqual(self.read([b"data: a\r", b"\r"]), [(None, "a")])
 
     def test_utf8_split_inside_a_character(self) -> None:
-        body = "data: héllo ✓\n\n".encode("utf-8")
+        body = "data: héllo ✓\n\n".encode()
         for name, pieces in chunkings(body).items():
             self.assertEqual(self.read(pieces), [(None, "héllo ✓")], name)
 

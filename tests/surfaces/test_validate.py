@@ -7,9 +7,16 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.surfaces import validate
-from cllama_tx.surfaces.validate import MAX_CHOICES, MAX_DEPTH, MAX_TOKEN_LIMIT, check_fields, parse_body, within_depth
+from cllama_tx.surfaces.errors import ProxyError
+from cllama_tx.surfaces.validate import (
+    MAX_CHOICES,
+    MAX_DEPTH,
+    MAX_TOKEN_LIMIT,
+    check_fields,
+    parse_body,
+    within_depth,
+)
 
 SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "SPEC.md")
 
