@@ -371,26 +371,26 @@ def banner(api_base_url: str) -> str:
     )
     return "\n".join(
         [
-            "cllama_tx demo mode: provider %r serves a local echo model (no real provider is called)."
-            % (DEMO_PROVIDER,),
-            "Demo agent credential (public; it can only reach %s): %s" % (DEMO_MODEL_REF, DEMO_TOKEN),
+            f"cllama_tx demo mode: provider {DEMO_PROVIDER!r} serves a local echo model"
+            " (no real provider is called).",
+            f"Demo agent credential (public; it can only reach {DEMO_MODEL_REF}): {DEMO_TOKEN}",
             "",
             "Try it:",
-            "  curl -sS %s \\" % (url,),
-            "    -H 'Authorization: Bearer %s' \\" % (DEMO_TOKEN,),
+            f"  curl -sS {url} \\",
+            f"    -H 'Authorization: Bearer {DEMO_TOKEN}' \\",
             "    -H 'Content-Type: application/json' \\",
-            "    -d '%s'" % (plain,),
+            f"    -d '{plain}'",
             "",
             "Streaming:",
-            "  curl -sSN %s \\" % (url,),
-            "    -H 'Authorization: Bearer %s' \\" % (DEMO_TOKEN,),
+            f"  curl -sSN {url} \\",
+            f"    -H 'Authorization: Bearer {DEMO_TOKEN}' \\",
             "    -H 'Content-Type: application/json' \\",
-            "    -d '%s'" % (streaming,),
+            f"    -d '{streaming}'",
             "",
             "OpenAI SDK:",
-            '  client = OpenAI(base_url="%s/v1", api_key="%s")' % (api, DEMO_TOKEN),
-            '  client.chat.completions.create(model="%s", messages=[{"role": "user", "content": "Hello!"}])'
-            % (DEMO_MODEL_REF,),
+            f'  client = OpenAI(base_url="{api}/v1", api_key="{DEMO_TOKEN}")',
+            f'  client.chat.completions.create(model="{DEMO_MODEL_REF}",'
+            ' messages=[{"role": "user", "content": "Hello!"}])',
             "",
         ]
     )

@@ -16,7 +16,7 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import attr
 from twisted.internet.defer import (
@@ -131,7 +131,7 @@ class Reply:
 
 
 Responder = Callable[[ReceivedRequest], Reply]
-Script = Union[Reply, Responder]
+Script = Reply | Responder
 
 
 def wire_format(path: str) -> str:
@@ -495,7 +495,7 @@ class FakeProvider:
         """
         if self._port is None:
             return None
-        return "http://127.0.0.1:%d/v1" % (self._port.getHost().port,)
+        return f"http://127.0.0.1:{self._port.getHost().port}/v1"
 
     @property
     def port(self) -> int:
@@ -653,7 +653,7 @@ class FakeProvider:
         exchange = _Exchange(self, request, received)
         self._exchanges.append(exchange)
         number = len(self._exchanges)
-        for n, d in [(n, d) for (n, d) in self._disconnect_waiters if n == number]:
+        for _, d in [(n, d) for (n, d) in self._disconnect_waiters if n == number]:
             exchange.wait_lost().chainDeferred(d)
         self._disconnect_waiters = [(n, d) for (n, d) in self._disconnect_waiters if n != number]
         ready = [(n, d) for (n, d) in self._request_waiters if len(self.received) >= n]
@@ -663,7 +663,7 @@ class FakeProvider:
 
         expected = _Router.routes.get(path)
         if expected is None:
-            reply = self._not_found(received, 404, "no route for %s" % (path,))
+            reply = self._not_found(received, 404, f"no route for {path}")
         elif request.method != expected:
             reply = self._not_found(received, 405, "method not allowed")
         else:

@@ -161,7 +161,7 @@ def _validate(url: str, kind: str, number: int) -> None:
     if not parts.hostname:
         raise WebhookError(f"{where}: the URL has no host")
     try:
-        parts.port
+        _ = parts.port  # reading it validates it
     except ValueError:
         raise WebhookError(f"{where}: the URL has an invalid port") from None
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):

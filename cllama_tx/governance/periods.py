@@ -303,7 +303,7 @@ class SpendTimeline:
 
     def leaving(self) -> Iterator[tuple[float, float, int]]:
         """C{(last_ts, cost, requests)} of each entry, oldest first."""
-        for first, last, cost, requests, unknown in self.entries:
+        for _first, last, cost, requests, _unknown in self.entries:
             yield last, cost, requests
 
 

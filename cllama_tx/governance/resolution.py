@@ -198,6 +198,10 @@ class ProviderView:
         return []
 
 
+EVERY_PROVIDER = ProviderView()
+"""The default view: no registry, every provider configured."""
+
+
 class RegistryView(ProviderView):
     """A L{ProviderView} of a provider registry (or anything with C{resolve})."""
 
@@ -238,7 +242,7 @@ def resolve(
     team_aliases: Mapping[str, str] | None = None,
     table: Mapping[str, TableEntry] | None = None,
     families: Families = DEFAULT,
-    providers: ProviderView = ProviderView(),
+    providers: ProviderView = EVERY_PROVIDER,
 ) -> Resolution:
     """
     Resolve C{requested} by the order of the module docstring.

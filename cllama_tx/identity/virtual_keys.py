@@ -75,7 +75,7 @@ KEY_PREFIX = "sk-"
 KEY_RANDOM_BYTES = 32
 MIN_KEY_BODY = 32
 MAX_KEY_BODY = 256
-_KEY_PATTERN = re.compile(r"sk-[A-Za-z0-9_-]{%d,%d}" % (MIN_KEY_BODY, MAX_KEY_BODY))
+_KEY_PATTERN = re.compile(rf"sk-[A-Za-z0-9_-]{{{MIN_KEY_BODY},{MAX_KEY_BODY}}}")
 _HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 #: Durations are capped, so that an expiry always fits a datetime.
@@ -643,7 +643,7 @@ def _row(vk: VirtualKey) -> tuple[Any, ...]:
 
 
 def _from_row(values: tuple[Any, ...]) -> VirtualKey:
-    row = dict(zip(_ROW_COLUMNS, values))
+    row = dict(zip(_ROW_COLUMNS, values, strict=True))
     return VirtualKey(
         token_hash=row["token_hash"],
         key_name=row["key_name"],
