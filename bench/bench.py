@@ -578,7 +578,7 @@ def verify_proxy(api_port: int, tmp: Path) -> None:
     try:
         status, _, body = http("POST", url, CHAT_BODY.encode(), headers)
     except OSError as e:
-        raise ProxyFailed(f"POST /v1/chat/completions failed: {e}\n{tail(tmp / 'proxy.log')}")
+        raise ProxyFailed(f"POST /v1/chat/completions failed: {e}\n{tail(tmp / 'proxy.log')}") from None
     if status != 200 or MOCK_ID.encode() not in body:
         raise ProxyFailed(
             f"POST /v1/chat/completions ({CHAT_MODEL}) answered {status}: {body[:500]!r}\n"
@@ -595,7 +595,7 @@ def verify_proxy(api_port: int, tmp: Path) -> None:
     try:
         status, hdrs, body = http("POST", url, CHAT_BODY.encode(), gov_headers)
     except OSError as e:
-        raise ProxyFailed(f"POST /v1/chat/completions as {GOV_AGENT!r} failed: {e}\n{tail(tmp / 'proxy.log')}")
+        raise ProxyFailed(f"POST /v1/chat/completions as {GOV_AGENT!r} failed: {e}\n{tail(tmp / 'proxy.log')}") from None
     if status != 200 or MOCK_ID.encode() not in body:
         raise ProxyFailed(
             f"POST /v1/chat/completions as the governed agent ({GOV_AGENT}, {CHAT_MODEL}) answered "
@@ -606,7 +606,7 @@ def verify_proxy(api_port: int, tmp: Path) -> None:
     try:
         status, hdrs, body = http("POST", url, TRANSLATED_BODY.encode(), headers)
     except OSError as e:
-        raise ProxyFailed(f"POST /v1/chat/completions ({ANTHROPIC_MODEL}) failed: {e}\n{tail(tmp / 'proxy.log')}")
+        raise ProxyFailed(f"POST /v1/chat/completions ({ANTHROPIC_MODEL}) failed: {e}\n{tail(tmp / 'proxy.log')}") from None
     try:
         doc = json.loads(body)
         text = doc["choices"][0]["message"]["content"]
@@ -935,7 +935,8 @@ def summarise_profile(path: Path, top: int = 20) -> dict:
                 break
         else:
             ours_self["(outside cllama_tx: reactor, twisted.web, wire)"] += n
-    share = lambda c: [(f, n, 100.0 * n / total) for f, n in c.most_common(top)] if total else []
+    def share(c):
+        return [(f, n, 100.0 * n / total) for f, n in c.most_common(top)] if total else []
     return {
         "samples": total,
         "self": share(self_c),
@@ -985,12 +986,12 @@ def fmt(x, digits=3):
 def noisy_status(lanes) -> str:
     """C{ok}, or C{ok, noisy (...)} naming the worst share other processes took."""
     worst = None
-    for l in lanes:
-        if l is None or not l.get("noisy"):
+    for lane in lanes:
+        if lane is None or not lane.get("noisy"):
             continue
         for core in ("core0", "core1"):
-            if core in l and (worst is None or l[core]["others_pct"] > worst[0]):
-                worst = (l[core]["others_pct"], core[-1])
+            if core in lane and (worst is None or lane[core]["others_pct"] > worst[0]):
+                worst = (lane[core]["others_pct"], core[-1])
     if worst is None:
         return "ok"
     return f"ok, noisy (other processes took {worst[0]:.0f}% of core {worst[1]})"
@@ -1000,8 +1001,8 @@ def build_rows(res: dict) -> list[list[str]]:
     rows = []
 
     def status(*lanes):
-        bad = [l.get("error", "failed") for l in lanes if l is not None and not l.get("ok")]
-        missing = any(l is None for l in lanes)
+        bad = [line.get("error", "failed") for line in lanes if line is not None and not line.get("ok")]
+        missing = any(line is None for line in lanes)
         if bad:
             return "FAILED: " + "; ".join(bad)
         if missing:
@@ -1534,7 +1535,7 @@ def slow_md(res: dict) -> str:
     for n in levels:
         d, p = res.get(f"streams{n}_direct"), res.get(f"streams{n}_proxy")
         label = f"{n} concurrent streams"
-        def held(r):
+        def held(r, n=n):
             if r is None:
                 return "-"
             return (f"{r.get('active_at_sample', 0)}/{n} open, {r.get('completed', 0)} done, "
@@ -1741,7 +1742,7 @@ def main(argv=None) -> int:
                     break
                 except OSError:
                     if time.monotonic() > t_end or slow.poll() is not None:
-                        raise RuntimeError(f"the slow mock did not start:\n{tail(tmp / 'slowmock.log')}")
+                        raise RuntimeError(f"the slow mock did not start:\n{tail(tmp / 'slowmock.log')}") from None
                     time.sleep(0.1)
             log(f"slow mock (bench/slowmock.py) on 127.0.0.1:{slow_port}")
         log(f"nginx mock on 127.0.0.1:{mock_port}")
@@ -1965,16 +1966,16 @@ def main(argv=None) -> int:
             print(f"\nProfile ({prof.get('lane', 'plain')} requests): {prof['samples']} samples; "
                   f"flame graph {prof['svg']}; load: {prof.get('load_raw')}")
             print("innermost cllama_tx frame:")
-            for f, n, s in prof["own_code"][:12]:
+            for f, _, s in prof["own_code"][:12]:
                 print(f"  {s:5.1f}%  {f}")
             print("self time by file:")
-            for f, n, s in prof["by_file"][:12]:
+            for f, _, s in prof["by_file"][:12]:
                 print(f"  {s:5.1f}%  {f}")
             print("self time:")
-            for f, n, s in prof["self"][:15]:
+            for f, _, s in prof["self"][:15]:
                 print(f"  {s:5.1f}%  {f}")
             print("inclusive:")
-            for f, n, s in prof["inclusive"][:20]:
+            for f, _, s in prof["inclusive"][:20]:
                 print(f"  {s:5.1f}%  {f}")
 
     RESULTS.mkdir(parents=True, exist_ok=True)

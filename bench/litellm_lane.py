@@ -59,8 +59,8 @@ def _say(log, msg: str) -> None:
 
 
 def _last_line(text: str) -> str:
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    errors = [l for l in lines if l.startswith("ERROR") or "rror:" in l]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR") or "rror:" in line]
     return (errors or lines or ["(no output)"])[-1][:300]
 
 
@@ -215,7 +215,7 @@ def verify(b, port: int, tmp: Path) -> None:
                                  BODY.encode(), headers, timeout=30)
     except OSError as e:
         raise Unavailable(f"POST /v1/chat/completions through LiteLLM failed: {e}\n"
-                          f"{b.tail(tmp / 'litellm' / 'litellm.log')}")
+                          f"{b.tail(tmp / 'litellm' / 'litellm.log')}") from None
     if status != 200 or MOCK_ID.encode() not in body:
         raise Unavailable(f"POST /v1/chat/completions through LiteLLM answered {status}: {body[:500]!r}\n"
                           f"its log ends with:\n{b.tail(tmp / 'litellm' / 'litellm.log')}")
@@ -415,8 +415,8 @@ def main(argv=None) -> int:
     print(f"LiteLLM {info.get('version')}; RSS after the lanes {info.get('rss_kib', 0) / 1024:.0f} MiB")
     for q in ("p50", "p99"):
         if ld.get("ok") and ll.get("ok"):
-            d, l = ld[f"{q}_us"] / 1000, ll[f"{q}_us"] / 1000
-            print(f"latency, 1 client, {q}: direct {d:.3f} ms, LiteLLM {l:.3f} ms, added {l - d:+.3f} ms")
+            d, lite = ld[f"{q}_us"] / 1000, ll[f"{q}_us"] / 1000
+            print(f"latency, 1 client, {q}: direct {d:.3f} ms, LiteLLM {lite:.3f} ms, added {lite - d:+.3f} ms")
     if td.get("ok") and tl.get("ok"):
         print(f"throughput, 32 clients: direct {td['rps']:,.0f} req/s, LiteLLM {tl['rps']:,.0f} req/s "
               f"({tl.get('cpu_us_per_req') or 0:,.0f} µs CPU per request)")

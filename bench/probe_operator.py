@@ -219,11 +219,11 @@ def run(name: str, seconds: float, clients: int) -> dict:
             status, answer_headers, _ = call(target.port(daemon), sources[0], target.method, target.path, headers, body)
         finally:
             daemon.stop()
-        audit = [json.loads(l) for l in open(os.path.join(workdir, "audit.jsonl"), "rb").read().splitlines() if l.strip()]
+        audit = [json.loads(line) for line in open(os.path.join(workdir, "audit.jsonl"), "rb").read().splitlines() if line.strip()]
     answered = sum(counts.values())
     # Every compared wrong credential is an audit line (the sign-in form
     # answers a compared one with 429 too once the address must wait).
-    compared = sum(1 for l in audit if l.get("action") in ("auth_failed", "sign_in_failed"))
+    compared = sum(1 for line in audit if line.get("action") in ("auth_failed", "sign_in_failed"))
     return {
         "target": name,
         "sources": len(sources),
@@ -240,7 +240,7 @@ def run(name: str, seconds: float, clients: int) -> dict:
         "operator_slowest_ms": round(max((t for _, t in seen), default=0) * 1000, 1),
         "right_token_from_attacker": status,
         "attacker_retry_after": answer_headers.get("Retry-After"),
-        "audit_auth_throttled": sum(1 for l in audit if l.get("action") in ("auth_throttled", "sign_in_throttled")),
+        "audit_auth_throttled": sum(1 for line in audit if line.get("action") in ("auth_throttled", "sign_in_throttled")),
     }
 
 

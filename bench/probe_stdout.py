@@ -185,7 +185,7 @@ def main() -> int:
         print(f"after reading resumed: {lines} audit lines read; gap line: {json.dumps(gap) if gap else 'none'}")
         print(f"cllama_audit_lines_dropped_total: {metric}")
         if args.stall == "both":
-            gaps = [l for l in bytes(err_text).decode(errors="replace").splitlines() if "log lines dropped" in l]
+            gaps = [line for line in bytes(err_text).decode(errors="replace").splitlines() if "log lines dropped" in line]
             print(f"stderr gap lines: {gaps[:3]}")
         return 0 if failed_at is None and len(answered) == len(health) else 1
     finally:

@@ -281,7 +281,7 @@ class Probe:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.connect(("127.0.0.1", self.port))
             sock.setblocking(False)
-            factory = protocol.Factory.forProtocol(lambda: agent)
+            factory = protocol.Factory.forProtocol(lambda agent=agent: agent)
             connection = self.reactor.adoptStreamConnection(sock.fileno(), socket.AF_INET, factory)
             sock.close()
             del connection

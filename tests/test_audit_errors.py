@@ -47,7 +47,7 @@ class AuditTests(SynchronousTestCase):
         self.assertEqual(stream.getvalue(), "")
         self.assertEqual(len(scheduled), 1)
         scheduled[0]()
-        self.assertEqual([json.loads(l)["type"] for l in stream.getvalue().splitlines()], ["request", "response"])
+        self.assertEqual([json.loads(line)["type"] for line in stream.getvalue().splitlines()], ["request", "response"])
 
 
 class ErrorShapeTests(SynchronousTestCase):

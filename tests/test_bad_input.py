@@ -297,7 +297,7 @@ class DaemonTests(TestCase):
         self.assertEqual(self.fake.received, [])
         self.assertNotIn(b"Traceback", self.process.stderr)
         yield self.process.wait_for_audit(lambda lines: len(lines) == 5)
-        self.assertEqual({(l["type"], l["status_code"]) for l in self.process.audit_lines()}, {("error", 400)})
+        self.assertEqual({(line["type"], line["status_code"]) for line in self.process.audit_lines()}, {("error", 400)})
 
     @defer.inlineCallbacks
     def test_agent_added_while_running_is_served(self):

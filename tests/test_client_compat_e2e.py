@@ -51,9 +51,9 @@ litellm_settings:
 
 def intervention_rules(lines, request_id=None):
     return [
-        (l["intervention"], l.get("entry") or l.get("family") or l.get("provider") or l.get("alias"))
-        for l in lines
-        if l["type"] == "intervention" and (request_id is None or l["request_id"] == request_id)
+        (line["intervention"], line.get("entry") or line.get("family") or line.get("provider") or line.get("alias"))
+        for line in lines
+        if line["type"] == "intervention" and (request_id is None or line["request_id"] == request_id)
     ]
 
 
@@ -77,7 +77,7 @@ class CompatCase(TestCase):
         self.assertIn("model_table", body["reloaded"], body)
 
     def lines(self, type_=None):
-        return [l for l in self.h.audit_lines() if type_ is None or l["type"] == type_]
+        return [line for line in self.h.audit_lines() if type_ is None or line["type"] == type_]
 
     @defer.inlineCallbacks
     def rows(self):
@@ -249,8 +249,8 @@ class VirtualKeyTests(CompatCase):
         )
         self.assertEqual(error.code, "model_not_allowed")
         self.assertEqual(len(self.h.fake.received), 2)
-        models_lines = [l for l in self.lines() if l.get("path") == "/models"]
-        self.assertEqual([(l["type"], l["status_code"]) for l in models_lines], [("response", 200)])
+        models_lines = [line for line in self.lines() if line.get("path") == "/models"]
+        self.assertEqual([(line["type"], line["status_code"]) for line in models_lines], [("response", 200)])
 
 
 class PathTests(CompatCase):
@@ -261,7 +261,7 @@ class PathTests(CompatCase):
         )
         body = yield response.json()
         self.assertEqual((response.code, body["error"]["code"]), (404, "not_found"))
-        [line] = [l for l in self.lines() if l.get("path") == "/v1/responses/xyz"]
+        [line] = [entry for entry in self.lines() if entry.get("path") == "/v1/responses/xyz"]
         self.assertEqual(
             {k: line[k] for k in ("type", "claw_id", "status_code", "path", "method")},
             {"type": "error", "claw_id": AGENT, "status_code": 404, "path": "/v1/responses/xyz", "method": "GET"},
@@ -424,17 +424,17 @@ class DaemonTests(TestCase):
         with open(self.table, "w") as f:
             f.write("model_list:\n  - model_name: smart\n    litellm_params: {model: openai/o3}\n")
         transport.signalProcess("HUP")
-        yield process.wait_for_audit(lambda lines: any(l.get("action") == "reload" for l in lines))
-        [reload] = [l for l in process.audit_lines() if l.get("action") == "reload"]
+        yield process.wait_for_audit(lambda lines: any(line.get("action") == "reload" for line in lines))
+        [reload] = [line for line in process.audit_lines() if line.get("action") == "reload"]
         self.assertIn("model_table", reload["reloaded"])
         response = yield self.chat(ports, "smart", token=MASTER_KEY)
         self.assertEqual(response.code, 200, (yield response.text()))
         missing = yield self.http.get(f"http://127.0.0.1:{ports['API']}/v2/nothing")
         self.assertEqual(missing.code, 404)
         yield missing.content()
-        yield process.wait_for_audit(lambda lines: any(l.get("path") == "/v2/nothing" for l in lines))
+        yield process.wait_for_audit(lambda lines: any(line.get("path") == "/v2/nothing" for line in lines))
         self.assertEqual([r.json["model"] for r in self.fake.received], ["gpt-4o", "o3"])
-        responses = [(l["claw_id"], l["model"]) for l in process.audit_lines() if l["type"] == "response"]
+        responses = [(line["claw_id"], line["model"]) for line in process.audit_lines() if line["type"] == "response"]
         self.assertEqual(responses, [(AGENT, "gpt-4"), ("master", "smart")])
-        [notfound] = [l for l in process.audit_lines() if l.get("path") == "/v2/nothing"]
+        [notfound] = [line for line in process.audit_lines() if line.get("path") == "/v2/nothing"]
         self.assertEqual((notfound["type"], notfound["status_code"], notfound["claw_id"]), ("error", 404, None))

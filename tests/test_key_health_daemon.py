@@ -107,8 +107,8 @@ class DaemonKeyHealthTests(TestCase):
             self.assertNotIn(secret, text)
 
         yield process.wait_for_audit(
-            lambda lines: [l["action"] for l in lines if l["type"] == "provider_pool"] == ["suspect", "ready"]
-            and sum(l["type"] in ("response", "error") for l in lines) == 4
+            lambda lines: [line["action"] for line in lines if line["type"] == "provider_pool"] == ["suspect", "ready"]
+            and sum(line["type"] in ("response", "error") for line in lines) == 4
         )
         transport.signalProcess("TERM")
         self.assertEqual((yield process.ended), 0)

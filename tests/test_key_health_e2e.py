@@ -240,7 +240,7 @@ class AgentGoneTests(TestCase):
         self.assertEqual(line["status_code"], 499)
         # The key was still judged, but nothing more was sent for that agent.
         self.assertEqual([(r.method, presented_key(r)) for r in h.fake.received], [("POST", PROVIDER_KEY), ("GET", PROVIDER_KEY)])
-        self.assertEqual([l["action"] for l in _pool_lines(h)], ["suspect", "dead"])
+        self.assertEqual([line["action"] for line in _pool_lines(h)], ["suspect", "dead"])
 
 
 class PerModelCooldownTests(TestCase):

@@ -177,7 +177,7 @@ class FullDiskDaemonTests(TestCase):
         self.assertEqual((code, json.loads(body)["ledger"]), (200, {"state": "ok", "pending_rows": 0}))
         response, _ = yield self.chat(BUDGETED, BUDGETED_SECRET)
         self.assertEqual(response.code, 200)
-        refusals = [l for l in process.audit_lines() if l["type"] == "error" and l["status_code"] == 503]
+        refusals = [line for line in process.audit_lines() if line["type"] == "error" and line["status_code"] == 503]
         self.assertEqual(len(refusals), 3)  # audited, all three
 
         transport.signalProcess("TERM")

@@ -138,7 +138,7 @@ class AnthropicSdkTests(TestCase):
         self.assertEqual(received.json["model"], "claude-test")
         yield self.h.committed()
         self.assertEqual((yield self.h.ledger_rows()), [])
-        line = [l for l in self.h.audit_lines() if l["type"] == "response"][0]
+        line = [entry for entry in self.h.audit_lines() if entry["type"] == "response"][0]
         self.assertEqual(line["cost_usd"], 0.0)
 
     @defer.inlineCallbacks

@@ -58,7 +58,7 @@ class OperatorGuardTests(TestCase):
         return response, body
 
     def guard_lines(self):
-        return [(l["action"], l["surface"]) for l in self.h.audit_lines() if l["type"] == "operator" and "surface" in l]
+        return [(line["action"], line["surface"]) for line in self.h.audit_lines() if line["type"] == "operator" and "surface" in line]
 
     @defer.inlineCallbacks
     def test_history_stops_comparing_guesses_yet_the_right_token_works(self):

@@ -121,9 +121,9 @@ class KeyPoolTests(TestCase):
                 ("POST", "/v1/chat/completions", "Bearer sk-key-two-bbbb"),
             ],
         )
-        pool_lines = [l for l in h.audit_lines() if l["type"] == "provider_pool"]
-        self.assertEqual([l["action"] for l in pool_lines], ["suspect", "dead"])
-        self.assertEqual({l["provider"] for l in pool_lines}, {"openai"})
+        pool_lines = [line for line in h.audit_lines() if line["type"] == "provider_pool"]
+        self.assertEqual([line["action"] for line in pool_lines], ["suspect", "dead"])
+        self.assertEqual({line["provider"] for line in pool_lines}, {"openai"})
         self.assertEqual(pool_lines[1]["reason"], "unauthorized: re-check confirmed (GET /v1/models answered 401)")
         self.assertNotIn("sk-key-one-aaaa", h.audit_text())
         # The dead key is not tried again.
@@ -142,7 +142,7 @@ class KeyPoolTests(TestCase):
         body = yield response.json()
         self.assertEqual(body["error"]["code"], "provider_keys_exhausted")
         self.assertEqual(len(h.fake.received), 2)
-        actions = [l["action"] for l in h.audit_lines() if l["type"] == "provider_pool"]
+        actions = [line["action"] for line in h.audit_lines() if line["type"] == "provider_pool"]
         self.assertEqual(actions, ["cooldown", "cooldown"])
 
     @defer.inlineCallbacks
@@ -206,7 +206,7 @@ class AgentBehaviourTests(TestCase):
         yield h.fake.wait_for_disconnect()
         # The proxy records the request as closed by the client.
         yield h.wait_for_audit(lambda line: line.get("status_code") == 499)
-        [line] = [l for l in h.audit_lines() if l["type"] == "error"]
+        [line] = [entry for entry in h.audit_lines() if entry["type"] == "error"]
         self.assertEqual(line["error"], "client disconnected")
         self.assertEqual(line["claw_id"], AGENT)
 

@@ -183,7 +183,7 @@ class SlowAgentTests(StreamBillingCase):
         agent = yield self.connect(StallingAgent(raw_request(doc, agent=PAYER)))
         yield agent.first_data
         yield self.h.fake.paused  # backpressure reached the provider
-        line = yield self.h.wait_for_audit(lambda l: l["type"] in ("response", "error"))
+        line = yield self.h.wait_for_audit(lambda entry: entry["type"] in ("response", "error"))
         self.assertEqual((line["type"], line["status_code"]), ("error", 408), line)
         self.assertEqual(line["error"], "stream cut: the agent read nothing for 1.5 s")
         yield self.h.fake.wait_for_disconnect()  # the provider's connection is closed
@@ -243,7 +243,7 @@ class SlowAgentTests(StreamBillingCase):
         yield agent.wait_for(b'"text":"abcd"')
         agent.transport.abortConnection()
         yield self.h.fake.wait_for_disconnect()
-        yield self.h.wait_for_audit(lambda l: l.get("status_code") == 499)
+        yield self.h.wait_for_audit(lambda line: line.get("status_code") == 499)
         row = yield self.only_row()
         self.assertEqual((row["status"], row["input_tokens"], row["estimated"]), (499, 25, True))
         self.assertGreaterEqual(row["output_tokens"], 1)
@@ -488,8 +488,8 @@ class DaemonTests(TestCase):
         doc = chat_body(model="openai/gpt-test", stream=True, max_tokens=100)
         agent = yield self.connect(ports["API"], StallingAgent(raw_request(doc, agent=PAYER)))
         yield agent.first_data
-        yield process.wait_for_audit(lambda lines: any(l["type"] in ("response", "error") for l in lines))
-        [line] = [l for l in process.audit_lines() if l["type"] in ("response", "error")]
+        yield process.wait_for_audit(lambda lines: any(line["type"] in ("response", "error") for line in lines))
+        [line] = [entry for entry in process.audit_lines() if entry["type"] in ("response", "error")]
         self.assertEqual((line["status_code"], line["error"], line["estimated"]), (408, "stream cut: the agent read nothing for 1.5 s", True))
         self.assertGreater(line["cost_usd"], HARD_BUDGET["limit_usd"])
         # The hard budget was charged: the agent's next request is refused.

@@ -151,7 +151,8 @@ class OpenAIBuilderTests(SynchronousTestCase):
         self.assertTrue(body.endswith(b"\n\ndata: [DONE]\n\n"))
         events = body.split(b"\n\n")
         self.assertEqual(events[-1], b"")
-        for raw, chunk in zip(events, chunks):
+        # Every chunk, then [DONE], then the empty tail.
+        for raw, chunk in zip(events[:-2], chunks, strict=True):
             self.assertTrue(raw.startswith(b"data: {"))
             self.assertEqual(json.loads(raw[len(b"data: ") :]), chunk)
         self.assertEqual(len(events), len(chunks) + 2)
@@ -246,7 +247,7 @@ class AnthropicBuilderTests(SynchronousTestCase):
         self.assertEqual(b"".join(anthropic_sse_events(events)), body)
         parts = body.split(b"\n\n")
         self.assertEqual(parts[-1], b"")
-        for raw, (name, data) in zip(parts, events):
+        for raw, (name, data) in zip(parts[:-1], events, strict=True):
             head, payload = raw.split(b"\n")
             self.assertEqual(head, b"event: " + name.encode())
             self.assertEqual(json.loads(payload[len(b"data: ") :]), data)
@@ -321,7 +322,7 @@ class FakeProviderTests(TestCase):
 
     def test_base_url(self) -> None:
         self.assertRegex(self.fake.base_url, r"^http://127\.0\.0\.1:\d+/v1$")
-        self.assertEqual(self.fake.base_url, "http://127.0.0.1:%d/v1" % (self.fake.port,))
+        self.assertEqual(self.fake.base_url, f"http://127.0.0.1:{self.fake.port}/v1")
 
     async def test_records_requests(self) -> None:
         body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -597,7 +598,7 @@ class FakeProviderTests(TestCase):
         events = [(n, json.loads(d)) for n, d in parse_sse(raw)]
         self.assertEqual([n for n, _ in events[:3]], ["message_start", "content_block_start", "ping"])
         self.assertEqual([n for n, _ in events[-3:]], ["content_block_stop", "message_delta", "message_stop"])
-        for name, data in events[:2] + events[-3:]:
+        for _, data in events[:2] + events[-3:]:
             STREAM_EVENT.validate_python(data)
 
     async def test_stop_with_request_in_flight(self) -> None:

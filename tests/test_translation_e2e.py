@@ -52,7 +52,7 @@ class Harnessed(TestCase):
         self.addCleanup(self.openai.close)
 
     def translated_lines(self):
-        return [l for l in self.h.audit_lines() if l["type"] == "intervention"]
+        return [line for line in self.h.audit_lines() if line["type"] == "intervention"]
 
 
 class AnthropicSdkToOpenAIProvider(Harnessed):

@@ -260,7 +260,7 @@ class TimelineTests(SynchronousTestCase):
         budget = parse_budget({"limit_usd": 1, "window": "24h"})
         timeline = SpendTimeline(quantum=quantum_for(budget))
         now = 1_700_000_000.0
-        for i in range(3 * 86400 // 7):  # a request every 7 s for three days
+        for _ in range(3 * 86400 // 7):  # a request every 7 s for three days
             now += 7
             timeline.prune(budget, now)
             timeline.add(now, 0.001)

@@ -124,8 +124,8 @@ class GuardTests(SynchronousTestCase):
         self.assertEqual(guard.refusal("10.0.0.1", "history"), 1)
         self.assertEqual(guard.refusal("10.0.0.1", "history"), 1)  # reported once
         lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-        self.assertEqual([l["action"] for l in lines], ["auth_failed"] * 6 + ["auth_throttled"])
-        self.assertEqual({l["type"] for l in lines}, {"operator"})
+        self.assertEqual([line["action"] for line in lines], ["auth_failed"] * 6 + ["auth_throttled"])
+        self.assertEqual({line["type"] for line in lines}, {"operator"})
         self.assertEqual(lines[5]["failures"], 6)
         self.assertEqual(lines[-1]["surface"], "history")
         self.assertEqual(lines[-1]["retry_after"], 1)
