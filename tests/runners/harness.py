@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 
 from tests.secret_scan import SCANNER
 from tests.runners import install
@@ -45,8 +46,7 @@ RUN_TIMEOUT = 240.0
 # Install on first use, then the run: the trial timeout covers both.
 TEST_TIMEOUT = install.INSTALL_TIMEOUT + RUN_TIMEOUT + 60
 
-# Install times measured in this test process, reported by the tests.
-INSTALL_SECONDS: dict[str, float] = {}
+log = Logger()
 
 
 class Daemon(protocol.ProcessProtocol):
@@ -194,14 +194,19 @@ class Loop:
         return self
 
     @defer.inlineCallbacks
-    def run(self, runner, argv: list[str], env: dict[str, str], timeout: float = RUN_TIMEOUT):
-        """Install C{runner} if needed, then run C{argv} in the work directory."""
+    def install(self, runner):
+        """Install C{runner} unless its cache holds it; a failure fails the test."""
         try:
             seconds = yield deferToThread(install.ensure, runner)
         except install.InstallError as e:
             self.case.fail(str(e))
         if seconds:
-            INSTALL_SECONDS[runner.name] = seconds
+            log.info("installed {name} {version} in {seconds:.1f} s", name=runner.name, version=runner.version, seconds=seconds)
+
+    @defer.inlineCallbacks
+    def run(self, runner, argv: list[str], env: dict[str, str], timeout: float = RUN_TIMEOUT):
+        """Install C{runner} if needed, then run C{argv} in the work directory."""
+        yield self.install(runner)
         path = [runner.node_bin_dir] if runner.node_bin_dir else []
         path += [os.path.dirname(runner.executable), "/usr/local/bin", "/usr/bin", "/bin"]
         full_env = {"PATH": os.pathsep.join(path), "HOME": self.home, "LANG": "C.UTF-8", "TERM": "dumb"}

@@ -55,7 +55,9 @@ class NpmRunner:
     name: str
     package: str
     version: str
-    bin: str
+    # The package's command, or None for a library driven by a script of ours
+    # (the executable is then Node itself).
+    bin: str | None
     extra: tuple[str, ...] = ()
     node: str | None = None
 
@@ -65,6 +67,10 @@ class NpmRunner:
 
     @property
     def executable(self) -> str:
+        if self.bin is None:
+            if self.node_bin_dir is not None:
+                return os.path.join(self.node_bin_dir, "node")
+            return shutil.which("node") or "node"
         return os.path.join(self.directory, "node_modules", ".bin", self.bin)
 
     @property
@@ -186,3 +192,9 @@ OPENCODE = NpmRunner("opencode", "opencode-ai", "1.18.33", "opencode")
 # OpenClaw's engines want Node >= 24.16 (its install script refuses older ones).
 OPENCLAW = NpmRunner("openclaw", "openclaw", "2026.9.6", "openclaw", node="24.22.3")
 AIDER = PipRunner("aider", "aider-chat", "0.86.2", "aider")
+# Libraries, driven by the scripts in tests/runners/scripts/.
+# The AI SDK's engines want Node >= 22.
+AI_SDK = NpmRunner(
+    "ai-sdk", "ai", "7.0.185", None, extra=("@ai-sdk/openai@4.0.126", "@ai-sdk/anthropic@4.0.112"), node="24.22.3"
+)
+LANGCHAIN = PipRunner("langchain", "langchain-openai", "1.8.1", "python", extra=("langchain-anthropic==1.7.10",))
