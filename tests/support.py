@@ -33,7 +33,8 @@ from cllama_tx.runtime.config import LISTEN_BACKLOG
 from cllama_tx.providers.probe import UpstreamProber
 from cllama_tx.providers.registry import ProviderRegistry
 from cllama_tx.pipeline.proxy import Proxy
-from cllama_tx.pipeline.relay import UpstreamClient
+from cllama_tx.runtime.twisted_private import pending_request_line
+from cllama_tx.runtime.upstream import UpstreamClient
 from cllama_tx.testing import FakeProvider
 
 from tests.secret_scan import SCANNER
@@ -230,6 +231,7 @@ class ProxyHarness:
                 keys_api=self.keys_api,
                 billing=self.billing,
             ),
+            request_line=pending_request_line,
         )
         self.operations = Operations(
             clock=reactor, audit=self.audit, ledger=self.ledger, governance=self.governance,

@@ -1,6 +1,9 @@
 """
-The upstream side: one persistent connection pool, and the streaming relay
-that pipes an upstream body to the agent chunk by chunk.
+The upstream side of one request: the streaming relay that pipes an
+upstream body to the agent chunk by chunk, and the helpers around it (small
+bodies read whole, response headers copied).  The HTTP client that sends
+the request is the daemon's (L{cllama_tx.runtime.upstream}), handed to the
+proxy.
 
 The relay never holds the stream: each chunk is handed to the caller's
 C{on_data} as it arrives (which meters it and writes it to the agent, or
@@ -19,45 +22,13 @@ from typing import Callable
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone, _ensureValidURI, _HTTP11ClientFactory
+from twisted.internet.interfaces import IPushProducer
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.internet.interfaces import IPushProducer
-from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 log = Logger()
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """
-    A request body that is already in memory: written in one go, with its
-    length known up front (no chunked upload, no extra reactor turn).
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer):
-        consumer.write(self._body)
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Upstream connections come and go all day; they are not log events."""
-
-    noisy = False
 
 
 class UpstreamTimeout(Exception):
@@ -75,74 +46,6 @@ class AgentStalled(Exception):
     def __init__(self, seconds: float) -> None:
         super().__init__(f"the agent read nothing for {seconds:g} s")
         self.seconds = seconds
-
-
-class UpstreamClient:
-    """
-    The one HTTP client of the daemon: a persistent pool shared by every
-    request, no redirects, no cookies.
-    """
-
-    MAX_TARGETS = 256
-
-    def __init__(
-        self,
-        reactor,
-        connect_timeout: float,
-        tls_policy: IPolicyForHTTPS | None = None,
-        max_per_host: int = 64,
-    ) -> None:
-        self._reactor = reactor
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool._factory = _QuietClientFactory
-        self.pool.maxPersistentPerHost = max_per_host
-        self.pool.cachedConnectionTimeout = 120
-        kwargs = {"pool": self.pool, "connectTimeout": connect_timeout}
-        if tls_policy is not None:
-            kwargs["contextFactory"] = tls_policy
-        self._agent = Agent(reactor, **kwargs)
-        self._targets: dict[bytes, tuple] = {}
-        # Agent's per-URL work is skipped through its two internal steps;
-        # should a Twisted release rename them, requests take the public way.
-        self._direct = all(hasattr(self._agent, name) for name in ("_requestWithEndpoint", "_getEndpoint"))
-
-    def request(
-        self, method: bytes, url: bytes, headers: Headers, body: bytes | None
-    ) -> defer.Deferred:
-        """Send one request; the Deferred fires with the response headers."""
-        producer = BytesProducer(body) if body is not None else None
-        target = self._targets.get(url)
-        if target is None:
-            if not self._direct:
-                return self._agent.request(method, url, headers, producer)
-            try:
-                target = self._target(url)
-            except Exception:
-                return defer.fail()
-        key, endpoint, parsed = target
-        return self._agent._requestWithEndpoint(
-            key, endpoint, method, parsed, headers, producer, parsed.originForm
-        )
-
-    def _target(self, url: bytes) -> tuple:
-        """
-        What C{Agent.request} works out from a URL on every call (validation,
-        parsing, a new endpoint object): done once per upstream URL.  The
-        URLs are few (providers times paths), the cache is bounded anyway.
-        """
-        parsed = URI.fromBytes(_ensureValidURI(url.strip()))
-        target = (
-            (parsed.scheme, parsed.host, parsed.port),
-            self._agent._getEndpoint(parsed),
-            parsed,
-        )
-        if len(self._targets) >= self.MAX_TARGETS:
-            self._targets.clear()
-        self._targets[url] = target
-        return target
-
-    def close(self) -> defer.Deferred:
-        return self.pool.closeCachedConnections()
 
 
 def read_body(response, limit: int = 1024 * 1024) -> defer.Deferred:

@@ -27,7 +27,7 @@ _PROBE_BODY_LIMIT = 256 * 1024
 
 
 class UpstreamProber:
-    """Probes keys through C{upstream} (a L{cllama_tx.pipeline.relay.UpstreamClient})."""
+    """Probes keys through C{upstream} (a L{cllama_tx.runtime.upstream.UpstreamClient})."""
 
     def __init__(self, upstream, clock, timeout: float = PROBE_TIMEOUT) -> None:
         self._upstream = upstream

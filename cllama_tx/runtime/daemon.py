@@ -51,7 +51,8 @@ from cllama_tx.runtime.descriptors import fit_descriptors
 from cllama_tx.sites.guard import ConnectionGuard, GuardLimits
 from cllama_tx.sites.operations import Operations
 from cllama_tx.pipeline.proxy import Proxy
-from cllama_tx.pipeline.relay import UpstreamClient
+from cllama_tx.runtime import twisted_private
+from cllama_tx.runtime.upstream import UpstreamClient
 from cllama_tx.runtime.tls import upstream_tls_policy
 from cllama_tx.sites.ui import TokenFileError, UiApp, build_ui_site, ensure_ui_token
 from cllama_tx.runtime.writethrough import install as install_write_through
@@ -308,6 +309,8 @@ def build_guards(config: Config, reactor) -> tuple[ConnectionGuard, ConnectionGu
 
 
 def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.MultiService:
+    # Say so at start-up when this Twisted lacks a private name we use (each has a fallback).
+    twisted_private.report(log)
     if config.write_through:
         install_write_through(reactor)
     tune_gc(reactor)
@@ -458,6 +461,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
             billing=billing,
             guard=operator_guard,
         ),
+        request_line=twisted_private.pending_request_line,
     )
     operations = Operations(
         clock=reactor,

@@ -16,13 +16,13 @@ from __future__ import annotations
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from cllama_tx.pipeline.tls_failures import CA_FILE_ENV
 from cllama_tx.runtime.errors import ConfigError
+from cllama_tx.runtime.twisted_private import TrustRootUnavailable, platform_trust_plus
 
 
 class UpstreamCAError(ConfigError):
@@ -50,22 +50,19 @@ def load_ca_certificates(path: str) -> list[x509.Certificate]:
     return certificates
 
 
-@implementer(IOpenSSLTrustRoot)
-class _PlatformPlusExtra:
-    """The platform trust store plus some extra trusted certificates."""
+def _adder(extra: list[x509.Certificate]):
+    """What adds C{extra} to an OpenSSL context's trust store (after the platform's CAs)."""
+    certs = [crypto.X509.from_cryptography(cert) for cert in extra]
 
-    def __init__(self, extra: list[x509.Certificate]) -> None:
-        self._platform = ssl.platformTrust()
-        self._extra = [crypto.X509.from_cryptography(cert) for cert in extra]
-
-    def _addCACertsToContext(self, context: SSL.Context) -> None:
-        self._platform._addCACertsToContext(context)
+    def add(context: SSL.Context) -> None:
         store = context.get_cert_store()
-        for cert in self._extra:
+        for cert in certs:
             try:
                 store.add_cert(cert)
             except crypto.Error:
                 pass  # already in the store (the same CA in both places)
+
+    return add
 
 
 @implementer(IPolicyForHTTPS)
@@ -78,7 +75,10 @@ class UpstreamTLSPolicy:
 
     def __init__(self, extra: list[x509.Certificate]) -> None:
         self.extra_count = len(extra)
-        self._trust = _PlatformPlusExtra(extra)
+        try:
+            self._trust = platform_trust_plus(_adder(extra))
+        except TrustRootUnavailable as e:
+            raise UpstreamCAError(f"{CA_FILE_ENV}: {e}") from None
 
     def creatorForNetloc(self, hostname: bytes, port: int):
         return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)

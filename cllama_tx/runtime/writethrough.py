@@ -25,56 +25,30 @@ a plain TCP transport.  Connections that terminate TLS in the transport
 Twisted's own path.
 
 The daemon installs it once at start, on its reactor (the reactor's
-C{_doReadOrWrite} and C{runUntilCurrent} are wrapped on the instance);
-C{CLLAMA_WRITE_THROUGH=0} keeps Twisted's behaviour.
+dispatchers are wrapped on the instance); C{CLLAMA_WRITE_THROUGH=0} keeps
+Twisted's behaviour.  The transport state and reactor methods it relies on
+are Twisted's private ones, named in L{cllama_tx.runtime.twisted_private}.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from twisted.internet import tcp
 from twisted.logger import Logger
 
-PLAIN = (tcp.Server, tcp.Client)
+from cllama_tx.runtime.twisted_private import PLAIN_TCP, may_send_directly, send_now, unwrap_dispatchers, wrap_dispatchers
+
+PLAIN = PLAIN_TCP
 _log = Logger()
-# The reactor's entry points into our code: one I/O event, and the timed
-# calls and thread callbacks of a turn.
-_DISPATCHERS = ("_doReadOrWrite", "runUntilCurrent")
 _saved: dict[type, dict[str, Any]] = {}
 _reactors: list[Any] = []
 _batch: list[dict[Any, list[bytes]] | None] = [None]  # the writes of the running dispatch
 
 
-def _eligible(transport: Any) -> bool:
-    """
-    May C{transport}'s writes skip Twisted's buffer right now?  The
-    transport's private state is read with defaults that say no, so a
-    Twisted release that renames it gets its own buffered path, not errors.
-    """
-    return not (
-        type(transport) not in PLAIN
-        or transport.TLS
-        or not transport.connected
-        or getattr(transport, "_writeDisconnected", True)
-        or getattr(transport, "_aborting", False)
-        or getattr(transport, "_tempDataLen", True)
-        or getattr(transport, "offset", None) != len(getattr(transport, "dataBuffer", b"?"))
-        # A pull producer is asked for more each time the buffer drains,
-        # which only the buffered path notices.
-        or (transport.producer is not None and not transport.streamingProducer)
-    )
-
-
-def _send(transport: Any, data: bytes) -> bytes:
-    """Send what the kernel takes now; return the rest."""
-    try:
-        sent = transport.socket.send(data)
-    except OSError:
-        # EAGAIN, or a broken connection: the regular path buffers the data
-        # and its next writability poll finds out which it was.
-        return data
-    return data[sent:]
+# May a transport's writes skip Twisted's buffer right now; send what the
+# kernel takes (both read Twisted's private transport state).
+_eligible = may_send_directly
+_send = send_now
 
 
 def _original(transport: Any, name: str) -> Any:
@@ -153,11 +127,9 @@ def install(reactor: Any) -> None:
         }
         cls.write = _write
         cls.writeSequence = _write_sequence
-    # An instance attribute shadows the method: the poll loop looks both up
-    # on the reactor each time round.
-    for name in _DISPATCHERS:
-        if hasattr(reactor, name):
-            setattr(reactor, name, _batched(getattr(reactor, name)))
+    # The reactor's entry points into our code: one I/O event, and the
+    # timed calls and thread callbacks of a turn.
+    wrap_dispatchers(reactor, _batched)
     _reactors.append(reactor)
 
 
@@ -171,8 +143,7 @@ def uninstall() -> None:
                 delattr(cls, name)
     _saved.clear()
     for reactor in _reactors:
-        for name in _DISPATCHERS:
-            reactor.__dict__.pop(name, None)
+        unwrap_dispatchers(reactor)
     _reactors.clear()
 
 

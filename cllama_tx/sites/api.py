@@ -12,6 +12,8 @@ audited here.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 from klein import Klein
 from twisted.logger import Logger
@@ -88,15 +90,20 @@ class CappedRequest(GuardedRequest):
     _refused = False
     _received = 0
     _limit = 0
+    _target = b""
 
     def gotLength(self, length):
         channel = self.channel
         site = channel.site
-        path = _target_path(channel)
-        gate = site.gate
+        # Twisted sets method and path once the body is in; until then the
+        # site's accessor reads them off the channel (None: it cannot, and
+        # the body is then only capped, its credentials checked after it).
+        line = site.request_line(channel)
+        gate = site.gate if line is not None else None
+        method, target = line if line is not None else (b"", b"")
+        path = self._target = target.split(b"?", 1)[0]
         self._limit = site.max_body_bytes
         if gate is not None:
-            method = getattr(channel, "_command", b"")
             self._limit = gate.body_limit(method, path)
             refused = gate.check(self, method, path, length)
             if refused is not None:
@@ -112,7 +119,7 @@ class CappedRequest(GuardedRequest):
             return
         self._received += len(data)
         if self._received > self._limit:
-            self._refuse_oversized(_target_path(self.channel))
+            self._refuse_oversized(self._target)
             return
         super().handleContentChunk(data)
 
@@ -147,16 +154,16 @@ class CappedRequest(GuardedRequest):
         refuse_request(self, refused.status, refused.body, headers)
 
 
-def _target_path(channel) -> bytes:
-    """The path of the request whose headers the channel is reading (no query)."""
-    return (getattr(channel, "_path", b"") or b"").split(b"?", 1)[0]
-
-
 class ApiSite(GuardedSite, Site):
     """
     The API's Site: exact-path dispatch to the inference resources, the
     Klein app for the rest, requests checked on their headers (L{HeaderGate}),
     capped bodies, and (with a guard) capped connections with deadlines.
+
+    @param request_line: C{(channel) -> (method, target) | None}, the request
+        line of the request whose headers a channel is reading; Twisted keeps
+        it private until the body is in, so the runtime hands in its accessor
+        (L{cllama_tx.runtime.twisted_private.pending_request_line}).
     """
 
     requestFactory = CappedRequest
@@ -169,6 +176,8 @@ class ApiSite(GuardedSite, Site):
         audit=None,
         gate: HeaderGate | None = None,
         guard: ConnectionGuard | None = None,
+        *,
+        request_line: Callable[[Any], tuple[bytes, bytes] | None],
     ):
         # No form parsing: twisted.web would otherwise build an email.Message
         # per POST to look at its Content-Type (a tenth of the per-request CPU).
@@ -177,6 +186,7 @@ class ApiSite(GuardedSite, Site):
         self.max_body_bytes = max_body_bytes
         self.audit = audit
         self.gate = gate
+        self.request_line = request_line
         self.noisy = False
         if guard is not None:
             self.set_guard(guard)
@@ -490,7 +500,13 @@ def model_refs(context, providers, pricing) -> list[str]:
 
 
 def build_api_site(
-    proxy: Proxy, max_body_bytes: int, audit=None, app: ApiApp | None = None, guard: ConnectionGuard | None = None
+    proxy: Proxy,
+    max_body_bytes: int,
+    audit=None,
+    app: ApiApp | None = None,
+    guard: ConnectionGuard | None = None,
+    *,
+    request_line: Callable[[Any], tuple[bytes, bytes] | None],
 ) -> ApiSite:
     surfaces = {surface.path.encode(): surface for surface in (CHAT, MESSAGES, COUNT_TOKENS)}
     # The same surfaces without /v1, as LiteLLM serves them: SDKs given a
@@ -500,4 +516,4 @@ def build_api_site(
     gate = HeaderGate(proxy, surfaces, max_body_bytes)
     app = app or ApiApp()
     app.bind(proxy, audit)
-    return ApiSite(app.app.resource(), hot, max_body_bytes, audit, gate=gate, guard=guard)
+    return ApiSite(app.app.resource(), hot, max_body_bytes, audit, gate=gate, guard=guard, request_line=request_line)

@@ -411,8 +411,8 @@ class GuardedRequest(Request):
         super().requestReceived(command, path, version)
 
     def finish(self):
-        if not self.finished and not self._disconnected:
-            conn = _connection(self)
+        if not self.finished:
+            conn = _connection(self)  # None once the connection is lost (no channel)
             if conn is not None:
                 # Before the channel replays a pipelined request's bytes.
                 conn.factory.move(conn, IDLE)

@@ -1,11 +1,8 @@
-"""StreamRelay without a reactor: timers, producer registration, outcomes; and the upstream client's per-URL targets, against a fake provider."""
+"""StreamRelay without a reactor: timers, producer registration, outcomes."""
 
-import json
-
-from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.internet.error import ConnectionLost
 
@@ -220,58 +217,3 @@ class StreamRelayTests(SynchronousTestCase):
         relay.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(self.request.unregistered, 0)
         self.failureResultOf(relay.done, ConnectionLost)
-
-
-class UpstreamTargetTests(TestCase):
-    """The per-URL work of Agent.request, done once per upstream URL."""
-
-    @defer.inlineCallbacks
-    def test_same_url_reuses_its_target_and_still_arrives(self):
-        from twisted.internet import reactor
-        from twisted.web.http_headers import Headers
-
-        from cllama_tx.pipeline.relay import UpstreamClient, read_body
-        from cllama_tx.testing import FakeProvider, Reply
-
-        fake = FakeProvider(reactor)
-        yield fake.start()
-        self.addCleanup(fake.stop)
-        client = UpstreamClient(reactor, 5.0)
-        self.addCleanup(client.close)
-        url = f"http://127.0.0.1:{fake.port}/v1/chat/completions?x=1".encode()
-        for n in range(2):
-            fake.enqueue(Reply(json={"n": n}))
-            response = yield client.request(b"POST", url, Headers({b"content-type": [b"application/json"]}), b"{}")
-            self.assertEqual(response.code, 200)
-            self.assertEqual(json.loads((yield read_body(response))), {"n": n})
-        self.assertEqual(list(client._targets), [url])
-        key, endpoint, parsed = client._targets[url]
-        self.assertEqual(key, (b"http", b"127.0.0.1", fake.port))
-        self.assertEqual([(r.method, r.path, r.query) for r in fake.received],
-                         [("POST", "/v1/chat/completions", "x=1")] * 2)
-        self.assertEqual(fake.received[1].headers["host"], [f"127.0.0.1:{fake.port}"])
-
-    @defer.inlineCallbacks
-    def test_bad_url_fails_the_deferred(self):
-        from twisted.internet import reactor
-        from twisted.web.http_headers import Headers
-
-        from cllama_tx.pipeline.relay import UpstreamClient
-
-        client = UpstreamClient(reactor, 5.0)
-        self.addCleanup(client.close)
-        d = client.request(b"GET", b"http://bad host/\x00", Headers(), None)
-        yield self.assertFailure(d, ValueError)
-        self.assertEqual(client._targets, {})
-
-    def test_the_cache_is_bounded(self):
-        from twisted.internet import reactor
-
-        from cllama_tx.pipeline.relay import UpstreamClient
-
-        client = UpstreamClient(reactor, 5.0)
-        self.patch(UpstreamClient, "MAX_TARGETS", 3)
-        for i in range(5):
-            client._target(f"http://127.0.0.1:1/{i}".encode())
-        self.assertLessEqual(len(client._targets), 3)
-        self.assertIn(b"http://127.0.0.1:1/4", client._targets)

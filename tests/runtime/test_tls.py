@@ -22,7 +22,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 import attrs
 
 from cllama_tx.runtime.config import Config, ConfigError
-from cllama_tx.pipeline.relay import UpstreamClient
+from cllama_tx.runtime.upstream import UpstreamClient
 from cllama_tx.pipeline.tls_failures import describe_tls_failure
 from cllama_tx.runtime.tls import (
     UpstreamCAError,

@@ -1,0 +1,420 @@
+"""
+Twisted's private names, in one place.
+
+The daemon leans on a few parts of Twisted that are not its public API,
+each for a reason measured or needed (the reason is in each accessor's
+docstring).  Private names can change in any Twisted release, so they are
+named here and nowhere else: the rest of the package calls the small
+accessors below, L{missing} lists what the installed Twisted no longer
+has, the daemon logs that list at start-up, and
+C{tests/runtime/test_twisted_private.py} fails loudly on it.  C{setup.py}
+bounds Twisted to the releases this was checked against (L{CHECKED_WITH}).
+
+Every accessor has a fallback for a Twisted without its names: the
+public, slower or plainer way where there is one, a refusal at start-up
+where there is none (an extra upstream CA).  None of them fails a request.
+
+Twisted's own camelCase names stay as Twisted spells them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import socket
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from twisted.internet import defer, tcp
+from twisted.web import client as web_client
+from twisted.web import http
+
+CHECKED_WITH = "Twisted 26.10"
+"""
+The Twisted release every name below was checked against, the one
+C{setup.py} allows.  (They are all in 24.7.0 and 26.4.0 too, but the
+daemon needs 26.10 for a public reason: C{Site(parsePOSTFormSubmission=)}.)
+"""
+
+
+def _optional(module: str, name: str) -> Any:
+    """C{module.name}, or None when this Twisted has no such thing."""
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+IOpenSSLTrustRoot: Any = _optional("twisted.internet._sslverify", "IOpenSSLTrustRoot")
+
+
+class PrivateName(NamedTuple):
+    """One private name: where it lives, what uses it, what happens without it."""
+
+    name: str
+    used_for: str
+    fallback: str
+
+
+NAMES: tuple[PrivateName, ...] = (
+    PrivateName(
+        "twisted.web.client._HTTP11ClientFactory and HTTPConnectionPool._factory",
+        "upstream connections open and close without a log line each",
+        "the pool keeps Twisted's factory: each upstream connection logs its start and stop",
+    ),
+    PrivateName(
+        "twisted.web.client._ensureValidURI, Agent._getEndpoint, Agent._requestWithEndpoint",
+        "the upstream URL is validated and parsed and its endpoint built once per URL, not per request",
+        "every request takes Agent.request (about 17 us more per request)",
+    ),
+    PrivateName(
+        "twisted.internet._sslverify.IOpenSSLTrustRoot._addCACertsToContext",
+        "CLLAMA_UPSTREAM_CA_FILE: the operator's CAs trusted in addition to the platform store",
+        "the daemon refuses to start with CLLAMA_UPSTREAM_CA_FILE set and says why; without it nothing changes",
+    ),
+    PrivateName(
+        "FileDescriptor._tempDataLen, dataBuffer, offset, _writeDisconnected; tcp.Connection._aborting, socket",
+        "write-through: a callback's writes leave with one send() when the transport's buffer is empty",
+        "a transport without them is written Twisted's buffered way",
+    ),
+    PrivateName(
+        "reactor._doReadOrWrite (and the public runUntilCurrent), looked up on the instance",
+        "write-through: the writes of one I/O event are sent when its callback returns",
+        "the writes of I/O events take Twisted's buffered way (timed calls still write through)",
+    ),
+    PrivateName(
+        "HTTPChannel._command, HTTPChannel._path while a request's headers are read",
+        "the API decides on a request's headers, before its body, whether to read the body at all",
+        "the header gate is skipped: bodies are capped by CLLAMA_MAX_BODY_SIZE only, credentials checked after the body",
+    ),
+)
+
+
+# -- the upstream HTTP client: twisted.web.client ------------------------------------------
+
+_HTTP11ClientFactory: Any = _optional("twisted.web.client", "_HTTP11ClientFactory")
+_ensureValidURI: Any = _optional("twisted.web.client", "_ensureValidURI")
+
+
+def _quiet_factory() -> Any:
+    if _HTTP11ClientFactory is None:
+        return None
+
+    class _QuietClientFactory(_HTTP11ClientFactory):
+        """Upstream connections come and go all day; they are not log events."""
+
+        noisy = False
+
+    return _QuietClientFactory
+
+
+_QuietClientFactory: Any = _quiet_factory()
+
+
+def quiet_pool(pool: web_client.HTTPConnectionPool) -> bool:
+    """
+    Make C{pool}'s connections open and close without a log line each
+    (Twisted logs every factory start and stop; upstream connections come
+    and go all day).  Twisted has no public switch: the pool builds its
+    connections with its private C{_factory}, a subclass of the private
+    C{_HTTP11ClientFactory}.  Checked against L{CHECKED_WITH}.
+
+    @return: False, and the pool left as it was, when this Twisted has
+        neither (the connections then log).
+    """
+    if _QuietClientFactory is None or getattr(pool, "_factory", None) is not _HTTP11ClientFactory:
+        return False
+    pool._factory = _QuietClientFactory
+    return True
+
+
+class AgentSteps(NamedTuple):
+    """
+    C{Agent.request} in its two steps: C{target(url)} does the per-URL work
+    (validation, parsing, a new endpoint; raises on a bad URL) and returns a
+    target to keep; C{send(target, method, headers, producer)} sends one
+    request to it.
+    """
+
+    target: Callable[[bytes], Any]
+    send: Callable[..., defer.Deferred]
+
+
+def agent_steps(agent: web_client.Agent) -> AgentSteps | None:
+    """
+    C{agent}'s request split at its private seams, so the per-URL work of
+    C{Agent.request} (17 us a request: validate, parse, build an endpoint
+    object) is done once per upstream URL: C{_ensureValidURI} (in
+    C{twisted.web.client}), C{Agent._getEndpoint(uri)} and
+    C{Agent._requestWithEndpoint(key, endpoint, method, parsedURI, headers,
+    bodyProducer, requestPath)}.  Checked against L{CHECKED_WITH}.
+
+    @return: None when this Twisted lacks any of them; the caller then
+        uses the public C{agent.request}.
+    """
+    get_endpoint = getattr(agent, "_getEndpoint", None)
+    request_with_endpoint = getattr(agent, "_requestWithEndpoint", None)
+    ensure_valid = _ensureValidURI
+    if get_endpoint is None or request_with_endpoint is None or ensure_valid is None:
+        return None
+    from_bytes = web_client.URI.fromBytes
+
+    def target(url: bytes) -> tuple:
+        parsed = from_bytes(ensure_valid(url.strip()))
+        return (parsed.scheme, parsed.host, parsed.port), get_endpoint(parsed), parsed
+
+    def send(target: tuple, method: bytes, headers, producer) -> defer.Deferred:
+        key, endpoint, parsed = target
+        return request_with_endpoint(key, endpoint, method, parsed, headers, producer, parsed.originForm)
+
+    return AgentSteps(target, send)
+
+
+# -- TLS towards the providers: twisted.internet._sslverify ---------------------------------
+
+
+class TrustRootUnavailable(Exception):
+    """This Twisted cannot take a trust root of ours; the message says why."""
+
+
+def platform_trust_plus(add_extra: Callable[[Any], None]) -> Any:
+    """
+    A trust root for C{optionsForClientTLS(trustRoot=...)}: the platform's
+    CA store, then C{add_extra(context)} (which adds more certificates to
+    the OpenSSL context's store).  Twisted has no public way to widen the
+    platform store: a trust root provides the private
+    C{IOpenSSLTrustRoot} (in C{twisted.internet._sslverify}) whose one
+    method, C{_addCACertsToContext(context)}, Twisted calls on each new
+    context; the platform's own trust root is asked the same way.
+    Checked against L{CHECKED_WITH}.
+
+    @raise TrustRootUnavailable: this Twisted has neither; there is no
+        fallback that keeps the platform store, so the caller refuses the
+        setting at start-up.
+    """
+    from twisted.internet import ssl
+
+    platform = ssl.platformTrust()
+    add_platform = getattr(platform, "_addCACertsToContext", None)
+    if IOpenSSLTrustRoot is None or add_platform is None:
+        raise TrustRootUnavailable(
+            "this Twisted release has no IOpenSSLTrustRoot._addCACertsToContext "
+            f"(checked with {CHECKED_WITH}), so extra CAs cannot be added to the platform store"
+        )
+    from zope.interface import alsoProvides
+
+    add_platform_cas: Callable[[Any], None] = add_platform  # not None, as checked above
+
+    class _PlatformPlus:
+        def _addCACertsToContext(self, context) -> None:
+            add_platform_cas(context)
+            add_extra(context)
+
+    root = _PlatformPlus()
+    alsoProvides(root, IOpenSSLTrustRoot)
+    return root
+
+
+# -- write-through: tcp transports and the reactor's dispatch --------------------------------
+
+PLAIN_TCP = (tcp.Server, tcp.Client)
+"""The transports write-through sends from: plain TCP (their TLS, if any, is in the protocol)."""
+
+REACTOR_DISPATCHERS = ("_doReadOrWrite", "runUntilCurrent")
+"""
+The reactor's entry points into our code, looked up on the reactor each
+time round the poll loop: one I/O event, and a turn's timed calls and
+thread callbacks.  C{_doReadOrWrite} is private (C{PosixReactorBase},
+C{SelectReactor}); checked against L{CHECKED_WITH}.
+"""
+
+
+def may_send_directly(transport: Any) -> bool:
+    """
+    May C{transport}'s writes skip Twisted's buffer right now: a plain,
+    open TCP transport that is not closing or aborting, with nothing
+    buffered, and no pull producer (which only the buffered path asks for
+    more).  Reads C{FileDescriptor}'s private buffer state
+    (C{_tempDataLen}, C{dataBuffer}, C{offset}, C{_writeDisconnected}) and
+    C{tcp.Connection._aborting} with defaults that say no, so a Twisted
+    release that renames them gets its buffered path, not errors.
+    Checked against L{CHECKED_WITH}.
+    """
+    return not (
+        type(transport) not in PLAIN_TCP
+        or transport.TLS
+        or not transport.connected
+        or getattr(transport, "_writeDisconnected", True)
+        or getattr(transport, "_aborting", False)
+        or getattr(transport, "_tempDataLen", True)
+        or getattr(transport, "offset", None) != len(getattr(transport, "dataBuffer", b"?"))
+        or (transport.producer is not None and not transport.streamingProducer)
+    )
+
+
+def send_now(transport: Any, data: bytes) -> bytes:
+    """
+    Send what the kernel takes now on C{transport}'s socket (the
+    undocumented C{tcp.Connection.socket}); return the rest, all of it on
+    any error (EAGAIN, or a broken connection: the buffered path's next
+    writability poll finds out which).  Only called when
+    L{may_send_directly} said yes.
+    """
+    try:
+        sent = transport.socket.send(data)
+    except (OSError, AttributeError):
+        return data
+    return data[sent:]
+
+
+def wrap_dispatchers(reactor: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> list[str]:
+    """
+    Replace C{reactor}'s L{REACTOR_DISPATCHERS} on the instance with
+    C{wrap(original)} (an instance attribute shadows the method; the poll
+    loop looks both up on the reactor each time round).
+
+    @return: the names wrapped; one this reactor lacks is left out (its
+        events are then handled unwrapped).
+    """
+    wrapped = []
+    for name in REACTOR_DISPATCHERS:
+        if hasattr(reactor, name):
+            setattr(reactor, name, wrap(getattr(reactor, name)))
+            wrapped.append(name)
+    return wrapped
+
+
+def unwrap_dispatchers(reactor: Any) -> None:
+    """Undo L{wrap_dispatchers}: C{reactor}'s own methods again."""
+    for name in REACTOR_DISPATCHERS:
+        reactor.__dict__.pop(name, None)
+
+
+# -- the request line while a request's headers are read: twisted.web.http -----------------
+
+
+def pending_request_line(channel: Any) -> tuple[bytes, bytes] | None:
+    """
+    The method and target (path and query) of the request whose headers
+    C{channel} is reading, as C{Request.gotLength} sees it: Twisted sets
+    C{request.method} and C{request.uri} only once the body is in, and
+    keeps the request line until then in the private C{HTTPChannel._command}
+    and C{_path}.  Checked against L{CHECKED_WITH}.
+
+    @return: None when the channel has neither (another Twisted, another
+        channel class): the caller then decides without the request line.
+    """
+    command = getattr(channel, "_command", None)
+    path = getattr(channel, "_path", None)
+    if not isinstance(command, bytes) or not isinstance(path, bytes):
+        return None
+    return command, path
+
+
+# -- what is missing ---------------------------------------------------------------------
+
+
+def _has_params(function: Any, names: tuple[str, ...]) -> bool:
+    try:
+        params = tuple(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params[: len(names)] == names or params[1 : len(names) + 1] == names
+
+
+def _missing_transport_state() -> list[str]:
+    """The private buffer state a plain TCP transport lacks (built on a socket pair, never connected)."""
+    a, b = socket.socketpair()
+    try:
+        connection: Any = tcp.Connection  # never connected: no protocol, no reactor
+        transport = connection(a, None, reactor=object())
+        wanted = ("_tempDataLen", "dataBuffer", "offset", "_writeDisconnected", "_aborting", "socket", "TLS")
+        return [f"tcp.Connection.{name}" for name in wanted if not hasattr(transport, name)]
+    finally:
+        a.close()
+        b.close()
+
+
+def missing() -> list[str]:
+    """
+    The private names (see L{NAMES}) this Twisted lacks or has in another
+    shape, each said as "where: what"; empty when all are there.
+    """
+    gone: list[str] = []
+    if _HTTP11ClientFactory is None:
+        gone.append("twisted.web.client._HTTP11ClientFactory: absent")
+    elif not _has_params(_HTTP11ClientFactory.__init__, ("quiescentCallback", "metadata")):
+        gone.append("twisted.web.client._HTTP11ClientFactory(quiescentCallback, metadata): other signature")
+    if getattr(web_client.HTTPConnectionPool, "_factory", None) is not _HTTP11ClientFactory:
+        gone.append("twisted.web.client.HTTPConnectionPool._factory: absent or not _HTTP11ClientFactory")
+    if _ensureValidURI is None:
+        gone.append("twisted.web.client._ensureValidURI: absent")
+    agent = web_client.Agent
+    if not _has_params(getattr(agent, "_getEndpoint", None), ("uri",)):
+        gone.append("twisted.web.client.Agent._getEndpoint(uri): absent or other signature")
+    shape = ("key", "endpoint", "method", "parsedURI", "headers", "bodyProducer", "requestPath")
+    if not _has_params(getattr(agent, "_requestWithEndpoint", None), shape):
+        gone.append(f"twisted.web.client.Agent._requestWithEndpoint({', '.join(shape)}): absent or other signature")
+    if IOpenSSLTrustRoot is None:
+        gone.append("twisted.internet._sslverify.IOpenSSLTrustRoot: absent")
+    elif "_addCACertsToContext" not in IOpenSSLTrustRoot.names():
+        gone.append("twisted.internet._sslverify.IOpenSSLTrustRoot._addCACertsToContext: absent")
+    from twisted.internet import ssl
+
+    if not hasattr(ssl.platformTrust(), "_addCACertsToContext"):
+        gone.append("twisted.internet.ssl.platformTrust()._addCACertsToContext: absent")
+    gone.extend(_missing_transport_state())
+    gone.extend(_missing_dispatchers())
+    gone.extend(_missing_channel_state())
+    return gone
+
+
+def _missing_dispatchers() -> list[str]:
+    """The reactor classes of this platform that lack a dispatcher write-through wraps."""
+    from twisted.internet import selectreactor
+
+    classes: list[type] = [selectreactor.SelectReactor]
+    try:
+        from twisted.internet import epollreactor
+    except ImportError:  # not Linux
+        pass
+    else:
+        classes.append(epollreactor.EPollReactor)
+    return [
+        f"{cls.__module__}.{cls.__name__}.{name}: absent"
+        for cls in classes
+        for name in REACTOR_DISPATCHERS
+        if not callable(getattr(cls, name, None))
+    ]
+
+
+def _missing_channel_state() -> list[str]:
+    """Feed a request line and a header to an HTTPChannel: are C{_command} and C{_path} set?"""
+    from twisted.internet.testing import StringTransport
+
+    channel = http.HTTPChannel()
+    channel.timeOut = None  # no idle timer: nothing on any reactor
+    channel.makeConnection(StringTransport())
+    try:
+        channel.dataReceived(b"POST /probe?x=1 HTTP/1.1\r\nHost: probe\r\n")
+        if pending_request_line(channel) != (b"POST", b"/probe?x=1"):
+            return ["twisted.web.http.HTTPChannel._command/_path: not set while headers are read"]
+        return []
+    finally:
+        channel.connectionLost(None)
+
+
+def report(log: Any) -> list[str]:
+    """Log (a warning on C{log}, a L{twisted.logger.Logger}) what this Twisted lacks; return it."""
+    gone = missing()
+    if gone:
+        import twisted
+
+        log.warn(
+            "Twisted {version} lacks private names this daemon was checked with ({checked}): {gone}; "
+            "their fallbacks apply (docs/OPERATIONS.md, 'Twisted's private names')",
+            version=twisted.__version__,
+            checked=CHECKED_WITH,
+            gone="; ".join(gone),
+        )
+    return gone

@@ -1,0 +1,105 @@
+"""
+The upstream HTTP client: one persistent connection pool shared by every
+request, no redirects, no cookies.  The daemon builds it and hands it to
+the proxy (C{Proxy(upstream=...)}) and the key prober; it lives here, not
+in the pipeline, because it reaches into Twisted's private seams
+(L{cllama_tx.runtime.twisted_private}) to do the per-URL work of
+C{Agent.request} once per URL.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
+from zope.interface import implementer
+
+from cllama_tx.runtime.twisted_private import agent_steps, quiet_pool
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A request body that is already in memory: written in one go, with its
+    length known up front (no chunked upload, no extra reactor turn).
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer):
+        consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class UpstreamClient:
+    """
+    The one HTTP client of the daemon: a persistent pool shared by every
+    request, no redirects, no cookies.
+    """
+
+    MAX_TARGETS = 256
+
+    def __init__(
+        self,
+        reactor,
+        connect_timeout: float,
+        tls_policy: IPolicyForHTTPS | None = None,
+        max_per_host: int = 64,
+    ) -> None:
+        self._reactor = reactor
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        quiet_pool(self.pool)
+        self.pool.maxPersistentPerHost = max_per_host
+        self.pool.cachedConnectionTimeout = 120
+        kwargs = {"pool": self.pool, "connectTimeout": connect_timeout}
+        if tls_policy is not None:
+            kwargs["contextFactory"] = tls_policy
+        self._agent = Agent(reactor, **kwargs)
+        self._targets: dict[bytes, tuple] = {}
+        # Agent's per-URL work is skipped through its two internal steps;
+        # should a Twisted release rename them, requests take the public way.
+        self._steps = agent_steps(self._agent)
+
+    def request(
+        self, method: bytes, url: bytes, headers: Headers, body: bytes | None
+    ) -> defer.Deferred:
+        """Send one request; the Deferred fires with the response headers."""
+        producer = BytesProducer(body) if body is not None else None
+        steps = self._steps
+        if steps is None:  # Agent.request raises on a bad URL: a failed Deferred, as below
+            return defer.maybeDeferred(self._agent.request, method, url, headers, producer)
+        target = self._targets.get(url)
+        if target is None:
+            try:
+                target = self._target(url)
+            except Exception:
+                return defer.fail()
+        return steps.send(target, method, headers, producer)
+
+    def _target(self, url: bytes) -> tuple:
+        """
+        What C{Agent.request} works out from a URL on every call (validation,
+        parsing, a new endpoint object): done once per upstream URL.  The
+        URLs are few (providers times paths), the cache is bounded anyway.
+        """
+        assert self._steps is not None
+        target = self._steps.target(url)
+        if len(self._targets) >= self.MAX_TARGETS:
+            self._targets.clear()
+        self._targets[url] = target
+        return target
+
+    def close(self) -> defer.Deferred:
+        return self.pool.closeCachedConnections()
