@@ -100,14 +100,23 @@ def _imports(path: str, modules: dict[str, str], top_level_only: bool) -> Iterat
 
 
 def _module_level(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """The statements run at import time (not those under C{if TYPE_CHECKING:})."""
     for node in body:
         yield node
-        if isinstance(node, (ast.If, ast.Try, ast.With)):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            yield from _module_level(node.orelse)
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
             yield from _module_level(node.body)
             yield from _module_level(getattr(node, "orelse", []))
             for handler in getattr(node, "handlers", []):
                 yield from _module_level(handler.body)
             yield from _module_level(getattr(node, "finalbody", []))
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _known(dotted: str, modules: dict[str, str]) -> str:
@@ -243,9 +252,16 @@ class ArrowTests(SynchronousTestCase):
             f.write("from cllama_tx.runtime.daemon import makeService\n")
             f.write("def later():\n    from cllama_tx.sites import api\n")
             f.write("from cllama_tx.surfaces import matrix\n")
+            f.write("if TYPE_CHECKING:\n    from cllama_tx.pipeline.proxy import Proxy\n")
         found = list(_imports(path, self.modules, top_level_only=False))
         self.assertEqual(
-            sorted(found), [(1, "cllama_tx.runtime.daemon"), (3, "cllama_tx.sites.api"), (4, "cllama_tx.surfaces.matrix")]
+            sorted(found),
+            [
+                (1, "cllama_tx.runtime.daemon"),
+                (3, "cllama_tx.sites.api"),
+                (4, "cllama_tx.surfaces.matrix"),
+                (6, "cllama_tx.pipeline.proxy"),
+            ],
         )
         self.assertEqual(
             sorted(_imports(path, self.modules, top_level_only=True)),

@@ -12,13 +12,14 @@ the reactor.
 from __future__ import annotations
 
 import json
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from cllama_tx.runtime.bounded_output import BoundedOutput, Gap, open_sink
 from cllama_tx.interfaces import IAuditLog
+from cllama_tx.runtime.bounded_output import BoundedOutput, Gap, open_sink
 from cllama_tx.store.records import rfc3339_ms
 
 log = Logger()
@@ -103,6 +104,7 @@ class AuditLog:
         self._clock = clock
         self._schedule = schedule
         self._pending: list[str] = []
+        self._write: Callable[[list[str]], object]
         if isinstance(output, BoundedOutput):
             self._write = lambda lines: output.write_records([line.encode() for line in lines])
         else:

@@ -33,7 +33,8 @@ import socket
 import stat
 import time
 from collections import deque
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -50,7 +51,7 @@ class Gap:
     first_at: float
     last_at: float
 
-    def merged(self, other: "Gap | None") -> "Gap":
+    def merged(self, other: Gap | None) -> Gap:
         if other is None:
             return self
         return Gap(
@@ -281,6 +282,8 @@ class BoundedOutput:
 
     def _close_gap(self) -> None:
         gap, self._gap = self._gap, None
+        if gap is None:
+            return
         record = self._gap_record(gap)
         self._buf += record
         self._entries.append([len(record), gap])
@@ -401,7 +404,7 @@ class BoundedOutput:
             self._send()
         if not self._buf and self._gap is None:
             return succeed(0)
-        d = Deferred()
+        d: Deferred[int] = Deferred()
         self._waiters.append(d)
         timer = self._reactor.callLater(timeout, self._release_waiters)
 

@@ -14,7 +14,8 @@ import sys
 import urllib.error
 import urllib.request
 
-from cllama_tx.runtime.config import ConfigError, DEFAULT_API_ADDR, endpoint_port, listen_endpoint
+from cllama_tx.runtime.config import DEFAULT_API_ADDR, endpoint_port, listen_endpoint
+from cllama_tx.runtime.errors import ConfigError
 
 HEALTHCHECK_TIMEOUT = 3.0
 

@@ -5,7 +5,7 @@ scraped, so the connections themselves pay nothing for it.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 

@@ -40,8 +40,9 @@ TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 6
 _CLIENT_CLOSED = 499
 
 # Proxy error codes that say what went wrong talking to the provider,
-# reported as the status label of upstream_errors_total.
-_TRANSPORT_LABELS = {
+# reported as the status label of upstream_errors_total (looked up with a
+# request's error code, None when it has none).
+_TRANSPORT_LABELS: dict[str | None, str] = {
     "upstream_timeout": "timeout",
     "upstream_unreachable": "transport",
     "upstream_interrupted": "transport",
