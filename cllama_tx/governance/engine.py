@@ -434,9 +434,12 @@ class Governance:
         if admission is None:
             return
         ex.admission = None
-        success = 200 <= row.status < 300
+        # Token counting (count_tokens) is free and no inference: it never
+        # counts against max_requests (the ledger keeps no row of it, so a
+        # budget seeded after a restart would not count it either).
+        success = 200 <= row.status < 300 and getattr(ex.surface, "billable", True)
         if admission.rate_key is not None:
-            actual = row.input_tokens + row.output_tokens
+            actual = row.prompt_tokens + row.output_tokens
             self._limiter.settle(admission.rate_key, admission.token_estimate, actual, admitted_at=admission.rate_at)
         for held in admission.reservations:
             if success or row.cost_usd > 0:

@@ -80,7 +80,9 @@ def audit_fields(row: LedgerRow) -> dict:
         "provider": row.provider,
         "effective_model": row.effective_model,
         "stream": row.stream,
-        "tokens_in": row.input_tokens,
+        # The contract's tokens_in is every prompt token (CONTRACT 7); the
+        # row keeps plain input apart from the cache tokens.
+        "tokens_in": row.prompt_tokens,
         "tokens_out": row.output_tokens,
         "cached_tokens": row.cache_read_tokens,
         "cache_write_tokens": row.cache_write_tokens,
@@ -227,7 +229,7 @@ class Metering:
             stream=ex.stream,
             latency_ms=latency_ms,
             ttfb_ms=ttfb_ms,
-            input_tokens=usage.prompt_tokens,
+            input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             cache_read_tokens=usage.cache_read_tokens,
             cache_write_tokens=usage.cache_write_tokens,

@@ -56,6 +56,11 @@ def _iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def _prompt_tokens(row: dict) -> int:
+    """Every prompt token of a ledger row: plain input, cache reads and writes."""
+    return row["input_tokens"] + row["cache_read_tokens"] + row["cache_write_tokens"]
+
+
 def spend_log(row: dict) -> dict:
     """One ledger row in LiteLLM's spend-log shape (never a key, only its hash)."""
     return {
@@ -68,9 +73,10 @@ def spend_log(row: dict) -> dict:
         "model_group": row["requested_model"],
         "custom_llm_provider": row["provider"],
         "spend": row["cost_usd"],
-        "prompt_tokens": row["input_tokens"],
+        # The row keeps plain input apart from the cache tokens (docs/LEDGER.md).
+        "prompt_tokens": _prompt_tokens(row),
         "completion_tokens": row["output_tokens"],
-        "total_tokens": row["input_tokens"] + row["output_tokens"],
+        "total_tokens": _prompt_tokens(row) + row["output_tokens"],
         "startTime": _iso(row["ts"]),
         "endTime": _iso(row["ts"] + row["latency_ms"] / 1000.0),
         "status": "success" if 200 <= row["status"] < 300 else "failure",

@@ -33,11 +33,14 @@ Row semantics (also in C{docs/LEDGER.md}):
   - an B{error} is a row whose status is not 2xx/3xx (C{status < 200 or
     status >= 400}, so a status of 0 for "no response" is an error);
   - a row is B{metered} when its agent, provider and effective model are
-    all known: only metered rows appear in C{costs_api()} and C{spend()}.
-    Rows refused before identification (agent L{None}) and rows of a known
-    agent that never reached a provider are counted in
-    L{Totals.requests}, L{Totals.errors}, L{Totals.unidentified_requests}
-    and L{Totals.unrouted_requests} only;
+    all known: only metered rows appear in C{costs_api()} (the contract's
+    record of requests that reached a provider).  C{period()} and
+    C{spend()} count every row of a known agent, those that never reached
+    a provider as L{UNROUTED}.  Rows refused before identification (agent
+    L{None}) are counted in L{Totals.requests}, L{Totals.errors} and
+    L{Totals.unidentified_requests} only;
+  - the token columns are disjoint: C{input_tokens} is plain input, the
+    cache reads and writes are apart, C{prompt_tokens} is the three summed;
   - empty strings in the text columns are stored as NULL (SQL C{NULL}).
 """
 
@@ -65,7 +68,16 @@ from cllama_tx.store.records import LedgerRow
 from cllama_tx.store.spill import SpillError, read_spill, remove_spill, spill_path, write_spill
 from cllama_tx.store.writer import HELD, WAL_RESET_BYTES, Call, Row, Writer, open_inline
 
-__all__ = ["HELD", "NOT_KEPT", "LedgerClosed", "LedgerSchemaError", "SqliteLedger", "Totals"]
+__all__ = [
+    "HELD",
+    "NOT_KEPT",
+    "SPEND_COUNTS",
+    "UNROUTED",
+    "LedgerClosed",
+    "LedgerSchemaError",
+    "SqliteLedger",
+    "Totals",
+]
 
 NOT_KEPT = "not_kept"
 """
@@ -77,11 +89,14 @@ a provider (it costs nothing; its audit line is its record).
 DEFAULT_BACKLOG = 10000
 """Rows held in memory at most while the storage refuses them (about 1 KiB each)."""
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The version written to C{meta}; a newer one in the file refuses to start.
 
 1: C{requests}, C{rollups}.  2: C{rollups.counted_requests} and
-C{rollups.counted_unpriced_requests} (budget seeding), C{budget_overrides}."""
+C{rollups.counted_unpriced_requests} (budget seeding), C{budget_overrides}.
+3: C{input_tokens} is plain input, without the cache tokens (versions 1
+and 2 stored every prompt token there, so the views counted the cache
+twice); older rows and rollups are converted."""
 
 PRUNE_INTERVAL = 3600.0
 """Seconds between two retention prunes."""
@@ -210,29 +225,69 @@ _BUCKET_FIELDS = tuple(f.name for f in attrs.fields(Bucket))
 Key = tuple["str | None", "str | None", "str | None"]
 
 
-def summarise(models: dict[tuple[str, str], Bucket]) -> dict[str, Any]:
+UNROUTED = "(unrouted)"
+"""The provider and model shown for requests refused before routing."""
+
+SPEND_COUNTS = {
+    "requests": (
+        "every request of an agent or virtual key, refused ones included; those refused "
+        "before routing (no provider or model) are listed under \"(unrouted)\" and counted "
+        "in unrouted_requests; count_tokens calls are free and not requests"
+    ),
+    "tokens": (
+        "input_tokens is plain input; cache_read_tokens and cache_write_tokens are the "
+        "cached prompt tokens; prompt_tokens is the sum of the three (every prompt token)"
+    ),
+    "cost": (
+        "cost_usd is what the requests that reached a provider cost; priced_requests and "
+        "unpriced_requests count those requests only"
+    ),
+}
+"""What the totals of the spend shape (L{summarise}) count, stated in the answers."""
+
+
+def _model_order(item: tuple[tuple[str | None, str | None], Bucket]) -> tuple[bool, str, str]:
+    (provider, model), _ = item
+    return (provider is None or model is None, provider or "", model or "")
+
+
+def summarise(models: dict[tuple[str | None, str | None], Bucket]) -> dict[str, Any]:
     """
     The spend-view shape of buckets keyed by C{(provider, model)}.  Token
     fields mirror the ledger rows (C{input_tokens} is plain input) and
     C{prompt_tokens} is their sum with the cache tokens.
+
+    A key with no provider or model holds requests refused before routing:
+    listed last, as L{UNROUTED}, with C{routed} false.  They count as
+    requests (and errors), but as neither priced nor unpriced: no price
+    applies to a request that reached no provider, and it cost nothing.
     """
     total = Bucket()
+    unrouted = 0
     out_models = []
-    for (provider, model), bucket in sorted(models.items()):
+    for (provider, model), bucket in sorted(models.items(), key=_model_order):
         if bucket.requests <= 0:
             continue
+        routed = provider is not None and model is not None
+        if not routed:
+            bucket = attrs.evolve(bucket, priced_requests=0, unpriced_requests=0)
+            unrouted += bucket.requests
         total.add_bucket(bucket)
         out_models.append(
             {
-                "provider": provider,
-                "model": model,
+                "provider": provider or UNROUTED,
+                "model": model or UNROUTED,
+                "routed": routed,
                 **_bucket_dict(bucket),
-                "pricing_status": pricing_status(bucket.priced_requests, bucket.unpriced_requests),
+                "pricing_status": (
+                    pricing_status(bucket.priced_requests, bucket.unpriced_requests) if routed else "unrouted"
+                ),
             }
         )
     result = _bucket_dict(total)
     result["total_cost_usd"] = result.pop("cost_usd")
     result["total_requests"] = result.pop("requests")
+    result["unrouted_requests"] = unrouted
     result["pricing_status"] = pricing_status(total.priced_requests, total.unpriced_requests)
     result["models"] = out_models
     return result
@@ -262,7 +317,9 @@ class Totals:
 
     C{requests}, C{errors}, C{unidentified_requests} (agent L{None}) and
     C{unrouted_requests} (agent known, provider or model not) count every
-    row; C{costs_api()} and C{period()} count metered rows only.
+    row; C{costs_api()} counts metered rows only (the contract's record of
+    requests that reached a provider); C{period()} counts every row of a
+    known agent, the unrouted ones under L{UNROUTED}.
     """
 
     def __init__(self) -> None:
@@ -325,8 +382,8 @@ class Totals:
         }
 
     def agents(self) -> list[str]:
-        """Sorted ids of the agents with at least one metered request."""
-        return sorted({k[0] for k, b in self._all.items() if _metered(k) and b.requests})
+        """Sorted ids of the agents with at least one request (refused ones included)."""
+        return sorted({k[0] for k, b in self._all.items() if k[0] is not None and b.requests})
 
     def costs_api(self) -> dict[str, Any]:
         """
@@ -385,17 +442,18 @@ class Totals:
         self, since_day: str | None = None, until_day: str | None = None, agent: str | None = None
     ) -> dict[str, Any]:
         """
-        Metered spend over whole UTC days C{since_day} to C{until_day}
+        Spend over whole UTC days C{since_day} to C{until_day}
         (C{'YYYY-MM-DD'}, both inclusive, L{None} for open ends), in the
-        shape of L{SqliteLedger.spend}, answered from memory.
+        shape of L{SqliteLedger.spend}, answered from memory: every row of
+        a known agent, metered or refused before routing (L{summarise}).
         """
-        models: dict[tuple[str, str], Bucket] = {}
+        models: dict[tuple[str | None, str | None], Bucket] = {}
         for day, keys in self._days.items():
             if (since_day is not None and day < since_day) or (until_day is not None and day > until_day):
                 continue
             for key, bucket in keys.items():
-                if _metered(key) and (agent is None or key[0] == agent):
-                    models.setdefault((key[1], key[2]), Bucket()).add_bucket(bucket)  # type: ignore[arg-type]
+                if key[0] is not None and (agent is None or key[0] == agent):
+                    models.setdefault((key[1], key[2]), Bucket()).add_bucket(bucket)
         result = summarise(models)
         result.update(agent=agent, since_day=since_day, until_day=until_day)
         return result
@@ -524,6 +582,19 @@ CREATE TABLE IF NOT EXISTS budget_overrides (
     updated_at REAL NOT NULL,
     updated_by TEXT
 );
+""",
+    # 2 -> 3: versions 1 and 2 stored every prompt token in input_tokens
+    # (plain input plus cache reads and writes) while every reader took it
+    # for plain input; the cache part is taken out, so the four token
+    # columns are disjoint.  Every such row has input_tokens >= the cache
+    # tokens; a row that has not was not written that way and is left as it is.
+    2: """
+UPDATE requests SET input_tokens = input_tokens - cache_read_tokens - cache_write_tokens
+WHERE input_tokens >= cache_read_tokens + cache_write_tokens
+  AND cache_read_tokens + cache_write_tokens > 0;
+UPDATE rollups SET input_tokens = input_tokens - cache_read_tokens - cache_write_tokens
+WHERE input_tokens >= cache_read_tokens + cache_write_tokens
+  AND cache_read_tokens + cache_write_tokens > 0;
 """,
 }
 
@@ -1396,18 +1467,19 @@ class SqliteLedger(service.Service):
         self, agent: str | None = None, since: float | None = None, until: float | None = None
     ) -> defer.Deferred:
         """
-        Fires with metered spend in C{[since, until)} (epoch seconds, L{None}
+        Fires with the spend in C{[since, until)} (epoch seconds, L{None}
         for an open end), of one agent or all, in the shape of
-        L{summarise} plus C{agent}, C{since}, C{until} and C{exact}.
+        L{summarise} plus C{agent}, C{since}, C{until} and C{exact}: every
+        row of a known agent, as L{Totals.period} counts them.
 
         Rows still in C{requests} are counted to the second; pruned history
         comes from C{rollups}, which know only whole UTC days: a rollup day
         that overlaps the period is counted whole, and C{exact} is false
         when such a day lies only partly inside the period.
         """
-        where = ["agent IS NOT NULL", "provider IS NOT NULL", "effective_model IS NOT NULL"]
+        where = ["agent IS NOT NULL"]
         args: list[Any] = []
-        rwhere = ["agent != ''", "provider != ''", "model != ''"]
+        rwhere = ["agent != ''"]
         rargs: list[Any] = []
         partial_days: list[str] = []
         if agent is not None:
@@ -1436,7 +1508,7 @@ class SqliteLedger(service.Service):
             f"WHERE {' AND '.join(where)} GROUP BY provider, effective_model"
         )
         rollups_sql = (
-            f"SELECT provider, model, {_ROLLUP_SUMS_SQL} FROM rollups "
+            f"SELECT NULLIF(provider, ''), NULLIF(model, ''), {_ROLLUP_SUMS_SQL} FROM rollups "
             f"WHERE {' AND '.join(rwhere)} GROUP BY provider, model"
         )
         partial_sql = (
@@ -1445,7 +1517,7 @@ class SqliteLedger(service.Service):
         )
 
         def query(conn: sqlite3.Connection) -> dict[str, Any]:
-            models: dict[tuple[str, str], Bucket] = {}
+            models: dict[tuple[str | None, str | None], Bucket] = {}
             for sql, sql_args in ((requests_sql, args), (rollups_sql, rargs)):
                 for provider, model, *counters in conn.execute(sql, sql_args):
                     models.setdefault((provider, model), Bucket()).add_bucket(_bucket_from(counters))

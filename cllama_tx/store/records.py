@@ -47,7 +47,14 @@ class Usage:
 
 @attrs.frozen
 class LedgerRow:
-    """One client request as the ledger keeps it."""
+    """
+    One client request as the ledger keeps it.
+
+    The four token counts are disjoint, like the rates they are billed at
+    (L{Usage}): C{input_tokens} is plain input only, without the cache
+    reads and writes, so C{prompt_tokens} (their sum) is every prompt token
+    and a sum over rows never counts a token twice (C{docs/LEDGER.md}).
+    """
 
     request_id: str
     ts: float  # epoch seconds when the request arrived
@@ -71,3 +78,8 @@ class LedgerRow:
     key_id: str | None = None
     team_id: str | None = None
     user_id: str | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Every prompt token: plain input plus cache reads and writes."""
+        return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens

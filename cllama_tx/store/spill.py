@@ -52,15 +52,31 @@ def _check_private(path: str, what: str, kind: int) -> None:
         raise SpillError(f"{path}: the spill {what} is writable by others (mode {stat.S_IMODE(info.st_mode):o})")
 
 
+#: The spill line format.  Lines without C{format} were written by a
+#: version whose rows held every prompt token in C{input_tokens} (ledger
+#: schema 2 and older): they are converted on import, as the ledger's
+#: migration converts the rows already in the database.
+_FORMAT = 2
+
+
 def _encode(row: LedgerRow) -> str:
-    return json.dumps(attrs.asdict(row), separators=(",", ":"), allow_nan=False)
+    doc = attrs.asdict(row)
+    doc["format"] = _FORMAT
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
 def _decode(line: str) -> LedgerRow:
     doc = json.loads(line)
-    if not isinstance(doc, dict) or set(doc) != set(_FIELDS):
+    if not isinstance(doc, dict):
         raise ValueError("not a ledger row")
-    return LedgerRow(**doc)
+    version = doc.pop("format", 1)
+    if version not in (1, _FORMAT) or set(doc) != set(_FIELDS):
+        raise ValueError("not a ledger row")
+    row = LedgerRow(**doc)
+    cache = row.cache_read_tokens + row.cache_write_tokens
+    if version == 1 and cache and row.input_tokens >= cache:
+        row = attrs.evolve(row, input_tokens=row.input_tokens - cache)
+    return row
 
 
 def write_spill(path: str, rows: Iterable[LedgerRow]) -> str:

@@ -78,8 +78,9 @@ class OpenAIMeteringTests(MeteringCase):
         body = yield response.json()
         self.assertEqual(body["usage"]["prompt_tokens"], 1200)  # body untouched
         row = yield self.only_row()
+        # The row keeps plain input apart from the cache reads (1200 - 1000).
         self.assertEqual(
-            (row["input_tokens"], row["output_tokens"], row["cache_read_tokens"]), (1200, 300, 1000)
+            (row["input_tokens"], row["output_tokens"], row["cache_read_tokens"]), (200, 300, 1000)
         )
         expected = openai_cost(1200, 300, 1000)
         self.assertCost(row["cost_usd"], expected)
@@ -110,7 +111,7 @@ class OpenAIMeteringTests(MeteringCase):
         self.assertEqual(body, b"".join(events[:-2]) + events[-1])
         self.assertEqual(self.h.fake.received[0].json["stream_options"], {"include_usage": True})
         row = yield self.only_row()
-        self.assertEqual((row["input_tokens"], row["output_tokens"], row["cache_read_tokens"]), (40, 10, 20))
+        self.assertEqual((row["input_tokens"], row["output_tokens"], row["cache_read_tokens"]), (20, 10, 20))
         self.assertCost(row["cost_usd"], openai_cost(40, 10, 20))
         self.assertTrue(row["stream"])
 
@@ -289,9 +290,15 @@ class AnthropicMeteringTests(MeteringCase):
         row = yield self.only_row()
         self.assertEqual(
             (row["input_tokens"], row["output_tokens"], row["cache_read_tokens"], row["cache_write_tokens"]),
-            (2400, 50, 2000, 300),
+            (100, 50, 2000, 300),
         )
         self.assertCost(row["cost_usd"], anthropic_cost(100, 50, 2000, 300))
+        # The audit line's tokens_in is every prompt token (CONTRACT 7).
+        response_line = [l for l in self.h.audit_lines() if l["type"] == "response"][0]
+        self.assertEqual(
+            {k: response_line[k] for k in ("tokens_in", "cached_tokens", "cache_write_tokens")},
+            {"tokens_in": 2400, "cached_tokens": 2000, "cache_write_tokens": 300},
+        )
 
     @defer.inlineCallbacks
     def test_stream_with_cache_tokens(self):

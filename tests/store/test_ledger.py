@@ -201,7 +201,7 @@ class ServiceTests(LedgerCase):
         self.assertEqual(
             sql(ledger.path, "SELECT value FROM meta WHERE key = 'schema_version'"), [(str(SCHEMA_VERSION),)]
         )
-        self.assertEqual(SCHEMA_VERSION, 2)
+        self.assertEqual(SCHEMA_VERSION, 3)
         columns = [c[1] for c in sql(ledger.path, "PRAGMA table_info(requests)")]
         self.assertEqual(columns[0], "id")
         self.assertEqual(set(columns[1:]), {f.name for f in LedgerRow.__attrs_attrs__})
@@ -420,7 +420,8 @@ class TotalsTests(LedgerCase):
             ledger.totals().summary(),
             {"requests": 10, "errors": 4, "unidentified_requests": 1, "unrouted_requests": 2},
         )
-        self.assertEqual(ledger.totals().agents(), ["a", "b"])
+        # Every agent with a request, "c" (refused before routing only) too.
+        self.assertEqual(ledger.totals().agents(), ["a", "b", "c"])
 
     def test_pricing_status(self) -> None:
         self.assertEqual(pricing_status(3, 0), "priced")
@@ -461,12 +462,26 @@ class TotalsTests(LedgerCase):
         await self.record_all(ledger, mixed_rows())
         totals = ledger.totals()
         today = totals.period(utc_day(NOON), utc_day(NOON))
-        self.assertEqual(today["total_requests"], 5)  # a3 a4 a5 a6 b1
+        # a3 a4 a5 a6 b1, and b2 c1 refused before routing (not "anon": no agent).
+        self.assertEqual(today["total_requests"], 7)
+        self.assertEqual(today["unrouted_requests"], 2)
+        self.assertEqual(today["errors"], 3)
+        unrouted = today["models"][-1]
+        self.assertEqual(
+            {k: unrouted[k] for k in ("provider", "model", "routed", "requests", "errors", "priced_requests",
+                                      "unpriced_requests", "cost_usd", "pricing_status")},
+            {"provider": "(unrouted)", "model": "(unrouted)", "routed": False, "requests": 2, "errors": 2,
+             "priced_requests": 0, "unpriced_requests": 0, "cost_usd": 0.0, "pricing_status": "unrouted"},
+        )
+        self.assertTrue(all(m["routed"] for m in today["models"][:-1]))
+        # Refusals carry no price: they do not make the period "partial".
+        self.assertEqual(today["unpriced_requests"], 2)  # a3 a5
+        self.assertEqual(totals.period(agent="c")["pricing_status"], "priced")
         yesterday_on = totals.period(utc_day(NOON - DAY), None, agent="a")
         self.assertEqual(yesterday_on["total_requests"], 5)
         self.assertAlmostEqual(yesterday_on["total_cost_usd"], 0.625)
         self.assertEqual(yesterday_on["pricing_status"], "partial")
-        self.assertEqual(totals.period()["total_requests"], 7)
+        self.assertEqual(totals.period()["total_requests"], 9)
         self.assertEqual(totals.period("2000-01-01", "2000-01-02")["models"], [])
 
     def test_day_matches_sql(self) -> None:
@@ -592,13 +607,15 @@ class ReadTests(LedgerCase):
         ledger = self.open_ledger()
         await defer.gatherResults([ledger.record(r) for r in mixed_rows()])
         everything = await ledger.spend()
-        self.assertEqual(everything["total_requests"], 7)
+        # Every row of a known agent: b2 and c1, refused before routing, too.
+        self.assertEqual(everything["total_requests"], 9)
+        self.assertEqual(everything["unrouted_requests"], 2)
         self.assertAlmostEqual(everything["total_cost_usd"], 0.9375)
         self.assertEqual(everything["pricing_status"], "partial")
         self.assertTrue(everything["exact"])
-        self.assertEqual(everything["errors"], 1)
-        self.assertEqual(everything["input_tokens"], 600)
-        self.assertEqual(everything["prompt_tokens"], 655)
+        self.assertEqual(everything["errors"], 3)
+        self.assertEqual(everything["input_tokens"], 700)
+        self.assertEqual(everything["prompt_tokens"], 755)
         a_today = await ledger.spend("a", since=NOON - 1, until=NOON + 1)
         self.assertEqual(a_today["total_requests"], 4)
         self.assertEqual(

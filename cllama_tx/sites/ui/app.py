@@ -60,6 +60,7 @@ from cllama_tx.sites.ui.auth import (
 )
 from cllama_tx.sites.ui.live import LiveHub
 from cllama_tx.sites.ui.render import Static, Templates
+from cllama_tx.store.ledger import SPEND_COUNTS
 
 log = Logger(namespace="cllama_tx.sites.ui")
 
@@ -787,7 +788,7 @@ class UiApp:
         totals = self.services.ledger.totals()
         now = self._clock.seconds()
         doc = spend_periods(totals, now, None)
-        doc["agents"] = {agent: spend_periods(totals, now, agent) for agent in totals.agents()}
+        doc["agents"] = {agent: spend_periods(totals, now, agent, counts=False) for agent in totals.agents()}
         doc["summary"] = totals.summary()
         return self._json(request, 200, doc)
 
@@ -1044,11 +1045,16 @@ def actor_of(request) -> str:
     return f"operator-token@{client_address(request)}"
 
 
-def spend_periods(totals, now: float, agent: str | None) -> dict:
-    """Spend today, this calendar month and all time (UTC days), with models."""
+def spend_periods(totals, now: float, agent: str | None, *, counts: bool = True) -> dict:
+    """
+    Spend today, this calendar month and all time (UTC days), with models;
+    with C{counts}, what the totals count (L{SPEND_COUNTS}).
+    """
     today = time.strftime("%Y-%m-%d", time.gmtime(now))
     month_start = today[:8] + "01"
+    stated = {"counts": SPEND_COUNTS} if counts else {}
     return {
+        **stated,
         "agent": agent,
         "today": totals.period(today, today, agent),
         "month": totals.period(month_start, today, agent),

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import time
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Iterable, Mapping
 
 import cllama_tx
@@ -192,17 +193,36 @@ def count(value: int | float | None) -> str:
     return f"{int(value):,}"
 
 
+_COMPACT_UNITS = (("", 1), ("k", 10**3), ("M", 10**6), ("B", 10**9))
+
+
 def compact(value: int | float | None) -> str:
-    """C{987}, C{12.3k}, C{4.56M}, C{1.2B}."""
-    if value is None:
+    """
+    A count at a glance, in three significant digits and a unit: C{987},
+    C{12.3k}, C{100k}, C{230k}, C{4.56M}, C{1.2B}.  Rounded half up; only
+    zeros after the decimal point are dropped (100,300 is C{100k}, never
+    C{1k}); a count that rounds up to 1,000 of a unit takes the next unit
+    (999,950 is C{1M}).  Exact figures are in the JSON twins (docs/UI.md).
+    """
+    if value is None or not math.isfinite(value):
         return "–"
-    value = float(value)
-    for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= limit:
-            scaled = value / limit
-            text = f"{scaled:.2f}" if scaled < 10 else f"{scaled:.1f}" if scaled < 100 else f"{scaled:.0f}"
-            return text.rstrip("0").rstrip(".") + suffix
-    return f"{value:,.0f}"
+    number = Decimal(value) if isinstance(value, int) else Decimal(repr(float(value)))
+    sign = "-" if number < 0 else ""
+    number = abs(number)
+    last = len(_COMPACT_UNITS) - 1
+    for index, (suffix, size) in enumerate(_COMPACT_UNITS):
+        scaled = number / size
+        if index < last and scaled >= 1000:
+            continue
+        decimals = 0 if not suffix or scaled >= 100 else 1 if scaled >= 10 else 2
+        rounded = scaled.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP)
+        if index < last and rounded >= 1000:
+            continue  # 999.95k is 1M
+        text = f"{rounded:,.{decimals}f}"
+        if decimals:
+            text = text.rstrip("0").rstrip(".")
+        return sign + text + suffix
+    raise AssertionError("unreachable: the last unit always answers")
 
 
 def percent(fraction: float | None, digits: int = 0) -> str:

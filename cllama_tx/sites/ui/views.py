@@ -23,6 +23,36 @@ from cllama_tx.surfaces.errors import ProxyError
 
 DAY = 86400.0
 
+# What each page's totals count, stated in its JSON twin (docs/UI.md,
+# "What the numbers count").  The ledger is the record: every figure
+# below is a sum over its rows.
+COUNTS = {
+    "requests": (
+        "every request of an agent or virtual key the proxy answered, refused ones included "
+        "(those refused before routing, such as unknown model names, are listed as \"(unrouted)\" "
+        "and counted in unrouted_requests); count_tokens calls are free and not requests"
+    ),
+    "errors": "requests answered with a status below 200 or of 400 and above, refusals included",
+    "prompt_tokens": "every prompt token: plain input, cache reads and cache writes, each counted once",
+    "tokens": "prompt_tokens plus output_tokens",
+    "cost_usd": "what the requests that reached a provider cost, as priced from the ledger's rows",
+    "unpriced_requests": "requests that reached a provider whose model had no price: their cost is not in cost_usd",
+}
+BUDGET_COUNTS = {
+    "requests": (
+        "successful (2xx) inference requests in the budget's window; refusals, failures and "
+        "count_tokens calls do not count against max_requests"
+    ),
+    "cost_usd": "what the requests in the window cost, refused and failed ones included when they cost anything",
+}
+PRICING_COUNTS = {
+    "models": (
+        "models a provider served at least once (a 2xx answer); names that were refused, or "
+        "that the provider answered with an error only (a 404 for a model that does not exist), "
+        "are not listed"
+    ),
+}
+
 @attrs.define
 class Services:
     """Everything the pages read or change, handed over by the daemon."""
@@ -118,6 +148,7 @@ def _empty_period() -> dict:
         "output_tokens": 0,
         "cache_read_tokens": 0,
         "cache_write_tokens": 0,
+        "unrouted_requests": 0,
         "pricing_status": "priced",
         "models": [],
     }
@@ -139,7 +170,10 @@ def _brief(period: dict) -> dict:
         "tokens": period["prompt_tokens"] + period["output_tokens"],
         "prompt_tokens": period["prompt_tokens"],
         "output_tokens": period["output_tokens"],
+        "cache_read_tokens": period["cache_read_tokens"],
+        "cache_write_tokens": period["cache_write_tokens"],
         "unpriced_requests": period["unpriced_requests"],
+        "unrouted_requests": period["unrouted_requests"],
     }
 
 
@@ -299,7 +333,7 @@ def overview(services: Services, *, days: int = 30) -> dict:
             }
         )
     agents.sort(key=lambda a: (-a["month"]["cost_usd"], -a["month"]["requests"], a["agent"]))
-    month_models = _period(totals, month_start, today)["models"]
+    month_models = [m for m in _period(totals, month_start, today)["models"] if m["routed"]]
     top_models = sorted(month_models, key=lambda m: (-m["cost_usd"], -m["requests"]))[:6]
     providers = services.providers.snapshot()
     summary = totals.summary() if totals is not None else {}
@@ -308,6 +342,7 @@ def overview(services: Services, *, days: int = 30) -> dict:
         "version": __version__,
         "now": now,
         "today": today,
+        "counts": COUNTS,
         # What GET / answered before the pages existed (kept for scripts).
         "agents": services.contexts.agent_ids(),
         "providers": providers,
@@ -329,6 +364,7 @@ def overview(services: Services, *, days: int = 30) -> dict:
             "requests": summary.get("requests", 0),
             "errors": summary.get("errors", 0),
             "unidentified_requests": summary.get("unidentified_requests", 0),
+            "unrouted_requests": summary.get("unrouted_requests", 0),
         },
         "attention": attention(services, agents, providers, totals, spend),
     }
@@ -367,7 +403,7 @@ def attention(services: Services, agents: list[dict], providers: list[dict], tot
                 {"level": "warning", "text": f"Agent {a['agent']}: {round((a['used_fraction'] or 0) * 100)}% of its budget used", "href": "/budgets#agent-" + a["agent"]}
             )
     if totals is not None:
-        unpriced = {(k[1], k[2]) for k, b in totals.buckets().items() if b.unpriced_requests and k[0] and k[1] and k[2]}
+        unpriced = {(e["provider"], e["model"]) for e in _served_models(totals).values() if e["unpriced_requests"]}
         if unpriced:
             items.append({"level": "warning", "text": f"{len(unpriced)} model(s) in use without a price: their spend is not counted", "href": "/pricing"})
     today = spend["today"]
@@ -402,7 +438,9 @@ def agents(services: Services, only: str | None = None, recent: int = 5):
         context = services.contexts.get(agent)
         all_time = _period(totals, None, None, agent)
         month = _period(totals, month_start, today, agent)
-        models = sorted(all_time["models"], key=lambda m: (-m["cost_usd"], -m["requests"]))
+        # The models it used; its requests refused before routing are in
+        # the briefs' unrouted_requests.
+        models = sorted((m for m in all_time["models"] if m["routed"]), key=lambda m: (-m["cost_usd"], -m["requests"]))
         cards.append(
             {
                 "agent": agent,
@@ -434,7 +472,7 @@ def agents(services: Services, only: str | None = None, recent: int = 5):
         )
         if only is not None:
             cards[-1]["daily"] = _daily(totals, today, 30, agent)
-    return {"now": now, "agents": cards}
+    return {"now": now, "counts": COUNTS, "agents": cards}
 
 
 def _daily(totals, today: str, days: int, agent: str | None = None) -> list[dict]:
@@ -469,7 +507,10 @@ def _request_row(row: dict) -> dict:
         "stream": row["stream"],
         "latency_ms": row["latency_ms"],
         "ttfb_ms": row["ttfb_ms"],
+        # Every prompt token (the row keeps plain input apart from the cache).
         "input_tokens": row["input_tokens"] + row["cache_read_tokens"] + row["cache_write_tokens"],
+        "cache_read_tokens": row["cache_read_tokens"],
+        "cache_write_tokens": row["cache_write_tokens"],
         "output_tokens": row["output_tokens"],
         "cost_usd": row["cost_usd"],
         "priced": row["priced"],
@@ -491,6 +532,7 @@ def requests(services: Services, agent: str | None = None, errors_only: bool = F
             rows = [r for r in rows if not r["ok"]][:limit]
     return {
         "now": services.clock.seconds(),
+        "counts": {"input_tokens": COUNTS["prompt_tokens"]},
         "agent": agent,
         "errors_only": errors_only,
         "limit": limit,
@@ -519,6 +561,7 @@ def costs(services: Services, period: str | None = None, since: str | None = Non
                     "agent": agent,
                     "provider": m["provider"],
                     "model": m["model"],
+                    "routed": m["routed"],
                     "requests": m["requests"],
                     "errors": m["errors"],
                     "prompt_tokens": m["prompt_tokens"],
@@ -542,6 +585,7 @@ def costs(services: Services, period: str | None = None, since: str | None = Non
         "since_day": since_day,
         "until_day": until_day,
         "periods": [{"key": k, "label": text} for k, text in PERIODS],
+        "counts": COUNTS,
         "total": {**_brief(total), "pricing_status": total["pricing_status"]},
         "agents": agents_out,
         "rows": rows,
@@ -633,6 +677,7 @@ def budgets(services: Services) -> dict:
     return {
         "now": services.clock.seconds(),
         "editable": services.operations is not None,
+        "counts": BUDGET_COUNTS,
         "fields": list(BUDGET_KEYS) + ["spent"],
         "behaviors": list(BEHAVIORS),
         "periods": list(CALENDAR),
@@ -701,22 +746,33 @@ def virtual_keys(services: Services):
 # --- pricing --------------------------------------------------------------------------------------------------
 
 
+def _served_models(totals) -> dict[tuple[str, str], dict]:
+    """
+    The models a provider served at least once (a 2xx or 3xx answer), with
+    their counts over every agent.  A name every request of which failed
+    (a 404 for a model that does not exist) is no model to price.
+    """
+    models: dict[tuple[str, str], dict] = {}
+    for (agent, provider, model), bucket in totals.buckets().items():
+        if not (agent and provider and model):
+            continue
+        entry = models.setdefault(
+            (provider, model),
+            {"provider": provider, "model": model, "requests": 0, "served_requests": 0, "priced_requests": 0,
+             "unpriced_requests": 0, "cost_usd": 0.0, "agents": set()},
+        )
+        entry["requests"] += bucket.requests
+        entry["served_requests"] += bucket.requests - bucket.errors
+        entry["priced_requests"] += bucket.priced_requests
+        entry["unpriced_requests"] += bucket.unpriced_requests
+        entry["cost_usd"] += bucket.cost_usd
+        entry["agents"].add(agent)
+    return {key: entry for key, entry in models.items() if entry["served_requests"] > 0}
+
+
 def pricing(services: Services) -> dict:
     totals = _totals(services)
-    models: dict[tuple[str, str], dict] = {}
-    if totals is not None:
-        for (agent, provider, model), bucket in totals.buckets().items():
-            if not (agent and provider and model):
-                continue
-            entry = models.setdefault(
-                (provider, model),
-                {"provider": provider, "model": model, "requests": 0, "priced_requests": 0, "unpriced_requests": 0, "cost_usd": 0.0, "agents": set()},
-            )
-            entry["requests"] += bucket.requests
-            entry["priced_requests"] += bucket.priced_requests
-            entry["unpriced_requests"] += bucket.unpriced_requests
-            entry["cost_usd"] += bucket.cost_usd
-            entry["agents"].add(agent)
+    models = _served_models(totals) if totals is not None else {}
     unpriced, priced = [], []
     table = services.pricing
     for (provider, model), entry in sorted(models.items()):
@@ -744,6 +800,7 @@ def pricing(services: Services) -> dict:
         if entry["price"] is None:
             snippet.setdefault(entry["provider"], {})[entry["model"]] = {"input": 0.0, "output": 0.0}
     return {
+        "counts": PRICING_COUNTS,
         "override_file": getattr(table, "_override_path", None) if table is not None else None,
         "table_updated": getattr(table, "updated", None) if table is not None else None,
         "unpriced": unpriced,
