@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -172,6 +173,7 @@ class Probe:
                 await self.daemon.ended
             await pool.closeCachedConnections()
             await self.fake.stop()
+            shutil.rmtree(self.base, ignore_errors=True)
         self.compact_numbers()
         print(f"\n{self.disagreements} figure(s) disagree" if self.disagreements else "\nevery figure agrees")
         return 1 if self.disagreements else 0
