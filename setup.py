@@ -18,7 +18,7 @@ setup(
     package_data={
         "twisted": ["plugins/cllama_tx_plugin.py"],
         "cllama_tx": ["data/*.json"],
-        "cllama_tx.web": ["templates/*.html", "static/*"],
+        "cllama_tx.web": ["templates/*.xml", "static/*"],
     },
     data_files=[],
     include_package_data=True,

@@ -5,8 +5,13 @@ The operator UI site (default :8081), one module per job:
   - L{auth}: the operator token, sessions, CSRF, the Host check (guesses are
     slowed by L{cllama_tx.identity.operator.OperatorGuard});
   - L{views}: what each page shows, as JSON-able dicts (the pages' JSON twins);
-  - L{pages}: those dicts as HTML, from the templates in C{web/};
-  - L{render}: escaping, templates, number formats, SVG charts;
+  - L{pages}: those dicts as HTML: one C{twisted.web.template} element per
+    page, filling an XML template of C{web/templates};
+  - L{markup}: the template element base and the few tags built in code
+    (escaping is the flattener's, never ours);
+  - L{web}: the template and static files of C{web/}, loaded once;
+  - L{charts}: the SVG charts, as tags;
+  - L{render}: number and time formats;
   - L{live}: live updates over Server-Sent Events.
 """
 

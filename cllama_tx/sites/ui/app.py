@@ -59,7 +59,7 @@ from cllama_tx.sites.ui.auth import (
     token_matches,
 )
 from cllama_tx.sites.ui.live import LiveHub
-from cllama_tx.sites.ui.render import Static, Templates
+from cllama_tx.sites.ui.web import Static, Templates
 from cllama_tx.store.ledger import SPEND_COUNTS
 
 log = Logger(namespace="cllama_tx.sites.ui")
@@ -143,6 +143,7 @@ class UiApp:
         self.allowed_hosts = frozenset(allowed_hosts)
         self._refused_hosts: set[str] = set()
         self.templates = Templates(web_root)
+        self.templates.require(pages.TEMPLATES)
         self.static = Static(web_root)
         self._generation = 0
         self.live = LiveHub(clock, self._signature, interval=live_interval, session_valid=self.sessions.valid)
@@ -162,7 +163,7 @@ class UiApp:
         request.setHeader(b"x-content-type-options", b"nosniff")
         return json.dumps(doc).encode("utf-8")
 
-    def _html(self, request, status: int, body: str) -> bytes:
+    def _html(self, request, status: int, body: bytes) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
@@ -171,7 +172,7 @@ class UiApp:
         request.setHeader(b"x-frame-options", b"DENY")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"referrer-policy", b"same-origin")
-        return body.encode("utf-8")
+        return body
 
     def _redirect(self, request, location: str) -> bytes:
         request.setResponseCode(303)

@@ -10,12 +10,23 @@ import stat
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.error import FlattenerError, UnfilledSlot
 
 from cllama_tx.sites.ui import TokenFileError, ensure_ui_token, negotiate
 from cllama_tx.sites.ui.app import _safe_next, budget_doc, vkey_fields
-from cllama_tx.sites.ui.auth import SessionStore, clean_name, cookie_header, csrf_matches, host_allowed, host_name
-from cllama_tx.sites.ui.render import Html, Static, Templates, bar_chart, compact, el, escape, gauge, money, percent
+from cllama_tx.sites.ui.auth import (
+    SessionStore,
+    clean_name,
+    cookie_header,
+    csrf_matches,
+    host_allowed,
+    host_name,
+)
+from cllama_tx.sites.ui.charts import bar_chart, gauge
+from cllama_tx.sites.ui.markup import Template, flatten_bytes, h
+from cllama_tx.sites.ui.render import compact, money, percent
 from cllama_tx.sites.ui.views import costs_csv, period_bounds
+from cllama_tx.sites.ui.web import Static, Templates
 
 
 class TokenFileTests(SynchronousTestCase):
@@ -105,7 +116,8 @@ class SessionTests(SynchronousTestCase):
     def test_csrf_and_names(self):
         session = SessionStore(Clock()).create()
         self.assertTrue(csrf_matches(session, session.csrf))
-        self.assertFalse(csrf_matches(session, "x" + session.csrf[1:]))
+        other = ("y" if session.csrf[0] == "x" else "x") + session.csrf[1:]  # one character off, never equal
+        self.assertFalse(csrf_matches(session, other))
         self.assertFalse(csrf_matches(session, None))
         self.assertNotIn(session.id, session.handle)
         self.assertEqual(clean_name(" Ada <script>\n"), "Ada script")
@@ -153,20 +165,60 @@ class FormTests(SynchronousTestCase):
         )
 
 
-class RenderTests(SynchronousTestCase):
-    def test_everything_is_escaped_unless_html(self):
-        self.assertEqual(escape('<a href="x">'), "&lt;a href=&quot;x&quot;&gt;")
-        self.assertEqual(el("td", {"title": '"><script>'}, "<b>", Html("<i>ok</i>")), '<td title="&quot;&gt;&lt;script&gt;">&lt;b&gt;<i>ok</i></td>')
-        self.assertEqual(el("input", {"disabled": True, "value": None}), "<input disabled>")
-        self.assertRaises(ValueError, el, "td onclick", None)
-        self.assertRaises(ValueError, el, "td", {"onclick=x": 1})
+class _Context:
+    """What a L{Template} reads from a page context."""
 
-    def test_templates_demand_exact_slots(self):
-        templates = Templates()
-        self.assertRaises(KeyError, templates.render, "costs_filter", options="")
-        html = templates.render("costs_filter", options=Html(""), since="<x>", until="", csv_href="/costs.csv?a=1&b=2")
-        self.assertIn("&lt;x&gt;", html)
-        self.assertIn("/costs.csv?a=1&amp;b=2", html)
+    def __init__(self, templates, csrf=None):
+        self.templates = templates
+        self.csrf = csrf
+
+
+class _Probe(Template):
+    template = "probe"
+
+
+class RenderTests(SynchronousTestCase):
+    def test_text_and_attributes_are_escaped_by_the_flattener(self):
+        page = flatten_bytes(h("td", {"title": '"><script>', "class": None, "hidden": True}, "<b>&", h("i", None, "ok"), 12, None))
+        self.assertEqual(page, b'<td title="&quot;&gt;&lt;script&gt;" hidden="">&lt;b&gt;&amp;<i>ok</i>12</td>')
+        self.assertEqual(flatten_bytes(h("input", {"disabled": True, "value": None})), b'<input disabled="" />')
+        self.assertRaises(ValueError, h, "td onclick", None)
+        self.assertRaises(ValueError, h, "td", {"onclick=x": 1})
+
+    def _probe(self, text: str) -> Templates:
+        root = self.mktemp()
+        os.makedirs(os.path.join(root, "templates"))
+        with open(os.path.join(root, "templates", "probe.xml"), "w") as f:
+            f.write(text)
+        return Templates(root)
+
+    def test_templates_fill_slots_rows_and_conditions(self):
+        templates = self._probe(
+            '<div xmlns:t="http://twistedmatrix.com/ns/twisted.web.template/0.1" t:render="flag:open">'
+            '<a><t:attr name="href">/x?<t:slot name="query"/></t:attr><t:slot name="name"/></a>'
+            '<p t:render="if:rows">rows</p><p t:render="unless:rows">none</p>'
+            '<b t:render="each:rows"><t:slot name="name"/></b>'
+            '<input type="hidden" name="csrf" t:render="csrf"/></div>'
+        )
+        page = flatten_bytes(_Probe(_Context(templates, csrf="c-1"), open=True, query="a=1&b=\"2\"", name="<x>", rows=[{"name": "r&1"}, {"name": 2}]))
+        self.assertEqual(
+            page,
+            b'<div open=""><a href="/x?a=1&amp;b=&quot;2&quot;">&lt;x&gt;</a><p>rows</p>'
+            b'<b>r&amp;1</b><b>2</b><input type="hidden" name="csrf" value="c-1" /></div>',
+        )
+        page = flatten_bytes(_Probe(_Context(templates), open=False, query="", name="n", rows=[]))
+        self.assertEqual(page, b'<div><a href="/x?">n</a><p>none</p></div>')
+
+    def test_a_slot_left_unfilled_is_an_error(self):
+        templates = self._probe('<p xmlns:t="http://twistedmatrix.com/ns/twisted.web.template/0.1"><t:slot name="missing"/></p>')
+        caught = self.assertRaises(FlattenerError, flatten_bytes, _Probe(_Context(templates)))
+        self.assertIsInstance(caught.args[0], UnfilledSlot)
+
+    def test_every_template_of_the_ui_parses(self):
+        # Parsed at start: a broken template stops the daemon, not a page.
+        names = Templates().names()
+        self.assertIn("layout", names)
+        self.assertIn("overview", names)
 
     def test_static_files_are_versioned(self):
         static = Static()
@@ -191,11 +243,11 @@ class RenderTests(SynchronousTestCase):
 
     def test_svg_has_no_style_attributes(self):
         # The Content-Security-Policy allows no inline style.
-        chart = bar_chart([("11/01", 1.0, "a"), ("11/02", 0.0, "b"), ("11/03", 2.5, "c")], label="spend")
+        chart = flatten_bytes(bar_chart([("11/01", 1.0, "a"), ("11/02", 0.0, "b"), ("11/03", 2.5, "c")], label="spend")).decode()
         self.assertNotIn("style=", chart)
         self.assertEqual(chart.count("<rect"), 3)
         self.assertIn("$2.50", chart)  # the nice ceiling
-        self.assertNotIn("style=", gauge(0.5, "ok", "half", "50%"))
+        self.assertNotIn("style=", flatten_bytes(gauge(0.5, "ok", "half", "50%")).decode())
 
 
 class PeriodTests(SynchronousTestCase):
