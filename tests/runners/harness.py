@@ -25,9 +25,9 @@ from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from tests.secret_scan import SCANNER
 from tests.runners import install
 from tests.runners.provider import ScriptedProvider
+from tests.secret_scan import SCANNER
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")

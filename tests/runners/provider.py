@@ -14,8 +14,9 @@ decisions (which tool, which turn) are this module's.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -122,7 +123,7 @@ class ScriptedProvider:
         exchange.kind = "other"
         return 404, "application/json", json.dumps({"error": {"message": f"no route {path}"}}).encode()
 
-    def _turn(self, exchange: Exchange, body: dict, wire: "_Wire") -> tuple[int, str, bytes]:
+    def _turn(self, exchange: Exchange, body: dict, wire: _Wire) -> tuple[int, str, bytes]:
         model = body.get("model") or "unknown"
         tools = wire.tools(body)
         if tools:
