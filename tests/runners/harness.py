@@ -147,11 +147,14 @@ def run_blocking(argv: list[str], env: dict[str, str], cwd: str, timeout: float 
 class Loop:
     """
     One test's world: the directories, the scripted provider, the daemon.
-    C{provider_env} names the daemon's provider variables (e.g.
-    C{ANTHROPIC}) pointed at the scripted provider.
+    C{providers} names the daemon's provider variables (e.g. C{ANTHROPIC})
+    pointed at the scripted provider; C{metadata} adds to the agent's
+    C{metadata.json} (a C{model_policy}, a C{budget}).
     """
 
-    def __init__(self, testcase, provider: ScriptedProvider, providers: tuple[str, ...], extra_env=None) -> None:
+    def __init__(
+        self, testcase, provider: ScriptedProvider, providers: tuple[str, ...], extra_env=None, metadata=None
+    ) -> None:
         self.case = testcase
         self.provider = provider
         self.providers = providers
@@ -165,7 +168,7 @@ class Loop:
         for directory in (self.home, self.work, os.path.join(base, "auth"), os.path.join(self.context_root, AGENT)):
             os.makedirs(directory)
         with open(os.path.join(self.context_root, AGENT, "metadata.json"), "w") as f:
-            json.dump({"token": CREDENTIALS, "pod": "runners", "service": AGENT}, f)
+            json.dump({"token": CREDENTIALS, "pod": "runners", "service": AGENT, **(metadata or {})}, f)
         self.daemon = Daemon()
 
     @defer.inlineCallbacks

@@ -28,9 +28,9 @@ def bash(tools):
 
 class ClaudeCodeTests(LoopAssertions, TestCase):
     @defer.inlineCallbacks
-    def loop(self, env, args=()):
+    def loop(self, env, args=(), metadata=None):
         provider = ScriptedProvider(marker="out.txt", choose=bash, final_text=FINAL)
-        loop = yield Loop(self, provider, ("ANTHROPIC",)).start()
+        loop = yield Loop(self, provider, ("ANTHROPIC",), metadata=metadata).start()
         # Only the documented settings; --allowedTools lets -p run Bash unasked.
         env = {"ANTHROPIC_BASE_URL": loop.daemon.api, **env}
         result = yield loop.run(install.CLAUDE_CODE, ["-p", TASK, "--allowedTools", "Bash", *args], env)
@@ -64,3 +64,31 @@ class ClaudeCodeTests(LoopAssertions, TestCase):
         ))
         with open(os.path.join(loop.work, "out.txt")) as f:
             self.assertEqual(f.read(), "hello\n")
+
+    @defer.inlineCallbacks
+    def test_under_a_model_policy(self):
+        # A pod's agent allowed only Sonnet 4.5: Claude Code's dated id is the
+        # allowed ref, sent upstream as the policy declares it.
+        policy = {"model_policy": {"mode": "clamp", "allowed": [{"slot": "primary", "ref": "anthropic/claude-sonnet-4-5"}]}}
+        loop, result, rows = yield self.loop(
+            {"ANTHROPIC_AUTH_TOKEN": CREDENTIALS}, ["--model", "claude-sonnet-4-5-20250929"], metadata=policy
+        )
+        self.check_loop(loop, result, rows, Expect(
+            sent="claude-sonnet-4-5-20250929", provider="anthropic", effective="claude-sonnet-4-5",
+            rule="dated_model_normalized", final_text=FINAL,
+        ))
+        self.assertEqual({e.model for e in loop.provider.exchanges}, {"claude-sonnet-4-5"})
+
+    @defer.inlineCallbacks
+    def test_a_wrong_secret_is_told_in_anthropic_terms(self):
+        loop, result, rows = yield self.loop({"ANTHROPIC_AUTH_TOKEN": CREDENTIALS[:-4] + "0000"})
+        self.assertEqual(result.code, 1, result.describe())
+        # Claude Code shows the proxy's Anthropic-shaped error as it is.
+        self.assertIn("403", result.stdout + result.stderr, result.describe())
+        self.assertIn("unknown agent or wrong secret", result.stdout + result.stderr, result.describe())
+        self.assertEqual(loop.provider.exchanges, [])
+        self.assertEqual(rows, [])
+        refused = [line for line in loop.daemon.audit_lines() if line["type"] == "error"]
+        self.assertTrue(refused, loop.daemon.audit_lines())
+        self.assertEqual({(line["status_code"], line["claw_id"]) for line in refused}, {(403, None)})
+        self.assertFalse(os.path.exists(os.path.join(loop.work, "out.txt")))
