@@ -155,9 +155,12 @@ class BudgetTests(GovernedCase):
         self.assertEqual(body["error"], {"message": body["error"]["message"], "type": "budget_exceeded", "code": "budget_exceeded"})
         self.assertEqual(
             set(body["budget"]),
-            {"behavior", "window", "requests", "reported_cost_usd", "unknown_cost_requests", "limit_usd"},
+            {"behavior", "window", "requests", "reported_cost_usd", "unknown_cost_requests", "limit_usd",
+             "remaining_usd", "input_cost_usd", "min_request_cost_usd"},
         )
         self.assertEqual((body["budget"]["behavior"], body["budget"]["window"]), ("hard_stop", "daily"))
+        self.assertEqual(body["budget"]["remaining_usd"], 0.0001)
+        self.assertTrue(body["error"]["message"].startswith("budget exceeded: $0.0001 left, this request's input alone costs about $0.0"))
         retry = response.headers.getRawHeaders("retry-after")
         self.assertIsNone(retry)  # its worst case alone exceeds the limit: it can never fit
         self.assertEqual(self.h.fake.received, [])

@@ -78,6 +78,7 @@ __all__ = [
     "BudgetBook",
     "BudgetError",
     "BudgetUsage",
+    "Headroom",
     "RATE_LIMITED",
     "Refusal",
     "Reservation",
@@ -87,6 +88,7 @@ __all__ = [
     "parse_budget",
     "refusal_body",
     "worst_case_cost",
+    "worst_input_cost",
 ]
 
 HARD_STOP = "hard_stop"
@@ -345,33 +347,72 @@ def worst_case_cost(
 
 
 def affordable_max_tokens(
-    pricing: Any, provider: str, model: str, input_tokens: int, available_usd: float
+    pricing: Any,
+    provider: str,
+    model: str,
+    input_tokens: int,
+    available_usd: float,
+    *,
+    choices: int = 1,
+    extra_output_tokens: int = 0,
 ) -> int | None:
     """
-    The largest C{max_tokens} whose worst case fits in C{available_usd}
-    (capped at the model's output limit when known); 0 when not even the
-    input fits; L{None} when the model is unpriced.  For a proxy that sets
-    C{max_tokens} on requests that have none, instead of refusing them.
+    The largest C{max_tokens} whose worst case (L{worst_case_cost} with the
+    same C{choices} and C{extra_output_tokens}) fits in C{available_usd},
+    capped at the model's output limit when known; 0 when not even the
+    input fits; L{None} when the model is unpriced.  What a budget lowers
+    C{max_tokens} to instead of refusing (C{docs/BUDGETS.md}).
     """
     price = pricing.price(provider, model) if pricing is not None else None
     if price is None:
         return None
     tokens_in = _tokens(input_tokens) or 0
+    candidates = max(1, _tokens(choices) or 1)
+    extra = _tokens(extra_output_tokens) or 0
     input_rate, output_rate = _rates(price, tokens_in)
-    left = available_usd * 1_000_000 - tokens_in * input_rate
+    budget = available_usd * 1_000_000
+    fixed = tokens_in * input_rate + extra * output_rate
+    left = budget - fixed
     if left < 0:
         return 0
     cap = price.max_output_tokens
     if output_rate <= 0:
         return cap if cap is not None else FALLBACK_MAX_OUTPUT_TOKENS
-    tokens = math.floor(left / output_rate)
-    while tokens > 0 and tokens_in * input_rate + tokens * output_rate > available_usd * 1_000_000:
+    tokens = math.floor(left / (output_rate * candidates))
+    while tokens > 0 and fixed + tokens * candidates * output_rate > budget:
         tokens -= 1  # float rounding
     return min(tokens, cap) if cap is not None else tokens
 
 
+def worst_input_cost(pricing: Any, provider: str, model: str, input_tokens: int) -> float | None:
+    """
+    What C{input_tokens} of prompt can cost at the model's highest
+    input-side rate (the input part of L{worst_case_cost}); L{None} when
+    the model is unpriced.
+    """
+    price = pricing.price(provider, model) if pricing is not None else None
+    if price is None:
+        return None
+    tokens_in = _tokens(input_tokens) or 0
+    input_rate, _ = _rates(price, tokens_in)
+    return tokens_in * input_rate / 1_000_000
+
+
 # --------------------------------------------------------------------------
 # Results
+
+
+@attrs.frozen
+class Headroom:
+    """
+    Dollars a budget can still hold (L{BudgetBook.headroom}), never below 0:
+    C{settled} counts only the settled spend, C{now} also the requests in
+    flight.  A request whose worst case fits C{settled} but not C{now}
+    will fit once those finish.
+    """
+
+    settled: float
+    now: float
 
 
 @attrs.frozen
@@ -437,6 +478,12 @@ class Refusal:
     requests: int
     reported_cost_usd: float
     unknown_cost_requests: int
+    # Set by the proxy for a dollar refusal of a priced request: what is
+    # left now, what the request's prompt alone can cost, and the least the
+    # request could be admitted at (its output lowered to the floor).
+    remaining_usd: float | None = None
+    input_cost_usd: float | None = None
+    min_request_cost_usd: float | None = None
 
     @property
     def retry_after_header(self) -> str | None:
@@ -451,7 +498,8 @@ def refusal_body(refusal: Refusal) -> dict:
     The contract's 429 body (also used, same shape, for the 403
     C{unpriced_model}): C{{"error": {"message", "type", "code"}, "budget":
     {"behavior", "window", "requests", "reported_cost_usd",
-    "unknown_cost_requests", "limit_usd"?, "max_requests"?}}}.
+    "unknown_cost_requests", "limit_usd"?, "max_requests"?, "remaining_usd"?,
+    "input_cost_usd"?, "min_request_cost_usd"?}}}.
     """
     budget = refusal.budget
     summary: dict[str, Any] = {
@@ -465,6 +513,10 @@ def refusal_body(refusal: Refusal) -> dict:
         summary["limit_usd"] = budget.limit_usd
     if budget.max_requests is not None:
         summary["max_requests"] = budget.max_requests
+    for name in ("remaining_usd", "input_cost_usd", "min_request_cost_usd"):
+        value = getattr(refusal, name)
+        if value is not None:
+            summary[name] = round(value, 10)
     return {
         "error": {"message": refusal.message, "type": refusal.code, "code": refusal.code},
         "budget": summary,
@@ -601,6 +653,29 @@ class BudgetBook:
             start=start,
             end=end,
         )
+
+    def headroom(self, agent: str, budget: Budget, tz: Any = None) -> Headroom | None:
+        """
+        What C{budget} can still hold for C{agent} (nothing while a
+        C{hard_stop} budget is stopped); L{None} without C{limit_usd}.
+        """
+        if budget.limit_usd is None:
+            return None
+        now = self._clock.seconds()
+        zone = _zone_for(budget, tz)
+        state = self._state(agent)
+        self._prepare(state, budget, now, zone)
+        trip = state.trip
+        if budget.behavior == HARD_STOP and trip is not None and trip.budget == budget and now < trip.until:
+            return Headroom(settled=0.0, now=0.0)  # stopped until it resets
+        cost, _, _ = self._committed(state, budget, now, zone)
+        settled = max(0.0, budget.limit_usd - cost)
+        return Headroom(settled=settled, now=max(0.0, settled - state.reserved_usd))
+
+    @property
+    def pricing(self) -> Any:
+        """The price table worst cases are computed with."""
+        return self._pricing
 
     def remaining_fraction(self, agent: str, budget: Budget, tz: Any = None) -> float | None:
         """C{1 - (committed + reserved) / limit_usd} in C{[0, 1]}; L{None} without C{limit_usd}."""

@@ -19,7 +19,20 @@ from cllama_tx.accounting.usage import estimate_prompt_tokens
 from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.store.jsonfile import UnreadableFile, file_signature, read_json_file
 from cllama_tx.surfaces.matrix import InvalidModelRef, ModelRef, split_model_ref
-from cllama_tx.governance.budgets import BudgetError, Refusal, Reservation, layer_budgets, parse_budget, refusal_body
+from cllama_tx.governance.budgets import (
+    BUDGET_EXCEEDED,
+    HARD_STOP,
+    SOFT_ALERT,
+    BudgetError,
+    Refusal,
+    Reservation,
+    layer_budgets,
+    parse_budget,
+    refusal_body,
+    worst_input_cost,
+)
+from cllama_tx.governance.output_limit import DEFAULT_MIN_OUTPUT_TOKENS, OutputLimit, fit_output
+from cllama_tx.governance.periods import EPSILON_USD
 from cllama_tx.surfaces.matrix import ANTHROPIC_MESSAGES, BARE_REF_PROVIDER
 from cllama_tx.governance.policy import PolicyError, parse_policy
 from cllama_tx.governance.resolution import Router
@@ -50,6 +63,8 @@ class Admission:
     rate_at: float | None = None
     token_estimate: int = 0
     budget_label: str | None = None
+    # The output limit the request is sent with when its budget lowered it.
+    output_limit: OutputLimit | None = None
 
     @property
     def reservation(self) -> Reservation | None:
@@ -127,7 +142,10 @@ class Governance:
         alerts=None,
         ledger=None,
         router: Router | None = None,
+        min_output_tokens: int = DEFAULT_MIN_OUTPUT_TOKENS,
     ) -> None:
+        # The shortest answer a budget lowers max_tokens to; 0: never lower.
+        self._min_output_tokens = min_output_tokens
         # Which provider and model a requested name means (resolution.py).
         self.router = router if router is not None else Router()
         self._clock = clock
@@ -320,14 +338,25 @@ class Governance:
         self._check_rate(admission, context, shape)
         try:
             worst = self._worst_case(admission.candidates, shape) if scopes else None
+            if worst is not None:
+                shape, worst = self._fit_output(admission, scopes, shape, worst)
             for scope, budget, tz in scopes:
-                self._reserve(admission, scope, budget, tz, worst)
+                self._reserve(admission, scope, budget, tz, worst, shape)
         except ProxyError:
             self._release_rate(admission)
             for held in admission.reservations:
                 self.book.release(held)
             admission.reservations = []
             raise
+        limit = admission.output_limit
+        if limit is not None:
+            thinking = {}
+            if limit.thinking_budget is not None:
+                thinking = {"from_thinking_budget": limit.from_thinking_budget, "to_thinking_budget": limit.thinking_budget}
+            self._intervention(
+                ex, "max_tokens_lowered", from_max_tokens=limit.from_max_tokens, to_max_tokens=limit.max_tokens,
+                **thinking, remaining_usd=round(limit.available_usd, 10), reserved_usd=round(worst or 0.0, 10),
+            )
         return admission
 
     def _apply_tiers(self, ex, admission: Admission, scope: str, budget, tz) -> None:
@@ -415,7 +444,40 @@ class Governance:
                 worst = cost if worst is None else max(worst, cost)
         return worst
 
-    def _reserve(self, admission: Admission, scope: str, budget, tz, worst: float | None) -> None:
+    def _fit_output(self, admission: Admission, scopes: list, shape: RequestShape, worst: float):
+        """
+        Lower the request's output limit to what the tightest budget has
+        left when a C{hard_stop} budget could not pay for it as sent even
+        once the requests in flight are done (docs/BUDGETS.md, "Lowering
+        max_tokens"); only in-flight requests in the way still get a 429
+        and a retry in a second, for the whole answer.  Returns the shape
+        and worst case to hold: lowered, or as they were.
+        """
+        if self._min_output_tokens <= 0:
+            return shape, worst
+        rooms = []
+        must = False
+        for scope, budget, tz in scopes:
+            if budget.behavior == SOFT_ALERT:
+                continue
+            room = self.book.headroom(scope, budget, tz)
+            if room is None:
+                continue
+            rooms.append(room.now)
+            must = must or (budget.behavior == HARD_STOP and worst > room.settled + EPSILON_USD)
+        if not must:
+            return shape, worst
+        limit = fit_output(self.book.pricing, admission.candidates, shape, min(rooms), self._min_output_tokens)
+        if limit is None:
+            return shape, worst
+        lowered = limit.shape(shape)
+        lowered_worst = self._worst_case(admission.candidates, lowered)
+        if lowered_worst is None:
+            return shape, worst
+        admission.output_limit = limit
+        return lowered, lowered_worst
+
+    def _reserve(self, admission: Admission, scope: str, budget, tz, worst: float | None, shape: RequestShape) -> None:
         """Hold C{worst} (L{_worst_case}) against one budget scope."""
         try:
             held = self.book.reserve(scope, budget, worst, tz)
@@ -423,8 +485,33 @@ class Governance:
             log.warn("budget check failed for {agent}: {error}", agent=admission.agent, error=str(e))
             raise ProxyError(503, "budget_unavailable", "budget enforcement unavailable for this agent") from None
         if isinstance(held, Refusal):
+            if held.code == BUDGET_EXCEEDED and worst is not None:
+                held = self._explain(admission, scope, budget, tz, held, shape, worst)
             raise budget_error(held)
         admission.reservations.append(held)
+
+    def _explain(self, admission: Admission, scope: str, budget, tz, refusal: Refusal, shape: RequestShape,
+                 worst: float) -> Refusal:
+        """
+        A dollar refusal that says what is left and what the request's
+        prompt alone costs, so the caller can tell a shorter prompt from
+        waiting (the least it could be admitted at is C{worst}: its output
+        already lowered to the floor when it could be).
+        """
+        room = self.book.headroom(scope, budget, tz)
+        left = room.now if room is not None else 0.0
+        costs = [
+            worst_input_cost(self.book.pricing, ref.provider, ref.model, worst_input_tokens(shape, ref.provider, ref.model))
+            for ref in admission.candidates
+        ]
+        prompt = max((c for c in costs if c is not None), default=0.0)
+        return attrs.evolve(
+            refusal,
+            message=f"budget exceeded: {_dollars(left)} left, this request's input alone costs about {_dollars(prompt)}",
+            remaining_usd=left,
+            input_cost_usd=prompt,
+            min_request_cost_usd=worst,
+        )
 
     # -- the end of a request
 
@@ -453,8 +540,14 @@ class Governance:
                 self._alerts.observe_usage(held.agent, held.budget, usage)
 
 
+def _dollars(value: float) -> str:
+    """$1.23; amounts under a cent with four decimals, so they do not read as nothing."""
+    return f"${value:.4f}" if 0 < value < 0.01 else f"${value:.2f}"
+
+
 def build_governance(*, clock, pricing, metering, governance_dir, policy_file, unpriced, default_rpm, default_tpm,
-                     runtime_overrides=None, alerts=None, ledger=None, router=None):
+                     runtime_overrides=None, alerts=None, ledger=None, router=None,
+                     min_output_tokens=DEFAULT_MIN_OUTPUT_TOKENS):
     """The daemon's Governance, wired to metering (interventions, settlement)."""
     from cllama_tx.governance.budgets import BudgetBook
 
@@ -470,6 +563,7 @@ def build_governance(*, clock, pricing, metering, governance_dir, policy_file, u
         alerts=alerts,
         ledger=ledger,
         router=router,
+        min_output_tokens=min_output_tokens,
     )
     metering.on_settled.append(governance.finish)
     return governance

@@ -21,6 +21,7 @@ from twisted.web.http_headers import Headers
 
 from cllama_tx.accounting.usage import SseTap, output_chars_from_json, usage_from_json
 from cllama_tx.surfaces.errors import OPENAI, ProxyError, error_body, sse_error_event
+from cllama_tx.governance.output_limit import limit_body
 from cllama_tx.identity.authenticate import identify, presented_token
 from cllama_tx.identity.operator import request_source
 from cllama_tx.identity.principals import KeyPrincipal, MasterPrincipal
@@ -216,6 +217,9 @@ class Proxy:
             upstream_doc["models"] = openrouter_models
             upstream_doc["route"] = "fallback"
         upstream_doc, upstream_path = self._translate_request(upstream_doc, ex, upstream_format)
+        if ex.admission.output_limit is not None:
+            # The budget pays for no more: in the fields this wire format reads.
+            upstream_doc = limit_body(upstream_doc, upstream_format, ref.provider, ex.admission.output_limit)
         ex.doc = upstream_doc
         self._ask_for_stream_usage(upstream_doc, ex, upstream_format)
         body = json.dumps(upstream_doc, separators=(",", ":")).encode("utf-8")
@@ -497,6 +501,9 @@ class Proxy:
         request.setResponseCode(response.code)
         copy_response_headers(response.headers, request.responseHeaders)
         request.setHeader(b"x-cllama-request-id", ex.request_id.encode())
+        limit = ex.admission.output_limit if ex.admission is not None else None
+        if limit is not None:
+            request.setHeader(b"x-cllama-max-tokens-lowered", b"%d" % limit.max_tokens)
         if buffered is not None:
             ex.first_byte_at = self._clock.seconds()
             await self._deliver_body(request, response.code, buffered, ex, api_format)

@@ -14,6 +14,7 @@ from typing import Mapping
 
 import attrs
 
+from cllama_tx.governance.output_limit import DEFAULT_MIN_OUTPUT_TOKENS
 from cllama_tx.runtime.errors import ConfigError
 
 from cllama_tx.sites.guard import (
@@ -184,6 +185,12 @@ def _count(env: Mapping[str, str], name: str) -> int | None:
     return int(raw)
 
 
+def _budget_min_output_tokens(env: Mapping[str, str]) -> int:
+    """CLLAMA_BUDGET_MIN_OUTPUT_TOKENS: a whole number, 0 turns lowering off."""
+    value = _count(env, "CLLAMA_BUDGET_MIN_OUTPUT_TOKENS")
+    return DEFAULT_MIN_OUTPUT_TOKENS if value is None else value
+
+
 DEFAULT_LEDGER_BACKLOG = 10000
 
 
@@ -271,6 +278,9 @@ class Config:
     unpriced_budget: str
     default_rpm: int | None
     default_tpm: int | None
+    # The shortest answer a budget lowers max_tokens to instead of
+    # refusing; 0: never lower (docs/BUDGETS.md).
+    budget_min_output_tokens: int
     alert_webhooks: str | None = attrs.field(repr=False)  # URLs embed tokens
     # The operator UI without authentication: only by explicit choice.
     ui_no_auth: bool
@@ -338,6 +348,7 @@ class Config:
             unpriced_budget=_choice(env, "CLLAMA_UNPRICED_BUDGET", ("refuse", "allow"), "refuse"),
             default_rpm=_count(env, "CLLAMA_DEFAULT_RPM"),
             default_tpm=_count(env, "CLLAMA_DEFAULT_TPM"),
+            budget_min_output_tokens=_budget_min_output_tokens(env),
             alert_webhooks=env.get("CLLAMA_ALERT_WEBHOOKS") or None,
             ui_no_auth=env.get("CLLAMA_UI_NO_AUTH", "").lower() in ("1", "true", "yes"),
             ui_allowed_hosts=frozenset(

@@ -405,6 +405,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
         unpriced=config.unpriced_budget,
         default_rpm=config.default_rpm,
         default_tpm=config.default_tpm,
+        min_output_tokens=config.budget_min_output_tokens,
         runtime_overrides=None,
         alerts=alerts,
         ledger=ledger,

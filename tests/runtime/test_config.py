@@ -150,6 +150,15 @@ class OptionsTests(SynchronousTestCase):
         self.assertTrue(self.parse(["--demo"], {}).config.demo)
         self.assertFalse(self.parse([], {}).config.demo)
 
+    def test_budget_min_output_tokens(self):
+        """The floor a budget lowers max_tokens to: 256, the environment, the command line; 0 turns it off."""
+        self.assertEqual(self.parse([], {}).config.budget_min_output_tokens, 256)
+        self.assertEqual(self.parse([], {"CLLAMA_BUDGET_MIN_OUTPUT_TOKENS": "1024"}).config.budget_min_output_tokens, 1024)
+        options = self.parse(["--budget-min-output-tokens", "0"], {"CLLAMA_BUDGET_MIN_OUTPUT_TOKENS": "1024"})
+        self.assertEqual(options.config.budget_min_output_tokens, 0)
+        self.assertRaises(usage.UsageError, self.parse, ["--budget-min-output-tokens", "-5"], {})
+        self.assertRaises(ConfigError, Config.from_env, {"CLLAMA_BUDGET_MIN_OUTPUT_TOKENS": "many"})
+
 
 class HealthUrlTests(SynchronousTestCase):
     def test_plain_and_tls(self):
