@@ -7,14 +7,21 @@ no path (success, refusal, upstream failure, agent gone) can skip the books.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from cllama_tx.accounting.history import HistoryEntry, history_usage, json_response, sse_response
-from cllama_tx.store.records import LedgerRow, Usage
 from cllama_tx.accounting.usage import estimate_output_tokens, estimate_prompt_tokens
-from cllama_tx.store.records import rfc3339_ms
+from cllama_tx.governance.engine import Admission
+from cllama_tx.store.records import LedgerRow, Usage, rfc3339_ms
+from cllama_tx.surfaces.bridges import Bridge
+
+if TYPE_CHECKING:  # the proxy imports this module
+    from cllama_tx.pipeline.proxy import Surface
 
 log = Logger()
 
@@ -31,7 +38,7 @@ class Exchange:
 
     request_id: str
     started: float
-    surface: object
+    surface: Surface
     claw_id: str | None = None
     model: str | None = None
     provider: str | None = None
@@ -41,7 +48,7 @@ class Exchange:
     original: dict | None = None  # the agent's body, kept only for history
     first_byte_at: float | None = None
     gone: bool = False
-    cancel: object = None
+    cancel: Callable[[], object] | None = None
     upstream_called: bool = False
     strip_usage_chunk: bool = False
     agent_wants_usage: bool = False
@@ -56,7 +63,7 @@ class Exchange:
     # Part of a 2xx answer reached the agent before it ended in an error:
     # the row bills that part whatever the status.
     delivered: bool = False
-    response_json: object = None
+    response_json: Any = None
     response_sse: list | None = None
     response_sse_size: int = 0
     settled: bool = False
@@ -66,8 +73,8 @@ class Exchange:
     key_id: str | None = None
     team_id: str | None = None
     user_id: str | None = None
-    admission: object = None  # what governance held for this request
-    bridge: object = None  # the surface translation in use, if any
+    admission: Admission | None = None  # what governance held for this request
+    bridge: Bridge | None = None  # the surface translation in use, if any
     error_code: str | None = None  # the ProxyError code the request ended with, if any
 
 
@@ -255,7 +262,7 @@ class Metering:
         committed = self._ledger.record(row)
         committed.addErrback(self._record_failed, ex)
         if error is None and 200 <= status < 300 and self._history is not None:
-            self._write_history(ex, status, usage, now)
+            self._write_history(ex, ex.claw_id, status, usage, now)
         return Settlement(row, committed)
 
     def _record_failed(self, failure, ex: Exchange) -> None:
@@ -263,7 +270,7 @@ class Metering:
             "could not record request {request_id} in the ledger", failure, request_id=ex.request_id
         )
 
-    def _write_history(self, ex: Exchange, status: int, usage: Usage, now: float) -> None:
+    def _write_history(self, ex: Exchange, claw_id: str, status: int, usage: Usage, now: float) -> None:
         if ex.response_sse is not None:
             response = sse_response(b"".join(ex.response_sse), total_bytes=ex.response_sse_size)
         else:
@@ -272,7 +279,7 @@ class Metering:
             version=1,
             id=ex.request_id,
             ts=rfc3339_ms(now),  # when the turn completed: file order == ts order
-            claw_id=ex.claw_id,
+            claw_id=claw_id,
             path=ex.surface.path,
             requested_model=ex.model,
             effective_provider=ex.provider,

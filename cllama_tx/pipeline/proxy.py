@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
 import attrs
@@ -20,25 +21,33 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from cllama_tx.accounting.usage import SseTap, output_chars_from_json, usage_from_json
-from cllama_tx.surfaces.errors import OPENAI, ProxyError, error_body, sse_error_event
+from cllama_tx.governance.engine import Admission
 from cllama_tx.governance.output_limit import limit_body
 from cllama_tx.identity.authenticate import identify, presented_token
-from cllama_tx.identity.operator import request_source
+from cllama_tx.identity.operator import OperatorGuard, request_source
 from cllama_tx.identity.principals import KeyPrincipal, MasterPrincipal
 from cllama_tx.identity.virtual_keys import hash_key, looks_like_virtual_key
 from cllama_tx.pipeline.metering import AGENT_STALLED, CLIENT_CLOSED, Exchange
-from cllama_tx.providers.catalog import auth_headers, upstream_url
+from cllama_tx.pipeline.relay import (
+    HOP_BY_HOP,
+    AgentStalled,
+    StreamRelay,
+    UpstreamTimeout,
+    copy_response_headers,
+    read_body,
+)
+from cllama_tx.pipeline.tcp_progress import acked_bytes
+from cllama_tx.pipeline.tls_failures import describe_tls_failure
 from cllama_tx.providers.bodies import read_small
+from cllama_tx.providers.catalog import auth_headers, upstream_url
 from cllama_tx.providers.forwarding import NEVER_FORWARD, HeaderPolicy, forward
 from cllama_tx.providers.health import INCONCLUSIVE, VALID
 from cllama_tx.providers.keys import MAX_TRIES, classify_failure
 from cllama_tx.providers.registry import ProviderNotConfigured, UnknownProvider
-from cllama_tx.pipeline.relay import HOP_BY_HOP, AgentStalled, StreamRelay, UpstreamTimeout, copy_response_headers, read_body
-from cllama_tx.surfaces.bridges import bridge_for
+from cllama_tx.surfaces.bridges import Bridge, bridge_for
+from cllama_tx.surfaces.errors import OPENAI, ProxyError, error_body, sse_error_event
 from cllama_tx.surfaces.translate import UntranslatableRequest
 from cllama_tx.surfaces.validate import check_fields, parse_body
-from cllama_tx.pipeline.tcp_progress import acked_bytes
-from cllama_tx.pipeline.tls_failures import describe_tls_failure
 
 log = Logger()
 
@@ -84,6 +93,14 @@ FAILOVER_CODES = frozenset(
 )
 
 
+class MasterKey(Protocol):
+    """What the proxy asks of the key API to let its master key call inference."""
+
+    guard: OperatorGuard
+
+    def is_master(self, token: str | None) -> bool: ...
+
+
 def new_request_id() -> str:
     return os.urandom(8).hex()
 
@@ -123,7 +140,7 @@ class Proxy:
         self._first_byte_timeout = first_byte_timeout
         self._idle_timeout = idle_timeout
         self._no_stream_options = no_stream_options
-        self._master = None
+        self._master: MasterKey | None = None
         self._master_principal = MasterPrincipal()
 
     def handle(self, request, surface: Surface) -> None:
@@ -192,7 +209,7 @@ class Proxy:
         candidates = admission.candidates
         for index, ref in enumerate(candidates):
             try:
-                await self._attempt(request, ex, doc, ref, last=index == len(candidates) - 1)
+                await self._attempt(request, ex, admission, doc, ref, last=index == len(candidates) - 1)
                 return
             except Failover as hop:
                 following = candidates[index + 1]
@@ -200,7 +217,7 @@ class Proxy:
                 request.responseHeaders = Headers()
                 request.setResponseCode(200)
 
-    async def _attempt(self, request, ex: Exchange, doc: dict, ref, last: bool) -> None:
+    async def _attempt(self, request, ex: Exchange, admission: Admission, doc: dict, ref, last: bool) -> None:
         """
         One try at one candidate model.  Raises L{Failover} when the next
         candidate should be tried: only while nothing reached the agent.
@@ -212,14 +229,14 @@ class Proxy:
         upstream_format = resolved.spec.api_format
         upstream_doc = dict(doc)
         upstream_doc["model"] = ref.model
-        openrouter_models = ex.admission.openrouter_models
+        openrouter_models = admission.openrouter_models
         if openrouter_models and ref.provider == "openrouter":
             upstream_doc["models"] = openrouter_models
             upstream_doc["route"] = "fallback"
         upstream_doc, upstream_path = self._translate_request(upstream_doc, ex, upstream_format)
-        if ex.admission.output_limit is not None:
+        if admission.output_limit is not None:
             # The budget pays for no more: in the fields this wire format reads.
-            upstream_doc = limit_body(upstream_doc, upstream_format, ref.provider, ex.admission.output_limit)
+            upstream_doc = limit_body(upstream_doc, upstream_format, ref.provider, admission.output_limit)
         ex.doc = upstream_doc
         self._ask_for_stream_usage(upstream_doc, ex, upstream_format)
         body = json.dumps(upstream_doc, separators=(",", ":")).encode("utf-8")
@@ -259,7 +276,7 @@ class Proxy:
         except ProxyError as error:
             if error.status != 401 or self._master is None:
                 raise
-            if self._is_master(headers, request):
+            if self._is_master(self._master, headers, request):
                 return self._master_principal
             raise
 
@@ -271,11 +288,11 @@ class Proxy:
         """Let the master key of C{keys_api} call inference, as C{master}."""
         self._master = keys_api if keys_api.administration_enabled else None
 
-    def _is_master(self, headers: Headers, request) -> bool:
+    def _is_master(self, master: MasterKey, headers: Headers, request) -> bool:
         token = presented_token(headers)
         if token is None:
             return False
-        guard = self._master.guard
+        guard = master.guard
         source = request_source(request) if request is not None else None
         if source is not None:
             wait = guard.refusal(source, "inference")
@@ -285,7 +302,7 @@ class Proxy:
                     f"too many wrong keys from this address: the next one is compared in {wait} s",
                     retry_after=wait,
                 )
-        if self._master.is_master(token):
+        if master.is_master(token):
             return True
         issued = looks_like_virtual_key(token) and self._keys is not None and self._keys.get(hash_key(token)) is not None
         if source is not None and not issued:
@@ -627,7 +644,7 @@ class Proxy:
         """
         parts: list[bytes] = []
         size = [0]
-        passthrough = []
+        passthrough: list[bool] = []  # [True] once the body passes through unbuffered
 
         def on_data(data: bytes) -> None:
             size[0] += len(data)
@@ -674,7 +691,7 @@ class Proxy:
                     ex.output_chars = output_chars_from_json(doc, api_format)
                 ex.response_json = doc
         if ex.bridge is not None:
-            body = self._translate_body(ex, status, body, doc)
+            body = self._translate_body(ex.bridge, ex, status, body, doc)
         settlement = await self._settle_then(request, ex, status)
         if settlement is not None:
             request.setHeader(b"x-cllama-cost-usd", _money(settlement.row.cost_usd).encode())
@@ -683,11 +700,11 @@ class Proxy:
         request.write(body)
         request.finish()
 
-    def _translate_body(self, ex: Exchange, status: int, body: bytes, doc) -> bytes:
+    def _translate_body(self, bridge: Bridge, ex: Exchange, status: int, body: bytes, doc) -> bytes:
         """A whole upstream answer in the agent's wire format."""
         if isinstance(doc, dict):
             try:
-                translated = ex.bridge.response(doc, int(self._clock.seconds()), ex.upstream_model)
+                translated = bridge.response(doc, int(self._clock.seconds()), ex.upstream_model)
             except ValueError:
                 raise ProxyError(
                     502, "upstream_invalid", f"provider {ex.provider!r} sent an answer that is not a valid response"
@@ -695,7 +712,7 @@ class Proxy:
             ex.response_json = translated
             return json.dumps(translated, separators=(",", ":")).encode("utf-8")
         if status >= 400:
-            return ex.bridge.error(status, body)
+            return bridge.error(status, body)
         return body
 
     async def _settle_then(self, request, ex: Exchange, status: int):
@@ -748,7 +765,7 @@ def _money(value: float) -> str:
     return f"{value:.10f}".rstrip("0").rstrip(".") or "0"
 
 
-def _describe(error: Exception) -> str:
+def _describe(error: BaseException) -> str:
     """A short, secret-free description of a transport failure."""
     tls = describe_tls_failure(error)
     if tls is not None:
@@ -768,7 +785,7 @@ def _relay_error(error: Exception, ex: Exchange) -> ProxyError:
         return ProxyError(504, "upstream_timeout", f"provider {ex.provider!r} {error}")
     if isinstance(error, AgentStalled):
         return ProxyError(AGENT_STALLED, "agent_stalled", f"stream cut: {error}")
-    reason = error.value if isinstance(error, Failure) else error
+    reason = error.value if isinstance(error, Failure) and error.value is not None else error
     return ProxyError(
         502,
         "upstream_interrupted",

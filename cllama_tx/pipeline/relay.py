@@ -17,12 +17,13 @@ runs instead.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.internet.interfaces import IPushProducer
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -196,8 +197,9 @@ class StreamRelay(Protocol):
         if self.paused:
             return
         self.paused = True
-        if self.transport is not None:
-            self.transport.pauseProducing()
+        upstream = self._upstream
+        if upstream is not None:
+            upstream.pauseProducing()
         if self._stall_timeout is not None and self._failure is None:
             self._progress_at = self._clock.seconds()
             step = self._stall_timeout
@@ -216,8 +218,9 @@ class StreamRelay(Protocol):
                 self._stall_timer.cancel()
             self._stall_timer = None
         self._last_data = self._clock.seconds()
-        if self.transport is not None:
-            self.transport.resumeProducing()
+        upstream = self._upstream
+        if upstream is not None:
+            upstream.resumeProducing()
 
     def stopProducing(self) -> None:
         """The agent's connection is gone."""
@@ -242,13 +245,20 @@ class StreamRelay(Protocol):
             self._stall_timer = self._clock.callLater(min(step, left), self._check_stall)
             return
         if self._failure is None:
-            self._failure = AgentStalled(self._stall_timeout)
+            self._failure = AgentStalled(stall)
         self.abort()
 
     def abort(self) -> None:
         """Close the upstream connection (agent gone, or timed out)."""
-        if self.transport is not None:
-            self.transport.stopProducing()
+        upstream = self._upstream
+        if upstream is not None:
+            upstream.stopProducing()
+
+    @property
+    def _upstream(self) -> IPushProducer | None:
+        """The upstream body: a response body's protocol is connected to a
+        push producer (IResponse.deliverBody), not to a full transport."""
+        return cast("IPushProducer | None", self.transport)
 
     def connectionLost(self, reason=None) -> None:
         for timer in (self._timer, self._stall_timer):
