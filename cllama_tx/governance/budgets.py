@@ -53,7 +53,8 @@ import copy
 import datetime
 import heapq
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
@@ -914,7 +915,7 @@ class BudgetBook:
             until = now
             for ts, spent, counted in self._spend(state, budget, now, zone):
                 if (code == BUDGET_EXCEEDED and spent > 0) or (code == RATE_LIMITED and counted > 0):
-                    until = max(until, ts + budget.window_seconds)  # type: ignore[operator]
+                    until = max(until, ts + budget.window_seconds)
         if until <= now:
             return None
         state.trip = _Trip(budget, until, code)

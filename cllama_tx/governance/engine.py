@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.logger import Logger
 
 from cllama_tx.accounting.usage import estimate_prompt_tokens
-from cllama_tx.surfaces.errors import ProxyError
-from cllama_tx.store.jsonfile import UnreadableFile, file_signature, read_json_file
-from cllama_tx.surfaces.matrix import InvalidModelRef, ModelRef, split_model_ref
 from cllama_tx.governance.budgets import (
     BUDGET_EXCEEDED,
     HARD_STOP,
@@ -33,12 +31,20 @@ from cllama_tx.governance.budgets import (
 )
 from cllama_tx.governance.output_limit import DEFAULT_MIN_OUTPUT_TOKENS, OutputLimit, fit_output
 from cllama_tx.governance.periods import EPSILON_USD
-from cllama_tx.surfaces.matrix import ANTHROPIC_MESSAGES, BARE_REF_PROVIDER
 from cllama_tx.governance.policy import PolicyError, parse_policy
-from cllama_tx.governance.resolution import Router
 from cllama_tx.governance.policy_file import load_policy_file
 from cllama_tx.governance.ratelimit import RateLimiter
 from cllama_tx.governance.request_cost import RequestShape, read_request, worst_input_tokens
+from cllama_tx.governance.resolution import Router
+from cllama_tx.store.jsonfile import UnreadableFile, file_signature, read_json_file
+from cllama_tx.surfaces.errors import ProxyError
+from cllama_tx.surfaces.matrix import (
+    ANTHROPIC_MESSAGES,
+    BARE_REF_PROVIDER,
+    InvalidModelRef,
+    ModelRef,
+    split_model_ref,
+)
 
 log = Logger()
 
@@ -277,7 +283,7 @@ class Governance:
     def budget(self, context):
         sources = self._sources(context)
         cached = self._budgets.get(context.agent_id)
-        if cached is not None and all(a is b for a, b in zip(cached[0], sources)):
+        if cached is not None and all(a is b for a, b in zip(cached[0], sources, strict=True)):
             return cached[1]
         raw = self.raw_budget(sources)
         key = sources

@@ -53,7 +53,8 @@ import json
 import math
 import os
 import sqlite3
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, TypeGuard
 
 import attrs
 from twisted.application import service
@@ -63,9 +64,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cllama_tx.interfaces import ILedger
-from cllama_tx.store.sqlite_tx import transaction as _transaction
 from cllama_tx.store.records import LedgerRow
 from cllama_tx.store.spill import SpillError, read_spill, remove_spill, spill_path, write_spill
+from cllama_tx.store.sqlite_tx import transaction as _transaction
 from cllama_tx.store.writer import HELD, WAL_RESET_BYTES, Call, Row, Writer, open_inline
 
 __all__ = [
@@ -214,7 +215,7 @@ class Bucket:
         self.cache_write_tokens += sign * row.cache_write_tokens
         self.cost_usd += sign * row.cost_usd
 
-    def add_bucket(self, other: "Bucket") -> None:
+    def add_bucket(self, other: Bucket) -> None:
         for field in _BUCKET_FIELDS:
             setattr(self, field, getattr(self, field) + getattr(other, field))
 
@@ -395,7 +396,7 @@ class Totals:
         for key, bucket in self._all.items():
             if bucket.requests > 0 and _metered(key):
                 agent, provider, model = key
-                per_agent.setdefault(agent, {})[(provider, model)] = bucket  # type: ignore[index]
+                per_agent.setdefault(agent, {})[(provider, model)] = bucket
         agents: dict[str, Any] = {}
         total_cost = 0.0
         total_requests = 0
@@ -468,7 +469,7 @@ class Totals:
         }
 
 
-def _metered(key: Key) -> bool:
+def _metered(key: Key) -> TypeGuard[tuple[str, str, str]]:
     return key[0] is not None and key[1] is not None and key[2] is not None
 
 
@@ -637,7 +638,7 @@ _AGGREGATE_EXPRESSIONS = (
 )
 _AGGREGATES_SQL = ", ".join(_AGGREGATE_EXPRESSIONS)
 _AGGREGATES_AS_SQL = ", ".join(
-    f"{expression} AS {name}" for expression, name in zip(_AGGREGATE_EXPRESSIONS, _ROLLUP_COUNTERS)
+    f"{expression} AS {name}" for expression, name in zip(_AGGREGATE_EXPRESSIONS, _ROLLUP_COUNTERS, strict=True)
 )
 _ROLLUP_SUMS_SQL = ", ".join(f"SUM({c})" for c in _ROLLUP_COUNTERS)
 
@@ -675,7 +676,9 @@ SELECT day, agent, provider, model, {_ROLLUP_SUMS_SQL} FROM (
 
 def _bucket_from(values: Iterable[Any]) -> Bucket:
     v = [x or 0 for x in values]
-    return Bucket(*[int(x) for x in v[:9]], float(v[9]))  # type: ignore[arg-type]
+    # The rollup columns in Bucket's field order: nine counts, then the cost.
+    fields: dict[str, Any] = dict(zip(_BUCKET_FIELDS, [*(int(x) for x in v[:9]), float(v[9])], strict=True))
+    return Bucket(**fields)
 
 
 def _row_params(row: LedgerRow) -> tuple[Any, ...]:
@@ -691,7 +694,7 @@ def _row_params(row: LedgerRow) -> tuple[Any, ...]:
 
 
 def _row_dict(names: list[str], values: tuple[Any, ...]) -> dict[str, Any]:
-    row = dict(zip(names, values))
+    row = dict(zip(names, values, strict=True))
     for name in _BOOL_FIELDS:
         row[name] = bool(row[name])
     return row
@@ -887,7 +890,7 @@ def _timeline_arguments(since: float, bucket_seconds: int) -> tuple[float, int]:
 
 
 def _held_buckets(
-    rows: Iterable[LedgerRow], scope: Callable[[LedgerRow], "str | None"], since: float,
+    rows: Iterable[LedgerRow], scope: Callable[[LedgerRow], str | None], since: float,
     resets: dict[str, float], bucket: int,
 ) -> dict[tuple[str, float], list]:
     """Held rows (not in SQL yet) per C{(scope, bucket_ts)}, counted as the timeline SQL counts."""
@@ -1124,7 +1127,8 @@ class SqliteLedger(service.Service):
         writer = self._writer
         assert writer is not None
         self._writer = None  # record(), prune() and reads refuse from now on
-        self._closing = closing = defer.Deferred()
+        closing: defer.Deferred[None] = defer.Deferred()
+        self._closing = closing
         writer.stop(closing)
 
         def done(result: Any) -> None:
@@ -1442,7 +1446,8 @@ class SqliteLedger(service.Service):
         the per-request rows of a billing export (C{GET /spend/logs}).
         """
         limit = _clamp(limit)
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         for column, value in (("team_id", team_id), ("user_id", user_id), ("key_id", key_id)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -1596,7 +1601,7 @@ class SqliteLedger(service.Service):
         )
 
     def _held_buckets(
-        self, scope: Callable[[LedgerRow], "str | None"], since: float, resets: dict[str, float], bucket: int
+        self, scope: Callable[[LedgerRow], str | None], since: float, resets: dict[str, float], bucket: int
     ) -> dict[tuple[str, float], list]:
         """The held rows' share of a timeline: spend the database has not got yet is still spend."""
         writer = self._writer

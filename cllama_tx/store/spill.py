@@ -16,7 +16,7 @@ import json
 import os
 import stat
 import tempfile
-from typing import Iterable
+from collections.abc import Iterable
 
 import attrs
 
