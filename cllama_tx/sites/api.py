@@ -12,7 +12,7 @@ audited here.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from klein import Klein
@@ -22,14 +22,14 @@ from twisted.web.server import NOT_DONE_YET, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from cllama_tx.accounting.history import clamp_limit
-from cllama_tx.surfaces.errors import ANTHROPIC, OPENAI, ProxyError, error_body
-from cllama_tx.sites.guard import ConnectionGuard, GuardedRequest, GuardedSite, refuse_request
-from cllama_tx.sites.header_gate import HeaderGate, Refusal, refusal, shape_for_path
 from cllama_tx.identity.authenticate import identify
 from cllama_tx.identity.operator import OperatorGuard, bearer_matches, request_source
 from cllama_tx.identity.tokens import MalformedCredentials, parse_credentials
 from cllama_tx.pipeline.proxy import Proxy, Surface, new_request_id
+from cllama_tx.sites.guard import ConnectionGuard, GuardedRequest, GuardedSite, refuse_request
+from cllama_tx.sites.header_gate import HeaderGate, Refusal, refusal, shape_for_path
 from cllama_tx.surfaces import matrix
+from cllama_tx.surfaces.errors import ANTHROPIC, OPENAI, ProxyError, error_body
 
 CHAT = Surface(matrix.OPENAI_CHAT, "/v1/chat/completions", "openai", OPENAI)
 log = Logger()
@@ -92,9 +92,16 @@ class CappedRequest(GuardedRequest):
     _limit = 0
     _target = b""
 
+    @property
+    def _site(self) -> ApiSite:
+        """The site whose channel read this request (Site.buildProtocol sets
+        C{channel.site}; HTTPChannel does not declare it)."""
+        channel: Any = self.channel
+        return channel.site
+
     def gotLength(self, length):
         channel = self.channel
-        site = channel.site
+        site = self._site
         # Twisted sets method and path once the body is in; until then the
         # site's accessor reads them off the channel (None: it cannot, and
         # the body is then only capped, its credentials checked after it).
@@ -132,7 +139,7 @@ class CappedRequest(GuardedRequest):
         error = ProxyError(
             413, "request_too_large", f"the request body is larger than {self._limit} bytes"
         )
-        gate = self.channel.site.gate
+        gate = self._site.gate
         shape = gate.shape(path) if gate is not None else shape_for_path(path)
         self._answer(refusal(error, shape), path)
 
@@ -142,7 +149,7 @@ class CappedRequest(GuardedRequest):
         request_id = refused.request_id
         if request_id is None:  # not settled by the proxy: audited here
             request_id = new_request_id()
-            audit = self.channel.site.audit
+            audit = self._site.audit
             if audit is not None:
                 audit.emit(
                     "error", None, None, request_id=request_id, status_code=refused.status, latency_ms=0,
@@ -171,7 +178,7 @@ class ApiSite(GuardedSite, Site):
     def __init__(
         self,
         klein_resource,
-        hot: dict[bytes, Resource],
+        hot: Mapping[bytes, Resource],
         max_body_bytes: int,
         audit=None,
         gate: HeaderGate | None = None,
@@ -231,7 +238,7 @@ class ApiApp:
         self._ui_token = ui_token.encode("utf-8") if ui_token else None
         self._providers = providers
         self._pricing = pricing
-        self._proxy = None
+        self._proxy: Proxy | None = None
         self._audit = None
 
     def bind(self, proxy: Proxy, audit=None) -> None:
@@ -463,7 +470,7 @@ class ApiApp:
         request.setHeader(b"content-type", b"application/json")
         return error_body(error, _shape_for_path(request.path))
 
-    @app.handle_errors
+    @app.handle_errors(Exception)
     def unexpected(self, request, failure):
         log.failure("unexpected error on {path}", failure, path=request.path)
         if request.startedWriting:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import datetime
 import json
 
-from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.governance.budgets import BudgetError, parse_budget
 from cllama_tx.identity.principals import LIFETIME_WINDOW
 from cllama_tx.identity.virtual_keys import InvalidField
 from cllama_tx.sites.keys import KeyApiError
+from cllama_tx.surfaces.errors import ProxyError
 
 
 def _json(request, status: int, doc) -> bytes:

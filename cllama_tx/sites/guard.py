@@ -37,16 +37,17 @@ milliseconds, is authenticated on them, and is then out of their reach.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from typing import cast
 
 import attrs
-from twisted.internet.interfaces import ISSLTransport, ITCPTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IProtocol, ISSLTransport, ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 from zope.interface import directlyProvides, providedBy
-
 
 LISTEN_BACKLOG = 1024
 """
@@ -142,7 +143,7 @@ class ConnectionGuard:
         self._tick = min(1.0, min(self._timeouts.values()) / 4)
         self._sweeper = None
         self._reported: Counter = Counter()
-        self._last_report = None
+        self._last_report: float | None = None
 
     # -- admission -------------------------------------------------------------------------
 
@@ -176,14 +177,14 @@ class ConnectionGuard:
 
     # -- the wrappers' factory ------------------------------------------------------------
 
-    def registerProtocol(self, conn: "GuardedConnection") -> None:
+    def registerProtocol(self, conn: GuardedConnection) -> None:
         self.live += 1
         conn.state = HEAD
         self._tables[HEAD][conn] = self._clock.seconds()
         if self._sweeper is None:
             self._sweeper = self._clock.callLater(self._tick, self._sweep)
 
-    def unregisterProtocol(self, conn: "GuardedConnection") -> None:
+    def unregisterProtocol(self, conn: GuardedConnection) -> None:
         state = conn.state
         if state == CLOSING:
             self.closing -= 1
@@ -199,7 +200,7 @@ class ConnectionGuard:
 
     # -- states --------------------------------------------------------------------------------
 
-    def move(self, conn: "GuardedConnection", state: str) -> None:
+    def move(self, conn: GuardedConnection, state: str) -> None:
         """C{conn} enters C{state}; its deadline (if the state has one) starts now."""
         old = conn.state
         if old == state or old in (DRAIN, CLOSING, GONE):
@@ -217,7 +218,7 @@ class ConnectionGuard:
         table = self._tables.get(state)
         return len(table) if table is not None else 0
 
-    def _cut(self, conn: "GuardedConnection", reason: str) -> None:
+    def _cut(self, conn: GuardedConnection, reason: str) -> None:
         table = self._tables.get(conn.state)
         if table is not None:
             table.pop(conn, None)
@@ -227,9 +228,9 @@ class ConnectionGuard:
         self.closing += 1
         self.closed[reason] += 1
         if gentle:
-            conn.transport.loseConnection()  # nothing is in flight on an idle connection
+            conn.outer.loseConnection()  # nothing is in flight on an idle connection
         else:
-            conn.transport.abortConnection()
+            conn.outer.abortConnection()
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -281,7 +282,9 @@ class GuardedConnection(ProtocolWrapper):
     """
 
     state = HEAD
-    wrappedProtocol = None
+    # None until the first request's head is complete: ProtocolWrapper
+    # declares a channel from the start, this wrapper builds it late.
+    wrappedProtocol: IProtocol | None = None  # type: ignore[assignment]
     _head = b""
 
     def __init__(self, factory: ConnectionGuard, build) -> None:
@@ -290,6 +293,12 @@ class GuardedConnection(ProtocolWrapper):
 
     def logPrefix(self):
         return self.__class__.__name__
+
+    @property
+    def outer(self) -> ITCPTransport:
+        """The connection's own transport (TCP, TLS or UNIX: each can abort),
+        set before any event reaches this wrapper."""
+        return cast(ITCPTransport, self.transport)
 
     def makeConnection(self, transport) -> None:
         directlyProvides(self, providedBy(transport))
@@ -320,7 +329,7 @@ class GuardedConnection(ProtocolWrapper):
         channel.makeConnection(self)
         channel.dataReceived(head)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.unregisterProtocol(self)
         channel, self.wrappedProtocol, self._build = self.wrappedProtocol, None, None
         if channel is not None:
@@ -328,11 +337,11 @@ class GuardedConnection(ProtocolWrapper):
 
     def write(self, data: bytes) -> None:
         if self.state is not DRAIN:
-            self.transport.write(data)
+            self.outer.write(data)
 
     def writeSequence(self, data) -> None:
         if self.state is not DRAIN:
-            self.transport.writeSequence(data)
+            self.outer.writeSequence(data)
 
     def refuse(self, response: bytes) -> None:
         """
@@ -342,7 +351,7 @@ class GuardedConnection(ProtocolWrapper):
         answer: over plain TCP the write side is shut instead and what comes
         in is dropped until the client closes or the linger time is over.
         """
-        transport = self.transport
+        transport = self.outer
         transport.write(response)
         self.factory.move(self, DRAIN)
         if ITCPTransport.providedBy(transport) and not ISSLTransport.providedBy(transport):
@@ -355,12 +364,12 @@ class _Refused(Protocol):
     """A connection past the cap with nothing to evict: closed at once."""
 
     def connectionMade(self) -> None:
-        self.transport.abortConnection()
+        cast(ITCPTransport, self.transport).abortConnection()
 
 
-class GuardedSite:
+class GuardedSite(Site):
     """
-    A L{Site} mixin: with a guard set, each new connection is admitted and
+    A L{Site} whose connections, with a guard set, are each admitted and
     then watched by it.
     """
 
@@ -441,6 +450,7 @@ def refuse_request(request: Request, status: int, body: bytes, headers=()) -> No
     if conn is not None:
         conn.refuse(response)
         return
-    transport = request.channel.transport
-    transport.write(response)
-    transport.loseConnection()
+    transport = request.channel.transport if request.channel is not None else None
+    if transport is not None:  # None: the client is gone already
+        transport.write(response)
+        transport.loseConnection()
