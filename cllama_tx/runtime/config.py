@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import attrs
 
 from cllama_tx.governance.output_limit import DEFAULT_MIN_OUTPUT_TOKENS
 from cllama_tx.runtime.errors import ConfigError
-
 from cllama_tx.sites.guard import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
@@ -309,7 +308,7 @@ class Config:
     env: Mapping[str, str] = attrs.field(repr=False)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, demo: bool = False) -> "Config":
+    def from_env(cls, env: Mapping[str, str] | None = None, demo: bool = False) -> Config:
         env = dict(os.environ if env is None else env)
         max_body = env.get("CLLAMA_MAX_BODY_SIZE")
         return cls(

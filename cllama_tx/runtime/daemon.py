@@ -15,47 +15,52 @@ import gc
 import os
 import signal
 import tempfile
-from typing import TextIO
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, TextIO
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
-from twisted.python.failure import Failure
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cllama_tx.accounting.history import SessionHistory
-from cllama_tx.store.ledger import SqliteLedger
 from cllama_tx.accounting.pricing import Pricing
-from cllama_tx.sites.api import ApiApp, build_api_site
-from cllama_tx.runtime.audit import AuditLog, open_audit_output
-from cllama_tx.runtime.config import Config, ConfigError, with_backlog
-from cllama_tx.runtime.drain import DrainService, InFlight
+from cllama_tx.governance.engine import build_governance
+from cllama_tx.governance.resolution import Router
 from cllama_tx.identity.contexts import ContextRegistry
 from cllama_tx.identity.operator import OperatorGuard
 from cllama_tx.identity.throttle import FailureThrottle
+from cllama_tx.identity.virtual_keys import VirtualKeyStore
 from cllama_tx.interfaces import IProviderRegistry
+from cllama_tx.pipeline.metering import Metering
+from cllama_tx.pipeline.proxy import Proxy
 from cllama_tx.providers.catalog import ProviderSpec
 from cllama_tx.providers.keys import KeyPool
+from cllama_tx.providers.model_table import ModelTableError, ModelTableFile
 from cllama_tx.providers.probe import UpstreamProber
 from cllama_tx.providers.registry import ProviderRegistry, ResolvedProvider, UnknownProvider
-from cllama_tx.governance.engine import build_governance
-from cllama_tx.governance.resolution import Router
-from cllama_tx.providers.model_table import ModelTableError, ModelTableFile
-from cllama_tx.sites.billing import BillingApi
-from cllama_tx.identity.virtual_keys import VirtualKeyStore
-from cllama_tx.sites.keys import KeyApi
-from cllama_tx.pipeline.metering import Metering
-from cllama_tx.runtime.metrics import Metrics
+from cllama_tx.runtime import twisted_private
+from cllama_tx.runtime.audit import AuditLog, open_audit_output
+from cllama_tx.runtime.bounded_output import BoundedOutput
+from cllama_tx.runtime.config import Config, with_backlog
 from cllama_tx.runtime.connection_metrics import register as register_connection_metrics
 from cllama_tx.runtime.descriptors import fit_descriptors
-from cllama_tx.sites.guard import ConnectionGuard, GuardLimits
-from cllama_tx.sites.operations import Operations
-from cllama_tx.pipeline.proxy import Proxy
-from cllama_tx.runtime import twisted_private
-from cllama_tx.runtime.upstream import UpstreamClient
+from cllama_tx.runtime.drain import DrainService, InFlight
+from cllama_tx.runtime.errors import ConfigError
+from cllama_tx.runtime.metrics import Metrics
 from cllama_tx.runtime.tls import upstream_tls_policy
-from cllama_tx.sites.ui import TokenFileError, UiApp, build_ui_site, ensure_ui_token
+from cllama_tx.runtime.upstream import UpstreamClient
 from cllama_tx.runtime.writethrough import install as install_write_through
+from cllama_tx.sites.api import ApiApp, build_api_site
+from cllama_tx.sites.billing import BillingApi
+from cllama_tx.sites.guard import ConnectionGuard, GuardLimits
+from cllama_tx.sites.keys import KeyApi
+from cllama_tx.sites.operations import Operations
+from cllama_tx.sites.ui import TokenFileError, UiApp, build_ui_site, ensure_ui_token
+from cllama_tx.store.ledger import SqliteLedger
 
 log = Logger()
 
@@ -135,11 +140,11 @@ class Listener(service.Service):
         self.description = description
         self.factory = factory
         self.label = label
-        self.port = None
+        self.port: IListeningPort | None = None
 
     def privilegedStartService(self):
         super().privilegedStartService()
-        outcome = []
+        outcome: list[Any] = []
         endpoint = endpoints.serverFromString(self._reactor, with_backlog(self.description))
         endpoint.listen(self.factory).addBoth(outcome.append)
         if not outcome:
@@ -219,7 +224,7 @@ class ReloadOnHangup(service.Service):
         self.reactor = reactor
         self.operations = operations
         self._installed = False
-        self._previous = None
+        self._previous: Callable[[int, FrameType | None], Any] | int | None = None
 
     def privilegedStartService(self):
         # Before the listeners bind: a SIGHUP that arrives once they are up
@@ -260,7 +265,10 @@ class BannerService(service.Service):
 
     def startService(self):
         super().startService()
-        host = self.api.port.getHost()
+        port = self.api.port
+        if port is None:  # the API did not listen: twistd is stopping
+            return
+        host = port.getHost()
         address = f"127.0.0.1:{host.port}" if hasattr(host, "port") else str(host)
         log.info("{banner}", banner=self.make_text(f"http://{address}"))
 
@@ -308,13 +316,26 @@ def build_guards(config: Config, reactor) -> tuple[ConnectionGuard, ConnectionGu
     )
 
 
-def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.MultiService:
+class Daemon(service.MultiService):
+    """The service tree of one daemon, with handles on its parts for tests and tooling."""
+
+    audit: AuditLog
+    audit_output: BoundedOutput | None
+    proxy: Proxy
+    providers: ProviderRegistry | DemoProviders
+    contexts: ContextRegistry
+    ledger: SqliteLedger
+    inflight: InFlight
+    metrics: Metrics
+
+
+def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
     # Say so at start-up when this Twisted lacks a private name we use (each has a fallback).
     twisted_private.report(log)
     if config.write_through:
         install_write_through(reactor)
     tune_gc(reactor)
-    top = service.MultiService()
+    top = Daemon()
     inflight = InFlight()
     # Parent of every shared service; stopped only once the drain is over.
     shared = DrainService(reactor, inflight, config.drain_grace)
@@ -333,8 +354,10 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> service.Multi
 
     context_root = config.context_root
     banner = None
+    providers: ProviderRegistry | DemoProviders
     if config.demo:
-        from cllama_tx.demo.model import DemoService, banner as demo_banner, write_demo_context
+        from cllama_tx.demo.model import DemoService, write_demo_context
+        from cllama_tx.demo.model import banner as demo_banner
 
         context_root = tempfile.mkdtemp(prefix="cllama-demo-")
         write_demo_context(context_root)

@@ -14,7 +14,8 @@ import sys
 from twisted.application import service
 from twisted.python import usage
 
-from cllama_tx.runtime.config import Config, ConfigError
+from cllama_tx.runtime.config import Config
+from cllama_tx.runtime.errors import ConfigError
 
 # option name -> the environment variable it overrides
 _ENV_OPTIONS = [

@@ -56,6 +56,8 @@ def _adder(extra: list[x509.Certificate]):
 
     def add(context: SSL.Context) -> None:
         store = context.get_cert_store()
+        if store is None:
+            raise SSL.Error("this TLS context has no certificate store to add CLLAMA_UPSTREAM_CA_FILE to")
         for cert in certs:
             try:
                 store.add_cert(cert)

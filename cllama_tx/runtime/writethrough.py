@@ -32,11 +32,18 @@ are Twisted's private ones, named in L{cllama_tx.runtime.twisted_private}.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from twisted.logger import Logger
 
-from cllama_tx.runtime.twisted_private import PLAIN_TCP, may_send_directly, send_now, unwrap_dispatchers, wrap_dispatchers
+from cllama_tx.runtime.twisted_private import (
+    PLAIN_TCP,
+    may_send_directly,
+    send_now,
+    unwrap_dispatchers,
+    wrap_dispatchers,
+)
 
 PLAIN = PLAIN_TCP
 _log = Logger()
@@ -125,8 +132,9 @@ def install(reactor: Any) -> None:
             "writeSequence": cls.writeSequence,
             "own": {name: cls.__dict__[name] for name in ("write", "writeSequence") if name in cls.__dict__},
         }
-        cls.write = _write
-        cls.writeSequence = _write_sequence
+        # Twisted's own transport classes, patched on purpose (restored by uninstall).
+        cls.write = _write  # type: ignore[method-assign]
+        cls.writeSequence = _write_sequence  # type: ignore[method-assign]
     # The reactor's entry points into our code: one I/O event, and the
     # timed calls and thread callbacks of a turn.
     wrap_dispatchers(reactor, _batched)
