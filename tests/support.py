@@ -9,37 +9,36 @@ import io
 import json
 import os
 
+import treq
 from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
 
-import treq
 from cllama_tx.accounting.history import SessionHistory
-from cllama_tx.store.ledger import SqliteLedger
 from cllama_tx.accounting.pricing import Pricing
-from cllama_tx.sites.api import ApiApp, build_api_site
 from cllama_tx.governance.alerts import AlertNotifier, parse_webhooks
 from cllama_tx.governance.engine import build_governance
 from cllama_tx.governance.resolution import Router
-from cllama_tx.providers.model_table import ModelTableFile
-from cllama_tx.sites.billing import BillingApi
-from cllama_tx.identity.virtual_keys import VirtualKeyStore
-from cllama_tx.sites.keys import KeyApi
-from cllama_tx.pipeline.metering import Metering
-from cllama_tx.sites.operations import Operations
-from cllama_tx.runtime.audit import AuditLog
 from cllama_tx.identity.contexts import ContextRegistry
-from cllama_tx.runtime.writethrough import install as install_write_through
-from cllama_tx.runtime.config import LISTEN_BACKLOG
+from cllama_tx.identity.virtual_keys import VirtualKeyStore
+from cllama_tx.pipeline.metering import Metering
+from cllama_tx.pipeline.proxy import Proxy
+from cllama_tx.providers.model_table import ModelTableFile
 from cllama_tx.providers.probe import UpstreamProber
 from cllama_tx.providers.registry import ProviderRegistry
-from cllama_tx.pipeline.proxy import Proxy
+from cllama_tx.runtime.audit import AuditLog
+from cllama_tx.runtime.config import LISTEN_BACKLOG
 from cllama_tx.runtime.twisted_private import pending_request_line
 from cllama_tx.runtime.upstream import UpstreamClient
-from cllama_tx.testing import FakeProvider
-
-from tests.secret_scan import SCANNER
+from cllama_tx.runtime.writethrough import install as install_write_through
+from cllama_tx.sites.api import ApiApp, build_api_site
+from cllama_tx.sites.billing import BillingApi
+from cllama_tx.sites.keys import KeyApi
+from cllama_tx.sites.operations import Operations
 from cllama_tx.sites.ui import UiApp
-from twisted.web.server import Site
+from cllama_tx.store.ledger import SqliteLedger
+from cllama_tx.testing import FakeProvider
+from tests.secret_scan import SCANNER
 
 AGENT = "tiverton"
 SECRET = "9f1c" * 12  # 48 lowercase hex characters, as Clawdapus makes them

@@ -43,7 +43,7 @@ class GovernedCase(TestCase):
         return f"{name}:{SECRET}"
 
     def lines(self, kind):
-        return [l for l in self.h.audit_lines() if l["type"] == kind]
+        return [line for line in self.h.audit_lines() if line["type"] == kind]
 
 
 POLICY = {
@@ -67,8 +67,8 @@ class PolicyTests(GovernedCase):
         response = yield self.h.chat(doc, token=token)
         self.assertEqual(response.code, 200, (yield response.text()))
         self.assertEqual(self.h.fake.received[-1].json["model"], expected_model)
-        interventions = [l for l in self.lines("intervention") if l["request_id"] == response.headers.getRawHeaders("x-cllama-request-id")[0]]
-        self.assertEqual([l["intervention"] for l in interventions], [intervention] if intervention else [])
+        interventions = [line for line in self.lines("intervention") if line["request_id"] == response.headers.getRawHeaders("x-cllama-request-id")[0]]
+        self.assertEqual([line["intervention"] for line in interventions], [intervention] if intervention else [])
 
     @defer.inlineCallbacks
     def test_clamp_table(self):
@@ -188,7 +188,7 @@ class BudgetTests(GovernedCase):
             response = yield self.h.chat(chat_body(model="openai/gpt-test", max_tokens=10), token=token)
             self.assertEqual(response.code, 200)
             yield response.content()
-        self.assertIn("budget_alert", [l["intervention"] for l in self.lines("intervention")])
+        self.assertIn("budget_alert", [line["intervention"] for line in self.lines("intervention")])
 
     @defer.inlineCallbacks
     def test_tier_downgrade(self):
@@ -214,7 +214,7 @@ class BudgetTests(GovernedCase):
         second = yield self.h.chat(chat_body(model="openai/gpt-test", max_tokens=100), token=token)
         self.assertEqual(second.code, 200, (yield second.text()))
         self.assertEqual(self.h.fake.received[-1].json["model"], "gpt-cheap")
-        [line] = [l for l in self.lines("intervention") if l["intervention"] == "budget_tier_downgrade"]
+        [line] = [entry for entry in self.lines("intervention") if entry["intervention"] == "budget_tier_downgrade"]
         self.assertEqual((line["from_model"], line["to_model"]), ("openai/gpt-test", "openai/gpt-cheap"))
 
     @defer.inlineCallbacks
@@ -353,7 +353,7 @@ class SpendAdministrationTests(GovernedCase):
         self.h.fake.enqueue(Reply(json=openai_completion("ok", "gpt-test", 1, 1)))
         allowed = yield self.h.chat(chat_body(model="openai/gpt-test", max_tokens=10), token=token)
         self.assertEqual(allowed.code, 200)
-        self.assertEqual([l["action"] for l in self.lines("operator")], ["budget_set", "budget_reset"])
+        self.assertEqual([line["action"] for line in self.lines("operator")], ["budget_set", "budget_reset"])
 
     @defer.inlineCallbacks
     def test_spent_counts_against_the_budget(self):

@@ -5,10 +5,10 @@ every way a stream ends, without a reactor.
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cllama_tx.store.records import Usage
 from cllama_tx.accounting.usage import estimate_prompt_tokens
 from cllama_tx.pipeline.metering import AGENT_STALLED, CLIENT_CLOSED, Exchange, billed_usage
 from cllama_tx.pipeline.proxy import Surface
+from cllama_tx.store.records import Usage
 
 CHAT = Surface("chat", "/v1/chat/completions", "openai", "openai")
 COUNT = Surface("count", "/v1/messages/count_tokens", "anthropic", "anthropic", billable=False)

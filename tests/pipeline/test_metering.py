@@ -12,6 +12,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 
+from cllama_tx.accounting.usage import estimate_prompt_tokens
 from cllama_tx.testing import (
     Reply,
     anthropic_message,
@@ -23,9 +24,6 @@ from cllama_tx.testing import (
     openai_stream_chunks,
     parse_sse,
 )
-
-from cllama_tx.accounting.usage import estimate_prompt_tokens
-
 from tests.support import AGENT, PROVIDER_KEY, SECRET, UI_TOKEN, ProxyHarness, chat_body
 from tests.test_relay import _request_bytes, _StreamingClient
 
@@ -93,7 +91,7 @@ class OpenAIMeteringTests(MeteringCase):
         self.assertIsNotNone(row["ttfb_ms"])
         self.assertCost(float(response.headers.getRawHeaders("x-cllama-cost-usd")[0]), expected)
         self.assertEqual(response.headers.getRawHeaders("x-cllama-request-id")[0], row["request_id"])
-        response_line = [l for l in self.h.audit_lines() if l["type"] == "response"][0]
+        response_line = [line for line in self.h.audit_lines() if line["type"] == "response"][0]
         self.assertEqual(
             {k: response_line[k] for k in ("tokens_in", "tokens_out", "cached_tokens", "cache_write_tokens", "estimated")},
             {"tokens_in": 1200, "tokens_out": 300, "cached_tokens": 1000, "cache_write_tokens": 0, "estimated": False},
@@ -294,7 +292,7 @@ class AnthropicMeteringTests(MeteringCase):
         )
         self.assertCost(row["cost_usd"], anthropic_cost(100, 50, 2000, 300))
         # The audit line's tokens_in is every prompt token (CONTRACT 7).
-        response_line = [l for l in self.h.audit_lines() if l["type"] == "response"][0]
+        response_line = [line for line in self.h.audit_lines() if line["type"] == "response"][0]
         self.assertEqual(
             {k: response_line[k] for k in ("tokens_in", "cached_tokens", "cache_write_tokens")},
             {"tokens_in": 2400, "cached_tokens": 2000, "cache_write_tokens": 300},
@@ -400,7 +398,7 @@ class SpendAndHistoryViewTests(MeteringCase):
         response = yield self.h.http.get(
             self.h.base_url + f"/history?after={after}", headers={"Authorization": f"Bearer {AGENT}:{SECRET}"}
         )
-        rest = [json.loads(l) for l in (yield response.content()).splitlines()]
+        rest = [json.loads(line) for line in (yield response.content()).splitlines()]
         self.assertTrue(all(e["ts"] > after for e in rest))
         bad = yield self.h.http.get(self.h.base_url + "/history?limit=x", headers={"Authorization": f"Bearer {AGENT}:{SECRET}"})
         self.assertEqual(bad.code, 400)

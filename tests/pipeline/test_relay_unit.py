@@ -1,13 +1,12 @@
 """StreamRelay without a reactor: timers, producer registration, outcomes."""
 
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
-from twisted.internet.error import ConnectionLost
-
 from zope.interface.verify import verifyObject
-from twisted.internet.interfaces import IPushProducer
 
 from cllama_tx.pipeline.relay import AgentStalled, StreamRelay, UpstreamTimeout
 

@@ -135,7 +135,7 @@ class BoundedOutputTests(SynchronousTestCase):
         self.reader_returns()
         output.write(line(99))
         lines = parse(bytes(self.sink.data))
-        self.assertEqual([l.get("n") for l in lines[:10]], list(range(10)))
+        self.assertEqual([line.get("n") for line in lines[:10]], list(range(10)))
         self.assertEqual(lines[10], {"type": "gap", "lines": 15, "bytes": 1500})
         self.assertEqual(lines[11], json.loads(line(99)))
         self.assertEqual(len(lines), 12)
@@ -155,7 +155,7 @@ class BoundedOutputTests(SynchronousTestCase):
         output.write(line(12))
         self.reader_returns()
         lines = parse(bytes(self.sink.data))
-        self.assertEqual([l.get("n") for l in lines], [*range(10), None, 12])
+        self.assertEqual([line.get("n") for line in lines], [*range(10), None, 12])
         self.assertEqual(lines[10], {"type": "gap", "lines": 2, "bytes": 200})
 
     def test_a_partly_written_line_is_finished_never_cut(self):
@@ -269,8 +269,8 @@ class AuditThroughBoundedOutputTests(SynchronousTestCase):
         sink.room = 10**6
         output.doWrite()
         lines = parse(bytes(sink.data))
-        kept = [l for l in lines if l["type"] == "response"]
-        self.assertEqual([l["request_id"] for l in kept], [f"r{n}" for n in range(len(kept))])
+        kept = [line for line in lines if line["type"] == "response"]
+        self.assertEqual([line["request_id"] for line in kept], [f"r{n}" for n in range(len(kept))])
         self.assertEqual(lines[-1]["type"], "audit_gap")
         self.assertEqual(lines[-1]["dropped_lines"], dropped)
         self.assertEqual(len(kept) + dropped, 10)
@@ -302,7 +302,7 @@ class PipeReader:
         self.data = bytearray()
         self._waiters: list = []
 
-    def start(self) -> "PipeReader":
+    def start(self) -> PipeReader:
         reactor.addReader(self)
         return self
 
@@ -395,9 +395,9 @@ class RealDescriptorTests(TestCase):
         self.assertEqual((yield output.drain(10.0)), 0)
         data = yield reader.wait_for(b'"type":"gap"')
         lines = parse(data)
-        gaps = [l for l in lines if l.get("type") == "gap"]
+        gaps = [line for line in lines if line.get("type") == "gap"]
         self.assertEqual(gaps, [{"type": "gap", "lines": dropped, "bytes": dropped * 100}])
-        numbers = [l["n"] for l in lines if "n" in l]
+        numbers = [line["n"] for line in lines if "n" in line]
         self.assertEqual(numbers, list(range(len(numbers))))  # in order, none cut
         self.assertEqual(len(numbers) + dropped, count)
 

@@ -15,11 +15,10 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from cllama_tx.testing import FakeProvider
-
-from tests.secret_scan import SCANNER
-from tests.support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
 from tests.runtime.test_audit_output import PipeReader
 from tests.runtime.test_daemon import REPO, TWISTD, DaemonProcess
+from tests.secret_scan import SCANNER
+from tests.support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
 
 UI_TOKEN = "ui-token-stdout-test-4242"
 SCANNER.register(UI_TOKEN)
@@ -138,11 +137,11 @@ class StalledStdoutTests(TestCase):
         self.addCleanup(reader.stop)
         yield reader.wait_for(b'"type":"audit_gap"')
         last = yield self.chat(api)
-        yield reader.wait_for_line(lambda l: l["type"] == "response" and l.get("request_id") == last)
+        yield reader.wait_for_line(lambda line: line["type"] == "response" and line.get("request_id") == last)
         lines = [json.loads(text) for text in bytes(reader.data).splitlines()]
         for text in bytes(reader.data).decode().splitlines():
             SCANNER.scan("audit", text)
-        gaps = [l for l in lines if l["type"] == "audit_gap"]
+        gaps = [line for line in lines if line["type"] == "audit_gap"]
         self.assertEqual(len(gaps), 1)
         gap = gaps[0]
         self.assertEqual(
@@ -151,8 +150,8 @@ class StalledStdoutTests(TestCase):
         )
         self.assertEqual(gap["dropped_lines"], dropped)
         self.assertEqual((yield self.metric(ui, "cllama_audit_lines_dropped_total")), dropped)
-        others = [l for l in lines if l["type"] != "audit_gap"]
-        self.assertEqual({l["type"] for l in others}, {"request", "response"})
+        others = [line for line in lines if line["type"] != "audit_gap"]
+        self.assertEqual({line["type"] for line in others}, {"request", "response"})
         # Every line is either read or counted in the gap.
         self.assertEqual(len(others) + gap["dropped_lines"], 2 * (REQUESTS + 1))
         # The gap sits where lines are missing: what follows it is newer.

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-
 import sys
 
 import treq
@@ -18,7 +17,6 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from cllama_tx.runtime.cli import health_url, healthcheck
 from cllama_tx.testing import FakeProvider
-
 from tests.secret_scan import SCANNER
 from tests.support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
 
@@ -156,7 +154,7 @@ class DaemonTests(TestCase):
         self.assertEqual(body["object"], "chat.completion")
         self.assertEqual(self.fake.received[0].header("authorization"), f"Bearer {PROVIDER_KEY}")
 
-        yield process.wait_for_audit(lambda lines: any(l["type"] == "response" for l in lines))
+        yield process.wait_for_audit(lambda lines: any(line["type"] == "response" for line in lines))
         transport.signalProcess("TERM")
         code = yield process.ended
         # A drained SIGTERM is a clean stop: exit 0, not death by the signal.
@@ -408,7 +406,7 @@ class BudgetProofTests(TestCase):
         for response in done:
             yield response.content()
         self.assertEqual(sorted(r.code for r in done).count(200), 10)
-        yield process.wait_for_audit(lambda lines: len([l for l in lines if l["type"] == "response"]) == 10)
+        yield process.wait_for_audit(lambda lines: len([line for line in lines if line["type"] == "response"]) == 10)
         db = sqlite3.connect(os.path.join(base, "state", "ledger.sqlite3"))
         spend, count = db.execute("SELECT SUM(cost_usd), COUNT(*) FROM requests WHERE status = 200").fetchone()
         db.close()
@@ -464,9 +462,9 @@ class OperationsTests(TestCase):
         yield process.ready
         transport.signalProcess("HUP")
         yield process.wait_for_audit(
-            lambda lines: any(l["type"] == "operator" and l["action"] == "reload" for l in lines)
+            lambda lines: any(line["type"] == "operator" and line["action"] == "reload" for line in lines)
         )
-        [line] = [l for l in process.audit_lines() if l["type"] == "operator"]
+        [line] = [entry for entry in process.audit_lines() if entry["type"] == "operator"]
         self.assertEqual(line["actor"], "SIGHUP")
         self.assertEqual(line["failed"], [])
 
@@ -481,7 +479,7 @@ class OperationsTests(TestCase):
         response = yield self.chat(ports, 1000)
         self.assertEqual(response.code, 200)
         yield response.content()
-        yield process.wait_for_audit(lambda lines: any(l["type"] == "response" for l in lines))
+        yield process.wait_for_audit(lambda lines: any(line["type"] == "response" for line in lines))
         transport.signalProcess("TERM")
         yield process.ended
         process2, _ = spawn_daemon(self, self.env)
@@ -542,7 +540,7 @@ class VirtualKeyRestartTests(TestCase):
         )
         self.assertEqual(response.code, 200)
         yield response.content()
-        yield process.wait_for_audit(lambda lines: any(l["type"] == "response" for l in lines))
+        yield process.wait_for_audit(lambda lines: any(line["type"] == "response" for line in lines))
         transport.signalProcess("TERM")
         yield process.ended
         process2, _ = spawn_daemon(self, env)

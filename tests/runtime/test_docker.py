@@ -6,7 +6,6 @@ virtualenv (not from the repository), and the `/cllama` wrapper's health probe.
 """
 
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -17,8 +16,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.support import AGENT, SECRET, write_agent
 from tests.runtime.test_daemon import DaemonProcess
+from tests.support import AGENT, SECRET, write_agent
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOCKER = os.path.join(REPO, "docker")

@@ -17,9 +17,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from cllama_tx.runtime import daemon as daemon_module
 from cllama_tx.runtime.drain import InFlight
 from cllama_tx.testing import FakeProvider, Reply, openai_sse_events, openai_stream_chunks
-
-from tests.support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
 from tests.runtime.test_daemon import spawn_daemon
+from tests.support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
 
 # The daemon wiring (daemon.py/proxy.py/config.py) is delivered as a patch.
 WIRED = "DrainService" in open(daemon_module.__file__).read()
@@ -187,7 +186,7 @@ class GracefulShutdownTests(TestCase):
         self.assertIn(b"data: [DONE]", raw.data)
         code = yield process.ended
         self.assertEqual((code, process.signal), (0, None))
-        [response] = [l for l in process.audit_lines() if l["type"] == "response"]
+        [response] = [line for line in process.audit_lines() if line["type"] == "response"]
         self.assertEqual(response["status_code"], 200)
         self.assertEqual(self.ledger_rows(), [(response["request_id"], 200)])
 
@@ -208,6 +207,6 @@ class GracefulShutdownTests(TestCase):
         code = yield process.ended
         self.assertEqual((code, process.signal), (0, None))
         lines = process.audit_lines()
-        [cut] = [l for l in lines if l["type"] in ("response", "error")]
+        [cut] = [line for line in lines if line["type"] in ("response", "error")]
         self.assertEqual((cut["type"], cut["status_code"], cut["error"]), ("error", 499, "client disconnected"))
         self.assertEqual(self.ledger_rows(), [(cut["request_id"], 499)])

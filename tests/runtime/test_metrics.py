@@ -15,13 +15,18 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
-from cllama_tx.sites.api import CHAT
 from cllama_tx.pipeline.metering import Exchange
 from cllama_tx.runtime.metrics import CONTENT_TYPE_LATEST, OTHER, Metrics, _Bounded, status_class
-from cllama_tx.testing import Reply, openai_completion, openai_error, openai_sse_events, openai_stream_chunks
+from cllama_tx.sites.api import CHAT
 from cllama_tx.sites.ui import UiApp
 from cllama_tx.sites.ui.auth import bearer_of, token_matches
-
+from cllama_tx.testing import (
+    Reply,
+    openai_completion,
+    openai_error,
+    openai_sse_events,
+    openai_stream_chunks,
+)
 from tests.support import SECRET, UI_TOKEN, ProxyHarness, chat_body, write_agent
 
 PRICES = {"openai": {"gpt-test": {"input": 2.0, "output": 8.0, "cache_read": 0.5}}}

@@ -22,9 +22,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from cllama_tx.runtime.descriptors import descriptors_needed, fit_caps
 from cllama_tx.sites.guard import DEFAULT_MAX_CONNECTIONS, DEFAULT_UI_MAX_CONNECTIONS
-
-from tests.support import AGENT, PROVIDER_KEY, SECRET, write_agent
 from tests.runtime.test_daemon import REPO, spawn_daemon
+from tests.support import AGENT, PROVIDER_KEY, SECRET, write_agent
 
 UNITS_DIR = os.path.join(REPO, "systemd")
 UNITS = ("cllama-tx-api.socket", "cllama-tx-ui.socket", "cllama-tx.service")
@@ -102,7 +101,7 @@ class UnitFileTests(TestCase):
         """
         argv = _exec_start(os.path.join(UNITS_DIR, "cllama-tx.service"))
         self.assertEqual(argv[0], INSTALLED_BINARY)
-        options = dict(zip(argv[1::2], argv[2::2]))
+        options = dict(zip(argv[1::2], argv[2::2], strict=True))
         self.assertEqual(
             options,
             {

@@ -9,6 +9,7 @@ import datetime
 import ipaddress
 import os
 
+import attrs
 import treq
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -17,23 +18,20 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import defer, reactor, ssl
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
 
-import attrs
-
-from cllama_tx.runtime.config import Config, ConfigError
-from cllama_tx.runtime.upstream import UpstreamClient
 from cllama_tx.pipeline.tls_failures import describe_tls_failure
+from cllama_tx.runtime.config import Config, ConfigError
 from cllama_tx.runtime.tls import (
     UpstreamCAError,
     UpstreamTLSPolicy,
     load_ca_certificates,
     upstream_tls_policy,
 )
-
+from cllama_tx.runtime.upstream import UpstreamClient
 from tests import support
-from tests.support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, chat_body, write_agent
 from tests.runtime.test_daemon import spawn_daemon
+from tests.support import AGENT, PROVIDER_KEY, SECRET, ProxyHarness, chat_body, write_agent
 
 
 def _name(common_name):
@@ -298,7 +296,7 @@ class DaemonTLSListenTests(TestCase):
             self.assertEqual((yield response.json()), {"ok": True})
         # Plain HTTP on a TLS port is refused, not served.
         plain = _https_client(self, None)
-        with self.assertRaises(Exception):
+        with self.assertRaises(ResponseFailed):  # the TLS side closes: no HTTP response
             yield plain.get(f"http://127.0.0.1:{ports['API']}/health")
         # A client that does not trust the CA cannot talk to it.
         untrusting = _https_client(self, upstream_tls_policy(None))
@@ -313,8 +311,9 @@ class DescribeRealFailuresTests(TestCase):
 
     @defer.inlineCallbacks
     def failure_of(self, policy, wrong=False):
-        from cllama_tx.testing import FakeProvider
         from twisted.web.http_headers import Headers
+
+        from cllama_tx.testing import FakeProvider
 
         certs = Certificates(os.path.abspath(self.mktemp()))
         fake = FakeProvider(reactor)

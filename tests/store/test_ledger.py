@@ -23,6 +23,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from cllama_tx.interfaces import ILedger
 from cllama_tx.store.ledger import (
     PRUNE_INTERVAL,
     SCHEMA_VERSION,
@@ -35,7 +36,6 @@ from cllama_tx.store.ledger import (
     utc_day,
 )
 from cllama_tx.store.records import LedgerRow
-from cllama_tx.interfaces import ILedger
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DAY = 86400.0

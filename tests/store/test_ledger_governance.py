@@ -25,7 +25,6 @@ from cllama_tx.store.ledger import (
     SqliteLedger,
     day_number,
 )
-
 from tests.store.test_ledger import DAY, NOON, LedgerCase, rounded, row, sql
 
 MIDNIGHT = day_number(NOON) * DAY  # 00:00 UTC of NOON's day

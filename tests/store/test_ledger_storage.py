@@ -21,7 +21,6 @@ from cllama_tx.store import writer as writer_module
 from cllama_tx.store.ledger import HELD, NOT_KEPT, SqliteLedger
 from cllama_tx.store.spill import SpillError, read_spill, spill_path, write_spill
 from cllama_tx.store.sqlite_tx import is_storage_error
-
 from tests.store.small_fs import fill, free, mount_tmpfs
 from tests.store.test_ledger import DAY, NOON, LedgerCase, row, sql
 

@@ -13,7 +13,6 @@ import sqlite3
 from twisted.internet import defer, reactor, task
 
 from cllama_tx.store import writer as writer_module
-
 from tests.store.test_ledger import LedgerCase, row, sql
 
 
