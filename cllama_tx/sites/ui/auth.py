@@ -277,7 +277,7 @@ def same_origin(request) -> bool:
     if not source or source == b"null" or not host:
         return True
     match = re.match(rb"^[a-z][a-z0-9+.-]*://([^/?#]+)", source.lower())
-    return bool(match) and match.group(1) == host
+    return match is not None and match.group(1) == host
 
 
 # --- the Host check (authentication off) ----------------------------------------------

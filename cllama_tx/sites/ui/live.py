@@ -13,7 +13,8 @@ C{event: expired} and is ended by the server.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -132,4 +133,4 @@ class LiveHub:
 
 
 def _event(name: str, data: dict) -> bytes:
-    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode("utf-8")
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()

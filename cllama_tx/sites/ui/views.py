@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import datetime
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import attrs
 from twisted.internet import defer
@@ -434,7 +435,7 @@ def agents(services: Services, only: str | None = None, recent: int = 5):
         ],
         consumeErrors=True,
     )
-    for agent, rows in zip(ids, recents):
+    for agent, rows in zip(ids, recents, strict=True):
         context = services.contexts.get(agent)
         all_time = _period(totals, None, None, agent)
         month = _period(totals, month_start, today, agent)
@@ -663,9 +664,9 @@ def providers(services: Services) -> dict:
 
 
 def budgets(services: Services) -> dict:
-    from cllama_tx.sites.operations import BUDGET_KEYS
     from cllama_tx.governance.budgets import BEHAVIORS
     from cllama_tx.governance.periods import PERIODS as CALENDAR
+    from cllama_tx.sites.operations import BUDGET_KEYS
 
     out = []
     for agent in agent_ids(services):
@@ -738,7 +739,7 @@ def virtual_keys(services: Services):
     if cost_of is not None and keys:
         shown = keys[:VKEY_SPEND_LIMIT]
         spent = yield defer.DeferredList([cost_of(key_id=k["id"]) for k in shown], consumeErrors=True)
-        for k, (ok, value) in zip(shown, spent):
+        for k, (ok, value) in zip(shown, spent, strict=True):
             k["spend_usd"] = value if ok else None
     return {"enabled": True, "keys": keys, "total": page.total_count, "shown": len(keys), "now": now}
 

@@ -11,7 +11,6 @@ import math
 from twisted.internet import defer, reactor
 
 from cllama_tx.providers.keys import classify_failure
-
 from tests.support import SECRET, write_agent
 
 DAY = 86400.0

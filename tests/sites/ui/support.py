@@ -20,10 +20,9 @@ from twisted.internet import defer, reactor
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 
-from cllama_tx.store.records import LedgerRow
 from cllama_tx.identity.virtual_keys import VirtualKeyStore
 from cllama_tx.sites.ui import UiApp, build_ui_site
-
+from cllama_tx.store.records import LedgerRow
 from tests.secret_scan import SCANNER
 from tests.support import UI_TOKEN, ProxyHarness
 

@@ -20,11 +20,10 @@ from twisted.web.client import ResponseFailed
 from cllama_tx.identity.operator import OperatorGuard
 from cllama_tx.identity.throttle import FailureThrottle
 from cllama_tx.runtime.metrics import Metrics
-
 from tests.secret_scan import SCANNER
+from tests.sites.ui.support import UiClient, UiHarness
 from tests.sources import client_from
 from tests.support import AGENT, PROVIDER_KEY, UI_TOKEN, chat_body
-from tests.sites.ui.support import UiClient, UiHarness
 
 HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
 BEARER = {"Authorization": f"Bearer {UI_TOKEN}"}
@@ -253,7 +252,7 @@ class CsrfTests(UiCase):
         response = yield self.client.post("/providers/keys", {"provider": "openai", "secret": "sk-script-added-key-000000001"}, headers=BEARER)
         self.assertEqual(response.code, 200)
         self.assertEqual((yield response.json())["provider"], "openai")
-        self.assertEqual([(l["action"], l["actor"]) for l in self.harness.operator_lines()][-1], ("key_add", "operator-token@127.0.0.1"))
+        self.assertEqual([(line["action"], line["actor"]) for line in self.harness.operator_lines()][-1], ("key_add", "operator-token@127.0.0.1"))
 
 
 class ProviderTests(UiCase):
@@ -494,7 +493,7 @@ class AuthOffTests(UiCase):
         self.assertEqual(done.code, 303)
         json_script = yield self.client.post(f"/api/reset/{AGENT}", json_body={})
         self.assertEqual(json_script.code, 200)
-        self.assertEqual([(l["action"], l["actor"]) for l in self.harness.operator_lines()],
+        self.assertEqual([(line["action"], line["actor"]) for line in self.harness.operator_lines()],
                          [("budget_reset", "unauthenticated@127.0.0.1")] * 2)
         self.assertEqual(json.loads((yield json_script.text()))["agent"], AGENT)
 

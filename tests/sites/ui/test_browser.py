@@ -18,11 +18,10 @@ from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
 from cllama_tx.sites.ui.render import money
-
 from tests.secret_scan import SCANNER
-from tests.support import AGENT, UI_TOKEN, chat_body
 from tests.sites.ui.fleet import kill_a_key, make_virtual_keys, seed_fleet
 from tests.sites.ui.support import BrowserThread, UiHarness, browser_unavailable
+from tests.support import AGENT, UI_TOKEN, chat_body
 
 log = Logger()
 NEW_PROVIDER_KEY = "sk-proj-added-through-the-ui-5678wxyz"
@@ -125,7 +124,7 @@ class SignInAndLiveSpendTests(BrowserCase):
         agents_html = yield self.browser.run(lambda: (self.browser.page.goto(self.url + "/agents"), self.browser.page.content())[1])
         self.assertIn(f'id="agent-{AGENT}"', agents_html)
         self.assertIn("gpt-4.1-mini", agents_html)
-        actions = [(l["action"], l["actor"]) for l in self.harness.operator_lines()]
+        actions = [(line["action"], line["actor"]) for line in self.harness.operator_lines()]
         self.assertEqual(actions[0][0], "sign_in_failed")
         self.assertEqual(actions[1], ("sign_in", "operator:ada@127.0.0.1"))
         self.assertNotIn("not-the-token-at-all", self.h.audit_text())
@@ -143,7 +142,7 @@ class SignInAndLiveSpendTests(BrowserCase):
             return page.url
 
         yield self.browser.run(out)
-        self.assertEqual([l["action"] for l in self.harness.operator_lines()], ["sign_in", "sign_out"])
+        self.assertEqual([line["action"] for line in self.harness.operator_lines()], ["sign_in", "sign_out"])
 
 
 class ProviderKeyTests(BrowserCase):
@@ -189,7 +188,7 @@ class ProviderKeyTests(BrowserCase):
         self.assertEqual(self.h.providers.resolve("openai").pool.get(key.id).state, "disabled")
         yield self.browser.shot("03-providers")
         lines = self.harness.operator_lines()
-        self.assertEqual([l["action"] for l in lines], ["sign_in", "provider_add", "key_add", "key_disable"])
+        self.assertEqual([line["action"] for line in lines], ["sign_in", "provider_add", "key_add", "key_disable"])
         self.assertEqual(lines[2]["key_id"], key.id)
         self.assertEqual(lines[2]["actor"], "operator:ada@127.0.0.1")
         self.assertNotIn(NEW_PROVIDER_KEY, self.h.audit_text())
@@ -245,7 +244,7 @@ class VirtualKeyTests(BrowserCase):
         flash = yield self.browser.run(revoke)
         self.assertIn("session-99 revoked", flash)
         self.assertIsNone(self.harness.keys.lookup(secret))
-        actions = [(l["action"], l.get("key_id")) for l in self.harness.operator_lines()]
+        actions = [(line["action"], line.get("key_id")) for line in self.harness.operator_lines()]
         self.assertEqual(actions[1:], [("virtual_key_create", vk.token_hash), ("virtual_key_revoke", vk.token_hash)])
 
 
@@ -287,7 +286,7 @@ class BudgetTests(BrowserCase):
         error = yield self.browser.run(invalid)
         self.assertIn("window", error)
         yield self.browser.shot("05-budgets")
-        [line] = [l for l in self.harness.operator_lines() if l["action"] == "budget_set"]
+        [line] = [entry for entry in self.harness.operator_lines() if entry["action"] == "budget_set"]
         self.assertEqual((line["claw_id"], line["changes"]), ("cedar", ["behavior", "limit_usd", "period"]))
 
 
@@ -330,7 +329,7 @@ class RefusalTests(BrowserCase):
             return page.url
 
         url = yield self.browser.run(attack)
-        self.assertNotIn("budget_reset", [l["action"] for l in self.harness.operator_lines()])
+        self.assertNotIn("budget_reset", [line["action"] for line in self.harness.operator_lines()])
         self.assertIn("/signin", url)
 
 

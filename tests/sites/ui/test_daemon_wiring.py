@@ -18,12 +18,11 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from cllama_tx.runtime.config import Config
-
+from tests.runtime.test_daemon import spawn_daemon
 from tests.secret_scan import SCANNER
+from tests.sites.ui.support import UiClient
 from tests.sources import client_from
 from tests.support import SECRET, write_agent
-from tests.runtime.test_daemon import spawn_daemon
-from tests.sites.ui.support import UiClient
 
 DAEMON_UI_TOKEN = "daemon-ui-token-for-guessing-tests-5150"
 DAEMON_MASTER_KEY = "sk-daemon-master-key-for-guessing-tests-2718"
@@ -231,11 +230,11 @@ class OperatorGuessingDaemonTests(TestCase):
 
         self.transport.signalProcess("TERM")
         yield self.process.ended
-        lines = [l for l in self.process.audit_lines() if l["type"] == "operator"]
-        throttled = {(l["surface"], l["actor"]) for l in lines if l["action"] == "auth_throttled"}
+        lines = [line for line in self.process.audit_lines() if line["type"] == "operator"]
+        throttled = {(line["surface"], line["actor"]) for line in lines if line["action"] == "auth_throttled"}
         # Reported once per wait, on the surface that met it first.
         self.assertEqual(throttled, {("history", "anonymous@127.0.0.30"), ("key_api", "anonymous@127.0.0.40")})
-        failed = [l for l in lines if l["action"] in ("auth_failed", "sign_in_failed")]
+        failed = [line for line in lines if line["action"] in ("auth_failed", "sign_in_failed")]
         self.assertGreaterEqual(len(failed), 3 + 2 + 100 + 12)
         output = self.process.stdout + self.process.stderr
         for secret in (b"guess-", b"wrong-", DAEMON_UI_TOKEN.encode(), DAEMON_MASTER_KEY.encode()):
