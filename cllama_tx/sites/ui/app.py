@@ -387,12 +387,15 @@ class UiApp:
             auth_disabled=self._auth_disabled,
             flash=flash,
             live=self.live.available,
+            clock=self._clock if hasattr(self._clock, "callLater") else None,
         )
 
-    def _page(self, request, who: Principal, view: dict, render, **extra) -> bytes:
+    async def _page(self, request, who: Principal, view: dict, render, **extra) -> bytes:
         if self._format(request) != "html":
             return self._json(request, 200, view)
-        return self._html(request, 200, render(self._context(request, who), view, **extra))
+        # Written in turns (pages.py): the reactor serves the proxy meanwhile.
+        body = await render(self._context(request, who), view, **extra)
+        return self._html(request, 200, body)
 
     def _done(self, request, who: Principal, location: str, message: str, doc: dict, level: str = "ok") -> bytes:
         """After a successful change: back to a page (browsers) or JSON."""
@@ -514,7 +517,7 @@ class UiApp:
     async def agents(self, request):
         who = self._gate(request)
         view = await views.agents(self.services)
-        return self._page(request, who, view, pages.agents_page)
+        return await self._page(request, who, view, pages.agents_page)
 
     @app.route("/agents/<agent>", methods=["GET"])
     async def agent(self, request, agent):
@@ -522,7 +525,7 @@ class UiApp:
         if not valid_agent_id(agent) or agent not in views.agent_ids(self.services):
             return self._not_found(request, f"no agent {agent!r}")
         view = await views.agents(self.services, only=agent, recent=25)
-        return self._page(request, who, view, pages.agent_page)
+        return await self._page(request, who, view, pages.agent_page)
 
     @app.route("/costs", methods=["GET"])
     def costs(self, request):
@@ -572,7 +575,7 @@ class UiApp:
         except ValueError:
             limit = 100
         view = await views.requests(self.services, agent, errors_only, limit)
-        return self._page(request, who, view, pages.requests_page)
+        return await self._page(request, who, view, pages.requests_page)
 
     @app.route("/providers", methods=["GET"])
     def providers_page(self, request):
@@ -591,7 +594,7 @@ class UiApp:
     async def vkeys(self, request):
         who = self._gate(request)
         view = await views.virtual_keys(self.services)
-        return self._page(request, who, view, pages.keys_page)
+        return await self._page(request, who, view, pages.keys_page)
 
     @app.route("/pricing", methods=["GET"])
     def pricing(self, request):
@@ -742,7 +745,7 @@ class UiApp:
         ctx = self._context(request, who)
         ctx.flash.append(("ok", f"Virtual key {shown['key_alias'] or shown['key_name']} created."))
         view = await views.virtual_keys(self.services)
-        return self._html(request, 201, pages.keys_page(ctx, view, created={"secret": key, **shown}))
+        return self._html(request, 201, await pages.keys_page(ctx, view, created={"secret": key, **shown}))
 
     @app.route("/keys/revoke", methods=["POST"])
     async def revoke_vkey(self, request):

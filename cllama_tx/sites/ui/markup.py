@@ -12,7 +12,10 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
+from twisted.web.error import FlattenerError
 from twisted.web.template import Element, Tag, flattenString, renderer
 
 DOCTYPE = b"<!DOCTYPE html>\n"
@@ -85,9 +88,11 @@ class Template(Element):
     def lookupRenderMethod(self, name):
         kind, _, key = name.partition(":")
         if kind == "each" and key:
-            return lambda request, tag: [
-                tag.clone().fillSlots(**{k: content(v) for k, v in item.items()}) for item in self.data[key]
-            ]
+            # Shallow copies: the flattener never changes a template's tags.
+            return lambda request, tag: in_turns(
+                getattr(self.ctx, "clock", None),
+                [tag.clone(deep=False).fillSlots(**{k: content(v) for k, v in item.items()}) for item in self.data[key]],
+            )
         if kind == "if" and key:
             return lambda request, tag: tag if self.data[key] else ""
         if kind == "unless" and key:
@@ -102,10 +107,69 @@ class Template(Element):
         return tag(value=self.ctx.csrf) if self.ctx.csrf else ""
 
 
+ROWS_AT_ONCE = 15
+
+
+def in_turns(clock: IReactorTime | None, items: list, size: int = ROWS_AT_ONCE) -> Any:
+    """
+    C{items} (rows, cards) for the flattener, C{size} at a time: before
+    each batch the reactor gets a turn (the flattener waits for a
+    Deferred fired by C{clock}), so a long page never holds up the proxy on
+    the same reactor for more than a batch.  Without a clock, all at once.
+    """
+    if clock is None or len(items) <= size:
+        return items
+
+    def batches():
+        for start in range(0, len(items), size):
+            yield _after_a_turn(clock, items[start : start + size])
+
+    return batches()
+
+
+def next_turn(clock: IReactorTime | None, value: Any) -> Any:
+    """C{value} for the flattener after the reactor had a turn (at once without a clock)."""
+    return value if clock is None else _after_a_turn(clock, value)
+
+
+def _after_a_turn(clock: IReactorTime, value: Any) -> Deferred[Any]:
+    """
+    Fires with C{value} at the reactor's next turn.  Cancelled (the page's
+    client went away), the flattener hears of it through the copy it waits
+    on; this one keeps no unhandled failure behind.
+    """
+
+    def cancel(waiting: Deferred[Any]) -> None:
+        call.cancel()
+        waiting.addErrback(lambda failure: failure.trap(CancelledError))
+
+    turn: Deferred[Any] = Deferred(cancel)
+    call = clock.callLater(0, turn.callback, value)
+    return turn
+
+
+def write_page(root: Any) -> Deferred[bytes]:
+    """An HTML document: fires once C{root} is written out (in turns, see L{in_turns})."""
+    return flattenString(None, root).addCallbacks(lambda body: DOCTYPE + body, _gone)
+
+
+def _gone(failure: Failure) -> Failure:
+    """
+    A page cancelled between two turns (its client went away) fails as
+    cancelled, as Klein expects of a request nobody waits for, not as a
+    broken template.
+    """
+    error = failure.value
+    if isinstance(error, FlattenerError) and isinstance(error.args[0], CancelledError):
+        return Failure(error.args[0])
+    return failure
+
+
 def flatten_bytes(root: Any, *, doctype: bool = False) -> bytes:
     """
-    C{root} written out.  Nothing in a page waits on I/O, so the flattener
-    finishes at once; an error in a template raises here.
+    C{root} written out at once: for the pages and fragments that hold no
+    long list (L{in_turns}), which the flattener finishes without waiting;
+    an error in a template raises here.
     """
     results: list[Any] = []
     flattenString(None, root).addBoth(results.append)

@@ -8,6 +8,12 @@ an operator may be typing into.
 Everything shown is text given to the templates' slots or to L{h}: the
 flattener escapes it when the page is written.  Nothing here builds markup
 from strings.
+
+A page is written in turns (L{in_turns}): its long lists (rows, cards) go
+to the flattener a batch at a time, and the reactor, which also runs the
+proxy, gets a turn between batches.  The signed-in pages therefore fire a
+Deferred with the document; the sign-in and message pages, which hold no
+such list, are written at once.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ import json
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.web.template import Tag
 
 from cllama_tx.sites.ui.charts import bar_chart, gauge, hbar
-from cllama_tx.sites.ui.markup import Template, flatten_bytes, h
+from cllama_tx.sites.ui.markup import Template, flatten_bytes, h, in_turns, next_turn, write_page
 from cllama_tx.sites.ui.render import (
     ago,
     compact,
@@ -65,6 +72,8 @@ class PageContext:
     auth_disabled: bool = False
     flash: list = attrs.Factory(list)
     live: bool = True
+    # The reactor, to write long pages in turns (markup.in_turns); None: at once.
+    clock: Any = None
 
 
 # --- small pieces drawn in code ---------------------------------------------------------------------
@@ -144,8 +153,13 @@ class Layout(Template):
         )
 
 
-def layout(ctx: PageContext, *, page: str, title: str, content: Any, subtitle: Any = "", tools: Any = "") -> bytes:
-    return flatten_bytes(Layout(ctx, page=page, title=title, content=content, subtitle=subtitle, tools=tools), doctype=True)
+CARDS_AT_ONCE = 2
+
+
+def layout(ctx: PageContext, *, page: str, title: str, content: Any, subtitle: Any = "", tools: Any = "") -> Deferred[bytes]:
+    """A signed-in page: fires with the document once written."""
+    # The body after a turn of the reactor: the view was just gathered.
+    return write_page(Layout(ctx, page=page, title=title, content=next_turn(ctx.clock, content), subtitle=subtitle, tools=tools))
 
 
 class Message(Template):
@@ -273,7 +287,7 @@ class Overview(Template):
         )
 
 
-def overview_page(ctx: PageContext, view: dict) -> bytes:
+def overview_page(ctx: PageContext, view: dict) -> Deferred[bytes]:
     subtitle = f"{plural(len(view['agents']), 'agent')} · {plural(sum(1 for p in view['providers'] if p['configured']), 'provider')} configured"
     return layout(ctx, page="overview", title="Overview", subtitle=subtitle, content=Overview(ctx, view))
 
@@ -373,17 +387,17 @@ class Agents(Template):
     template = "agents"
 
 
-def agents_page(ctx: PageContext, view: dict) -> bytes:
+def agents_page(ctx: PageContext, view: dict) -> Deferred[bytes]:
     cards = [AgentCard(ctx, a) for a in view["agents"]]
     subtitle = f"{plural(len(cards), 'agent')}, from the context root and the ledger"
-    return layout(ctx, page="agents", title="Agents", subtitle=subtitle, content=Agents(ctx, cards=cards))
+    return layout(ctx, page="agents", title="Agents", subtitle=subtitle, content=Agents(ctx, cards=in_turns(ctx.clock, cards, CARDS_AT_ONCE)))
 
 
 class Agent(Template):
     template = "agent"
 
 
-def agent_page(ctx: PageContext, view: dict) -> bytes:
+def agent_page(ctx: PageContext, view: dict) -> Deferred[bytes]:
     [a] = view["agents"]
     content = Agent(ctx, chart=DailyChart(ctx, a["daily"], "agent-chart", f"Daily spend of {a['agent']}"), card=AgentCard(ctx, a, recent_limit=25))
     return layout(ctx, page="agents", title=f"Agent {a['agent']}", subtitle=h("a", {"href": "/agents"}, "← all agents"), content=content)
@@ -453,7 +467,7 @@ class Costs(Template):
         )
 
 
-def costs_page(ctx: PageContext, view: dict) -> bytes:
+def costs_page(ctx: PageContext, view: dict) -> Deferred[bytes]:
     return layout(ctx, page="costs", title="Costs", subtitle=f"{view['label']} · UTC days", content=Costs(ctx, view))
 
 
@@ -503,7 +517,7 @@ class Requests(Template):
         )
 
 
-def requests_page(ctx: PageContext, view: dict) -> bytes:
+def requests_page(ctx: PageContext, view: dict) -> Deferred[bytes]:
     subtitle = f"the latest {view['limit']}" + (f" of {view['agent']}" if view["agent"] else "") + (", failures only" if view["errors_only"] else "")
     return layout(ctx, page="requests", title="Requests", subtitle=subtitle, content=Requests(ctx, view))
 
@@ -638,7 +652,7 @@ class Providers(Template):
         super().__init__(
             ctx,
             add_provider=add_provider,
-            cards=[ProviderCard(ctx, p, manageable) for p in view["providers"]],
+            cards=in_turns(ctx.clock, [ProviderCard(ctx, p, manageable) for p in view["providers"]], CARDS_AT_ONCE),
             others=[
                 {
                     "name": p["name"],
@@ -651,7 +665,7 @@ class Providers(Template):
         )
 
 
-def providers_page(ctx: PageContext, view: dict) -> bytes:
+def providers_page(ctx: PageContext, view: dict) -> Deferred[bytes]:
     tools = reload_form(ctx, "Reload configuration", "Re-read providers.json, pricing, policy file and contexts") if view.get("reload", True) else ""
     where = view["path"] or "memory only (no CLAW_AUTH_DIR)"
     return layout(ctx, page="providers", title="Providers & keys", subtitle=f"keys saved to {where}", content=Providers(ctx, view), tools=tools)
@@ -756,8 +770,8 @@ class Budgets(Template):
     template = "budgets"
 
 
-def budgets_page(ctx: PageContext, view: dict) -> bytes:
-    content = Budgets(ctx, cards=[BudgetCard(ctx, a, view) for a in view["agents"]])
+def budgets_page(ctx: PageContext, view: dict) -> Deferred[bytes]:
+    content = Budgets(ctx, cards=in_turns(ctx.clock, [BudgetCard(ctx, a, view) for a in view["agents"]], CARDS_AT_ONCE))
     return layout(
         ctx,
         page="budgets",
@@ -846,7 +860,7 @@ class VirtualKeys(Template):
         )
 
 
-def keys_page(ctx: PageContext, view: dict, created: dict | None = None) -> bytes:
+def keys_page(ctx: PageContext, view: dict, created: dict | None = None) -> Deferred[bytes]:
     if not view["enabled"]:
         return layout(ctx, page="keys", title="Virtual keys", subtitle="off", content=KeysOff(ctx))
     subtitle = f"{plural(view['total'], 'live key')} (expired ones are kept a while)"
@@ -898,7 +912,7 @@ class Pricing(Template):
         )
 
 
-def pricing_page(ctx: PageContext, view: dict) -> bytes:
+def pricing_page(ctx: PageContext, view: dict) -> Deferred[bytes]:
     where = view["override_file"] or "none (set CLLAMA_PRICING_FILE)"
     return layout(
         ctx, page="pricing", title="Pricing coverage", subtitle=f"override file: {where}", content=Pricing(ctx, view),
@@ -935,7 +949,7 @@ class ModelTable(Template):
         )
 
 
-def models_page(ctx: PageContext, view: dict) -> bytes:
+def models_page(ctx: PageContext, view: dict) -> Deferred[bytes]:
     loaded = utc(view["loaded_at"]) if view.get("loaded_at") else "–"
     subtitle = f"file: {view['file'] or 'none (set CLLAMA_MODEL_TABLE)'} · loaded {loaded}"
     return layout(

@@ -11,7 +11,7 @@ import os
 
 from twisted.python.filepath import FilePath
 from twisted.web.iweb import ITemplateLoader
-from twisted.web.template import XMLFile
+from twisted.web.template import Tag, XMLFile
 
 import cllama_tx
 
@@ -42,7 +42,7 @@ class Templates:
         self._loaders: dict[str, ITemplateLoader] = {}
         for path in sorted(self.root.globChildren("*.xml")):
             loader = XMLFile(path)
-            loader.load()  # parse now: XMLFile keeps the parsed document
+            _drop_layout_whitespace(loader.load(), None)  # parsed now, and kept by XMLFile
             self._loaders[path.basename()[: -len(".xml")]] = loader
 
     def loader(self, name: str) -> ITemplateLoader:
@@ -56,6 +56,21 @@ class Templates:
 
     def names(self) -> list[str]:
         return sorted(self._loaders)
+
+
+# Where whitespace between elements is never drawn: between table parts,
+# list items, options, and the top-level blocks of a template.  The templates
+# are indented for reading; writing that indentation for every row of a
+# hundred-row table would only cost time.
+_SILENT_WHITESPACE = frozenset({"table", "thead", "tbody", "tfoot", "tr", "ul", "ol", "dl", "select", ""})
+
+
+def _drop_layout_whitespace(children: list, parent: str | None) -> None:
+    if parent is None or parent in _SILENT_WHITESPACE:
+        children[:] = [c for c in children if not (isinstance(c, str) and not c.strip())]
+    for child in children:
+        if isinstance(child, Tag):
+            _drop_layout_whitespace(child.children, child.tagName if isinstance(child.tagName, str) else child.tagName.decode())
 
 
 class Static:

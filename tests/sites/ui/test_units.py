@@ -5,9 +5,11 @@ content negotiation, escaping and templates, number formats, SVG.
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.error import FlattenerError, UnfilledSlot
@@ -23,7 +25,7 @@ from cllama_tx.sites.ui.auth import (
     host_name,
 )
 from cllama_tx.sites.ui.charts import bar_chart, gauge
-from cllama_tx.sites.ui.markup import Template, flatten_bytes, h
+from cllama_tx.sites.ui.markup import Template, flatten_bytes, h, write_page
 from cllama_tx.sites.ui.render import compact, money, percent
 from cllama_tx.sites.ui.views import costs_csv, period_bounds
 from cllama_tx.sites.ui.web import Static, Templates
@@ -173,6 +175,28 @@ class _Context:
         self.csrf = csrf
 
 
+class _Turns:
+    """A reactor's timers, run one turn at a time (what is scheduled during a turn waits for the next)."""
+
+    def __init__(self):
+        self.pending = []
+
+    def callLater(self, delay, f, *args, **kwargs):
+        call = (f, args, kwargs)
+        self.pending.append(call)
+        return _Call(lambda: self.pending.remove(call))
+
+    def turn(self):
+        calls, self.pending = self.pending, []
+        for f, args, kwargs in calls:
+            f(*args, **kwargs)
+
+
+class _Call:
+    def __init__(self, cancel):
+        self.cancel = cancel
+
+
 class _Probe(Template):
     template = "probe"
 
@@ -208,6 +232,38 @@ class RenderTests(SynchronousTestCase):
         )
         page = flatten_bytes(_Probe(_Context(templates), open=False, query="", name="n", rows=[]))
         self.assertEqual(page, b'<div><a href="/x?">n</a><p>none</p></div>')
+
+    def test_long_lists_are_written_in_turns(self):
+        # Rows go to the flattener a batch at a time, the reactor getting a
+        # turn before each batch: the page is the same as written at once.
+        templates = self._probe(
+            '<ul xmlns:t="http://twistedmatrix.com/ns/twisted.web.template/0.1">'
+            '<li t:render="each:rows"><t:slot name="n"/></li></ul>'
+        )
+        rows = [{"n": n} for n in range(40)]
+        at_once = flatten_bytes(_Probe(_Context(templates), rows=rows))
+        self.assertEqual(at_once, b"<ul>" + b"".join(b"<li>%d</li>" % n for n in range(40)) + b"</ul>")
+        reactor = _Turns()
+        context = _Context(templates)
+        context.clock = reactor
+        written = write_page(_Probe(context, rows=rows))
+        turns = 0
+        while not written.called:
+            self.assertEqual(len(reactor.pending), 1)  # one batch waits for its turn
+            reactor.turn()
+            turns += 1
+        self.assertEqual(turns, 3)  # 15 + 15 + 10 rows
+        self.assertEqual(self.successResultOf(written), b"<!DOCTYPE html>\n" + at_once)
+        # A client that goes away between two turns: the page fails as
+        # cancelled (quiet in Klein), not as a broken template.
+        written = write_page(_Probe(context, rows=rows))
+        reactor.turn()
+        written.cancel()
+        self.failureResultOf(written, CancelledError)
+        self.assertEqual(reactor.pending, [])
+        del written
+        gc.collect()  # a failure left in a Deferred is logged when it is collected: none is
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_a_slot_left_unfilled_is_an_error(self):
         templates = self._probe('<p xmlns:t="http://twistedmatrix.com/ns/twisted.web.template/0.1"><t:slot name="missing"/></p>')
