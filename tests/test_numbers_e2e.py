@@ -297,6 +297,11 @@ class EveryViewAgreesWithTheLedgerTests(NumbersCase):
         self.assertEqual(sum(r["prompt_tokens"] for r in costs_page["rows"]), costs_page["total"]["prompt_tokens"])
         csv_text = (yield (yield self.h.ui_client.get("http://ui/costs.csv?period=all", headers=AUTH)).text())
         self.assertIn("(unrouted),(unrouted),2,2,0,0,0,0,0,0,0,0,unrouted", csv_text)
+        # The HTML page: the unrouted row says so, and does not ask for a price.
+        page = yield self.h.ui_client.get("http://ui/costs?period=all", headers={**AUTH, "Accept": "text/html"})
+        html = yield page.text()
+        self.assertIn('title="2 requests refused before routing: no provider was asked">unrouted</span>', html)
+        self.assertNotIn("of 2 requests had no price", html)
 
         agents = yield self.get("/agents")
         [card] = agents["agents"]

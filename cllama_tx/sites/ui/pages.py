@@ -410,6 +410,9 @@ def pricing_badge(row: dict) -> Tag:
     status = row["pricing_status"]
     if status == "priced":
         return badge("priced", "ok")
+    if status == "unrouted":
+        # Refused before routing (a model name nothing resolves): no provider was asked, so there is nothing to price.
+        return badge("unrouted", "muted", title=f"{row['requests']} requests refused before routing: no provider was asked")
     title = f"{row['unpriced_requests']} of {row['requests']} requests had no price"
     return h("a", {"href": "/pricing"}, badge(status, "warn", title=title))
 
