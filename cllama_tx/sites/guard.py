@@ -428,9 +428,10 @@ class GuardedRequest(Request):
         return super().finish()
 
 
-def guarded_request(request_class: type) -> type:
+def guarded_request(request_class: type[Request]) -> type[GuardedRequest]:
     """C{request_class} reporting to the guard (for a site whose request class is not ours)."""
-    return type("Guarded" + request_class.__name__.lstrip("_"), (GuardedRequest, request_class), {})
+    name = "Guarded" + request_class.__name__.lstrip("_")
+    return cast("type[GuardedRequest]", type(name, (GuardedRequest, request_class), {}))
 
 
 def refuse_request(request: Request, status: int, body: bytes, headers=()) -> None:

@@ -32,10 +32,9 @@ from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from cllama_tx import __version__
-from cllama_tx.surfaces.errors import ProxyError
-from cllama_tx.sites.guard import GuardedSite, guarded_request
 from cllama_tx.identity.operator import OperatorGuard, request_source
 from cllama_tx.identity.tokens import valid_agent_id
+from cllama_tx.sites.guard import GuardedSite, guarded_request
 from cllama_tx.sites.ui import pages, views
 from cllama_tx.sites.ui.auth import (
     CSRF_FIELD,
@@ -61,6 +60,7 @@ from cllama_tx.sites.ui.auth import (
 from cllama_tx.sites.ui.live import LiveHub
 from cllama_tx.sites.ui.web import Static, Templates
 from cllama_tx.store.ledger import SPEND_COUNTS
+from cllama_tx.surfaces.errors import ProxyError
 
 log = Logger(namespace="cllama_tx.sites.ui")
 
@@ -1089,7 +1089,9 @@ class _CappedUiRequest(Request):
         super().handleContentChunk(data)
 
     def _too_large(self) -> None:
-        transport = self.channel.transport
+        transport = self.channel.transport if self.channel is not None else None
+        if transport is None:  # the client is gone already
+            return
         transport.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         transport.loseConnection()
 
