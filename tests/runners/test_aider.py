@@ -32,6 +32,10 @@ class AiderTests(LoopAssertions, TestCase):
         env = {"OPENAI_API_BASE": loop.daemon.api + "/v1", "OPENAI_API_KEY": CREDENTIALS}
         result = yield loop.run(install.AIDER, [
             "--model", "openai/gpt-4o", "--no-git", "--yes-always", "--no-check-update", "--analytics-disable",
+            # aider keeps its histories at the root of the enclosing git checkout (this one):
+            # keep them in the test's own directory.
+            "--chat-history-file", os.path.join(loop.work, ".aider.chat.history.md"),
+            "--input-history-file", os.path.join(loop.work, ".aider.input.history"),
             "--message", "In greet.py, print hello through the proxy instead.", "greet.py",
         ], env)
         rows = yield loop.finish()
