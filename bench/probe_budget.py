@@ -39,7 +39,8 @@ sys.path.insert(0, REPO)
 
 import attr  # noqa: E402
 import treq  # noqa: E402
-from twisted.internet import defer, protocol, task  # noqa: E402
+from probe_daemon import Daemon  # noqa: E402
+from twisted.internet import defer, task  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
 from cllama_tx.testing import FakeProvider  # noqa: E402
@@ -48,7 +49,6 @@ from cllama_tx.testing.billing import BillingModel  # noqa: E402
 SECRET = "5eed" * 12
 MASTER = "sk-probe-master-key-000000000000"
 PROVIDER_KEY = "sk-probe-upstream-key"
-LISTENING = re.compile(r"(API|UI) listening on 127\.0\.0\.1:(\d+)")
 
 PRICES = {
     "openai": {"gpt-4o": {"input": 2.5, "output": 10.0, "max_output_tokens": 16_384}},
@@ -81,50 +81,6 @@ def billed(shape: str) -> float:
     prompt, completion = BillingModel().usage(dict(body, model=model), wire)
     rates = PRICES[provider][model]
     return (prompt * rates["input"] + completion * rates["output"]) / 1e6
-
-
-class Daemon(protocol.ProcessProtocol):
-    """The daemon's stdout (audit lines) and stderr (its ports)."""
-
-    def __init__(self) -> None:
-        self.stdout = b""
-        self.stderr = b""
-        self.ports: dict[str, int] = {}
-        self.ready: defer.Deferred = defer.Deferred()
-        self.ended: defer.Deferred = defer.Deferred()
-        self._waiters: list = []
-
-    def outReceived(self, data: bytes) -> None:
-        self.stdout += data
-        count = self.responses()
-        for wanted, d in list(self._waiters):
-            if count >= wanted:
-                self._waiters.remove((wanted, d))
-                d.callback(count)
-
-    def errReceived(self, data: bytes) -> None:
-        self.stderr += data
-        for kind, port in LISTENING.findall(self.stderr.decode(errors="replace")):
-            self.ports[kind] = int(port)
-        if len(self.ports) == 2 and not self.ready.called:
-            self.ready.callback(self.ports)
-
-    def processEnded(self, reason) -> None:
-        if not self.ready.called:
-            self.ready.errback(RuntimeError("the daemon exited:\n" + self.stderr.decode(errors="replace")[-3000:]))
-        self.ended.callback(None)
-
-    def responses(self) -> int:
-        complete = self.stdout[: self.stdout.rfind(b"\n") + 1]
-        return sum(1 for line in complete.splitlines() if line.strip() and json.loads(line)["type"] == "response")
-
-    def wait_for_responses(self, count: int) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        if self.responses() >= count:
-            d.callback(count)
-        else:
-            self._waiters.append((count, d))
-        return d
 
 
 class Probe:

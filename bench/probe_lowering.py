@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import attr  # noqa: E402
 import treq  # noqa: E402
-from probe_budget import Daemon  # noqa: E402
+from probe_daemon import Daemon  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 

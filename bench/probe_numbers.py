@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -42,7 +41,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import treq  # noqa: E402
-from twisted.internet import defer, protocol, task  # noqa: E402
+from probe_daemon import Daemon  # noqa: E402
+from twisted.internet import defer, task  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
 from cllama_tx.testing import (  # noqa: E402
@@ -61,43 +61,12 @@ AGENT = "probe"
 SECRET = "7a11" * 12
 PROVIDER_KEY = "sk-probe-numbers-upstream"
 UI_TOKEN = "probe-numbers-ui-token"
-LISTENING = re.compile(r"(API|UI) listening on 127\.0\.0\.1:(\d+)")
 SSE = {"content-type": "text/event-stream"}
 PRICES = {
     "openai": {"gpt-test": {"input": 2.0, "output": 8.0, "cache_read": 0.5}},
     "anthropic": {"claude-test": {"input": 3.0, "output": 15.0, "cache_read": 0.3, "cache_write": 3.75}},
 }
 COMPACT_CASES = (100_300, 229_500, 200_000, 1_234_567)
-
-
-class Daemon(protocol.ProcessProtocol):
-    """The daemon's stdout (audit lines) and stderr (its ports)."""
-
-    def __init__(self) -> None:
-        self.stdout = b""
-        self.stderr = b""
-        self.ports: dict[str, int] = {}
-        self.ready: defer.Deferred = defer.Deferred()
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.stdout += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.stderr += data
-        for kind, port in LISTENING.findall(self.stderr.decode(errors="replace")):
-            self.ports[kind] = int(port)
-        if len(self.ports) == 2 and not self.ready.called:
-            self.ready.callback(self.ports)
-
-    def processEnded(self, reason) -> None:
-        if not self.ready.called:
-            self.ready.errback(RuntimeError("the daemon exited:\n" + self.stderr.decode(errors="replace")[-3000:]))
-        self.ended.callback(None)
-
-    def audit(self) -> list[dict]:
-        complete = self.stdout[: self.stdout.rfind(b"\n") + 1]
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def messages_body(stream: bool = False) -> dict:

@@ -46,6 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import treq  # noqa: E402
+from probe_daemon import Daemon  # noqa: E402
 from twisted.internet import defer, protocol, task  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed  # noqa: E402
 
@@ -62,7 +63,6 @@ from cllama_tx.testing import (  # noqa: E402
 
 SECRET = "5eed" * 12
 PROVIDER_KEY = "sk-probe-upstream-key"
-LISTENING = re.compile(r"(API|UI) listening on 127\.0\.0\.1:(\d+)")
 SSE = {"content-type": "text/event-stream"}
 PRICES = {
     "openai": {"gpt-4o-mini": {"input": 0.15, "output": 0.6}},  # also prices gpt-4o-mini-firehose-N (prefix)
@@ -104,55 +104,6 @@ def provider_cases(size_10mb: int) -> list[tuple[str, str, dict, Reply]]:
         ("anthropic: reset before message_delta", MESSAGES, messages(), Reply(sse=anthropic, headers=SSE, reset_after_chunks=3 + half)),
         ("anthropic: closed without message_delta/stop", MESSAGES, messages(), Reply(sse=anthropic[:-2], headers=SSE)),
     ]
-
-
-class Daemon(protocol.ProcessProtocol):
-    """The daemon's stdout (audit lines) and stderr (its ports)."""
-
-    def __init__(self) -> None:
-        self.stdout = b""
-        self.stderr = b""
-        self.ports: dict[str, int] = {}
-        self.ready: defer.Deferred = defer.Deferred()
-        self.ended: defer.Deferred = defer.Deferred()
-        self._waiters: list = []
-
-    def outReceived(self, data: bytes) -> None:
-        self.stdout += data
-        for request_id, d in list(self._waiters):
-            line = self.settled(request_id)
-            if line is not None:
-                self._waiters.remove((request_id, d))
-                d.callback(line)
-
-    def errReceived(self, data: bytes) -> None:
-        self.stderr += data
-        for kind, port in LISTENING.findall(self.stderr.decode(errors="replace")):
-            self.ports[kind] = int(port)
-        if len(self.ports) == 2 and not self.ready.called:
-            self.ready.callback(self.ports)
-
-    def processEnded(self, reason) -> None:
-        if not self.ready.called:
-            self.ready.errback(RuntimeError("the daemon exited:\n" + self.stderr.decode(errors="replace")[-3000:]))
-        self.ended.callback(None)
-
-    def settled(self, request_id: str) -> dict | None:
-        complete = self.stdout[: self.stdout.rfind(b"\n") + 1]
-        for line in complete.splitlines():
-            if line.strip():
-                doc = json.loads(line)
-                if doc.get("request_id") == request_id and doc["type"] in ("response", "error"):
-                    return doc
-        return None
-
-    def wait_settled(self, request_id: str) -> defer.Deferred:
-        line = self.settled(request_id)
-        if line is not None:
-            return defer.succeed(line)
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.append((request_id, d))
-        return d
 
 
 class SlowAgent(protocol.Protocol):
