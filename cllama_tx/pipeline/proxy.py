@@ -126,12 +126,11 @@ class Proxy:
         agent_stall_timeout: float | None = None,
     ) -> None:
         self._inflight = inflight
-        self.clock = clock
         # How long an agent may leave a stream unread (None: the idle timeout).
         self._agent_stall_timeout = idle_timeout if agent_stall_timeout is None else agent_stall_timeout
         self._keys = keys
         self._metrics = metrics
-        self._clock = clock
+        self.clock = clock  # the API site reads it too
         self._contexts = contexts
         self._providers = providers
         self._upstream = upstream
@@ -145,7 +144,7 @@ class Proxy:
 
     def handle(self, request, surface: Surface) -> None:
         """Serve C{request}; the response is written asynchronously."""
-        ex = Exchange(new_request_id(), self._clock.seconds(), surface)
+        ex = Exchange(new_request_id(), self.clock.seconds(), surface)
         if self._inflight is not None:
             self._inflight.track(request)  # a graceful shutdown waits for it
         request.notifyFinish().addErrback(self._agent_gone, ex)
@@ -224,7 +223,7 @@ class Proxy:
         """
         ex.provider, ex.upstream_model = ref.provider, ref.model
         ex.bridge, ex.strip_usage_chunk, ex.first_byte_at = None, False, None
-        ex.attempt_started = self._clock.seconds()
+        ex.attempt_started = self.clock.seconds()
         resolved = self._resolve(ref.provider, ex)
         upstream_format = resolved.spec.api_format
         upstream_doc = dict(doc)
@@ -315,7 +314,7 @@ class Proxy:
         before its body was read; the site writes the answer.  Returns the
         request id for the answer's C{x-cllama-request-id}.
         """
-        ex = Exchange(new_request_id(), self._clock.seconds(), surface)
+        ex = Exchange(new_request_id(), self.clock.seconds(), surface)
         ex.error_code = error.code
         self._metering.settle(ex, error.status, error.message)
         return ex.request_id
@@ -435,7 +434,7 @@ class Proxy:
             if 200 <= code < 300:
                 pool.succeeded(key)
                 return response, None
-            error_bytes = await read_small(response, self._clock, self._idle_timeout)
+            error_bytes = await read_small(response, self.clock, self._idle_timeout)
             relayed = scrubber.scrub(error_bytes) if scrubber is not None else error_bytes
             if code not in (401, 402, 429):
                 return response, relayed
@@ -443,7 +442,7 @@ class Proxy:
                 code,
                 _first(response.headers, b"retry-after"),
                 error_bytes,
-                now=self._clock.seconds(),
+                now=self.clock.seconds(),
             )
             # Not a key problem, a 401 about the request, or a keyless
             # provider: the agent hears the provider's answer.
@@ -479,7 +478,7 @@ class Proxy:
         )
 
     async def _send(self, url: bytes, headers: Headers, body: bytes, ex: Exchange):
-        remaining = self._first_byte_timeout - (self._clock.seconds() - ex.attempt_started)
+        remaining = self._first_byte_timeout - (self.clock.seconds() - ex.attempt_started)
         ex.upstream_called = True
         d = self._upstream.request(b"POST", url, headers, body)
         timed_out = []
@@ -488,7 +487,7 @@ class Proxy:
             timed_out.append(True)
             d.cancel()
 
-        timer = self._clock.callLater(max(remaining, 0.0), expire)
+        timer = self.clock.callLater(max(remaining, 0.0), expire)
         ex.cancel = d.cancel
         try:
             return await d
@@ -522,7 +521,7 @@ class Proxy:
         if limit is not None:
             request.setHeader(b"x-cllama-max-tokens-lowered", b"%d" % limit.max_tokens)
         if buffered is not None:
-            ex.first_byte_at = self._clock.seconds()
+            ex.first_byte_at = self.clock.seconds()
             await self._deliver_body(request, response.code, buffered, ex, api_format)
             return
         content_type = _first(response.headers, b"content-type") or b""
@@ -536,14 +535,14 @@ class Proxy:
                 await self._deliver_body(request, response.code, body, ex, api_format)
 
     def _start_relay(self, request, response, ex: Exchange, on_data) -> StreamRelay:
-        remaining = self._first_byte_timeout - (self._clock.seconds() - ex.attempt_started)
+        remaining = self._first_byte_timeout - (self.clock.seconds() - ex.attempt_started)
 
         def first_byte() -> None:
-            ex.first_byte_at = self._clock.seconds()
+            ex.first_byte_at = self.clock.seconds()
 
         relay = StreamRelay(
             request,
-            self._clock,
+            self.clock,
             idle_timeout=self._idle_timeout,
             first_byte_timeout=max(remaining, 0.0),
             on_data=on_data,
@@ -632,7 +631,7 @@ class Proxy:
         cost = self._metering.cost_extra(ex)
         return ex.bridge.stream(
             include_usage=ex.agent_wants_usage,
-            created=int(self._clock.seconds()),
+            created=int(self.clock.seconds()),
             model=ex.upstream_model,
             usage_extra=lambda: cost(tap.usage),
         )
@@ -704,7 +703,7 @@ class Proxy:
         """A whole upstream answer in the agent's wire format."""
         if isinstance(doc, dict):
             try:
-                translated = bridge.response(doc, int(self._clock.seconds()), ex.upstream_model)
+                translated = bridge.response(doc, int(self.clock.seconds()), ex.upstream_model)
             except ValueError:
                 raise ProxyError(
                     502, "upstream_invalid", f"provider {ex.provider!r} sent an answer that is not a valid response"
