@@ -42,6 +42,11 @@ setup(
         "pyyaml>=6.0",
         # The /metrics endpoint of the operator UI (Prometheus exposition).
         "prometheus-client>=0.17",
+        # PostgreSQL as the shared store of several instances (CLLAMA_DATABASE_URL):
+        # psycopg 3 is the maintained driver of the PostgreSQL adapter project, with
+        # binary wheels (no libpq or compiler needed), server-side binding and a
+        # blocking API we run in our own threads, so the reactor never waits on it.
+        "psycopg[binary]>=3.2,<4",
     ],
     extras_require={
         # The official SDKs and LiteLLM's are clients in our end-to-end tests
