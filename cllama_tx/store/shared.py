@@ -1,0 +1,107 @@
+"""
+The vocabulary every writer of shared state uses, on SQLite and PostgreSQL
+alike: who an instance is, the lock names of a ledger row's budget scopes,
+and the change feed that tells other instances to re-read something.
+
+Why a change feed: instances keep what they read on the hot path in memory
+(keys, overrides, provider keys).  A writer adds a C{changes} row in the
+same transaction as its change; every instance polls the feed (at most a
+second apart) and re-reads what a row names.  See C{docs/DEPLOYMENT.md}.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "CHANGE_KINDS",
+    "SQLITE_COORDINATION_SCHEMA",
+    "lock_names",
+    "new_instance_id",
+    "record_change",
+    "row_scopes",
+]
+
+#: What a change row can name; C{subject} says which one (None: all).
+CHANGE_KINDS = frozenset({
+    "budget_override",   # subject: the scope (agent, key:<hash>, team:<id>); also resets
+    "virtual_key",       # subject: the key's token hash (created, updated, blocked, deleted)
+    "team",              # subject: team id (aliases, settings)
+    "reload",            # an operator reload: contexts, policy, pricing, model table
+    "provider_keys",     # subject: provider name: a key added, removed, enabled or disabled
+    "ui_session",        # subject: the session's public id (signed out)
+})
+
+SQLITE_COORDINATION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    instance TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    seen_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    amount_usd REAL NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reservations_scope ON reservations (scope);
+CREATE INDEX IF NOT EXISTS reservations_instance ON reservations (instance);
+CREATE TABLE IF NOT EXISTS rate_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    at REAL NOT NULL,
+    tokens INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rate_events_scope ON rate_events (scope, id);
+CREATE INDEX IF NOT EXISTS rate_events_at ON rate_events (at);
+CREATE TABLE IF NOT EXISTS changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    subject TEXT,
+    at REAL NOT NULL
+);
+"""
+
+
+def new_instance_id() -> str:
+    """This process's name in the shared store: host, pid and a random part (pids are reused)."""
+    host = socket.gethostname()[:64] or "host"
+    return f"{host}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def row_scopes(agent: str | None, key_id: str | None, team_id: str | None) -> list[str]:
+    """
+    The budget scopes a ledger row's spend counts against, as the budget
+    book names them: the agent, C{key:<hash>}, C{team:<id>}.  Writers of
+    ledger rows hold these scopes' locks (L{advisory_locks}) so that, per
+    scope, rows commit in the order of their ids.
+    """
+    scopes = []
+    if agent:
+        scopes.append(agent)
+    if key_id:
+        scopes.append(f"key:{key_id}")
+    if team_id:
+        scopes.append(f"team:{team_id}")
+    return scopes
+
+
+def record_change(tx: Any, instance: str, kind: str, subject: str | None, at: float) -> None:
+    """Add a change row, in the caller's transaction (so it commits with the change)."""
+    if kind not in CHANGE_KINDS:
+        raise ValueError(f"unknown change kind {kind!r}")
+    tx.execute("INSERT INTO changes (instance, kind, subject, at) VALUES (?, ?, ?, ?)", (instance, kind, subject, at))
+
+
+def lock_names(scopes: Iterable[str]) -> list[str]:
+    """The advisory lock names of budget scopes (one namespace for all writers)."""
+    return sorted({f"scope:{s}" for s in scopes})
