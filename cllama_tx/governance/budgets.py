@@ -543,17 +543,32 @@ class _Trip:
 
 
 class _AgentState:
-    __slots__ = ("timeline", "reserved_usd", "reserved_requests", "offset", "anchor", "trip", "budget", "tz")
+    __slots__ = (
+        "timeline", "own_usd", "own_requests", "foreign_usd", "foreign_requests", "offset", "anchor", "trip",
+        "budget", "tz",
+    )
 
     def __init__(self) -> None:
         self.timeline = SpendTimeline()
-        self.reserved_usd = 0.0
-        self.reserved_requests = 0
+        # Held by this process's requests in flight ...
+        self.own_usd = 0.0
+        self.own_requests = 0
+        # ... and by other instances' (shared store; see set_foreign).
+        self.foreign_usd = 0.0
+        self.foreign_requests = 0
         self.offset = 0.0
         self.anchor = 0.0
         self.trip: _Trip | None = None
         self.budget: Budget | None = None
         self.tz: datetime.tzinfo | None = None
+
+    @property
+    def reserved_usd(self) -> float:
+        return self.own_usd + self.foreign_usd
+
+    @property
+    def reserved_requests(self) -> int:
+        return self.own_requests + self.foreign_requests
 
 
 class BudgetBook:
@@ -623,6 +638,16 @@ class BudgetBook:
             if math.isfinite(float(ts)) and math.isfinite(float(cost or 0.0))
         ]
         self._state(agent).timeline.load(converted)
+
+    def set_foreign(self, agent: str, reserved_usd: float, reserved_requests: int) -> None:
+        """
+        What other instances sharing the store hold for C{agent} right now
+        (read under the scope's lock, L{cllama_tx.store.coordination}):
+        counted like this process's own reservations.
+        """
+        state = self._state(agent)
+        state.foreign_usd = max(0.0, float(reserved_usd))
+        state.foreign_requests = max(0, int(reserved_requests))
 
     def forget(self, agent: str) -> None:
         """Drop everything known about C{agent} (its reservations become no-ops)."""
@@ -932,8 +957,8 @@ class BudgetBook:
         unpriced: bool,
         alert_reason: str | None,
     ) -> Reservation:
-        state.reserved_usd += worst
-        state.reserved_requests += 1
+        state.own_usd += worst
+        state.own_requests += 1
         return Reservation(
             agent=agent,
             budget=budget,
@@ -948,11 +973,11 @@ class BudgetBook:
 
     @staticmethod
     def _unhold(state: _AgentState, reservation: Reservation) -> None:
-        state.reserved_requests -= 1
-        state.reserved_usd -= reservation.worst_case_usd
-        if state.reserved_requests <= 0:
-            state.reserved_requests = 0
-            state.reserved_usd = 0.0
+        state.own_requests -= 1
+        state.own_usd -= reservation.worst_case_usd
+        if state.own_requests <= 0:
+            state.own_requests = 0
+            state.own_usd = 0.0
 
     def _refusal(
         self,

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from cllama_tx.accounting.usage import estimate_prompt_tokens
 from cllama_tx.governance.budgets import (
@@ -36,6 +38,8 @@ from cllama_tx.governance.policy_file import load_policy_file
 from cllama_tx.governance.ratelimit import RateLimiter
 from cllama_tx.governance.request_cost import RequestShape, read_request, worst_input_tokens
 from cllama_tx.governance.resolution import Router
+from cllama_tx.store.coordination import Decision
+from cllama_tx.store.database import DatabaseUnavailable
 from cllama_tx.store.jsonfile import UnreadableFile, file_signature, read_json_file
 from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.surfaces.matrix import (
@@ -69,6 +73,10 @@ class Admission:
     rate_at: float | None = None
     token_estimate: int = 0
     budget_label: str | None = None
+    # Shared store (several instances): the ids of this request's
+    # reservations and rate event there, released once its row is committed.
+    shared_reservations: list = attrs.Factory(list)
+    shared_rate_events: list = attrs.Factory(list)
     # The output limit the request is sent with when its budget lowered it.
     output_limit: OutputLimit | None = None
 
@@ -149,7 +157,10 @@ class Governance:
         ledger=None,
         router: Router | None = None,
         min_output_tokens: int = DEFAULT_MIN_OUTPUT_TOKENS,
+        coordinator=None,
     ) -> None:
+        # Several instances on one store: admission under the store's locks.
+        self._coordinator = coordinator
         # The shortest answer a budget lowers max_tokens to; 0: never lower.
         self._min_output_tokens = min_output_tokens
         # Which provider and model a requested name means (resolution.py).
@@ -337,6 +348,15 @@ class Governance:
         shape = read_request(doc, ex.body_size)
         scopes = self.scopes(context)
         self._check_ledger(ex, scopes)
+        if self._coordinator is not None:
+            limits = self.limits(context)
+            rated = limits.rpm is not None or limits.tpm is not None
+            if scopes or rated:
+                return self._admit_shared(ex, context, admission, scopes, shape, rated)
+        return self._decide(ex, context, admission, scopes, shape)
+
+    def _decide(self, ex, context, admission: Admission, scopes: list, shape: RequestShape) -> Admission:
+        """Tiers, rate limits and reservations: the book's part of L{admit}."""
         if scopes:
             scope, budget, tz = scopes[0]
             admission.budget_label = budget.label
@@ -364,6 +384,94 @@ class Governance:
                 **thinking, remaining_usd=round(limit.available_usd, 10), reserved_usd=round(worst or 0.0, 10),
             )
         return admission
+
+    def _admit_shared(self, ex, context, admission: Admission, scopes: list, shape: RequestShape, rated: bool):
+        """
+        L{_decide} under the scopes' locks in the shared store, with this
+        instance's book and rate windows first brought up to date with what
+        other instances did (L{cllama_tx.store.coordination}).  Returns a
+        Deferred firing with the L{Admission}; fails with the ProxyError
+        to answer with (503 C{store_unavailable} when the store is down).
+        """
+        budget_scopes = {scope: self._counts_since(scope) for scope, _budget, _tz in scopes}
+        rate_scopes = [getattr(context, "rate_scope", context.agent_id)] if rated else []
+        decided: list[Admission] = []
+
+        def decide(syncs, rate_syncs):
+            for sync in syncs:
+                if sync.rows:
+                    self.book.load(sync.scope, sync.rows)
+                self.book.set_foreign(sync.scope, sync.foreign_usd, sync.foreign_requests)
+            for rate in rate_syncs:
+                for at, tokens in rate.events:
+                    self._limiter.absorb(rate.scope, at, tokens)
+            result = self._decide(ex, context, admission, scopes, shape)
+            decided.append(result)
+            events = []
+            if result.rate_key is not None:
+                at = result.rate_at if result.rate_at is not None else self._clock.seconds()
+                events.append((result.rate_key, at, result.token_estimate))
+            return Decision(
+                reservations=[(held.agent, held.worst_case_usd) for held in result.reservations],
+                rate_events=events,
+                result=result,
+            )
+
+        def written(decision) -> Admission:
+            result = decision.result
+            result.shared_reservations = list(decision.reservation_ids)
+            result.shared_rate_events = list(decision.rate_event_ids)
+            return result
+
+        def failed(failure):
+            if failure.check(ProxyError):
+                return failure
+            # Decided here but not written there: give back what was held.
+            for result in decided:
+                self._release_rate(result)
+                for held in result.reservations:
+                    self.book.release(held)
+                result.reservations = []
+            if failure.check(DatabaseUnavailable):
+                log.warn("shared store unavailable for an admission: {error}", error=failure.getErrorMessage())
+            else:
+                log.failure("shared admission failed", failure)
+            raise ProxyError(
+                503, "store_unavailable", "budget and rate limit enforcement is unavailable: the shared store "
+                "cannot be reached", retry_after=LEDGER_RETRY_AFTER,
+            )
+
+        work = self._coordinator.admit(budget_scopes, rate_scopes, decide).addCallbacks(written, failed)
+        # The caller may be cancelled (its agent left) while the store works:
+        # the work still ends, and what it held is then given back.
+        out: defer.Deferred = defer.Deferred(lambda _: None)
+
+        def deliver(result):
+            if out.called:
+                if isinstance(result, Admission):
+                    self.abandon(ex, result)
+                return None
+            out.callback(result) if not isinstance(result, Failure) else out.errback(result)
+            return None
+
+        work.addBoth(deliver)
+        return out
+
+    def abandon(self, ex, admission: Admission) -> None:
+        """Give back everything an admission held whose request will not go on."""
+        self._release_rate(admission)
+        for held in admission.reservations:
+            self.book.release(held)
+        admission.reservations = []
+        if self._coordinator is not None and (admission.shared_reservations or admission.shared_rate_events):
+            self._coordinator.release(admission.shared_reservations, [])
+            admission.shared_reservations = []
+
+    def _counts_since(self, scope: str) -> float:
+        """The time before which a scope's spend no longer counts (its last reset)."""
+        entry = self.runtime.get(scope) or {}
+        reset = entry.get("reset_at")
+        return float(reset) if isinstance(reset, (int, float)) else 0.0
 
     def _apply_tiers(self, ex, admission: Admission, scope: str, budget, tz) -> None:
         chosen = admission.candidates[0]
@@ -534,6 +642,11 @@ class Governance:
         if admission.rate_key is not None:
             actual = row.prompt_tokens + row.output_tokens
             self._limiter.settle(admission.rate_key, admission.token_estimate, actual, admitted_at=admission.rate_at)
+        if admission.shared_reservations or admission.shared_rate_events:
+            actual = row.prompt_tokens + row.output_tokens
+            ex.shared_release = (
+                admission.shared_reservations, [(event, actual) for event in admission.shared_rate_events]
+            )
         for held in admission.reservations:
             if success or row.cost_usd > 0:
                 self.book.settle(held, row.cost_usd if row.priced else None, counted=success)
@@ -546,6 +659,28 @@ class Governance:
                 self._alerts.observe_usage(held.agent, held.budget, usage)
 
 
+    def after_record(self, ex, committed) -> None:
+        """
+        Release a request's shared reservations once its row is in the
+        store (before that, other instances must still count it).
+        """
+        pending = getattr(ex, "shared_release", None)
+        if pending is None or self._coordinator is None:
+            return
+        ex.shared_release = None
+        ids, rate_updates = pending
+        coordinator = self._coordinator
+
+        def release(result):
+            coordinator.release(ids, rate_updates)
+            return result
+
+        if committed is None:
+            release(None)
+        else:
+            committed.addBoth(release)
+
+
 def _dollars(value: float) -> str:
     """$1.23; amounts under a cent with four decimals, so they do not read as nothing."""
     return f"${value:.4f}" if 0 < value < 0.01 else f"${value:.2f}"
@@ -553,7 +688,7 @@ def _dollars(value: float) -> str:
 
 def build_governance(*, clock, pricing, metering, governance_dir, policy_file, unpriced, default_rpm, default_tpm,
                      runtime_overrides=None, alerts=None, ledger=None, router=None,
-                     min_output_tokens=DEFAULT_MIN_OUTPUT_TOKENS):
+                     min_output_tokens=DEFAULT_MIN_OUTPUT_TOKENS, coordinator=None):
     """The daemon's Governance, wired to metering (interventions, settlement)."""
     from cllama_tx.governance.budgets import BudgetBook
 
@@ -570,6 +705,8 @@ def build_governance(*, clock, pricing, metering, governance_dir, policy_file, u
         ledger=ledger,
         router=router,
         min_output_tokens=min_output_tokens,
+        coordinator=coordinator,
     )
     metering.on_settled.append(governance.finish)
+    metering.on_recorded.append(governance.after_record)
     return governance

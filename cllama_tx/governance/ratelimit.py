@@ -244,6 +244,28 @@ class RateLimiter:
         self._touch(key, state, second)
         return Admission(True, 0.0, None, at=now)
 
+    def absorb(self, key: str, at: float, tokens: int) -> None:
+        """
+        Count one request another instance admitted at C{at} with C{tokens}
+        (estimated) tokens, as if admitted here (shared store: read under
+        the key's lock, so every instance's window holds the whole fleet's
+        traffic).  A request already out of the window is ignored; one
+        stamped ahead of this clock counts in the current second.
+        """
+        tokens = _tokens("tokens", tokens)
+        second = _second(self._clock.seconds())
+        state = self._state(key, second)
+        if state is None:
+            state = self._states[key] = _Window(second)
+        head = max(second, state.head)
+        target = min(_second(at), head)
+        if not state.in_window(target):
+            return
+        state.requests[target % SLOTS] += 1
+        state.request_total += 1
+        state.add_tokens(target, tokens)
+        self._touch(key, state, target)
+
     def settle(
         self,
         key: str,

@@ -74,6 +74,8 @@ class Exchange:
     team_id: str | None = None
     user_id: str | None = None
     admission: Admission | None = None  # what governance held for this request
+    # Shared store: reservations to release once the row is committed.
+    shared_release: tuple | None = None
     bridge: Bridge | None = None  # the surface translation in use, if any
     error_code: str | None = None  # the ProxyError code the request ended with, if any
 
@@ -152,6 +154,9 @@ class Metering:
         self.history_sse_cap = history_sse_cap
         # Called with (exchange, row) when an exchange is settled (governance).
         self.on_settled: list = []
+        # Called with (exchange, committed) once its row is handed to the
+        # ledger; C{committed} fires when the row is in the store (None: no row).
+        self.on_recorded: list = []
 
     @property
     def keeps_history(self) -> bool:
@@ -258,9 +263,13 @@ class Metering:
         if ex.claw_id is None or not ex.surface.billable:
             # Refused before the agent was known, or a free call (token
             # counting): audited, not billed to anyone.
+            for recorded in self.on_recorded:
+                recorded(ex, None)
             return Settlement(row, defer.succeed(None))
         committed = self._ledger.record(row)
         committed.addErrback(self._record_failed, ex)
+        for recorded in self.on_recorded:
+            recorded(ex, committed)
         if error is None and 200 <= status < 300 and self._history is not None:
             self._write_history(ex, ex.claw_id, status, usage, now)
         return Settlement(row, committed)

@@ -204,7 +204,15 @@ class Proxy:
         ex.agent_wants_usage = ex.stream and isinstance(options, dict) and options.get("include_usage") is True
         ex.original = ex.doc = doc
         self._metering.audit_request(ex)
-        admission = ex.admission = self._governance.admit(ex, context, doc)
+        admitted = self._governance.admit(ex, context, doc)
+        if isinstance(admitted, defer.Deferred):
+            # Several instances share the store: decided under its locks.
+            admitted = await admitted
+            if ex.settled:
+                # The agent left while the store decided: hold nothing.
+                self._governance.abandon(ex, admitted)
+                return
+        admission = ex.admission = admitted
         candidates = admission.candidates
         for index, ref in enumerate(candidates):
             try:
