@@ -54,6 +54,8 @@ log = Logger(namespace="cllama_tx.coordination")
 HEARTBEAT = 1.0
 DEAD_AFTER = 15.0
 RATE_WINDOW = 61.0
+#: How long the change feed keeps a row (instances read it within a second).
+KEEP_CHANGES = 3600.0
 #: Most rows read for one scope in one admission (a larger backlog is read over several).
 MAX_SYNC_ROWS = 50000
 
@@ -256,6 +258,7 @@ def _heartbeat(tx, instance: str, now: float, pending: list[int]) -> None:
         tx.execute("DELETE FROM instances WHERE instance = ?", (name,))
         log.info("instance {name} stopped answering: its reservations are released", name=name)
     tx.execute("DELETE FROM rate_events WHERE at < ?", (now - 2 * RATE_WINDOW,))
+    tx.execute("DELETE FROM changes WHERE at < ?", (now - KEEP_CHANGES,))
 
 
 def _leave(tx, instance: str) -> None:
@@ -283,13 +286,13 @@ def _admit(tx, reactor, instance: str, now: float, scopes: dict, rates: dict, de
         column, value = _scope_filter(scope)
         rows = tx.execute(
             f"SELECT id, ts, cost_usd, status, priced, instance FROM requests WHERE {column} = ? AND id > ? "
-            "ORDER BY id LIMIT ?",
-            (value, cursor, MAX_SYNC_ROWS),
+            "AND ts >= ? ORDER BY id LIMIT ?",
+            (value, cursor, since, MAX_SYNC_ROWS),
         ).fetchall()
         counted = tuple(
             (row_id, ts, cost, 200 <= status < 300, bool(priced))
             for row_id, ts, cost, status, priced, writer in rows
-            if writer != instance and ts >= since
+            if writer != instance
         )
         new_cursor = rows[-1][0] if rows else cursor
         usd, count = tx.execute(
