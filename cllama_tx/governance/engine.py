@@ -161,6 +161,8 @@ class Governance:
     ) -> None:
         # Several instances on one store: admission under the store's locks.
         self._coordinator = coordinator
+        # scope -> when its spend was last reset (counts only after it).
+        self._reset_at: dict[str, float] = {}
         # The shortest answer a budget lowers max_tokens to; 0: never lower.
         self._min_output_tokens = min_output_tokens
         # Which provider and model a requested name means (resolution.py).
@@ -246,6 +248,17 @@ class Governance:
             self.runtime[agent] = entry
         if reset:
             self.book.forget(agent)
+            reset_at = (entry or {}).get("reset_at")
+            self._reset_at[agent] = float(reset_at) if reset_at is not None else self._clock.seconds()
+            if self._coordinator is not None:
+                # Read the scope again, from the reset on, at its next admission.
+                self._coordinator.forget_scope(agent)
+
+    def apply_shared_override(self, agent: str, entry: dict | None) -> None:
+        """Another instance changed C{agent}'s override (change feed); a new reset forgets its spend here too."""
+        new_reset = (entry or {}).get("reset_at")
+        known = self._reset_at.get(agent, (self.runtime.get(agent) or {}).get("reset_at"))
+        self.set_runtime(agent, entry, reset=new_reset is not None and new_reset != known)
 
     def seed(self, timeline) -> None:
         """Committed spend from the ledger, at start: (agent, ts, cost, requests, unknown)."""
@@ -469,8 +482,7 @@ class Governance:
 
     def _counts_since(self, scope: str) -> float:
         """The time before which a scope's spend no longer counts (its last reset)."""
-        entry = self.runtime.get(scope) or {}
-        reset = entry.get("reset_at")
+        reset = self._reset_at.get(scope, (self.runtime.get(scope) or {}).get("reset_at"))
         return float(reset) if isinstance(reset, (int, float)) else 0.0
 
     def _apply_tiers(self, ex, admission: Admission, scope: str, budget, tz) -> None:

@@ -21,8 +21,11 @@ BUDGET_KEYS = ("limit_usd", "max_requests", "window", "period", "behavior", "tie
 
 
 class Operations:
-    def __init__(self, *, clock, audit, ledger, governance, pricing, providers, contexts, model_table=None) -> None:
+    def __init__(self, *, clock, audit, ledger, governance, pricing, providers, contexts, model_table=None,
+                 changes=None) -> None:
         self._clock = clock
+        # Several instances: a reload here is announced to the others (change feed).
+        self._changes = changes
         self._model_table = model_table
         self._audit = audit
         self._ledger = ledger
@@ -85,8 +88,12 @@ class Operations:
         self._record("budget_reset", actor, agent)
         return entry
 
-    def reload(self, actor: str) -> dict:
-        """Re-read policy file, pricing, providers, the model table and contexts."""
+    def reload(self, actor: str, announce: bool = True) -> dict:
+        """
+        Re-read policy file, pricing, providers, the model table and contexts;
+        with other instances sharing the store, they reload too (C{announce}
+        is false for a reload another instance announced).
+        """
         done, failed = [], {}
         steps = [
             ("policy", self._governance.load_policy_file),
@@ -105,4 +112,8 @@ class Operations:
                 log.error("reload of {name} failed: {error}", name=name, error=str(e))
                 failed[name] = str(e)
         self._record("reload", actor, reloaded=done, failed=sorted(failed))
+        if announce and self._changes is not None:
+            self._changes.publish("reload").addErrback(
+                lambda f: log.error("could not announce the reload to other instances: {e}", e=f.getErrorMessage())
+            )
         return {"reloaded": done, "failed": failed}
