@@ -140,8 +140,21 @@ CREATE TABLE changes (
 );
 """
 
+# The operator UI's sessions, shared by every instance (cllama_tx.identity.operator_sessions):
+# only a hash of the session id; the CSRF token is derived from the id, so none is stored.
+_UI_SESSIONS = """
+CREATE TABLE ui_sessions (
+    session_hash TEXT PRIMARY KEY,
+    name TEXT,
+    created_at DOUBLE PRECISION NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX ui_sessions_created ON ui_sessions (created_at);
+"""
+
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "ledger, virtual keys and coordination tables", _LEDGER + _KEYS + _COORDINATION),
+    (2, "operator UI sessions", _UI_SESSIONS),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
