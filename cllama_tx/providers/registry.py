@@ -166,6 +166,8 @@ class ProviderRegistry(Service):
         self._pending_save = None
         self._dirty = False
         self._fingerprint: tuple[int, int, int] | None = None
+        # Called with the file's path after an operator's change is saved.
+        self.on_operator_change: list[Callable[[str], None]] = []
         # The file layer, including operator changes; what save() writes.
         self._file_entries: dict[str, ProviderEntry] = {}
         self._specs: dict[str, ProviderSpec] = {}
@@ -590,6 +592,9 @@ class ProviderRegistry(Service):
             return
         self._dirty = True
         self.flush()
+        # An operator's change, saved: instances sharing a store copy it.
+        for observer in list(self.on_operator_change):
+            observer(self._path)
 
     def _entries_for_save(self) -> dict[str, ProviderEntry]:
         entries = {}

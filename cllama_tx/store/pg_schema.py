@@ -138,6 +138,12 @@ CREATE TABLE changes (
     subject TEXT,
     at DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE shared_documents (
+    name TEXT PRIMARY KEY,
+    content TEXT NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    instance TEXT NOT NULL
+);
 """
 
 # The operator UI's sessions, shared by every instance (cllama_tx.identity.operator_sessions):

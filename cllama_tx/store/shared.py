@@ -20,6 +20,8 @@ from typing import Any
 __all__ = [
     "CHANGE_KINDS",
     "SQLITE_COORDINATION_SCHEMA",
+    "get_document",
+    "put_document",
     "lock_names",
     "new_instance_id",
     "record_change",
@@ -69,6 +71,12 @@ CREATE TABLE IF NOT EXISTS changes (
     subject TEXT,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS shared_documents (
+    name TEXT PRIMARY KEY,
+    content TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    instance TEXT NOT NULL
+);
 """
 
 
@@ -100,6 +108,25 @@ def record_change(tx: Any, instance: str, kind: str, subject: str | None, at: fl
     if kind not in CHANGE_KINDS:
         raise ValueError(f"unknown change kind {kind!r}")
     tx.execute("INSERT INTO changes (instance, kind, subject, at) VALUES (?, ?, ?, ?)", (instance, kind, subject, at))
+
+
+def put_document(tx: Any, instance: str, name: str, content: str, at: float, kind: str) -> None:
+    """
+    Keep a configuration file that instances on other hosts need too (the
+    operator's C{providers.json}), and announce it as a change of C{kind}.
+    """
+    tx.execute(
+        "INSERT INTO shared_documents (name, content, updated_at, instance) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET content = excluded.content, updated_at = excluded.updated_at, "
+        "instance = excluded.instance",
+        (name, content, at, instance),
+    )
+    record_change(tx, instance, kind, name, at)
+
+
+def get_document(tx: Any, name: str) -> str | None:
+    row = tx.execute("SELECT content FROM shared_documents WHERE name = ?", (name,)).fetchone()
+    return None if row is None else row[0]
 
 
 def lock_names(scopes: Iterable[str]) -> list[str]:
