@@ -83,8 +83,11 @@ class ProxyHarness:
                  history_dir=None, pricing_file=None, no_stream_options=frozenset(),
                  fake_providers=("openai",), governance_dir=None, policy_file=None, unpriced="refuse",
                  default_rpm=None, default_tpm=None, alert_webhooks=None, key_clock=None, tls_policy=None,
-                 agent_stall_timeout=None, provider_clock=None, model_table=None):
+                 agent_stall_timeout=None, provider_clock=None, model_table=None, keys=None):
         self.testcase = testcase
+        # A started virtual key store of the test's own (one of several on a
+        # shared database), instead of one on the harness's ledger file.
+        self.keys = keys
         # A model table file (CLLAMA_MODEL_TABLE), or None.
         self.model_table_path = model_table
         self.env_extra = env or {}
@@ -176,9 +179,10 @@ class ProxyHarness:
             )
             self.alerts.startService()
             case.addCleanup(self.alerts.stopService)
-        self.keys = VirtualKeyStore(self.ledger.path, self.key_clock or reactor, reactor)
-        self.keys.startService()
-        case.addCleanup(self.keys.stopService)
+        if self.keys is None:
+            self.keys = VirtualKeyStore(self.ledger.path, self.key_clock or reactor, reactor)
+            self.keys.startService()
+            case.addCleanup(self.keys.stopService)
         self.model_table = ModelTableFile(
             self.model_table_path, env, reactor, registry=self.providers, pricing=self.pricing
         )

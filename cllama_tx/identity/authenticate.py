@@ -6,18 +6,46 @@ One function for both places that ask: the API site, on the headers of an
 inference request before a byte of its body is read, and the proxy, for a
 request that reached it without that answer.  It reads no file (contexts
 and keys are cached), so it is cheap enough to run on every request.
+
+The one exception is a virtual key this instance has not seen while the
+store cannot yet say it is unknown (other instances share it, or it is
+still loading): L{identify} raises L{KeyNotChecked}, a 401 to a caller
+that cannot wait, and L{identify_stored} is the answer once the database
+was asked.
 """
 
 from __future__ import annotations
 
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from cllama_tx.identity.lookups import LookupsBusy
 from cllama_tx.identity.principals import KeyPrincipal
 from cllama_tx.identity.tokens import MalformedCredentials, parse_credentials
-from cllama_tx.identity.virtual_keys import looks_like_virtual_key
+from cllama_tx.identity.virtual_keys import hash_key, looks_like_virtual_key
+from cllama_tx.store.database import DatabaseUnavailable
 from cllama_tx.surfaces.errors import ProxyError
 
 _KEY_REFUSALS = {"expired": "this key has expired", "blocked": "this key is blocked"}
+_UNKNOWN_KEY = "unknown or deleted key"
+#: Seconds a client is told to wait when the key store cannot be read.
+STORE_RETRY_AFTER = 1
+
+_log = Logger(namespace="cllama_tx.identity")
+
+
+@attrs.define
+class KeyNotChecked(ProxyError):
+    """
+    A well-formed virtual key not in memory, which the store must read
+    before refusing (L{identify_stored}).  Carries the key's hash, never
+    the key.  Callers that cannot wait answer it as the 401 it is.
+    """
+
+    token_hash: str = attrs.field(default="", repr=False)
 
 
 def identify(headers: Headers, contexts, keys=None):
@@ -32,8 +60,10 @@ def identify(headers: Headers, contexts, keys=None):
     if keys is not None and token is not None and looks_like_virtual_key(token):
         key = keys.lookup(token)
         if key is None:
-            reason = _KEY_REFUSALS.get(keys.status(token), "unknown or deleted key")
-            raise ProxyError(401, "invalid_api_key", reason)
+            status = keys.status(token)
+            if status == "unchecked":
+                raise KeyNotChecked(401, "invalid_api_key", _UNKNOWN_KEY, token_hash=hash_key(token))
+            raise ProxyError(401, "invalid_api_key", _KEY_REFUSALS.get(status, _UNKNOWN_KEY))
         return KeyPrincipal(key)
     try:
         agent_id, secret = parse_credentials(
@@ -45,6 +75,33 @@ def identify(headers: Headers, contexts, keys=None):
     if context is None:
         raise ProxyError(403, "invalid_credentials", "unknown agent or wrong secret")
     return context
+
+
+def identify_stored(keys, unchecked: KeyNotChecked) -> defer.Deferred:
+    """
+    The key of L{KeyNotChecked} once the store has read it: fires with its
+    L{KeyPrincipal}, or fails with the L{ProxyError} to answer: the 401 of
+    an unknown, deleted, expired or blocked key, or a 503
+    C{store_unavailable} when the store cannot tell (never a 401 for a key
+    that may be good).
+    """
+    token_hash = unchecked.token_hash
+
+    def found(key):
+        if key is None:
+            reason = _KEY_REFUSALS.get(keys.status_of(token_hash), _UNKNOWN_KEY)
+            raise ProxyError(401, "invalid_api_key", reason)
+        return KeyPrincipal(key)
+
+    def failed(failure: Failure):
+        if not failure.check(DatabaseUnavailable, LookupsBusy):
+            _log.failure("reading a virtual key from the store failed", failure)
+        raise ProxyError(
+            503, "store_unavailable", "the key store cannot be read right now; try again",
+            retry_after=STORE_RETRY_AFTER,
+        )
+
+    return keys.lookup_stored(token_hash).addCallbacks(found, failed)
 
 
 def presented_token(headers: Headers) -> str | None:

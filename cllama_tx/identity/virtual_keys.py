@@ -1,7 +1,9 @@
 """
 Virtual keys: short-lived C{sk-...} keys minted through the LiteLLM-compatible
 key API (L{cllama_tx.sites.keys}), each scoped to a team and a user, with its own
-model allow-list, budget and rate limits.
+model allow-list, budget and rate limits.  The store keeps them in memory and
+in the database the instances share (the SQLite state file, or PostgreSQL),
+so every instance of a fleet honours the same keys.
 
 Why it is shaped like this:
 
@@ -11,107 +13,111 @@ Why it is shaped like this:
     LiteLLM's token hashes mean the same here).  The clear key is returned
     once, by C{create}, and never stored or logged.
   - B{The hot path is a hash and a dict lookup.}  Every live key is in
-    memory, loaded at C{startService}; L{VirtualKeyStore.lookup} checks the
-    expiry against the injected clock, to the second.
+    memory, loaded when the store starts; L{VirtualKeyStore.lookup} checks
+    the expiry against the injected clock, to the second.
   - B{Memory changes first, on the reactor thread.}  A deleted or blocked key
-    fails at once, even before its row is committed.  Writes go through one
-    writer thread (a one-thread pool: its FIFO queue keeps them in order, so
-    a delete can never overtake the create it follows) on the store's own
-    connection to the ledger's database file (WAL, C{busy_timeout}).
+    fails at once, even before its row is committed.  Writes are run one
+    after another (each starts once the one before it is done, whatever the
+    database's threads, so a delete can never overtake the create it
+    follows), each in one transaction with its change row
+    (L{cllama_tx.store.shared.record_change}).  An update writes only the
+    fields it changes, so another instance's change to the others is kept.
   - B{Failure is handled per kind.}  A create whose commit fails is taken
     out of memory again (its key was never shown to anyone); an update whose
     commit fails is rolled back in memory; a delete stays in effect in
-    memory (fail closed), and a retried delete writes it again.
+    memory (fail closed: no read from the database brings the key back),
+    and a retried delete writes it again.
+  - B{Other instances' changes} reach memory through L{reload_key} and
+    L{reload_team}, which the change feed calls within a second.  A row
+    read from the database replaces memory only if this instance changed
+    nothing of that key since the read began and has no write of it
+    pending, so a slow read never undoes a newer change.
+  - B{A key minted elsewhere works at once.}  In a shared store (C{shared}:
+    several processes or hosts), a miss for a well-formed key is read from
+    the database before it is refused (L{lookup_stored}, a Deferred;
+    L{cllama_tx.identity.lookups.MissLookups} coalesces, batches and
+    bounds those reads and remembers absent hashes for a second).  The
+    single process refuses a miss at once, as before; until the first load
+    is done every miss waits for it, so a restart never refuses a good key.
 
-Pure helpers (L{generate_key}, L{hash_key}, L{looks_like_virtual_key},
-L{parse_duration}, L{validate_key_fields}) do no I/O and are tested without a
-reactor.
+The key and its fields (pure) are L{cllama_tx.identity.key_model}; the
+tables and their SQL, L{cllama_tx.identity.key_rows}.
 """
 
 from __future__ import annotations
 
 import builtins
-import calendar
-import datetime
-import hashlib
+import collections
 import heapq
-import json
-import math
 import os
-import re
-import secrets
-import sqlite3
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
-from cllama_tx.store.sqlite_tx import transaction as _transaction
+from cllama_tx.identity import key_rows
+from cllama_tx.identity.key_model import (
+    KEY_FIELDS,
+    KEY_PREFIX,
+    MAX_KEY_BODY,
+    MIN_KEY_BODY,
+    UNSUPPORTED_FIELDS,
+    DuplicateKey,
+    InvalidField,
+    KeyPage,
+    VirtualKey,
+    generate_key,
+    hash_key,
+    iso_time,
+    key_name_of,
+    looks_like_virtual_key,
+    model_aliases,
+    parse_duration,
+    token_hash_of,
+    validate_key_fields,
+)
+from cllama_tx.identity.lookups import LookupsBusy, MissLookups
+from cllama_tx.store.database import DatabaseUnavailable
+from cllama_tx.store.shared import new_instance_id
+from cllama_tx.store.sqlite_database import SqliteDatabase
 
 __all__ = [
+    "KEY_FIELDS",
+    "UNSUPPORTED_FIELDS",
     "DuplicateKey",
     "InvalidField",
     "KeyNotFound",
     "KeyPage",
+    "LookupsBusy",
     "StoreClosed",
     "VirtualKey",
     "VirtualKeyStore",
     "generate_key",
     "hash_key",
     "iso_time",
+    "key_name_of",
     "looks_like_virtual_key",
+    "model_aliases",
     "parse_duration",
     "token_hash_of",
     "validate_key_fields",
 ]
 
-KEY_PREFIX = "sk-"
-#: Random bytes per generated key: secrets.token_urlsafe(32) is 43 characters.
-KEY_RANDOM_BYTES = 32
-MIN_KEY_BODY = 32
-MAX_KEY_BODY = 256
-_KEY_PATTERN = re.compile(rf"sk-[A-Za-z0-9_-]{{{MIN_KEY_BODY},{MAX_KEY_BODY}}}")
-_HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
-
-#: Durations are capped, so that an expiry always fits a datetime.
-MAX_DURATION_SECONDS = 100 * 366 * 86400
-_DURATION = re.compile(r"(\d{1,10})(mo|[smhdw])")
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_MONTH_APPROXIMATION = 30 * 86400
-
-MAX_TEXT = 256
-MAX_MODELS = 1000
-MAX_METADATA_BYTES = 16 * 1024
-MAX_ALIASES = 1000
-MAX_COUNT = 2**53  # rpm / tpm: any larger is not a limit a JSON client can mean
-
 #: Keys that expired longer ago than this are dropped from memory (they stay
 #: in the database); /key/info then answers 404 for them.
 DEFAULT_EXPIRED_RETENTION = 7 * 86400.0
 PRUNE_INTERVAL = 3600.0
+#: A load that failed (the database unavailable at start) is tried again after this.
+LOAD_RETRY = 2.0
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 _log = Logger(namespace="cllama_tx.virtual_keys")
-
-
-# --------------------------------------------------------------------------
-# Errors
-
-
-class InvalidField(ValueError):
-    """A key field is malformed; C{field} names it (the 400's C{param})."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class DuplicateKey(InvalidField):
-    """A caller-chosen key, or a key alias, that another key already has."""
 
 
 class KeyNotFound(LookupError):
@@ -122,622 +128,22 @@ class StoreClosed(Exception):
     """The store is not running: writes are refused."""
 
 
-# --------------------------------------------------------------------------
-# Pure helpers
-
-
-def generate_key() -> str:
-    """A new key: C{sk-} and 43 URL-safe characters (256 random bits)."""
-    return KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
-
-
-def hash_key(key: str) -> str:
-    """The hex SHA-256 of C{key}: its stored form and its id."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def looks_like_virtual_key(token: object) -> bool:
-    """
-    Whether a bearer token has the shape of a virtual key: C{sk-} then 32 to
-    256 URL-safe characters.  Agents' tokens are C{agent:secret}, and a colon
-    is not URL-safe, so the two never overlap.
-    """
-    return isinstance(token, str) and _KEY_PATTERN.fullmatch(token) is not None
-
-
-def token_hash_of(identifier: object) -> str | None:
-    """
-    The hash named by an identifier of the key API: a clear key (anything
-    starting with C{sk-}, as LiteLLM hashes it) or a 64-hex token hash.
-    L{None} when it is neither.
-    """
-    if not isinstance(identifier, str):
-        return None
-    if identifier.startswith(KEY_PREFIX):
-        return hash_key(identifier)
-    if _HASH_PATTERN.fullmatch(identifier):
-        return identifier
-    return None
-
-
-def key_name_of(key: str) -> str:
-    """LiteLLM's display form of a key: C{sk-...} and its last 4 characters."""
-    return f"{KEY_PREFIX}...{key[-4:]}"
-
-
-def iso_time(ts: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC (C{2026-11-17T12:00:00+00:00}), as LiteLLM answers."""
-    if ts is None:
-        return None
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat()
-
-
-def _months_ahead(now: float, months: int) -> float:
-    """Seconds from C{now} to the same day and time C{months} calendar months later (UTC)."""
-    start = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
-    index = start.month - 1 + months
-    year = start.year + index // 12
-    month = index % 12 + 1
-    day = min(start.day, calendar.monthrange(year, month)[1])
-    return (start.replace(year=year, month=month, day=day) - start).total_seconds()
-
-
-def parse_duration(text: object, now: float | None = None) -> float:
-    """
-    Seconds of a LiteLLM duration: a whole number and one of C{s}, C{m}
-    (minutes), C{h}, C{d}, C{w}, C{mo} (calendar months: the same day of the
-    month, clamped to its last day, counted from C{now} in UTC; 30 days each
-    when C{now} is not given).  C{30s}, C{15m}, C{24h}, C{7d}, C{2w},
-    C{1mo}.  Surrounding spaces are ignored; the number must be positive and
-    the duration at most 100 years.
-
-    @raise ValueError: anything else.
-    """
-    if not isinstance(text, str):
-        raise ValueError("a duration must be a string such as \"30s\", \"24h\" or \"7d\"")
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(
-            f"{text!r} is not a duration: use a whole number and s, m, h, d, w or mo"
-            " (e.g. \"30s\", \"15m\", \"24h\", \"7d\", \"1mo\")"
-        )
-    value, unit = int(match.group(1)), match.group(2)
-    if value <= 0:
-        raise ValueError(f"the duration {text!r} must be positive")
-    if unit == "mo":
-        if value > 1200:
-            raise ValueError(f"the duration {text!r} is longer than 100 years")
-        seconds = _MONTH_APPROXIMATION * value if now is None else _months_ahead(now, value)
-    else:
-        seconds = value * _DURATION_UNITS[unit]
-    if seconds > MAX_DURATION_SECONDS:
-        raise ValueError(f"the duration {text!r} is longer than 100 years")
-    return float(seconds)
-
-
-# --------------------------------------------------------------------------
-# The key
-
-
-def _frozen_metadata(value: dict) -> dict:
-    # A private copy with JSON types only, so no caller can change a key's
-    # metadata behind the store's back.
-    return json.loads(json.dumps(value))
-
-
-@attrs.frozen
-class VirtualKey:
-    """
-    One key as stored: everything but the key itself.  Immutable: an update
-    swaps in a new object, so a request keeps a consistent view.
-    """
-
-    token_hash: str
-    key_name: str
-    key_alias: str | None = None
-    team_id: str | None = None
-    user_id: str | None = None
-    #: Allowed model refs; empty means every model.
-    models: tuple[str, ...] = ()
-    max_budget: float | None = None
-    budget_duration: str | None = None
-    rpm_limit: int | None = None
-    tpm_limit: int | None = None
-    metadata: dict = attrs.field(factory=dict, hash=False)
-    #: The key's own model names (LiteLLM's C{aliases}): name -> model name.
-    aliases: dict = attrs.field(factory=dict, hash=False)
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    #: Epoch seconds; the key fails from this instant on.  None: never expires.
-    expires: float | None = None
-    blocked: bool = False
-
-    def expired(self, now: float) -> bool:
-        """Whether the key has expired at C{now} (to the second: C{now >= expires})."""
-        return self.expires is not None and now >= self.expires
-
-    def usable(self, now: float) -> bool:
-        """Neither blocked nor expired."""
-        return not self.blocked and not self.expired(now)
-
-    @property
-    def claw_id(self) -> str:
-        """Who to name in the audit stream: the user, else the alias, else the key's display name."""
-        return self.user_id or self.key_alias or self.key_name
-
-    def allows_model(self, ref: str) -> bool:
-        """
-        Whether C{ref} is on the allow-list: an empty list allows everything;
-        an entry matches exactly, C{*} matches everything and C{provider/*}
-        every model of that provider (LiteLLM's wildcard forms).
-        """
-        if not self.models:
-            return True
-        for allowed in self.models:
-            if allowed == ref or allowed == "*":
-                return True
-            if allowed.endswith("/*") and ref.startswith(allowed[:-1]):
-                return True
-        return False
-
-    def to_info(self) -> dict[str, Any]:
-        """
-        LiteLLM's C{/key/info} C{info} object (without C{spend}, which the
-        ledger knows).  C{token} is the hash; the key itself is never here.
-        Fields LiteLLM has and cllama_tx does not support are present with
-        their empty values, so clients that read them keep working.
-        """
-        return {
-            "token": self.token_hash,
-            "key_name": self.key_name,
-            "key_alias": self.key_alias,
-            "team_id": self.team_id,
-            "user_id": self.user_id,
-            "models": list(self.models),
-            "max_budget": self.max_budget,
-            "budget_duration": self.budget_duration,
-            "rpm_limit": self.rpm_limit,
-            "tpm_limit": self.tpm_limit,
-            "metadata": _frozen_metadata(self.metadata),
-            "expires": iso_time(self.expires),
-            "blocked": self.blocked,
-            "created_at": iso_time(self.created_at),
-            "updated_at": iso_time(self.updated_at),
-            # LiteLLM fields without an equivalent here.
-            "max_parallel_requests": None,
-            "soft_budget": None,
-            "aliases": dict(self.aliases),
-            "config": {},
-            "permissions": {},
-            "allowed_cache_controls": [],
-            "model_max_budget": {},
-            "budget_id": None,
-            "organization_id": None,
-        }
-
-
-@attrs.frozen
-class KeyPage:
-    """One page of L{VirtualKeyStore.list}, newest first."""
-
-    keys: tuple[VirtualKey, ...]
-    total_count: int
-    current_page: int
-    total_pages: int
-
-
-# --------------------------------------------------------------------------
-# Validation of the key API's fields (pure)
-
-#: Fields cllama_tx understands, besides C{key}.
-KEY_FIELDS = (
-    "key_alias",
-    "team_id",
-    "user_id",
-    "models",
-    "max_budget",
-    "budget_duration",
-    "rpm_limit",
-    "tpm_limit",
-    "metadata",
-    "duration",
-    "blocked",
-    "aliases",
-)
-
-#: LiteLLM fields that cllama_tx does not support.  Sent empty (null, {},
-#: [], "", 0, false: what SDKs send by default) they are ignored; sent with a
-#: value they are refused, because silently dropping a limit or a scope is
-#: worse than a 400.
-UNSUPPORTED_FIELDS = frozenset(
-    {
-        "allowed_cache_controls",
-        "allowed_routes",
-        "auto_rotate",
-        "budget_id",
-        "config",
-        "enforced_params",
-        "guardrails",
-        "key_type",
-        "max_parallel_requests",
-        "model_max_budget",
-        "model_rpm_limit",
-        "model_tpm_limit",
-        "object_permission",
-        "organization_id",
-        "permissions",
-        "prompts",
-        "rotation_interval",
-        "send_invite_email",
-        "soft_budget",
-        "spend",
-        "tags",
-        "temp_budget_expiry",
-        "temp_budget_increase",
-    }
-)
-
-_HINTS = {
-    "organization_id": " (use team_id for the organisation)",
-    "max_parallel_requests": " (use rpm_limit and tpm_limit)",
-}
-
-
-def _empty(value: Any) -> bool:
-    return value is None or value is False or value in ("", 0) or value == {} or value == []
-
-
-def _text(field: str, value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise InvalidField(field, f"'{field}' must be a string")
-    if len(value) > MAX_TEXT:
-        raise InvalidField(field, f"'{field}' is longer than {MAX_TEXT} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise InvalidField(field, f"'{field}' contains control characters")
-    return value
-
-
-def _models(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, (list, tuple)):
-        raise InvalidField("models", "'models' must be a list of model names")
-    if len(value) > MAX_MODELS:
-        raise InvalidField("models", f"'models' has more than {MAX_MODELS} entries")
-    out: dict[str, None] = {}
-    for item in value:
-        if not isinstance(item, str) or not item:
-            raise InvalidField("models", "'models' must be a list of non-empty strings")
-        out[_text("models", item)] = None  # type: ignore[index]
-    return tuple(out)
-
-
-def _money(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidField("max_budget", "'max_budget' must be a number (US dollars)")
-    if value < 0:
-        raise InvalidField("max_budget", "'max_budget' must not be negative")
-    return float(value)
-
-
-def _count(field: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value != int(value)
-    ):
-        raise InvalidField(field, f"'{field}' must be a whole number")
-    if value < 0:
-        raise InvalidField(field, f"'{field}' must not be negative")
-    if value > MAX_COUNT:
-        raise InvalidField(field, f"'{field}' is too large")
-    return int(value)
-
-
-def _duration(field: str, value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    try:
-        parse_duration(value)
-    except ValueError as e:
-        raise InvalidField(field, f"'{field}': {e}") from None
-    return value.strip()
-
-
-def _metadata(value: Any) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidField("metadata", "'metadata' must be a JSON object")
-    try:
-        encoded = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        raise InvalidField("metadata", "'metadata' must hold JSON values only") from None
-    if len(encoded.encode("utf-8")) > MAX_METADATA_BYTES:
-        raise InvalidField("metadata", f"'metadata' is larger than {MAX_METADATA_BYTES} bytes")
-    return json.loads(encoded)
-
-
-def model_aliases(field: str, value: Any) -> dict:
-    """
-    A name -> model name mapping (a key's C{aliases}, a team's
-    C{model_aliases}): strings as L{_text} checks them, at most
-    L{MAX_ALIASES}; None is no alias.
-    """
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidField(field, f"'{field}' must be an object mapping model names to model names")
-    if len(value) > MAX_ALIASES:
-        raise InvalidField(field, f"'{field}' has more than {MAX_ALIASES} entries")
-    out: dict[str, str] = {}
-    for name, target in value.items():
-        name = _text(field, name)
-        target = _text(field, target)
-        if name is None or target is None:
-            raise InvalidField(field, f"'{field}' must map non-empty names to non-empty model names")
-        out[name.strip()] = target.strip()
-    return out
-
-
-def _blocked(value: Any) -> bool | None:
-    if value is None or isinstance(value, bool):
-        return value
-    raise InvalidField("blocked", "'blocked' must be true or false")
-
-
-_VALIDATORS: dict[str, Callable[[Any], Any]] = {
-    "key_alias": lambda v: _text("key_alias", v),
-    "team_id": lambda v: _text("team_id", v),
-    "user_id": lambda v: _text("user_id", v),
-    "models": _models,
-    "max_budget": _money,
-    "budget_duration": lambda v: _duration("budget_duration", v),
-    "rpm_limit": lambda v: _count("rpm_limit", v),
-    "tpm_limit": lambda v: _count("tpm_limit", v),
-    "metadata": _metadata,
-    "duration": lambda v: _duration("duration", v),
-    "blocked": _blocked,
-    "aliases": lambda v: model_aliases("aliases", v),
-}
-
-
-def validate_key_fields(doc: Mapping[str, Any], *, update: bool) -> dict[str, Any]:
-    """
-    The fields of a C{/key/generate} (C{update=False}) or C{/key/update}
-    body, checked and normalised: strings (C{""} is null), C{models} a tuple
-    of distinct non-empty strings, C{max_budget} a float >= 0, C{rpm_limit}
-    and C{tpm_limit} whole numbers >= 0, C{duration} and C{budget_duration}
-    parseable by L{parse_duration}, C{metadata} a JSON object of at most
-    16 KiB, C{blocked} a boolean.
-
-    For an update only the fields present are returned; an explicit null
-    clears the field (C{models}: every model, C{metadata}: C{{}}), except
-    C{duration} and C{blocked}, where null leaves the key as it is.  C{key}
-    is not looked at (the caller handles it: a custom key on generate, the
-    key's identifier on update).
-
-    @raise InvalidField: naming the first bad field; also for a field
-        cllama_tx does not support or know, unless its value is empty.
-    """
-    out: dict[str, Any] = {}
-    for name in sorted(doc):
-        if name == "key":
-            continue
-        value = doc[name]
-        validator = _VALIDATORS.get(name)
-        if validator is None:
-            if _empty(value):
-                continue
-            if name in UNSUPPORTED_FIELDS:
-                hint = _HINTS.get(name, "")
-                raise InvalidField(name, f"'{name}' is not supported by cllama_tx{hint}")
-            raise InvalidField(name, f"unknown field '{name}'")
-        checked = validator(value)
-        if update and checked is None and name in ("duration", "blocked"):
-            continue
-        out[name] = checked
-    if not update:
-        defaults: dict[str, Any] = {
-            "key_alias": None,
-            "team_id": None,
-            "user_id": None,
-            "models": (),
-            "max_budget": None,
-            "budget_duration": None,
-            "rpm_limit": None,
-            "tpm_limit": None,
-            "metadata": {},
-            "duration": None,
-            "blocked": False,
-            "aliases": {},
-        }
-        for name, default in defaults.items():
-            if out.get(name) is None:
-                out[name] = default
-    return out
-
-
-# --------------------------------------------------------------------------
-# The database
-
-_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("token_hash", "TEXT PRIMARY KEY"),
-    ("key_name", "TEXT NOT NULL"),
-    ("key_alias", "TEXT"),
-    ("team_id", "TEXT"),
-    ("user_id", "TEXT"),
-    ("models_json", "TEXT NOT NULL DEFAULT '[]'"),
-    ("max_budget", "REAL"),
-    ("budget_duration", "TEXT"),
-    ("rpm_limit", "INTEGER"),
-    ("tpm_limit", "INTEGER"),
-    ("metadata_json", "TEXT NOT NULL DEFAULT '{}'"),
-    ("aliases_json", "TEXT NOT NULL DEFAULT '{}'"),
-    ("created_at", "REAL NOT NULL DEFAULT 0"),
-    ("updated_at", "REAL NOT NULL DEFAULT 0"),
-    ("expires", "REAL"),
-    ("blocked", "INTEGER NOT NULL DEFAULT 0"),
-    ("deleted_at", "REAL"),
-)
-_ROW_COLUMNS = tuple(name for name, _ in _COLUMNS if name != "deleted_at")
-_CREATE_TABLE = "CREATE TABLE IF NOT EXISTS virtual_keys ({})".format(
-    ", ".join(f"{name} {kind}" for name, kind in _COLUMNS)
-)
-# A team's settings kept here (its budget lives in the ledger): LiteLLM's
-# model_aliases for now.
-_CREATE_TEAMS = (
-    "CREATE TABLE IF NOT EXISTS team_settings (team_id TEXT PRIMARY KEY, "
-    "model_aliases_json TEXT NOT NULL DEFAULT '{}', updated_at REAL NOT NULL DEFAULT 0)"
-)
-_UPSERT_TEAM = (
-    "INSERT INTO team_settings (team_id, model_aliases_json, updated_at) VALUES (?, ?, ?) "
-    "ON CONFLICT(team_id) DO UPDATE SET model_aliases_json = excluded.model_aliases_json, "
-    "updated_at = excluded.updated_at"
-)
-_CREATE_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS virtual_keys_team ON virtual_keys (team_id)",
-    "CREATE INDEX IF NOT EXISTS virtual_keys_user ON virtual_keys (user_id)",
-)
-_INSERT = "INSERT INTO virtual_keys ({}) VALUES ({})".format(
-    ", ".join(_ROW_COLUMNS), ", ".join("?" for _ in _ROW_COLUMNS)
-)
-_UPDATE = "UPDATE virtual_keys SET {} WHERE token_hash = ? AND deleted_at IS NULL".format(
-    ", ".join(f"{name} = ?" for name in _ROW_COLUMNS if name != "token_hash")
-)
-_DELETE = "UPDATE virtual_keys SET deleted_at = ? WHERE token_hash = ? AND deleted_at IS NULL"
-_SELECT_LIVE = "SELECT {} FROM virtual_keys WHERE deleted_at IS NULL AND (expires IS NULL OR expires > ?)".format(
-    ", ".join(_ROW_COLUMNS)
-)
-
-DIR_MODE = 0o700
-FILE_MODE = 0o600
-
-
-def _row(vk: VirtualKey) -> tuple[Any, ...]:
-    return (
-        vk.token_hash,
-        vk.key_name,
-        vk.key_alias,
-        vk.team_id,
-        vk.user_id,
-        json.dumps(list(vk.models)),
-        vk.max_budget,
-        vk.budget_duration,
-        vk.rpm_limit,
-        vk.tpm_limit,
-        json.dumps(vk.metadata),
-        json.dumps(vk.aliases),
-        vk.created_at,
-        vk.updated_at,
-        vk.expires,
-        1 if vk.blocked else 0,
-    )
-
-
-def _from_row(values: tuple[Any, ...]) -> VirtualKey:
-    row = dict(zip(_ROW_COLUMNS, values, strict=True))
-    return VirtualKey(
-        token_hash=row["token_hash"],
-        key_name=row["key_name"],
-        key_alias=row["key_alias"],
-        team_id=row["team_id"],
-        user_id=row["user_id"],
-        models=tuple(json.loads(row["models_json"] or "[]")),
-        max_budget=row["max_budget"],
-        budget_duration=row["budget_duration"],
-        rpm_limit=row["rpm_limit"],
-        tpm_limit=row["tpm_limit"],
-        metadata=json.loads(row["metadata_json"] or "{}"),
-        aliases=json.loads(row["aliases_json"] or "{}"),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        expires=row["expires"],
-        blocked=bool(row["blocked"]),
-    )
-
-
-def _open_database(path: str) -> sqlite3.Connection:
-    """
-    The store's connection to the (ledger's) database file: directory 0700
-    and file 0600 when we create them, WAL, C{busy_timeout}, the
-    C{virtual_keys} table created or completed.
-    """
+def _private_file(path: str) -> None:
+    """The state file's directory 0700 and the file 0600, when we create them."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
         os.chmod(directory, DIR_MODE)  # makedirs' mode is filtered by the umask
     if not os.path.exists(path):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        os.close(fd)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
         os.chmod(path, FILE_MODE)
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-    try:
-        conn.execute("PRAGMA busy_timeout = 30000")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise sqlite3.OperationalError(f"{path}: cannot use WAL mode (journal_mode is {mode})")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute(_CREATE_TABLE)
-            present = {r[1] for r in conn.execute("PRAGMA table_info(virtual_keys)")}
-            for name, kind in _COLUMNS:
-                if name not in present:
-                    # A table from an older version: add what it lacks.
-                    conn.execute(f"ALTER TABLE virtual_keys ADD COLUMN {name} {kind}")
-            for statement in _CREATE_INDEXES:
-                conn.execute(statement)
-            conn.execute(_CREATE_TEAMS)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _insert(conn: sqlite3.Connection, row: tuple[Any, ...]) -> None:
-    _transaction(conn, lambda c: c.execute(_INSERT, row))
-
-
-def _set_team(conn: sqlite3.Connection, team_id: str, aliases_json: str, ts: float) -> None:
-    _transaction(conn, lambda c: c.execute(_UPSERT_TEAM, (team_id, aliases_json, ts)))
-
-
-def _update(conn: sqlite3.Connection, row: tuple[Any, ...]) -> None:
-    params = row[1:] + (row[0],)
-    _transaction(conn, lambda c: c.execute(_UPDATE, params))
-
-
-def _delete(conn: sqlite3.Connection, hashes: list[str], ts: float) -> set[str]:
-    """Mark C{hashes} deleted; return those that were live on disk."""
-
-    def body(c: sqlite3.Connection) -> set[str]:
-        marked = set()
-        for token_hash in hashes:
-            if c.execute(_DELETE, (ts, token_hash)).rowcount:
-                marked.add(token_hash)
-        return marked
-
-    return _transaction(conn, body)
 
 
 def _shield(d: defer.Deferred) -> defer.Deferred:
     """
     A Deferred with C{d}'s result whose cancellation does not reach C{d}:
     a client that goes away must not cancel the store's bookkeeping of a
-    write that the writer thread will commit anyway.
+    write that the database will commit anyway.
     """
     out: defer.Deferred = defer.Deferred()
 
@@ -760,99 +166,172 @@ def _shield(d: defer.Deferred) -> defer.Deferred:
 
 class VirtualKeyStore(service.Service):
     """
-    Every virtual key, in memory and in the C{virtual_keys} table of the
-    database at C{db_path} (the ledger's file).  C{clock} times expiry and
-    pruning; C{reactor} runs the writer thread's results.
+    Every virtual key, in memory and in the C{virtual_keys} table of
+    C{database}: anything with L{cllama_tx.store.postgres.PostgresDatabase}'s
+    C{run(function, *args)} (PostgreSQL, or the SQLite state file as
+    L{SqliteDatabase}), or the path of a SQLite file (a L{SqliteDatabase} of
+    the store's own, closed with it).  C{clock} times expiry, pruning and
+    the cache of absent keys; C{reactor} runs the database's results.
 
-    Reads (L{lookup}, L{get}, L{list}) are from memory and synchronous.
-    Writes (L{create}, L{update}, L{delete}) change memory at once and return
-    a Deferred that fires once the change is committed.
+    Reads (L{lookup}, L{get}, L{list}) are from memory and synchronous;
+    L{lookup_stored} is the miss path.  Writes (L{create}, L{update},
+    L{delete}) change memory at once and return a Deferred that fires once
+    the change is committed.
+
+    @param shared: other instances use the same database: a miss is read
+        from it before it is refused.
+    @param instance: this instance's name in the change feed.
     """
 
     def __init__(
         self,
-        db_path: str,
+        database: Any,
         clock: Any,
         reactor: Any,
         expired_retention: float = DEFAULT_EXPIRED_RETENTION,
         prune_interval: float = PRUNE_INTERVAL,
+        *,
+        shared: bool = False,
+        instance: str | None = None,
+        miss_concurrency: int = 4,
+        miss_backlog: int = 4096,
+        negative_ttl: float = 1.0,
     ) -> None:
-        self.path = db_path
+        if isinstance(database, str):
+            self.path: str | None = database
+            database = SqliteDatabase(database, reactor)
+            self._owns_database = True
+        else:
+            self.path = getattr(database, "path", None)
+            self._owns_database = False
+        self.database = database
+        self.shared = shared
+        self.instance = instance or new_instance_id()
         self._clock = clock
         self._reactor = reactor
         self.expired_retention = expired_retention
         self.prune_interval = prune_interval
+        self.misses = MissLookups(
+            self._read_misses, clock, concurrency=miss_concurrency, backlog=miss_backlog, negative_ttl=negative_ttl
+        )
+        self._pruning: task.LoopingCall | None = None
+        self._retry: Any = None
+        self._in_flight = 0
+        self._idle_waiters: list[defer.Deferred] = []
+        self._reset()
+
+    def _reset(self) -> None:
         self._keys: dict[str, VirtualKey] = {}
         self._aliases: dict[str, str] = {}  # key_alias -> token_hash, live keys only
         self._team_aliases: dict[str, dict[str, str]] = {}  # team_id -> model_aliases
-        self._conn: sqlite3.Connection | None = None
-        self._pool: ThreadPool | None = None
+        self._writes = defer.DeferredLock()
         self._closing = False
-        self._in_flight = 0
-        self._idle_waiters: list[defer.Deferred] = []
-        self._pruning: task.LoopingCall | None = None
+        self.loaded = False
+        self._loading = False
+        self._load_error: str | None = None
+        self._load_waiters: list[defer.Deferred] = []
+        # What keeps a read from undoing a newer change (see _fresh).
+        self._epoch = 0
+        self._reads = 0
+        self._stamps: dict[str, int] = {}
+        self._pending: collections.Counter[str] = collections.Counter()
+        # Deleted here, not (yet) committed: never read back from the database.
+        self._tombstones: set[str] = set()
 
     # -- lifecycle
 
     def startService(self) -> None:
         """
-        Open the database, create the table if needed and load every live
-        key, synchronously: a store that cannot open must stop the daemon
-        before it serves anything.
+        Start loading every live key (L{when_loaded} fires once they are in
+        memory; lookups made before then wait for it).  A state file that
+        cannot be created raises here, before the daemon serves anything.
         """
-        if self._conn is not None:
+        if self.running or self._in_flight:
             raise RuntimeError("virtual key store already started, or still closing")
-        conn = _open_database(self.path)
-        try:
-            since = self._clock.seconds() - self.expired_retention
-            keys = {vk.token_hash: vk for vk in map(_from_row, conn.execute(_SELECT_LIVE, (since,)))}
-            teams = {
-                team: json.loads(raw or "{}")
-                for team, raw in conn.execute("SELECT team_id, model_aliases_json FROM team_settings")
-            }
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-        self._keys = keys
-        self._team_aliases = {team: aliases for team, aliases in teams.items() if aliases}
-        self._aliases = {vk.key_alias: h for h, vk in keys.items() if vk.key_alias is not None}
-        self._closing = False
-        # One thread: its FIFO queue keeps the writes in the order they were asked for.
-        self._pool = ThreadPool(1, 1, name="cllama-virtual-keys-writer")
-        self._pool.start()
+        if self._owns_database and self.path is not None:
+            _private_file(self.path)
+        self._reset()
         service.Service.startService(self)
-        _log.info("virtual keys: {count} live keys loaded", count=len(keys))
+        self._load()
         self._pruning = task.LoopingCall(self.prune)
         self._pruning.clock = self._clock
         self._pruning.start(self.prune_interval, now=False)
 
     def stopService(self) -> defer.Deferred:
-        """Refuse new writes, commit those queued, then close the database."""
+        """Refuse new writes, commit those queued, then close the store's own database."""
         service.Service.stopService(self)
         if self._pruning is not None:
             if self._pruning.running:
                 self._pruning.stop()
             self._pruning = None
-        if self._conn is None:
-            return defer.succeed(None)
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
         self._closing = True
+        self._fail_load_waiters("the virtual key store is stopping")
         d: defer.Deferred = defer.Deferred()
         if self._in_flight == 0:
             d.callback(None)
         else:
             self._idle_waiters.append(d)
+        if self._owns_database:
+            d.addCallback(lambda _: self.database.close())
+        return d
 
-        def close(_: Any) -> None:
-            pool, conn = self._pool, self._conn
-            self._pool = None
-            self._conn = None
-            if pool is not None:
-                pool.stop()
-            if conn is not None:
-                conn.close()
+    def when_loaded(self) -> defer.Deferred:
+        """
+        Fires once every live key is in memory; fails with
+        L{DatabaseUnavailable} while the database cannot be read (the load
+        is tried again every L{LOAD_RETRY} seconds) or the store is stopped.
+        """
+        if self.loaded:
+            return defer.succeed(None)
+        if not self.running:
+            return defer.fail(DatabaseUnavailable("the virtual key store is not running"))
+        if not self._loading and self._load_error is not None:
+            return defer.fail(DatabaseUnavailable(self._load_error))
+        d: defer.Deferred = defer.Deferred()
+        self._load_waiters.append(d)
+        return d
 
-        return d.addCallback(close)
+    def _load(self) -> None:
+        self._retry = None
+        if not self.running:
+            return
+        self._loading = True
+        started = self._begin_read()
+        since = self._clock.seconds() - self.expired_retention
+        d = self._writes.run(self.database.run, key_rows.load, since)
+        d.addBoth(self._loaded, started)
+
+    def _loaded(self, result: Any, started: int) -> None:
+        self._loading = False
+        try:
+            if isinstance(result, Failure):
+                self._load_error = result.getErrorMessage()
+                if not result.check(DatabaseUnavailable):
+                    _log.failure("virtual keys: loading the keys failed", result)
+                _log.error("virtual keys: cannot load the keys ({error}); trying again in {delay} s",
+                           error=self._load_error, delay=LOAD_RETRY)
+                self._fail_load_waiters(self._load_error)
+                if self.running:
+                    self._retry = self._reactor.callLater(LOAD_RETRY, self._load)
+                return
+            keys, teams = result
+            self._sync(keys, teams, started)
+        finally:
+            self._end_read()
+        self.loaded = True
+        self._load_error = None
+        waiters, self._load_waiters = self._load_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        _log.info("virtual keys: {count} live keys loaded", count=len(self._keys))
+
+    def _fail_load_waiters(self, reason: str) -> None:
+        waiters, self._load_waiters = self._load_waiters, []
+        for waiter in waiters:
+            waiter.errback(DatabaseUnavailable(reason))
 
     # -- reads (memory only)
 
@@ -875,18 +354,55 @@ class VirtualKeyStore(service.Service):
         """
         Why L{lookup} refused (or not), for error messages only:
         C{valid}, C{unknown} (malformed, never issued, deleted or long
-        expired), C{expired} or C{blocked}.
+        expired), C{expired}, C{blocked}, or C{unchecked}: not in memory,
+        and the database must be asked first (L{lookup_stored}).
         """
         if not looks_like_virtual_key(key):
             return "unknown"
-        found = self._keys.get(hash_key(key))
+        return self.status_of(hash_key(key))
+
+    def status_of(self, token_hash: str) -> str:
+        """L{status} by the key's hash."""
+        found = self._keys.get(token_hash)
         if found is None:
+            if not self.running or token_hash in self._tombstones:
+                return "unknown"
+            if not self.loaded:
+                return "unchecked"
+            if self.shared and not self.misses.known_absent(token_hash):
+                return "unchecked"
             return "unknown"
         if found.blocked:
             return "blocked"
         if found.expired(self._clock.seconds()):
             return "expired"
         return "valid"
+
+    def lookup_stored(self, token_hash: str) -> defer.Deferred:
+        """
+        The miss path: fires with the usable key of this hash, or None,
+        once the store is loaded and, in a shared store, once the database
+        was asked about a hash memory does not have.  Fails with
+        L{DatabaseUnavailable} or L{LookupsBusy} when it cannot tell.
+        """
+
+        def loaded(_: Any) -> Any:
+            if (
+                not self.shared
+                or token_hash in self._keys
+                or token_hash in self._tombstones
+                or token_hash in self._pending
+            ):
+                return self._usable(token_hash)
+            return self.misses.get(token_hash).addCallback(lambda _: self._usable(token_hash))
+
+        return self.when_loaded().addCallback(loaded)
+
+    def _usable(self, token_hash: str) -> VirtualKey | None:
+        found = self._keys.get(token_hash)
+        if found is None or not found.usable(self._clock.seconds()):
+            return None
+        return found
 
     def get(self, token_hash: str) -> VirtualKey | None:
         """The key with this hash, expired and blocked included; L{None} when deleted or unknown."""
@@ -899,6 +415,7 @@ class VirtualKeyStore(service.Service):
 
     def __len__(self) -> int:
         return len(self._keys)
+
 
     def list(
         self,
@@ -934,6 +451,132 @@ class VirtualKeyStore(service.Service):
             total_pages=-(-total // size),
         )
 
+    # -- other instances' changes
+
+    def reload_key(self, token_hash: str | None) -> defer.Deferred:
+        """
+        Re-read one key (None: every key) after another instance changed
+        it: a key deleted, blocked or expired elsewhere is refused here
+        from then on.  Fires with the key as memory now has it (or None).
+        """
+        if not self.running:
+            return defer.succeed(None)
+        if token_hash is None:
+            return self.reload_all()
+        self.misses.forget(token_hash)
+        started = self._begin_read()
+        since = self._clock.seconds() - self.expired_retention
+        d = self.database.run(key_rows.fetch, [token_hash], since)
+
+        def apply(found: dict[str, VirtualKey]) -> VirtualKey | None:
+            self._apply(token_hash, found.get(token_hash), started)
+            return self._keys.get(token_hash)
+
+        return d.addCallback(apply).addBoth(self._read_ended)
+
+    def reload_team(self, team_id: str | None) -> defer.Deferred:
+        """Re-read one team's settings (None: every team's) after another instance changed them."""
+        if not self.running:
+            return defer.succeed(None)
+        if team_id is None:
+            return self.reload_all()
+        started = self._begin_read()
+        d = self.database.run(key_rows.fetch_teams, [team_id])
+
+        def apply(found: dict[str, dict]) -> dict[str, str]:
+            self._apply_team(team_id, found.get(team_id), started)
+            return self.team_aliases(team_id)
+
+        return d.addCallback(apply).addBoth(self._read_ended)
+
+    def reload_all(self) -> defer.Deferred:
+        """Re-read every key and team: memory becomes what the database has."""
+        if not self.running:
+            return defer.succeed(None)
+        started = self._begin_read()
+        since = self._clock.seconds() - self.expired_retention
+        d = self.database.run(key_rows.load, since)
+        d.addCallback(lambda result: self._sync(result[0], result[1], started))
+        return d.addBoth(self._read_ended)
+
+    def _read_misses(self, hashes: builtins.list[str]) -> defer.Deferred:
+        """C{MissLookups}' fetch: the live keys among C{hashes}, put in memory."""
+        started = self._begin_read()
+        since = self._clock.seconds() - self.expired_retention
+        d = self.database.run(key_rows.fetch, hashes, since)
+
+        def apply(found: dict[str, VirtualKey]) -> dict[str, VirtualKey]:
+            for token_hash, vk in found.items():
+                self._apply(token_hash, vk, started)
+            return found
+
+        return d.addCallback(apply).addBoth(self._read_ended)
+
+    # -- reads racing writes
+
+    def _begin_read(self) -> int:
+        self._reads += 1
+        self._epoch += 1
+        return self._epoch
+
+    def _end_read(self) -> None:
+        self._reads -= 1
+        if self._reads == 0:
+            self._stamps.clear()  # every later read starts after every stamp
+
+    def _read_ended(self, result: Any) -> Any:
+        self._end_read()
+        return result
+
+    def _stamp_write(self, subject: str) -> None:
+        # Only reads in flight can be older than this change.
+        if self._reads:
+            self._epoch += 1
+            self._stamps[subject] = self._epoch
+
+    def _fresh(self, subject: str, started: int) -> bool:
+        """
+        Whether a read that began at C{started} may replace memory's
+        C{subject}: no write of it pending, and nothing changed it since
+        (a local write, or a read that began later).
+        """
+        return subject not in self._pending and self._stamps.get(subject, 0) <= started
+
+    def _apply(self, token_hash: str, vk: VirtualKey | None, started: int) -> None:
+        if not self._fresh(token_hash, started):
+            return
+        current = self._keys.get(token_hash)
+        if vk is None:
+            if current is not None:
+                self._remove(current)
+        elif token_hash not in self._tombstones and current != vk:
+            if current is not None:
+                self._remove(current)
+            self._put(vk)
+        self._stamps[token_hash] = max(self._stamps.get(token_hash, 0), started)
+
+    def _apply_team(self, team_id: str, aliases: dict | None, started: int) -> None:
+        subject = "team:" + team_id
+        if not self._fresh(subject, started):
+            return
+        if aliases:
+            self._team_aliases[team_id] = aliases
+        else:
+            self._team_aliases.pop(team_id, None)
+        self._stamps[subject] = max(self._stamps.get(subject, 0), started)
+
+    def _sync(self, keys: builtins.list[VirtualKey], teams: dict[str, dict], started: int) -> None:
+        """Memory becomes a whole read's keys and teams (but for what changed since it began)."""
+        found = {vk.token_hash: vk for vk in keys}
+        for token_hash in [h for h in self._keys if h not in found]:
+            self._apply(token_hash, None, started)
+        for token_hash, vk in found.items():
+            self._apply(token_hash, vk, started)
+        for team_id in [t for t in self._team_aliases if t not in teams]:
+            self._apply_team(team_id, None, started)
+        for team_id, aliases in teams.items():
+            self._apply_team(team_id, aliases, started)
+
     # -- writes
 
     def create(
@@ -960,7 +603,8 @@ class VirtualKeyStore(service.Service):
         nowhere else.  Arguments are checked as L{validate_key_fields} does.
 
         @raise InvalidField: a bad argument.
-        @raise DuplicateKey: C{key} or C{key_alias} is taken.
+        @raise DuplicateKey: C{key} or C{key_alias} is taken (also as the
+            Deferred's failure, when another instance has it).
         @raise StoreClosed: the store is not running.
         """
         self._check_open()
@@ -1016,7 +660,8 @@ class VirtualKeyStore(service.Service):
             blocked=fields["blocked"],
         )
         self._put(vk)
-        d = self._write(_insert, _row(vk))
+        self.misses.forget(token_hash)
+        d = self._write([token_hash], key_rows.insert, vk, self._alias_bound(now), self.instance, now)
 
         def stored(_: Any) -> tuple[str, VirtualKey]:
             _log.info(
@@ -1030,14 +675,12 @@ class VirtualKeyStore(service.Service):
         def failed(failure: Failure) -> Failure:
             if self._keys.get(token_hash) is vk:
                 self._remove(vk)
-            if failure.check(sqlite3.IntegrityError):
-                # Only a caller-chosen key can meet this: one deleted before.
-                return Failure(DuplicateKey("key", "this key was used before"))
-            _log.error(
-                "virtual keys: could not store key {token}: {error}",
-                token=token_hash[:12],
-                error=failure.getErrorMessage(),
-            )
+            if not failure.check(DuplicateKey):
+                _log.error(
+                    "virtual keys: could not store key {token}: {error}",
+                    token=token_hash[:12],
+                    error=failure.getErrorMessage(),
+                )
             return failure
 
         return _shield(d.addCallbacks(stored, failed))
@@ -1047,8 +690,10 @@ class VirtualKeyStore(service.Service):
         Change a live key's fields (those of L{validate_key_fields} with
         C{update=True}; C{duration} sets a new expiry counted from now).
         Memory changes at once; fires with the new L{VirtualKey} once
-        committed, or fails (memory is then rolled back, unless a later
-        change came).
+        committed (as the database has it: another instance's change to
+        other fields is kept), or fails (memory is then rolled back, unless
+        a later change came).  Fails with L{KeyNotFound} when the key was
+        deleted on another instance meanwhile.
 
         @raise KeyNotFound: no live key has this hash.
         @raise InvalidField: a bad change.
@@ -1073,20 +718,37 @@ class VirtualKeyStore(service.Service):
         vk = attrs.evolve(previous, updated_at=now, **new_values)
         self._remove(previous)
         self._put(vk)
-        d = self._write(_update, _row(vk))
+        d = self._write([token_hash], key_rows.update, token_hash, new_values, now, self._alias_bound(now),
+                        self.instance)
+
+        def stored(row: VirtualKey | None) -> VirtualKey:
+            if row is None:
+                # Deleted by another instance before this commit.
+                if self._keys.get(token_hash) is vk:
+                    self._remove(vk)
+                raise KeyNotFound(token_hash)
+            if row == vk:
+                return vk
+            if self._keys.get(token_hash) is vk:
+                self._remove(vk)
+                self._put(row)
+            return row
 
         def failed(failure: Failure) -> Failure:
+            if failure.check(KeyNotFound):
+                return failure
             if self._keys.get(token_hash) is vk:
                 self._remove(vk)
                 self._put(previous)
-            _log.error(
-                "virtual keys: could not update key {token}: {error}",
-                token=token_hash[:12],
-                error=failure.getErrorMessage(),
-            )
+            if not failure.check(DuplicateKey):
+                _log.error(
+                    "virtual keys: could not update key {token}: {error}",
+                    token=token_hash[:12],
+                    error=failure.getErrorMessage(),
+                )
             return failure
 
-        return _shield(d.addCallbacks(lambda _: vk, failed))
+        return _shield(d.addCallback(stored).addErrback(failed))
 
     def delete(self, hashes: Iterable[str]) -> defer.Deferred:
         """
@@ -1099,22 +761,24 @@ class VirtualKeyStore(service.Service):
         @raise StoreClosed: the store is not running.
         """
         self._check_open()
-        ordered = list(dict.fromkeys(h for h in hashes if isinstance(h, str)))
+        ordered = builtins.list(dict.fromkeys(h for h in hashes if isinstance(h, str)))
         removed = []
         for token_hash in ordered:
             vk = self._keys.get(token_hash)
             if vk is not None:
                 self._remove(vk)
                 removed.append(token_hash)
-        d = self._write(_delete, ordered, self._clock.seconds())
+        d = self._write(ordered, key_rows.delete, ordered, self._clock.seconds(), self.instance)
 
-        def stored(marked: set[str]) -> list[str]:
+        def stored(marked: set[str]) -> builtins.list[str]:
+            self._tombstones.difference_update(ordered)
             deleted = set(removed) | marked
             if deleted:
                 _log.info("virtual keys: {count} keys deleted", count=len(deleted))
             return [h for h in ordered if h in deleted]
 
         def failed(failure: Failure) -> Failure:
+            self._tombstones.update(ordered)
             _log.error(
                 "virtual keys: {count} deletions are in effect but could not be stored: {error}",
                 count=len(removed),
@@ -1142,13 +806,15 @@ class VirtualKeyStore(service.Service):
             self._team_aliases[team_id] = checked
         else:
             self._team_aliases.pop(team_id, None)
-        d = self._write(_set_team, team_id, json.dumps(checked), self._clock.seconds())
+        d = self._write(["team:" + team_id], key_rows.set_team, team_id, checked, self._clock.seconds(),
+                        self.instance)
 
         def failed(failure: Failure) -> Failure:
-            if previous is None:
-                self._team_aliases.pop(team_id, None)
-            else:
-                self._team_aliases[team_id] = previous
+            if self._team_aliases.get(team_id) is checked or (not checked and team_id not in self._team_aliases):
+                if previous is None:
+                    self._team_aliases.pop(team_id, None)
+                else:
+                    self._team_aliases[team_id] = previous
             _log.error("virtual keys: could not store the aliases of team {team}: {error}",
                        team=team_id, error=failure.getErrorMessage())
             return failure
@@ -1170,8 +836,13 @@ class VirtualKeyStore(service.Service):
     # -- internals
 
     def _check_open(self) -> None:
-        if self._pool is None or self._closing:
+        if not self.running or self._closing:
             raise StoreClosed("the virtual key store is not running")
+
+    def _alias_bound(self, now: float) -> float:
+        # An alias stays taken while its key is in memory somewhere: until
+        # it has been expired for the retention period.
+        return now - self.expired_retention
 
     def _put(self, vk: VirtualKey) -> None:
         self._keys[vk.token_hash] = vk
@@ -1183,13 +854,24 @@ class VirtualKeyStore(service.Service):
         if vk.key_alias is not None and self._aliases.get(vk.key_alias) == vk.token_hash:
             del self._aliases[vk.key_alias]
 
-    def _write(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
-        """Run C{function(connection, *args)} on the writer thread, in order."""
-        assert self._pool is not None and self._conn is not None
+    def _write(self, subjects: builtins.list[str], function: Any, *args: Any) -> defer.Deferred:
+        """
+        C{function(transaction, *args)} in the database once every write
+        asked for before it is done.  C{subjects} (hashes, C{team:<id>})
+        are pending meanwhile: no read of them replaces memory.
+        """
+        for subject in subjects:
+            self._pending[subject] += 1
+            self._stamp_write(subject)
         self._in_flight += 1
-        d = threads.deferToThreadPool(self._reactor, self._pool, function, self._conn, *args)
+        d = self._writes.run(self.database.run, function, *args)
 
         def done(result: Any) -> Any:
+            for subject in subjects:
+                self._pending[subject] -= 1
+                if self._pending[subject] <= 0:
+                    del self._pending[subject]
+                self._stamp_write(subject)
             self._in_flight -= 1
             if self._in_flight == 0:
                 waiters, self._idle_waiters = self._idle_waiters, []

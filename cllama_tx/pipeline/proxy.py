@@ -23,7 +23,12 @@ from twisted.web.http_headers import Headers
 from cllama_tx.accounting.usage import SseTap, output_chars_from_json, usage_from_json
 from cllama_tx.governance.engine import Admission
 from cllama_tx.governance.output_limit import limit_body
-from cllama_tx.identity.authenticate import identify, presented_token
+from cllama_tx.identity.authenticate import (
+    KeyNotChecked,
+    identify,
+    identify_stored,
+    presented_token,
+)
 from cllama_tx.identity.operator import OperatorGuard, request_source
 from cllama_tx.identity.principals import KeyPrincipal, MasterPrincipal
 from cllama_tx.identity.virtual_keys import hash_key, looks_like_virtual_key
@@ -189,7 +194,7 @@ class Proxy:
         request.finish()
 
     async def _serve(self, request, ex: Exchange) -> None:
-        context = self._identify(request, ex)
+        context = await self._identify(request, ex)
         ex.claw_id = context.agent_id
         doc = self._parse_body(request, ex)
         model = doc.get("model")
@@ -277,15 +282,42 @@ class Proxy:
         may be the master key (L{accept_master_key}): compared only then, so
         agents and keys pay nothing for it, and throttled per address like
         every operator credential when C{request} tells the address.
+
+        A virtual key this instance has not seen, in a store shared with
+        other instances (or still loading), is read from the store first:
+        the answer is then a Deferred of the principal, which fails with the
+        L{ProxyError} (401, or 503 when the store cannot tell).
         """
         try:
             return identify(headers, self._contexts, self._keys)
+        except KeyNotChecked as unchecked:
+            master = self._master
+            # The master key never is a stored key: no query for it.
+            if master is not None and self._is_master(master, headers, request, count=False):
+                return self._master_principal
+            return self._stored_key(unchecked, headers, request)
         except ProxyError as error:
             if error.status != 401 or self._master is None:
                 raise
             if self._is_master(self._master, headers, request):
                 return self._master_principal
             raise
+
+    def _stored_key(self, unchecked: KeyNotChecked, headers: Headers, request) -> defer.Deferred:
+        d = identify_stored(self._keys, unchecked)
+        master = self._master
+        source = request_source(request) if request is not None else None
+        if master is None or source is None:
+            return d
+
+        def refused(failure: Failure) -> Failure:
+            # A wrong key counts against the address, as when compared with the master key.
+            error = failure.value
+            if isinstance(error, ProxyError) and error.status == 401 and not self._issued(presented_token(headers)):
+                master.guard.failed(source, "inference")
+            return failure
+
+        return d.addErrback(refused)
 
     def models_for(self, principal) -> list[str]:
         """The model names C{principal} may use (C{GET /v1/models})."""
@@ -295,7 +327,7 @@ class Proxy:
         """Let the master key of C{keys_api} call inference, as C{master}."""
         self._master = keys_api if keys_api.administration_enabled else None
 
-    def _is_master(self, master: MasterKey, headers: Headers, request) -> bool:
+    def _is_master(self, master: MasterKey, headers: Headers, request, count: bool = True) -> bool:
         token = presented_token(headers)
         if token is None:
             return False
@@ -311,10 +343,15 @@ class Proxy:
                 )
         if master.is_master(token):
             return True
-        issued = looks_like_virtual_key(token) and self._keys is not None and self._keys.get(hash_key(token)) is not None
-        if source is not None and not issued:
+        if count and source is not None and not self._issued(token):
             guard.failed(source, "inference")
         return False
+
+    def _issued(self, token: str | None) -> bool:
+        """A virtual key this proxy issued (expired and blocked ones too): not a guess."""
+        if token is None or not looks_like_virtual_key(token) or self._keys is None:
+            return False
+        return self._keys.get(hash_key(token)) is not None
 
     def refuse_early(self, surface: Surface, error: ProxyError) -> str:
         """
@@ -327,12 +364,14 @@ class Proxy:
         self._metering.settle(ex, error.status, error.message)
         return ex.request_id
 
-    def _identify(self, request, ex: Exchange):
+    async def _identify(self, request, ex: Exchange):
         # The API site authenticates on the headers, before the body is read,
         # and hands the principal over: once per request.
         principal = getattr(request, "principal", None)
         if principal is None:
             principal = self.authenticate(request.requestHeaders, request)
+            if isinstance(principal, defer.Deferred):
+                principal = await principal  # a virtual key read from the shared store
         if isinstance(principal, KeyPrincipal):
             key = principal.key
             ex.key_id, ex.team_id, ex.user_id = key.token_hash, key.team_id, key.user_id

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from klein import Klein
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -91,6 +93,10 @@ class CappedRequest(GuardedRequest):
     _received = 0
     _limit = 0
     _target = b""
+    # While the gate reads the caller's key from the shared store: the
+    # arguments of a requestReceived that came meanwhile.
+    _deciding = False
+    _held: tuple[bytes, bytes, bytes] | None = None
 
     @property
     def _site(self) -> ApiSite:
@@ -113,6 +119,9 @@ class CappedRequest(GuardedRequest):
         if gate is not None:
             self._limit = gate.body_limit(method, path)
             refused = gate.check(self, method, path, length)
+            if isinstance(refused, defer.Deferred):
+                self._decide_later(refused, path, length)
+                return
             if refused is not None:
                 self._answer(refused, path)
                 return
@@ -120,6 +129,34 @@ class CappedRequest(GuardedRequest):
             self._refuse_oversized(path)
             return
         super().gotLength(length)
+
+    def _decide_later(self, deciding: defer.Deferred, path: bytes, length: int | None) -> None:
+        """
+        The gate reads the caller's key from the shared store (a
+        millisecond): nothing more is read from the connection until it
+        answers (what already came is kept, within the cap), then the
+        request goes on, or is refused, as if it had been decided at once.
+        """
+        # TCP, TLS and UNIX transports (and the guard's wrapper) are push producers.
+        transport = cast(IPushProducer, self.channel.transport)
+        transport.pauseProducing()
+        self._deciding = True
+        super().gotLength(length)
+
+        def decided(refused: Refusal | None) -> None:
+            self._deciding = False
+            if self.channel is None:
+                return  # the client left meanwhile
+            transport.resumeProducing()
+            if refused is not None:
+                self._answer(refused, path)
+            elif length is not None and length > self._limit:
+                self._refuse_oversized(path)
+            elif self._held is not None:
+                held, self._held = self._held, None
+                super(CappedRequest, self).requestReceived(*held)
+
+        deciding.addCallback(decided).addErrback(lambda f: log.failure("deciding on a request's headers", f))
 
     def handleContentChunk(self, data):
         if self._refused:
@@ -133,6 +170,9 @@ class CappedRequest(GuardedRequest):
     def requestReceived(self, command, path, version):
         if self._refused:
             return  # answered on its headers; the channel only finished parsing
+        if self._deciding:
+            self._held = (command, path, version)  # served once the gate has decided
+            return
         super().requestReceived(command, path, version)
 
     def _refuse_oversized(self, path: bytes) -> None:
@@ -285,7 +325,7 @@ class ApiApp:
 
     @app.route("/v1/models", methods=["GET"])
     @app.route("/models", methods=["GET"])
-    def models(self, request):
+    async def models(self, request):
         """
         The models the caller may use, under the names it may use them by
         (L{cllama_tx.governance.resolution.visible_models}): an agent's
@@ -308,6 +348,8 @@ class ApiApp:
         else:
             try:
                 context = self._proxy.authenticate(request.requestHeaders, request)
+                if isinstance(context, defer.Deferred):
+                    context = await context  # a virtual key read from the shared store
             except ProxyError as error:
                 self._audited(request, error.status, None, error.message)
                 if error.retry_after is not None:

@@ -15,11 +15,18 @@ unauthenticated connections held 630 MB.  Now:
     or C{x-api-key}; the route checks them, throttled as ever) and may
     send at most L{SMALL_BODY} bytes, which stay in memory: no other API
     route takes more than a small JSON document.
+
+A virtual key this instance has not seen, in a store other instances share,
+is read from the store before it is accepted or refused: L{HeaderGate.check}
+then answers a Deferred, and the request reads nothing more of its body
+until it fires (see L{cllama_tx.sites.api.CappedRequest}).
 """
 
 from __future__ import annotations
 
 import attrs
+from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from cllama_tx.surfaces.errors import ANTHROPIC, OPENAI, ProxyError, error_body
 
@@ -74,19 +81,26 @@ class HeaderGate:
         surface = self._surfaces.get(path)
         return surface.shape if surface is not None else shape_for_path(path)
 
-    def check(self, request, method: bytes, path: bytes, length: int | None) -> Refusal | None:
+    def check(self, request, method: bytes, path: bytes, length: int | None) -> Refusal | None | defer.Deferred:
         """
-        None to read the body, else the refusal to answer with.  Sets
-        C{request.principal} for an authenticated inference request.
+        None to read the body, else the refusal to answer with, or a
+        Deferred of either when the caller's key must be read from the
+        shared store first.  Sets C{request.principal} for an authenticated
+        inference request.
         """
         surface = self._surfaces.get(path)
         if surface is not None and method == b"POST":
             try:
                 # The request tells the client's address: a wrong master key
                 # presented here is throttled like anywhere else.
-                request.principal = self._proxy.authenticate(request.requestHeaders, request)
+                principal = self._proxy.authenticate(request.requestHeaders, request)
             except ProxyError as error:
                 return refusal(error, surface.shape, self._proxy.refuse_early(surface, error))
+            if isinstance(principal, defer.Deferred):
+                return principal.addCallbacks(
+                    self._accepted, self._refused, callbackArgs=(request,), errbackArgs=(surface,)
+                )
+            request.principal = principal
             return None
         if length == 0:
             return None
@@ -97,3 +111,13 @@ class HeaderGate:
             401, "missing_credentials", "a request with a body needs credentials (Authorization or x-api-key)"
         )
         return refusal(missing, shape_for_path(path))
+
+    def _accepted(self, principal, request) -> None:
+        request.principal = principal
+        return None
+
+    def _refused(self, failure: Failure, surface) -> Refusal:
+        error = failure.value
+        if not isinstance(error, ProxyError):
+            error = ProxyError(500, "internal_error", "internal error")
+        return refusal(error, surface.shape, self._proxy.refuse_early(surface, error))

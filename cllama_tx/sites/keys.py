@@ -50,6 +50,7 @@ from cllama_tx.identity.virtual_keys import (
     token_hash_of,
     validate_key_fields,
 )
+from cllama_tx.store.database import DatabaseUnavailable
 
 log = Logger(namespace="cllama_tx.sites.keys")
 
@@ -260,6 +261,8 @@ def _answers(method: Callable[..., Awaitable[bytes]]) -> Callable[..., Awaitable
             return _write_error(request, KeyApiError(404, "key not found", "key"))
         except StoreClosed:
             return _write_error(request, KeyApiError(503, "the key store is shutting down"))
+        except DatabaseUnavailable:
+            return _write_error(request, KeyApiError(503, "the key store's database cannot be reached; try again"))
         except Exception:
             log.failure("key API: unexpected error on {path}", path=request.path)
             return _write_error(request, KeyApiError(500, "internal error"))
@@ -531,7 +534,7 @@ class KeyApi:
         else 503.  C{ledger} says how it stands: C{failing} while rows are
         held in memory because the disk refuses them.
         """
-        store_ok = bool(getattr(self._store, "running", False))
+        store_ok = bool(getattr(self._store, "running", False)) and bool(getattr(self._store, "loaded", True))
         ledger = None
         if self._ledger is None:
             db = "Not connected"
@@ -557,7 +560,7 @@ class KeyApi:
             "status": "healthy" if healthy else "unhealthy",
             "db": db,
             "ledger": ledger,
-            "virtual_keys": "loaded" if store_ok else "not running",
+            "virtual_keys": "loaded" if store_ok else "loading" if getattr(self._store, "running", False) else "not running",
             "key_administration": "on" if self.administration_enabled else "off",
             "cache": None,
             "cllama_tx_version": __version__,

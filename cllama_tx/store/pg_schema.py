@@ -148,6 +148,7 @@ CREATE TABLE shared_documents (
 
 # The operator UI's sessions, shared by every instance (cllama_tx.identity.operator_sessions):
 # only a hash of the session id; the CSRF token is derived from the id, so none is stored.
+# Key aliases are unique among live keys: checked on every create and rename.
 _UI_SESSIONS = """
 CREATE TABLE ui_sessions (
     session_hash TEXT PRIMARY KEY,
@@ -156,11 +157,12 @@ CREATE TABLE ui_sessions (
     last_seen DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX ui_sessions_created ON ui_sessions (created_at);
+CREATE INDEX virtual_keys_alias ON virtual_keys (key_alias) WHERE key_alias IS NOT NULL;
 """
 
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "ledger, virtual keys and coordination tables", _LEDGER + _KEYS + _COORDINATION),
-    (2, "operator UI sessions", _UI_SESSIONS),
+    (2, "operator UI sessions; virtual keys by alias", _UI_SESSIONS),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

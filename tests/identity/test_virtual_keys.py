@@ -18,7 +18,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from cllama_tx.identity import virtual_keys
+from cllama_tx.identity import key_rows
 from cllama_tx.identity.virtual_keys import (
     DEFAULT_EXPIRED_RETENTION,
     PRUNE_INTERVAL,
@@ -36,6 +36,7 @@ from cllama_tx.identity.virtual_keys import (
     token_hash_of,
     validate_key_fields,
 )
+from cllama_tx.store.database import DatabaseUnavailable
 from cllama_tx.store.ledger import SqliteLedger
 from tests.secret_scan import SCANNER
 
@@ -297,15 +298,16 @@ class StoreTestMixin:
         self.clock.advance(NOW)
         self.path = os.path.join(os.path.abspath(self.mktemp()), "state", "ledger.sqlite3")
 
-    def make_store(self, **kwargs) -> VirtualKeyStore:
+    async def make_store(self, **kwargs) -> VirtualKeyStore:
         store = VirtualKeyStore(self.path, self.clock, reactor, **kwargs)
         store.startService()
         self.addCleanup(store.stopService)
+        await store.when_loaded()
         return store
 
     async def restart(self, store: VirtualKeyStore) -> VirtualKeyStore:
         await store.stopService()
-        return self.make_store()
+        return await self.make_store()
 
     async def create(self, store, **fields):
         key, vk = await store.create(**fields)
@@ -323,7 +325,7 @@ class StoreTestMixin:
 
 class StoreTests(StoreTestMixin, TestCase):
     async def test_create_and_lookup(self):
-        store = self.make_store()
+        store = await self.make_store()
         key, vk = await self.create(
             store, team_id="org-1", user_id="session-9", models=["openai/gpt-4o"],
             max_budget=5, rpm_limit=60, metadata={"sandbox": "sb-9"}, duration="1h",
@@ -346,7 +348,7 @@ class StoreTests(StoreTestMixin, TestCase):
         self.assertIsNone(row["deleted_at"])
 
     async def test_key_and_team_aliases_survive_a_restart(self):
-        store = self.make_store()
+        store = await self.make_store()
         key, vk = await self.create(store, team_id="org-1", aliases={"gpt-4": "openai/gpt-4o"})
         self.assertEqual(vk.aliases, {"gpt-4": "openai/gpt-4o"})
         self.assertEqual(vk.to_info()["aliases"], {"gpt-4": "openai/gpt-4o"})
@@ -364,7 +366,7 @@ class StoreTests(StoreTestMixin, TestCase):
             store.set_team_aliases("org-1", {"x": 3})
 
     async def test_only_the_hash_reaches_the_disk(self):
-        store = self.make_store()
+        store = await self.make_store()
         keys = []
         for i in range(5):
             key, _ = await self.create(store, user_id=f"user-{i}", key_alias=f"alias-{i}")
@@ -388,7 +390,7 @@ class StoreTests(StoreTestMixin, TestCase):
             self.assertIn(hash_key(keys[0]).encode(), blob)
 
     async def test_expiry_to_the_second(self):
-        store = self.make_store()
+        store = await self.make_store()
         key, vk = await self.create(store, duration="30s")
         self.clock.advance(29.999)
         self.assertIs(store.lookup(key), vk)
@@ -398,7 +400,7 @@ class StoreTests(StoreTestMixin, TestCase):
         self.assertIs(store.get(vk.token_hash), vk)  # /key/info still shows it
 
     async def test_a_deleted_key_fails_at_once(self):
-        store = self.make_store()
+        store = await self.make_store()
         key, vk = await self.create(store)
         other, _ = await self.create(store)
         d = store.delete([vk.token_hash, vk.token_hash, "f" * 64])
@@ -413,7 +415,7 @@ class StoreTests(StoreTestMixin, TestCase):
         self.assertIsNotNone(store.lookup(other))
 
     async def test_writes_stay_in_order(self):
-        store = self.make_store()
+        store = await self.make_store()
         d_create = store.create(user_id="u")
         # Delete before the create is committed: it must not be overtaken.
         token_hash = next(iter(store._keys))
@@ -425,7 +427,7 @@ class StoreTests(StoreTestMixin, TestCase):
         self.assertIsNone(store.lookup(key))
 
     async def test_restart_keeps_every_field(self):
-        store = self.make_store()
+        store = await self.make_store()
         key, vk = await self.create(
             store, key_alias="a", team_id="t", user_id="u", models=["m1", "m2"], max_budget=0.5,
             budget_duration="30d", rpm_limit=1, tpm_limit=2, metadata={"n": [1, {"x": None}]},
@@ -438,10 +440,11 @@ class StoreTests(StoreTestMixin, TestCase):
         # The same instance restarts too.
         await store.stopService()
         store.startService()
+        await store.when_loaded()
         self.assertEqual(store.lookup(key), vk)
 
     async def test_update(self):
-        store = self.make_store()
+        store = await self.make_store()
         key, vk = await self.create(store, max_budget=5, models=["a"], duration="1h", key_alias="old")
         self.clock.advance(600)
         d = store.update(vk.token_hash, max_budget=None, models=["b", "c"], duration="2h", key_alias="new", metadata={"v": 2})
@@ -460,7 +463,7 @@ class StoreTests(StoreTestMixin, TestCase):
         self.assertRaises(InvalidField, store.update, vk.token_hash, rpm_limit=-1)
 
     async def test_aliases_are_unique(self):
-        store = self.make_store()
+        store = await self.make_store()
         _, first = await self.create(store, key_alias="session-1")
         with self.assertRaises(DuplicateKey) as caught:
             store.create(key_alias="session-1")
@@ -473,7 +476,7 @@ class StoreTests(StoreTestMixin, TestCase):
         self.assertEqual(store.find_alias("session-1").token_hash, second.token_hash)
 
     async def test_blocked(self):
-        store = self.make_store()
+        store = await self.make_store()
         key, vk = await self.create(store)
         d = store.update(vk.token_hash, blocked=True)
         self.assertIsNone(store.lookup(key))
@@ -483,7 +486,7 @@ class StoreTests(StoreTestMixin, TestCase):
         self.assertIsNotNone(store.lookup(key))
 
     async def test_list_pages_and_filters(self):
-        store = self.make_store()
+        store = await self.make_store()
         made = []
         for i in range(25):
             _, vk = await self.create(store, team_id=f"team-{i % 2}", user_id=f"user-{i % 5}", key_alias=f"k{i}")
@@ -506,7 +509,7 @@ class StoreTests(StoreTestMixin, TestCase):
         self.assertRaises(ValueError, store.list, size=0)
 
     async def test_caller_chosen_key(self):
-        store = self.make_store()
+        store = await self.make_store()
         key = custom_key("abc")
         returned, vk = await store.create(key=key)
         self.assertEqual(returned, key)
@@ -523,15 +526,15 @@ class StoreTests(StoreTestMixin, TestCase):
         self.assertIsNone(store.lookup(key))
 
     async def test_a_failed_create_is_taken_back(self):
-        store = self.make_store()
+        store = await self.make_store()
 
-        def broken(conn, row):
+        def broken(tx, *args):
             raise sqlite3.OperationalError("disk I/O error")
 
-        self.patch(virtual_keys, "_insert", broken)
+        self.patch(key_rows, "insert", broken)
         d = store.create(user_id="u", key_alias="a")
         token_hash = next(iter(store._keys))
-        with self.assertRaises(sqlite3.OperationalError):
+        with self.assertRaises(DatabaseUnavailable):
             await d
         self.assertIsNone(store.get(token_hash))
         self.assertIsNone(store.find_alias("a"))
@@ -539,52 +542,55 @@ class StoreTests(StoreTestMixin, TestCase):
         self.flushLoggedErrors()
 
     async def test_a_failed_update_is_rolled_back(self):
-        store = self.make_store()
+        store = await self.make_store()
         key, vk = await self.create(store, max_budget=1, key_alias="a")
 
-        def broken(conn, row):
+        def broken(tx, *args):
             raise sqlite3.OperationalError("database is locked")
 
-        self.patch(virtual_keys, "_update", broken)
+        self.patch(key_rows, "update", broken)
         d = store.update(vk.token_hash, max_budget=2, key_alias="b")
         self.assertEqual(store.lookup(key).max_budget, 2.0)
-        with self.assertRaises(sqlite3.OperationalError):
+        with self.assertRaises(DatabaseUnavailable):
             await d
         self.assertIs(store.lookup(key), vk)
         self.assertIs(store.find_alias("a"), vk)
         self.assertIsNone(store.find_alias("b"))
 
     async def test_a_failed_delete_stays_in_effect_and_a_retry_stores_it(self):
-        store = self.make_store()
+        store = await self.make_store()
         key, vk = await self.create(store)
-        original = virtual_keys._delete
+        original = key_rows.delete
 
-        def broken(conn, hashes, ts):
+        def broken(tx, *args):
             raise sqlite3.OperationalError("database is locked")
 
-        self.patch(virtual_keys, "_delete", broken)
-        with self.assertRaises(sqlite3.OperationalError):
+        self.patch(key_rows, "delete", broken)
+        with self.assertRaises(DatabaseUnavailable):
             await store.delete([vk.token_hash])
         self.assertIsNone(store.lookup(key))  # fail closed
         self.assertIsNone(self.db_rows()[vk.token_hash]["deleted_at"])
-        self.patch(virtual_keys, "_delete", original)
+        # A read from the database does not bring it back.
+        self.assertIsNone(await store.reload_key(vk.token_hash))
+        self.assertIsNone(store.lookup(key))
+        self.patch(key_rows, "delete", original)
         self.assertEqual(await store.delete([vk.token_hash]), [vk.token_hash])
         store = await self.restart(store)
         self.assertIsNone(store.lookup(key))
 
     async def test_a_cancelled_caller_does_not_undo_a_create(self):
-        store = self.make_store()
+        store = await self.make_store()
         d = store.create(user_id="u")
         token_hash = next(iter(store._keys))
         d.cancel()
         with self.assertRaises(defer.CancelledError):
             await d
         await store.stopService()  # waits for the queued write
-        store = self.make_store()
+        store = await self.make_store()
         self.assertIsNotNone(store.get(token_hash))
 
     async def test_long_expired_keys_leave_memory(self):
-        store = self.make_store()
+        store = await self.make_store()
         key, vk = await self.create(store, duration="1h")
         forever, _ = await self.create(store)
         self.clock.advance(3600 + DEFAULT_EXPIRED_RETENTION - PRUNE_INTERVAL)
@@ -600,7 +606,7 @@ class StoreTests(StoreTestMixin, TestCase):
     async def test_writes_need_a_running_store(self):
         store = VirtualKeyStore(self.path, self.clock, reactor)
         self.assertRaises(StoreClosed, store.create)
-        store = self.make_store()
+        store = await self.make_store()
         key, vk = await self.create(store)
         await store.stopService()
         self.assertRaises(StoreClosed, store.create)
@@ -614,7 +620,7 @@ class SharedDatabaseTests(StoreTestMixin, TestCase):
         ledger = SqliteLedger(self.path, reactor)
         ledger.startService()
         self.addCleanup(ledger.stopService)
-        store = self.make_store()
+        store = await self.make_store()
         key, vk = await self.create(store, team_id="org")
         self.assertTrue(await ledger.ready())
         conn = sqlite3.connect(self.path)
@@ -627,7 +633,7 @@ class SharedDatabaseTests(StoreTestMixin, TestCase):
         await ledger.stopService()
         await store.stopService()
         # Both open again, in the other order.
-        store = self.make_store()
+        store = await self.make_store()
         ledger = SqliteLedger(self.path, reactor)
         ledger.startService()
         self.addCleanup(ledger.stopService)
@@ -635,7 +641,7 @@ class SharedDatabaseTests(StoreTestMixin, TestCase):
         self.assertEqual(store.lookup(key), vk)
 
     async def test_creates_a_private_file(self):
-        store = self.make_store()
+        store = await self.make_store()
         await self.create(store)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(self.path)).st_mode), 0o700)
@@ -647,6 +653,6 @@ class SharedDatabaseTests(StoreTestMixin, TestCase):
         conn.execute("INSERT INTO virtual_keys VALUES (?, ?)", ("a" * 64, "sk-...aaaa"))
         conn.commit()
         conn.close()
-        store = self.make_store()
+        store = await self.make_store()
         vk = store.get("a" * 64)
         self.assertEqual((vk.models, vk.metadata, vk.blocked, vk.expires), ((), {}, False, None))

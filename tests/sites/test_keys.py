@@ -81,6 +81,7 @@ class KeyApiTestCase(TestCase):
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(self.pool.closeCachedConnections)
         self.serve(self.make_api())
+        return self.store.when_loaded()
 
     def make_api(self, **kwargs):
         options = dict(
