@@ -1,6 +1,9 @@
 """
-The durable ledger: one SQLite row per client request, written off the
-reactor thread, plus the in-memory totals the UI and C{/costs/api} read.
+The durable ledger on SQLite: one row per client request in the state
+file, written off the reactor thread, plus the in-memory totals the UI and
+C{/costs/api} read.  (PostgreSQL: L{cllama_tx.store.pg_ledger}; what both
+share: L{cllama_tx.store.ledger_base}, L{cllama_tx.store.ledger_sql},
+L{cllama_tx.store.totals}.)
 
 Why it is shaped like this:
 
@@ -18,6 +21,11 @@ Why it is shaped like this:
   - B{Totals live in memory} and are updated on the reactor thread the
     moment a row is recorded, so reads are instant.  They are rebuilt at
     start with aggregate SQL over C{requests} and C{rollups}.
+  - B{Several workers on one file} (C{shared}): every commit is the
+    writer thread's (the reactor never meets another process's lock), and
+    the rows the other workers commit are read every second and counted
+    too (L{cllama_tx.store.follower}), so every worker's totals are the
+    host's.
   - B{Reads} (spend views, exports) run in the reactor's threadpool on a
     fresh read-only connection each: WAL lets them run while the writer
     commits, and one read transaction gives each answer a single snapshot.
@@ -46,17 +54,12 @@ Row semantics (also in C{docs/LEDGER.md}):
 
 from __future__ import annotations
 
-import copy
-import datetime
 import functools
-import json
-import math
 import os
 import sqlite3
 from collections.abc import Callable, Iterable
-from typing import Any, TypeGuard
+from typing import Any
 
-import attrs
 from twisted.application import service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
@@ -64,444 +67,80 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cllama_tx.interfaces import ILedger
+from cllama_tx.store import ledger_sql as sql
+from cllama_tx.store.ledger_base import LedgerBase, SeedData
+from cllama_tx.store.ledger_sql import (
+    DEFAULT_BACKLOG,
+    MAX_READ_LIMIT,
+    NOT_KEPT,
+    PRUNE_INTERVAL,
+    SQLITE,
+    TIMELINE_BUCKET,
+    LedgerClosed,
+    LedgerSchemaError,
+    TimelineEntry,
+)
 from cllama_tx.store.records import LedgerRow
+from cllama_tx.store.shared import SQLITE_COORDINATION_SCHEMA, new_instance_id
 from cllama_tx.store.spill import SpillError, read_spill, remove_spill, spill_path, write_spill
 from cllama_tx.store.sqlite_tx import transaction as _transaction
+from cllama_tx.store.totals import (
+    SPEND_COUNTS,
+    UNROUTED,
+    Bucket,
+    Totals,
+    day_number,
+    day_string,
+    is_metered,
+    pricing_status,
+    summarise,
+    text_or_none,
+    utc_day,
+)
 from cllama_tx.store.writer import HELD, WAL_RESET_BYTES, Call, Row, Writer, open_inline
 
 __all__ = [
+    "DEFAULT_BACKLOG",
     "HELD",
+    "MAX_READ_LIMIT",
     "NOT_KEPT",
+    "PRUNE_INTERVAL",
+    "SCHEMA_VERSION",
     "SPEND_COUNTS",
+    "TIMELINE_BUCKET",
     "UNROUTED",
+    "Bucket",
     "LedgerClosed",
     "LedgerSchemaError",
     "SqliteLedger",
     "Totals",
+    "day_number",
+    "day_string",
+    "pricing_status",
+    "summarise",
+    "utc_day",
 ]
 
-NOT_KEPT = "not_kept"
-"""
-What C{record()} fires with for a row it did not keep: the storage is
-failing, the backlog is full, and the row is of a request that never reached
-a provider (it costs nothing; its audit line is its record).
-"""
-
-DEFAULT_BACKLOG = 10000
-"""Rows held in memory at most while the storage refuses them (about 1 KiB each)."""
-
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The version written to C{meta}; a newer one in the file refuses to start.
 
 1: C{requests}, C{rollups}.  2: C{rollups.counted_requests} and
 C{rollups.counted_unpriced_requests} (budget seeding), C{budget_overrides}.
 3: C{input_tokens} is plain input, without the cache tokens (versions 1
 and 2 stored every prompt token there, so the views counted the cache
-twice); older rows and rollups are converted."""
-
-PRUNE_INTERVAL = 3600.0
-"""Seconds between two retention prunes."""
-
-MAX_READ_LIMIT = 10000
-"""Upper bound of C{limit} in L{SqliteLedger.recent} and L{SqliteLedger.rows_after}."""
-
-TIMELINE_BUCKET = 60
-"""Seconds per entry of L{SqliteLedger.spend_timeline} (one minute)."""
+twice); older rows and rollups are converted.  4: C{requests.instance}
+(which process wrote the row), key and team indexes, and the coordination
+tables of several processes on one file."""
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
-SECONDS_PER_DAY = 86400.0
 
 _SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
 
 _log = Logger(namespace="cllama_tx.ledger")
 
 
-class LedgerClosed(Exception):
-    """The ledger is not running: it was never started, or is closing."""
-
-
-class LedgerSchemaError(Exception):
-    """The database was written by a newer cllama_tx, or is not a ledger."""
-
-
-# --- days ------------------------------------------------------------------
-#
-# A row's day is computed the same way in Python and in SQL, so that the day
-# a row is counted under in memory is the day it is rolled up under:
-# int(ts / 86400.0) is IEEE division then truncation in both languages.
-
-_DAY_NUMBER_SQL = "CAST(ts / 86400.0 AS INTEGER)"
-_DAY_SQL = f"date({_DAY_NUMBER_SQL} * 86400, 'unixepoch')"
-_EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
-
-
-def day_number(ts: float) -> int:
-    """The UTC day number (days since 1970-01-01) of epoch seconds C{ts}."""
-    return int(ts / SECONDS_PER_DAY)
-
-
-@functools.lru_cache(maxsize=64)
-def day_string(number: int) -> str:
-    """C{'YYYY-MM-DD'} of a UTC day number."""
-    return datetime.date.fromordinal(_EPOCH_ORDINAL + number).isoformat()
-
-
-def utc_day(ts: float) -> str:
-    """C{'YYYY-MM-DD'}, UTC, of epoch seconds C{ts} (as the SQL computes it)."""
-    return day_string(day_number(ts))
-
-
-def _is_error(status: int) -> bool:
-    return status < 200 or status >= 400
-
-
-def _text(value: str | None) -> str | None:
-    """Empty strings are stored and counted as L{None}."""
-    return value if value else None
-
-
-def pricing_status(priced_requests: int, unpriced_requests: int) -> str:
-    """C{priced} when no request lacked a price, C{unpriced} when none had one."""
-    if unpriced_requests == 0:
-        return "priced"
-    if priced_requests == 0:
-        return "unpriced"
-    return "partial"
-
-
-def _money(value: float) -> float:
-    # Hides float noise (0.30000000000000004) and the ulp differences
-    # between summing in record order and SQL's order after a restart.
-    return round(value, 10)
-
-
-# --- totals -----------------------------------------------------------------
-
-
-@attrs.define
-class Bucket:
-    """Counters of one group of requests (the columns of C{rollups})."""
-
-    requests: int = 0
-    priced_requests: int = 0
-    unpriced_requests: int = 0
-    estimated_requests: int = 0
-    errors: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-    cost_usd: float = 0.0
-
-    @property
-    def prompt_tokens(self) -> int:
-        """Every prompt token: plain input plus cache reads and writes."""
-        return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
-
-    def add_row(self, row: LedgerRow, sign: int = 1) -> None:
-        self.requests += sign
-        if row.priced:
-            self.priced_requests += sign
-        else:
-            self.unpriced_requests += sign
-        if row.estimated:
-            self.estimated_requests += sign
-        if _is_error(row.status):
-            self.errors += sign
-        self.input_tokens += sign * row.input_tokens
-        self.output_tokens += sign * row.output_tokens
-        self.cache_read_tokens += sign * row.cache_read_tokens
-        self.cache_write_tokens += sign * row.cache_write_tokens
-        self.cost_usd += sign * row.cost_usd
-
-    def add_bucket(self, other: Bucket) -> None:
-        for field in _BUCKET_FIELDS:
-            setattr(self, field, getattr(self, field) + getattr(other, field))
-
-
-_BUCKET_FIELDS = tuple(f.name for f in attrs.fields(Bucket))
-
-# (agent, provider, effective model); any of them may be None.
-Key = tuple["str | None", "str | None", "str | None"]
-
-
-UNROUTED = "(unrouted)"
-"""The provider and model shown for requests refused before routing."""
-
-SPEND_COUNTS = {
-    "requests": (
-        "every request of an agent or virtual key, refused ones included; those refused "
-        "before routing (no provider or model) are listed under \"(unrouted)\" and counted "
-        "in unrouted_requests; count_tokens calls are free and not requests"
-    ),
-    "tokens": (
-        "input_tokens is plain input; cache_read_tokens and cache_write_tokens are the "
-        "cached prompt tokens; prompt_tokens is the sum of the three (every prompt token)"
-    ),
-    "cost": (
-        "cost_usd is what the requests that reached a provider cost; priced_requests and "
-        "unpriced_requests count those requests only"
-    ),
-}
-"""What the totals of the spend shape (L{summarise}) count, stated in the answers."""
-
-
-def _model_order(item: tuple[tuple[str | None, str | None], Bucket]) -> tuple[bool, str, str]:
-    (provider, model), _ = item
-    return (provider is None or model is None, provider or "", model or "")
-
-
-def summarise(models: dict[tuple[str | None, str | None], Bucket]) -> dict[str, Any]:
-    """
-    The spend-view shape of buckets keyed by C{(provider, model)}.  Token
-    fields mirror the ledger rows (C{input_tokens} is plain input) and
-    C{prompt_tokens} is their sum with the cache tokens.
-
-    A key with no provider or model holds requests refused before routing:
-    listed last, as L{UNROUTED}, with C{routed} false.  They count as
-    requests (and errors), but as neither priced nor unpriced: no price
-    applies to a request that reached no provider, and it cost nothing.
-    """
-    total = Bucket()
-    unrouted = 0
-    out_models = []
-    for (provider, model), bucket in sorted(models.items(), key=_model_order):
-        if bucket.requests <= 0:
-            continue
-        routed = provider is not None and model is not None
-        if not routed:
-            bucket = attrs.evolve(bucket, priced_requests=0, unpriced_requests=0)
-            unrouted += bucket.requests
-        total.add_bucket(bucket)
-        out_models.append(
-            {
-                "provider": provider or UNROUTED,
-                "model": model or UNROUTED,
-                "routed": routed,
-                **_bucket_dict(bucket),
-                "pricing_status": (
-                    pricing_status(bucket.priced_requests, bucket.unpriced_requests) if routed else "unrouted"
-                ),
-            }
-        )
-    result = _bucket_dict(total)
-    result["total_cost_usd"] = result.pop("cost_usd")
-    result["total_requests"] = result.pop("requests")
-    result["unrouted_requests"] = unrouted
-    result["pricing_status"] = pricing_status(total.priced_requests, total.unpriced_requests)
-    result["models"] = out_models
-    return result
-
-
-def _bucket_dict(bucket: Bucket) -> dict[str, Any]:
-    return {
-        "requests": bucket.requests,
-        "priced_requests": bucket.priced_requests,
-        "unpriced_requests": bucket.unpriced_requests,
-        "estimated_requests": bucket.estimated_requests,
-        "errors": bucket.errors,
-        "input_tokens": bucket.input_tokens,
-        "cache_read_tokens": bucket.cache_read_tokens,
-        "cache_write_tokens": bucket.cache_write_tokens,
-        "prompt_tokens": bucket.prompt_tokens,
-        "output_tokens": bucket.output_tokens,
-        "cost_usd": _money(bucket.cost_usd),
-    }
-
-
-class Totals:
-    """
-    Running aggregates of every committed (or about to be committed) row:
-    all-time per C{(agent, provider, effective model)}, and per UTC day for
-    quick period answers.  Used on the reactor thread only.
-
-    C{requests}, C{errors}, C{unidentified_requests} (agent L{None}) and
-    C{unrouted_requests} (agent known, provider or model not) count every
-    row; C{costs_api()} counts metered rows only (the contract's record of
-    requests that reached a provider); C{period()} counts every row of a
-    known agent, the unrouted ones under L{UNROUTED}.
-    """
-
-    def __init__(self) -> None:
-        self._all: dict[Key, Bucket] = {}
-        self._days: dict[str, dict[Key, Bucket]] = {}
-        self.requests = 0
-        self.errors = 0
-        self.unidentified_requests = 0
-        self.unrouted_requests = 0
-
-    # -- updates
-
-    def add(self, row: LedgerRow) -> None:
-        """Count C{row}."""
-        self._apply(row, 1)
-
-    def remove(self, row: LedgerRow) -> None:
-        """Un-count C{row} (its commit failed)."""
-        self._apply(row, -1)
-
-    def _apply(self, row: LedgerRow, sign: int) -> None:
-        key = (_text(row.agent), _text(row.provider), _text(row.effective_model))
-        bucket = self._all.get(key)
-        if bucket is None:
-            bucket = self._all[key] = Bucket()
-        bucket.add_row(row, sign)
-        day_key = utc_day(row.ts)
-        day = self._days.get(day_key)
-        if day is None:
-            day = self._days[day_key] = {}
-        bucket = day.get(key)
-        if bucket is None:
-            bucket = day[key] = Bucket()
-        bucket.add_row(row, sign)
-        self._count(key, bucket_requests=sign, bucket_errors=sign if _is_error(row.status) else 0)
-
-    def add_aggregate(self, day: str, key: Key, bucket: Bucket) -> None:
-        """Count a pre-aggregated group (used when rebuilding from SQL)."""
-        self._all.setdefault(key, Bucket()).add_bucket(bucket)
-        self._days.setdefault(day, {}).setdefault(key, Bucket()).add_bucket(bucket)
-        self._count(key, bucket_requests=bucket.requests, bucket_errors=bucket.errors)
-
-    def _count(self, key: Key, bucket_requests: int, bucket_errors: int) -> None:
-        agent, provider, model = key
-        self.requests += bucket_requests
-        self.errors += bucket_errors
-        if agent is None:
-            self.unidentified_requests += bucket_requests
-        elif provider is None or model is None:
-            self.unrouted_requests += bucket_requests
-
-    # -- reads
-
-    def buckets(self, agent: str | None = None) -> dict[Key, Bucket]:
-        """All-time buckets (copies), optionally of one agent only."""
-        return {
-            key: attrs.evolve(bucket)
-            for key, bucket in self._all.items()
-            if bucket.requests and (agent is None or key[0] == agent)
-        }
-
-    def agents(self) -> list[str]:
-        """Sorted ids of the agents with at least one request (refused ones included)."""
-        return sorted({k[0] for k, b in self._all.items() if k[0] is not None and b.requests})
-
-    def costs_api(self) -> dict[str, Any]:
-        """
-        Exactly the contract's C{GET /costs/api} body (CONTRACT 5).
-        C{input_tokens} there are all prompt tokens, cache reads and writes
-        included, as the reference proxy reports them.
-        """
-        per_agent: dict[str, dict[tuple[str, str], Bucket]] = {}
-        for key, bucket in self._all.items():
-            if bucket.requests > 0 and _metered(key):
-                agent, provider, model = key
-                per_agent.setdefault(agent, {})[(provider, model)] = bucket
-        agents: dict[str, Any] = {}
-        total_cost = 0.0
-        total_requests = 0
-        total_unpriced = 0
-        for agent in sorted(per_agent):
-            models = []
-            agent_cost = 0.0
-            agent_requests = 0
-            agent_unpriced = 0
-            for (provider, model), b in sorted(per_agent[agent].items()):
-                models.append(
-                    {
-                        "provider": provider,
-                        "model": model,
-                        "input_tokens": b.prompt_tokens,
-                        "output_tokens": b.output_tokens,
-                        "cost_usd": _money(b.cost_usd),
-                        "requests": b.requests,
-                        "priced_requests": b.priced_requests,
-                        "unpriced_requests": b.unpriced_requests,
-                        "pricing_status": pricing_status(b.priced_requests, b.unpriced_requests),
-                    }
-                )
-                agent_cost += b.cost_usd
-                agent_requests += b.requests
-                agent_unpriced += b.unpriced_requests
-            agents[agent] = {
-                "total_cost_usd": _money(agent_cost),
-                "total_requests": agent_requests,
-                "unpriced_requests": agent_unpriced,
-                "models": models,
-            }
-            total_cost += agent_cost
-            total_requests += agent_requests
-            total_unpriced += agent_unpriced
-        return {
-            "total_cost_usd": _money(total_cost),
-            "total_requests": total_requests,
-            "unpriced_requests": total_unpriced,
-            "agents": agents,
-        }
-
-    def period(
-        self, since_day: str | None = None, until_day: str | None = None, agent: str | None = None
-    ) -> dict[str, Any]:
-        """
-        Spend over whole UTC days C{since_day} to C{until_day}
-        (C{'YYYY-MM-DD'}, both inclusive, L{None} for open ends), in the
-        shape of L{SqliteLedger.spend}, answered from memory: every row of
-        a known agent, metered or refused before routing (L{summarise}).
-        """
-        models: dict[tuple[str | None, str | None], Bucket] = {}
-        for day, keys in self._days.items():
-            if (since_day is not None and day < since_day) or (until_day is not None and day > until_day):
-                continue
-            for key, bucket in keys.items():
-                if key[0] is not None and (agent is None or key[0] == agent):
-                    models.setdefault((key[1], key[2]), Bucket()).add_bucket(bucket)
-        result = summarise(models)
-        result.update(agent=agent, since_day=since_day, until_day=until_day)
-        return result
-
-    def summary(self) -> dict[str, Any]:
-        """Counters over every row, metered or not."""
-        return {
-            "requests": self.requests,
-            "errors": self.errors,
-            "unidentified_requests": self.unidentified_requests,
-            "unrouted_requests": self.unrouted_requests,
-        }
-
-
-def _metered(key: Key) -> TypeGuard[tuple[str, str, str]]:
-    return key[0] is not None and key[1] is not None and key[2] is not None
-
-
 # --- schema -----------------------------------------------------------------
-
-_ROW_FIELDS = (
-    "request_id",
-    "ts",
-    "agent",
-    "provider",
-    "requested_model",
-    "effective_model",
-    "status",
-    "stream",
-    "latency_ms",
-    "ttfb_ms",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "cost_usd",
-    "priced",
-    "estimated",
-    "key_id",
-    "team_id",
-    "user_id",
-)
-_TEXT_FIELDS = frozenset(
-    {"agent", "provider", "requested_model", "effective_model", "key_id", "team_id", "user_id"}
-)
-_BOOL_FIELDS = frozenset({"stream", "priced", "estimated"})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -526,10 +165,13 @@ CREATE TABLE IF NOT EXISTS requests (
     estimated INTEGER NOT NULL,
     key_id TEXT,
     team_id TEXT,
-    user_id TEXT
+    user_id TEXT,
+    instance TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
 CREATE INDEX IF NOT EXISTS requests_agent ON requests (agent);
+CREATE INDEX IF NOT EXISTS requests_key ON requests (key_id) WHERE key_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_team ON requests (team_id) WHERE team_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS rollups (
     day TEXT NOT NULL,
     agent TEXT NOT NULL DEFAULT '',
@@ -560,7 +202,7 @@ CREATE TABLE IF NOT EXISTS budget_overrides (
     updated_at REAL NOT NULL,
     updated_by TEXT
 );
-"""
+""" + SQLITE_COORDINATION_SCHEMA
 
 # Migrations from version N to N+1, run in the same transaction as the
 # version bump (so a failed step leaves the file at version N).
@@ -597,107 +239,16 @@ UPDATE rollups SET input_tokens = input_tokens - cache_read_tokens - cache_write
 WHERE input_tokens >= cache_read_tokens + cache_write_tokens
   AND cache_read_tokens + cache_write_tokens > 0;
 """,
+    # 3 -> 4: several processes on one file (workers): which instance wrote
+    # a row (rows of earlier versions have none), indexes for the budget
+    # coordinator's per-key and per-team reads, and the coordination tables.
+    3: """
+ALTER TABLE requests ADD COLUMN instance TEXT;
+CREATE INDEX IF NOT EXISTS requests_key ON requests (key_id) WHERE key_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_team ON requests (team_id) WHERE team_id IS NOT NULL;
+""" + SQLITE_COORDINATION_SCHEMA,
 }
 
-_INSERT = "INSERT INTO requests ({}) VALUES ({})".format(
-    ", ".join(_ROW_FIELDS), ", ".join("?" for _ in _ROW_FIELDS)
-)
-# A held row may already be on disk (a commit reported as failed can have
-# reached it): then it is taken as written, not counted twice.
-_INSERT_AGAIN = _INSERT + " ON CONFLICT (request_id) DO NOTHING"
-
-_ERROR_SQL = "CASE WHEN status < 200 OR status >= 400 THEN 1 ELSE 0 END"
-# A row that counts against a request budget: a successful (2xx) turn.
-_COUNTED_SQL = "CASE WHEN status >= 200 AND status < 300 THEN 1 ELSE 0 END"
-_COUNTED_UNPRICED_SQL = "CASE WHEN status >= 200 AND status < 300 AND priced = 0 THEN 1 ELSE 0 END"
-
-# The per-group counters of `requests`, in the order of the rollups columns.
-_ROLLUP_COUNTERS = (
-    "requests",
-    "priced_requests",
-    "unpriced_requests",
-    "estimated_requests",
-    "errors",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "cost_usd",
-)
-_AGGREGATE_EXPRESSIONS = (
-    "COUNT(*)",
-    "SUM(priced)",
-    "SUM(1 - priced)",
-    "SUM(estimated)",
-    f"SUM({_ERROR_SQL})",
-    "SUM(input_tokens)",
-    "SUM(output_tokens)",
-    "SUM(cache_read_tokens)",
-    "SUM(cache_write_tokens)",
-    "SUM(cost_usd)",
-)
-_AGGREGATES_SQL = ", ".join(_AGGREGATE_EXPRESSIONS)
-_AGGREGATES_AS_SQL = ", ".join(
-    f"{expression} AS {name}" for expression, name in zip(_AGGREGATE_EXPRESSIONS, _ROLLUP_COUNTERS, strict=True)
-)
-_ROLLUP_SUMS_SQL = ", ".join(f"SUM({c})" for c in _ROLLUP_COUNTERS)
-
-# Budget counters of a rollup group (not part of L{Bucket}: only
-# spend_timeline reads them).
-_BUDGET_COUNTERS = ("counted_requests", "counted_unpriced_requests")
-_BUDGET_AGGREGATES_SQL = f"SUM({_COUNTED_SQL}), SUM({_COUNTED_UNPRICED_SQL})"
-
-_PRUNE_ROLLUP = f"""
-INSERT INTO rollups (day, agent, provider, model, key_id, team_id, user_id,
-                     {", ".join(_ROLLUP_COUNTERS + _BUDGET_COUNTERS)})
-SELECT {_DAY_SQL}, COALESCE(agent, ''), COALESCE(provider, ''), COALESCE(effective_model, ''),
-       COALESCE(key_id, ''), COALESCE(team_id, ''), COALESCE(user_id, ''), {_AGGREGATES_SQL},
-       {_BUDGET_AGGREGATES_SQL}
-FROM requests
-WHERE ts < :bound AND {_DAY_NUMBER_SQL} < :day
-GROUP BY 1, 2, 3, 4, 5, 6, 7
-ON CONFLICT (day, agent, provider, model, key_id, team_id, user_id) DO UPDATE SET
-    {", ".join(f"{c} = {c} + excluded.{c}" for c in _ROLLUP_COUNTERS + _BUDGET_COUNTERS)}
-"""
-_PRUNE_DELETE = f"DELETE FROM requests WHERE ts < :bound AND {_DAY_NUMBER_SQL} < :day"
-
-_REBUILD = f"""
-SELECT day, agent, provider, model, {_ROLLUP_SUMS_SQL} FROM (
-    SELECT {_DAY_SQL} AS day, agent, provider, effective_model AS model,
-           {_AGGREGATES_AS_SQL}
-    FROM requests GROUP BY 1, 2, 3, 4
-    UNION ALL
-    SELECT day, NULLIF(agent, ''), NULLIF(provider, ''), NULLIF(model, ''),
-           {", ".join(_ROLLUP_COUNTERS)}
-    FROM rollups
-) GROUP BY day, agent, provider, model
-"""
-
-
-def _bucket_from(values: Iterable[Any]) -> Bucket:
-    v = [x or 0 for x in values]
-    # The rollup columns in Bucket's field order: nine counts, then the cost.
-    fields: dict[str, Any] = dict(zip(_BUCKET_FIELDS, [*(int(x) for x in v[:9]), float(v[9])], strict=True))
-    return Bucket(**fields)
-
-
-def _row_params(row: LedgerRow) -> tuple[Any, ...]:
-    out = []
-    for name in _ROW_FIELDS:
-        value = getattr(row, name)
-        if name in _TEXT_FIELDS:
-            value = _text(value)
-        elif name in _BOOL_FIELDS:
-            value = 1 if value else 0
-        out.append(value)
-    return tuple(out)
-
-
-def _row_dict(names: list[str], values: tuple[Any, ...]) -> dict[str, Any]:
-    row = dict(zip(names, values, strict=True))
-    for name in _BOOL_FIELDS:
-        row[name] = bool(row[name])
-    return row
 
 
 def _open_database(path: str, sync: str) -> sqlite3.Connection:
@@ -729,7 +280,8 @@ def _open_database(path: str, sync: str) -> sqlite3.Connection:
     return conn
 
 
-def _migrate(conn: sqlite3.Connection, path: str) -> None:
+def _migrate(conn: sqlite3.Connection, path: str) -> int:
+    """Create or upgrade the schema in one transaction; returns the version."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
@@ -760,20 +312,28 @@ def _migrate(conn: sqlite3.Connection, path: str) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    return SCHEMA_VERSION
+
+
+def migrate_file(path: str) -> int:
+    """Create or upgrade the ledger file at C{path} (C{cllama-tx migrate}); returns its version."""
+    conn = _open_database(path, "normal")
+    conn.close()
+    return SCHEMA_VERSION
 
 
 def _execute_script(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it COMMITs the open transaction first.
     for statement in script.split(";"):
-        if statement.strip():
+        if not statement.strip():
+            continue
+        try:
             conn.execute(statement)
-
-
-def _rebuild_totals(conn: sqlite3.Connection) -> Totals:
-    totals = Totals()
-    for day, agent, provider, model, *counters in conn.execute(_REBUILD):
-        totals.add_aggregate(day, (agent, provider, model), _bucket_from(counters))
-    return totals
+        except sqlite3.OperationalError as e:
+            # A column a step adds that is there already (a file whose
+            # version was set back by hand): the step is done.
+            if "ADD COLUMN" not in statement.upper() or "duplicate column name" not in str(e):
+                raise
 
 
 def _run_read(path: str, function: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -793,228 +353,23 @@ def _run_read(path: str, function: Callable[[sqlite3.Connection], Any]) -> Any:
         conn.close()
 
 
-def _write_transaction(conn: sqlite3.Connection, statement: str, params: tuple[Any, ...]) -> None:
-    """On the writer thread: C{statement} in a transaction of its own."""
-    conn.execute("BEGIN IMMEDIATE")
+def _load_state(conn: sqlite3.Connection, path: str) -> tuple[Totals, int, dict[str, dict[str, Any]]]:
+    """At start, in one read snapshot: the totals, the highest row id (the follower's start), the overrides."""
+    conn.execute("BEGIN")
     try:
-        conn.execute(statement, params)
+        totals = sql.rebuild_totals(conn, SQLITE)
+        high = sql.highest_id(conn)
+        overrides = sql.load_overrides(conn, path)
+    finally:
         conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-# --- budget seeding -----------------------------------------------------------
-
-TimelineEntry = tuple[str, float, float, int, int]
-"""C{(agent, bucket_start_ts, cost_usd, counted_requests, unpriced_requests)}."""
-
-
-_LAST_DAY = datetime.date.max.toordinal() - _EPOCH_ORDINAL
-
-
-def _day_start(day: str) -> float:
-    """Epoch seconds of midnight UTC starting C{'YYYY-MM-DD'}."""
-    return (datetime.date.fromisoformat(day).toordinal() - _EPOCH_ORDINAL) * SECONDS_PER_DAY
-
-
-def _timeline_reader(
-    since: float, resets: dict[str, float], bucket: int
-) -> Callable[[sqlite3.Connection], list[TimelineEntry]]:
-    """
-    The read behind L{SqliteLedger.spend_timeline}: every entry it returns
-    has C{ts >= since} and C{ts >= resets[agent]}.
-    """
-    # Only the resets that cut into the range filter anything.  A CASE, not
-    # a chain of ANDs or a join: flat (no expression depth limit) and the
-    # cheapest of the three on a month of rows.
-    cuts = sorted((agent, at) for agent, at in resets.items() if at > since)
-    where = ["ts >= ?", "+agent IS NOT NULL"]
-    args: list[Any] = [since]
-    if cuts:
-        where.append(f"ts >= CASE +agent {' '.join('WHEN ? THEN ?' for _ in cuts)} ELSE ? END")
-        for agent, at in cuts:
-            args.extend((agent, at))
-        args.append(since)
-    # Grouped by bucket first, then agent (the same groups as "agent,
-    # bucket"): the rows come from the ts index in ts order, which keeps the
-    # GROUP BY's temporary b-tree cheap; "+agent" keeps the planner off the
-    # agent index, which would read every row whatever C{since}.
-    requests_sql = (
-        f"SELECT agent, CAST(ts / {bucket} AS INTEGER) * {bucket}.0, ROUND(SUM(cost_usd), 10), "
-        f"SUM({_COUNTED_SQL}) AS counted, SUM({_COUNTED_UNPRICED_SQL}) "
-        f"FROM requests WHERE {' AND '.join(where)} "
-        f"GROUP BY CAST(ts / {bucket} AS INTEGER), +agent HAVING SUM(cost_usd) != 0 OR counted > 0"
-    )
-    first_day = day_string(min(max(math.ceil(since / SECONDS_PER_DAY), 0), _LAST_DAY))
-    rollups_sql = (
-        "SELECT agent, day, SUM(cost_usd), SUM(counted_requests), SUM(counted_unpriced_requests) "
-        "FROM rollups WHERE agent != '' AND day >= ? GROUP BY agent, day"
-    )
-
-    def read(conn: sqlite3.Connection) -> list[TimelineEntry]:
-        entries: list[TimelineEntry] = conn.execute(requests_sql, args).fetchall()
-        days = []
-        for agent, day, cost, counted, unpriced in conn.execute(rollups_sql, (first_day,)):
-            start = _day_start(day)
-            # A rolled-up day cannot be split: one that began before the cut is left out.
-            if (cost or counted) and start >= since and start >= resets.get(agent, start):
-                days.append((agent, start, _money(cost or 0.0), int(counted or 0), int(unpriced or 0)))
-        entries.extend(days)
-        entries.sort()  # by agent, then time (about 0.2 s for 900 000 entries)
-        if not days:
-            return entries
-        # A late row of a rolled-up day may share the day's first bucket: one entry each.
-        merged: list[TimelineEntry] = []
-        for entry in entries:
-            if merged and merged[-1][:2] == entry[:2]:
-                last = merged[-1]
-                merged[-1] = (
-                    last[0], last[1], _money(last[2] + entry[2]), last[3] + entry[3], last[4] + entry[4]
-                )
-            else:
-                merged.append(entry)
-        return merged
-
-    return read
-
-
-def _timeline_arguments(since: float, bucket_seconds: int) -> tuple[float, int]:
-    if isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since):
-        raise ValueError(f"since must be a finite number of epoch seconds, not {since!r}")
-    bucket = bucket_seconds
-    if isinstance(bucket, bool) or not isinstance(bucket, int) or not 1 <= bucket <= 86400:
-        raise ValueError(f"bucket_seconds must be a whole number from 1 to 86400, not {bucket_seconds!r}")
-    return float(since), bucket_seconds
-
-
-def _held_buckets(
-    rows: Iterable[LedgerRow], scope: Callable[[LedgerRow], str | None], since: float,
-    resets: dict[str, float], bucket: int,
-) -> dict[tuple[str, float], list]:
-    """Held rows (not in SQL yet) per C{(scope, bucket_ts)}, counted as the timeline SQL counts."""
-    out: dict[tuple[str, float], list] = {}
-    for row in rows:
-        value = _text(scope(row))
-        if value is None or row.ts < since or row.ts < resets.get(value, since):
-            continue
-        counted = 200 <= row.status < 300
-        acc = out.setdefault((value, float(int(row.ts / bucket) * bucket)), [0.0, 0, 0])
-        acc[0] += row.cost_usd
-        acc[1] += 1 if counted else 0
-        acc[2] += 1 if counted and not row.priced else 0
-    return out
-
-
-def _merge_timeline(entries: list[tuple], held: dict[tuple[str, float], list]) -> list[tuple]:
-    """C{entries} with the held rows' buckets added: one entry per scope and time, sorted."""
-    if not held:
-        return entries
-    combined = {(e[0], e[1]): [e[2], e[3], e[4]] for e in entries}
-    for key, (cost, counted, unpriced) in held.items():
-        acc = combined.setdefault(key, [0.0, 0, 0])
-        acc[0] += cost
-        acc[1] += counted
-        acc[2] += unpriced
-    return sorted(
-        (key[0], key[1], _money(v[0]), v[1], v[2]) for key, v in combined.items() if v[0] != 0 or v[1] > 0
-    )
-
-
-# --- budget overrides ---------------------------------------------------------
-
-_OVERRIDE_COLUMNS = ("agent", "budget_json", "spent_offset_usd", "reset_at", "updated_at", "updated_by")
-_UPSERT_OVERRIDE = (
-    f"INSERT INTO budget_overrides ({', '.join(_OVERRIDE_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (agent) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _OVERRIDE_COLUMNS[1:])
-)
-_DELETE_OVERRIDE = "DELETE FROM budget_overrides WHERE agent = ?"
-_SELECT_OVERRIDES = f"SELECT {', '.join(_OVERRIDE_COLUMNS)} FROM budget_overrides"
-
-
-def _override_entry(
-    budget: dict | None,
-    spent_offset_usd: float | None,
-    reset_at: float | None,
-    updated_at: float,
-    updated_by: str | None,
-) -> dict[str, Any]:
-    return {
-        "budget": budget,
-        "spent_offset_usd": spent_offset_usd,
-        "reset_at": reset_at,
-        "updated_at": updated_at,
-        "updated_by": updated_by,
-    }
-
-
-def _copy_entry(entry: dict[str, Any]) -> dict[str, Any]:
-    return dict(entry, budget=copy.deepcopy(entry["budget"]))
-
-
-def _encode_budget(budget: dict) -> str:
-    return json.dumps(budget, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def _override_row(agent: str, entry: dict[str, Any]) -> tuple[Any, ...]:
-    budget = entry["budget"]
-    return (
-        agent,
-        None if budget is None else _encode_budget(budget),
-        entry["spent_offset_usd"],
-        entry["reset_at"],
-        entry["updated_at"],
-        entry["updated_by"],
-    )
-
-
-def _override_from_row(path: str, row: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
-    agent, budget_json, offset, reset_at, updated_at, updated_by = row
-    budget = None
-    if budget_json is not None:
-        try:
-            budget = json.loads(budget_json)
-        except ValueError:
-            budget = None
-        if not isinstance(budget, dict):
-            # Fail closed: an operator's budget that cannot be read must not
-            # silently become "no budget".
-            raise LedgerSchemaError(f"{path}: the budget override of {agent!r} is not a JSON object")
-    return agent, _override_entry(
-        budget,
-        None if offset is None else float(offset),
-        None if reset_at is None else float(reset_at),
-        float(updated_at),
-        updated_by,
-    )
-
-
-def _load_overrides(conn: sqlite3.Connection, path: str) -> dict[str, dict[str, Any]]:
-    return dict(_override_from_row(path, row) for row in conn.execute(_SELECT_OVERRIDES))
-
-
-def _check_agent(agent: str) -> str:
-    if not isinstance(agent, str) or not agent:
-        raise ValueError(f"agent must be a non-empty string, not {agent!r}")
-    return agent
-
-
-def _check_offset(value: float | None) -> float | None:
-    if value is None:
-        return None
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or value < 0:
-        raise ValueError(f"spent_offset_usd must be a non-negative number, not {value!r}")
-    return float(value)
+    return totals, high, overrides
 
 
 # --- the service --------------------------------------------------------------
 
 
 @implementer(ILedger)
-class SqliteLedger(service.Service):
+class SqliteLedger(LedgerBase, service.Service):
     """
     The ledger in a SQLite file at C{path} (WAL).  C{sync} is C{"normal"}
     (survives a process crash) or C{"full"} (also survives power loss, one
@@ -1026,7 +381,14 @@ class SqliteLedger(service.Service):
     up to about C{backlog} of them, and committed when it takes them again
     (see L{writer}); rows still held when the ledger closes are saved in
     C{spill_dir} (L{spill}; L{None}: nowhere) and imported at the next start.
+
+    C{shared}: other processes (workers on this host) write the same file:
+    commits stay off the reactor, and their rows are counted in the totals
+    too.  C{instance} names this process in the rows it writes (a new one
+    by default); C{spill_name} tells its spill file from its siblings'.
     """
+
+    dialect = SQLITE
 
     def __init__(
         self,
@@ -1037,6 +399,9 @@ class SqliteLedger(service.Service):
         clock: Any = None,
         backlog: int = DEFAULT_BACKLOG,
         spill_dir: str | None = None,
+        shared: bool = False,
+        instance: str | None = None,
+        spill_name: str | None = None,
     ) -> None:
         if sync not in _SYNC_MODES:
             raise ValueError(f"sync must be one of {sorted(_SYNC_MODES)}, not {sync!r}")
@@ -1044,22 +409,19 @@ class SqliteLedger(service.Service):
             raise ValueError("retention_seconds must be positive")
         if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
             raise ValueError(f"backlog must be a whole number of rows >= 1, not {backlog!r}")
+        self._init_base(reactor, clock, instance or new_instance_id())
         self.path = path
         self.sync = sync
+        self.shared = shared
         self.retention_seconds = retention_seconds
         self.backlog = backlog
-        self.spill_file = None if spill_dir is None else spill_path(spill_dir, path)
+        self.spill_file = None if spill_dir is None else spill_path(spill_dir, spill_name or path)
         self._unkept = 0  # rows not kept since start (see NOT_KEPT)
         self._unkept_now = 0  # ... during the current failure
-        self._reactor = reactor
-        self._clock = clock if clock is not None else reactor
-        self._totals = Totals()
         self._writer: Writer | None = None
         self._closing: defer.Deferred | None = None
         self._close_waiters: list[defer.Deferred] = []
         self._retention: task.LoopingCall | None = None
-        self._overrides: dict[str, dict[str, Any]] = {}
-        self._override_writes: dict[str, int] = {}
 
     # -- lifecycle
 
@@ -1074,20 +436,19 @@ class SqliteLedger(service.Service):
         conn = _open_database(self.path, self.sync)
         try:
             still_held = self._import_spill(conn)
-            totals = _rebuild_totals(conn)
-            overrides = _load_overrides(conn, self.path)
+            totals, high, overrides = _load_state(conn, self.path)
         except BaseException:
             conn.close()
             raise
         self._totals = totals
-        self._overrides = overrides
-        self._override_writes = {}
-        inline = open_inline(self.path) if self.sync == "normal" else None
+        self._loaded_overrides(overrides)
+        inline = open_inline(self.path) if self.sync == "normal" and not self.shared else None
         spill_file = self.spill_file
         self._writer = writer = Writer(
-            conn, self._reactor, self._deliver, _INSERT, inline=inline, path=self.path,
-            insert_again=_INSERT_AGAIN, capacity=self.backlog,
+            conn, self._reactor, self._deliver, sql.INSERT, inline=inline, path=self.path,
+            insert_again=sql.INSERT_AGAIN, capacity=self.backlog,
             spill=None if spill_file is None else functools.partial(write_spill, spill_file),
+            shared=self.shared,
         )
         writer.on_recovered.append(self._recovered)
         writer.start()
@@ -1096,12 +457,20 @@ class SqliteLedger(service.Service):
             rows, error = still_held
             for row in rows:
                 self._totals.add(row)
-            writer._hold([Row(row, _row_params(row), defer.Deferred()) for row in rows], error)
+            writer._hold([Row(row, sql.row_params(row, self.instance), defer.Deferred()) for row in rows], error)
         service.Service.startService(self)
+        if self.shared:
+            self._start_following(high, [])
         if self.retention_seconds is not None:
             self._retention = task.LoopingCall(self._prune_expired)
             self._retention.clock = self._clock
             self._retention.start(PRUNE_INTERVAL, now=True)
+
+    def loaded(self) -> defer.Deferred:
+        """Fires once the totals and overrides are loaded: at once, after L{startService}."""
+        if self._writer is None:
+            return defer.fail(LedgerClosed("the ledger is not running"))
+        return defer.succeed(None)
 
     def stopService(self) -> defer.Deferred:
         service.Service.stopService(self)
@@ -1124,6 +493,7 @@ class SqliteLedger(service.Service):
             if self._retention.running:
                 self._retention.stop()
             self._retention = None
+        self._stop_following()
         writer = self._writer
         assert writer is not None
         self._writer = None  # record(), prune() and reads refuse from now on
@@ -1146,6 +516,12 @@ class SqliteLedger(service.Service):
         closing.addBoth(done)
         return waiter
 
+    def _accepting(self) -> bool:
+        return self._writer is not None
+
+    def _where(self) -> str:
+        return self.path
+
     # -- writes
 
     def record(self, row: LedgerRow) -> defer.Deferred:
@@ -1164,7 +540,9 @@ class SqliteLedger(service.Service):
         writer = self._writer
         if writer is None:
             return defer.fail(LedgerClosed("the ledger is not running"))
-        if writer.full and not _metered((_text(row.agent), _text(row.provider), _text(row.effective_model))):
+        if writer.full and not is_metered(
+            (text_or_none(row.agent), text_or_none(row.provider), text_or_none(row.effective_model))
+        ):
             self._unkept += 1
             self._unkept_now += 1
             if self._unkept_now == 1:
@@ -1176,12 +554,8 @@ class SqliteLedger(service.Service):
             return defer.succeed(NOT_KEPT)
         d: defer.Deferred = defer.Deferred()
         self._totals.add(row)
-        writer.record(Row(row, _row_params(row), d))
+        writer.record(Row(row, sql.row_params(row, self.instance), d))
         return d
-
-    def totals(self) -> Totals:
-        """The running totals (kept in memory, rebuilt at start)."""
-        return self._totals
 
     def prune(self, older_than_epoch: float) -> defer.Deferred:
         """
@@ -1192,22 +566,8 @@ class SqliteLedger(service.Service):
         row recorded before this call is committed.  Fires with the number
         of rows moved.  The totals do not change.
         """
-        day = math.floor(older_than_epoch / SECONDS_PER_DAY)
-        params = {"day": day, "bound": day * SECONDS_PER_DAY + 1.0}
-
-        def prune(conn: sqlite3.Connection) -> int:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute(_PRUNE_ROLLUP, params)
-                moved = conn.execute(_PRUNE_DELETE, params).rowcount
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            return moved
-
-        return self._on_writer(prune)
+        params = sql.prune_params(older_than_epoch)
+        return self._ordered(lambda conn: sql.prune(conn, SQLITE, params))
 
     def _prune_expired(self) -> defer.Deferred:
         assert self.retention_seconds is not None
@@ -1243,8 +603,9 @@ class SqliteLedger(service.Service):
             return None
         if not rows:
             return None
+        params = [sql.row_params(r, self.instance) for r in rows]
         try:
-            _transaction(conn, lambda c: c.executemany(_INSERT_AGAIN, [_row_params(r) for r in rows]))
+            _transaction(conn, lambda c: c.executemany(sql.INSERT_AGAIN, params))
         except sqlite3.Error as e:
             _log.error(
                 "ledger: {count} rows saved in {spill} by the last run cannot be written yet: {error}",
@@ -1293,10 +654,14 @@ class SqliteLedger(service.Service):
     def admission_refusal(self, budgeted: bool) -> str | None:
         """
         Why a request that will be metered must be refused now, or L{None}.
-        While any row is held, a caller with a budget is refused: its spend
-        would be counted only in memory.  Once the backlog is full, every
-        caller is: nothing more can be held.
+        While budgets are being seeded (L{hold_admission}), every caller
+        is.  While any row is held, a caller with a budget is refused: its
+        spend would be counted only in memory.  Once the backlog is full,
+        every caller is: nothing more can be held.
         """
+        held_for = self._hold_reason()
+        if held_for is not None:
+            return held_for
         writer = self._writer
         if writer is None or not writer.held:
             return None
@@ -1314,6 +679,10 @@ class SqliteLedger(service.Service):
         d: defer.Deferred = defer.Deferred()
         writer.call(Call(function, d))
         return d
+
+    def _ordered(self, function: Callable[[Any], Any]) -> defer.Deferred:
+        """C{function(connection)} in a write transaction of its own on the writer thread, after queued rows."""
+        return self._on_writer(lambda conn: _transaction(conn, function))
 
     def writer_stats(self) -> dict[str, int]:
         """
@@ -1359,6 +728,12 @@ class SqliteLedger(service.Service):
             except defer.AlreadyCalledError:
                 pass  # cancelled by its caller; nothing to tell it
 
+    def _held_rows(self) -> Iterable[LedgerRow]:
+        writer = self._writer
+        if writer is None or not writer.held:
+            return ()
+        return [item.row for item in writer.backlog]
+
     # -- reads (threadpool, own connection each)
 
     def _read(self, function: Callable[[sqlite3.Connection], Any]) -> defer.Deferred:
@@ -1370,170 +745,14 @@ class SqliteLedger(service.Service):
 
     def ready(self) -> defer.Deferred:
         """
-        Fires with True when the database answers a trivial query and no
-        row is held (the storage takes writes), else False.
+        Fires with True when the database answers a trivial query, no row
+        is held (the storage takes writes) and admission is not held
+        (budgets are seeded), else False.
         """
-        if self._writer is None or self._writer.held:
+        if self._writer is None or self._writer.held or self._hold_reason() is not None:
             return defer.succeed(False)
         d = self._read(lambda conn: conn.execute("SELECT COUNT(*) FROM meta").fetchone() is not None)
         return d.addErrback(lambda _: False)
-
-    def count(self) -> defer.Deferred:
-        """Fires with the number of rows in C{requests} (pruned rows are not counted)."""
-        return self._read(lambda conn: conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0])
-
-    def recent(self, limit: int = 50, agent: str | None = None) -> defer.Deferred:
-        """
-        Fires with the latest C{limit} rows (newest first), optionally of one
-        agent, as dicts: C{id} plus every L{LedgerRow} field.
-        """
-        limit = _clamp(limit)
-        sql = f"SELECT id, {', '.join(_ROW_FIELDS)} FROM requests"
-        args: tuple[Any, ...] = ()
-        if agent is not None:
-            sql += " WHERE agent = ?"
-            args = (agent,)
-        sql += " ORDER BY id DESC LIMIT ?"
-
-        def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            cursor = conn.execute(sql, args + (limit,))
-            names = [c[0] for c in cursor.description]
-            return [_row_dict(names, values) for values in cursor]
-
-        return self._read(query)
-
-    def rows_after(self, cursor: int, limit: int = 1000) -> defer.Deferred:
-        """
-        Fires with C{(rows, next_cursor)}: up to C{limit} rows whose C{id}
-        (the rowid; never reused, and increasing in commit order because
-        there is one writer) is greater than C{cursor}, oldest first.
-        Start with cursor 0; pass C{next_cursor} back to continue.  Rows
-        pruned before they were read are not returned.
-        """
-        limit = _clamp(limit)
-        sql = f"SELECT id, {', '.join(_ROW_FIELDS)} FROM requests WHERE id > ? ORDER BY id LIMIT ?"
-
-        def query(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], int]:
-            result = conn.execute(sql, (int(cursor), limit))
-            names = [c[0] for c in result.description]
-            rows = [_row_dict(names, values) for values in result]
-            return rows, (rows[-1]["id"] if rows else int(cursor))
-
-        return self._read(query)
-
-    def cost_of(self, key_id: str | None = None, team_id: str | None = None) -> defer.Deferred:
-        """Fires with the total cost recorded for one virtual key or one team."""
-        column, value = ("key_id", key_id) if key_id is not None else ("team_id", team_id)
-        sql = f"SELECT COALESCE(SUM(cost_usd), 0) FROM requests WHERE {column} = ?"
-
-        def query(conn: sqlite3.Connection) -> float:
-            return float(conn.execute(sql, (value,)).fetchone()[0])
-
-        return self._read(query)
-
-    def rows_between(
-        self,
-        since: float | None,
-        until: float | None,
-        limit: int = 1000,
-        team_id: str | None = None,
-        user_id: str | None = None,
-        key_id: str | None = None,
-    ) -> defer.Deferred:
-        """
-        Fires with up to C{limit} rows with C{since <= ts < until} (open
-        ends when None), optionally for one team, user or key, oldest first:
-        the per-request rows of a billing export (C{GET /spend/logs}).
-        """
-        limit = _clamp(limit)
-        where: list[str] = []
-        args: list[Any] = []
-        for column, value in (("team_id", team_id), ("user_id", user_id), ("key_id", key_id)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if since is not None:
-            where.append("ts >= ?")
-            args.append(float(since))
-        if until is not None:
-            where.append("ts < ?")
-            args.append(float(until))
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = f"SELECT id, {', '.join(_ROW_FIELDS)} FROM requests {clause} ORDER BY id LIMIT ?"
-
-        def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            result = conn.execute(sql, (*args, limit))
-            names = [c[0] for c in result.description]
-            return [_row_dict(names, values) for values in result]
-
-        return self._read(query)
-
-    def spend(
-        self, agent: str | None = None, since: float | None = None, until: float | None = None
-    ) -> defer.Deferred:
-        """
-        Fires with the spend in C{[since, until)} (epoch seconds, L{None}
-        for an open end), of one agent or all, in the shape of
-        L{summarise} plus C{agent}, C{since}, C{until} and C{exact}: every
-        row of a known agent, as L{Totals.period} counts them.
-
-        Rows still in C{requests} are counted to the second; pruned history
-        comes from C{rollups}, which know only whole UTC days: a rollup day
-        that overlaps the period is counted whole, and C{exact} is false
-        when such a day lies only partly inside the period.
-        """
-        where = ["agent IS NOT NULL"]
-        args: list[Any] = []
-        rwhere = ["agent != ''"]
-        rargs: list[Any] = []
-        partial_days: list[str] = []
-        if agent is not None:
-            where.append("agent = ?")
-            args.append(agent)
-            rwhere.append("agent = ?")
-            rargs.append(agent)
-        if since is not None:
-            where.append("ts >= ?")
-            args.append(since)
-            first = math.floor(since / SECONDS_PER_DAY)
-            rwhere.append("day >= ?")
-            rargs.append(day_string(first))
-            if first * SECONDS_PER_DAY < since:
-                partial_days.append(day_string(first))
-        if until is not None:
-            where.append("ts < ?")
-            args.append(until)
-            last = math.ceil(until / SECONDS_PER_DAY) - 1
-            rwhere.append("day <= ?")
-            rargs.append(day_string(last))
-            if (last + 1) * SECONDS_PER_DAY > until:
-                partial_days.append(day_string(last))
-        requests_sql = (
-            f"SELECT provider, effective_model, {_AGGREGATES_SQL} FROM requests "
-            f"WHERE {' AND '.join(where)} GROUP BY provider, effective_model"
-        )
-        rollups_sql = (
-            f"SELECT NULLIF(provider, ''), NULLIF(model, ''), {_ROLLUP_SUMS_SQL} FROM rollups "
-            f"WHERE {' AND '.join(rwhere)} GROUP BY provider, model"
-        )
-        partial_sql = (
-            f"SELECT COUNT(*) FROM rollups WHERE {' AND '.join(rwhere)} "
-            f"AND day IN ({', '.join('?' for _ in partial_days)})"
-        )
-
-        def query(conn: sqlite3.Connection) -> dict[str, Any]:
-            models: dict[tuple[str | None, str | None], Bucket] = {}
-            for sql, sql_args in ((requests_sql, args), (rollups_sql, rargs)):
-                for provider, model, *counters in conn.execute(sql, sql_args):
-                    models.setdefault((provider, model), Bucket()).add_bucket(_bucket_from(counters))
-            exact = True
-            if partial_days:
-                exact = conn.execute(partial_sql, rargs + partial_days).fetchone()[0] == 0
-            result = summarise(models)
-            result.update(agent=agent, since=since, until=until, exact=exact)
-            return result
-
-        return self._read(query)
 
     # -- budgets: seeding (CONTRACT 6)
 
@@ -1571,10 +790,10 @@ class SqliteLedger(service.Service):
         """
         if self._writer is None:
             raise LedgerClosed("the ledger is not running")
-        since, bucket = _timeline_arguments(since, bucket_seconds)
+        since, bucket = sql.timeline_arguments(since, bucket_seconds)
         resets = self._reset_times()
-        entries = _run_read(self.path, _timeline_reader(since, resets, bucket))
-        return _merge_timeline(entries, self._held_buckets(lambda row: row.agent, since, resets, bucket))
+        entries = _run_read(self.path, sql.timeline_reader(SQLITE, since, resets, bucket))
+        return self._with_held(entries, lambda row: row.agent, since, resets, bucket)
 
     def scope_timeline(self, column: str, since: float, bucket_seconds: int = TIMELINE_BUCKET) -> list[tuple]:
         """
@@ -1584,183 +803,28 @@ class SqliteLedger(service.Service):
         unpriced_requests)}, to seed key and team budgets.  Rows already
         folded into rollups are not included (rollups keep no key or team).
         """
-        if column not in ("key_id", "team_id"):
-            raise ValueError(f"no timeline by {column!r}")
+        reader = sql.scope_timeline_reader(SQLITE, column, float(since), int(bucket_seconds))
         if self._writer is None:
             raise LedgerClosed("the ledger is not running")
-        bucket = int(bucket_seconds)
-        sql = (
-            f"SELECT {column}, CAST(ts / {bucket} AS INTEGER) * {bucket} AS bucket, SUM(cost_usd), "
-            "SUM(CASE WHEN status >= 200 AND status < 300 THEN 1 ELSE 0 END), "
-            "SUM(CASE WHEN status >= 200 AND status < 300 AND priced = 0 THEN 1 ELSE 0 END) "
-            f"FROM requests WHERE {column} IS NOT NULL AND ts >= ? GROUP BY {column}, bucket ORDER BY {column}, bucket"
-        )
-        entries = _run_read(self.path, lambda conn: [tuple(row) for row in conn.execute(sql, (float(since),))])
-        return _merge_timeline(
-            entries, self._held_buckets(lambda row: getattr(row, column), float(since), {}, bucket)
-        )
+        entries = _run_read(self.path, reader)
+        return self._with_held(entries, lambda row: getattr(row, column), float(since), {}, int(bucket_seconds))
 
-    def _held_buckets(
-        self, scope: Callable[[LedgerRow], str | None], since: float, resets: dict[str, float], bucket: int
-    ) -> dict[tuple[str, float], list]:
-        """The held rows' share of a timeline: spend the database has not got yet is still spend."""
-        writer = self._writer
-        if writer is None or not writer.held:
-            return {}
-        return _held_buckets((item.row for item in writer.backlog), scope, since, resets, bucket)
-
-    def spend_timeline_async(self, since: float, bucket_seconds: int = TIMELINE_BUCKET) -> defer.Deferred:
-        """L{spend_timeline} in the read threadpool: fires with the same list."""
+    def seed_data(self, since: float, bucket_seconds: int = TIMELINE_BUCKET) -> defer.Deferred:
+        """
+        What the budget book is seeded with (L{LedgerBase.seed_data}).  One
+        process on its file: read at once, on the calling thread (at start,
+        before anything is served; see L{spend_timeline}), so the Deferred
+        has fired on return.  Shared with other processes: off the reactor.
+        """
+        if self.shared:
+            return LedgerBase.seed_data(self, since, bucket_seconds)
         try:
-            since, bucket = _timeline_arguments(since, bucket_seconds)
-        except ValueError:
+            since, bucket = sql.timeline_arguments(since, bucket_seconds)
+            return defer.succeed(SeedData(
+                overrides=self.budget_overrides(),
+                timeline=self.spend_timeline(since, bucket),
+                keys=self.scope_timeline("key_id", 0.0, bucket),
+                teams=self.scope_timeline("team_id", 0.0, bucket),
+            ))
+        except Exception:
             return defer.fail()
-        resets = self._reset_times()
-        d = self._read(_timeline_reader(since, resets, bucket))
-        return d.addCallback(
-            lambda entries: _merge_timeline(entries, self._held_buckets(lambda row: row.agent, since, resets, bucket))
-        )
-
-    def _reset_times(self) -> dict[str, float]:
-        """Each agent's C{reset_at}, from memory (so a reset not yet committed counts)."""
-        return {
-            agent: entry["reset_at"]
-            for agent, entry in self._overrides.items()
-            if entry["reset_at"] is not None
-        }
-
-    # -- budgets: runtime overrides (POST /api/budget/<agent>, /api/reset/<agent>)
-
-    def budget_overrides(self) -> dict[str, dict[str, Any]]:
-        """
-        Every agent's runtime override, from memory (loaded at start, updated
-        the moment a change is asked for): copies of C{{"budget": dict |
-        None, "spent_offset_usd": float | None, "reset_at": float | None,
-        "updated_at": float, "updated_by": str | None}}.
-        """
-        return {agent: _copy_entry(entry) for agent, entry in self._overrides.items()}
-
-    def budget_override(self, agent: str) -> dict[str, Any] | None:
-        """One agent's entry of L{budget_overrides}, or L{None}."""
-        entry = self._overrides.get(agent)
-        return None if entry is None else _copy_entry(entry)
-
-    def set_budget_override(
-        self, agent: str, budget: dict | None, spent_offset_usd: float | None, actor: str
-    ) -> defer.Deferred:
-        """
-        Set C{agent}'s override budget (a JSON object, stored as given: the
-        caller validates it) and/or spent offset; L{None} keeps the previous
-        value.  C{reset_at} is kept.  Memory changes now; the Deferred fires
-        with a copy of the new entry once it is committed (after every row
-        recorded before this call), or fails (memory is then reloaded from
-        the database), with L{LedgerClosed} if the ledger is not running.
-
-        @raise ValueError: C{agent} is empty, C{spent_offset_usd} is negative
-            or not finite, or C{budget} is not a JSON-serialisable object.
-        """
-        _check_agent(agent)
-        if budget is not None:
-            if not isinstance(budget, dict):
-                raise ValueError("the budget must be a JSON object (a dict)")
-            try:
-                budget = json.loads(_encode_budget(budget))  # a private copy, JSON types only
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"the budget is not JSON-serialisable: {e}") from None
-        offset = _check_offset(spent_offset_usd)
-        previous = self._overrides.get(agent)
-        if previous is not None:
-            budget = previous["budget"] if budget is None else budget
-            offset = previous["spent_offset_usd"] if offset is None else offset
-        reset_at = None if previous is None else previous["reset_at"]
-        entry = _override_entry(budget, offset, reset_at, self._clock.seconds(), actor)
-        return self._write_override(agent, entry)
-
-    def reset_budget(self, agent: str, actor: str) -> defer.Deferred:
-        """
-        Forget C{agent}'s spend so far: C{reset_at} becomes now, and the
-        override's budget and offset are cleared (the policy layers' budget
-        applies again).  Rows before C{reset_at} stay in the ledger (costs,
-        totals, exports) but no longer count against a budget:
-        L{spend_timeline} skips them, across restarts.  Fires like
-        L{set_budget_override}.
-        """
-        _check_agent(agent)
-        now = self._clock.seconds()
-        return self._write_override(agent, _override_entry(None, None, now, now, actor))
-
-    def clear_budget_override(
-        self, agent: str, actor: str | None = None, *, forget_reset: bool = False
-    ) -> defer.Deferred:
-        """
-        Drop C{agent}'s override budget and offset.  Its C{reset_at} is kept
-        (clearing an override must not bring back spend that was reset),
-        unless C{forget_reset}: then the whole entry goes.  Fires with
-        L{None} once committed; nothing to clear fires at once.
-        """
-        _check_agent(agent)
-        if self._writer is None:
-            return defer.fail(LedgerClosed("the ledger is not running"))
-        previous = self._overrides.get(agent)
-        if previous is None:
-            return defer.succeed(None)
-        if forget_reset or previous["reset_at"] is None:
-            d = self._write_override(agent, None)
-        else:
-            entry = _override_entry(None, None, previous["reset_at"], self._clock.seconds(), actor)
-            d = self._write_override(agent, entry)
-        return d.addCallback(lambda _: None)
-
-    def _write_override(self, agent: str, entry: dict[str, Any] | None) -> defer.Deferred:
-        """
-        Put C{entry} (L{None}: delete) in memory now and on disk through the
-        writer, in queue order.  The whole row is written, so the last call
-        wins on disk as in memory.
-        """
-        if self._writer is None:
-            return defer.fail(LedgerClosed("the ledger is not running"))
-        if entry is None:
-            self._overrides.pop(agent, None)
-            statement, params = _DELETE_OVERRIDE, (agent,)
-        else:
-            self._overrides[agent] = entry
-            statement, params = _UPSERT_OVERRIDE, _override_row(agent, entry)
-        d = self._on_writer(functools.partial(_write_transaction, statement=statement, params=params))
-        self._override_writes[agent] = self._override_writes.get(agent, 0) + 1
-
-        def failed(failure: Failure) -> Failure:
-            _log.error(
-                "ledger: could not store the budget override of {agent}: {error}",
-                agent=agent,
-                error=failure.getErrorMessage(),
-            )
-            self._reload_override(agent)
-            return failure
-
-        return d.addCallbacks(lambda _: None if entry is None else _copy_entry(entry), failed)
-
-    def _reload_override(self, agent: str) -> None:
-        """After a failed write: make memory what the database holds, unless a later write came."""
-        generation = self._override_writes.get(agent, 0)
-        path = self.path
-
-        def read(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
-            return conn.execute(f"{_SELECT_OVERRIDES} WHERE agent = ?", (agent,)).fetchone()
-
-        def reloaded(found: tuple[Any, ...] | None) -> None:
-            if self._override_writes.get(agent, 0) != generation:
-                return  # a later write decides; its own failure reloads again
-            if found is None:
-                self._overrides.pop(agent, None)
-            else:
-                self._overrides[agent] = _override_from_row(path, found)[1]
-
-        def lost(failure: Failure) -> None:
-            if not failure.check(LedgerClosed):
-                _log.failure("ledger: could not reload the budget override of {agent}", failure, agent=agent)
-
-        self._on_writer(read).addCallbacks(reloaded, lost)
-
-
-def _clamp(limit: int) -> int:
-    return max(1, min(int(limit), MAX_READ_LIMIT))

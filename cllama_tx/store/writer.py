@@ -36,6 +36,16 @@ a TRUNCATE checkpoint runs on the writer thread, which owns the database
 while it runs: it copies the few frames written since the PASSIVE one and
 empties the WAL, and rows recorded meanwhile commit right after it.
 
+B{Several processes on one file} (C{shared}: workers on one host).  No
+row is committed on the reactor: its connection would meet the other
+processes' write locks at every turn, so every row goes to the thread,
+which waits for the lock (the reactor never does).  The thread's commits
+are counted for the background checkpoints instead, the thread's
+connection leaves checkpoints to them (C{wal_autocheckpoint=0}), and the
+WAL reset is tried once without waiting (C{busy_timeout=0}): another
+process's reader or writer makes it a PASSIVE checkpoint, never a stall of
+this writer or theirs; the next check tries again.
+
 B{Storage failures.}  A commit that fails because of the storage (a full
 disk, an I/O error: L{is_storage_error}), not because of the row, loses
 nothing: its rows are B{held} in memory, in order, and their Deferreds fire
@@ -50,6 +60,7 @@ rows get one last try, then go to the C{spill} callable (a file elsewhere).
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import os
 import queue
@@ -185,21 +196,28 @@ def checkpoint(path: str) -> tuple[tuple[int, int, int], int]:
     return result, wal_size(path)
 
 
-def truncate_wal(conn: sqlite3.Connection) -> tuple[int, int, int]:
+def truncate_wal(conn: sqlite3.Connection, patient: bool = True) -> tuple[int, int, int]:
     """
     On the writer thread, which owns the database: copy the rest of the WAL
     and empty it.  A PASSIVE checkpoint still running makes it fail at once
     (SQLite does not wait for another checkpointer): it is tried again for
     up to L{RESET_PATIENCE} seconds.  A reader on an old snapshot is waited
     for L{RESET_READER_WAIT_MS} only, not the connection's 30 s: rows queue
-    behind the reset.  C{(busy, wal_frames, copied)}; busy 1 means not reset.
+    behind the reset.  Not C{patient} (other processes share the file): one
+    try that waits for nothing.  C{(busy, wal_frames, copied)}; busy 1
+    means not reset.
     """
     previous = conn.execute("PRAGMA busy_timeout").fetchone()[0]
-    conn.execute(f"PRAGMA busy_timeout = {RESET_READER_WAIT_MS}")
+    conn.execute(f"PRAGMA busy_timeout = {RESET_READER_WAIT_MS if patient else 0}")
     try:
-        deadline = time.monotonic() + RESET_PATIENCE
+        deadline = time.monotonic() + (RESET_PATIENCE if patient else 0.0)
         while True:
-            result = tuple(conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+            try:
+                result = tuple(conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+            except sqlite3.OperationalError as e:
+                if patient or "locked" not in str(e):
+                    raise
+                result = (1, -1, -1)  # another process holds the file: not now
             if not result[0] or time.monotonic() >= deadline:
                 return result
             time.sleep(0.001)
@@ -221,7 +239,8 @@ class Writer:
     adds a row; C{insert_again} adds a held row unless it is already there
     (a commit reported as failed may have reached the disk).  At most about
     C{capacity} rows are held (the ledger refuses work beyond it); C{spill}
-    saves the rows still held on close and returns where.
+    saves the rows still held on close and returns where.  C{shared}:
+    other processes write the same file (see the module's docstring).
     """
 
     def __init__(
@@ -235,7 +254,12 @@ class Writer:
         insert_again: str | None = None,
         capacity: int = 10000,
         spill: Callable[[list[LedgerRow]], str] | None = None,
+        shared: bool = False,
     ) -> None:
+        if shared:
+            inline = None  # the reactor never meets another process's lock
+            conn.execute("PRAGMA wal_autocheckpoint = 0")  # the background checkpoints do it
+        self.shared = shared
         self._conn = conn
         self._inline = inline
         self._reactor = reactor
@@ -367,7 +391,7 @@ class Writer:
             self._hold(rows[len(failed.done):], str(failed))
             return
         self.inline_commits += 1
-        self._committed_inline()
+        self._committed()
         self._deliver(results)
 
     def close_inline(self) -> None:
@@ -387,6 +411,8 @@ class Writer:
 
     def _answered_rows(self, count: int, results: list[Result], held: list[Row], error: str | None) -> None:
         self._handed -= count
+        if self.shared and results and not held:
+            self._committed()  # every commit is the thread's: checkpoints count them
         if results:
             self._deliver(results)
         self._hold(held, error)
@@ -470,8 +496,12 @@ class Writer:
 
     # -- checkpoints
 
-    def _committed_inline(self) -> None:
-        """Every L{CHECKPOINT_EVERY} commits: a checkpoint, or a reset if the last one falls behind."""
+    def _committed(self) -> None:
+        """
+        After a commit of rows on the reactor (or, shared, on the thread):
+        every L{CHECKPOINT_EVERY} of them, a checkpoint, or a reset if the
+        last one falls behind.
+        """
         self._since_checkpoint += 1
         if self._since_checkpoint < CHECKPOINT_EVERY or self._path is None:
             return
@@ -509,13 +539,16 @@ class Writer:
             return None  # a failing disk is left alone; a closing writer too
         reset: defer.Deferred = defer.Deferred()
         self._resetting = reset
-        self.call(Call(truncate_wal, reset))
+        self.call(Call(functools.partial(truncate_wal, patient=not self.shared), reset))
 
         def truncated(result: Any) -> None:
             self._resetting = None
             self.wal_bytes = wal_size(path)
             if isinstance(result, Failure):
                 _log.warn("ledger: the WAL could not be reset: {error}", error=result.getErrorMessage())
+            elif result[0] and self.shared:
+                # Other processes read and write the file all the time: expected, said quietly.
+                _log.debug("ledger: the WAL could not be reset (another process used it); tried again later")
             elif result[0]:
                 _log.warn("ledger: the WAL could not be reset (a reader held it); the next checkpoint tries again")
             else:

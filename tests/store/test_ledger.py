@@ -119,7 +119,15 @@ def sql(path: str, query: str, *args):
         conn.close()
 
 
-class LedgerCase(TestCase):
+class SqliteBackend:
+    """
+    The SQLite ledger behind the test mixins: each mixin's tests run on
+    every backend (tests.store.test_pg_ledger runs them on PostgreSQL).
+    """
+
+    backend = "sqlite"
+    integrity_error: type[Exception] = sqlite3.IntegrityError
+
     def open_ledger(self, path: str | None = None, **kwargs) -> SqliteLedger:
         if path is None:
             path = os.path.join(self.mktemp(), "ledger.db")
@@ -128,7 +136,63 @@ class LedgerCase(TestCase):
         self.addCleanup(ledger.close)
         return ledger
 
-    def hold_writer(self, ledger: SqliteLedger):
+    async def start_ledger(self, **kwargs) -> SqliteLedger:
+        """A started ledger on a new store."""
+        return self.open_ledger(**kwargs)
+
+    async def reopen(self, ledger, **kwargs) -> SqliteLedger:
+        """C{ledger} closed, and a new one started on the same store."""
+        await ledger.close()
+        return self.open_ledger(ledger.path, **kwargs)
+
+    def unstarted_ledger(self) -> SqliteLedger:
+        return SqliteLedger(os.path.join(self.mktemp(), "ledger.db"), reactor)
+
+    def query(self, ledger, statement: str, *args) -> list[tuple]:
+        """C{statement} (? placeholders) on a connection of our own: what another process sees."""
+        return sql(ledger.path, statement, *args)
+
+    async def timeline(self, ledger, since, bucket_seconds: int = 60) -> list:
+        """The spend timeline, read both ways (the synchronous read at start, and the async one)."""
+        found = ledger.spend_timeline(since, bucket_seconds)
+        self.assertEqual(await ledger.spend_timeline_async(since, bucket_seconds), found)
+        return found
+
+    async def scope_timeline(self, ledger, column: str, since: float) -> list:
+        found = ledger.scope_timeline(column, since)
+        self.assertEqual(await ledger.scope_timeline_async(column, since), found)
+        return found
+
+    refusal_error: type[Exception] = sqlite3.IntegrityError
+
+    def refuse_override_writes(self, ledger, message: str):
+        """From now on, a write of a budget override fails with C{message} (a trigger)."""
+        return ledger._on_writer(lambda conn: conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON budget_overrides "
+            f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
+        ))
+
+    def allow_override_writes(self, ledger):
+        return ledger._on_writer(lambda conn: conn.execute("DROP TRIGGER refuse"))
+
+    async def hold(self, ledger):
+        """
+        The ledger's ordered write path blocked until the returned gate is
+        set (see L{hold_writer}), on any backend: fires once it is.
+        """
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        entered: defer.Deferred = defer.Deferred()
+
+        def hold(conn):
+            reactor.callFromThread(entered.callback, None)
+            return gate.wait(30)
+
+        held = ledger._on_writer(hold)
+        await entered
+        return gate, held
+
+    def hold_writer(self, ledger):
         """
         Block the writer thread until the returned gate is set, so that
         everything recorded meanwhile is queued at once.  Returns the gate
@@ -150,11 +214,12 @@ class LedgerCase(TestCase):
         return gate, held
 
 
+class LedgerCase(SqliteBackend, TestCase):
+    """A SQLite ledger test (the tests that are SQLite's by nature)."""
+
+
 class ServiceTests(LedgerCase):
-    async def test_interface(self) -> None:
-        ledger = self.open_ledger()
-        self.assertTrue(verifyObject(ILedger, ledger))
-        self.assertIsInstance(ledger.totals(), Totals)
+    """What only a file has: WAL, modes, the schema in it."""
 
     def test_bad_arguments(self) -> None:
         self.assertRaises(ValueError, SqliteLedger, "x.db", reactor, sync="off")
@@ -201,10 +266,12 @@ class ServiceTests(LedgerCase):
         self.assertEqual(
             sql(ledger.path, "SELECT value FROM meta WHERE key = 'schema_version'"), [(str(SCHEMA_VERSION),)]
         )
-        self.assertEqual(SCHEMA_VERSION, 3)
+        self.assertEqual(SCHEMA_VERSION, 4)
+        # The coordination tables of several processes on one file (workers).
+        self.assertTrue({"instances", "reservations", "rate_events", "changes"} <= tables)
         columns = [c[1] for c in sql(ledger.path, "PRAGMA table_info(requests)")]
         self.assertEqual(columns[0], "id")
-        self.assertEqual(set(columns[1:]), {f.name for f in LedgerRow.__attrs_attrs__})
+        self.assertEqual(set(columns[1:]), {f.name for f in LedgerRow.__attrs_attrs__} | {"instance"})
         indexed = {r[0] for r in sql(ledger.path, "SELECT sql FROM sqlite_master WHERE type = 'index'") if r[0]}
         self.assertIn("CREATE INDEX requests_ts ON requests (ts)", indexed)
         self.assertIn("CREATE INDEX requests_agent ON requests (agent)", indexed)
@@ -224,11 +291,20 @@ class ServiceTests(LedgerCase):
         self.assertFalse(again.running)
         self.assertIdentical(await again.close(), None)
 
+
+class LifeCycleTestsMixin:
+    async def test_interface(self) -> None:
+        ledger = await self.start_ledger()
+        self.assertTrue(verifyObject(ILedger, ledger))
+        self.assertIsInstance(ledger.totals(), Totals)
+
     async def test_closed_ledger_refuses(self) -> None:
-        ledger = SqliteLedger(os.path.join(self.mktemp(), "ledger.db"), reactor)
+        ledger = self.unstarted_ledger()
+        self.addCleanup(ledger.close)
         await self.assertFailure(ledger.record(row("early")), LedgerClosed)
         self.assertFalse(await ledger.ready())
         ledger.startService()
+        await ledger.loaded()
         self.assertTrue(ledger.running)
         self.assertTrue(await ledger.ready())
         await ledger.stopService()
@@ -240,19 +316,19 @@ class ServiceTests(LedgerCase):
         await ledger.close()  # idempotent
 
 
-class WriteTests(LedgerCase):
+class WriteTestsMixin:
     async def test_fires_only_after_commit(self) -> None:
-        ledger = self.open_ledger()
-        gate, held = self.hold_writer(ledger)
+        ledger = await self.start_ledger()
+        gate, held = await self.hold(ledger)
         seen = []
 
         def committed(_, request_id):
             # Another connection already sees the row when the Deferred fires.
-            seen.append(sql(ledger.path, "SELECT request_id FROM requests WHERE request_id = ?", request_id))
+            seen.append(self.query(ledger, "SELECT request_id FROM requests WHERE request_id = ?", request_id))
 
         ds = [ledger.record(row(f"r{i}")).addCallback(committed, f"r{i}") for i in range(3)]
         self.assertFalse(any(d.called for d in ds))  # the writer is held: nothing committed
-        self.assertEqual(sql(ledger.path, "SELECT COUNT(*) FROM requests"), [(0,)])
+        self.assertEqual(self.query(ledger, "SELECT COUNT(*) FROM requests"), [(0,)])
         # ... but the totals count them already.
         self.assertEqual(ledger.totals().costs_api()["total_requests"], 3)
         gate.set()
@@ -262,10 +338,10 @@ class WriteTests(LedgerCase):
         self.assertEqual(seen, [[("r0",)], [("r1",)], [("r2",)]])
 
     async def test_group_commit_in_order(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         await ledger.record(row("first"))
         before = ledger.writer_stats()
-        gate, held = self.hold_writer(ledger)
+        gate, held = await self.hold(ledger)
         fired = []
         ids = [f"r{i:03d}" for i in range(200)]
         ds = [ledger.record(row(i, ts=NOON - n)).addCallback(lambda _, i=i: fired.append(i))
@@ -278,24 +354,24 @@ class WriteTests(LedgerCase):
         self.assertEqual(stats["largest_batch"], 200)
         self.assertEqual(stats["rows"], 201)
         self.assertEqual(fired, ids)  # Deferreds fire in record order
-        stored = [r for (r,) in sql(ledger.path, "SELECT request_id FROM requests ORDER BY id")]
+        stored = [r for (r,) in self.query(ledger, "SELECT request_id FROM requests ORDER BY id")]
         self.assertEqual(stored, ["first"] + ids)  # and commit order is record order
 
     async def test_failing_commit_spares_the_batch_and_the_writer(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         await ledger.record(row("dup", cost_usd=1.0))
         # Alone in its batch.
-        failure = await self.assertFailure(ledger.record(row("dup", cost_usd=5.0)), sqlite3.IntegrityError)
-        self.assertIn("UNIQUE", str(failure))
+        failure = await self.assertFailure(ledger.record(row("dup", cost_usd=5.0)), self.integrity_error)
+        self.assertIn("UNIQUE", str(failure).upper())
         # In a batch with innocent rows.
-        gate, held = self.hold_writer(ledger)
+        gate, held = await self.hold(ledger)
         ok1 = ledger.record(row("x1"))
         bad = ledger.record(row("dup", cost_usd=7.0))
         ok2 = ledger.record(row("x2"))
         gate.set()
         await held
         await ok1
-        await self.assertFailure(bad, sqlite3.IntegrityError)
+        await self.assertFailure(bad, self.integrity_error)
         await ok2
         # The writer lives on.
         await ledger.record(row("x3"))
@@ -308,7 +384,7 @@ class WriteTests(LedgerCase):
         self.assertEqual(ledger.totals().summary()["requests"], 4)
 
     async def test_failing_writer_call_does_not_kill_the_thread(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
 
         def broken(conn):
             raise RuntimeError("boom")
@@ -318,7 +394,7 @@ class WriteTests(LedgerCase):
         self.assertEqual(await ledger.count(), 1)
 
     async def test_close_drains(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         outcomes = []
         for i in range(300):
             ledger.record(row(f"r{i}")).addCallbacks(
@@ -329,22 +405,22 @@ class WriteTests(LedgerCase):
         await closing
         await also
         self.assertEqual(outcomes, ["ok"] * 300)
-        self.assertFalse(ledger._writer)
-        self.assertEqual(sql(ledger.path, "SELECT COUNT(*) FROM requests"), [(300,)])
+        self.assertEqual(ledger.health()["state"], "closed")
+        self.assertEqual(self.query(ledger, "SELECT COUNT(*) FROM requests"), [(300,)])
         await self.assertFailure(ledger.record(row("late")), LedgerClosed)
 
     async def test_stop_service_drains(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         ds = [ledger.record(row(f"r{i}")) for i in range(50)]
         await ledger.stopService()
         self.assertTrue(all(d.called for d in ds))
         await defer.gatherResults(ds)
-        reopened = self.open_ledger(ledger.path)
+        reopened = await self.reopen(ledger)
         self.assertEqual(await reopened.count(), 50)
 
     async def test_cancelled_record_still_committed(self) -> None:
-        ledger = self.open_ledger()
-        gate, held = self.hold_writer(ledger)
+        ledger = await self.start_ledger()
+        gate, held = await self.hold(ledger)
         d = ledger.record(row("cancelled"))
         d.cancel()
         self.failureResultOf(d, defer.CancelledError)
@@ -354,9 +430,9 @@ class WriteTests(LedgerCase):
         self.assertEqual(await ledger.count(), 2)
 
     async def test_empty_strings_are_null(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         await ledger.record(row("r", agent="", key_id=""))
-        self.assertEqual(sql(ledger.path, "SELECT agent, key_id FROM requests"), [(None, None)])
+        self.assertEqual(self.query(ledger, "SELECT agent, key_id FROM requests"), [(None, None)])
         self.assertEqual(ledger.totals().summary()["unidentified_requests"], 1)
 
 
@@ -378,12 +454,12 @@ def mixed_rows() -> list[LedgerRow]:
     ]
 
 
-class TotalsTests(LedgerCase):
+class TotalsTestsMixin:
     async def record_all(self, ledger, rows):
         await defer.gatherResults([ledger.record(r) for r in rows])
 
     async def test_costs_api_shape_and_values(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         await self.record_all(ledger, mixed_rows())
         costs = ledger.totals().costs_api()
         self.assertEqual(set(costs), COSTS_KEYS)
@@ -423,26 +499,21 @@ class TotalsTests(LedgerCase):
         # Every agent with a request, "c" (refused before routing only) too.
         self.assertEqual(ledger.totals().agents(), ["a", "b", "c"])
 
-    def test_pricing_status(self) -> None:
-        self.assertEqual(pricing_status(3, 0), "priced")
-        self.assertEqual(pricing_status(0, 3), "unpriced")
-        self.assertEqual(pricing_status(1, 2), "partial")
-
     async def test_totals_equal_sql_after_restart(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         rows = mixed_rows() + [crash_row(i) for i in range(500)]
         await self.record_all(ledger, rows)
         live = ledger.totals()
         before = (live.costs_api(), live.summary(), live.period(), live.period(utc_day(NOON), utc_day(NOON), "a"))
         await ledger.close()
-        reopened = self.open_ledger(ledger.path)
+        reopened = await self.reopen(ledger)
         rebuilt = reopened.totals()
         after = (rebuilt.costs_api(), rebuilt.summary(), rebuilt.period(),
                  rebuilt.period(utc_day(NOON), utc_day(NOON), "a"))
         self.assertEqual(rounded(after), rounded(before))
         # And both agree with plain SQL over the rows.
-        per_model = sql(
-            ledger.path,
+        per_model = self.query(
+            ledger,
             "SELECT agent, provider, effective_model, COUNT(*), SUM(priced), "
             "SUM(input_tokens + cache_read_tokens + cache_write_tokens), SUM(output_tokens), SUM(cost_usd) "
             "FROM requests WHERE agent IS NOT NULL AND provider IS NOT NULL "
@@ -458,7 +529,7 @@ class TotalsTests(LedgerCase):
         self.assertEqual(sum(r[3] for r in per_model), costs["total_requests"])
 
     async def test_period_by_day(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         await self.record_all(ledger, mixed_rows())
         totals = ledger.totals()
         today = totals.period(utc_day(NOON), utc_day(NOON))
@@ -484,21 +555,9 @@ class TotalsTests(LedgerCase):
         self.assertEqual(totals.period()["total_requests"], 9)
         self.assertEqual(totals.period("2000-01-01", "2000-01-02")["models"], [])
 
-    def test_day_matches_sql(self) -> None:
-        conn = sqlite3.connect(":memory:")
-        self.addCleanup(conn.close)
-        for ts in (0.0, NOON, 20409 * DAY, 20409 * DAY - 1e-7, 20410 * DAY - 0.0004, 1.7e9 + 0.5):
-            (expected,) = conn.execute(
-                "SELECT date(CAST(? / 86400.0 AS INTEGER) * 86400, 'unixepoch')", (ts,)
-            ).fetchone()
-            self.assertEqual(utc_day(ts), expected, ts)
-        self.assertEqual(utc_day(NOON), "2025-11-17")
-        self.assertEqual(day_number(NOON), 20409)
-
-
-class PruneTests(LedgerCase):
+class PruneTestsMixin:
     async def test_prune_moves_rows_into_rollups(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         rows = [
             row("old1", ts=NOON - 10 * DAY, cache_read_tokens=3, cost_usd=0.5),
             row("old2", ts=NOON - 10 * DAY + 60, priced=False, cost_usd=0.0, status=500),
@@ -519,10 +578,10 @@ class PruneTests(LedgerCase):
         moved = await ledger.prune(NOON - 5 * DAY + 3 * 3600)
         self.assertEqual(moved, 4)
         self.assertEqual(
-            sorted(r for (r,) in sql(ledger.path, "SELECT request_id FROM requests")), ["edge", "new1"]
+            sorted(r for (r,) in self.query(ledger, "SELECT request_id FROM requests")), ["edge", "new1"]
         )
-        rollups = sql(
-            ledger.path,
+        rollups = self.query(
+            ledger,
             "SELECT day, agent, provider, model, key_id, requests, priced_requests, unpriced_requests, "
             "estimated_requests, errors, input_tokens, cache_read_tokens, cost_usd FROM rollups ORDER BY 1, 2",
         )
@@ -547,21 +606,21 @@ class PruneTests(LedgerCase):
         self.assertTrue((await ledger.spend(since=NOON - 11 * DAY, until=NOON - 8 * DAY))["exact"])
         self.assertEqual(whole_days["total_requests"], 3)
         await ledger.close()
-        reopened = self.open_ledger(ledger.path)
+        reopened = await self.reopen(ledger)
         self.assertEqual(rounded((reopened.totals().costs_api(), reopened.totals().summary())), totals_before)
 
         # A late row of an already rolled-up day is added to its rollup.
         await reopened.record(row("late", ts=NOON - 10 * DAY + 120, cost_usd=0.25))
         self.assertEqual(await reopened.prune(NOON - 5 * DAY), 1)
         self.assertEqual(
-            sql(ledger.path, "SELECT requests, cost_usd FROM rollups WHERE day = ? AND agent = 'tiverton'",
+            self.query(ledger, "SELECT requests, cost_usd FROM rollups WHERE day = ? AND agent = 'tiverton'",
                 utc_day(NOON - 10 * DAY)),
             [(3, 0.75)],
         )
         self.assertEqual(await reopened.prune(NOON - 5 * DAY), 0)
 
     async def test_cursor_survives_pruning_everything(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         await ledger.record(row("a", ts=NOON - 10 * DAY))
         await ledger.record(row("b", ts=NOON - 10 * DAY))
         rows, cursor = await ledger.rows_after(0, 10)
@@ -575,17 +634,17 @@ class PruneTests(LedgerCase):
         clock = Clock()
         now = 20409 * DAY + DAY - 1800  # 23:30 UTC
         clock.advance(now)
-        plain = self.open_ledger()
+        plain = await self.start_ledger()
         await plain.record(row("ancient", ts=now - 30 * DAY))
         await plain.record(row("recent", ts=now - 3600))
         await plain.close()
 
-        ledger = self.open_ledger(plain.path, retention_seconds=7 * DAY, clock=clock)
+        ledger = await self.reopen(plain, retention_seconds=7 * DAY, clock=clock)
         await ledger._on_writer(lambda conn: None)  # the prune at start is done
         self.assertEqual(
-            [r for (r,) in sql(ledger.path, "SELECT request_id FROM requests")], ["recent"]
+            [r for (r,) in self.query(ledger, "SELECT request_id FROM requests")], ["recent"]
         )
-        self.assertEqual(sql(ledger.path, "SELECT SUM(requests) FROM rollups"), [(1,)])
+        self.assertEqual(self.query(ledger, "SELECT SUM(requests) FROM rollups"), [(1,)])
 
         # 01:00 of the cutoff's day: kept now, expired once the clock passes midnight.
         await ledger.record(row("aging", ts=(day_number(now) - 7) * DAY + 3600))
@@ -596,15 +655,15 @@ class PruneTests(LedgerCase):
         clock.advance(1)
         await ledger._on_writer(lambda conn: None)
         self.assertEqual(await ledger.count(), 1)
-        self.assertEqual(sql(ledger.path, "SELECT SUM(requests) FROM rollups"), [(2,)])
+        self.assertEqual(self.query(ledger, "SELECT SUM(requests) FROM rollups"), [(2,)])
         self.assertEqual(ledger.totals().costs_api()["total_requests"], 3)
         await ledger.stopService()
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
-class ReadTests(LedgerCase):
+class ReadTestsMixin:
     async def test_spend(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         await defer.gatherResults([ledger.record(r) for r in mixed_rows()])
         everything = await ledger.spend()
         # Every row of a known agent: b2 and c1, refused before routing, too.
@@ -635,7 +694,7 @@ class ReadTests(LedgerCase):
         )
 
     async def test_recent_rows_after_count_ready(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         rows = [row(f"r{i}", agent="a" if i % 2 else "b", stream=bool(i % 3)) for i in range(25)]
         await defer.gatherResults([ledger.record(r) for r in rows])
         self.assertEqual(await ledger.count(), 25)
@@ -656,6 +715,26 @@ class ReadTests(LedgerCase):
         self.assertEqual([r["request_id"] for r in collected], [r.request_id for r in rows])
         self.assertEqual(cursor, collected[-1]["id"])
         self.assertEqual(await ledger.rows_after(cursor, 10), ([], cursor))
+
+
+class LifeCycleTests(LifeCycleTestsMixin, LedgerCase):
+    pass
+
+
+class WriteTests(WriteTestsMixin, LedgerCase):
+    pass
+
+
+class TotalsTests(TotalsTestsMixin, LedgerCase):
+    pass
+
+
+class PruneTests(PruneTestsMixin, LedgerCase):
+    pass
+
+
+class ReadTests(ReadTestsMixin, LedgerCase):
+    pass
 
 
 CHILD = """
@@ -778,6 +857,22 @@ class CrashTests(LedgerCase):
 
 
 class TotalsUnitTests(SynchronousTestCase):
+    def test_pricing_status(self) -> None:
+        self.assertEqual(pricing_status(3, 0), "priced")
+        self.assertEqual(pricing_status(0, 3), "unpriced")
+        self.assertEqual(pricing_status(1, 2), "partial")
+
+    def test_day_matches_sql(self) -> None:
+        conn = sqlite3.connect(":memory:")
+        self.addCleanup(conn.close)
+        for ts in (0.0, NOON, 20409 * DAY, 20409 * DAY - 1e-7, 20410 * DAY - 0.0004, 1.7e9 + 0.5):
+            (expected,) = conn.execute(
+                "SELECT date(CAST(? / 86400.0 AS INTEGER) * 86400, 'unixepoch')", (ts,)
+            ).fetchone()
+            self.assertEqual(utc_day(ts), expected, ts)
+        self.assertEqual(utc_day(NOON), "2025-11-17")
+        self.assertEqual(day_number(NOON), 20409)
+
     def test_add_and_remove(self) -> None:
         totals = Totals()
         first = row("r1", cache_write_tokens=7)

@@ -81,16 +81,16 @@ def totals_by_agent(entries):
     return {agent: (round(c, 9), n, u) for agent, (c, n, u) in out.items()}
 
 
-class TimelineTests(LedgerCase):
+class TimelineTestsMixin:
     async def record_all(self, ledger, rows):
         await defer.gatherResults([ledger.record(r) for r in rows])
 
     async def test_aggregation_matches_raw_rows(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         rows = busy_rows(3000, NOON - 2 * 3600, 3 * 3600)
         await self.record_all(ledger, rows)
         since = NOON - 3600
-        timeline = ledger.spend_timeline(since)
+        timeline = await self.timeline(ledger, since)
         self.assertEqual(rounded(timeline), rounded(expected_timeline(rows, since)))
         # Aggregated: far fewer entries than rows, at most one per agent and minute.
         self.assertLess(len(timeline), len(rows) / 4)
@@ -110,12 +110,12 @@ class TimelineTests(LedgerCase):
         self.assertEqual(await ledger.spend_timeline_async(since), timeline)
         # Hourly buckets on request.
         self.assertEqual(
-            rounded(ledger.spend_timeline(since, bucket_seconds=3600)),
+            rounded(await self.timeline(ledger, since, bucket_seconds=3600)),
             rounded(expected_timeline(rows, since, bucket=3600)),
         )
 
     async def test_since_is_inclusive_and_counted_means_2xx(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         since = NOON + 30  # in the middle of a minute
         rows = [
             row("before", ts=since - 0.001, cost_usd=1.0),
@@ -129,43 +129,41 @@ class TimelineTests(LedgerCase):
         ]
         await self.record_all(ledger, rows)
         self.assertEqual(
-            rounded(ledger.spend_timeline(since)), rounded([("tiverton", NOON, 0.75, 2, 1)])
+            rounded(await self.timeline(ledger, since)), rounded([("tiverton", NOON, 0.75, 2, 1)])
         )
-        self.assertEqual(ledger.spend_timeline(since + 3600), [])
+        self.assertEqual(await self.timeline(ledger, since + 3600), [])
 
     async def test_bad_arguments_and_closed(self) -> None:
-        ledger = SqliteLedger(os.path.join(self.mktemp(), "ledger.db"), reactor)
-        self.assertRaises(LedgerClosed, ledger.spend_timeline, 0)
+        ledger = self.unstarted_ledger()
         await self.assertFailure(ledger.spend_timeline_async(0), LedgerClosed)
         ledger.startService()
         self.addCleanup(ledger.close)
+        await ledger.loaded()
         for since in (float("nan"), float("inf"), True, "0", None):
-            self.assertRaises(ValueError, ledger.spend_timeline, since)
             await self.assertFailure(ledger.spend_timeline_async(since), ValueError)
         for bucket in (0, -60, 86401, 1.5, True):
-            self.assertRaises(ValueError, ledger.spend_timeline, 0, bucket)
-        self.assertEqual(ledger.spend_timeline(0), [])
-        self.assertEqual(ledger.spend_timeline(-1e300), [])
-        self.assertEqual(ledger.spend_timeline(1e300), [])
+            await self.assertFailure(ledger.spend_timeline_async(0, bucket), ValueError)
+        self.assertEqual(await ledger.spend_timeline_async(0), [])
+        self.assertEqual(await ledger.spend_timeline_async(-1e300), [])
+        self.assertEqual(await ledger.spend_timeline_async(1e300), [])
         await ledger.close()
-        self.assertRaises(LedgerClosed, ledger.spend_timeline, 0)
         await self.assertFailure(ledger.spend_timeline_async(0), LedgerClosed)
 
     async def test_rollups_included_one_entry_per_day(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         start = MIDNIGHT - 10 * DAY
         rows = busy_rows(2000, start, 12 * DAY, seed=11)
         # A late row of a day that will be rolled up, in that day's first minute.
         rows.append(row("late", ts=MIDNIGHT - 8 * DAY + 10, cost_usd=0.5, agent="a"))
         await self.record_all(ledger, rows[:-1])
-        before = ledger.spend_timeline(start)
+        before = await self.timeline(ledger, start)
         self.assertEqual(rounded(before), rounded(expected_timeline(rows[:-1], start)))
 
         cutoff = MIDNIGHT - 5 * DAY
         moved = await ledger.prune(cutoff)
         self.assertGreater(moved, 0)
         await ledger.record(rows[-1])
-        after = ledger.spend_timeline(start)
+        after = await self.timeline(ledger, start)
         self.assertEqual(await ledger.spend_timeline_async(start), after)
 
         old = [e for e in after if e[1] < cutoff]
@@ -183,13 +181,12 @@ class TimelineTests(LedgerCase):
         # Nothing is lost by retention: per agent, the sums are the same.
         self.assertEqual(totals_by_agent(after), totals_by_agent(expected_timeline(rows, start)))
         # The same after a restart.
-        await ledger.close()
-        reopened = self.open_ledger(ledger.path)
-        self.assertEqual(reopened.spend_timeline(start), after)
+        reopened = await self.reopen(ledger)
+        self.assertEqual(await self.timeline(reopened, start), after)
         # A rolled-up day that starts before `since` is left out whole; every
         # entry is at or after `since`.
         since = MIDNIGHT - 8 * DAY + 3600
-        partial = reopened.spend_timeline(since)
+        partial = await self.timeline(reopened, since)
         self.assertTrue(all(ts >= since for _, ts, *_ in partial))
         self.assertEqual(
             [e for e in partial if e[1] < cutoff],
@@ -198,7 +195,7 @@ class TimelineTests(LedgerCase):
         self.assertNotIn(MIDNIGHT - 8 * DAY, {ts for _, ts, *_ in partial})
 
     async def test_rollup_counts_only_2xx(self) -> None:
-        ledger = self.open_ledger()
+        ledger = await self.start_ledger()
         day = MIDNIGHT - 3 * DAY
         await self.record_all(
             ledger,
@@ -213,16 +210,16 @@ class TimelineTests(LedgerCase):
         )
         await ledger.prune(MIDNIGHT)
         self.assertEqual(
-            sql(ledger.path, "SELECT SUM(requests), SUM(counted_requests), SUM(counted_unpriced_requests) "
+            self.query(ledger, "SELECT SUM(requests), SUM(counted_requests), SUM(counted_unpriced_requests) "
                 "FROM rollups"),
             [(5, 2, 1)],
         )
-        self.assertEqual(rounded(ledger.spend_timeline(day)), rounded([("tiverton", day, 0.25, 2, 1)]))
+        self.assertEqual(rounded(await self.timeline(ledger, day)), rounded([("tiverton", day, 0.25, 2, 1)]))
 
     async def test_reset_filters_rows_before_it(self) -> None:
         clock = Clock()
         clock.advance(NOON)
-        ledger = self.open_ledger(clock=clock)
+        ledger = await self.start_ledger(clock=clock)
         start = MIDNIGHT - 4 * DAY
         rows = busy_rows(1500, start, 4 * DAY + 12 * 3600 - 1, seed=3)
         await self.record_all(ledger, rows)
@@ -236,7 +233,7 @@ class TimelineTests(LedgerCase):
         resets = {"a": MIDNIGHT - 2 * DAY - 6 * 3600, "b": MIDNIGHT + 6 * 3600}
         self.assertEqual({a: e["reset_at"] for a, e in ledger.budget_overrides().items()}, resets)
 
-        timeline = ledger.spend_timeline(start)
+        timeline = await self.timeline(ledger, start)
         for agent, ts, *_ in timeline:
             self.assertGreaterEqual(ts, resets.get(agent, start))
         # "a": its rolled-up day holding the reset is left out whole, every
@@ -257,17 +254,16 @@ class TimelineTests(LedgerCase):
         self.assertEqual(await ledger.spend_timeline_async(start), timeline)
 
         # The resets survive a restart, and so does the filter.
-        await ledger.close()
-        reopened = self.open_ledger(ledger.path, clock=clock)
+        reopened = await self.reopen(ledger, clock=clock)
         self.assertEqual({a: e["reset_at"] for a, e in reopened.budget_overrides().items()}, resets)
-        self.assertEqual(reopened.spend_timeline(start), timeline)
+        self.assertEqual(await self.timeline(reopened, start), timeline)
 
     async def test_reset_counts_before_its_commit(self) -> None:
         clock = Clock()
         clock.advance(NOON)
-        ledger = self.open_ledger(clock=clock)
+        ledger = await self.start_ledger(clock=clock)
         await ledger.record(row("old", ts=NOON - 60))
-        gate, held = self.hold_writer(ledger)
+        gate, held = await self.hold(ledger)
         reset = ledger.reset_budget("tiverton", "ops")
         recorded = ledger.record(row("new", ts=NOON + 1, cost_usd=0.5))
         self.assertFalse(reset.called)
@@ -277,7 +273,28 @@ class TimelineTests(LedgerCase):
         await held
         await reset
         await recorded
-        self.assertEqual(rounded(ledger.spend_timeline(0)), rounded([("tiverton", NOON, 0.5, 1, 0)]))
+        self.assertEqual(rounded(await self.timeline(ledger, 0)), rounded([("tiverton", NOON, 0.5, 1, 0)]))
+
+
+class TimelineTests(TimelineTestsMixin, LedgerCase):
+    async def test_synchronous_reads_at_start(self) -> None:
+        """SQLite's timelines can be read on the reactor at start; they check as the async ones do."""
+        ledger = self.unstarted_ledger()
+        self.assertRaises(LedgerClosed, ledger.spend_timeline, 0)
+        ledger.startService()
+        self.addCleanup(ledger.close)
+        for since in (float("nan"), float("inf"), True, "0", None):
+            self.assertRaises(ValueError, ledger.spend_timeline, since)
+        for bucket in (0, -60, 86401, 1.5, True):
+            self.assertRaises(ValueError, ledger.spend_timeline, 0, bucket)
+        self.assertRaises(ValueError, ledger.scope_timeline, "agent", 0)
+        await ledger.record(row("k", key_id="k1", cost_usd=0.5))
+        self.assertEqual(await self.scope_timeline(ledger, "key_id", 0.0), [("k1", NOON, 0.5, 1, 0)])
+        # One process on its file: the seed is read at once (nothing is served yet).
+        seeded = ledger.seed_data(NOON - DAY)
+        self.assertEqual(self.successResultOf(seeded).keys, [("k1", NOON, 0.5, 1, 0)])
+        await ledger.close()
+        self.assertRaises(LedgerClosed, ledger.spend_timeline, 0)
 
 
 V1_SCHEMA = """
@@ -358,27 +375,27 @@ class MigrationTests(LedgerCase):
         self.assertFalse(again.running)
 
 
-class OverrideTests(LedgerCase):
+class OverrideTestsMixin:
     def stored(self, ledger):
         return {
             agent: (None if budget is None else json.loads(budget), offset, reset_at, updated_at, by)
-            for agent, budget, offset, reset_at, updated_at, by in sql(
-                ledger.path,
+            for agent, budget, offset, reset_at, updated_at, by in self.query(
+                ledger,
                 "SELECT agent, budget_json, spent_offset_usd, reset_at, updated_at, updated_by "
                 "FROM budget_overrides",
             )
         }
 
-    def open_clocked(self, path=None):
+    async def open_clocked(self):
         clock = Clock()
         clock.advance(NOON)
-        return self.open_ledger(path, clock=clock), clock
+        return await self.start_ledger(clock=clock), clock
 
     async def test_set_memory_now_disk_on_commit(self) -> None:
-        ledger, clock = self.open_clocked()
+        ledger, clock = await self.open_clocked()
         self.assertEqual(ledger.budget_overrides(), {})
         self.assertIsNone(ledger.budget_override("a"))
-        gate, held = self.hold_writer(ledger)
+        gate, held = await self.hold(ledger)
         budget = {"limit_usd": 10, "window": "24h", "behavior": "hard_stop"}
         d = ledger.set_budget_override("a", budget, 1.5, "alice")
         expected = {"budget": budget, "spent_offset_usd": 1.5, "reset_at": None,
@@ -393,7 +410,7 @@ class OverrideTests(LedgerCase):
         self.assertEqual(self.stored(ledger), {"a": (budget, 1.5, None, NOON, "alice")})
 
     async def test_none_keeps_previous_values(self) -> None:
-        ledger, clock = self.open_clocked()
+        ledger, clock = await self.open_clocked()
         first = {"limit_usd": 10, "window": "24h"}
         await ledger.set_budget_override("a", first, None, "alice")
         self.assertIsNone(ledger.budget_override("a")["spent_offset_usd"])
@@ -411,7 +428,7 @@ class OverrideTests(LedgerCase):
         self.assertEqual(self.stored(ledger)["a"], (second, 2.0, None, NOON + 60, "carol"))
 
     async def test_reset_and_clear(self) -> None:
-        ledger, clock = self.open_clocked()
+        ledger, clock = await self.open_clocked()
         await ledger.set_budget_override("a", {"limit_usd": 10, "window": "1h"}, 3.0, "alice")
         clock.advance(100)
         entry = await ledger.reset_budget("a", "bob")
@@ -438,7 +455,7 @@ class OverrideTests(LedgerCase):
         self.assertIsNone(await ledger.clear_budget_override("nobody"))
 
     async def test_survives_restart(self) -> None:
-        ledger, clock = self.open_clocked()
+        ledger, clock = await self.open_clocked()
         await ledger.set_budget_override("a", {"limit_usd": 10, "window": "24h", "tiers": [
             {"threshold": 0.5, "model": "openai/gpt-4o-mini"}]}, 0.5, "alice")
         await ledger.set_budget_override("b", None, 7.25, "bob")
@@ -448,12 +465,12 @@ class OverrideTests(LedgerCase):
         self.assertEqual(set(before), {"a", "b", "c"})
         await ledger.close()
         self.assertEqual(ledger.budget_overrides(), before)  # memory stays readable when closed
-        reopened = self.open_ledger(ledger.path)
+        reopened = await self.reopen(ledger)
         self.assertEqual(reopened.budget_overrides(), before)
         self.assertEqual(await reopened.count(), 1)
 
     async def test_copies_only(self) -> None:
-        ledger, clock = self.open_clocked()
+        ledger, clock = await self.open_clocked()
         budget = {"limit_usd": 10, "window": "24h", "tiers": [{"threshold": 0.5, "model": "m"}]}
         returned = await ledger.set_budget_override("a", budget, None, "alice")
         budget["limit_usd"] = 999
@@ -467,7 +484,7 @@ class OverrideTests(LedgerCase):
         )
 
     async def test_bad_arguments_and_closed(self) -> None:
-        ledger, clock = self.open_clocked()
+        ledger, clock = await self.open_clocked()
         for budget in ([1], "x", {"limit_usd": float("nan")}, {"x": object()}):
             self.assertRaises(ValueError, ledger.set_budget_override, "a", budget, None, "ops")
         for offset in (-1, float("inf"), float("nan"), True, "1"):
@@ -487,13 +504,13 @@ class OverrideTests(LedgerCase):
         self.assertEqual(ledger.budget_overrides(), before)  # refused: memory unchanged
 
     async def test_ordered_with_record(self) -> None:
-        ledger, clock = self.open_clocked()
-        gate, held = self.hold_writer(ledger)
+        ledger, clock = await self.open_clocked()
+        gate, held = await self.hold(ledger)
         fired = []
 
         def on_disk(_, name):
             # When a Deferred fires, everything queued before it is committed.
-            fired.append((name, sql(ledger.path, "SELECT COUNT(*) FROM requests")[0][0],
+            fired.append((name, self.query(ledger, "SELECT COUNT(*) FROM requests")[0][0],
                           sorted(self.stored(ledger))))
 
         one_dollar = {"limit_usd": 1, "window": "1h"}
@@ -521,25 +538,26 @@ class OverrideTests(LedgerCase):
         self.assertEqual(ledger.writer_stats()["rows"], 4)
 
     async def test_failed_write_reloads_memory(self) -> None:
-        ledger, clock = self.open_clocked()
+        ledger, clock = await self.open_clocked()
         kept = {"limit_usd": 1, "window": "1h"}
         await ledger.set_budget_override("a", kept, None, "ops")
-        await ledger._on_writer(lambda conn: conn.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON budget_overrides "
-            "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
-        ))
+        await self.refuse_override_writes(ledger, "refused by the test")
         d = ledger.set_budget_override("a", {"limit_usd": 99, "window": "1h"}, None, "mallory")
         d2 = ledger.set_budget_override("new", {"limit_usd": 5, "window": "1h"}, None, "mallory")
         self.assertEqual(ledger.budget_override("a")["budget"]["limit_usd"], 99)  # optimistic
-        failure = await self.assertFailure(d, sqlite3.IntegrityError)
+        failure = await self.assertFailure(d, self.refusal_error)
         self.assertIn("refused by the test", str(failure))
-        await self.assertFailure(d2, sqlite3.IntegrityError)
+        await self.assertFailure(d2, self.refusal_error)
         await ledger._on_writer(lambda conn: None)  # the reloads are done
         self.assertEqual(ledger.budget_override("a")["budget"], kept)
         self.assertEqual(ledger.budget_override("a")["updated_by"], "ops")
         self.assertIsNone(ledger.budget_override("new"))
         # The writer carries on.
-        await ledger._on_writer(lambda conn: conn.execute("DROP TRIGGER refuse"))
+        await self.allow_override_writes(ledger)
         await ledger.record(row("after"))
         await ledger.set_budget_override("a", None, 1.0, "ops")
         self.assertEqual(self.stored(ledger)["a"][:2], (kept, 1.0))
+
+
+class OverrideTests(OverrideTestsMixin, LedgerCase):
+    pass
