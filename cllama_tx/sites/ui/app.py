@@ -27,12 +27,15 @@ import attrs
 from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from cllama_tx import __version__
+from cllama_tx.identity.lookups import LookupsBusy
 from cllama_tx.identity.operator import OperatorGuard, request_source
+from cllama_tx.identity.operator_sessions import SessionRows
 from cllama_tx.identity.tokens import valid_agent_id
 from cllama_tx.sites.guard import GuardedSite, guarded_request
 from cllama_tx.sites.ui import pages, views
@@ -59,6 +62,7 @@ from cllama_tx.sites.ui.auth import (
 )
 from cllama_tx.sites.ui.live import LiveHub
 from cllama_tx.sites.ui.web import Static, Templates
+from cllama_tx.store.database import DatabaseUnavailable
 from cllama_tx.store.ledger import SPEND_COUNTS
 from cllama_tx.surfaces.errors import ProxyError
 
@@ -114,6 +118,7 @@ class UiApp:
         guard: OperatorGuard | None = None,
         allowed_hosts: frozenset[str] = frozenset(),
         model_table=None,
+        session_rows: SessionRows | None = None,
     ) -> None:
         self._token = token.encode("utf-8") if token else None
         self.metrics = metrics
@@ -136,7 +141,8 @@ class UiApp:
             audit=audit if audit is not None else getattr(operations, "_audit", None),
             model_table=model_table if model_table is not None else getattr(operations, "_model_table", None),
         )
-        self.sessions = SessionStore(clock, lifetime=session_lifetime, idle=session_idle)
+        # With session_rows (several instances on one store), sessions are shared.
+        self.sessions = SessionStore(clock, lifetime=session_lifetime, idle=session_idle, rows=session_rows)
         # The daemon passes its one guard, shared with the API port's
         # operator endpoints; a UI built alone gets its own.
         self.guard = guard if guard is not None else OperatorGuard(clock=clock, audit=self.services.audit)
@@ -353,12 +359,37 @@ class UiApp:
 
     def _start_session(self, request, name: str | None) -> Session:
         session = self.sessions.create(name)
+        self._session_cookie(request, session)
+        return session
+
+    def _session_cookie(self, request, session: Session) -> None:
         secure = is_secure(request)
         request.responseHeaders.addRawHeader(
             b"set-cookie",
             cookie_header(session_cookie_name(secure), session.id, secure=secure, max_age=int(self.sessions.lifetime)),
         )
-        return session
+
+    def session_lookup(self, request) -> defer.Deferred | None:
+        """
+        The read of this request's session from the shared store, when this
+        instance has not seen it (None: nothing to wait for).  The site
+        serves the request once it fires (L{UiSite.getResourceFor}).
+        """
+        cookie = read_session_cookie(request)
+        if not self.sessions.needs_lookup(cookie):
+            return None
+        assert cookie is not None
+        return self.sessions.load(cookie)
+
+    def sessions_unavailable(self, request) -> bytes:
+        """503: the shared session store cannot be read or written (nothing was done)."""
+        request.setHeader(b"retry-after", b"5")
+        message = "The operator sessions' database cannot be reached right now. Try again in a few seconds."
+        if self._wants_html(request):
+            page = pages.simple_page(self._context(request, None), title="Sessions unavailable", status_line="503",
+                                     message=message)
+            return self._html(request, 503, page)
+        return self._json(request, 503, self._error_doc(message, "store_unavailable", "api_error"))
 
     # --- negotiation ---------------------------------------------------------------------------
 
@@ -463,7 +494,7 @@ class UiApp:
         return self._html(request, status, body)
 
     @app.route("/signin", methods=["POST"])
-    def signin(self, request):
+    async def signin(self, request):
         form = _read_form(request)
         next_url = _safe_next(form.get("next") or "/")
         source = request_source(request)
@@ -490,17 +521,28 @@ class UiApp:
         old = self.sessions.get(read_session_cookie(request), touch=False)
         if old is not None:
             self.sessions.destroy(old)
-        session = self._start_session(request, clean_name(form.get("name")))
+        try:
+            # Stored before its cookie is handed out: the next request may reach another instance.
+            session = await self.sessions.create_saved(clean_name(form.get("name")))
+        except DatabaseUnavailable as e:
+            log.error("operator UI: sign-in refused, the session could not be stored: {error}", error=str(e))
+            return self.sessions_unavailable(request)
+        self._session_cookie(request, session)
         request.responseHeaders.addRawHeader(b"set-cookie", cookie_header(SIGNIN_COOKIE, "", secure=is_secure(request), max_age=0))
         self._emit("sign_in", Principal("session", self._actor("session", request, session), session))
         return self._redirect(request, next_url)
 
     @app.route("/signout", methods=["POST"])
-    def signout(self, request):
+    async def signout(self, request):
         form = _read_form(request)
         who = self._gate(request, write=True, form=form)
         if who.session is not None:
-            self.sessions.destroy(who.session)
+            try:
+                await self.sessions.end(who.session)  # on every instance
+            except DatabaseUnavailable as e:
+                log.error("operator UI: sign-out failed, the shared session store is unavailable: {error}",
+                          error=str(e))
+                return self.sessions_unavailable(request)
         secure = is_secure(request)
         request.responseHeaders.addRawHeader(b"set-cookie", cookie_header(session_cookie_name(secure), "", secure=secure, max_age=0))
         self._emit("sign_out", who)
@@ -1109,6 +1151,42 @@ class _Misdirected(Resource):
         return self._ui.misdirected(request)
 
 
+class _AfterSessionLookup(Resource):
+    """
+    Renders C{resource} once the request's session has been read from the
+    shared store (L{UiApp.session_lookup}); a 503 when it cannot be read.
+    """
+
+    isLeaf = True
+
+    def __init__(self, ui: UiApp, resource: Resource, reading: defer.Deferred) -> None:
+        super().__init__()
+        self._ui = ui
+        self._resource = resource
+        self._reading = reading
+
+    def render(self, request):
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def read(result) -> None:
+            if gone:
+                return  # the client left meanwhile
+            if isinstance(result, Failure):
+                if not result.check(DatabaseUnavailable, LookupsBusy):
+                    log.failure("operator UI: reading a session failed", result)
+                body = self._ui.sessions_unavailable(request)
+            else:
+                body = self._resource.render(request)
+                if body is NOT_DONE_YET:
+                    return
+            request.write(body)
+            request.finish()
+
+        self._reading.addBoth(read)
+        return NOT_DONE_YET
+
+
 class UiSite(GuardedSite, Site):
     """
     The UI's Site: capped bodies, forms parsed by the app, no access log, the
@@ -1127,12 +1205,20 @@ class UiSite(GuardedSite, Site):
         """No access log: operator actions are in the audit stream."""
 
     def getResourceFor(self, request):
-        """Every request, before any route, passes the Host check (authentication off)."""
+        """
+        Every request, before any route, passes the Host check
+        (authentication off), and waits for its session to be read when
+        the sessions are shared and this instance has not seen it.
+        """
         if self.ui.refuses_host(request):
             request.site = self
             request.sitepath = request.prepath[:]
             return _Misdirected(self.ui)
-        return super().getResourceFor(request)
+        resource = super().getResourceFor(request)
+        reading = self.ui.session_lookup(request)
+        if reading is not None:
+            return _AfterSessionLookup(self.ui, resource, reading)
+        return resource
 
     def stopFactory(self):
         self.ui.live.stop()

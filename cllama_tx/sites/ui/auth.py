@@ -6,9 +6,15 @@ Who may use the operator UI, and how a browser proves it.
    attaches that header to a cross-site request by itself).
  - B{Browsers} sign in once with the token at C{/signin} and get a session
    cookie (C{HttpOnly}, C{SameSite=Strict}, C{Secure} under TLS, expiring).
-   Sessions live in memory: a restart signs everybody out.  Every
-   state-changing request made with the cookie carries the session's CSRF
-   token (a hidden form field, or the C{X-CSRF-Token} header).
+   A single process keeps sessions in memory: a restart signs everybody
+   out.  Several instances (workers behind one socket, hosts on one
+   database) keep them in the shared store too (L{SessionStore} with
+   C{rows}): memory is a cache, a session this instance has not seen is
+   read from the store before the request is served, and a sign-out ends
+   it everywhere.  Every state-changing request made with the cookie
+   carries the session's CSRF token (a hidden form field, or the
+   C{X-CSRF-Token} header), derived from the session id so that every
+   instance knows it and none stores it.
  - B{Wrong tokens} (sign-in forms and bearer headers) are slowed per client
    address by the daemon's one L{cllama_tx.identity.operator.OperatorGuard}:
    an address that keeps guessing waits (429, C{Retry-After}) before its
@@ -33,7 +39,17 @@ import stat
 from typing import Any
 
 import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cllama_tx.identity.lookups import MissLookups
+from cllama_tx.identity.operator_sessions import (
+    SessionRows,
+    csrf_token,
+    looks_like_session_id,
+    session_hash,
+)
 
 log = Logger(namespace="cllama_tx.sites.ui")
 
@@ -51,6 +67,9 @@ CSRF_HEADER = b"x-csrf-token"
 DEFAULT_SESSION_LIFETIME = 12 * 3600.0
 DEFAULT_SESSION_IDLE = 2 * 3600.0
 MAX_SESSIONS = 1000
+#: How often a session's use is written to the shared store: its idle time
+#: on another instance counts from there (to within this many seconds).
+TOUCH_INTERVAL = 60.0
 
 
 # --- the token file ------------------------------------------------------------
@@ -156,6 +175,8 @@ class Session:
     last_seen: float
     name: str | None = None
     flash: list = attrs.Factory(list)
+    # last_seen as the shared store has it.
+    stored_seen: float = 0.0
 
     @property
     def handle(self) -> str:
@@ -164,7 +185,17 @@ class Session:
 
 
 class SessionStore:
-    """Sessions in memory, bounded, expiring by age and by idleness."""
+    """
+    Sessions in memory, bounded, expiring by age and by idleness.
+
+    With C{rows} (instances that share a database) they are also stored
+    there, by the hash of their id: L{create_saved} fires once the session
+    is stored, L{needs_lookup} and L{load} read a session this instance has
+    not seen (or has seen idle) before its request is served, L{end} signs
+    out everywhere, and L{reload} (the change feed's C{ui_session}) drops a
+    session another instance signed out.  Flash messages stay on the
+    instance that made them.
+    """
 
     def __init__(
         self,
@@ -172,22 +203,71 @@ class SessionStore:
         lifetime: float = DEFAULT_SESSION_LIFETIME,
         idle: float = DEFAULT_SESSION_IDLE,
         maximum: int = MAX_SESSIONS,
+        rows: SessionRows | None = None,
     ) -> None:
         self._clock = clock
         self.lifetime = lifetime
         self.idle = idle
         self.maximum = maximum
+        self.rows = rows
         self._sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
+        self._by_hash: dict[str, str] = {}  # cached sessions' hashes -> ids (shared store only)
+        # Signed out here: never read back from the store (hash -> until).
+        self._ended: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._lookups = (
+            MissLookups(self._fetch, clock, concurrency=2, batch=32, backlog=256, negative_limit=maximum)
+            if rows is not None
+            else None
+        )
+
+    @property
+    def shared(self) -> bool:
+        """Whether sessions are kept in a store other instances share."""
+        return self.rows is not None
 
     def create(self, name: str | None = None) -> Session:
-        now = self._clock.seconds()
-        session = Session(
-            id=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), created=now, last_seen=now, name=name
-        )
-        self._sessions[session.id] = session
-        while len(self._sessions) > self.maximum:
-            self._sessions.popitem(last=False)
+        """A new session, usable here at once (stored for the others in the background)."""
+        session, stored = self._new(name)
+        if stored is not None:
+            stored.addErrback(self._not_stored)
         return session
+
+    def create_saved(self, name: str | None = None) -> defer.Deferred:
+        """
+        A new session; fires with it once every instance can find it (at
+        once without a shared store), or fails (the database unavailable)
+        and the session is gone again.
+        """
+        session, stored = self._new(name)
+        if stored is None:
+            return defer.succeed(session)
+
+        def failed(failure: Failure) -> Failure:
+            self._uncache(session)
+            return failure
+
+        return stored.addCallbacks(lambda _: session, failed)
+
+    def _new(self, name: str | None) -> tuple[Session, defer.Deferred | None]:
+        now = self._clock.seconds()
+        session_id = secrets.token_urlsafe(32)
+        session = Session(
+            id=session_id, csrf=csrf_token(session_id), created=now, last_seen=now, name=name, stored_seen=now
+        )
+        self._cache(session)
+        if self.rows is None:
+            return session, None
+        stored = self.rows.insert(
+            session_hash(session_id), name, now, now - self.lifetime, now - self.idle - TOUCH_INTERVAL
+        )
+        return session, stored
+
+    def _not_stored(self, failure: Failure) -> None:
+        log.error(
+            "operator UI: a session could not be stored in the shared database ({error}); "
+            "it works on this instance only",
+            error=failure.getErrorMessage(),
+        )
 
     def valid(self, session: Session) -> bool:
         now = self._clock.seconds()
@@ -204,14 +284,128 @@ class SessionStore:
         if session is None:
             return None
         if not self.valid(session):
-            self._sessions.pop(session_id, None)
+            self._uncache(session)
             return None
         if touch:
             session.last_seen = self._clock.seconds()
+            if self.rows is not None and session.last_seen - session.stored_seen >= TOUCH_INTERVAL:
+                session.stored_seen = session.last_seen
+                self.rows.touch(session_hash(session.id), session.last_seen).addErrback(
+                    lambda f: log.warn("operator UI: could not record a session's use: {error}",
+                                       error=f.getErrorMessage())
+                )
         return session
 
+    # -- several instances
+
+    def needs_lookup(self, session_id: str | None) -> bool:
+        """
+        Whether C{session_id} must be read from the shared store before
+        L{get} can answer: not cached here (and not known absent), or
+        cached but idle here while it may have been used elsewhere.
+        """
+        if self._lookups is None or not looks_like_session_id(session_id):
+            return False
+        assert session_id is not None
+        session = self._sessions.get(session_id)
+        if session is None:
+            token = session_hash(session_id)
+            return token not in self._ended and not self._lookups.known_absent(token)
+        now = self._clock.seconds()
+        return now - session.created < self.lifetime and now - session.last_seen >= self.idle
+
+    def load(self, session_id: str) -> defer.Deferred:
+        """
+        Read C{session_id} from the shared store into memory (coalesced,
+        bounded, an absent id remembered for a second).  Fails with
+        L{cllama_tx.store.database.DatabaseUnavailable} or
+        L{cllama_tx.identity.lookups.LookupsBusy} when it cannot tell.
+        """
+        assert self._lookups is not None
+        token = session_hash(session_id)
+
+        def found(row: tuple | None) -> None:
+            cached = self._sessions.get(session_id)
+            if token in self._ended:
+                return
+            if row is None:
+                if cached is not None:
+                    self._uncache(cached)
+                return
+            name, created, last_seen = row
+            if cached is not None:
+                cached.last_seen = max(cached.last_seen, last_seen)
+                cached.stored_seen = max(cached.stored_seen, last_seen)
+                return
+            self._cache(Session(id=session_id, csrf=csrf_token(session_id), created=created, last_seen=last_seen,
+                                name=name, stored_seen=last_seen))
+
+        return self._lookups.get(token).addCallback(found)
+
+    def _fetch(self, hashes: list[str]) -> defer.Deferred:
+        assert self.rows is not None
+        now = self._clock.seconds()
+        return self.rows.fetch(hashes, now - self.lifetime, now - self.idle - TOUCH_INTERVAL)
+
+    def end(self, session: Session) -> defer.Deferred:
+        """
+        Sign out: the session is gone here at once and, once the Deferred
+        fires, everywhere.  If the shared store cannot be written, it
+        fails and the session stays (signing out again is possible).
+        """
+        self._uncache(session)
+        if self.rows is None:
+            return defer.succeed(None)
+        token = session_hash(session.id)
+        self._ended[token] = session.created + self.lifetime
+        self._prune_ended()
+
+        def failed(failure: Failure) -> Failure:
+            self._ended.pop(token, None)
+            if session.id not in self._sessions:
+                self._cache(session)
+            return failure
+
+        return self.rows.delete(token, self._clock.seconds()).addErrback(failed)
+
     def destroy(self, session: Session) -> None:
-        self._sessions.pop(session.id, None)
+        """L{end}, without waiting (a failure to reach the shared store is logged)."""
+        self.end(session).addErrback(
+            lambda f: log.error("operator UI: could not end a session in the shared database: {error}",
+                                error=f.getErrorMessage())
+        )
+
+    def reload(self, token: str | None) -> None:
+        """
+        The change feed's C{ui_session}: another instance signed the session
+        with this hash out (None: any may have changed); the cached copy is
+        dropped, and a request that still presents it reads it again.
+        """
+        if token is None:
+            for session in list(self._sessions.values()):
+                self._uncache(session)
+            return
+        session_id = self._by_hash.get(token)
+        if session_id is not None:
+            self._uncache(self._sessions[session_id])
+
+    def _cache(self, session: Session) -> None:
+        self._sessions[session.id] = session
+        if self.rows is not None:
+            self._by_hash[session_hash(session.id)] = session.id
+        while len(self._sessions) > self.maximum:
+            self._uncache(next(iter(self._sessions.values())))
+
+    def _uncache(self, session: Session) -> None:
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+            if self.rows is not None:
+                self._by_hash.pop(session_hash(session.id), None)
+
+    def _prune_ended(self) -> None:
+        now = self._clock.seconds()
+        while self._ended and (len(self._ended) > 10 * self.maximum or next(iter(self._ended.values())) <= now):
+            self._ended.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._sessions)
