@@ -16,8 +16,8 @@ import secrets
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from cllama_tx.identity.lookups import LookupsBusy
 from cllama_tx.identity.operator_sessions import SessionRows, csrf_token, session_hash
