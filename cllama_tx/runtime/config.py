@@ -16,6 +16,7 @@ import attrs
 
 from cllama_tx.governance.output_limit import DEFAULT_MIN_OUTPUT_TOKENS
 from cllama_tx.runtime.errors import ConfigError
+from cllama_tx.runtime.worker_env import WorkerEnvError, WorkerRole, parse_count, parse_role
 from cllama_tx.sites.guard import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
@@ -230,6 +231,30 @@ def _ca_file(env: Mapping[str, str]) -> str | None:
     return path
 
 
+# Listeners a worker can adopt from its supervisor: a TCP socket (TLS is
+# each worker's own, over it).  A UNIX socket's path would be unlinked by
+# the first worker to stop; ACME endpoints bind and renew in one process.
+WORKER_ENDPOINT_KINDS = ("tcp", "tcp6", "ssl", "systemd")
+
+
+def _workers(env: Mapping[str, str], demo: bool, endpoints: tuple[str, str]) -> tuple[int, WorkerRole | None]:
+    """C{CLLAMA_WORKERS} and, in a worker, the role its supervisor gave it."""
+    try:
+        count = parse_count(env.get("CLLAMA_WORKERS"))
+        role = parse_role(env)
+    except WorkerEnvError as e:
+        raise ConfigError(str(e)) from None
+    if count > 1:
+        if demo:
+            raise ConfigError("--demo runs in one process: drop --workers (CLLAMA_WORKERS)")
+        for endpoint in endpoints:
+            if endpoint.partition(":")[0] not in WORKER_ENDPOINT_KINDS:
+                raise ConfigError(
+                    f"--workers needs TCP listeners ({', '.join(WORKER_ENDPOINT_KINDS)}), not {endpoint!r}"
+                )
+    return count, role
+
+
 def default_state_dir(env: Mapping[str, str]) -> str:
     """
     Where the ledger lives: C{CLLAMA_STATE_DIR}, else systemd's
@@ -306,14 +331,22 @@ class Config:
     # The environment as seen after command-line overrides; provider keys and
     # base URLs are read from it by the provider registry.
     env: Mapping[str, str] = attrs.field(repr=False)
+    # Worker processes on this host (--workers, CLLAMA_WORKERS); 1 is one
+    # process and no supervisor.  In a worker, the role its supervisor gave it.
+    workers: int = 1
+    worker: WorkerRole | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, demo: bool = False) -> Config:
         env = dict(os.environ if env is None else env)
         max_body = env.get("CLLAMA_MAX_BODY_SIZE")
+        demo = demo or env.get("CLLAMA_DEMO", "").lower() in ("1", "true", "yes")
+        api_endpoint = listen_endpoint(env.get("LISTEN_ADDR") or DEFAULT_API_ADDR)
+        ui_endpoint = listen_endpoint(env.get("UI_ADDR") or DEFAULT_UI_ADDR)
+        workers, worker = _workers(env, demo, (api_endpoint, ui_endpoint))
         return cls(
-            api_endpoint=listen_endpoint(env.get("LISTEN_ADDR") or DEFAULT_API_ADDR),
-            ui_endpoint=listen_endpoint(env.get("UI_ADDR") or DEFAULT_UI_ADDR),
+            api_endpoint=api_endpoint,
+            ui_endpoint=ui_endpoint,
             context_root=env.get("CLAW_CONTEXT_ROOT") or DEFAULT_CONTEXT_ROOT,
             auth_dir=env.get("CLAW_AUTH_DIR") or DEFAULT_AUTH_DIR,
             pod=env.get("CLAW_POD") or None,
@@ -330,7 +363,7 @@ class Config:
                 env, "CLLAMA_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT
             ),
             drain_grace=_seconds(env, "CLLAMA_DRAIN_GRACE", DEFAULT_DRAIN_GRACE),
-            demo=demo or env.get("CLLAMA_DEMO", "").lower() in ("1", "true", "yes"),
+            demo=demo,
             state_dir=default_state_dir(env),
             pricing_file=env.get("CLLAMA_PRICING_FILE") or None,
             ledger_sync=_choice(env, "CLLAMA_LEDGER_SYNC", ("normal", "full"), "normal"),
@@ -365,4 +398,6 @@ class Config:
             if env.get("CLLAMA_AUDIT_BUFFER")
             else DEFAULT_AUDIT_BUFFER,
             env=env,
+            workers=workers,
+            worker=worker,
         )

@@ -53,6 +53,7 @@ from cllama_tx.runtime.errors import ConfigError
 from cllama_tx.runtime.metrics import Metrics
 from cllama_tx.runtime.tls import upstream_tls_policy
 from cllama_tx.runtime.upstream import UpstreamClient
+from cllama_tx.runtime.worker import adopt_listener
 from cllama_tx.runtime.writethrough import install as install_write_through
 from cllama_tx.sites.api import ApiApp, build_api_site
 from cllama_tx.sites.billing import BillingApi
@@ -133,17 +134,25 @@ class Listener(service.Service):
     Listens on one endpoint string.  The port is bound in
     privilegedStartService and a failure (a busy port) raises there, so
     twistd stops at start-up with the error instead of running deaf.
+
+    In a worker (C{--workers N}) C{inherited} is the descriptor of the socket
+    the supervisor bound: it is adopted, never bound again.
     """
 
-    def __init__(self, reactor, description: str, factory, label: str) -> None:
+    def __init__(self, reactor, description: str, factory, label: str, inherited: int | None = None) -> None:
         self._reactor = reactor
         self.description = description
         self.factory = factory
         self.label = label
+        self.inherited = inherited
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self):
         super().privilegedStartService()
+        if self.inherited is not None:
+            self.port = adopt_listener(self._reactor, self.inherited, self.description, self.factory)
+            log.info("{label} serving the supervisor's socket {address}", label=self.label, address=_address(self.port))
+            return
         outcome: list[Any] = []
         endpoint = endpoints.serverFromString(self._reactor, with_backlog(self.description))
         endpoint.listen(self.factory).addBoth(outcome.append)
@@ -523,9 +532,10 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
     api_site.set_guard(api_guard)
     ui_site.set_guard(ui_guard)
     register_connection_metrics(metrics.registry, {"API": api_guard, "UI": ui_guard})
-    api_listener = Listener(reactor, config.api_endpoint, api_site, "API")
+    role = config.worker  # a worker adopts the sockets its supervisor bound
+    api_listener = Listener(reactor, config.api_endpoint, api_site, "API", role.api_fd if role else None)
     api_listener.setServiceParent(top)
-    Listener(reactor, config.ui_endpoint, ui_site, "UI").setServiceParent(top)
+    Listener(reactor, config.ui_endpoint, ui_site, "UI", role.ui_fd if role else None).setServiceParent(top)
     if banner is not None:
         BannerService(api_listener, banner).setServiceParent(top)
     # Handles for tests and tooling; not used by the services themselves.

@@ -14,18 +14,29 @@ Label cardinality is bounded: providers and models an agent names are only
 labels once the request reached upstream, at most C{max_providers} /
 C{max_models} distinct values are kept (later ones become C{"other"}), and
 every label value is truncated to C{MAX_LABEL_CHARS}.
+
+With C{--workers N} each worker counts only what it served.  The figures of
+the whole host are the sum of every worker's: a worker's own live values
+plus the snapshots the others publish (L{Peer}, read by
+C{cllama_tx.runtime.worker}); L{merge_families} adds them up here, free of
+I/O.  C{cllama_workers} says how many workers a scrape sums.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
+import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "OTHER", "NONE"]
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "OTHER", "NONE", "Peer", "merge_families", "history_only"]
 
 OTHER = "other"
 NONE = "none"
@@ -104,6 +115,99 @@ class _LedgerCounters:
         )
 
 
+# --- several workers: families as plain data, summed -------------------------------------
+
+Family = dict[str, Any]
+"""
+One metric family as plain (JSON) data: C{name}, C{type}, C{help}, C{unit}
+and C{samples}, a list of C{[sample name, labels, value]}.
+"""
+
+# Families whose values only grow: what a worker counted stays counted after
+# it is gone.  A gauge is a present value: it leaves with its worker.
+_HISTORY_TYPES = frozenset({"counter", "histogram", "summary"})
+
+
+@attrs.frozen
+class Peer:
+    """
+    Another process's published figures: C{fresh} when it wrote them lately
+    (it is alive), C{worker} unless it is the supervisor (its audit relay).
+    """
+
+    families: Sequence[Family]
+    fresh: bool
+    worker: bool = True
+
+
+def family_docs(metrics: Iterable[Metric]) -> list[Family]:
+    """Collected metric families as plain data (a snapshot to publish)."""
+    return [
+        {
+            "name": m.name,
+            "type": m.type,
+            "help": m.documentation,
+            "unit": m.unit,
+            "samples": [[s.name, dict(s.labels), s.value] for s in m.samples],
+        }
+        for m in metrics
+    ]
+
+
+def history_only(families: Iterable[Family]) -> list[Family]:
+    """The counters and histograms of C{families}: what stays true of a process that is gone."""
+    return [family for family in families if family.get("type") in _HISTORY_TYPES]
+
+
+def merge_families(contributions: Iterable[Iterable[Family]]) -> list[Family]:
+    """
+    The sum of several processes' families: each sample adds up across
+    them (a C{_created} time is the earliest instead), in the order first
+    seen, so a histogram's series stay together.
+    """
+    merged: dict[str, Family] = {}
+    values: dict[str, dict[tuple, list]] = {}
+    for families in contributions:
+        for family in families:
+            name = family["name"]
+            target = merged.get(name)
+            if target is None:
+                target = merged[name] = {
+                    "name": name, "type": family["type"], "help": family["help"],
+                    "unit": family.get("unit", ""), "samples": [],
+                }
+                values[name] = {}
+            seen = values[name]
+            for sample_name, labels, value in family["samples"]:
+                key = (sample_name, tuple(sorted(labels.items())))
+                sample = seen.get(key)
+                if sample is None:
+                    sample = seen[key] = [sample_name, dict(labels), value]
+                    target["samples"].append(sample)
+                elif sample_name.endswith("_created"):
+                    sample[2] = min(sample[2], value)
+                else:
+                    sample[2] += value
+    return list(merged.values())
+
+
+def as_metric(family: Family) -> Metric:
+    metric = Metric(family["name"], family["help"], family["type"], family.get("unit", ""))
+    for sample_name, labels, value in family["samples"]:
+        metric.add_sample(sample_name, labels, value)
+    return metric
+
+
+class _Families(Collector):
+    """What C{generate_latest} reads: a collector of ready families."""
+
+    def __init__(self, metrics: list[Metric]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> list[Metric]:
+        return self._metrics
+
+
 class Metrics:
     """The proxy's metrics, in one private L{CollectorRegistry}."""
 
@@ -164,6 +268,11 @@ class Metrics:
         self._audit_buffer = Gauge(
             "audit_buffer_bytes", "Bytes of audit lines waiting for the stdout reader.", namespace=ns, registry=r,
         )
+        self._namespace = ns
+        # With --workers: what this worker's predecessor counted, and the
+        # other processes' published figures (see sum_with).
+        self._carried: list[Family] = []
+        self._peers: Callable[[], Iterable[Peer]] | None = None
 
     def watch_audit_output(self, output) -> None:
         """Count the drops of the audit's L{BoundedOutput} and show what it holds."""
@@ -227,6 +336,37 @@ class Metrics:
         finally:
             self.stream_ended()
 
+    # --- several workers ---------------------------------------------------------------------
+
+    def carry(self, families: Iterable[Family]) -> None:
+        """
+        Add the counters of this worker's predecessor (its last snapshot) to
+        ours: a restarted worker keeps counting where the dead one stopped,
+        so the host's sums never go back (Prometheus would read a reset).
+        """
+        self._carried = history_only(families)
+
+    def sum_with(self, peers: Callable[[], Iterable[Peer]]) -> None:
+        """Report the whole host: our figures plus those C{peers()} returns, at each scrape."""
+        self._peers = peers
+
+    def local_families(self) -> list[Family]:
+        """This process's figures (with what it carries), as plain data to publish."""
+        return merge_families([family_docs(self.registry.collect()), self._carried])
+
+    def host_families(self) -> tuple[list[Family], int]:
+        """
+        The figures of every worker on the host and how many are alive.  A
+        peer that stopped publishing (dead, or gone) keeps its counters,
+        until its successor publishes them as its own, and loses its gauges.
+        """
+        contributions: list[Iterable[Family]] = [self.local_families()]
+        workers = 1
+        for peer in self._peers() if self._peers is not None else ():
+            contributions.append(peer.families if peer.fresh else history_only(peer.families))
+            workers += int(peer.fresh and peer.worker)
+        return merge_families(contributions), workers
+
     # --- exposition ------------------------------------------------------------------------
 
     def render(self, request=None) -> bytes:
@@ -234,4 +374,15 @@ class Metrics:
         if request is not None:
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
             request.setHeader(b"cache-control", b"no-store")
-        return generate_latest(self.registry)
+        if self._peers is None and not self._carried:
+            metrics = list(self.registry.collect())
+            workers = 1
+        else:
+            families, workers = self.host_families()
+            metrics = [as_metric(family) for family in families]
+        metrics.append(GaugeMetricFamily(
+            f"{self._namespace}_workers",
+            "Worker processes whose figures this scrape sums (1 without --workers).",
+            value=workers,
+        ))
+        return generate_latest(_Families(metrics))

@@ -57,6 +57,7 @@ _ENV_OPTIONS = [
     ("no-stream-options", None, "CLLAMA_NO_STREAM_OPTIONS", "comma-separated providers that reject stream_options (their stream usage is estimated) [env CLLAMA_NO_STREAM_OPTIONS]"),
     ("openai-organization", None, "OPENAI_ORG_ID", "the operator's OpenAI organization, sent as OpenAI-Organization (an agent's is never forwarded) [env OPENAI_ORG_ID]"),
     ("openai-project", None, "OPENAI_PROJECT_ID", "the operator's OpenAI project, sent as OpenAI-Project (an agent's is never forwarded) [env OPENAI_PROJECT_ID]"),
+    ("workers", None, "CLLAMA_WORKERS", "worker processes on this host, sharing the listening sockets; above 1 this process supervises them and serves nothing itself [env CLLAMA_WORKERS, default 1]"),
     ("audit-buffer", None, "CLLAMA_AUDIT_BUFFER", "audit lines held for a stdout reader that is behind, e.g. 4MiB; beyond it lines are dropped and counted [env CLLAMA_AUDIT_BUFFER, default 4MiB]"),
 ]
 
@@ -157,6 +158,19 @@ def makeService(options: Options, reactor=None, audit_stream=None) -> service.Mu
     from cllama_tx.runtime.daemon import build_daemon
 
     reactor = reactor or default_reactor
-    return build_daemon(
-        options.config, reactor, audit_stream if audit_stream is not None else sys.stdout
-    )
+    config = options.config
+    stream = audit_stream if audit_stream is not None else sys.stdout
+    if config.workers > 1 and config.worker is None:
+        from cllama_tx.runtime.workers import build_supervisor, exit_with_status
+
+        supervisor = build_supervisor(config, reactor, stream)
+        # Registered before twistd starts its log observer, so it runs after
+        # the log's own flush at exit.
+        exit_with_status(supervisor)
+        return supervisor
+    daemon = build_daemon(config, reactor, stream)
+    if config.worker is not None:
+        from cllama_tx.runtime.worker import attach_worker
+
+        attach_worker(daemon, config, reactor)
+    return daemon
