@@ -62,7 +62,7 @@ RESTART_MAX = 30.0
 STABLE_AFTER = 60.0
 """A worker that served this long before it died starts a new row of failures."""
 
-STOP_MARGIN = 10.0
+STOP_MARGIN = 5.0
 """Seconds past the drain grace a worker gets to exit on SIGTERM before it is killed."""
 
 # The environment of systemd's socket activation names the supervisor;

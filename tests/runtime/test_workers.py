@@ -13,9 +13,10 @@ import re
 import signal
 import socket
 import stat
+import sys
 
 import treq
-from twisted.internet import defer, error, reactor
+from twisted.internet import defer, error, reactor, utils
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import Protocol
@@ -51,6 +52,7 @@ from cllama_tx.testing import (
     openai_stream_chunks,
 )
 from tests.runtime.test_daemon import REPO, TWISTD, DaemonProcess
+from tests.runtime.test_systemd import INSTALLED_BINARY, UNITS_DIR, _exec_start, _free_port, _tool
 from tests.secret_scan import SCANNER
 from tests.support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
 
@@ -758,3 +760,132 @@ class DemoRefusedTests(SynchronousTestCase):
         self.assertEqual(options.config.workers, 3)
         self.assertEqual(options.environment({})["CLLAMA_WORKERS"], "3")
 
+
+
+class SystemdTemplateTests(TestCase):
+    """The template units of systemd/ for workers: cllama-tx@<N>.service and its sockets."""
+
+    timeout = 60
+    TEMPLATES = ("cllama-tx-api@.socket", "cllama-tx-ui@.socket", "cllama-tx@.service")
+
+    @defer.inlineCallbacks
+    def test_template_units_verify_cleanly(self):
+        analyze = _tool("systemd-analyze")
+        copies = os.path.abspath(self.mktemp())
+        os.makedirs(copies)
+        for name in self.TEMPLATES:
+            with open(os.path.join(UNITS_DIR, name)) as f:
+                text = f.read()
+            text = text.replace(f"ExecStart={INSTALLED_BINARY} ", f"ExecStart={_daemon_command()} ")
+            with open(os.path.join(copies, name), "w") as f:
+                f.write(text)
+            os.symlink(name, os.path.join(copies, name.replace("@.", "@4.")))
+        out, err, code = yield utils.getProcessOutputAndValue(
+            analyze,
+            ["verify", *(os.path.join(copies, name.replace("@.", "@4.")) for name in self.TEMPLATES)],
+            env={"PATH": os.environ.get("PATH", ""), "SYSTEMD_LOG_COLOR": "0"},
+            path=copies,
+        )
+        self.assertEqual((code, (out + err).decode(errors="replace")), (0, ""))
+
+    def test_the_template_is_the_single_unit_with_workers(self):
+        """
+        The instance's number is --workers; the sockets are the instance's,
+        each conflicting with the single-process one (same port); SIGTERM
+        reaches the supervisor alone; every other line (the hardening, the
+        limits, the state directory) is the single-process unit's.
+        """
+
+        def settings(name):
+            with open(os.path.join(UNITS_DIR, name)) as f:
+                return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+        single, template = settings("cllama-tx.service"), settings("cllama-tx@.service")
+        argv = _exec_start(os.path.join(UNITS_DIR, "cllama-tx@.service"))
+        self.assertEqual(argv[:3], [INSTALLED_BINARY, "--workers", "%i"])
+        self.assertEqual(argv[3:], _exec_start(os.path.join(UNITS_DIR, "cllama-tx.service"))[1:])
+        self.assertEqual(
+            sorted(set(template) - set(single)),
+            sorted([
+                "Also=cllama-tx-api@%i.socket cllama-tx-ui@%i.socket",
+                "After=cllama-tx-api@%i.socket cllama-tx-ui@%i.socket",
+                "Conflicts=cllama-tx.service",
+                "Description=cllama_tx governance proxy for AI agents (%i workers)",
+                "Documentation=file:///usr/share/doc/cllama-tx/DEPLOYMENT.md file:///usr/share/doc/cllama-tx/SYSTEMD.md",
+                "ExecStart=" + " ".join(argv),
+                "KillMode=mixed",
+                "Requires=cllama-tx-api@%i.socket cllama-tx-ui@%i.socket",
+            ]),
+        )
+        self.assertEqual(len(set(single) - set(template)), 6)  # the lines replaced above
+        for kind in ("api", "ui"):
+            self.assertEqual(
+                sorted(set(settings(f"cllama-tx-{kind}@.socket")) - set(settings(f"cllama-tx-{kind}.socket"))),
+                sorted([f"Conflicts=cllama-tx-{kind}.socket", "Service=cllama-tx@%i.service",
+                        [line for line in settings(f"cllama-tx-{kind}@.socket") if line.startswith("Description=")][0]]),
+            )
+
+    @defer.inlineCallbacks
+    def test_socket_activated_supervisor_hands_systemds_sockets_to_its_workers(self):
+        """
+        Under C{systemd-socket-activate} with the template's options (two
+        workers): the supervisor adopts the named descriptors, both workers
+        serve them, and SIGTERM (KillMode=mixed: the supervisor alone) ends
+        the host with status 0.
+        """
+        activate = _tool("systemd-socket-activate")
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(base, "auth"))
+        os.makedirs(os.path.join(base, "state"), mode=0o700)
+        write_agent(os.path.join(base, "context"), AGENT, SECRET)
+        api_port, ui_port = _free_port(), _free_port()
+        child_env = {
+            "PYTHONPATH": REPO,
+            "PYTHONUNBUFFERED": "1",
+            "CLAW_CONTEXT_ROOT": os.path.join(base, "context"),
+            "CLAW_AUTH_DIR": os.path.join(base, "auth"),
+            "STATE_DIRECTORY": os.path.join(base, "state"),
+            "OPENAI_API_KEY": PROVIDER_KEY,
+        }
+        options = [arg.replace("%i", "2") for arg in _exec_start(os.path.join(UNITS_DIR, "cllama-tx@.service"))[1:]]
+        command = [
+            activate,
+            f"--listen=127.0.0.1:{api_port}",
+            f"--listen=127.0.0.1:{ui_port}",
+            "--fdname=cllama-api:cllama-ui",
+            *(f"--setenv={k}={v}" for k, v in child_env.items()),
+            sys.executable, "-m", "cllama_tx.runtime.cli", *options,
+        ]
+        process = HostProcess()
+        transport = reactor.spawnProcess(
+            process, command[0], command, env={"PATH": os.environ.get("PATH", "")}, path=REPO
+        )
+        self.addCleanup(lambda: None if process.ended.called else (transport.signalProcess("KILL"), process.ended)[1])
+        yield process.wait_for_stderr(f"Listening on 127.0.0.1:{api_port} as ".encode())
+        yield process.wait_for_stderr(f"Listening on 127.0.0.1:{ui_port} as ".encode())
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        # The first connection makes systemd-socket-activate exec the supervisor.
+        health = yield http.get(f"http://127.0.0.1:{api_port}/health", timeout=30)
+        self.assertEqual(health.code, 200)
+        yield health.content()
+        ports = yield process.ready
+        self.assertEqual(ports, {"API": api_port, "UI": ui_port})
+        yield process.wait_ready(2)
+        for port in (api_port, ui_port):
+            answer = yield http.get(f"http://127.0.0.1:{port}/health", timeout=30)
+            self.assertEqual(answer.code, 200)
+            yield answer.content()
+        self.assertEqual(process.count_in_stderr(b"serving the supervisor's socket 127.0.0.1:%d" % api_port), 2)
+        transport.signalProcess("TERM")
+        code = yield process.ended
+        self.assertEqual((code, process.signal), (0, None))
+        self.assertEqual(process.count_in_stderr(b") stopped"), 2)
+
+
+def _daemon_command():
+    script = os.path.join(os.path.dirname(sys.executable), "cllama-tx")
+    if os.access(script, os.X_OK):
+        return script
+    return f"{sys.executable} -m cllama_tx.runtime.cli"
