@@ -202,6 +202,8 @@ class PostgresLedger(LedgerBase, service.Service):
         self.held_rows = 0
         self.recovered_rows = 0
         self.retries = 0
+        #: Called on the reactor once every held row is written.
+        self.on_recovered: list[Callable[[], None]] = []
 
     # -- life cycle
 
@@ -281,15 +283,16 @@ class PostgresLedger(LedgerBase, service.Service):
                     "meanwhile (readiness and admission wait for it)",
                     url=str(self.url), error=failure.getErrorMessage(),
                 )
-            # Rows recorded meanwhile wait for nothing: held, in order.
-            waiting = [item for item in self._queue if isinstance(item, Row)]
-            self._queue = collections.deque(item for item in self._queue if not isinstance(item, Row))
-            self._hold(waiting, failure.getErrorMessage())
+            self._load_call = self._reactor.callLater(self._load_delay, self._load)
+            self._load_delay = min(self._load_delay * 2, LOAD_RETRY_MAX)
             self.last_error = failure.getErrorMessage()
             if self.failing_since is None:
                 self.failing_since = self._reactor.seconds()
-            self._load_call = self._reactor.callLater(self._load_delay, self._load)
-            self._load_delay = min(self._load_delay * 2, LOAD_RETRY_MAX)
+            # Rows recorded meanwhile wait for nothing: held, in order (last:
+            # their callers may do anything, close the ledger too).
+            waiting = [item for item in self._queue if isinstance(item, Row)]
+            self._queue = collections.deque(item for item in self._queue if not isinstance(item, Row))
+            self._hold(waiting, failure.getErrorMessage())
             return
         _log.failure("ledger: cannot use {url}; it stays unavailable (admission refused)", failure,
                      url=str(self.url))
@@ -703,6 +706,8 @@ class PostgresLedger(LedgerBase, service.Service):
             _log.warn("ledger: {count} rows of refused requests were not kept while the backlog was full "
                       "(their audit lines remain)", count=self._unkept_now)
             self._unkept_now = 0
+        for callback in list(self.on_recovered):
+            callback()
 
     def _held_rows(self) -> Iterable[LedgerRow]:
         return [item.row for item in self._held]

@@ -27,6 +27,7 @@ from tests.store.test_ledger import (
     row,
 )
 from tests.store.test_ledger_governance import OverrideTestsMixin, TimelineTestsMixin
+from tests.store.test_ledger_shared import SharedStoreTestsMixin
 
 
 class PostgresBackend:
@@ -39,9 +40,12 @@ class PostgresBackend:
     def new_database(self) -> str:
         return shared_cluster().database()
 
+    heartbeat = 0.2  # seconds between the database's checks that it answers
+    pool_threads = 4
+
     def make_ledger(self, url: str | None = None, **kwargs) -> PostgresLedger:
-        database = PostgresDatabase(parse_database_url(url or self.new_database()), reactor, threads=4,
-                                    heartbeat=0.2)
+        database = PostgresDatabase(parse_database_url(url or self.new_database()), reactor,
+                                    threads=self.pool_threads, heartbeat=self.heartbeat)
         ledger = PostgresLedger(database, reactor, **kwargs)
         self.addCleanup(ledger.close)
         return ledger
@@ -134,3 +138,33 @@ class PostgresTimelineTests(PostgresBackend, TimelineTestsMixin, TestCase):
 
 class PostgresOverrideTests(PostgresBackend, OverrideTestsMixin, TestCase):
     pass
+
+
+class PostgresSharedTests(PostgresBackend, SharedStoreTestsMixin, TestCase):
+    """Two hosts on one database."""
+
+    async def start_pair(self):
+        url = self.new_database()
+        a = await self.start_ledger(url, instance="host-a:1:aa")
+        b = await self.start_ledger(url, instance="host-b:2:bb")
+        return a, b
+
+    async def reopen(self, ledger, **kwargs):
+        return await self.start_ledger(ledger.url.conninfo, **kwargs)
+
+    async def test_ids_seen_out_of_order_are_counted_once(self) -> None:
+        """A row whose id is smaller than one already followed is counted when it appears (a hole)."""
+        a, b = await self.start_pair()
+        with psycopg.connect(a.url.conninfo) as slow:
+            slow.execute("INSERT INTO requests (request_id, ts, agent, provider, effective_model, status, stream, "
+                         "latency_ms, cost_usd, priced, estimated, instance) "
+                         "VALUES ('slow', 0, 'x', 'openai', 'gpt-4o', 200, 0, 1, 0.25, 1, 0, 'c')")
+            await b.record(row("fast"))  # the next id, committed first
+            self.assertEqual(await a.follow(), 1)
+            self.assertEqual(a.follower_stats()["holes"], 1)
+            slow.commit()
+        self.assertEqual(await a.follow(), 1)
+        self.assertEqual(a.follower_stats()["holes"], 0)
+        self.assertEqual(await a.follow(), 0)
+        self.assertEqual(a.totals().requests, 2)
+        self.assertAlmostEqual(a.totals().costs_api()["total_cost_usd"], 0.001 + 0.25)
