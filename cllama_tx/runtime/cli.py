@@ -2,8 +2,12 @@
 The `cllama-tx` command.
 
 `cllama-tx --healthcheck` (or the Go spelling `-healthcheck`) probes the API
-of a running daemon for Docker and compose health checks; anything else runs
-the daemon in the foreground, exactly like `twistd -n cllama ...`.
+of a running daemon for Docker and compose health checks; `cllama-tx migrate`
+brings the configured database's schema up to date (PostgreSQL named by
+CLLAMA_DATABASE_URL or DATABASE_URL, else the state directory's SQLite file)
+and prints its version, for a deployment step before the daemons start;
+anything else runs the daemon in the foreground, exactly like
+`twistd -n cllama ...`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,12 @@ import sys
 import urllib.error
 import urllib.request
 
-from cllama_tx.runtime.config import DEFAULT_API_ADDR, endpoint_port, listen_endpoint
+from cllama_tx.runtime.config import (
+    DEFAULT_API_ADDR,
+    default_state_dir,
+    endpoint_port,
+    listen_endpoint,
+)
 from cllama_tx.runtime.errors import ConfigError
 
 HEALTHCHECK_TIMEOUT = 3.0
@@ -55,10 +64,39 @@ def healthcheck(url: str, timeout: float = HEALTHCHECK_TIMEOUT) -> int:
     return 0
 
 
+def migrate(env=None, out=None, err=None) -> int:
+    """
+    C{cllama-tx migrate}: 0 once the schema is up to date (its version
+    printed), 2 for a database URL that cannot be used, 1 when the database
+    cannot be reached or is newer than this cllama_tx.  Never prints a
+    password.
+    """
+    from cllama_tx.store.backends import DatabaseConfigError, migrate_database
+
+    env = os.environ if env is None else env
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    try:
+        where, version = migrate_database(env, default_state_dir(env))
+    except DatabaseConfigError as e:
+        print(f"cllama-tx migrate: {e}", file=err)
+        return 2
+    except Exception as e:
+        print(f"cllama-tx migrate: {e}", file=err)
+        return 1
+    print(f"{where}: schema version {version}", file=out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("--healthcheck", "-healthcheck"):
         return healthcheck(health_url())
+    if args and args[0] == "migrate":
+        if len(args) > 1:
+            print("cllama-tx migrate takes no arguments: it reads the environment", file=sys.stderr)
+            return 2
+        return migrate()
     from twisted.scripts.twistd import run
 
     # In the foreground a pid file is only litter (and fails on a read-only

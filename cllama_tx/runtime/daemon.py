@@ -61,7 +61,11 @@ from cllama_tx.sites.guard import ConnectionGuard, GuardLimits
 from cllama_tx.sites.keys import KeyApi
 from cllama_tx.sites.operations import Operations
 from cllama_tx.sites.ui import TokenFileError, UiApp, build_ui_site, ensure_ui_token
+from cllama_tx.store.backends import DatabaseConfigError, open_ledger
+from cllama_tx.store.database import DatabaseUnavailable
 from cllama_tx.store.ledger import SqliteLedger
+from cllama_tx.store.ledger_sql import LedgerClosed
+from cllama_tx.store.pg_ledger import PostgresLedger
 
 log = Logger()
 
@@ -201,29 +205,67 @@ def build_alerts(reactor, config: Config):
 class GovernanceSeed(service.Service):
     """
     Budgets resume where they were: committed spend of the last weeks and
-    the operator's runtime budget changes, read from the ledger once at
-    start, before anything is served.
+    the operator's runtime budget changes, read from the ledger at start
+    (C{seed_data}).  The read never blocks the reactor: on PostgreSQL it
+    waits for the ledger to load and is retried while the database is
+    unavailable; until the book is seeded the ledger refuses metered
+    requests and readiness is false (C{hold_admission}).  One SQLite
+    process reads at once, before anything is served, as it always did.
     """
 
     LOOKBACK = 35 * 86400  # longer than any calendar period (a month)
+    RETRY = 1.0  # seconds between two tries while the database is unavailable
 
     def __init__(self, ledger, governance, clock) -> None:
         self.ledger = ledger
         self.governance = governance
         self.clock = clock
+        self._release: Callable[[], None] | None = None
+        self._retry: Any = None
+        self.seeded = False
+        self.done: defer.Deferred = defer.Deferred()  # fires once the book is seeded
 
     def startService(self):
         super().startService()
-        for agent, entry in self.ledger.budget_overrides().items():
+        self._release = self.ledger.hold_admission("budgets are being loaded from the ledger; try again shortly")
+        self._seed()
+
+    def stopService(self):
+        super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
+    def _seed(self) -> None:
+        self._retry = None
+        d = self.ledger.loaded()
+        d.addCallback(lambda _: self.ledger.seed_data(self.clock.seconds() - self.LOOKBACK))
+        d.addCallbacks(self._apply, self._failed)
+
+    def _apply(self, data) -> None:
+        if not self.running:
+            return
+        for agent, entry in data.overrides.items():
             self.governance.set_runtime(agent, entry)
-        timeline = self.ledger.spend_timeline(self.clock.seconds() - self.LOOKBACK)
-        self.governance.seed(timeline)
+        self.governance.seed(data.timeline)
         # Virtual key and team budgets may last a key's life: all their rows.
-        for column, prefix in (("key_id", "key:"), ("team_id", "team:")):
+        for entries, prefix in ((data.keys, "key:"), (data.teams, "team:")):
             self.governance.seed(
-                (prefix + value, ts, cost, counted, unpriced)
-                for value, ts, cost, counted, unpriced in self.ledger.scope_timeline(column, 0.0)
+                (prefix + value, ts, cost, counted, unpriced) for value, ts, cost, counted, unpriced in entries
             )
+        self.seeded = True
+        if self._release is not None:
+            self._release()
+            self._release = None
+        self.done.callback(None)
+
+    def _failed(self, failure: Failure) -> None:
+        if not self.running or failure.check(LedgerClosed):
+            return
+        if failure.check(DatabaseUnavailable):
+            self._retry = self.clock.callLater(self.RETRY, self._seed)  # the ledger says why in the log
+            return
+        log.failure("budgets could not be seeded from the ledger; metered requests stay refused", failure)
 
 
 class ReloadOnHangup(service.Service):
@@ -333,7 +375,7 @@ class Daemon(service.MultiService):
     proxy: Proxy
     providers: ProviderRegistry | DemoProviders
     contexts: ContextRegistry
-    ledger: SqliteLedger
+    ledger: SqliteLedger | PostgresLedger
     inflight: InFlight
     metrics: Metrics
 
@@ -393,17 +435,24 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
             "Operator UI token (no CLLAMA_UI_TOKEN set): sign in with the contents of {path} (mode 0600)",
             path=token_path,
         )
-    ledger = SqliteLedger(
-        os.path.join(state_dir, "ledger.sqlite3"),
-        reactor,
-        sync=config.ledger_sync,
-        retention_seconds=config.ledger_retention,
-        backlog=config.ledger_backlog,
-        spill_dir=config.ledger_spill_dir,
-    )
+    # PostgreSQL when CLLAMA_DATABASE_URL (or DATABASE_URL) names one, else
+    # the state file (shared by the workers of one host); the demo keeps its own.
+    try:
+        backend = open_ledger(
+            {} if config.demo else config.env,
+            reactor,
+            state_dir=state_dir,
+            sync=config.ledger_sync,
+            retention_seconds=config.ledger_retention,
+            backlog=config.ledger_backlog,
+            spill_dir=config.ledger_spill_dir,
+        )
+    except DatabaseConfigError as e:
+        raise ConfigError(str(e)) from None
+    ledger = backend.ledger
     # Before the listeners: it is stopped after them, so in-flight rows land.
     ledger.setServiceParent(shared)
-    keys = VirtualKeyStore(ledger.path, reactor, reactor)
+    keys = VirtualKeyStore(backend.state_file, reactor, reactor)
     keys.setServiceParent(shared)
     history = None
     if config.session_history_dir:
