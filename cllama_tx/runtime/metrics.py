@@ -352,7 +352,8 @@ class Metrics:
 
     def local_families(self) -> list[Family]:
         """This process's figures (with what it carries), as plain data to publish."""
-        return merge_families([family_docs(self.registry.collect()), self._carried])
+        own = family_docs(self.registry.collect())
+        return merge_families([own, self._carried]) if self._carried else own
 
     def host_families(self) -> tuple[list[Family], int]:
         """

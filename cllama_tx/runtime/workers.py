@@ -65,6 +65,15 @@ STABLE_AFTER = 60.0
 STOP_MARGIN = 5.0
 """Seconds past the drain grace a worker gets to exit on SIGTERM before it is killed."""
 
+RELAY_PAUSE = 0.01
+"""
+After a short read of a worker's audit pipe, the supervisor leaves it
+this long before reading again, so one wake-up relays the lines of many
+requests instead of one (an audit line is at most this much later).
+"""
+
+_PIPE_READ = 8192  # what Twisted reads from a child's pipe at once: a full read means more waits
+
 # The environment of systemd's socket activation names the supervisor;
 # a worker gets its sockets by CLLAMA_WORKER_FDS instead.
 _NOT_FOR_WORKERS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
@@ -155,6 +164,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.ready = False
         self.hangup_pending = False
         self._status = b""
+        self._resume: Any = None
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # type: ignore[union-attr]
@@ -164,11 +174,18 @@ class WorkerProcess(protocol.ProcessProtocol):
             lines = self.relay.feed(data)
             if lines:
                 self.pool.write_audit(lines)
+            if len(data) < _PIPE_READ and self._resume is None:
+                self.transport.pauseProducing()  # type: ignore[union-attr]
+                self._resume = self.pool.clock.callLater(RELAY_PAUSE, self._read_again)
         elif childFD == STATUS_FD and not self.ready:
             self._status += data
             if READY in self._status:
                 self.ready = True
                 self.pool.worker_ready(self)
+
+    def _read_again(self) -> None:
+        self._resume = None
+        self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def childConnectionLost(self, childFD: int) -> None:
         if childFD == AUDIT_FD:
@@ -180,6 +197,9 @@ class WorkerProcess(protocol.ProcessProtocol):
                 )
 
     def processEnded(self, reason) -> None:
+        if self._resume is not None and self._resume.active():
+            self._resume.cancel()
+        self._resume = None
         self.pool.worker_ended(self, reason)
 
     def signal(self, name: str) -> None:
