@@ -32,6 +32,7 @@ from cllama_tx.governance.engine import build_governance
 from cllama_tx.governance.resolution import Router
 from cllama_tx.identity.contexts import ContextRegistry
 from cllama_tx.identity.operator import OperatorGuard
+from cllama_tx.identity.operator_sessions import SessionRows
 from cllama_tx.identity.throttle import FailureThrottle
 from cllama_tx.identity.virtual_keys import VirtualKeyStore
 from cllama_tx.interfaces import IProviderRegistry
@@ -50,6 +51,7 @@ from cllama_tx.runtime.connection_metrics import register as register_connection
 from cllama_tx.runtime.descriptors import fit_descriptors
 from cllama_tx.runtime.drain import DrainService, InFlight
 from cllama_tx.runtime.errors import ConfigError
+from cllama_tx.runtime.fleet import Fleet
 from cllama_tx.runtime.metrics import Metrics
 from cllama_tx.runtime.tls import upstream_tls_policy
 from cllama_tx.runtime.upstream import UpstreamClient
@@ -66,6 +68,8 @@ from cllama_tx.store.database import DatabaseUnavailable
 from cllama_tx.store.ledger import SqliteLedger
 from cllama_tx.store.ledger_sql import LedgerClosed
 from cllama_tx.store.pg_ledger import PostgresLedger
+from cllama_tx.store.shared import new_instance_id
+from cllama_tx.store.sqlite_database import SqliteDatabase
 
 log = Logger()
 
@@ -216,10 +220,12 @@ class GovernanceSeed(service.Service):
     LOOKBACK = 35 * 86400  # longer than any calendar period (a month)
     RETRY = 1.0  # seconds between two tries while the database is unavailable
 
-    def __init__(self, ledger, governance, clock) -> None:
+    def __init__(self, ledger, governance, clock, fleet=None) -> None:
         self.ledger = ledger
         self.governance = governance
         self.clock = clock
+        # Several instances: announced (and the ledger's cursor read) before the seed.
+        self.fleet = fleet
         self._release: Callable[[], None] | None = None
         self._retry: Any = None
         self.seeded = False
@@ -239,6 +245,8 @@ class GovernanceSeed(service.Service):
     def _seed(self) -> None:
         self._retry = None
         d = self.ledger.loaded()
+        if self.fleet is not None:
+            d.addCallback(lambda _: self.fleet.register())
         d.addCallback(lambda _: self.ledger.seed_data(self.clock.seconds() - self.LOOKBACK))
         d.addCallbacks(self._apply, self._failed)
 
@@ -438,6 +446,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
     # PostgreSQL when CLLAMA_DATABASE_URL (or DATABASE_URL) names one, else
     # the state file (shared by the workers of one host); the demo keeps its own.
     try:
+        # This process's name in a shared store (rows, reservations, changes).
+        instance = new_instance_id()
         backend = open_ledger(
             {} if config.demo else config.env,
             reactor,
@@ -446,14 +456,30 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
             retention_seconds=config.ledger_retention,
             backlog=config.ledger_backlog,
             spill_dir=config.ledger_spill_dir,
+            instance=instance,
         )
     except DatabaseConfigError as e:
         raise ConfigError(str(e)) from None
     ledger = backend.ledger
     # Before the listeners: it is stopped after them, so in-flight rows land.
     ledger.setServiceParent(shared)
-    keys = VirtualKeyStore(backend.state_file, reactor, reactor)
+    # Virtual keys (and, for several instances, the operator UI's sessions)
+    # in the shared store: PostgreSQL's pool, or the state file that the
+    # workers of one host share.
+    shared_store = backend.url.shared or backend.workers > 1
+    if backend.database is not None:
+        state_database = backend.database
+    else:
+        state_database = SqliteDatabase(backend.state_file, reactor)
+        state_database.setServiceParent(shared)  # stopped after the key store
+    fleet = None
+    if shared_store:
+        # Budgets, rate limits and operator changes decided across instances.
+        fleet = Fleet(state_database, reactor, instance)
+        fleet.setServiceParent(shared)
+    keys = VirtualKeyStore(state_database, reactor, reactor, shared=shared_store, instance=instance)
     keys.setServiceParent(shared)
+    session_rows = SessionRows(state_database, keys.instance) if keys.shared else None
     history = None
     if config.session_history_dir:
         history = SessionHistory(config.session_history_dir, reactor)
@@ -490,6 +516,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         runtime_overrides=None,
         alerts=alerts,
         ledger=ledger,
+        coordinator=fleet.coordinator if fleet is not None else None,
     )
 
     contexts = ContextRegistry(context_root, reactor)  # every context loaded here
@@ -554,8 +581,15 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         providers=providers,
         contexts=contexts,
         model_table=model_table,
+        changes=fleet.changes if fleet is not None else None,
     )
-    GovernanceSeed(ledger, governance, reactor).setServiceParent(shared)
+    GovernanceSeed(ledger, governance, reactor, fleet=fleet).setServiceParent(shared)
+    if fleet is not None:
+        fleet.follow_overrides(ledger, governance)
+        fleet.follow_keys(keys)
+        fleet.follow_reloads(operations)
+        if isinstance(providers, ProviderRegistry):
+            fleet.share_providers(providers)
     ReloadOnHangup(reactor, operations).setServiceParent(shared)
     ui_site = build_ui_site(
         UiApp(
@@ -575,6 +609,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
             keys=keys,
             metrics=metrics,
             model_table=model_table,
+            session_rows=session_rows,
         )
     )
     api_guard, ui_guard = build_guards(config, reactor)

@@ -241,7 +241,8 @@ def _register(tx, instance: str, host: str, now: float) -> int:
     import os
 
     tx.execute(
-        "INSERT INTO instances (instance, host, pid, started_at, seen_at) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO instances (instance, host, pid, started_at, seen_at) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (instance) DO UPDATE SET seen_at = excluded.seen_at",
         (instance, host, os.getpid(), now, now),
     )
     return int(tx.execute("SELECT COALESCE(MAX(id), 0) FROM requests").fetchone()[0])
