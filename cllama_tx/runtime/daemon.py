@@ -68,6 +68,7 @@ from cllama_tx.store.database import DatabaseUnavailable
 from cllama_tx.store.ledger import SqliteLedger
 from cllama_tx.store.ledger_sql import LedgerClosed
 from cllama_tx.store.pg_ledger import PostgresLedger
+from cllama_tx.store.postgres import PostgresDatabase
 from cllama_tx.store.shared import new_instance_id
 from cllama_tx.store.sqlite_database import SqliteDatabase
 
@@ -467,6 +468,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
     # in the shared store: PostgreSQL's pool, or the state file that the
     # workers of one host share.
     shared_store = backend.url.shared or backend.workers > 1
+    state_database: PostgresDatabase | SqliteDatabase
     if backend.database is not None:
         state_database = backend.database
     else:

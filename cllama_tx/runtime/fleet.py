@@ -91,14 +91,16 @@ class Fleet(service.MultiService):
 
         def changed(_subject):
             d = self.database.run(get_document, PROVIDERS_DOCUMENT)
-            return d.addCallback(lambda content: content is not None and _replace(path, content, providers))
+            return d.addCallback(_replace, path, providers)
 
         providers.on_operator_change.append(saved)
         self.changes.subscribe("provider_keys", changed)
 
 
-def _replace(path: str, content: str, providers) -> None:
+def _replace(content: str | None, path: str, providers) -> None:
     """Write C{content} over C{path} (mode 0600, atomically) when it differs, and reload."""
+    if content is None:
+        return
     try:
         with open(path, encoding="utf-8") as f:
             if f.read() == content:

@@ -134,8 +134,7 @@ class ChangeFeed(service.Service):
                         log.failure("applying a change ({kind}) failed", kind=kind)
                         continue
                     if isinstance(result, defer.Deferred):
-                        result.addErrback(lambda f, kind=kind: log.failure("applying a change ({kind}) failed",
-                                                                           f, kind=kind))
+                        result.addErrback(_log_failure, kind)
             return None
 
         def failed(failure):
@@ -144,6 +143,10 @@ class ChangeFeed(service.Service):
                 log.failure("reading the change feed failed", failure)
 
         return d.addCallbacks(read, failed)
+
+
+def _log_failure(failure, kind: str) -> None:
+    log.failure("applying a change ({kind}) failed", failure, kind=kind)
 
 
 def _read(tx, cursor: int | None, holes: list[int]):
