@@ -50,7 +50,7 @@ import builtins
 import collections
 import heapq
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -181,6 +181,8 @@ class VirtualKeyStore(service.Service):
     @param shared: other instances use the same database: a miss is read
         from it before it is refused.
     @param instance: this instance's name in the change feed.
+    @param after: called at start; the keys are loaded once its Deferred
+        fires (the ledger's C{loaded}: PostgreSQL's schema is migrated then).
     """
 
     def __init__(
@@ -196,6 +198,7 @@ class VirtualKeyStore(service.Service):
         miss_concurrency: int = 4,
         miss_backlog: int = 4096,
         negative_ttl: float = 1.0,
+        after: Callable[[], Any] | None = None,
     ) -> None:
         if isinstance(database, str):
             self.path: str | None = database
@@ -207,6 +210,7 @@ class VirtualKeyStore(service.Service):
         self.database = database
         self.shared = shared
         self.instance = instance or new_instance_id()
+        self._after = after
         self._clock = clock
         self._reactor = reactor
         self.expired_retention = expired_retention
@@ -301,8 +305,13 @@ class VirtualKeyStore(service.Service):
         self._loading = True
         started = self._begin_read()
         since = self._clock.seconds() - self.expired_retention
-        d = self._writes.run(self.database.run, key_rows.load, since)
+        d = self._writes.run(self._read_all, since)
         d.addBoth(self._loaded, started)
+
+    def _read_all(self, since: float) -> defer.Deferred:
+        if self._after is None:
+            return self.database.run(key_rows.load, since)
+        return defer.maybeDeferred(self._after).addCallback(lambda _: self.database.run(key_rows.load, since))
 
     def _loaded(self, result: Any, started: int) -> None:
         self._loading = False

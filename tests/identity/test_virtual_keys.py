@@ -603,6 +603,24 @@ class StoreTests(StoreTestMixin, TestCase):
         self.assertIsNone(store.get(vk.token_hash))
         self.assertEqual(len(store), 1)
 
+    async def test_loads_once_what_it_waits_for_has_fired(self):
+        """The daemon's store waits for the ledger (PostgreSQL's schema is migrated then)."""
+        store = VirtualKeyStore(self.path, self.clock, reactor)
+        store.startService()
+        key, _ = await self.create(store)
+        await store.stopService()
+        gate = defer.Deferred()
+        store = VirtualKeyStore(self.path, self.clock, reactor, after=lambda: gate)
+        store.startService()
+        self.addCleanup(store.stopService)
+        loaded = store.when_loaded()
+        await store.database.run(lambda tx: None)  # a load asked for would be done by now
+        self.assertFalse(loaded.called)
+        self.assertEqual(store.status(key), "unchecked")
+        gate.callback(None)
+        await loaded
+        self.assertIsNotNone(store.lookup(key))
+
     async def test_writes_need_a_running_store(self):
         store = VirtualKeyStore(self.path, self.clock, reactor)
         self.assertRaises(StoreClosed, store.create)

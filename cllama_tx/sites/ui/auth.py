@@ -70,6 +70,10 @@ MAX_SESSIONS = 1000
 #: How often a session's use is written to the shared store: its idle time
 #: on another instance counts from there (to within this many seconds).
 TOUCH_INTERVAL = 60.0
+#: A cached session confirmed by the shared store longer ago than this is read
+#: again before it is trusted: a sign-out on another instance ends it here within
+#: this many seconds even before the change feed says so.
+RECHECK_INTERVAL = 5.0
 
 
 # --- the token file ------------------------------------------------------------
@@ -177,6 +181,8 @@ class Session:
     flash: list = attrs.Factory(list)
     # last_seen as the shared store has it.
     stored_seen: float = 0.0
+    # When the shared store last confirmed the session.
+    checked_at: float = 0.0
 
     @property
     def handle(self) -> str:
@@ -193,7 +199,9 @@ class SessionStore:
     is stored, L{needs_lookup} and L{load} read a session this instance has
     not seen (or has seen idle) before its request is served, L{end} signs
     out everywhere, and L{reload} (the change feed's C{ui_session}) drops a
-    session another instance signed out.  Flash messages stay on the
+    session another instance signed out.  A cached session is confirmed
+    again every C{recheck} seconds, so a sign-out elsewhere ends it here
+    soon even without the change feed.  Flash messages stay on the
     instance that made them.
     """
 
@@ -204,12 +212,14 @@ class SessionStore:
         idle: float = DEFAULT_SESSION_IDLE,
         maximum: int = MAX_SESSIONS,
         rows: SessionRows | None = None,
+        recheck: float = RECHECK_INTERVAL,
     ) -> None:
         self._clock = clock
         self.lifetime = lifetime
         self.idle = idle
         self.maximum = maximum
         self.rows = rows
+        self.recheck = recheck
         self._sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
         self._by_hash: dict[str, str] = {}  # cached sessions' hashes -> ids (shared store only)
         # Signed out here: never read back from the store (hash -> until).
@@ -252,7 +262,8 @@ class SessionStore:
         now = self._clock.seconds()
         session_id = secrets.token_urlsafe(32)
         session = Session(
-            id=session_id, csrf=csrf_token(session_id), created=now, last_seen=now, name=name, stored_seen=now
+            id=session_id, csrf=csrf_token(session_id), created=now, last_seen=now, name=name, stored_seen=now,
+            checked_at=now,
         )
         self._cache(session)
         if self.rows is None:
@@ -271,11 +282,15 @@ class SessionStore:
 
     def valid(self, session: Session) -> bool:
         now = self._clock.seconds()
-        return (
+        valid = (
             self._sessions.get(session.id) is session
             and now - session.created < self.lifetime
             and now - session.last_seen < self.idle
         )
+        if valid and self._lookups is not None and now - session.checked_at >= self.recheck:
+            # A long-lived use (a live stream) learns of a sign-out elsewhere too.
+            self.load(session.id).addErrback(lambda _: None)
+        return valid
 
     def get(self, session_id: str | None, touch: bool = True) -> Session | None:
         if not session_id:
@@ -302,7 +317,8 @@ class SessionStore:
         """
         Whether C{session_id} must be read from the shared store before
         L{get} can answer: not cached here (and not known absent), or
-        cached but idle here while it may have been used elsewhere.
+        cached but not confirmed for C{recheck} seconds (signed out
+        elsewhere, or used elsewhere while idle here).
         """
         if self._lookups is None or not looks_like_session_id(session_id):
             return False
@@ -312,7 +328,7 @@ class SessionStore:
             token = session_hash(session_id)
             return token not in self._ended and not self._lookups.known_absent(token)
         now = self._clock.seconds()
-        return now - session.created < self.lifetime and now - session.last_seen >= self.idle
+        return now - session.created < self.lifetime and now - session.checked_at >= self.recheck
 
     def load(self, session_id: str) -> defer.Deferred:
         """
@@ -333,12 +349,14 @@ class SessionStore:
                     self._uncache(cached)
                 return
             name, created, last_seen = row
+            now = self._clock.seconds()
             if cached is not None:
                 cached.last_seen = max(cached.last_seen, last_seen)
                 cached.stored_seen = max(cached.stored_seen, last_seen)
+                cached.checked_at = now
                 return
             self._cache(Session(id=session_id, csrf=csrf_token(session_id), created=created, last_seen=last_seen,
-                                name=name, stored_seen=last_seen))
+                                name=name, stored_seen=last_seen, checked_at=now))
 
         return self._lookups.get(token).addCallback(found)
 

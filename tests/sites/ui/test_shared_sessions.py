@@ -21,7 +21,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from cllama_tx.identity.lookups import LookupsBusy
 from cllama_tx.identity.operator_sessions import SessionRows, csrf_token, session_hash
-from cllama_tx.sites.ui.auth import TOUCH_INTERVAL, SessionStore
+from cllama_tx.sites.ui.auth import RECHECK_INTERVAL, TOUCH_INTERVAL, SessionStore
 from cllama_tx.store.database import DatabaseUnavailable
 from tests.identity.backends import PostgresBackend, SqliteBackend
 from tests.sites.ui.support import UiClient, UiHarness
@@ -98,6 +98,21 @@ class SharedSessionStoreMixin:
         c = self.store("host-c:3:cc")
         await c.load(session.id)
         self.assertIsNone(c.get(session.id))
+
+    async def test_a_sign_out_elsewhere_ends_it_here_within_the_recheck(self):
+        session = await self.a.create_saved()
+        await self.b.load(session.id)
+        cached = self.b.get(session.id)
+        await self.a.end(session)  # no change feed here: B is not told
+        self.assertFalse(self.b.needs_lookup(session.id))  # confirmed a moment ago
+        self.assertIs(self.b.get(session.id), cached)
+        self.clock.advance(RECHECK_INTERVAL)
+        self.assertTrue(self.b.needs_lookup(session.id))  # a request waits for it to be read again
+        # A live stream's periodic check reads it again in the background.
+        self.assertTrue(self.b.valid(cached))
+        await self.b.load(session.id)
+        self.assertFalse(self.b.valid(cached))
+        self.assertIsNone(self.b.get(session.id))
 
     async def test_idle_time_counts_on_every_instance(self):
         session = await self.a.create_saved()
