@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 
 import psycopg
 import treq
@@ -24,6 +26,7 @@ from tests.runtime.test_daemon import spawn_daemon
 from tests.support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
 
 MASTER = "sk-fleet-master-key-0123456789abcdef"
+WORKER_READY = re.compile(rb"worker (\d+) \(pid (\d+)\) ready")
 AUTH = {"Authorization": f"Bearer {AGENT}:{SECRET}"}
 
 
@@ -357,3 +360,24 @@ class SqliteWorkersTests(TestCase):
         url = yield self.start()
         # Many new connections: the kernel spreads them over both workers.
         yield _key_roundtrip(self, url, [url] * 8)
+
+    @defer.inlineCallbacks
+    def test_kill_9_of_one_worker_loses_no_completed_request(self):
+        """One worker killed under load: every answer either worker gave is in the state file."""
+        url = yield self.start()
+        pids = {int(i): int(p) for i, p in WORKER_READY.findall(self.process.stderr)}
+        self.assertEqual(len(pids), 2)
+        completed = yield _load_then(self, [url], lambda: os.kill(pids[0], signal.SIGKILL))
+        import sqlite3
+
+        db = sqlite3.connect(os.path.join(self.state, "ledger.sqlite3"))
+        self.addCleanup(db.close)
+        recorded = {row[0] for row in db.execute("SELECT request_id FROM requests")}
+        self.assertEqual([rid for rid in completed if rid not in recorded], [])
+        self.assertGreater(len(completed), 100)
+        # The supervisor started a new worker 0, and both serve.
+        def restarted():
+            starts = [int(p) for i, p in WORKER_READY.findall(self.process.stderr) if int(i) == 0]
+            return defer.succeed(len(starts) == 2 and starts[1] != pids[0])
+
+        yield _eventually(restarted, timeout=30.0)
