@@ -243,6 +243,35 @@ class PostgresFleetTests(TestCase):
         yield _eventually(admitted, timeout=3.0)
 
     @defer.inlineCallbacks
+    def test_provider_key_and_reload_reach_every_daemon(self):
+        """A provider key an operator adds on one daemon lands in the other's providers.json; a reload reloads both."""
+        yield self.start_fleet(count=2)
+        http = _http(self)
+        ui = f"http://127.0.0.1:{self.daemons[0][3]['UI']}"
+        operator = {"Authorization": "Bearer fleet-ui-token-0123456789", "Accept": "application/json"}
+        added = yield http.post(ui + "/providers/keys", data={"provider": "openai", "secret": "sk-added-on-d0-123456",
+                                                              "label": "second"}, headers=operator)
+        doc = yield added.json()
+        self.assertEqual(added.code, 200, doc)
+        other = os.path.join(self.fleet.base, "d1", "auth", "providers.json")
+
+        def copied():
+            try:
+                with open(other) as f:
+                    return defer.succeed(doc["key_id"] in f.read())
+            except OSError:
+                return defer.succeed(False)
+
+        yield _eventually(copied, timeout=3.0)
+        self.assertEqual(os.stat(other).st_mode & 0o777, 0o600)
+        reloaded = yield http.post(ui + "/api/reload", headers=operator)
+        yield reloaded.content()
+        self.assertEqual(reloaded.code, 200)
+        yield self.daemons[1][0].wait_for_audit(lambda lines: any(
+            line.get("type") == "operator" and line.get("action") == "reload" and line.get("actor") == "another instance"
+            for line in lines))
+
+    @defer.inlineCallbacks
     def test_kill_9_of_one_daemon_loses_no_completed_request(self):
         urls = yield self.start_fleet()
         completed = yield _load_then(self, urls, lambda: self.daemons[0][1].signalProcess("KILL"))
