@@ -479,7 +479,10 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         # Budgets, rate limits and operator changes decided across instances.
         fleet = Fleet(state_database, reactor, instance)
         fleet.setServiceParent(shared)
-    keys = VirtualKeyStore(state_database, reactor, reactor, shared=shared_store, instance=instance)
+    # Loaded once the ledger is (PostgreSQL's schema is migrated then).
+    keys = VirtualKeyStore(
+        state_database, reactor, reactor, shared=shared_store, instance=instance, after=ledger.loaded
+    )
     keys.setServiceParent(shared)
     session_rows = SessionRows(state_database, keys.instance) if keys.shared else None
     history = None
@@ -614,6 +617,9 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
             session_rows=session_rows,
         )
     )
+    if fleet is not None:
+        # A session signed out on another instance is dropped here at once.
+        fleet.changes.subscribe("ui_session", ui_site.ui.sessions.reload)
     api_guard, ui_guard = build_guards(config, reactor)
     api_site.set_guard(api_guard)
     ui_site.set_guard(ui_guard)
