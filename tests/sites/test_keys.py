@@ -492,6 +492,19 @@ class HealthTests(KeyApiTestCase):
         response, body = await self.call("GET", "/health/readiness", token=None)
         self.assertEqual((response.code, body["db"]), (503, "disconnected"))
 
+    async def test_readiness_waits_for_the_keys(self):
+        gate = defer.Deferred()
+        loading = VirtualKeyStore(self.path, self.clock, reactor, after=lambda: gate)
+        loading.startService()
+        self.addCleanup(loading.stopService)
+        self.serve(KeyApi(loading, master_key=self.master, ledger=self.ledger, clock=self.clock))
+        response, body = await self.call("GET", "/health/readiness", token=None)
+        self.assertEqual((response.code, body["virtual_keys"]), (503, "loading"))
+        gate.callback(None)
+        await loading.when_loaded()
+        response, body = await self.call("GET", "/health/readiness", token=None)
+        self.assertEqual((response.code, body["virtual_keys"]), (200, "loaded"))
+
     async def test_readiness_needs_the_key_store(self):
         await self.store.stopService()
         response, body = await self.call("GET", "/health/readiness", token=None)

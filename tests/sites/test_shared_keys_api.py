@@ -19,7 +19,7 @@ from cllama_tx.testing import Reply, openai_completion
 from tests.identity.backends import PostgresBackend, SqliteBackend
 from tests.secret_scan import SCANNER
 from tests.sites.test_api_request_line import raw
-from tests.support import ProxyHarness, chat_body
+from tests.support import MASTER_KEY, ProxyHarness, chat_body
 
 
 def gigabyte_request(key: str, path: bytes = b"/v1/chat/completions") -> bytes:
@@ -114,6 +114,12 @@ class SharedKeysApiMixin:
         self.assertEqual(self.h.fake.received, [])
         lines = [line for line in self.h.audit_lines() if line["type"] == "error"]
         self.assertEqual([line["status_code"] for line in lines], [503, 503])
+        # Key administration cannot write either: a 503, and nothing changed.
+        response = await self.h.post("/key/generate", {"user_id": "u"}, token=MASTER_KEY)
+        self.assertEqual(response.code, 503)
+        self.assertEqual((await response.json())["error"]["type"], "service_unavailable")
+        self.assertEqual(len(self.server), 0)
+        self.flushLoggedErrors()
         await self.make_available(self.database)
         self.h.fake.enqueue(*[Reply(json=openai_completion("hi", "gpt-4o-mini", 3, 1)) for _ in range(10)])
         for _ in range(10):  # each pool connection the outage ended is replaced on its next use
