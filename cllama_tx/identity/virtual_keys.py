@@ -113,6 +113,8 @@ DEFAULT_EXPIRED_RETENTION = 7 * 86400.0
 PRUNE_INTERVAL = 3600.0
 #: A load that failed (the database unavailable at start) is tried again after this.
 LOAD_RETRY = 2.0
+# Changes remembered for the reads in flight before they are pruned.
+_STAMPS_KEPT = 4096
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -236,7 +238,7 @@ class VirtualKeyStore(service.Service):
         self._load_waiters: list[defer.Deferred] = []
         # What keeps a read from undoing a newer change (see _fresh).
         self._epoch = 0
-        self._reads = 0
+        self._reads: collections.Counter[int] = collections.Counter()  # start epochs of reads in flight
         self._stamps: dict[str, int] = {}
         self._pending: collections.Counter[str] = collections.Counter()
         # Deleted here, not (yet) committed: never read back from the database.
@@ -329,7 +331,7 @@ class VirtualKeyStore(service.Service):
             keys, teams = result
             self._sync(keys, teams, started)
         finally:
-            self._end_read()
+            self._end_read(started)
         self.loaded = True
         self._load_error = None
         waiters, self._load_waiters = self._load_waiters, []
@@ -481,7 +483,7 @@ class VirtualKeyStore(service.Service):
             self._apply(token_hash, found.get(token_hash), started)
             return self._keys.get(token_hash)
 
-        return d.addCallback(apply).addBoth(self._read_ended)
+        return d.addCallback(apply).addBoth(self._read_ended, started)
 
     def reload_team(self, team_id: str | None) -> defer.Deferred:
         """Re-read one team's settings (None: every team's) after another instance changed them."""
@@ -496,7 +498,7 @@ class VirtualKeyStore(service.Service):
             self._apply_team(team_id, found.get(team_id), started)
             return self.team_aliases(team_id)
 
-        return d.addCallback(apply).addBoth(self._read_ended)
+        return d.addCallback(apply).addBoth(self._read_ended, started)
 
     def reload_all(self) -> defer.Deferred:
         """Re-read every key and team: memory becomes what the database has."""
@@ -506,7 +508,7 @@ class VirtualKeyStore(service.Service):
         since = self._clock.seconds() - self.expired_retention
         d = self.database.run(key_rows.load, since)
         d.addCallback(lambda result: self._sync(result[0], result[1], started))
-        return d.addBoth(self._read_ended)
+        return d.addBoth(self._read_ended, started)
 
     def _read_misses(self, hashes: builtins.list[str]) -> defer.Deferred:
         """C{MissLookups}' fetch: the live keys among C{hashes}, put in memory."""
@@ -519,22 +521,29 @@ class VirtualKeyStore(service.Service):
                 self._apply(token_hash, vk, started)
             return found
 
-        return d.addCallback(apply).addBoth(self._read_ended)
+        return d.addCallback(apply).addBoth(self._read_ended, started)
 
     # -- reads racing writes
 
     def _begin_read(self) -> int:
-        self._reads += 1
         self._epoch += 1
+        self._reads[self._epoch] += 1
         return self._epoch
 
-    def _end_read(self) -> None:
-        self._reads -= 1
-        if self._reads == 0:
+    def _end_read(self, started: int) -> None:
+        self._reads[started] -= 1
+        if self._reads[started] <= 0:
+            del self._reads[started]
+        if not self._reads:
             self._stamps.clear()  # every later read starts after every stamp
+        elif len(self._stamps) > _STAMPS_KEPT:
+            # Reads never all end under a steady flow of misses: forget the
+            # stamps no read in flight can be older than.
+            oldest = min(self._reads)
+            self._stamps = {subject: at for subject, at in self._stamps.items() if at > oldest}
 
-    def _read_ended(self, result: Any) -> Any:
-        self._end_read()
+    def _read_ended(self, result: Any, started: int) -> Any:
+        self._end_read(started)
         return result
 
     def _stamp_write(self, subject: str) -> None:
