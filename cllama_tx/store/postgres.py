@@ -122,6 +122,9 @@ class PostgresDatabase(service.Service):
         self._heartbeat: task.LoopingCall | None = None
         self.available = False
         self.last_error: str | None = None
+        # Bumped when the database is found unavailable: every connection
+        # opened before is then presumed dead and re-opened before its next use.
+        self._generation = 0
         # Called on the reactor thread with the new state when it changes.
         self.on_availability: list[Callable[[bool], None]] = []
 
@@ -194,6 +197,8 @@ class PostgresDatabase(service.Service):
 
     def _set_available(self, up: bool, error: str | None) -> None:
         changed = up != self.available
+        if not up:
+            self._generation += 1
         self.available = up
         self.last_error = error
         if not changed:
@@ -214,8 +219,10 @@ class PostgresDatabase(service.Service):
 
     def _connection(self) -> Any:
         conn = getattr(self._local, "conn", None)
-        if conn is not None and not conn.closed:
+        if conn is not None and not conn.closed and getattr(self._local, "generation", None) == self._generation:
             return conn
+        if conn is not None:
+            self._drop(conn)
         psycopg = _psycopg()
         try:
             conn = psycopg.connect(
@@ -231,6 +238,7 @@ class PostgresDatabase(service.Service):
         except psycopg.Error as e:
             raise DatabaseUnavailable(self._describe(e)) from None
         self._local.conn = conn
+        self._local.generation = self._generation
         with self._connections_lock:
             self._connections.append(conn)
         return conn

@@ -81,3 +81,35 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class OutageTests(unittest.TestCase):
+    """A server that goes away and comes back, with a cluster of the test's own."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_first_transaction_after_recovery_succeeds(self):
+        """Connections opened before an outage are re-opened, not found broken by the next caller."""
+        from cllama_tx.testing.postgres import PostgresCluster
+
+        cluster = PostgresCluster()
+        cluster.start()
+        self.addCleanup(cluster.destroy)
+        db = PostgresDatabase(parse_database_url(cluster.database()), reactor, threads=2, heartbeat=3600)
+        self.addCleanup(db.close)
+        yield db.connect_and_migrate()
+
+        def slow(tx):
+            return tx.execute("SELECT pg_sleep(0.3), 42").fetchone()[1]
+
+        # Both threads hold a connection.
+        yield defer.gatherResults([db.run(slow), db.run(slow)])
+        self.assertEqual(len(db._connections), 2)
+        cluster.stop()
+        yield self.assertFailure(db.run(lambda tx: tx.execute("SELECT 1").fetchone()), DatabaseUnavailable)
+        self.assertFalse(db.available)
+        cluster.start()
+        answers = yield defer.gatherResults([db.run(slow), db.run(slow)])
+        self.assertEqual(answers, [42, 42])
+        self.assertTrue(db.available)
