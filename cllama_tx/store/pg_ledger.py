@@ -67,7 +67,7 @@ from cllama_tx.store.postgres import PostgresDatabase, migrate
 from cllama_tx.store.records import LedgerRow
 from cllama_tx.store.shared import lock_names, new_instance_id, row_scopes
 from cllama_tx.store.spill import SpillError, read_spill, remove_spill, spill_path, write_spill
-from cllama_tx.store.totals import is_metered, text_or_none, utc_day
+from cllama_tx.store.totals import Totals, is_metered, text_or_none, utc_day
 from cllama_tx.store.writer import HELD, MAX_BATCH, RETRY_FIRST, RETRY_MAX, Call, Row
 
 __all__ = ["ROWS_LOCK", "PostgresLedger", "SynchronousRead"]
@@ -217,6 +217,7 @@ class PostgresLedger(LedgerBase, service.Service):
         self.database.on_availability.append(self._availability)
         self._state = "loading"
         self._load_failure = None
+        self._totals = Totals()  # a ledger started again counts from what is stored
         self._load()
 
     def loaded(self) -> defer.Deferred:

@@ -99,6 +99,16 @@ class PostgresLifeCycleTests(PostgresBackend, LifeCycleTestsMixin, TestCase):
         self.assertIn("spend_timeline_async", str(error))
         self.assertRaises(SynchronousRead, ledger.scope_timeline, "key_id", 0)
 
+    async def test_started_again_counts_once(self) -> None:
+        ledger = await self.start_ledger()
+        await ledger.record(row("r1"))
+        await ledger.close()
+        ledger.startService()  # the same object, its pool started again
+        await ledger.loaded()
+        self.assertEqual(ledger.totals().requests, 1)
+        await ledger.record(row("r2"))
+        self.assertEqual(await ledger.count(), 2)
+
     async def test_rows_carry_the_instance(self) -> None:
         ledger = await self.start_ledger(instance="host-a:1:aa")
         await ledger.record(row("r1"))

@@ -88,7 +88,14 @@ class ServerStoppedTests(ServerCase):
     async def test_rows_are_held_and_land_once_when_the_server_returns(self) -> None:
         ledger = await self.start_ledger(backlog=100)
         await ledger.record(row("before"))
+        down: defer.Deferred = defer.Deferred()
+        ledger.database.on_availability.append(lambda up: None if up or down.called else down.callback(None))
         await self.stop_server()
+        await down  # the database's heartbeat found it gone
+        # Before any row is held: budgets are refused at once, the rest may go on.
+        self.assertIn("budget", ledger.admission_refusal(budgeted=True))
+        self.assertIsNone(ledger.admission_refusal(budgeted=False))
+        self.assertEqual(ledger.health()["state"], "failing")
         first = [ledger.record(row(f"r{i}")) for i in range(5)]  # one turn: one failed batch
         self.assertEqual(await defer.gatherResults(first), [HELD] * 5)
         self.assertEqual(await ledger.record(row("r5", cost_usd=0.5, key_id="k1")), HELD)
