@@ -10,8 +10,8 @@ subscribed to their kind with their subject, which re-read what they name.
 
 PostgreSQL hands out serial ids at insert time, so a row with a smaller id
 can become visible after a larger one: the ids skipped over are kept as
-holes (L{Holes}) and asked for again until L{HOLE_PATIENCE} has passed
-(a rolled-back insert leaves a hole that never fills).
+holes and asked for again (L{cllama_tx.store.id_cursor}), and each change
+is delivered once.
 """
 
 from __future__ import annotations
@@ -24,51 +24,16 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from cllama_tx.store.database import DatabaseUnavailable
+from cllama_tx.store.id_cursor import IdCursor
 from cllama_tx.store.shared import CHANGE_KINDS, record_change
 
-__all__ = ["ChangeFeed", "Holes"]
+__all__ = ["ChangeFeed"]
 
 log = Logger(namespace="cllama_tx.changes")
 
 POLL_INTERVAL = 0.5
+# A writer's transaction commits within seconds of taking its id.
 HOLE_PATIENCE = 30.0
-MAX_HOLES = 10000
-
-
-class Holes:
-    """
-    Pure: ids skipped over by a cursor, each kept until it is seen or
-    L{HOLE_PATIENCE} seconds old (and at most L{MAX_HOLES}, oldest dropped).
-    """
-
-    def __init__(self, patience: float = HOLE_PATIENCE, limit: int = MAX_HOLES) -> None:
-        self._patience = patience
-        self._limit = limit
-        self._since: dict[int, float] = {}
-
-    def __len__(self) -> int:
-        return len(self._since)
-
-    def ids(self, now: float) -> list[int]:
-        """The holes still worth asking for."""
-        expired = [i for i, t in self._since.items() if now - t > self._patience]
-        for i in expired:
-            del self._since[i]
-        return sorted(self._since)
-
-    def observe(self, cursor: int, seen: list[int], now: float) -> int:
-        """Record what a read after C{cursor} returned; returns the new cursor."""
-        for i in seen:
-            self._since.pop(i, None)
-        fresh = sorted(i for i in seen if i > cursor)
-        expected = cursor + 1
-        for i in fresh:
-            for missing in range(expected, i):
-                self._since.setdefault(missing, now)
-            expected = i + 1
-        while len(self._since) > self._limit:
-            del self._since[min(self._since)]
-        return max([cursor, *fresh])
 
 
 class ChangeFeed(service.Service):
@@ -82,8 +47,7 @@ class ChangeFeed(service.Service):
         self.instance = instance
         self._interval = interval
         self._handlers: dict[str, list[Callable[[str | None], Any]]] = {}
-        self._cursor: int | None = None
-        self._holes = Holes()
+        self._cursor: IdCursor | None = None
         self._loop: task.LoopingCall | None = None
         self._polling: defer.Deferred | None = None
 
@@ -115,18 +79,25 @@ class ChangeFeed(service.Service):
         if self._polling is not None:
             return self._polling
         now = self._reactor.seconds()
-        d = self._polling = self.database.run(_read, self._cursor, self._holes.ids(now))
+        cursor = self._cursor
+        if cursor is None:
+            d = self._polling = self.database.run(_read, None, [])
+        else:
+            cursor.expire(now)
+            d = self._polling = self.database.run(_read, cursor.high, cursor.holes)
 
         def read(result):
             self._polling = None
-            cursor, rows = result
+            high, rows = result
             if self._cursor is None:
-                self._cursor = cursor  # the first read only finds where the feed is
+                # The first read only finds where the feed is.
+                self._cursor = IdCursor(high, patience=HOLE_PATIENCE)
                 return None
-            self._cursor = self._holes.observe(self._cursor, [r[0] for r in rows], now)
-            for _id, writer, kind, subject in rows:
-                if writer == self.instance:
+            new = set(self._cursor.seen([r[0] for r in rows], now))
+            for row_id, writer, kind, subject in sorted(rows):
+                if writer == self.instance or row_id not in new:
                     continue
+                new.discard(row_id)
                 for handler in self._handlers.get(kind, ()):
                     try:
                         result = handler(subject)

@@ -12,33 +12,12 @@ import tempfile
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from cllama_tx.store.changes import ChangeFeed, Holes
+from cllama_tx.store.changes import ChangeFeed
 from cllama_tx.store.database import parse_database_url
 from cllama_tx.store.postgres import PostgresDatabase
 from cllama_tx.store.shared import SQLITE_COORDINATION_SCHEMA, record_change
 from cllama_tx.store.sqlite_database import SqliteDatabase
 from cllama_tx.testing.postgres import shared_cluster
-
-
-class HolesTests(unittest.TestCase):
-    def test_gap_becomes_hole_until_seen(self):
-        holes = Holes(patience=10)
-        cursor = holes.observe(0, [1, 2, 5], now=0)
-        self.assertEqual(cursor, 5)
-        self.assertEqual(holes.ids(1), [3, 4])
-        holes.observe(cursor, [4], now=2)
-        self.assertEqual(holes.ids(3), [3])
-
-    def test_hole_expires(self):
-        holes = Holes(patience=10)
-        holes.observe(0, [3], now=0)
-        self.assertEqual(holes.ids(5), [1, 2])
-        self.assertEqual(holes.ids(11), [])
-
-    def test_bounded(self):
-        holes = Holes(patience=10, limit=3)
-        holes.observe(0, [10], now=0)
-        self.assertEqual(holes.ids(0), [7, 8, 9])
 
 
 class FeedMixin:
