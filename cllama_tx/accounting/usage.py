@@ -23,6 +23,7 @@ __all__ = [
     "ANTHROPIC",
     "IMAGE_TOKENS",
     "OPENAI",
+    "RESPONSES",
     "WIRE_FORMATS",
     "SseTap",
     "RAW_BYTES_PER_TOKEN",
@@ -35,7 +36,10 @@ __all__ = [
 
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
-WIRE_FORMATS = frozenset({OPENAI, ANTHROPIC})
+# The OpenAI Responses API: usage in the response object (JSON, and the
+# stream's response.completed / .incomplete / .failed).
+RESPONSES = "responses"
+WIRE_FORMATS = frozenset({OPENAI, ANTHROPIC, RESPONSES})
 
 #: Counts above this are treated as garbage, not usage (they would not fit
 #: a ledger column and no response is that large).
@@ -48,7 +52,7 @@ def _check_format(wire_format: str) -> bool:
     """True for Anthropic; L{ValueError} for a format this module does not know."""
     if wire_format == ANTHROPIC:
         return True
-    if wire_format == OPENAI:
+    if wire_format in (OPENAI, RESPONSES):
         return False
     raise ValueError(f"unknown wire format {wire_format!r}")
 
@@ -123,6 +127,33 @@ def _fill_openai(target: Usage, u: Mapping[str, Any]) -> None:
     target.seen = True
 
 
+def _fill_responses(target: Usage, u: Mapping[str, Any]) -> None:
+    """
+    Replace C{target}'s numbers with a Responses C{usage} object:
+    C{input_tokens} includes the cache reads
+    (C{input_tokens_details.cached_tokens}) and writes
+    (C{cache_write_tokens}), C{output_tokens} the reasoning
+    (C{output_tokens_details.reasoning_tokens}); parts that do not fit are
+    kept as reported, as on the chat format.
+    """
+    details = _dict(u.get("input_tokens_details"))
+    _fill_openai(
+        target,
+        {
+            "prompt_tokens": u.get("input_tokens"),
+            "completion_tokens": u.get("output_tokens"),
+            "prompt_tokens_details": {
+                "cached_tokens": details.get("cached_tokens"),
+                "cache_write_tokens": details.get("cache_write_tokens"),
+            },
+            "completion_tokens_details": {
+                "reasoning_tokens": _dict(u.get("output_tokens_details")).get("reasoning_tokens")
+            },
+            "cost": u.get("cost"),
+        },
+    )
+
+
 _ANTHROPIC_FIELDS = (
     ("input_tokens", "input_tokens"),
     ("cache_read_input_tokens", "cache_read_tokens"),
@@ -162,6 +193,8 @@ def usage_from_json(doc: Any, wire_format: str) -> Usage:
     if isinstance(u, dict):
         if anthropic:
             _fill_anthropic(usage, u)
+        elif wire_format == RESPONSES:
+            _fill_responses(usage, u)
         else:
             _fill_openai(usage, u)
     return usage
@@ -191,6 +224,20 @@ _ANTHROPIC_KINDS = frozenset(
         "error",
     }
 )
+#: Responses events whose C{delta} is generated text.
+_RESPONSES_TEXT_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+    }
+)
+#: The events a Responses stream ends with (they carry the usage).
+_RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
 #: Events whose unparseable data is no generated text.
 _ANTHROPIC_NO_CONTENT = frozenset({"message_stop", "ping", "error"})
 
@@ -264,6 +311,8 @@ def output_chars_from_json(doc: Any, wire_format: str) -> int:
                 if type(v) is str:
                     n += len(v)
         return n
+    if wire_format == RESPONSES:
+        return _responses_output_chars(doc.get("output"))
     choices = doc.get("choices")
     if type(choices) is list:
         for choice in choices:
@@ -271,6 +320,33 @@ def output_chars_from_json(doc: Any, wire_format: str) -> int:
                 message = choice.get("message")
                 if type(message) is dict:
                     n += _openai_message_chars(message)
+    return n
+
+
+#: Responses output items: the fields holding generated text, per content part.
+_RESPONSES_PART_TEXT = {"output_text": "text", "refusal": "refusal", "summary_text": "text", "reasoning_text": "text"}
+
+
+def _responses_output_chars(output: Any) -> int:
+    """Generated text in a Response's C{output}: message text, refusals, call arguments, reasoning."""
+    n = 0
+    if type(output) is not list:
+        return 0
+    for item in output:
+        if type(item) is not dict:
+            continue
+        v = item.get("arguments")
+        if type(v) is str:
+            n += len(v)
+        for key in ("content", "summary"):
+            parts = item.get(key)
+            if type(parts) is list:
+                for part in parts:
+                    if type(part) is dict:
+                        field = _RESPONSES_PART_TEXT.get(part.get("type"))  # type: ignore[arg-type]
+                        v = part.get(field) if field else None
+                        if type(v) is str:
+                            n += len(v)
     return n
 
 
@@ -330,7 +406,12 @@ class SseTap:
         "events",
         "saw_terminal",
         "error_event",
+        "response_id",
+        "response_model",
+        "created_at",
+        "sequence_number",
         "_anthropic",
+        "_responses",
         "_strip",
         "_extra",
         "_max",
@@ -354,8 +435,9 @@ class SseTap:
         max_event_bytes: int = 1 << 20,
     ) -> None:
         self._anthropic = _check_format(wire_format)
-        self._strip = bool(strip_usage_chunk) and not self._anthropic
-        self._extra = None if self._anthropic else usage_chunk_extra
+        self._responses = wire_format == RESPONSES
+        self._strip = bool(strip_usage_chunk) and not self._anthropic and not self._responses
+        self._extra = None if self._anthropic or self._responses else usage_chunk_extra
         self._max = max_event_bytes
         self.usage = Usage()
         self.usage_final = False
@@ -364,6 +446,12 @@ class SseTap:
         self.events = 0
         self.saw_terminal = False
         self.error_event: dict | None = None
+        # Responses streams: what a failure event the proxy writes must
+        # carry (the response's id, model and time; the next sequence number).
+        self.response_id: str | None = None
+        self.response_model: str | None = None
+        self.created_at = 0
+        self.sequence_number = 0
         # The current partial event, from its first byte (empty while an
         # oversized event is passed through).
         self._buf = bytearray()
@@ -624,7 +712,57 @@ class SseTap:
         payload = datas[0] if len(datas) == 1 else b"\n".join(datas)
         if self._anthropic:
             return self._anthropic_event(name, payload)
+        if self._responses:
+            return self._responses_event(name, payload)
         return self._openai_event(name, payload, rewrite)
+
+    def _responses_event(self, name: Any, payload: Any) -> Any:
+        """
+        One Responses event: text deltas counted, the response's id noted,
+        the usage read from its end (C{response.completed}, C{.incomplete},
+        C{.failed}), which is the terminal event.
+        """
+        if payload.strip() == b"[DONE]":
+            return _TERMINAL
+        try:
+            doc = json.loads(payload)
+        except (ValueError, RecursionError):
+            doc = None
+        if type(doc) is not dict:
+            self.unmetered_bytes += len(payload)
+            return None
+        kind = doc.get("type")
+        if kind is None and name is not None:
+            kind = bytes(name).decode("utf-8", "replace")
+        number = doc.get("sequence_number")
+        if type(number) is int and number >= self.sequence_number:
+            self.sequence_number = number + 1
+        delta = doc.get("delta")
+        if type(delta) is str:
+            if kind in _RESPONSES_TEXT_DELTAS:
+                self.output_chars += len(delta)
+            return None
+        if kind == "error":
+            if self.error_event is None:
+                self.error_event = doc
+            return None
+        response = doc.get("response")
+        if type(response) is not dict:
+            return None
+        if self.response_id is None and type(response.get("id")) is str:
+            self.response_id = response["id"]
+            self.response_model = response.get("model") if type(response.get("model")) is str else None
+            created: Any = response.get("created_at")
+            self.created_at = int(created) if type(created) in (int, float) and math.isfinite(created) else 0
+        if kind in _RESPONSES_TERMINAL:
+            usage = response.get("usage")
+            if type(usage) is dict:
+                _fill_responses(self.usage, usage)
+                self.usage_final = True
+            if kind == "response.failed" and self.error_event is None:
+                self.error_event = doc
+            return _TERMINAL
+        return None
 
     def _openai_event(self, name: Any, payload: Any, rewrite: bool) -> Any:
         if payload[:1] != b"{":
@@ -734,7 +872,9 @@ _ATTACHMENT_TYPES = frozenset(
 #: Blocks whose payload is opaque (encrypted), not prompt text.
 _OPAQUE_TYPES = frozenset({"redacted_thinking"})
 #: Keys whose values are identifiers or markup, not text the model reads.
-_SKIP_KEYS = frozenset({"type", "id", "tool_use_id", "tool_call_id", "signature", "cache_control", "role"})
+_SKIP_KEYS = frozenset(
+    {"type", "id", "tool_use_id", "tool_call_id", "call_id", "signature", "encrypted_content", "cache_control", "role", "status"}
+)
 #: Keys whose values are JSON the model reads keys and all (tool inputs, schemas).
 _JSON_KEYS = frozenset({"input", "parameters", "input_schema"})
 
@@ -818,7 +958,13 @@ def estimate_prompt_tokens(doc: Any, wire_format: str) -> int:
     chars = 0
     attachments = 0
     overhead = 0
-    messages = doc.get("messages")
+    # The Responses API's conversation is its input items and instructions.
+    messages = doc.get("input" if wire_format == RESPONSES else "messages")
+    if type(messages) is str:
+        messages = [messages]
+    instructions = doc.get("instructions") if wire_format == RESPONSES else None
+    if type(instructions) is str:
+        chars += len(instructions)
     if type(messages) is list:
         overhead += _MESSAGE_OVERHEAD * len(messages)
         c, a = _walk(messages, False)

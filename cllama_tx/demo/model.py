@@ -21,6 +21,11 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 
+from cllama_tx.demo.responses_wire import (
+    responses_response,
+    responses_sse_events,
+    responses_stream_events,
+)
 from cllama_tx.demo.server import FakeProvider, ReceivedRequest, Reply
 from cllama_tx.demo.wire import (
     DEFAULT_CREATED,
@@ -92,6 +97,14 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _conversation(body: Mapping[str, Any]) -> list:
+    """The messages of a chat or Messages body, or the input items of a Responses one."""
+    given = body.get("input", body.get("messages"))
+    if isinstance(given, str):
+        return [{"role": "user", "content": given}]
+    return list(given) if isinstance(given, list) else []
+
+
 def _word_chunks(text: str) -> list[str]:
     """
     Split C{text} into word pieces that keep their trailing whitespace, so
@@ -102,9 +115,10 @@ def _word_chunks(text: str) -> list[str]:
 
 class DemoModel:
     """
-    A deterministic local "model" that answers both wire formats: it greets
-    and echoes the last user text, and reports honest usage (see
-    L{estimate_tokens}) so metering can be demonstrated.
+    A deterministic local "model" that answers every wire format (chat,
+    Messages, Responses): it greets and echoes the last user text, and
+    reports honest usage (see L{estimate_tokens}) so metering can be
+    demonstrated.
 
     The same request body always gives the same answer (ids are derived from
     the body; C{created} comes from C{clock} when one is given, else it is
@@ -122,15 +136,15 @@ class DemoModel:
         All prompt text of an OpenAI chat or Anthropic messages body: the
         Anthropic C{system}, then every message's text, joined by newlines.
         """
-        texts = [_text_of(body.get("system"))]
-        for message in body.get("messages") or ():
+        texts = [_text_of(body.get("system")), _text_of(body.get("instructions"))]
+        for message in _conversation(body):
             if isinstance(message, Mapping):
                 texts.append(_text_of(message.get("content")))
         return "\n".join(t for t in texts if t)
 
     @staticmethod
     def last_user_text(body: Mapping[str, Any]) -> str:
-        for message in reversed(body.get("messages") or ()):
+        for message in reversed(_conversation(body)):
             if isinstance(message, Mapping) and message.get("role") == "user":
                 return _text_of(message.get("content"))
         return ""
@@ -215,6 +229,22 @@ class DemoModel:
             id="msg_demo" + self._digest(body),
         )
 
+    # OpenAI Responses
+
+    def responses_response(self, body: Mapping[str, Any]) -> dict:
+        prompt, completion = self.usage(body)
+        return responses_response(
+            self.reply_text(body), self.model_name(body), prompt, completion,
+            id="resp_demo" + self._digest(body), created_at=self._created(),
+        )
+
+    def responses_stream(self, body: Mapping[str, Any]) -> list[tuple[str, dict]]:
+        prompt, completion = self.usage(body)
+        return responses_stream_events(
+            _word_chunks(self.reply_text(body)), self.model_name(body), prompt, completion,
+            id="resp_demo" + self._digest(body), created_at=self._created(),
+        )
+
     def count_tokens(self, body: Mapping[str, Any]) -> dict:
         return {"input_tokens": estimate_tokens(self.prompt_text(body))}
 
@@ -258,6 +288,10 @@ class DemoModel:
         if path.endswith("/count_tokens"):
             return Reply(json=self.count_tokens(body))
         stream = body.get("stream") is True
+        if path.rstrip("/").endswith("/responses"):
+            if stream:
+                return Reply(sse=responses_sse_events(self.responses_stream(body)))
+            return Reply(json=self.responses_response(body))
         if anthropic:
             if stream:
                 return Reply(sse=anthropic_sse_events(self.anthropic_stream(body)))

@@ -33,6 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
+from cllama_tx.demo.responses_wire import responses_sse_events, responses_stream_events
 from cllama_tx.demo.wire import (
     JSON_CONTENT_TYPE,
     SSE_CONTENT_TYPE,
@@ -136,7 +137,9 @@ Script = Reply | Responder
 
 def wire_format(path: str) -> str:
     """The wire format a request path speaks."""
-    return "anthropic" if "/messages" in path else "openai"
+    if "/messages" in path:
+        return "anthropic"
+    return "responses" if path.rstrip("/").endswith("/responses") else "openai"
 
 
 def _firehose_events(received: ReceivedRequest, minimum: int) -> Iterator[bytes]:
@@ -147,11 +150,16 @@ def _firehose_events(received: ReceivedRequest, minimum: int) -> Iterator[bytes]
     body = received.json if isinstance(received.json, dict) else {}
     model = str(body.get("model") or "firehose-1")
     piece = ("firehose " * 112)[:1000]
-    if wire_format(received.path) == "anthropic":
+    wire = wire_format(received.path)
+    if wire == "anthropic":
         # message_start, content_block_start, ping, one delta, ... : keep the
         # first three, repeat the delta, then close with a real tail.
         template = anthropic_sse_events(anthropic_stream_events([piece], model, 1, 1))
         head, middle = template[:3], template[3]
+    elif wire == "responses":
+        # created, in_progress, item added, part added, one delta, ...
+        template = responses_sse_events(responses_stream_events([piece], model, 1, 1))
+        head, middle = template[:4], template[4]
     else:
         options = body.get("stream_options")
         include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
@@ -167,8 +175,12 @@ def _firehose_events(received: ReceivedRequest, minimum: int) -> Iterator[bytes]
         count += 1
         yield middle
     tokens = (count * len(piece.encode("utf-8")) + 3) // 4
-    if wire_format(received.path) == "anthropic":
+    if wire == "anthropic":
         yield from anthropic_sse_events(anthropic_stream_events([], model, 1, tokens, ping=False))[-3:]
+    elif wire == "responses":
+        # text done, part done, item done, completed (its text is not the
+        # repeated one: only the usage matters to a firehose's reader).
+        yield from responses_sse_events(responses_stream_events([piece], model, 1, tokens))[-4:]
     else:
         tail = openai_stream_chunks([], model, 1, tokens, include_usage=include_usage)
         yield from openai_sse_events(tail[1:])
@@ -413,6 +425,7 @@ class _Router(Resource):
         "/v1/chat/completions": b"POST",
         "/v1/messages": b"POST",
         "/v1/messages/count_tokens": b"POST",
+        "/v1/responses": b"POST",
         "/v1/models": b"GET",
     }
 

@@ -179,8 +179,11 @@ def limit_field(api_format: str, provider: str) -> str:
     """
     The field a request without any output limit gets: C{max_tokens} for
     Anthropic and OpenAI-compatible servers, C{max_completion_tokens} for
-    OpenAI itself (its reasoning models refuse C{max_tokens}).
+    OpenAI itself (its reasoning models refuse C{max_tokens}), the Responses
+    API's C{max_output_tokens}.
     """
+    if api_format == "responses":
+        return "max_output_tokens"
     if api_format == "openai" and provider.partition("@")[0].lower() == "openai":
         return "max_completion_tokens"
     return "max_tokens"

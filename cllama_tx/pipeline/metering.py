@@ -18,7 +18,7 @@ from cllama_tx.accounting.history import HistoryEntry, history_usage, json_respo
 from cllama_tx.accounting.usage import estimate_output_tokens, estimate_prompt_tokens
 from cllama_tx.governance.engine import Admission
 from cllama_tx.store.records import LedgerRow, Usage, rfc3339_ms
-from cllama_tx.surfaces.bridges import Bridge
+from cllama_tx.surfaces.bridges import Crossing
 
 if TYPE_CHECKING:  # the proxy imports this module
     from cllama_tx.pipeline.proxy import Surface
@@ -76,7 +76,12 @@ class Exchange:
     admission: Admission | None = None  # what governance held for this request
     # Shared store: reservations to release once the row is committed.
     shared_release: tuple | None = None
-    bridge: Bridge | None = None  # the surface translation in use, if any
+    crossing: Crossing | None = None  # the surface translation in use, if any
+    # The Responses surface: the request as sent upstream before any
+    # translation (its conversation expanded), and the id the proxy gave
+    # its translated answer.
+    conversation: dict | None = None
+    response_id: str | None = None
     error_code: str | None = None  # the ProxyError code the request ended with, if any
 
 

@@ -44,13 +44,21 @@ from cllama_tx.pipeline.relay import (
 from cllama_tx.pipeline.tcp_progress import acked_bytes
 from cllama_tx.pipeline.tls_failures import describe_tls_failure
 from cllama_tx.providers.bodies import read_small
-from cllama_tx.providers.catalog import auth_headers, upstream_url
+from cllama_tx.providers.catalog import (
+    auth_headers,
+    needs_responses,
+    responses_only,
+    serves_responses,
+    upstream_url,
+)
 from cllama_tx.providers.forwarding import NEVER_FORWARD, HeaderPolicy, forward
 from cllama_tx.providers.health import INCONCLUSIVE, VALID
 from cllama_tx.providers.keys import MAX_TRIES, classify_failure
 from cllama_tx.providers.registry import ProviderNotConfigured, UnknownProvider
-from cllama_tx.surfaces.bridges import Bridge, bridge_for
+from cllama_tx.surfaces.bridges import RESPONSES, Call, Crossing, bridge_for
 from cllama_tx.surfaces.errors import OPENAI, ProxyError, error_body, sse_error_event
+from cllama_tx.surfaces.responses_shapes import failure_events, minimal_response
+from cllama_tx.surfaces.responses_state import ConversationStore, conversation_after, expand
 from cllama_tx.surfaces.translate import UntranslatableRequest
 from cllama_tx.surfaces.validate import check_fields, parse_body
 
@@ -129,8 +137,11 @@ class Proxy:
         metrics=None,
         inflight=None,
         agent_stall_timeout: float | None = None,
+        conversations: ConversationStore | None = None,
     ) -> None:
         self._inflight = inflight
+        # The Responses surface's memory of the answers it translated.
+        self._conversations = conversations if conversations is not None else ConversationStore(clock)
         # How long an agent may leave a stream unread (None: the idle timeout).
         self._agent_stall_timeout = idle_timeout if agent_stall_timeout is None else agent_stall_timeout
         self._keys = keys
@@ -229,23 +240,29 @@ class Proxy:
                 request.responseHeaders = Headers()
                 request.setResponseCode(200)
 
-    async def _attempt(self, request, ex: Exchange, admission: Admission, doc: dict, ref, last: bool) -> None:
+    async def _attempt(
+        self, request, ex: Exchange, admission: Admission, doc: dict, ref, last: bool, adapted: bool = False
+    ) -> None:
         """
         One try at one candidate model.  Raises L{Failover} when the next
         candidate should be tried: only while nothing reached the agent.
+        C{adapted}: the provider said this model needs the Responses API.
         """
         ex.provider, ex.upstream_model = ref.provider, ref.model
-        ex.bridge, ex.strip_usage_chunk, ex.first_byte_at = None, False, None
+        ex.crossing, ex.strip_usage_chunk, ex.first_byte_at = None, False, None
+        ex.conversation = ex.response_id = None
         ex.attempt_started = self.clock.seconds()
         resolved = self._resolve(ref.provider, ex)
-        upstream_format = resolved.spec.api_format
+        upstream_format = self._upstream_format(ex, resolved.spec, ref, adapted)
         upstream_doc = dict(doc)
         upstream_doc["model"] = ref.model
+        if ex.surface.api_format == RESPONSES:
+            upstream_doc = self._continue_conversation(upstream_doc, ex, upstream_format)
+        upstream_doc, upstream_path = self._translate_request(upstream_doc, ex, upstream_format)
         openrouter_models = admission.openrouter_models
         if openrouter_models and ref.provider == "openrouter":
             upstream_doc["models"] = openrouter_models
             upstream_doc["route"] = "fallback"
-        upstream_doc, upstream_path = self._translate_request(upstream_doc, ex, upstream_format)
         if admission.output_limit is not None:
             # The budget pays for no more: in the fields this wire format reads.
             upstream_doc = limit_body(upstream_doc, upstream_format, ref.provider, admission.output_limit)
@@ -254,7 +271,7 @@ class Proxy:
         body = json.dumps(upstream_doc, separators=(",", ":")).encode("utf-8")
         headers = forward_headers(request.requestHeaders, resolved.headers)
         url = upstream_url(resolved.spec.base_url, upstream_path).encode("utf-8")
-        if ex.bridge is None:
+        if ex.crossing is None:
             # The agent's query (Anthropic's ?beta=true) belongs to its own
             # wire format: it goes along unless the request is translated.
             url += upstream_query(request.uri)
@@ -264,6 +281,18 @@ class Proxy:
             if not last and error.code in FAILOVER_CODES:
                 raise Failover(error.message) from None
             raise
+        if (
+            buffered is not None
+            and not adapted
+            and upstream_format == "openai"
+            and ex.surface.api_format != RESPONSES
+            and serves_responses(ref.provider, resolved.spec.api_format)
+            and needs_responses(response.code, buffered)
+        ):
+            # The provider says only its Responses API serves this model:
+            # once more that way (nothing reached the agent yet).
+            await self._attempt(request, ex, admission, doc, ref, last, adapted=True)
+            return
         if response.code >= 500 and not last:
             if buffered is None:
                 await read_body(response)
@@ -399,27 +428,87 @@ class Proxy:
             )
         return resolved
 
+    def _upstream_format(self, ex: Exchange, spec, ref, adapted: bool) -> str:
+        """
+        The wire format this request speaks upstream: the provider's, or
+        the Responses API where the provider serves it and the request came
+        on the Responses surface, or asks for a model only it serves (the
+        upstream adapter: the catalog says so, or the provider did).
+        """
+        api_format = spec.api_format
+        if not ex.surface.billable or not serves_responses(ref.provider, api_format):
+            return api_format
+        if ex.surface.api_format == RESPONSES:
+            return RESPONSES
+        if adapted or responses_only(ref.provider, ref.model):
+            self._metering.intervention(
+                ex, "responses_adapter", provider=ref.provider, effective_model=ref.model,
+                reason="the provider said so" if adapted else "the catalog says so",
+            )
+            return RESPONSES
+        return api_format
+
+    def _continue_conversation(self, doc: dict, ex: Exchange, upstream_format: str) -> dict:
+        """
+        A Responses request that continues an answer this proxy made
+        (C{previous_response_id}) carries that conversation in its input
+        from here on, whichever provider answers.  An id the proxy never
+        made is the provider's own: it goes along to a provider that serves
+        the Responses API, and is a 400 for any other.
+        """
+        previous = doc.get("previous_response_id")
+        if previous is not None:
+            earlier = self._conversations.get(ex.claw_id or "", previous)
+            if earlier is not None:
+                doc = expand(doc, earlier)
+                self._metering.intervention(
+                    ex, "conversation_restored", previous_response_id=previous[:200], items=len(earlier)
+                )
+            elif upstream_format != RESPONSES:
+                raise ProxyError(
+                    400, "previous_response_not_found",
+                    f"Previous response with id {previous[:200]!r} not found: this proxy keeps only the "
+                    "responses it translated itself, in memory and for a limited time",
+                    param="previous_response_id",
+                )
+        ex.conversation = doc
+        return doc
+
     def _translate_request(self, doc: dict, ex: Exchange, upstream_format: str):
         """
         The body and path to send upstream: the agent's own, or, when the
-        provider speaks the other wire format, its translation.
+        provider speaks another wire format, its translation.
         """
         bridge = bridge_for(ex.surface.api_format, upstream_format)
         if bridge is None:
             return doc, ex.surface.path
+        if ex.surface.api_format == RESPONSES:
+            ex.response_id = "resp_" + os.urandom(16).hex()
+        call = Call(int(self.clock.seconds()), ex.upstream_model, ex.response_id or "", ex.original)
         try:
-            translated = bridge.request(doc)
+            crossing = bridge.open(doc, call)
         except UntranslatableRequest as e:
-            raise ProxyError(400, "untranslatable_parameters", str(e)) from None
-        ex.bridge = bridge
+            raise ProxyError(400, "untranslatable_parameters", str(e), param=",".join(e.params)[:500]) from None
+        ex.crossing = crossing
+        dropped = {"dropped": list(crossing.dropped)} if crossing.dropped else {}
         self._metering.intervention(
             ex,
             "surface_translated",
             from_surface=ex.surface.name,
             to_format=upstream_format,
             provider=ex.provider,
+            **dropped,
         )
-        return translated, bridge.upstream_path
+        return crossing.request, bridge.upstream_path
+
+    def _keep_conversation(self, ex: Exchange) -> None:
+        """A translated Responses answer is kept for a follow-up turn, unless C{store} is false."""
+        crossing, request = ex.crossing, ex.conversation
+        if crossing is None or request is None or ex.response_id is None or request.get("store") is False:
+            return
+        answer = crossing.answered()
+        if answer is not None and answer.get("status") in ("completed", "incomplete"):
+            self._conversations.put(ex.claw_id or "", ex.response_id, conversation_after(request, answer))
 
     def _ask_for_stream_usage(self, doc: dict, ex: Exchange, api_format: str) -> None:
         """
@@ -428,7 +517,7 @@ class Proxy:
         """
         if not ex.stream or api_format != "openai":
             return
-        if ex.bridge is not None:
+        if ex.crossing is not None:
             # A bridge asks for usage itself and consumes the usage chunk.
             if ex.provider in self._no_stream_options:
                 doc.pop("stream_options", None)
@@ -654,7 +743,7 @@ class Proxy:
                 return
             # The agent already has part of the stream: end it with an error
             # event it can parse, then close the stream cleanly.
-            request.write(sse_error_event(error, ex.surface.shape))
+            request.write(self._stream_error(ex, error, tap, convert))
             request.finish()
             return
         finally:
@@ -664,6 +753,7 @@ class Proxy:
         held = tap.held()
         if convert is not None:
             held = convert.feed(held) + convert.finish()
+            self._keep_conversation(ex)
         if keep and held:
             metering.keep_sse(ex, held)
         await self._settle_then(request, ex, response.code)
@@ -673,14 +763,27 @@ class Proxy:
 
     def _stream_converter(self, ex: Exchange, tap: SseTap):
         """The stream translator of a bridged request, else None."""
-        if ex.bridge is None:
+        if ex.crossing is None:
             return None
         cost = self._metering.cost_extra(ex)
-        return ex.bridge.stream(
-            include_usage=ex.agent_wants_usage,
-            created=int(self.clock.seconds()),
-            model=ex.upstream_model,
-            usage_extra=lambda: cost(tap.usage),
+        return ex.crossing.stream(ex.agent_wants_usage, lambda: cost(tap.usage))
+
+    def _stream_error(self, ex: Exchange, error: ProxyError, tap: SseTap, convert) -> bytes:
+        """
+        The event(s) that end a stream the agent already has part of, in its
+        surface's shape; on the Responses surface C{error} then
+        C{response.failed}, numbered after what it got.
+        """
+        if ex.surface.api_format != RESPONSES:
+            return sse_error_event(error, ex.surface.shape)
+        rate_limited = error.status == 429
+        if convert is not None:
+            return convert.fail(error.code, error.message, rate_limited)
+        response = minimal_response(
+            tap.response_id, tap.created_at or int(self.clock.seconds()), tap.response_model or ex.upstream_model
+        )
+        return failure_events(
+            tap.sequence_number, response, code=error.code, message=error.message, rate_limited=rate_limited
         )
 
     async def _collect(self, request, response, ex: Exchange) -> bytes | None:
@@ -736,8 +839,10 @@ class Proxy:
                 if not ex.usage.seen:
                     ex.output_chars = output_chars_from_json(doc, api_format)
                 ex.response_json = doc
-        if ex.bridge is not None:
-            body = self._translate_body(ex.bridge, ex, status, body, doc)
+        if ex.crossing is not None:
+            body = self._translate_body(ex.crossing, ex, status, body, doc)
+            if 200 <= status < 300:
+                self._keep_conversation(ex)
         settlement = await self._settle_then(request, ex, status)
         if settlement is not None:
             request.setHeader(b"x-cllama-cost-usd", _money(settlement.row.cost_usd).encode())
@@ -746,19 +851,19 @@ class Proxy:
         request.write(body)
         request.finish()
 
-    def _translate_body(self, bridge: Bridge, ex: Exchange, status: int, body: bytes, doc) -> bytes:
+    def _translate_body(self, crossing: Crossing, ex: Exchange, status: int, body: bytes, doc) -> bytes:
         """A whole upstream answer in the agent's wire format."""
         if isinstance(doc, dict):
             try:
-                translated = bridge.response(doc, int(self.clock.seconds()), ex.upstream_model)
-            except ValueError:
+                translated = crossing.response(doc)
+            except (ValueError, TypeError, AttributeError, KeyError):
                 raise ProxyError(
                     502, "upstream_invalid", f"provider {ex.provider!r} sent an answer that is not a valid response"
                 ) from None
             ex.response_json = translated
             return json.dumps(translated, separators=(",", ":")).encode("utf-8")
         if status >= 400:
-            return bridge.error(status, body)
+            return crossing.error(status, body)
         return body
 
     async def _settle_then(self, request, ex: Exchange, status: int):

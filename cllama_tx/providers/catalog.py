@@ -171,6 +171,75 @@ CATALOG: Mapping[str, ProviderSpec] = MappingProxyType(
 )
 
 
+# --- The Responses API ------------------------------------------------------
+
+#: Providers that serve the OpenAI Responses API (C{POST /v1/responses}) at
+#: their base URL.  A request on the Responses surface goes to them as it
+#: came (the agent's key swapped, nothing translated); any other provider
+#: gets it translated to its own wire format.
+RESPONSES_PROVIDERS = frozenset({"openai"})
+
+#: Models that only the Responses API serves, by provider: exact ids or
+#: prefixes ending in C{*} (dated snapshots).  A chat or Messages request
+#: for one goes upstream as a Responses call (the upstream adapter); a model
+#: missing here is still caught by the provider's own answer (a 400/404
+#: saying it needs /v1/responses), and retried that way once.
+RESPONSES_ONLY_MODELS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "openai": (
+            "o1-pro*",
+            "o3-pro*",
+            "o3-deep-research*",
+            "o4-mini-deep-research*",
+            "computer-use-preview*",
+            "codex-mini*",
+            "gpt-5-codex*",
+            "gpt-5-pro*",
+            "gpt-5.1-codex*",
+            "gpt-5.2-codex*",
+            "gpt-5.2-pro*",
+            "gpt-5.3-codex*",
+            "gpt-5.4-pro*",
+            "gpt-5.5-pro*",
+        ),
+    }
+)
+
+
+def base_provider(name: str) -> str:
+    """The catalog provider of a configured one (a model table deployment C{openai@x} is C{openai})."""
+    return name.partition("@")[0].lower()
+
+
+def serves_responses(provider: str, api_format: str) -> bool:
+    """Whether C{provider} (of wire format C{api_format}) answers C{/v1/responses} itself."""
+    return api_format == OPENAI_FORMAT and base_provider(provider) in RESPONSES_PROVIDERS
+
+
+def responses_only(provider: str, model: str) -> bool:
+    """Whether the catalog says only the Responses API serves C{model} at C{provider}."""
+    for pattern in RESPONSES_ONLY_MODELS.get(base_provider(provider), ()):
+        if model == pattern or (pattern.endswith("*") and model.startswith(pattern[:-1])):
+            return True
+    return False
+
+
+#: What a provider's 400/404 says when a model is served by the Responses
+#: API only ("This model is only supported in v1/responses and not in
+#: v1/chat/completions."): both phrases must be in the error body.
+NEEDS_RESPONSES_HINTS = (b"v1/responses", b"responses api")
+
+
+def needs_responses(status: int, body: bytes) -> bool:
+    """Whether an upstream refusal says the model must be called through the Responses API."""
+    if status not in (400, 404) or not body:
+        return False
+    text = body[:4096].lower()
+    return any(hint in text for hint in NEEDS_RESPONSES_HINTS) and (
+        b"only" in text or b"not supported" in text or b"not available" in text
+    )
+
+
 @attrs.frozen
 class EnvNames:
     """

@@ -1,8 +1,8 @@
 """
 The API site (default :8080).
 
-The inference paths (chat completions, messages, token counting; each with
-and without C{/v1}) are served by lean L{ProxyResource}s looked up by exact
+The inference paths (chat completions, messages, token counting, responses;
+each with and without C{/v1}) are served by lean L{ProxyResource}s looked up by exact
 path before any routing library runs: they are the hot path.  Every other
 route lives in a Klein app, where clarity matters more than microseconds;
 its answers that no route writes a line for (C{/v1/models}, 404, 405) are
@@ -32,6 +32,7 @@ from cllama_tx.sites.guard import ConnectionGuard, GuardedRequest, GuardedSite, 
 from cllama_tx.sites.header_gate import HeaderGate, Refusal, refusal, shape_for_path
 from cllama_tx.surfaces import matrix
 from cllama_tx.surfaces.errors import ANTHROPIC, OPENAI, ProxyError, error_body
+from cllama_tx.surfaces.errors import RESPONSES as RESPONSES_SHAPE
 
 CHAT = Surface(matrix.OPENAI_CHAT, "/v1/chat/completions", "openai", OPENAI)
 log = Logger()
@@ -40,6 +41,7 @@ MESSAGES = Surface(matrix.ANTHROPIC_MESSAGES, "/v1/messages", "anthropic", ANTHR
 COUNT_TOKENS = Surface(
     matrix.ANTHROPIC_MESSAGES, "/v1/messages/count_tokens", "anthropic", ANTHROPIC, billable=False
 )
+RESPONSES = Surface(matrix.OPENAI_RESPONSES, "/v1/responses", "responses", RESPONSES_SHAPE)
 
 
 def _shape_for_path(path: bytes) -> str:
@@ -557,7 +559,7 @@ def build_api_site(
     *,
     request_line: Callable[[Any], tuple[bytes, bytes] | None],
 ) -> ApiSite:
-    surfaces = {surface.path.encode(): surface for surface in (CHAT, MESSAGES, COUNT_TOKENS)}
+    surfaces = {surface.path.encode(): surface for surface in (CHAT, MESSAGES, COUNT_TOKENS, RESPONSES)}
     # The same surfaces without /v1, as LiteLLM serves them: SDKs given a
     # LiteLLM-style base URL (no /v1) call these.
     surfaces.update({path[len(b"/v1"):]: surface for path, surface in list(surfaces.items())})

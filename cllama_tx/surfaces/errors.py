@@ -14,6 +14,9 @@ import attrs
 
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
+# The Responses surface: OpenAI's error body (with "param"), and its own
+# mid-stream events (error, then response.failed).
+RESPONSES = "responses"
 
 # HTTP status -> the error type each surface uses for it.
 _OPENAI_TYPES = {
@@ -53,6 +56,8 @@ class ProxyError(Exception):
     extra: dict | None = None
     # The error type, when it is not the status's usual one.
     error_type: str | None = None
+    # The request parameter at fault (the Responses surface says which).
+    param: str | None = None
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
@@ -70,6 +75,8 @@ def error_body(error: ProxyError, shape: str) -> bytes:
     kind = error.error_type or error_type(error.status, shape)
     if shape == ANTHROPIC:
         doc = {"type": "error", "error": {"type": kind, "message": error.message}}
+    elif shape == RESPONSES:
+        doc = {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
     else:
         doc = {"error": {"message": error.message, "type": kind, "code": error.code}}
     if error.extra:
@@ -80,7 +87,9 @@ def error_body(error: ProxyError, shape: str) -> bytes:
 def sse_error_event(error: ProxyError, shape: str) -> bytes:
     """
     A mid-stream error as one SSE event: Anthropic's C{event: error}, or an
-    OpenAI-style C{data:} line carrying the error object.
+    OpenAI-style C{data:} line carrying the error object.  (The Responses
+    surface ends a stream with two events that need the stream's state:
+    L{cllama_tx.surfaces.responses_shapes.failure_events}.)
     """
     body = error_body(error, shape)
     if shape == ANTHROPIC:

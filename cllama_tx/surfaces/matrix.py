@@ -12,10 +12,26 @@ import attrs
 
 OPENAI_CHAT = "openai-chat-completions"
 ANTHROPIC_MESSAGES = "anthropic-messages"
+# The third ingress surface: no provider is reached "through" it by the
+# matrix (a runner still picks chat or messages by provider), but every
+# provider answers it: natively where the provider serves the Responses
+# API (cllama_tx.providers.catalog), translated everywhere else.
+OPENAI_RESPONSES = "openai-responses"
 
 SURFACE_PATHS = {
     OPENAI_CHAT: "/v1/chat/completions",
     ANTHROPIC_MESSAGES: "/v1/messages",
+    OPENAI_RESPONSES: "/v1/responses",
+}
+
+#: Which providers each surface reaches.
+SURFACE_REACH = {
+    OPENAI_CHAT: "the providers below marked openai-chat-completions, and every other provider translated",
+    ANTHROPIC_MESSAGES: "the providers below marked anthropic-messages, and every other provider translated",
+    OPENAI_RESPONSES: (
+        "every provider: natively where the provider catalog says it serves the Responses API, "
+        "translated to chat completions or messages everywhere else"
+    ),
 }
 
 # Providers that runners reach through the Anthropic Messages surface.  Every
@@ -125,7 +141,7 @@ def describe() -> dict:
     providers.update({p: OPENAI_CHAT for p in sorted(OPENAI_CHAT_PROVIDERS)})
     return {
         "surfaces": [
-            {"name": name, "path": path} for name, path in SURFACE_PATHS.items()
+            {"name": name, "path": path, "reaches": SURFACE_REACH[name]} for name, path in SURFACE_PATHS.items()
         ],
         "providers": dict(sorted(providers.items())),
         "aliases": dict(sorted(ALIASES.items())),

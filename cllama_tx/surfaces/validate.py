@@ -34,6 +34,7 @@ MAX_CHOICES = 128
 _TOKEN_FIELDS = {
     "openai": ("max_tokens", "max_completion_tokens"),
     "anthropic": ("max_tokens",),
+    "responses": ("max_output_tokens",),
 }
 
 
@@ -187,6 +188,9 @@ def check_fields(doc: dict, api_format: str) -> None:
         raise _bad_parameter(f"'stream' must be a boolean (true or false), not {_json_type(stream)}")
     for name in _TOKEN_FIELDS.get(api_format, ()):
         _check_integer(doc, name, MAX_TOKEN_LIMIT)
+    if api_format == "responses":
+        _check_responses(doc)
+        return
     if api_format != "openai":
         return
     _check_integer(doc, "n", MAX_CHOICES)
@@ -200,3 +204,23 @@ def check_fields(doc: dict, api_format: str) -> None:
         raise _bad_parameter(
             f"'stream_options.include_usage' must be a boolean, not {_json_type(include_usage)}"
         )
+
+
+def _check_responses(doc: dict) -> None:
+    """
+    The Responses surface's own: C{store} decides whether the proxy keeps
+    the answer, C{previous_response_id} which conversation it continues,
+    C{input} what is metered and translated.
+    """
+    store = doc.get("store")
+    if store is not None and type(store) is not bool:
+        raise _bad_parameter(f"'store' must be a boolean (true or false), not {_json_type(store)}")
+    previous = doc.get("previous_response_id")
+    if previous is not None and (type(previous) is not str or not previous):
+        raise _bad_parameter(f"'previous_response_id' must be a response id string, not {_json_type(previous)}")
+    given = doc.get("input")
+    if given is not None and type(given) not in (str, list):
+        raise _bad_parameter(f"'input' must be a string or an array of items, not {_json_type(given)}")
+    options = doc.get("stream_options")
+    if options is not None and type(options) is not dict:
+        raise _bad_parameter(f"'stream_options' must be an object, not {_json_type(options)}")

@@ -1,7 +1,8 @@
 """
 Verified fakes for tests: the demo's loopback provider (L{FakeProvider},
-which answers with the demo model unless given a responder), the wire-format
-builders it shares with the demo (L{cllama_tx.demo.wire}), hostile streams a
+which answers with the demo model unless given a responder, on chat,
+Messages and Responses paths), the wire-format builders it shares with the
+demo (L{cllama_tx.demo.wire}, L{cllama_tx.demo.responses_wire}), hostile streams a
 broken provider sends, and responders that judge requests as a real provider
 would (key checks, header echoes).
 
@@ -15,6 +16,14 @@ from typing import Any
 
 from cllama_tx.demo import server as _server
 from cllama_tx.demo.model import DemoModel
+from cllama_tx.demo.responses_wire import (
+    responses_message_item,
+    responses_response,
+    responses_sse_events,
+    responses_stream_events,
+    responses_usage,
+    sse_encode_responses,
+)
 from cllama_tx.demo.server import ReceivedRequest, Reply, Responder, Script, wire_format
 from cllama_tx.demo.wire import (
     DEFAULT_CREATED,
@@ -61,8 +70,14 @@ __all__ = [
     "openai_usage",
     "parse_sse",
     "presented_key",
+    "responses_message_item",
+    "responses_response",
+    "responses_sse_events",
+    "responses_stream_events",
+    "responses_usage",
     "sse_encode_anthropic",
     "sse_encode_openai",
+    "sse_encode_responses",
     "strict_provider",
     "wire_format",
 ]

@@ -198,3 +198,5 @@ AI_SDK = NpmRunner(
     "ai-sdk", "ai", "7.0.185", None, extra=("@ai-sdk/openai@4.0.126", "@ai-sdk/anthropic@4.0.112"), node="24.22.3"
 )
 LANGCHAIN = PipRunner("langchain", "langchain-openai", "1.8.1", "python", extra=("langchain-anthropic==1.7.10",))
+# Codex CLI: a Node launcher and a native binary (its platform's optional package).
+CODEX = NpmRunner("codex", "@openai/codex", "0.171.0", "codex")

@@ -66,6 +66,12 @@ class MatrixTests(SynchronousTestCase):
         self.assertEqual(doc["providers"]["openrouter"], "openai-chat-completions")
         self.assertEqual(doc["aliases"]["qwen"], "qwen-portal")
         self.assertEqual(
-            {s["path"] for s in doc["surfaces"]}, {"/v1/chat/completions", "/v1/messages"}
+            {s["name"]: s["path"] for s in doc["surfaces"]},
+            {
+                "openai-chat-completions": "/v1/chat/completions",
+                "anthropic-messages": "/v1/messages",
+                "openai-responses": "/v1/responses",
+            },
         )
+        self.assertTrue(all(s["reaches"] for s in doc["surfaces"]))
         self.assertEqual(doc["default_surface"], "openai-chat-completions")
