@@ -357,3 +357,100 @@ class TranslatedToAnthropic(Harnessed):
         body = yield response.json()
         self.assertEqual(body["error"]["message"], "prompt is too long")
         self.assertEqual(body["error"]["type"], "invalid_request_error")
+
+
+class UpstreamAdapter(Harnessed):
+    """A chat or Messages request for a model only the Responses API serves."""
+
+    @defer.inlineCallbacks
+    def test_chat_json_for_a_catalog_responses_only_model(self):
+        self.h.fake.enqueue(Reply(json=responses_response("Deep thought.", "o3-pro", 12, 30, reasoning_tokens=20)))
+        completion = yield deferToThread(
+            self.client.chat.completions.create, model="openai/o3-pro",
+            messages=[{"role": "system", "content": "Think."}, {"role": "user", "content": "Why?"}],
+            max_completion_tokens=500,
+        )
+        self.assertEqual(completion.choices[0].message.content, "Deep thought.")
+        self.assertEqual(completion.choices[0].finish_reason, "stop")
+        self.assertEqual(completion.usage.completion_tokens_details.reasoning_tokens, 20)
+        received = self.h.fake.received[0]
+        self.assertEqual(received.path, "/v1/responses")
+        self.assertEqual(
+            received.json,
+            {"model": "o3-pro", "store": False, "max_output_tokens": 500, "input": [
+                {"type": "message", "role": "system", "content": "Think."},
+                {"type": "message", "role": "user", "content": "Why?"},
+            ]},
+        )
+        [adapter] = self.interventions("responses_adapter")
+        self.assertEqual(adapter["reason"], "the catalog says so")
+        [row] = yield self.rows()
+        self.assertEqual((row["effective_model"], row["output_tokens"], row["reasoning_tokens"]), ("o3-pro", 30, 20))
+
+    @defer.inlineCallbacks
+    def test_chat_stream_with_tool_call(self):
+        call_ = {"id": "call_9", "name": "get_weather", "arguments": {"city": "Rome"}}
+        events = responses_stream_events([], "gpt-5-codex", 50, 9, tool_calls=[call_])
+        self.h.fake.enqueue(Reply(sse=responses_sse_events(events), headers=SSE))
+        tool = {"type": "function", "function": {k: WEATHER[k] for k in ("name", "description", "parameters")}}
+
+        def call():
+            stream = self.client.chat.completions.create(
+                model="openai/gpt-5-codex", messages=[{"role": "user", "content": "Rome?"}], tools=[tool],
+                stream=True, stream_options={"include_usage": True},
+            )
+            return list(stream)
+
+        chunks = yield deferToThread(call)
+        arguments = "".join(
+            c.choices[0].delta.tool_calls[0].function.arguments or ""
+            for c in chunks if c.choices and c.choices[0].delta.tool_calls
+        )
+        self.assertEqual(json.loads(arguments), {"city": "Rome"})
+        self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "tool_calls")
+        self.assertEqual((chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens), (50, 9))
+        sent = self.h.fake.received[0].json
+        self.assertEqual(sent["tools"], [dict(WEATHER, strict=False)])
+        [row] = yield self.rows()
+        self.assertEqual((row["input_tokens"], row["output_tokens"], row["estimated"]), (50, 9, 0))
+
+    @defer.inlineCallbacks
+    def test_messages_request_through_the_adapter(self):
+        import anthropic
+
+        self.h.fake.enqueue(Reply(json=responses_response("Pro answer.", "gpt-5-pro", 9, 4)))
+        client = anthropic.Anthropic(base_url=self.h.base_url, api_key=f"{AGENT}:{SECRET}", max_retries=0, timeout=20)
+        self.addCleanup(client.close)
+        message = yield deferToThread(
+            client.messages.create, model="openai/gpt-5-pro", max_tokens=100,
+            messages=[{"role": "user", "content": "Hi"}],
+        )
+        self.assertEqual(message.content[0].text, "Pro answer.")
+        self.assertEqual((message.usage.input_tokens, message.usage.output_tokens), (9, 4))
+        self.assertEqual(self.h.fake.received[0].path, "/v1/responses")
+
+    @defer.inlineCallbacks
+    def test_a_provider_that_says_responses_only_is_asked_again_that_way(self):
+        hint = {"error": {"message": "This model is only supported in v1/responses and not in v1/chat/completions.",
+                          "type": "invalid_request_error", "param": "model", "code": None}}
+        self.h.fake.enqueue(
+            Reply(status=404, json=hint),
+            Reply(json=responses_response("Fine.", "o9-new", 5, 2)),
+        )
+        response = yield self.h.chat({"model": "openai/o9-new", "messages": [{"role": "user", "content": "Hi"}]})
+        self.assertEqual(response.code, 200)
+        body = yield response.json()
+        self.assertEqual(body["choices"][0]["message"]["content"], "Fine.")
+        self.assertEqual([r.path for r in self.h.fake.received], ["/v1/chat/completions", "/v1/responses"])
+        [adapter] = self.interventions("responses_adapter")
+        self.assertEqual(adapter["reason"], "the provider said so")
+        [row] = yield self.rows()
+        self.assertEqual((row["status"], row["output_tokens"]), (200, 2))
+
+    @defer.inlineCallbacks
+    def test_other_404s_are_passed_on(self):
+        self.h.fake.enqueue(Reply(status=404, json={"error": {"message": "The model `o9` does not exist", "type": "invalid_request_error"}}))
+        response = yield self.h.chat({"model": "openai/o9", "messages": [{"role": "user", "content": "Hi"}]})
+        self.assertEqual(response.code, 404)
+        self.assertEqual(len(self.h.fake.received), 1)
+        self.assertEqual(self.interventions("responses_adapter"), [])
