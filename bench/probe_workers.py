@@ -76,6 +76,7 @@ class Reader(threading.Thread):
         self.text = bytearray()
         self.lines = 0
         self.bytes = 0
+        self.by_worker: dict[int, int] = {}
 
     def run(self) -> None:
         while True:
@@ -84,6 +85,10 @@ class Reader(threading.Thread):
                 return
             self.lines += data.count(b"\n")
             self.bytes += len(data)
+            for index in range(64):
+                found = data.count(b',"worker":%d}\n' % index)
+                if found:
+                    self.by_worker[index] = self.by_worker.get(index, 0) + found
             if self.keep:
                 self.text += data
 
@@ -183,6 +188,7 @@ def main() -> int:
             "wall_s": round(wall, 2),
             "requests_per_s": round(args.requests / wall, 1),
             "audit_lines": lines,
+            "audit_lines_by_worker": out.by_worker,
             "audit_bytes": relayed_bytes,
             "supervisor_idle_cpu_per_s_ms": round(idle_rate * 1000, 3),
             "supervisor_cpu_s": round(supervisor_cpu, 3),
