@@ -131,7 +131,9 @@ _ANTHROPIC_EFFORTS = frozenset({"low", "medium", "high", "xhigh"})
 
 def responses_to_chat_request(doc: dict, *, max_tokens_field: str = "max_completion_tokens") -> Translated:
     """A Responses request as a chat request; raises L{UntranslatableRequest}."""
-    return _to_chat(doc, max_tokens_field, CHAT)[0]
+    translated, _, refusals = _to_chat(doc, max_tokens_field, CHAT)
+    refusals.check()
+    return translated
 
 
 def responses_to_messages_request(doc: dict, default_max_tokens: int = 4096) -> Translated:
@@ -140,18 +142,21 @@ def responses_to_messages_request(doc: dict, default_max_tokens: int = 4096) -> 
     translation, with C{text.format} (JSON schema) and C{reasoning.effort}
     carried as Anthropic's C{output_config}.
     """
-    chat, anthropic_only = _to_chat(doc, "max_completion_tokens", ANTHROPIC)
-    request = chat.request
+    chat, anthropic_only, refusals = _to_chat(doc, "max_completion_tokens", ANTHROPIC)
     try:
-        messages = chat_to_messages_request(request, default_max_tokens)
+        messages = chat_to_messages_request(chat.request, default_max_tokens)
     except UntranslatableRequest as e:
-        raise UntranslatableRequest(e.reasons, ANTHROPIC) from None
+        for name, reason in e.reasons.items():
+            refusals.add(name, reason)
+    # Every refusal at once, the chat step's with the rest.
+    refusals.check()
     if anthropic_only:
         messages["output_config"] = anthropic_only
     return attrs.evolve(chat, request=messages)
 
 
-def _to_chat(doc: dict, max_tokens_field: str, target: str) -> tuple[Translated, dict]:
+def _to_chat(doc: dict, max_tokens_field: str, target: str) -> tuple[Translated, dict, Refusals]:
+    """The chat request, Anthropic's C{output_config}, and what was refused (not raised yet)."""
     refusals = Refusals(target)
     if not isinstance(doc, dict):
         raise UntranslatableRequest({"body": "not a JSON object"}, target)
@@ -185,8 +190,7 @@ def _to_chat(doc: dict, max_tokens_field: str, target: str) -> tuple[Translated,
     elif "stream" in params:
         out["stream"] = params["stream"]
     extra = _settings(params, out, refusals, dropped, anthropic)
-    refusals.check()
-    return Translated(out, tuple(dropped), names), extra
+    return Translated(out, tuple(dropped), names), extra, refusals
 
 
 def _settings(params: dict, out: dict, refusals: Refusals, dropped: list, anthropic: bool) -> dict:

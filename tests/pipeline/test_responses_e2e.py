@@ -454,3 +454,58 @@ class UpstreamAdapter(Harnessed):
         self.assertEqual(response.code, 404)
         self.assertEqual(len(self.h.fake.received), 1)
         self.assertEqual(self.interventions("responses_adapter"), [])
+
+
+class SameRulesAsTheOtherSurfaces(TestCase):
+    """Policy, failover before the first byte, history and the audit apply here too."""
+
+    @defer.inlineCallbacks
+    def test_failover_from_native_to_translated_before_the_first_byte(self):
+        from tests.support import write_agent
+
+        history = self.mktemp()
+        h = yield ProxyHarness(self, fake_providers=("openai", "anthropic"), history_dir=history).start()
+        policy = {"mode": "clamp", "allowed": [{"slot": "primary", "ref": "openai/gpt-4.1"},
+                                               {"slot": "fallback", "ref": "anthropic/claude-sonnet-4-5"}]}
+        write_agent(h.context_root, AGENT, SECRET, model_policy=policy)
+        h.fake.enqueue(
+            Reply(status=503, json={"error": {"message": "overloaded", "type": "server_error"}}),
+            Reply(sse=anthropic_sse_events(anthropic_stream_events(["Fallback."], "claude-sonnet-4-5", 9, 2)), headers=SSE),
+        )
+        response = yield h.post("/v1/responses", {"model": "gpt-4.1", "input": "Hi", "stream": True})
+        self.assertEqual(response.code, 200)
+        events = [json.loads(data) for _, data in parse_sse((yield response.content()))]
+        self.assertEqual(events[-1]["type"], "response.completed")
+        self.assertEqual(events[-1]["response"]["output"][0]["content"][0]["text"], "Fallback.")
+        self.assertEqual([r.path for r in h.fake.received], ["/v1/responses", "/v1/messages"])
+        audit = h.audit_lines()
+        [failover] = [line for line in audit if line["type"] == "failover"]
+        self.assertEqual((failover["from_provider"], failover["to_provider"]), ("openai", "anthropic"))
+        [done] = [line for line in audit if line["type"] == "response"]
+        self.assertEqual((done["provider"], done["status_code"], done["tokens_out"]), ("anthropic", 200, 2))
+        yield h.committed()
+        entry = yield h.wait_for_audit(lambda line: line["type"] == "response")
+        self.assertEqual(entry["claw_id"], AGENT)
+        lines = yield h.history.read(AGENT, None, 10)
+        [turn] = [json.loads(line) for line in lines]
+        self.assertEqual((turn["path"], turn["effective_provider"], turn["stream"]), ("/v1/responses", "anthropic", True))
+        self.assertIn(b"response.completed", turn["response"]["text"].encode())
+
+    @defer.inlineCallbacks
+    def test_reject_policy_and_missing_endpoints_are_audited(self):
+        from tests.support import write_agent
+
+        h = yield ProxyHarness(self).start()
+        write_agent(h.context_root, AGENT, SECRET, model_policy={"mode": "reject", "allowed": [{"slot": "primary", "ref": "openai/gpt-4.1"}]})
+        response = yield h.post("/v1/responses", {"model": "openai/o3", "input": "Hi"})
+        self.assertEqual(response.code, 403)
+        body = yield response.json()
+        self.assertEqual(set(body["error"]), {"message", "type", "param", "code"})
+        response = yield h.http.get(h.base_url + "/v1/responses/resp_1", headers={"Authorization": [f"Bearer {AGENT}:{SECRET}"]})
+        self.assertEqual(response.code, 404)
+        [missing] = [line for line in h.audit_lines() if line.get("path") == "/v1/responses/resp_1"]
+        self.assertEqual((missing["type"], missing["claw_id"], missing["status_code"]), ("error", AGENT, 404))
+        # Without /v1 too, as LiteLLM serves it; refused on the headers without credentials.
+        response = yield h.post("/responses", {"model": "openai/gpt-4.1", "input": "Hi"}, token=None)
+        self.assertEqual(response.code, 401)
+        self.assertEqual(h.fake.received, [])
