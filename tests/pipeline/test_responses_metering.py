@@ -21,7 +21,12 @@ from cllama_tx.accounting.usage import (
     output_chars_from_json,
     usage_from_json,
 )
-from cllama_tx.testing import Reply, responses_response, responses_sse_events, responses_stream_events
+from cllama_tx.testing import (
+    Reply,
+    responses_response,
+    responses_sse_events,
+    responses_stream_events,
+)
 from tests.support import SECRET, ProxyHarness, write_agent
 from tests.test_stream_billing import PAYER, SSE, StallingAgent, raw_request
 

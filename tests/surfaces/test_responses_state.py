@@ -5,7 +5,12 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from cllama_tx.surfaces.responses_state import ConversationStore, conversation_after, expand, input_items
+from cllama_tx.surfaces.responses_state import (
+    ConversationStore,
+    conversation_after,
+    expand,
+    input_items,
+)
 
 ITEM = {"type": "message", "role": "user", "content": "x" * 80}
 
