@@ -1,7 +1,8 @@
 """
 A scripted provider that drives one tool-calling loop, as a real model
 would: it speaks the exact wire formats the proxy relays (Anthropic
-Messages and OpenAI Chat Completions, JSON and SSE), answers the turn
+Messages, OpenAI Chat Completions and the OpenAI Responses API, JSON and
+SSE), answers the turn
 that carries the task with a call to a tool the runner really declared,
 answers the turn that carries that tool's result with a final text, and
 answers everything else a runner sends on the side (titles, summaries,
@@ -26,8 +27,11 @@ from cllama_tx.testing import (
     anthropic_stream_events,
     openai_completion,
     openai_stream_chunks,
+    responses_response,
+    responses_stream_events,
     sse_encode_anthropic,
     sse_encode_openai,
+    sse_encode_responses,
 )
 
 TOOL_CALL_ID = "toolu_runner_loop_0001"
@@ -120,6 +124,8 @@ class ScriptedProvider:
             return self._turn(exchange, body, _ANTHROPIC)
         if path.endswith("/chat/completions"):
             return self._turn(exchange, body, _OPENAI)
+        if path.endswith("/responses"):
+            return self._turn(exchange, body, _RESPONSES)
         exchange.kind = "other"
         return 404, "application/json", json.dumps({"error": {"message": f"no route {path}"}}).encode()
 
@@ -271,8 +277,43 @@ class _OpenAIWire(_Wire):
         return 200, "application/json", json.dumps(doc).encode()
 
 
+class _ResponsesWire(_Wire):
+    """The Responses API: tools at the top (functions, and functions in namespaces), items as input."""
+
+    def tools(self, body):
+        found = {}
+        for tool in body.get("tools") or ():
+            if tool.get("type") == "function" and tool.get("name"):
+                found[tool["name"]] = tool.get("parameters") or {}
+        return found
+
+    def _items(self, body):
+        given = body.get("input")
+        return [{"role": "user", "content": given}] if isinstance(given, str) else list(given or ())
+
+    def tool_result(self, body, call_id):
+        for item in self._items(body):
+            if item.get("type") == "function_call_output" and _same_id(item.get("call_id"), call_id):
+                output = item.get("output")
+                return output if isinstance(output, str) else _text_of(output)
+        return None
+
+    def user_text(self, body):
+        return "\n".join(_text_of(i.get("content")) for i in self._items(body) if i.get("role") == "user")
+
+    def reply(self, body, model, text, call, input_tokens):
+        calls = [{"id": TOOL_CALL_ID, "name": call.name, "arguments": call.arguments}] if call else None
+        output_tokens = max(1, len(text) // 4) + (20 if call else 0)
+        if body.get("stream"):
+            events = responses_stream_events([text] if text else [], model, input_tokens, output_tokens, tool_calls=calls)
+            return 200, "text/event-stream", sse_encode_responses(events)
+        doc = responses_response(text or None, model, input_tokens, output_tokens, tool_calls=calls)
+        return 200, "application/json", json.dumps(doc).encode()
+
+
 _ANTHROPIC = _AnthropicWire()
 _OPENAI = _OpenAIWire()
+_RESPONSES = _ResponsesWire()
 
 
 def _models(names: list[str]) -> bytes:
