@@ -105,3 +105,16 @@ class CodexTests(LoopAssertions, TestCase):
             # Codex's hints the Anthropic answer does without, each named.
             self.assertIn("prompt_cache_key", line["dropped"], json.dumps(line))
         self.assertTrue(all(r["output_tokens"] > 0 for r in turns))
+
+    @defer.inlineCallbacks
+    def test_chat_completions_provider_translated(self):
+        loop, result, rows = yield self.loop(("XAI",), "xai/grok-4")
+        self.check_loop(loop, result, rows, Expect(
+            sent="xai/grok-4", provider="xai", effective="grok-4", rule="surface_translated", final_text=FINAL,
+        ))
+        [call] = loop.provider.of_kind("tool_call")
+        self.assertEqual(call.path, "/v1/chat/completions")
+        self.assertEqual(call.body["stream_options"], {"include_usage": True})
+        [final] = loop.provider.of_kind("final")
+        [tool] = [m for m in final.body["messages"] if m["role"] == "tool"]
+        self.assertEqual(tool["tool_call_id"], "toolu_runner_loop_0001")
