@@ -175,11 +175,14 @@ def _same_id(sent: Any, ours: str) -> bool:
     """
     Whether a tool result answers our call.  Some runners keep only the
     letters and digits of a call id (OpenClaw sends C{toolurunnerloop0001}
-    back for C{toolu_runner_loop_0001}); that is still our call.
+    back for C{toolu_runner_loop_0001}); on the Responses API OpenClaw
+    composes its own id around ours and the item's
+    (C{call_toolu_runner_loop_0001_fc_..._<hash>}); that is still our call.
     """
     if not isinstance(sent, str):
         return False
-    return sent == ours or "".join(c for c in sent if c.isalnum()) == "".join(c for c in ours if c.isalnum())
+    plain = "".join(c for c in ours if c.isalnum())
+    return sent == ours or plain in "".join(c for c in sent if c.isalnum())
 
 
 def _text_of(content: Any) -> str:

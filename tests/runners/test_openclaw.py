@@ -77,3 +77,19 @@ class OpenClawTests(LoopAssertions, TestCase):
         ))
         [call] = loop.provider.of_kind("tool_call")
         self.assertEqual(call.path, "/v1/messages")
+
+    @defer.inlineCallbacks
+    def test_openai_responses_provider(self):
+        def config(api):
+            return {
+                "baseUrl": api + "/v1", "apiKey": CREDENTIALS, "api": "openai-responses",
+                "models": [{"id": "gpt-4o", "name": "GPT-4o", "input": ["text"], "contextWindow": 128000, "maxTokens": 4096}],
+            }
+
+        loop, result, rows = yield self.loop(("OPENAI",), config, "cllama/gpt-4o")
+        self.check_loop(loop, result, rows, Expect(sent="gpt-4o", provider="openai", rule="bare_family", final_text=FINAL))
+        [call] = loop.provider.of_kind("tool_call")
+        self.assertEqual(call.path, "/v1/responses")
+        # OpenClaw sends the whole conversation (store: false), its call ids
+        # composed around the provider's (call_<call id>_<item id>_<hash>).
+        self.assertIs(call.body["store"], False)

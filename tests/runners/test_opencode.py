@@ -61,6 +61,19 @@ class OpenCodeTests(LoopAssertions, TestCase):
         self.assertEqual(len(loop.provider.of_kind("side")), 1)
 
     @defer.inlineCallbacks
+    def test_openai_provider_with_its_base_url_moved(self):
+        """The built-in openai provider speaks the Responses API: passed through to OpenAI."""
+
+        def config(api):
+            return {"openai": {"options": {"baseURL": api + "/v1", "apiKey": CREDENTIALS}}}
+
+        loop, result, rows = yield self.loop(("OPENAI",), config, "openai/gpt-4o")
+        self.check_loop(loop, result, rows, Expect(sent="gpt-4o", provider="openai", rule="bare_family", final_text=FINAL))
+        [call] = loop.provider.of_kind("tool_call")
+        self.assertEqual(call.path, "/v1/responses")
+        self.assertIn("bash", loop.provider.declared_tools[0])
+
+    @defer.inlineCallbacks
     def test_anthropic_provider_with_its_base_url_moved(self):
         def config(api):
             return {"anthropic": {"options": {"baseURL": api + "/v1", "apiKey": CREDENTIALS}}}

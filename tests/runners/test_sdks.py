@@ -66,6 +66,27 @@ class AiSdkTests(SdkLoops, TestCase):
         ), "/v1/chat/completions")
 
     @defer.inlineCallbacks
+    def test_openai_responses_model(self):
+        """C{openai(id)} is the Responses API: passed through to OpenAI."""
+        loop = yield self.loop(("OPENAI",))
+        env = {"OPENAI_BASE_URL": loop.daemon.api + "/v1", "OPENAI_API_KEY": CREDENTIALS}
+        result = yield self.run_script(loop, env, "openai-responses", "gpt-4o-mini")
+        yield self.finish(loop, result, Expect(
+            sent="gpt-4o-mini", provider="openai", rule="bare_family", final_text=FINAL,
+        ), "/v1/responses")
+
+    @defer.inlineCallbacks
+    def test_openai_responses_model_reaching_anthropic(self):
+        """The same SDK call for a Claude model: translated to Messages and back."""
+        loop = yield self.loop(("ANTHROPIC",))
+        env = {"OPENAI_BASE_URL": loop.daemon.api + "/v1", "OPENAI_API_KEY": CREDENTIALS}
+        result = yield self.run_script(loop, env, "openai-responses", "anthropic/claude-haiku-4-5")
+        yield self.finish(loop, result, Expect(
+            sent="anthropic/claude-haiku-4-5", provider="anthropic", effective="claude-haiku-4-5",
+            rule="surface_translated", final_text=FINAL,
+        ), "/v1/messages")
+
+    @defer.inlineCallbacks
     def test_anthropic_model(self):
         loop = yield self.loop(("ANTHROPIC",))
         env = {"ANTHROPIC_BASE_URL": loop.daemon.api + "/v1", "ANTHROPIC_API_KEY": CREDENTIALS}
@@ -87,6 +108,14 @@ class LangChainTests(SdkLoops, TestCase):
         yield self.finish(loop, result, Expect(
             sent="gpt-4o", provider="openai", rule="bare_family", final_text=FINAL,
         ), "/v1/chat/completions")
+
+    @defer.inlineCallbacks
+    def test_chat_openai_with_the_responses_api(self):
+        loop = yield self.loop(("OPENAI",))
+        result = yield self.run_script(loop, "openai-responses", "gpt-4o", loop.daemon.api + "/v1")
+        yield self.finish(loop, result, Expect(
+            sent="gpt-4o", provider="openai", rule="bare_family", final_text=FINAL,
+        ), "/v1/responses")
 
     @defer.inlineCallbacks
     def test_chat_anthropic(self):

@@ -4,7 +4,7 @@ documented constructor settings (C{base_url}, C{api_key}): the model calls
 a tool that really writes a file, the result goes back, the final answer
 is streamed.
 
-Usage: python langchain_loop.py <openai|anthropic> <model> <base url> <prompt>
+Usage: python langchain_loop.py <openai|openai-responses|anthropic> <model> <base url> <prompt>
 (the key comes from CLLAMA_RUNNER_KEY, not the command line).
 """
 
@@ -33,7 +33,8 @@ def main() -> None:
     else:
         from langchain_openai import ChatOpenAI
 
-        llm = ChatOpenAI(model=model, base_url=base_url, api_key=key, max_retries=0)
+        responses = which == "openai-responses"  # the Responses API, as LangChain documents it
+        llm = ChatOpenAI(model=model, base_url=base_url, api_key=key, max_retries=0, use_responses_api=responses)
     with_tools = llm.bind_tools([write_file])
     messages = [HumanMessage(prompt)]
     answer = with_tools.invoke(messages)
