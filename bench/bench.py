@@ -27,6 +27,8 @@ What it does, in order:
        - governed: the latency and throughput lanes with the governed agent;
        - translated: the latency, throughput and stream lanes with model
          C{anthropic/claude-bench} on the chat surface (the proxy translates);
+       - responses: the latency and throughput lanes on C{POST /v1/responses},
+         native (the openai provider) and translated (an anthropic model);
      the governed and translated lanes run right after the plain proxy lane
      of their kind and are reported against it ("added vs plain");
      a lane with socket errors or non-2xx answers is reported as failed, and
@@ -124,6 +126,15 @@ TRANSLATED_BODY = json.dumps({"model": ANTHROPIC_MODEL, "messages": [{"role": "u
 TRANSLATED_STREAM_BODY = json.dumps(
     {"model": ANTHROPIC_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
 )
+
+# The Responses lanes: POST /v1/responses, passed through to the openai
+# provider (the mock's /v1/responses), and translated for an anthropic one
+# (Responses -> messages and back); reported against the chat lane.
+RESPONSES_MODEL = "openai/gpt-4.1-mini"
+RESPONSES_BODY = json.dumps({"model": RESPONSES_MODEL, "input": "hi"})
+RESPONSES_TRANSLATED_MODEL = "anthropic/claude-bench-responses"
+RESPONSES_TRANSLATED_BODY = json.dumps({"model": RESPONSES_TRANSLATED_MODEL, "input": "hi"})
+RESPONSES_MOCK_ID = "resp_benchmock"
 
 # The team's bar, measured on this kind of machine (one core for the proxy,
 # wrk against an nginx mock): added ms per request and requests/s.
@@ -384,6 +395,12 @@ def anthropic_sse_stream() -> str:
     return t.sse_encode_anthropic(events).decode("utf-8")
 
 
+def responses_json() -> str:
+    """A fixed Responses API C{response} object, built like the test suite's fakes."""
+    doc = _testing().responses_response("Hello from the bench mock.", "gpt-4.1-mini", 9, 7, id=RESPONSES_MOCK_ID)
+    return json.dumps(doc, separators=(",", ":"))
+
+
 def nginx_quote(text: str) -> str:
     """C{text} as a single-quoted nginx string (no variables in it)."""
     if "$" in text:
@@ -422,6 +439,10 @@ http {{
         location = /v1/chat/completions {{
             default_type application/json;
             return 200 {nginx_quote(chat_completion())};
+        }}
+        location = /v1/responses {{
+            default_type application/json;
+            return 200 {nginx_quote(responses_json())};
         }}
         location = /stream/v1/chat/completions {{
             default_type text/event-stream;
@@ -625,6 +646,20 @@ def verify_proxy(api_port: int, tmp: Path) -> None:
             f"translated streamed POST /v1/chat/completions ({ANTHROPIC_MODEL}) answered {r['status']}: "
             f"{r['body'][:500]!r}\nthe proxy's stderr ends with:\n{tail(tmp / 'proxy.log')}"
         )
+
+
+def verify_responses(api_port: int, tmp: Path) -> None:
+    """The Responses surface, native and translated, must answer a response object."""
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    url = f"http://127.0.0.1:{api_port}/v1/responses"
+    for body, expect in ((RESPONSES_BODY, RESPONSES_MOCK_ID.encode()), (RESPONSES_TRANSLATED_BODY, ANTHROPIC_TEXT.encode())):
+        try:
+            status, _, answer = http("POST", url, body.encode(), headers)
+        except OSError as e:
+            raise ProxyFailed(f"POST /v1/responses failed: {e}\n{tail(tmp / 'proxy.log')}") from None
+        if status != 200 or expect not in answer or b'"object":"response"' not in answer.replace(b" ", b""):
+            raise ProxyFailed(f"POST /v1/responses ({body}) answered {status}: {answer[:500]!r}\n"
+                              f"the proxy's stderr ends with:\n{tail(tmp / 'proxy.log')}")
 
 
 # ---------------------------------------------------------------- wrk lanes
@@ -1074,6 +1109,8 @@ def build_extra_rows(res: dict) -> list[list[str]]:
 
     for kind, label in (("governed", f"governed (agent `{GOV_AGENT}`: policy, budget, rate limits)"),
                         ("translated", f"translated chat → messages (`{ANTHROPIC_MODEL}`)"),
+                        ("responses", f"Responses API, native (`POST /v1/responses`, `{RESPONSES_MODEL}`)"),
+                        ("responses_translated", f"Responses API → messages (`{RESPONSES_TRANSLATED_MODEL}`)"),
                         ("control", "control: the plain lane again, last (noise band)")):
         lp, lx = res.get("latency_proxy"), res.get(f"latency_{kind}")
         if lx is None and res.get(f"throughput_{kind}") is None:
@@ -1202,6 +1239,8 @@ def audit_lane(doc: dict) -> str:
         return "slow"
     if agent == AGENT and model == ANTHROPIC_MODEL:
         return "translated"
+    if agent == AGENT and model in (RESPONSES_MODEL, RESPONSES_TRANSLATED_MODEL):
+        return "responses"
     if agent == AGENT:
         return "plain"
     return f"other ({agent})"
@@ -1211,6 +1250,8 @@ AUDIT_LANES = {
     "plain": ("latency_proxy", "throughput_proxy", "stream_proxy", "latency_control", "throughput_control"),
     "governed": ("latency_governed", "throughput_governed"),
     "translated": ("latency_translated", "throughput_translated", "stream_translated"),
+    "responses": ("latency_responses", "latency_responses_translated", "throughput_responses",
+                  "throughput_responses_translated"),
     "slow": SLOW_LANES,
 }
 
@@ -1427,6 +1468,10 @@ proxy, wrk against an nginx mock). Target for cllama_tx: added p50 under
     client against the plain stream lane (which relays OpenAI-format chunks). The model
     `claude-bench` has no price, so these requests skip the cost computation the plain ones
     do (under 1 % of the proxy's samples in a profile).
+  - responses: the same wrk lanes POSTing `{RESPONSES_BODY}` to `/v1/responses` (passed
+    through to the mock's `/v1/responses`, a fixed `response` object, metered from its
+    `usage`) and `{RESPONSES_TRANSLATED_BODY}` (Responses → messages, the Anthropic
+    `message` back to a `response`), against the plain chat lane of the same run.
 - A lane with socket errors, timeouts or non-2xx answers is marked FAILED and its figures
   are not shown; so is a lane whose requests the proxy's own audit stream shows answered
   with anything but 200 (or 499, a request cut off at the end of a lane).
@@ -1435,8 +1480,9 @@ proxy, wrk against an nginx mock). Target for cllama_tx: added p50 under
 
 
 LANES = ["latency_direct", "latency_proxy", "latency_governed", "latency_translated", "latency_control",
+         "latency_responses", "latency_responses_translated",
          "throughput_direct", "throughput_proxy", "throughput_governed", "throughput_translated",
-         "throughput_control",
+         "throughput_control", "throughput_responses", "throughput_responses_translated",
          "stream_direct", "stream_proxy", "stream_translated"]
 
 
@@ -1749,6 +1795,9 @@ def main(argv=None) -> int:
         lua = write_lua(tmp)
         gov_lua = write_lua(tmp, "governed", CHAT_BODY, GOV_TOKEN)
         tr_lua = write_lua(tmp, "translated", TRANSLATED_BODY, TOKEN)
+        rs_lua = write_lua(tmp, "responses", RESPONSES_BODY, TOKEN)
+        rt_lua = write_lua(tmp, "responses_translated", RESPONSES_TRANSLATED_BODY, TOKEN)
+        responses = f"http://127.0.0.1:{api_port}/v1/responses"
         direct = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
         through = f"http://127.0.0.1:{api_port}/v1/chat/completions"
 
@@ -1759,6 +1808,7 @@ def main(argv=None) -> int:
                 log(f"proxy pid {proxy.pid} on 127.0.0.1:{api_port}: /health answered 200")
                 res["rss_start_kib"] = rss_kib(proxy.pid)
                 verify_proxy(api_port, tmp)
+                verify_responses(api_port, tmp)
                 log("proxy verified: JSON and streamed requests came back from the mock, plain, "
                     "governed and translated")
                 if args.warmup > 0:
@@ -1768,6 +1818,8 @@ def main(argv=None) -> int:
                         short = min(1.0, args.warmup)
                         run_wrk(through, gov_lua, 4, short, load_core, latency=False)
                         run_wrk(through, tr_lua, 4, short, load_core, latency=False)
+                        run_wrk(responses, rs_lua, 4, short, load_core, latency=False)
+                        run_wrk(responses, rt_lua, 4, short, load_core, latency=False)
                         run_stream_lane(api_port, "/v1/chat/completions", short, body=TRANSLATED_STREAM_BODY)
             except ProxyFailed as e:
                 proxy_error = str(e)
@@ -1860,6 +1912,9 @@ def main(argv=None) -> int:
         if extra:
             lane("latency_governed", lambda: run_wrk(through, gov_lua, 1, args.duration, load_core, pid=proxy.pid))
             lane("latency_translated", lambda: run_wrk(through, tr_lua, 1, args.duration, load_core, pid=proxy.pid))
+            lane("latency_responses", lambda: run_wrk(responses, rs_lua, 1, args.duration, load_core, pid=proxy.pid))
+            lane("latency_responses_translated",
+                 lambda: run_wrk(responses, rt_lua, 1, args.duration, load_core, pid=proxy.pid))
             # The plain lane again: how far two identical lanes drift apart
             # (the noise band of the "added vs plain" figures).
             lane("latency_control", lambda: run_wrk(through, lua, 1, args.duration, load_core, pid=proxy.pid))
@@ -1871,6 +1926,10 @@ def main(argv=None) -> int:
                  lambda: run_wrk(through, gov_lua, 32, args.duration, load_core, pid=proxy.pid))
             lane("throughput_translated",
                  lambda: run_wrk(through, tr_lua, 32, args.duration, load_core, pid=proxy.pid))
+            lane("throughput_responses",
+                 lambda: run_wrk(responses, rs_lua, 32, args.duration, load_core, pid=proxy.pid))
+            lane("throughput_responses_translated",
+                 lambda: run_wrk(responses, rt_lua, 32, args.duration, load_core, pid=proxy.pid))
             lane("throughput_control", lambda: run_wrk(through, lua, 32, args.duration, load_core, pid=proxy.pid))
         lane("stream_direct", lambda: run_stream_lane(mock_port, "/stream/v1/chat/completions", args.duration))
         if proxy:
