@@ -375,8 +375,15 @@ class SseTap:
     commit the ledger row; then write L{held} (the terminal event, C{data:
     [DONE]} or C{event: message_stop}, and anything after it).
 
+    A Responses API stream (C{responses}) is read for its text deltas and
+    its terminal event (C{response.completed}, C{.incomplete}, C{.failed}:
+    the usage, withheld like any terminal event), and the response's id,
+    model, time and last C{sequence_number}, so that the proxy can end a
+    stream it cuts with events the agent can number (C{response_id},
+    C{response_model}, C{created_at}, C{sequence_number}: the next one).
+
     Bytes are forwarded exactly as received, with two exceptions (OpenAI
-    only): the C{include_usage} chunk (C{choices: []} plus C{usage}) is
+    chat only): the C{include_usage} chunk (C{choices: []} plus C{usage}) is
     dropped when C{strip_usage_chunk}, or else re-serialised as one
     C{data: {json}\\n\\n} event with C{usage_chunk_extra(usage)} merged into
     its C{usage} (the callback gets the live L{Usage}; it must not raise;
@@ -945,7 +952,8 @@ def estimate_prompt_tokens(doc: Any, wire_format: str) -> int:
     """
     A rough prompt size for a request body, for rows whose response carried
     no usage: the text of C{messages} (string contents and content blocks,
-    tool calls and tool results), C{system}, and C{tools} (names,
+    tool calls and tool results; a Responses request's C{input} items and
+    C{instructions}), C{system}, and C{tools} (names,
     descriptions and schemas) at four characters a token, plus a small
     per-message overhead.  Each image, and each other binary attachment
     (document, file, audio), counts a fixed L{IMAGE_TOKENS} (1,000) tokens;

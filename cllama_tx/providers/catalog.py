@@ -216,17 +216,28 @@ def serves_responses(provider: str, api_format: str) -> bool:
     return api_format == OPENAI_FORMAT and base_provider(provider) in RESPONSES_PROVIDERS
 
 
+# Per provider: the exact ids and the prefixes, matched once per request.
+_RESPONSES_ONLY = {
+    provider: (
+        frozenset(p for p in patterns if not p.endswith("*")),
+        tuple(p[:-1] for p in patterns if p.endswith("*")),
+    )
+    for provider, patterns in RESPONSES_ONLY_MODELS.items()
+}
+
+
 def responses_only(provider: str, model: str) -> bool:
     """Whether the catalog says only the Responses API serves C{model} at C{provider}."""
-    for pattern in RESPONSES_ONLY_MODELS.get(base_provider(provider), ()):
-        if model == pattern or (pattern.endswith("*") and model.startswith(pattern[:-1])):
-            return True
-    return False
+    patterns = _RESPONSES_ONLY.get(base_provider(provider))
+    if patterns is None:
+        return False
+    exact, prefixes = patterns
+    return model in exact or model.startswith(prefixes)
 
 
 #: What a provider's 400/404 says when a model is served by the Responses
 #: API only ("This model is only supported in v1/responses and not in
-#: v1/chat/completions."): both phrases must be in the error body.
+#: v1/chat/completions."): one of these, and a word saying it is the only way.
 NEEDS_RESPONSES_HINTS = (b"v1/responses", b"responses api")
 
 

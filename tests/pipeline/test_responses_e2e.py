@@ -509,3 +509,49 @@ class SameRulesAsTheOtherSurfaces(TestCase):
         response = yield h.post("/responses", {"model": "openai/gpt-4.1", "input": "Hi"}, token=None)
         self.assertEqual(response.code, 401)
         self.assertEqual(h.fake.received, [])
+
+
+class NativeConversation(Harnessed):
+    """Natively the provider keeps the conversation: previous_response_id goes along."""
+
+    @defer.inlineCallbacks
+    def test_two_turns_with_a_function_tool(self):
+        call_ = {"id": "call_n1", "name": "get_weather", "arguments": {"city": "Bergen"}}
+        self.h.fake.enqueue(
+            Reply(json=responses_response(None, "gpt-4.1", 30, 12, id="resp_native1", tool_calls=[call_])),
+            Reply(json=responses_response("Rainy.", "gpt-4.1", 60, 3, id="resp_native2")),
+        )
+
+        def conversation():
+            first = self.client.responses.create(model="openai/gpt-4.1", input="Bergen?", tools=[WEATHER])
+            [fc] = [item for item in first.output if item.type == "function_call"]
+            second = self.client.responses.create(
+                model="openai/gpt-4.1", previous_response_id=first.id, tools=[WEATHER],
+                input=[{"type": "function_call_output", "call_id": fc.call_id, "output": "rain"}],
+            )
+            return first, fc, second
+
+        first, fc, second = yield deferToThread(conversation)
+        self.assertEqual((first.id, fc.call_id, second.output_text), ("resp_native1", "call_n1", "Rainy."))
+        sent = self.h.fake.received[1].json
+        self.assertEqual(sent["previous_response_id"], "resp_native1")
+        self.assertEqual(sent["input"], [{"type": "function_call_output", "call_id": "call_n1", "output": "rain"}])
+        self.assertEqual(sent["tools"], [WEATHER])
+        self.assertEqual(self.interventions("conversation_restored"), [])
+
+    @defer.inlineCallbacks
+    def test_a_slow_agent_pauses_the_provider(self):
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        from tests.test_stream_billing import StallingAgent, raw_request
+
+        self.h.fake.enqueue(Reply(firehose_bytes=64 * 1024 * 1024, headers=SSE))
+        doc = {"model": "openai/gpt-4.1", "input": "Go", "stream": True}
+        agent = StallingAgent(raw_request(doc, path="/v1/responses"))
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.h.port.getHost().port), agent)
+        self.addCleanup(lambda: agent.transport.abortConnection())
+        yield agent.first_data
+        paused = yield self.h.fake.paused  # backpressure reached the provider
+        self.assertGreaterEqual(paused, 1)
+        self.assertIn(b"response.output_text.delta", agent.data)
