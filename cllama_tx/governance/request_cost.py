@@ -259,9 +259,11 @@ class _Media:
 
 
 def read_request(doc: dict, body_size: int) -> RequestShape:
-    """The billable shape of a chat or messages body of C{body_size} bytes."""
+    """The billable shape of a chat, messages or Responses body of C{body_size} bytes."""
     media = _Media()
     messages = doc.get("messages")
+    if not isinstance(messages, list):
+        messages = doc.get("input")  # a Responses API request's items
     if isinstance(messages, list):
         for message in messages:
             if not isinstance(message, dict):

@@ -38,3 +38,16 @@ class Catalog(SynchronousTestCase):
         self.assertFalse(needs_responses(500, HINT))
         self.assertFalse(needs_responses(404, b'{"error": {"message": "The model o9 does not exist"}}'))
         self.assertFalse(needs_responses(400, b""))
+
+
+class RequestShape(SynchronousTestCase):
+    def test_images_in_input_items_are_images_not_text(self):
+        from cllama_tx.governance.request_cost import read_request
+
+        data = "data:image/png;base64," + "A" * 40000
+        doc = {"model": "m", "max_output_tokens": 300, "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                         {"type": "input_image", "image_url": data}]}]}
+        shape = read_request(doc, 40200)
+        self.assertEqual((shape.images, shape.max_tokens), (1, 300))
+        self.assertLess(shape.text_bytes, 1000)
