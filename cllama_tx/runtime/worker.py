@@ -18,7 +18,7 @@ import socket
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import endpoints, error, fdesc, main
+from twisted.internet import defer, endpoints, error, fdesc, main
 from twisted.internet.interfaces import IListeningPort, IReadDescriptor
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -118,9 +118,9 @@ class WorkerService(service.Service):
         super().startService()
         self._lifeline = Lifeline(self.role.lifeline_fd, self._supervisor_gone)
         self._reactor.addReader(self._lifeline)
-        self._reactor.callWhenRunning(self._serving)
+        self._reactor.callWhenRunning(self._running)
 
-    def _serving(self) -> None:
+    def _running(self) -> None:
         # A terminal's Ctrl-C reaches the whole process group: the
         # supervisor decides, and tells its workers with SIGTERM.  (After
         # the reactor's own handlers, which it installs as it starts.)
@@ -128,6 +128,12 @@ class WorkerService(service.Service):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         except ValueError:  # not the main thread
             pass
+        # Ready once the budgets are loaded: until then metered requests are refused.
+        _seeded(self.parent).addCallback(lambda _: self._serving())
+
+    def _serving(self) -> None:
+        if not self.running:
+            return
         try:
             os.write(self.role.status_fd, READY)
             os.close(self.role.status_fd)
@@ -153,6 +159,33 @@ class WorkerService(service.Service):
         if self._lifeline is not None:
             self._reactor.removeReader(self._lifeline)
             self._lifeline = None
+
+
+def _seeded(daemon) -> defer.Deferred:
+    """Fires once the daemon's budgets are seeded from the ledger (at once when it has no seed)."""
+    from cllama_tx.runtime.daemon import GovernanceSeed  # the daemon imports this module
+
+    pending = [daemon]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, GovernanceSeed):
+            return _follow(node.done)
+        if isinstance(node, service.MultiService):
+            pending.extend(node)
+    return defer.succeed(None)
+
+
+def _follow(done: defer.Deferred) -> defer.Deferred:
+    """A Deferred of our own that fires when C{done} does, leaving C{done}'s result as it was."""
+    seeded: defer.Deferred = defer.Deferred()
+
+    def fire(result):
+        if not seeded.called:
+            seeded.callback(None)
+        return result
+
+    done.addBoth(fire)
+    return seeded
 
 
 def attach_worker(daemon, config: Config, reactor) -> None:

@@ -258,23 +258,36 @@ class WorkerPool(service.Service):
         self._restarts.pop(index, None)
         worker = WorkerProcess(self, index)
         api, ui = self._listeners
-        self._reactor.spawnProcess(
-            worker,
-            self._argv[0],
-            self._argv,
-            env=self._environment(index),
-            path=os.getcwd(),
-            childFDs={
-                LIFELINE_FD: "w",  # we never write: its end of file is our death
-                AUDIT_FD: "r",
-                STDERR_FD: STDERR_FD,
-                STATUS_FD: "r",
-                API_FD: api.fileno(),
-                UI_FD: ui.fileno(),
-            },
-        )
+        try:
+            self._reactor.spawnProcess(
+                worker,
+                self._argv[0],
+                self._argv,
+                env=self._environment(index),
+                path=os.getcwd(),
+                childFDs={
+                    LIFELINE_FD: "w",  # we never write: its end of file is our death
+                    AUDIT_FD: "r",
+                    STDERR_FD: STDERR_FD,
+                    STATUS_FD: "r",
+                    API_FD: api.fileno(),
+                    UI_FD: ui.fileno(),
+                },
+            )
+        except OSError as e:  # out of processes or descriptors: later, like a death
+            self._again(index, f"could not be started ({e})")
+            return
         self.workers[index] = worker
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    def _again(self, index: int, how: str, lived: float = 0.0, pid: int | None = None) -> None:
+        """Start worker C{index} again after a pause that doubles with each failure in a row."""
+        failures = 1 if lived >= STABLE_AFTER else self._failures[index] + 1
+        self._failures[index] = failures
+        delay = restart_delay(failures)
+        who = f"worker {index}" if pid is None else f"worker {index} (pid {pid})"
+        log.error("{who} {how}; starting it again in {delay}s", who=who, how=how, delay=delay)
+        self._restarts[index] = self.clock.callLater(delay, self._start, index)
 
     def worker_ready(self, worker: WorkerProcess) -> None:
         log.info("worker {index} (pid {pid}) ready", index=worker.index, pid=worker.pid)
@@ -295,15 +308,7 @@ class WorkerPool(service.Service):
             if not self.workers and self._all_ended is not None and not self._all_ended.called:
                 self._all_ended.callback(None)
             return
-        lived = self.clock.seconds() - worker.started_at
-        failures = 1 if lived >= STABLE_AFTER else self._failures[worker.index] + 1
-        self._failures[worker.index] = failures
-        delay = restart_delay(failures)
-        log.error(
-            "worker {index} (pid {pid}) {how}; starting it again in {delay}s",
-            index=worker.index, pid=worker.pid, how=how, delay=delay,
-        )
-        self._restarts[worker.index] = self.clock.callLater(delay, self._start, worker.index)
+        self._again(worker.index, how, self.clock.seconds() - worker.started_at, worker.pid)
 
     def forward(self, name: str) -> None:
         """Send signal C{name} to every worker (one that is starting gets a SIGHUP once it serves)."""

@@ -20,6 +20,7 @@ from twisted.internet import defer, error, reactor, utils
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.python import filepath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -43,7 +44,13 @@ from cllama_tx.runtime.worker_env import (
     parse_role,
     role_env,
 )
-from cllama_tx.runtime.workers import RESTART_MAX, AuditRelay, restart_delay
+from cllama_tx.runtime.workers import (
+    RESTART_MAX,
+    STOP_MARGIN,
+    AuditRelay,
+    WorkerPool,
+    restart_delay,
+)
 from cllama_tx.testing import (
     FakeProvider,
     Reply,
@@ -137,6 +144,154 @@ class AuditRelayTests(SynchronousTestCase):
         relay.feed(b'{"half":')
         self.assertEqual(relay.end(), 8)
         self.assertEqual(relay.feed(b'{"next":1}\n'), [b'{"next":1,"worker":0}\n'])
+
+
+class _Transport:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+        self.paused = 0
+
+    def signalProcess(self, name):
+        self.signals.append(name)
+
+    def pauseProducing(self):
+        self.paused += 1
+
+    def resumeProducing(self):
+        self.paused -= 1
+
+
+class _Reactor(Clock):
+    """A clock that spawns nothing: it records what would have been started."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+        self.refuse = 0
+
+    def callWhenRunning(self, f, *args):
+        f(*args)
+
+    def spawnProcess(self, proto, executable, args, env, path, childFDs):
+        if self.refuse:
+            self.refuse -= 1
+            raise OSError(11, "Resource temporarily unavailable")
+        proto.makeConnection(_Transport(1000 + len(self.spawned)))
+        self.spawned.append((proto, env, childFDs))
+        return proto.transport
+
+
+class _Held:
+    def __init__(self, fd):
+        self._fd = fd
+
+    def fileno(self):
+        return self._fd
+
+
+def _ended(code=0, sig=None):
+    from twisted.internet.error import ProcessDone, ProcessTerminated
+    from twisted.python.failure import Failure
+
+    return Failure(ProcessDone(0) if code == 0 and sig is None else ProcessTerminated(code, sig))
+
+
+class WorkerPoolTests(SynchronousTestCase):
+    """The supervisor's decisions, on a clock: who is started, when again, with which signal."""
+
+    def setUp(self):
+        self.reactor = _Reactor()
+        self.lines = []
+        config = Config.from_env({"CLLAMA_WORKERS": "2", "LISTEN_FDS": "2", "LISTEN_PID": "1", "SECRET_KEY": "k"})
+        self.pool = WorkerPool(self.reactor, config, (_Held(7), _Held(8)), self.lines.extend)
+        self.pool.startService()
+
+    def worker(self, index):
+        return self.pool.workers[index]
+
+    def test_starts_every_worker_with_its_markers_and_descriptors(self):
+        self.assertEqual(len(self.reactor.spawned), 2)
+        for index, (_proto, env, fds) in enumerate(self.reactor.spawned):
+            self.assertEqual(parse_role(env).index, index)
+            self.assertEqual(env["SECRET_KEY"], "k")  # the same environment
+            self.assertNotIn("LISTEN_FDS", env)  # systemd's sockets are the supervisor's
+            self.assertNotIn("LISTEN_PID", env)
+            self.assertEqual(fds, {0: "w", 1: "r", 2: 2, 3: "r", 4: 7, 5: 8})
+
+    def test_relays_whole_lines_and_pauses_after_a_short_read(self):
+        worker = self.worker(0)
+        worker.childDataReceived(1, b'{"a":1}\n{"b"')
+        self.assertEqual(self.lines, [b'{"a":1,"worker":0}\n'])
+        self.assertEqual(worker.transport.paused, 1)
+        self.reactor.advance(0.01)
+        self.assertEqual(worker.transport.paused, 0)
+        worker.childDataReceived(1, b':2}\n' + b"x" * 8192)  # a full read: more is waiting
+        self.assertEqual(worker.transport.paused, 0)
+        self.assertEqual(self.lines[-1], b'{"b":2,"worker":0}\n')
+
+    def test_a_dead_worker_comes_back_after_a_doubling_pause(self):
+        for attempt, delay in enumerate((0.5, 1.0, 2.0)):
+            worker = self.worker(1)
+            worker.processEnded(_ended(sig=9))
+            self.assertNotIn(1, self.pool.workers)
+            self.reactor.advance(delay - 0.01)
+            self.assertNotIn(1, self.pool.workers)
+            self.reactor.advance(0.01)
+            self.assertEqual(self.worker(1).index, 1, attempt)
+        # One that served a minute starts a new row.
+        self.reactor.advance(60)
+        self.worker(1).processEnded(_ended(code=3))
+        self.reactor.advance(0.5)
+        self.assertIn(1, self.pool.workers)
+        self.assertEqual(len(self.reactor.spawned), 6)
+        self.assertFalse(self.pool.failed)
+
+    def test_a_refused_start_is_tried_again(self):
+        self.reactor.refuse = 1
+        self.worker(0).processEnded(_ended(sig=9))
+        self.reactor.advance(0.5)  # the start fails (no process left)
+        self.assertNotIn(0, self.pool.workers)
+        self.reactor.advance(1.0)
+        self.assertIn(0, self.pool.workers)
+
+    def test_sighup_waits_for_a_worker_that_is_starting(self):
+        self.worker(0).childDataReceived(3, b"ready\n")
+        self.pool.forward("HUP")
+        self.assertEqual(self.worker(0).transport.signals, ["HUP"])
+        self.assertEqual(self.worker(1).transport.signals, [])
+        self.worker(1).childDataReceived(3, b"rea")
+        self.worker(1).childDataReceived(3, b"dy\n")
+        self.assertEqual(self.worker(1).transport.signals, ["HUP"])
+
+    def test_stop_drains_every_worker_and_restarts_none(self):
+        self.worker(1).processEnded(_ended(sig=9))  # a restart is pending
+        stopped = []
+        self.pool.stopService().addCallback(stopped.append)
+        self.assertEqual(self.worker(0).transport.signals, ["TERM"])
+        self.reactor.advance(5)
+        self.assertEqual(len(self.reactor.spawned), 2)  # the pending restart was cancelled
+        self.worker(0).processEnded(_ended(sig=signal.SIGTERM))  # what we asked for: clean
+        self.assertEqual(stopped, [None])
+        self.assertFalse(self.pool.failed)
+
+    def test_a_worker_that_fails_its_drain_fails_the_host(self):
+        stopped = []
+        self.pool.stopService().addCallback(stopped.append)
+        self.worker(0).processEnded(_ended(code=0))
+        self.worker(1).processEnded(_ended(code=1))
+        self.assertEqual(stopped, [None])
+        self.assertTrue(self.pool.failed)
+
+    def test_a_worker_that_does_not_stop_is_killed(self):
+        stopped = []
+        self.pool.stopService().addCallback(stopped.append)
+        self.worker(0).processEnded(_ended(code=0))
+        self.reactor.advance(self.pool.config.drain_grace + STOP_MARGIN)
+        self.assertEqual(self.worker(1).transport.signals, ["TERM", "KILL"])
+        self.worker(1).processEnded(_ended(sig=signal.SIGKILL))
+        self.assertEqual(stopped, [None])
+        self.assertTrue(self.pool.failed)
 
 
 class RestartDelayTests(SynchronousTestCase):
@@ -442,6 +597,9 @@ class _Raw(Protocol):
         return d
 
     def connectionLost(self, reason):
+        waiters, self._waiters = self._waiters, []
+        for needle, d in waiters:  # what was awaited will never come: say what came instead
+            d.errback(AssertionError(f"connection closed before {needle!r}: {self.data[:300]!r}"))
         self.lost.callback(reason.value)
 
 
@@ -498,6 +656,11 @@ def requests_total(snapshot_or_text) -> float:
         for line in snapshot_or_text.splitlines()
         if line.startswith("cllama_requests_total{") and 'status_class="2xx"' in line
     )
+
+
+def _sample(snapshot, name, labels) -> float:
+    [value] = [v for f in snapshot["families"] for n, la, v in f["samples"] if n == name and la == labels]
+    return value
 
 
 def gauge(text, name) -> float:
@@ -603,8 +766,11 @@ class WorkersTests(TestCase):
             text = (yield scrape.content()).decode()
             self.assertEqual(requests_total(text), total)
             self.assertEqual(gauge(text, "cllama_workers"), 2.0)
-            # Each worker's API listener holds the connections it serves; the host's cap is both caps.
-            self.assertEqual(gauge(text, 'cllama_connections_cap{listener="api"}'), 2 * 4096.0)
+            # Gauges add up too: the host's connection cap is both workers' caps.
+            self.assertEqual(
+                gauge(text, 'cllama_connections_cap{listener="api"}'),
+                sum(_sample(snapshots[name], "cllama_connections_cap", {"listener": "api"}) for name in ("0", "1")),
+            )
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.state, "workers", "0.json")).st_mode), 0o600)
 
     @defer.inlineCallbacks
