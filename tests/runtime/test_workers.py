@@ -835,6 +835,11 @@ class WorkersTests(TestCase):
         self.assertEqual({x["status_code"] for x in responses}, {200})
         for pid in pids.values():
             self.assertIn(f"(pid {pid}) stopped".encode(), process.stderr)
+        # Each worker's last snapshot, written after its drain, counts the streams it finished then.
+        for index in (0, 1):
+            snapshot = read_snapshot(os.path.join(self.state, "workers", f"{index}.json"))
+            self.assertEqual(requests_total(snapshot), len([x for x in responses if x["worker"] == index]))
+        self.assertNotIn(b"Traceback", process.stderr)
 
     @defer.inlineCallbacks
     def test_a_worker_that_fails_the_drain_makes_the_exit_status_1(self):
