@@ -84,10 +84,10 @@ def chat_usage_to_responses(usage: Any) -> dict:
 
 def echoed(request: dict) -> dict:
     """The settings of C{request} a Response echoes (absent or null: OpenAI's default)."""
-    out = {}
-    for name, default in ECHOED.items():
-        value = request.get(name)
-        out[name] = default if value is None else value
+    out = dict(ECHOED)
+    for name, value in request.items():  # a request has few keys: read those
+        if value is not None and name in out:
+            out[name] = value
     return out
 
 

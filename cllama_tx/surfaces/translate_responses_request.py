@@ -152,7 +152,7 @@ def responses_to_messages_request(doc: dict, default_max_tokens: int = 4096) -> 
     refusals.check()
     if anthropic_only:
         messages["output_config"] = anthropic_only
-    return attrs.evolve(chat, request=messages)
+    return Translated(messages, chat.dropped, chat.tools)
 
 
 def _to_chat(doc: dict, max_tokens_field: str, target: str) -> tuple[Translated, dict, Refusals]:
