@@ -160,9 +160,24 @@ CREATE INDEX ui_sessions_created ON ui_sessions (created_at);
 CREATE INDEX virtual_keys_alias ON virtual_keys (key_alias) WHERE key_alias IS NOT NULL;
 """
 
+# The Responses surface's conversations with translated providers
+# (cllama_tx.store.conversations): a follow-up turn may land on any instance.
+_CONVERSATIONS = """
+CREATE TABLE responses_conversations (
+    agent TEXT NOT NULL,
+    response_id TEXT NOT NULL,
+    items TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    used_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (agent, response_id)
+);
+CREATE INDEX responses_conversations_used ON responses_conversations (used_at);
+"""
+
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "ledger, virtual keys and coordination tables", _LEDGER + _KEYS + _COORDINATION),
     (2, "operator UI sessions; virtual keys by alias", _UI_SESSIONS),
+    (3, "Responses conversations kept for translated providers", _CONVERSATIONS),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
