@@ -76,6 +76,8 @@ class Exchange:
     admission: Admission | None = None  # what governance held for this request
     # Shared store: reservations to release once the row is committed.
     shared_release: tuple | None = None
+    # Shared store: a kept Responses conversation being written (awaited before the last byte).
+    conversation_kept: Any = None
     crossing: Crossing | None = None  # the surface translation in use, if any
     # The Responses surface: the request as sent upstream before any
     # translation (its conversation expanded), and the id the proxy gave

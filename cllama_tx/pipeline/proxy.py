@@ -55,6 +55,7 @@ from cllama_tx.providers.forwarding import NEVER_FORWARD, HeaderPolicy, forward
 from cllama_tx.providers.health import INCONCLUSIVE, VALID
 from cllama_tx.providers.keys import MAX_TRIES, classify_failure
 from cllama_tx.providers.registry import ProviderNotConfigured, UnknownProvider
+from cllama_tx.store.conversations import SharedConversations
 from cllama_tx.surfaces.bridges import RESPONSES, Call, Crossing, bridge_for
 from cllama_tx.surfaces.errors import OPENAI, ProxyError, error_body, sse_error_event
 from cllama_tx.surfaces.responses_shapes import failure_events, minimal_response
@@ -137,7 +138,7 @@ class Proxy:
         metrics=None,
         inflight=None,
         agent_stall_timeout: float | None = None,
-        conversations: ConversationStore | None = None,
+        conversations: ConversationStore | SharedConversations | None = None,
     ) -> None:
         self._inflight = inflight
         # The Responses surface's memory of the answers it translated.
@@ -257,7 +258,7 @@ class Proxy:
         upstream_doc = dict(doc)
         upstream_doc["model"] = ref.model
         if ex.surface.api_format == RESPONSES:
-            upstream_doc = self._continue_conversation(upstream_doc, ex, upstream_format)
+            upstream_doc = await self._continue_conversation(upstream_doc, ex, upstream_format)
         upstream_doc, upstream_path = self._translate_request(upstream_doc, ex, upstream_format)
         openrouter_models = admission.openrouter_models
         if openrouter_models and ref.provider == "openrouter":
@@ -448,7 +449,7 @@ class Proxy:
             return RESPONSES
         return api_format
 
-    def _continue_conversation(self, doc: dict, ex: Exchange, upstream_format: str) -> dict:
+    async def _continue_conversation(self, doc: dict, ex: Exchange, upstream_format: str) -> dict:
         """
         A Responses request that continues an answer this proxy made
         (C{previous_response_id}) carries that conversation in its input
@@ -459,6 +460,16 @@ class Proxy:
         previous = doc.get("previous_response_id")
         if previous is not None:
             earlier = self._conversations.get(ex.claw_id or "", previous)
+            if isinstance(earlier, defer.Deferred):
+                # Several instances: kept in the shared store.
+                try:
+                    earlier = await earlier
+                except Exception:
+                    log.failure("reading a kept conversation failed")
+                    raise ProxyError(
+                        503, "store_unavailable", "the conversation store cannot be read; try again shortly",
+                        retry_after=1,
+                    ) from None
             if earlier is not None:
                 doc = expand(doc, earlier)
                 self._metering.intervention(
@@ -508,7 +519,10 @@ class Proxy:
             return
         answer = crossing.answered()
         if answer is not None and answer.get("status") in ("completed", "incomplete"):
-            self._conversations.put(ex.claw_id or "", ex.response_id, conversation_after(request, answer))
+            kept = self._conversations.put(ex.claw_id or "", ex.response_id, conversation_after(request, answer))
+            if isinstance(kept, defer.Deferred):
+                # In the shared store before the answer's last byte (_settle_then waits).
+                ex.conversation_kept = kept
 
     def _ask_for_stream_usage(self, doc: dict, ex: Exchange, api_format: str) -> None:
         """
@@ -877,6 +891,13 @@ class Proxy:
                 await settlement.committed
             except Exception:
                 pass  # logged by Metering; the agent still gets its answer
+        kept, ex.conversation_kept = ex.conversation_kept, None
+        if kept is not None:
+            try:
+                await kept
+            except Exception:
+                # The answer stands; a follow-up on another instance will not find it.
+                log.failure("keeping a conversation in the shared store failed")
         if ex.gone:
             raise AgentGone()
         return settlement

@@ -547,6 +547,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         keys=keys,
         metrics=metrics,
         inflight=inflight,
+        conversations=fleet.conversations() if fleet is not None else None,
     )
     # One throttle of wrong operator credentials (UI token, master key) for
     # every place that compares one: guessing on one slows all of them.

@@ -18,8 +18,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from cllama_tx.store.changes import ChangeFeed
+from cllama_tx.store.conversations import SharedConversations
 from cllama_tx.store.coordination import Coordinator
 from cllama_tx.store.shared import get_document, new_instance_id, put_document
+from cllama_tx.surfaces.responses_state import ConversationStore
 
 __all__ = ["Fleet"]
 
@@ -40,6 +42,12 @@ class Fleet(service.MultiService):
         self.coordinator.setServiceParent(self)
         self.changes = ChangeFeed(database, reactor, self.instance)
         self.changes.setServiceParent(self)
+
+    def conversations(self) -> SharedConversations:
+        """The Responses surface's kept conversations, in the store (any instance finds a follow-up's)."""
+        shared = SharedConversations(self.database, self.reactor, ConversationStore(self.reactor))
+        shared.setServiceParent(self)
+        return shared
 
     def register(self) -> defer.Deferred:
         """Announce this instance before its budgets are seeded (see L{Coordinator.register})."""

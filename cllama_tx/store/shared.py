@@ -71,6 +71,15 @@ CREATE TABLE IF NOT EXISTS changes (
     subject TEXT,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS responses_conversations (
+    agent TEXT NOT NULL,
+    response_id TEXT NOT NULL,
+    items TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    used_at REAL NOT NULL,
+    PRIMARY KEY (agent, response_id)
+);
+CREATE INDEX IF NOT EXISTS responses_conversations_used ON responses_conversations (used_at);
 CREATE TABLE IF NOT EXISTS shared_documents (
     name TEXT PRIMARY KEY,
     content TEXT NOT NULL,

@@ -8,8 +8,9 @@ its output items), so each entry stands alone and any one may be forgotten.
 Memory only, and bounded: at most L{MAX_PER_AGENT} responses and
 L{MAX_AGENT_BYTES} per agent, L{MAX_TOTAL_BYTES} in all, each kept
 L{RETENTION} seconds after it was last used; the least recently used goes
-first.  A restart forgets everything; several processes each keep their own
-(C{docs/TRANSLATION.md}, "Conversation state").  C{store: false} keeps
+first.  A restart forgets everything; with a shared store this memory is
+the cache in front of L{cllama_tx.store.conversations}, so several
+processes share them (C{docs/TRANSLATION.md}, "Conversation state").  C{store: false} keeps
 nothing.  An agent only ever sees its own.
 """
 

@@ -182,14 +182,16 @@ class PostgresFleetTests(TestCase):
     timeout = 240
 
     @defer.inlineCallbacks
-    def start_fleet(self, count=3, budget_fits=None, cluster=None):
+    def start_fleet(self, count=3, budget_fits=None, cluster=None, extra=None):
         self.cluster = cluster or shared_cluster()
         self.url = self.cluster.database()
         self.fake = yield _start_fake(self)
+        self.fake_base = self.fake.base_url
         self.fleet = _Fleet(self, budget_fits)
         self.daemons = []
         for i in range(count):
             env = self.fleet.env(f"d{i}", self.fake, CLLAMA_DATABASE_URL=self.url)
+            env.update({k: (self.fake.base_url if v is None else v) for k, v in (extra or {}).items()})
             process, transport = spawn_daemon(self, env)
             ports = yield process.ready
             yield _ready(self, f"http://127.0.0.1:{ports['API']}")
@@ -270,6 +272,24 @@ class PostgresFleetTests(TestCase):
         yield self.daemons[1][0].wait_for_audit(lambda lines: any(
             line.get("type") == "operator" and line.get("action") == "reload" and line.get("actor") == "another instance"
             for line in lines))
+
+    @defer.inlineCallbacks
+    def test_responses_conversation_continues_on_another_daemon(self):
+        """A translated Responses answer made on one daemon is the previous_response_id of a turn on the other."""
+        yield self.start_fleet(count=2, extra={"ANTHROPIC_API_KEY": PROVIDER_KEY, "ANTHROPIC_BASE_URL": None})
+        http = _http(self)
+        first = yield http.post(self.daemons[0][2] + "/v1/responses", headers=AUTH, json={
+            "model": "anthropic/claude-fleet", "input": "remember the word marmalade", "max_output_tokens": 64})
+        answer = yield first.json()
+        self.assertEqual(first.code, 200, answer)
+        second = yield http.post(self.daemons[1][2] + "/v1/responses", headers=AUTH, json={
+            "model": "anthropic/claude-fleet", "input": "which word?", "max_output_tokens": 64,
+            "previous_response_id": answer["id"]})
+        follow = yield second.json()
+        self.assertEqual(second.code, 200, follow)
+        sent = self.fake.received[-1].json["messages"]
+        self.assertIn("marmalade", json.dumps(sent))
+        self.assertIn("which word?", json.dumps(sent))
 
     @defer.inlineCallbacks
     def test_kill_9_of_one_daemon_loses_no_completed_request(self):
