@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from cllama_tx.runtime import twisted_private
 from cllama_tx.runtime.config import Config
 from cllama_tx.runtime.errors import ConfigError
 from cllama_tx.runtime.host_metrics import (
@@ -70,9 +71,12 @@ def adopt_listener(reactor, fd: int, description: str, factory) -> IListeningPor
         factory = TLSMemoryBIOFactory(_tls_context(description), False, factory)
     fdesc.setNonBlocking(fd)
     try:
-        return reactor.adoptStreamPort(fd, family, factory)
+        port = reactor.adoptStreamPort(fd, family, factory)
     finally:
         os.close(fd)
+    # Every worker is woken for a new connection: take one, leave the next.
+    twisted_private.accept_one_at_a_time(port)
+    return port
 
 
 @implementer(IReadDescriptor)

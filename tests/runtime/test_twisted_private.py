@@ -302,3 +302,51 @@ class RequestLineTests(SynchronousTestCase):
     def test_a_channel_without_it_says_none(self) -> None:
         self.assertIsNone(pending_request_line(http.HTTPChannel()))
         self.assertIsNone(pending_request_line(object()))
+
+
+class AcceptOneAtATimeTests(TestCase):
+    """A shared listening socket: one accept per wake-up, so other workers get the next connection."""
+
+    def _port_with_backlog(self, waiting):
+        accepted = []
+
+        class Count(protocol.Protocol):
+            def connectionMade(self):
+                accepted.append(self)
+
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(Count), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        port.stopReading()  # the test, not the reactor, decides when it reads
+        clients = []
+        for _ in range(waiting):
+            client = socket.create_connection(("127.0.0.1", port.getHost().port))
+            self.addCleanup(client.close)
+            clients.append(client)
+        for a in list(accepted):
+            self.addCleanup(a.transport.abortConnection)
+        return port, accepted
+
+    def test_one_connection_per_read(self):
+        port, accepted = self._port_with_backlog(3)
+        self.assertTrue(twisted_private.accept_one_at_a_time(port))
+        port.doRead()
+        self.assertEqual(len(accepted), 1)
+        port.doRead()
+        self.assertEqual(len(accepted), 2)
+        for connection in accepted:
+            connection.transport.abortConnection()
+
+    def test_without_it_one_read_takes_the_whole_backlog(self):
+        """What the accessor changes: Twisted's own doRead drains what waits."""
+        port, accepted = self._port_with_backlog(3)
+        port.doRead()
+        self.assertEqual(len(accepted), 3)
+        for connection in accepted:
+            connection.transport.abortConnection()
+
+    def test_a_port_without_the_attribute_is_left_alone(self):
+        class Other:
+            def doRead(self):
+                return None
+
+        self.assertFalse(twisted_private.accept_one_at_a_time(Other()))
