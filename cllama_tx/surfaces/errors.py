@@ -56,8 +56,11 @@ class ProxyError(Exception):
     extra: dict | None = None
     # The error type, when it is not the status's usual one.
     error_type: str | None = None
-    # The request parameter at fault (the Responses surface says which).
+    # The request parameter at fault (the Responses surface says which;
+    # the OpenAI shape too when it is set).
     param: str | None = None
+    # The body's "code" when it is not C{code} (LiteLLM's dialect: the status).
+    wire_code: str | None = None
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
@@ -76,7 +79,11 @@ def error_body(error: ProxyError, shape: str) -> bytes:
     if shape == ANTHROPIC:
         doc = {"type": "error", "error": {"type": kind, "message": error.message}}
     elif shape == RESPONSES:
-        doc = {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+        doc = {"error": {"message": error.message, "type": kind, "param": error.param,
+                         "code": error.wire_code or error.code}}
+    elif error.param is not None or error.wire_code is not None:
+        doc = {"error": {"message": error.message, "type": kind, "param": error.param,
+                         "code": error.wire_code or error.code}}
     else:
         doc = {"error": {"message": error.message, "type": kind, "code": error.code}}
     if error.extra:
