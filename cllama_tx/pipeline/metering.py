@@ -79,6 +79,8 @@ class Exchange:
     # Shared store: a kept Responses conversation being written (awaited before the last byte).
     conversation_kept: Any = None
     crossing: Crossing | None = None  # the surface translation in use, if any
+    # What the upstream request left out (named in the x-cllama-dropped header).
+    dropped: tuple[str, ...] = ()
     # The Responses surface: the request as sent upstream before any
     # translation (its conversation expanded), and the id the proxy gave
     # its translated answer.

@@ -54,12 +54,15 @@ from cllama_tx.providers.catalog import (
 from cllama_tx.providers.forwarding import NEVER_FORWARD, HeaderPolicy, forward
 from cllama_tx.providers.health import INCONCLUSIVE, VALID
 from cllama_tx.providers.keys import MAX_TRIES, classify_failure
+from cllama_tx.providers.model_limits import traits_for
 from cllama_tx.providers.registry import ProviderNotConfigured, UnknownProvider
 from cllama_tx.store.conversations import SharedConversations
 from cllama_tx.surfaces.bridges import RESPONSES, Call, Crossing, bridge_for
 from cllama_tx.surfaces.errors import OPENAI, ProxyError, error_body, sse_error_event
+from cllama_tx.surfaces.model_fit import fit_request
 from cllama_tx.surfaces.responses_shapes import failure_events, minimal_response
 from cllama_tx.surfaces.responses_state import ConversationStore, conversation_after, expand
+from cllama_tx.surfaces.token_estimate import estimate_input_tokens
 from cllama_tx.surfaces.translate import UntranslatableRequest
 from cllama_tx.surfaces.validate import check_fields, parse_body
 
@@ -215,7 +218,7 @@ class Proxy:
             raise ProxyError(400, "missing_model", "the request body needs a 'model' string")
         ex.model = model
         # Before anything is reserved or sent: the fields metering relies on.
-        check_fields(doc, ex.surface.api_format)
+        check_fields(doc, ex.surface.api_format, counting=not ex.surface.billable)
         ex.stream = doc.get("stream") is True
         options = doc.get("stream_options")
         ex.agent_wants_usage = ex.stream and isinstance(options, dict) and options.get("include_usage") is True
@@ -251,15 +254,19 @@ class Proxy:
         """
         ex.provider, ex.upstream_model = ref.provider, ref.model
         ex.crossing, ex.strip_usage_chunk, ex.first_byte_at = None, False, None
+        ex.dropped = ()
         ex.conversation = ex.response_id = None
         ex.attempt_started = self.clock.seconds()
         resolved = self._resolve(ref.provider, ex)
+        if not ex.surface.billable and resolved.spec.api_format != ex.surface.api_format:
+            await self._count_locally(request, ex, doc)
+            return
         upstream_format = self._upstream_format(ex, resolved.spec, ref, adapted)
         upstream_doc = dict(doc)
         upstream_doc["model"] = ref.model
         if ex.surface.api_format == RESPONSES:
             upstream_doc = await self._continue_conversation(upstream_doc, ex, upstream_format)
-        upstream_doc, upstream_path = self._translate_request(upstream_doc, ex, upstream_format)
+        upstream_doc, upstream_path = self._translate_request(upstream_doc, ex, upstream_format, request.requestHeaders)
         openrouter_models = admission.openrouter_models
         if openrouter_models and ref.provider == "openrouter":
             upstream_doc["models"] = openrouter_models
@@ -271,6 +278,8 @@ class Proxy:
         self._ask_for_stream_usage(upstream_doc, ex, upstream_format)
         body = json.dumps(upstream_doc, separators=(",", ":")).encode("utf-8")
         headers = forward_headers(request.requestHeaders, resolved.headers)
+        if ex.crossing is None and _swapped(doc.get("model"), ref):
+            upstream_doc, headers = self._fit_model(upstream_doc, headers, ex, upstream_format)
         url = upstream_url(resolved.spec.base_url, upstream_path).encode("utf-8")
         if ex.crossing is None:
             # The agent's query (Anthropic's ?beta=true) belongs to its own
@@ -420,14 +429,45 @@ class Proxy:
             raise ProxyError(400, "unknown_provider", str(e)) from None
         except ProviderNotConfigured as e:
             raise ProxyError(400, "provider_not_configured", str(e)) from None
-        if resolved.spec.api_format != ex.surface.api_format and not ex.surface.billable:
-            raise ProxyError(
-                400,
-                "wrong_surface",
-                f"provider {provider!r} speaks the {resolved.spec.api_format} wire "
-                f"format and has no token counting endpoint",
-            )
         return resolved
+
+    async def _count_locally(self, request, ex: Exchange, doc: dict) -> None:
+        """
+        Token counting for a provider with no counting endpoint: an estimate,
+        said so in C{x-cllama-token-count}, rather than a refusal.
+        """
+        body = json.dumps({"input_tokens": estimate_input_tokens(doc)}).encode("utf-8")
+        ex.first_byte_at = self.clock.seconds()
+        await self._settle_then(request, ex, 200)
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.setHeader(b"x-cllama-request-id", ex.request_id.encode())
+        request.setHeader(b"x-cllama-token-count", b"estimate")
+        request.write(body)
+        request.finish()
+
+    def _fit_model(self, doc: dict, headers: Headers, ex: Exchange, upstream_format: str):
+        """
+        A request going to another model than the one it names (a clamp, a
+        tier, a failover) keeps only what that model takes.
+        """
+        betas = _betas(headers)
+        fitted = fit_request(doc, upstream_format, traits_for(ex.provider or "", ex.upstream_model or ""), betas)
+        if not fitted.dropped and not fitted.adjusted:
+            return doc, headers
+        if fitted.betas is not None:
+            headers = headers.copy()
+            if fitted.betas:
+                headers.setRawHeaders(b"anthropic-beta", [",".join(fitted.betas).encode()])
+            else:
+                headers.removeHeader(b"anthropic-beta")
+        ex.dropped = fitted.dropped
+        self._metering.intervention(
+            ex, "model_fitted", provider=ex.provider, effective_model=ex.upstream_model,
+            **_notes(fitted.dropped, fitted.adjusted),
+        )
+        return fitted.request, headers
 
     def _upstream_format(self, ex: Exchange, spec, ref, adapted: bool) -> str:
         """
@@ -485,7 +525,7 @@ class Proxy:
         ex.conversation = doc
         return doc
 
-    def _translate_request(self, doc: dict, ex: Exchange, upstream_format: str):
+    def _translate_request(self, doc: dict, ex: Exchange, upstream_format: str, headers: Headers):
         """
         The body and path to send upstream: the agent's own, or, when the
         provider speaks another wire format, its translation.
@@ -495,20 +535,23 @@ class Proxy:
             return doc, ex.surface.path
         if ex.surface.api_format == RESPONSES:
             ex.response_id = "resp_" + os.urandom(16).hex()
-        call = Call(int(self.clock.seconds()), ex.upstream_model, ex.response_id or "", ex.original)
+        call = Call(
+            int(self.clock.seconds()), ex.upstream_model, ex.response_id or "", ex.original,
+            traits=traits_for(ex.provider or "", ex.upstream_model or ""), betas=_betas(headers),
+        )
         try:
             crossing = bridge.open(doc, call)
         except UntranslatableRequest as e:
             raise ProxyError(400, "untranslatable_parameters", str(e), param=",".join(e.params)[:500]) from None
         ex.crossing = crossing
-        dropped = {"dropped": list(crossing.dropped)} if crossing.dropped else {}
+        ex.dropped = crossing.dropped
         self._metering.intervention(
             ex,
             "surface_translated",
             from_surface=ex.surface.name,
             to_format=upstream_format,
             provider=ex.provider,
-            **dropped,
+            **_notes(crossing.dropped, crossing.adjusted),
         )
         return crossing.request, bridge.upstream_path
 
@@ -670,6 +713,9 @@ class Proxy:
         limit = ex.admission.output_limit if ex.admission is not None else None
         if limit is not None:
             request.setHeader(b"x-cllama-max-tokens-lowered", b"%d" % limit.max_tokens)
+        if ex.dropped:
+            # What the provider was not sent, named (the intervention line has why).
+            request.setHeader(b"x-cllama-dropped", ", ".join(ex.dropped).encode("utf-8", "replace")[:4000])
         if buffered is not None:
             ex.first_byte_at = self.clock.seconds()
             await self._deliver_body(request, response.code, buffered, ex, api_format)
@@ -926,6 +972,32 @@ def upstream_query(uri: bytes) -> bytes:
         return b""
     kept = [p for p in query.split(b"&") if p and unquote_to_bytes(p.partition(b"=")[0]).lower() not in CREDENTIAL_PARAMS]
     return b"?" + b"&".join(kept) if kept else b""
+
+
+def _betas(headers: Headers) -> tuple[str, ...]:
+    """The anthropic-beta features a request names."""
+    values = headers.getRawHeaders(b"anthropic-beta") or []
+    return tuple(b.strip() for v in values for b in v.decode("latin-1").split(",") if b.strip())
+
+
+def _swapped(requested, ref) -> bool:
+    """Whether the model sent differs from the one the request names (a clamp, a tier, a failover)."""
+    if not isinstance(requested, str):
+        return True
+    provider, slash, model = requested.partition("/")
+    if slash and provider.lower() == ref.provider:
+        return model != ref.model
+    return requested != ref.model
+
+
+def _notes(dropped: tuple[str, ...], adjusted: tuple[str, ...]) -> dict:
+    """The C{dropped} and C{adjusted} fields of an intervention line, when there are any."""
+    fields: dict = {}
+    if dropped:
+        fields["dropped"] = list(dropped)
+    if adjusted:
+        fields["adjusted"] = list(adjusted)
+    return fields
 
 
 def _first(headers: Headers, name: bytes) -> bytes | None:

@@ -19,7 +19,9 @@ from typing import Any
 import attrs
 
 from cllama_tx.surfaces import translate
+from cllama_tx.surfaces.model_traits import UNKNOWN_MODEL, ModelTraits
 from cllama_tx.surfaces.responses_shapes import echoed
+from cllama_tx.surfaces.translate_common import Notes
 from cllama_tx.surfaces.translate_responses_answer import (
     AnswerContext,
     ChatToResponsesStream,
@@ -58,6 +60,10 @@ class Call:
     # The agent's own request, whose settings a Responses answer echoes
     # (its previous_response_id included, which the expanded body lost).
     original: dict | None = None
+    # What the target model takes (its output limit, its reasoning controls).
+    traits: ModelTraits = UNKNOWN_MODEL
+    # The agent's anthropic-beta features (they travel only to Anthropic).
+    betas: tuple[str, ...] = ()
 
 
 @attrs.define
@@ -75,6 +81,8 @@ class Crossing:
     error: Callable[[int, bytes], bytes]
     stream: Callable[[bool, UsageExtra], Any]
     dropped: tuple[str, ...] = ()
+    # Values changed on the way (a clamped temperature, a lowered max_tokens).
+    adjusted: tuple[str, ...] = ()
     _answer: Any = None
 
     def answered(self) -> dict | None:
@@ -138,24 +146,52 @@ def _same(status: int, body: bytes) -> bytes:
 
 
 def _chat_to_anthropic(doc: dict, call: Call) -> Crossing:
+    notes = Notes()
+    request = translate.chat_to_messages_request(doc, traits=call.traits, notes=notes)
     return Crossing(
-        translate.chat_to_messages_request(doc),
+        request,
         response=lambda answer: translate.messages_response_to_chat(answer, created=call.created, model=call.model),
         error=translate.anthropic_error_to_openai,
         stream=lambda include_usage, extra: translate.AnthropicToChatStream(
             include_usage=include_usage, created=call.created, model=call.model, usage_extra=extra
         ),
+        dropped=tuple(notes.dropped),
+        adjusted=tuple(notes.adjusted),
     )
 
 
+def shows_thinking(doc: dict) -> bool:
+    """An Anthropic request that asked for thinking it wants to read (not C{display: omitted})."""
+    thinking = doc.get("thinking")
+    return (
+        isinstance(thinking, dict)
+        and thinking.get("type") in ("enabled", "adaptive")
+        and thinking.get("display") != "omitted"
+    )
+
+
+def _messages_notes(call: Call) -> Notes:
+    notes = Notes()
+    if call.betas:
+        notes.drop("anthropic-beta: " + ", ".join(call.betas))
+    return notes
+
+
 def _messages_to_chat(doc: dict, call: Call) -> Crossing:
+    notes = _messages_notes(call)
+    request = translate.messages_to_chat_request(doc, traits=call.traits, notes=notes)
+    thinking = shows_thinking(doc)
     return Crossing(
-        translate.messages_to_chat_request(doc),
-        response=lambda answer: translate.chat_response_to_messages(answer, model=call.model),
+        request,
+        response=lambda answer: translate.chat_response_to_messages(answer, model=call.model, thinking=thinking),
         error=translate.openai_error_to_anthropic,
         # wait_for_done: message_stop waits for [DONE], which the usage tap
         # holds until the ledger row is committed.
-        stream=lambda include_usage, extra: translate.ChatToAnthropicStream(model=call.model, wait_for_done=True),
+        stream=lambda include_usage, extra: translate.ChatToAnthropicStream(
+            model=call.model, wait_for_done=True, thinking=thinking
+        ),
+        dropped=tuple(notes.dropped),
+        adjusted=tuple(notes.adjusted),
     )
 
 
@@ -170,7 +206,7 @@ def _context(doc: dict, call: Call, translated: Translated) -> AnswerContext:
 def _responses_crossing(doc: dict, call: Call, translated: Translated, anthropic: bool) -> Crossing:
     ctx = _context(doc, call, translated)
     crossing = Crossing(translated.request, response=lambda a: a, error=_same, stream=lambda u, e: None,
-                        dropped=translated.dropped)
+                        dropped=translated.dropped, adjusted=translated.adjusted)
 
     def response(answer: dict) -> dict:
         chat = translate.messages_response_to_chat(answer, created=call.created, model=call.model) if anthropic else answer
@@ -199,7 +235,7 @@ def _responses_to_chat(doc: dict, call: Call) -> Crossing:
 
 
 def _responses_to_anthropic(doc: dict, call: Call) -> Crossing:
-    return _responses_crossing(doc, call, responses_to_messages_request(doc), anthropic=True)
+    return _responses_crossing(doc, call, responses_to_messages_request(doc, traits=call.traits), anthropic=True)
 
 
 # -- the upstream adapter: a Responses upstream for chat and Messages agents ---
@@ -217,7 +253,8 @@ def _chat_to_responses(doc: dict, call: Call) -> Crossing:
 
 
 def _messages_to_responses(doc: dict, call: Call) -> Crossing:
-    chat = translate.messages_to_chat_request(doc)
+    notes = _messages_notes(call)
+    chat = translate.messages_to_chat_request(doc, traits=call.traits, notes=notes)
     return Crossing(
         chat_to_responses_request(chat),
         response=lambda answer: translate.chat_response_to_messages(
@@ -228,6 +265,8 @@ def _messages_to_responses(doc: dict, call: Call) -> Crossing:
             ResponsesToChatStream(include_usage=True, created=call.created, model=call.model),
             translate.ChatToAnthropicStream(model=call.model, wait_for_done=True),
         ),
+        dropped=tuple(notes.dropped),
+        adjusted=tuple(notes.adjusted),
     )
 
 

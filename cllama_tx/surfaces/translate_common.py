@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "Notes",
     "UntranslatableRequest",
     "anthropic_usage_to_openai",
     "chat_id_from_message_id",
@@ -46,6 +47,28 @@ class UntranslatableRequest(ValueError):
             f"{name} ({self.reasons[name]})" if self.reasons[name] else name for name in self.params
         )
         super().__init__(f"cannot translate to the {target} format: {details}")
+
+
+class Notes:
+    """
+    What a translation did besides carrying a field: the fields it dropped
+    (advisory, named on the intervention line and in the answer's
+    C{x-cllama-dropped} header) and the values it changed (clamped or
+    lowered, named on the intervention line).
+    """
+
+    __slots__ = ("adjusted", "dropped")
+
+    def __init__(self) -> None:
+        self.dropped: list[str] = []
+        self.adjusted: list[str] = []
+
+    def drop(self, name: str) -> None:
+        if name not in self.dropped:
+            self.dropped.append(name)
+
+    def adjust(self, name: str, change: str) -> None:
+        self.adjusted.append(f"{name}: {change}")
 
 
 class Refusals:

@@ -1,28 +1,39 @@
 """
 Request translation between OpenAI Chat Completions and Anthropic Messages.
 
-Both directions carry every parameter that has a faithful equivalent and
-refuse (L{UntranslatableRequest}) every one that does not, instead of
-silently dropping it.  The few fields dropped on purpose are hints with no
-effect on the answer (caching hints, image C{detail}, participant C{name});
-C{docs/TRANSLATION.md} lists every decision.
+One rule for every field, both directions: carried as it is, mapped to the
+target's equivalent, dropped when it is advice the target cannot take (named
+in the caller's L{Notes}, so the proxy tells the agent), or refused
+(L{UntranslatableRequest}) when dropping it would change what the caller
+gets.  What a field becomes may depend on the target model (its output
+limit, its reasoning controls: L{ModelTraits}).  C{CHAT_TO_MESSAGES} and
+C{MESSAGES_TO_CHAT} are the tables of C{docs/TRANSLATION.md}.
 
 Pure logic: no I/O.  The input document is never modified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
+from cllama_tx.surfaces.model_traits import UNKNOWN_MODEL, ModelTraits
 from cllama_tx.surfaces.translate_common import (
+    Notes,
     Refusals,
     UntranslatableRequest,
     anthropic_tool_id,
     dumps,
 )
+from cllama_tx.surfaces.translate_reasoning import (
+    anthropic_schema,
+    anthropic_thinking,
+    effort_from_anthropic,
+    nearest_effort,
+)
 
-__all__ = ["chat_to_messages_request", "messages_to_chat_request"]
+__all__ = ["CHAT_TO_MESSAGES", "MESSAGES_TO_CHAT", "chat_to_messages_request", "messages_to_chat_request"]
 
 ANTHROPIC = "Anthropic Messages"
 OPENAI = "OpenAI Chat Completions"
@@ -41,6 +52,49 @@ def _is_number(value: Any) -> bool:
 # OpenAI chat request -> Anthropic Messages request
 # ---------------------------------------------------------------------------
 
+#: Every top-level parameter of an OpenAI chat request and what becomes of
+#: it at Anthropic: C{docs/TRANSLATION.md}'s table, which a test holds to
+#: this one.  A parameter not named here is refused.
+CHAT_TO_MESSAGES: dict[str, str] = {
+    "model": "carried",
+    "messages": "mapped",
+    "max_completion_tokens": "mapped, clamped",
+    "max_tokens": "mapped, clamped",
+    "stop": "mapped",
+    "temperature": "carried, clamped",
+    "top_p": "carried",
+    "stream": "carried",
+    "stream_options": "dropped",
+    "user": "mapped, refused",
+    "safety_identifier": "mapped, refused",
+    "tools": "mapped, refused",
+    "tool_choice": "mapped, refused",
+    "parallel_tool_calls": "mapped",
+    "response_format": "carried, mapped, refused",
+    "service_tier": "mapped, dropped",
+    "reasoning_effort": "mapped, dropped",
+    "n": "carried, refused",
+    "logprobs": "carried, refused",
+    "top_logprobs": "carried, refused",
+    "presence_penalty": "carried, refused",
+    "frequency_penalty": "carried, refused",
+    "logit_bias": "carried, refused",
+    "modalities": "carried, refused",
+    "audio": "refused",
+    "seed": "dropped",
+    "prediction": "dropped",
+    "store": "dropped",
+    "metadata": "dropped",
+    "verbosity": "dropped",
+    "prompt_cache_key": "dropped",
+    "prompt_cache_retention": "dropped",
+    "prompt_cache_options": "dropped",
+    "web_search_options": "refused",
+    "functions": "refused",
+    "function_call": "refused",
+    "moderation": "refused",
+}
+
 #: OpenAI parameters refused unless they hold their neutral value, with why.
 _CHAT_NEUTRAL: dict[str, tuple[Any, str]] = {
     # name: (predicate for "neutral, nothing to carry", reason)
@@ -51,61 +105,41 @@ _CHAT_NEUTRAL: dict[str, tuple[Any, str]] = {
     "frequency_penalty": (lambda v: _is_number(v) and v == 0, "Anthropic has no frequency penalty"),
     "logit_bias": (lambda v: v == {}, "Anthropic has no logit bias"),
     "modalities": (lambda v: v == ["text"], "Anthropic answers in text only"),
-    "store": (lambda v: v is False, "OpenAI stored completions do not exist at Anthropic"),
-    "metadata": (lambda v: v == {}, "OpenAI completion metadata has no Anthropic equivalent (use user)"),
 }
 
 #: OpenAI parameters refused whenever they are present (not null).
 _CHAT_REFUSED: dict[str, str] = {
     "audio": "Anthropic answers in text only",
-    "seed": "Anthropic has no sampling seed",
-    "prediction": "Anthropic has no predicted outputs",
-    "reasoning_effort": "no faithful mapping to Anthropic thinking",
-    "verbosity": "Anthropic has no verbosity control",
     "web_search_options": "OpenAI web search is a hosted tool with no translation",
     "functions": "deprecated function calling; use tools",
     "function_call": "deprecated function calling; use tool_choice",
     "moderation": "OpenAI moderation has no Anthropic equivalent",
 }
 
-#: OpenAI parameters dropped on purpose: hints that change no answer.
-_CHAT_DROPPED = frozenset(
-    {
-        "stream_options",  # usage is always streamed by Anthropic; the translator honours include_usage
-        "prompt_cache_key",  # OpenAI cache routing hint
-        "prompt_cache_retention",  # OpenAI cache retention hint
-        "prompt_cache_options",  # OpenAI cache breakpoint hint
-    }
-)
+#: The instruction that carries JSON mode (C{response_format: json_object}):
+#: Anthropic constrains output only to a schema, and JSON mode has none.
+JSON_MODE_INSTRUCTION = "Answer with one valid JSON object and nothing else."
 
-_CHAT_HANDLED = frozenset(
-    {
-        "model",
-        "messages",
-        "max_tokens",
-        "max_completion_tokens",
-        "stream",
-        "temperature",
-        "top_p",
-        "stop",
-        "user",
-        "safety_identifier",
-        "tools",
-        "tool_choice",
-        "parallel_tool_calls",
-        "response_format",
-        "service_tier",
-    }
-)
+#: Anthropic's highest temperature (OpenAI's is 2).
+MAX_ANTHROPIC_TEMPERATURE = 1
 
 
-def chat_to_messages_request(doc: dict, default_max_tokens: int = 4096) -> dict:
+def chat_to_messages_request(
+    doc: dict,
+    default_max_tokens: int = 4096,
+    *,
+    traits: ModelTraits = UNKNOWN_MODEL,
+    notes: Notes | None = None,
+) -> dict:
     """
     An OpenAI chat request (its C{model} already the upstream id) as an
-    Anthropic Messages request.  Raises L{UntranslatableRequest} naming every
-    parameter that cannot be carried over.
+    Anthropic Messages request, for a model with C{traits}.  What was
+    dropped or changed on the way is written to C{notes}.  Raises
+    L{UntranslatableRequest} naming every parameter that cannot be carried
+    over without changing the answer.
     """
     refusals = Refusals(ANTHROPIC)
+    notes = notes if notes is not None else Notes()
     if not isinstance(doc, dict):
         raise UntranslatableRequest({"body": "not a JSON object"}, ANTHROPIC)
     params = {k: v for k, v in doc.items() if v is not None}
@@ -114,24 +148,33 @@ def chat_to_messages_request(doc: dict, default_max_tokens: int = 4096) -> dict:
     if "model" in params:
         out["model"] = params["model"]
     max_tokens = params.get("max_completion_tokens", params.get("max_tokens"))
-    out["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
+    if max_tokens is None:
+        max_tokens = default_max_tokens
+        if traits.max_output_tokens is not None:
+            max_tokens = min(max_tokens, traits.max_output_tokens)
+    elif traits.max_output_tokens is not None and type(max_tokens) is int and max_tokens > traits.max_output_tokens:
+        name = "max_completion_tokens" if "max_completion_tokens" in params else "max_tokens"
+        notes.adjust(name, f"{max_tokens} lowered to {traits.max_output_tokens}, the model's most")
+        max_tokens = traits.max_output_tokens
+    out["max_tokens"] = max_tokens
 
-    system, messages = _chat_messages_to_anthropic(params.get("messages"), refusals)
+    system, messages = _chat_messages_to_anthropic(params.get("messages"), refusals, notes)
     if system is not None:
         out["system"] = system
     out["messages"] = messages
 
     for name, value in params.items():
-        if name in _CHAT_HANDLED or name in _CHAT_DROPPED:
-            continue
-        if name in _CHAT_NEUTRAL:
+        outcome = CHAT_TO_MESSAGES.get(name)
+        if outcome is None:
+            refusals.add(name, "unknown parameter with no Anthropic equivalent")
+        elif outcome == "dropped":
+            notes.drop(name)
+        elif name in _CHAT_NEUTRAL:
             neutral, reason = _CHAT_NEUTRAL[name]
             if not neutral(value):
                 refusals.add(name, reason)
         elif name in _CHAT_REFUSED:
             refusals.add(name, _CHAT_REFUSED[name])
-        else:
-            refusals.add(name, "unknown parameter with no Anthropic equivalent")
 
     if "stop" in params:
         stop = params["stop"]
@@ -140,20 +183,18 @@ def chat_to_messages_request(doc: dict, default_max_tokens: int = 4096) -> dict:
         out["stream"] = params["stream"]
     if "temperature" in params:
         temperature = params["temperature"]
-        if _is_number(temperature) and temperature > 1:
-            refusals.add(
-                "temperature",
-                f"{temperature} is above Anthropic's maximum of 1; refused rather than clamped",
-            )
-        else:
-            out["temperature"] = temperature
+        if _is_number(temperature) and temperature > MAX_ANTHROPIC_TEMPERATURE:
+            notes.adjust("temperature", f"{temperature} clamped to {MAX_ANTHROPIC_TEMPERATURE}, Anthropic's most")
+            temperature = MAX_ANTHROPIC_TEMPERATURE
+        out["temperature"] = temperature
     if "top_p" in params:
         out["top_p"] = params["top_p"]
 
     _chat_user_to_metadata(params, out, refusals)
-    _chat_response_format(params.get("response_format"), refusals)
-    _chat_service_tier(params, out, refusals)
+    _chat_response_format(params.get("response_format"), out, refusals)
+    _chat_service_tier(params, out, notes)
     _chat_tools_to_anthropic(params, out, refusals)
+    _chat_reasoning(params.get("reasoning_effort"), out, traits, notes)
 
     refusals.check()
     return out
@@ -169,22 +210,38 @@ def _chat_user_to_metadata(params: dict, out: dict, refusals: Refusals) -> None:
         out["metadata"] = {"user_id": user_id}
 
 
-def _chat_response_format(response_format: Any, refusals: Refusals) -> None:
+def _chat_response_format(response_format: Any, out: dict, refusals: Refusals) -> None:
+    """
+    JSON schema -> Anthropic structured output (C{output_config.format});
+    JSON mode, which has no schema, -> an instruction at the end of the
+    system prompt.
+    """
     if response_format is None:
         return
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind == "text":
         return
-    if kind in ("json_schema", "json_object"):
-        refusals.add(
-            "response_format",
-            f"type {kind}: JSON mode / structured output is not translated to Anthropic",
-        )
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            refusals.add("response_format.json_schema.schema", "a JSON schema object is required")
+            return
+        out["output_config"] = {"format": {"type": "json_schema", "schema": anthropic_schema(schema)}}
+    elif kind == "json_object":
+        system = out.get("system")
+        block = {"type": "text", "text": JSON_MODE_INSTRUCTION}
+        if system is None:
+            out["system"] = JSON_MODE_INSTRUCTION
+        elif isinstance(system, str):
+            out["system"] = [{"type": "text", "text": system}, block]
+        else:
+            out["system"] = [*system, block]
     else:
         refusals.add("response_format", f"type {kind!r} has no Anthropic equivalent")
 
 
-def _chat_service_tier(params: dict, out: dict, refusals: Refusals) -> None:
+def _chat_service_tier(params: dict, out: dict, notes: Notes) -> None:
     tier = params.get("service_tier")
     if tier is None:
         return
@@ -193,7 +250,32 @@ def _chat_service_tier(params: dict, out: dict, refusals: Refusals) -> None:
     elif tier == "default":
         out["service_tier"] = "standard_only"
     else:
-        refusals.add("service_tier", f"{tier!r} has no Anthropic equivalent")
+        notes.drop("service_tier")  # flex, scale, priority: a price and latency tier, not an answer
+
+
+def _chat_reasoning(effort: Any, out: dict, traits: ModelTraits, notes: Notes) -> None:
+    """
+    C{reasoning_effort} -> thinking, where the model thinks and nothing in
+    the request forbids it (Anthropic refuses thinking with a forced tool
+    choice and with a temperature other than 1); else dropped.
+    """
+    if effort is None:
+        return
+    choice = out.get("tool_choice")
+    forced = isinstance(choice, dict) and choice.get("type") in ("any", "tool")
+    sampled = out.get("temperature", 1) != 1 or out.get("top_p", 1) < 0.95
+    if not isinstance(effort, str) or forced or sampled:
+        notes.drop("reasoning_effort")
+        return
+    try:
+        thinking, level = anthropic_thinking(effort, traits, out["max_tokens"])
+    except ValueError:
+        notes.drop("reasoning_effort")
+        return
+    if thinking is not None:
+        out["thinking"] = thinking
+    if level is not None:
+        out["output_config"] = {**out.get("output_config", {}), "effort": level}
 
 
 def _chat_tools_to_anthropic(params: dict, out: dict, refusals: Refusals) -> None:
@@ -305,9 +387,28 @@ def _user_content(content: Any, where: str, refusals: Refusals) -> Any:
             block = _image_block(part, f"{where}.content[{j}]", refusals)
             if block is not None:
                 blocks.append(block)
+        elif kind == "file":
+            block = _document_block(part, f"{where}.content[{j}]", refusals)
+            if block is not None:
+                blocks.append(block)
         else:
             refusals.add(f"{where}.content[{j}].type={kind}", "no Anthropic equivalent")
     return blocks
+
+
+def _document_block(part: dict, where: str, refusals: Refusals) -> dict | None:
+    """An OpenAI C{file} part with inline PDF data -> an Anthropic C{document} block."""
+    file = part.get("file")
+    data = file.get("file_data") if isinstance(file, dict) else None
+    if not isinstance(data, str) or not data.startswith("data:"):
+        refusals.add(f"{where}.file", "only inline file_data translates (a file_id lives at OpenAI)")
+        return None
+    header, comma, payload = data[5:].partition(",")
+    media_type, _, encoding = header.partition(";")
+    if not comma or encoding.strip().lower() != "base64" or media_type.strip().lower() != "application/pdf":
+        refusals.add(f"{where}.file", "only base64 PDF data translates to an Anthropic document")
+        return None
+    return {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": payload}}
 
 
 def _assistant_blocks(message: dict, where: str, refusals: Refusals) -> list[dict]:
@@ -381,7 +482,7 @@ def _as_blocks(content: Any) -> list:
     return list(content)
 
 
-def _chat_messages_to_anthropic(messages: Any, refusals: Refusals) -> tuple[Any, list[dict]]:
+def _chat_messages_to_anthropic(messages: Any, refusals: Refusals, notes: Notes) -> tuple[Any, list[dict]]:
     """
     OpenAI messages -> (Anthropic C{system}, Anthropic C{messages}).
 
@@ -410,6 +511,8 @@ def _chat_messages_to_anthropic(messages: Any, refusals: Refusals) -> tuple[Any,
             refusals.add(where, "not an object")
             continue
         role = message.get("role")
+        if message.get("name") is not None:
+            notes.drop("messages[].name")  # a participant label: Anthropic has none
         if role in ("system", "developer"):
             content = message.get("content")
             if isinstance(content, str):
@@ -451,53 +554,71 @@ def _chat_messages_to_anthropic(messages: Any, refusals: Refusals) -> tuple[Any,
 # Anthropic Messages request -> OpenAI chat request
 # ---------------------------------------------------------------------------
 
+#: Every top-level parameter of an Anthropic Messages request and what
+#: becomes of it at an OpenAI-format provider (C{docs/TRANSLATION.md}).
+MESSAGES_TO_CHAT: dict[str, str] = {
+    "model": "carried",
+    "messages": "mapped",
+    "max_tokens": "mapped, clamped",
+    "system": "mapped",
+    "stop_sequences": "mapped",
+    "temperature": "carried, dropped",
+    "top_p": "carried, dropped",
+    "top_k": "refused",
+    "metadata": "mapped, refused",
+    "stream": "carried",
+    "tools": "mapped, refused",
+    "tool_choice": "mapped",
+    "thinking": "mapped, dropped",
+    "output_config": "mapped, dropped",
+    "service_tier": "mapped",
+    "speed": "carried, dropped",
+    "cache_control": "dropped",
+    "context_management": "dropped",
+    "container": "refused",
+    "mcp_servers": "refused",
+    "inference_geo": "refused",
+    "diagnostics": "refused",
+    "user_profile_id": "refused",
+    "workspace_id": "refused",
+}
+
 _MESSAGES_REFUSED: dict[str, str] = {
     "top_k": "OpenAI has no top_k sampling",
     "container": "Anthropic code-execution containers have no OpenAI equivalent",
     "diagnostics": "Anthropic request diagnostics have no OpenAI equivalent",
-    "inference_geo": "no OpenAI equivalent",
+    "inference_geo": "where inference runs cannot be chosen at an OpenAI-format provider",
     "user_profile_id": "no OpenAI equivalent",
     "workspace_id": "no OpenAI equivalent",
     "mcp_servers": "Anthropic MCP connector has no OpenAI equivalent",
-    "context_management": "Anthropic context management has no OpenAI equivalent",
 }
-
-_MESSAGES_DROPPED = frozenset({"cache_control"})  # prompt-caching hint
-
-_MESSAGES_HANDLED = frozenset(
-    {
-        "model",
-        "messages",
-        "max_tokens",
-        "system",
-        "stop_sequences",
-        "temperature",
-        "top_p",
-        "metadata",
-        "stream",
-        "tools",
-        "tool_choice",
-        "thinking",
-        "service_tier",
-        "output_config",
-        "speed",
-    }
-)
 
 #: Tool fields dropped on purpose (hints) and refused when set.
 _TOOL_DROPPED = frozenset({"cache_control", "eager_input_streaming", "type"})
 _TOOL_HANDLED = frozenset({"name", "description", "input_schema", "strict"})
 
+#: OpenAI's C{user} and C{safety_identifier} are short identifiers; a longer
+#: C{metadata.user_id} (Claude Code sends a JSON object) is sent as its digest.
+MAX_OPENAI_USER = 64
 
-def messages_to_chat_request(doc: dict, *, max_tokens_field: str = "max_completion_tokens") -> dict:
+
+def messages_to_chat_request(
+    doc: dict,
+    *,
+    max_tokens_field: str = "max_completion_tokens",
+    traits: ModelTraits = UNKNOWN_MODEL,
+    notes: Notes | None = None,
+) -> dict:
     """
-    An Anthropic Messages request as an OpenAI chat request.  C{max_tokens}
-    goes to C{max_tokens_field} (OpenAI's current C{max_completion_tokens} by
-    default; pass C{"max_tokens"} for OpenAI-compatible servers that only
-    know the older name).  A streaming request asks for
-    C{stream_options.include_usage}.  Raises L{UntranslatableRequest}.
+    An Anthropic Messages request as an OpenAI chat request, for a model
+    with C{traits}.  C{max_tokens} goes to C{max_tokens_field} (OpenAI's
+    current C{max_completion_tokens} by default; pass C{"max_tokens"} for
+    OpenAI-compatible servers that only know the older name).  A streaming
+    request asks for C{stream_options.include_usage}.  What was dropped or
+    changed is written to C{notes}.  Raises L{UntranslatableRequest}.
     """
     refusals = Refusals(OPENAI)
+    notes = notes if notes is not None else Notes()
     if not isinstance(doc, dict):
         raise UntranslatableRequest({"body": "not a JSON object"}, OPENAI)
     params = {k: v for k, v in doc.items() if v is not None}
@@ -505,20 +626,32 @@ def messages_to_chat_request(doc: dict, *, max_tokens_field: str = "max_completi
     out: dict[str, Any] = {}
     if "model" in params:
         out["model"] = params["model"]
-    out["messages"] = _anthropic_messages_to_chat(params.get("system"), params.get("messages"), refusals)
+    out["messages"] = _anthropic_messages_to_chat(params.get("system"), params.get("messages"), refusals, notes)
     if "max_tokens" in params:
-        out[max_tokens_field] = params["max_tokens"]
+        max_tokens = params["max_tokens"]
+        most = traits.max_output_tokens
+        if most is not None and type(max_tokens) is int and max_tokens > most:
+            notes.adjust("max_tokens", f"{max_tokens} lowered to {most}, the model's most")
+            max_tokens = most
+        out[max_tokens_field] = max_tokens
 
     for name in params:
-        if name in _MESSAGES_HANDLED or name in _MESSAGES_DROPPED:
-            continue
-        refusals.add(name, _MESSAGES_REFUSED.get(name, "unknown parameter with no OpenAI equivalent"))
+        outcome = MESSAGES_TO_CHAT.get(name)
+        if outcome is None:
+            refusals.add(name, "unknown parameter with no OpenAI equivalent")
+        elif outcome == "dropped":
+            notes.drop(name)
+        elif outcome == "refused":
+            refusals.add(name, _MESSAGES_REFUSED.get(name, "no OpenAI equivalent"))
 
     if "stop_sequences" in params:
         out["stop"] = params["stop_sequences"]
     for name in ("temperature", "top_p"):
         if name in params:
-            out[name] = params[name]
+            if traits.fixed_sampling:
+                notes.drop(name)  # a reasoning model samples as it must, and refuses the field
+            else:
+                out[name] = params[name]
     if "stream" in params:
         out["stream"] = params["stream"]
         if params["stream"] is True:
@@ -532,13 +665,9 @@ def messages_to_chat_request(doc: dict, *, max_tokens_field: str = "max_completi
             for key, value in metadata.items():
                 if key == "user_id":
                     if value is not None:
-                        out["user"] = value
+                        out["user"] = _openai_user(value)
                 else:
                     refusals.add(f"metadata.{key}", "no OpenAI equivalent")
-
-    thinking = params.get("thinking")
-    if thinking is not None and not (isinstance(thinking, dict) and thinking.get("type") == "disabled"):
-        refusals.add("thinking", "extended thinking has no OpenAI chat equivalent")
 
     tier = params.get("service_tier")
     if tier == "auto":
@@ -549,24 +678,67 @@ def messages_to_chat_request(doc: dict, *, max_tokens_field: str = "max_completi
         refusals.add("service_tier", f"{tier!r} has no OpenAI equivalent")
 
     output_config = params.get("output_config")
-    if isinstance(output_config, dict):
-        for key, value in output_config.items():
-            if value is not None:
-                refusals.add(f"output_config.{key}", "not translated to OpenAI")
-    elif output_config is not None:
+    if output_config is not None and not isinstance(output_config, dict):
         refusals.add("output_config", "must be an object")
+        output_config = None
+    output_config = output_config or {}
+    for key, value in output_config.items():
+        if value is not None and key not in ("effort", "format"):
+            refusals.add(f"output_config.{key}", "no OpenAI equivalent")
+    _output_format(output_config.get("format"), out, refusals)
+    _anthropic_reasoning(params.get("thinking"), output_config.get("effort"), out, traits, notes)
 
     speed = params.get("speed")
     if speed is not None and speed != "standard":
-        refusals.add("speed", f"{speed!r} has no OpenAI equivalent")
+        notes.drop("speed")  # a faster tier: the same answer, sooner
 
-    _anthropic_tools_to_chat(params, out, refusals)
+    _anthropic_tools_to_chat(params, out, refusals, notes)
 
     refusals.check()
     return out
 
 
-def _anthropic_tools_to_chat(params: dict, out: dict, refusals: Refusals) -> None:
+def _openai_user(user_id: Any) -> Any:
+    """C{metadata.user_id} as OpenAI's C{user}: as it is when short, else a stable digest of it."""
+    if not isinstance(user_id, str) or len(user_id) <= MAX_OPENAI_USER:
+        return user_id
+    return "sha256-" + hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:48]
+
+
+def _output_format(fmt: Any, out: dict, refusals: Refusals) -> None:
+    """Anthropic structured output -> OpenAI C{response_format: json_schema}."""
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        refusals.add("output_config.format", "only a json_schema format translates")
+        return
+    out["response_format"] = {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": fmt["schema"], "strict": False},
+    }
+
+
+def _anthropic_reasoning(thinking: Any, effort: Any, out: dict, traits: ModelTraits, notes: Notes) -> None:
+    """
+    C{thinking} and C{output_config.effort} -> C{reasoning_effort}, the
+    nearest value the model takes; dropped for a model that takes none.
+    """
+    wanted = effort_from_anthropic(thinking, effort)
+    if wanted is None:
+        if thinking is not None:
+            notes.drop("thinking")
+        return
+    chosen = nearest_effort(wanted, traits.reasoning_efforts)
+    if chosen is None:
+        if thinking is not None:
+            notes.drop("thinking")
+        if effort is not None:
+            notes.drop("output_config.effort")
+        return
+    out["reasoning_effort"] = chosen
+
+
+def _anthropic_tools_to_chat(params: dict, out: dict, refusals: Refusals, notes: Notes) -> None:
     tools = params.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
@@ -582,6 +754,8 @@ def _anthropic_tools_to_chat(params: dict, out: dict, refusals: Refusals) -> Non
                 refusals.add(f"tools[{i}].type={kind}", "Anthropic server tool; no OpenAI equivalent")
                 continue
             for key, value in tool.items():
+                if key in _TOOL_DROPPED and key != "type" and value is not None:
+                    notes.drop(key)  # caching and streaming hints
                 if key in _TOOL_HANDLED or key in _TOOL_DROPPED:
                     continue
                 if key == "defer_loading" and value is False:
@@ -617,27 +791,31 @@ def _anthropic_tools_to_chat(params: dict, out: dict, refusals: Refusals) -> Non
         out["parallel_tool_calls"] = False
 
 
-def _refuse_citations(block: dict, where: str, refusals: Refusals) -> None:
+def _block_hints(block: dict, notes: Notes) -> None:
+    """Hints on a block that change no answer: named, not carried."""
+    if block.get("cache_control") is not None:
+        notes.drop("cache_control")
     if block.get("citations"):
-        refusals.add(f"{where}.citations", "OpenAI messages carry no citations")
+        notes.drop("citations")  # the text is carried; its citation marks have no place in OpenAI messages
 
 
-def _system_to_chat(system: Any, refusals: Refusals) -> dict | None:
+def _system_to_chat(system: Any, where: str, refusals: Refusals, notes: Notes) -> dict | None:
+    """A system prompt (top level, or a C{system} turn inside the conversation) -> a C{system} message."""
     if system is None:
         return None
     if isinstance(system, str):
         return {"role": "system", "content": system}
     if not isinstance(system, list):
-        refusals.add("system", "must be a string or a list of text blocks")
+        refusals.add(where, "must be a string or a list of text blocks")
         return None
     parts = []
     for j, block in enumerate(system):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
-            _refuse_citations(block, f"system[{j}]", refusals)
+            _block_hints(block, notes)
             parts.append({"type": "text", "text": block["text"]})
         else:
-            refusals.add(f"system[{j}].type={kind}", "only text blocks are allowed in system")
+            refusals.add(f"{where}[{j}].type={kind}", "only text blocks are allowed in system")
     if not parts:
         return None
     if len(parts) == 1:
@@ -661,8 +839,57 @@ def _image_part(block: dict, where: str, refusals: Refusals) -> dict | None:
     return None
 
 
-def _tool_message(block: dict, where: str, refusals: Refusals) -> dict:
+def _document_parts(block: dict, where: str, refusals: Refusals, notes: Notes) -> list[dict]:
+    """
+    A C{document} block -> OpenAI parts: a base64 PDF as a C{file} part,
+    plain text and content documents as their text (and images).
+    """
+    source = block.get("source")
+    source = source if isinstance(source, dict) else {}
+    kind = source.get("type")
+    if block.get("title") is not None or block.get("context") is not None:
+        notes.drop("document.title")  # labels for citations, which do not come back
+    _block_hints(block, notes)
+    if kind == "base64" and source.get("media_type") == "application/pdf" and isinstance(source.get("data"), str):
+        return [
+            {
+                "type": "file",
+                "file": {"filename": "document.pdf", "file_data": f"data:application/pdf;base64,{source['data']}"},
+            }
+        ]
+    if kind == "text" and isinstance(source.get("data"), str):
+        return [{"type": "text", "text": source["data"]}]
+    if kind == "content":
+        content = source.get("content")
+        if isinstance(content, str):
+            return [{"type": "text", "text": content}]
+        parts: list[dict] = []
+        for j, item in enumerate(content if isinstance(content, list) else ()):
+            item_kind = item.get("type") if isinstance(item, dict) else None
+            if item_kind == "text" and isinstance(item.get("text"), str):
+                parts.append({"type": "text", "text": item["text"]})
+            elif item_kind == "image":
+                part = _image_part(item, f"{where}.source.content[{j}]", refusals)
+                if part is not None:
+                    parts.append(part)
+            else:
+                refusals.add(f"{where}.source.content[{j}].type={item_kind}", "no OpenAI equivalent")
+        return parts
+    refusals.add(f"{where}.source.type={kind}", "only base64 PDF, text and content documents translate")
+    return []
+
+
+def _tool_message(block: dict, where: str, refusals: Refusals, notes: Notes) -> tuple[dict, list[dict]]:
+    """
+    A C{tool_result} -> a C{tool} message with its text, and the images it
+    holds as parts for a user message right after (OpenAI tool messages
+    carry text only).
+    """
     content = block.get("content")
+    images: list[dict] = []
+    if block.get("is_error") is True:
+        notes.drop("tool_result.is_error")  # the error's text is carried
+    _block_hints(block, notes)
     if content is None:
         text: Any = ""
     elif isinstance(content, str):
@@ -672,43 +899,56 @@ def _tool_message(block: dict, where: str, refusals: Refusals) -> dict:
         for j, item in enumerate(content):
             kind = item.get("type") if isinstance(item, dict) else None
             if kind == "text" and isinstance(item.get("text"), str):
-                _refuse_citations(item, f"{where}.content[{j}]", refusals)
+                _block_hints(item, notes)
                 parts.append({"type": "text", "text": item["text"]})
+            elif kind == "image":
+                part = _image_part(item, f"{where}.content[{j}]", refusals)
+                if part is not None:
+                    images.append(part)
+            elif kind == "document":
+                images.extend(_document_parts(item, f"{where}.content[{j}]", refusals, notes))
             else:
-                refusals.add(
-                    f"{where}.content[{j}].type={kind}", "OpenAI tool messages carry text only"
-                )
+                refusals.add(f"{where}.content[{j}].type={kind}", "no OpenAI equivalent in a tool result")
+        if images and not parts:
+            parts = [{"type": "text", "text": "(the result follows in the next message)"}]
         text = parts[0]["text"] if len(parts) == 1 else parts
     else:
         refusals.add(f"{where}.content", "must be a string or a list of blocks")
         text = ""
-    return {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text}
+    return {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text}, images
 
 
-def _user_to_chat(content: Any, where: str, refusals: Refusals) -> list[dict]:
+def _user_to_chat(content: Any, where: str, refusals: Refusals, notes: Notes) -> list[dict]:
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
     if not isinstance(content, list):
         refusals.add(f"{where}.content", "must be a string or a list of blocks")
         return []
     tool_messages: list[dict] = []
+    from_tools: list[dict] = []
     parts: list[dict] = []
     for j, block in enumerate(content):
         at = f"{where}.content[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
-            _refuse_citations(block, at, refusals)
+            _block_hints(block, notes)
             parts.append({"type": "text", "text": block["text"]})
         elif kind == "image":
+            _block_hints(block, notes)
             part = _image_part(block, at, refusals)
             if part is not None:
                 parts.append(part)
+        elif kind == "document":
+            parts.extend(_document_parts(block, at, refusals, notes))
         elif kind == "tool_result":
-            tool_messages.append(_tool_message(block, at, refusals))
+            message, images = _tool_message(block, at, refusals, notes)
+            tool_messages.append(message)
+            from_tools.extend(images)
         else:
             refusals.add(f"{at}.type={kind}", "no OpenAI equivalent")
     # OpenAI wants tool messages right after the assistant's tool calls.
     result = tool_messages
+    parts = from_tools + parts
     if parts:
         if len(parts) == 1 and parts[0]["type"] == "text":
             result.append({"role": "user", "content": parts[0]["text"]})
@@ -717,7 +957,7 @@ def _user_to_chat(content: Any, where: str, refusals: Refusals) -> list[dict]:
     return result
 
 
-def _assistant_to_chat(content: Any, where: str, refusals: Refusals) -> dict:
+def _assistant_to_chat(content: Any, where: str, refusals: Refusals, notes: Notes) -> dict:
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
     if not isinstance(content, list):
@@ -729,9 +969,10 @@ def _assistant_to_chat(content: Any, where: str, refusals: Refusals) -> dict:
         at = f"{where}.content[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
-            _refuse_citations(block, at, refusals)
+            _block_hints(block, notes)
             texts.append(block["text"])
         elif kind == "tool_use":
+            _block_hints(block, notes)
             calls.append(
                 {
                     "id": block.get("id"),
@@ -740,7 +981,7 @@ def _assistant_to_chat(content: Any, where: str, refusals: Refusals) -> dict:
                 }
             )
         elif kind in ("thinking", "redacted_thinking"):
-            continue  # earlier turns' thinking: not context for an OpenAI model
+            notes.drop("messages[].content.type=thinking")  # earlier turns' thinking: no other model reads it
         else:
             refusals.add(f"{at}.type={kind}", "no OpenAI equivalent")
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
@@ -749,9 +990,13 @@ def _assistant_to_chat(content: Any, where: str, refusals: Refusals) -> dict:
     return message
 
 
-def _anthropic_messages_to_chat(system: Any, messages: Any, refusals: Refusals) -> list[dict]:
+def _anthropic_messages_to_chat(system: Any, messages: Any, refusals: Refusals, notes: Notes) -> list[dict]:
+    """
+    The system prompt and the turns as OpenAI messages; a C{system} turn
+    inside the conversation stays where it is, as a C{system} message.
+    """
     out: list[dict] = []
-    system_message = _system_to_chat(system, refusals)
+    system_message = _system_to_chat(system, "system", refusals, notes)
     if system_message is not None:
         out.append(system_message)
     if not isinstance(messages, list):
@@ -761,9 +1006,13 @@ def _anthropic_messages_to_chat(system: Any, messages: Any, refusals: Refusals) 
         where = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
         if role == "user":
-            out.extend(_user_to_chat(message.get("content"), where, refusals))
+            out.extend(_user_to_chat(message.get("content"), where, refusals, notes))
         elif role == "assistant":
-            out.append(_assistant_to_chat(message.get("content"), where, refusals))
+            out.append(_assistant_to_chat(message.get("content"), where, refusals, notes))
+        elif role == "system":
+            inside = _system_to_chat(message.get("content"), f"{where}.content", refusals, notes)
+            if inside is not None:
+                out.append(inside)
         else:
             refusals.add(f"{where}.role={role}", "no OpenAI equivalent")
     if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":

@@ -123,11 +123,26 @@ def _first_choice(doc: dict) -> dict:
     return {}
 
 
-def chat_response_to_messages(doc: dict, *, model: str | None = None) -> dict:
+def reasoning_text(message: dict) -> str:
+    """
+    The reasoning an OpenAI-format provider returned beside the answer:
+    C{reasoning_content} (DeepSeek, vLLM, Qwen) or C{reasoning} (OpenRouter,
+    Groq, Ollama); empty when there is none.
+    """
+    for name in ("reasoning_content", "reasoning"):
+        value = message.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+def chat_response_to_messages(doc: dict, *, model: str | None = None, thinking: bool = False) -> dict:
     """
     A C{chat.completion} as an Anthropic Message (its first choice: the
     Anthropic surface cannot ask for more).  C{model} overrides the model
-    name reported.  Raises L{ValueError} when C{doc} is not a completion.
+    name reported.  With C{thinking} (the request asked for thinking it may
+    see), the provider's reasoning text opens the message as a C{thinking}
+    block.  Raises L{ValueError} when C{doc} is not a completion.
     """
     if not isinstance(doc, dict) or not isinstance(doc.get("choices"), list):
         raise ValueError("not an OpenAI chat completion")
@@ -135,6 +150,10 @@ def chat_response_to_messages(doc: dict, *, model: str | None = None) -> dict:
     choice = _first_choice(doc)
     message = mapping(choice.get("message"))
     blocks: list[dict] = []
+    reasoning = reasoning_text(message) if thinking else ""
+    if reasoning:
+        # No signature: a later turn's thinking goes to no Anthropic model.
+        blocks.append({"type": "thinking", "thinking": reasoning, "signature": ""})
     content = message.get("content")
     if isinstance(content, list):  # some OpenAI-compatible servers answer with parts
         content = "".join(

@@ -23,7 +23,8 @@ from typing import Any
 
 import attrs
 
-from cllama_tx.surfaces.translate_common import Refusals, UntranslatableRequest
+from cllama_tx.surfaces.model_traits import UNKNOWN_MODEL, ModelTraits
+from cllama_tx.surfaces.translate_common import Notes, Refusals, UntranslatableRequest
 from cllama_tx.surfaces.translate_request import chat_to_messages_request
 
 __all__ = ["ToolNames", "Translated", "responses_to_chat_request", "responses_to_messages_request"]
@@ -64,6 +65,8 @@ class Translated:
     request: dict
     dropped: tuple[str, ...] = ()
     tools: ToolNames = attrs.field(factory=ToolNames)
+    # Values changed on the way (clamped, lowered), for the intervention line.
+    adjusted: tuple[str, ...] = ()
 
 
 #: Parameters dropped (named on the intervention line): hints that change
@@ -126,7 +129,6 @@ _HANDLED = frozenset(
 _OPTIONAL_TOOLS = ("web_search",)
 
 _EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh"})
-_ANTHROPIC_EFFORTS = frozenset({"low", "medium", "high", "xhigh"})
 
 
 def responses_to_chat_request(doc: dict, *, max_tokens_field: str = "max_completion_tokens") -> Translated:
@@ -136,23 +138,27 @@ def responses_to_chat_request(doc: dict, *, max_tokens_field: str = "max_complet
     return translated
 
 
-def responses_to_messages_request(doc: dict, default_max_tokens: int = 4096) -> Translated:
+def responses_to_messages_request(
+    doc: dict, default_max_tokens: int = 4096, *, traits: ModelTraits = UNKNOWN_MODEL
+) -> Translated:
     """
-    A Responses request as an Anthropic Messages request: through the chat
-    translation, with C{text.format} (JSON schema) and C{reasoning.effort}
-    carried as Anthropic's C{output_config}.
+    A Responses request as an Anthropic Messages request for a model with
+    C{traits}: through the chat translation, so C{text.format} and
+    C{reasoning.effort} follow the chat rules (structured output, thinking
+    where the model thinks).
     """
-    chat, anthropic_only, refusals = _to_chat(doc, "max_completion_tokens", ANTHROPIC)
+    chat, _, refusals = _to_chat(doc, "max_completion_tokens", ANTHROPIC)
+    notes = Notes()
+    messages: dict = {}
     try:
-        messages = chat_to_messages_request(chat.request, default_max_tokens)
+        messages = chat_to_messages_request(chat.request, default_max_tokens, traits=traits, notes=notes)
     except UntranslatableRequest as e:
         for name, reason in e.reasons.items():
             refusals.add(name, reason)
     # Every refusal at once, the chat step's with the rest.
     refusals.check()
-    if anthropic_only:
-        messages["output_config"] = anthropic_only
-    return Translated(messages, chat.dropped, chat.tools)
+    dropped = (*chat.dropped, *(name for name in notes.dropped if name not in chat.dropped))
+    return Translated(messages, dropped, chat.tools, tuple(notes.adjusted))
 
 
 def _to_chat(doc: dict, max_tokens_field: str, target: str) -> tuple[Translated, dict, Refusals]:
@@ -207,10 +213,7 @@ def _settings(params: dict, out: dict, refusals: Refusals, dropped: list, anthro
             if key == "format":
                 _format(value, out, config, refusals, anthropic)
             elif key == "verbosity":
-                if anthropic:
-                    refusals.add("text.verbosity", "Anthropic has no verbosity control")
-                else:
-                    out["verbosity"] = value
+                out["verbosity"] = value
             else:
                 refusals.add(f"text.{key}", "no equivalent")
     reasoning = params.get("reasoning")
@@ -243,30 +246,25 @@ def _settings(params: dict, out: dict, refusals: Refusals, dropped: list, anthro
 
 
 def _format(value: Any, out: dict, config: dict, refusals: Refusals, anthropic: bool) -> None:
+    """C{text.format} as the chat request's C{response_format} (which the chat translation maps on)."""
     kind = value.get("type") if isinstance(value, dict) else None
     if kind == "text":
         return
     if kind == "json_schema" and isinstance(value.get("schema"), dict):
-        if anthropic:
-            config["format"] = {"type": "json_schema", "schema": value["schema"]}
-            return
         schema = {k: value[k] for k in ("name", "description", "schema", "strict") if value.get(k) is not None}
         out["response_format"] = {"type": "json_schema", "json_schema": schema}
-    elif kind == "json_object" and not anthropic:
+    elif kind == "json_object":
         out["response_format"] = {"type": "json_object"}
     else:
-        refusals.add(f"text.format.type={kind}", "no equivalent" if not anthropic else "Anthropic needs a JSON schema")
+        refusals.add(f"text.format.type={kind}", "no equivalent")
 
 
 def _effort(value: Any, out: dict, config: dict, refusals: Refusals, anthropic: bool) -> None:
+    """C{reasoning.effort} as the chat request's C{reasoning_effort} (mapped on for the target model)."""
     if value not in _EFFORTS:
         refusals.add("reasoning.effort", f"{value!r} is not an effort")
-    elif not anthropic:
+    else:
         out["reasoning_effort"] = value
-    elif value in _ANTHROPIC_EFFORTS:
-        config["effort"] = value
-    elif value != "none":  # none: no reasoning, as Anthropic without thinking
-        refusals.add("reasoning.effort", f"{value!r} has no Anthropic effort level")
 
 
 # ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from cllama_tx.surfaces.translate_common import (
 from cllama_tx.surfaces.translate_response import (
     anthropic_error_doc_to_openai,
     openai_error_doc_to_anthropic,
+    reasoning_text,
 )
 
 __all__ = ["AnthropicToChatStream", "ChatToAnthropicStream", "SseReader"]
@@ -434,7 +435,9 @@ class ChatToAnthropicStream(_StreamTranslator):
     input, cache reads and writes) and C{message_stop} are held until the
     usage chunk (C{choices: []}) or C{data: [DONE]} arrives, or the body
     ends.  Only choice 0 is translated (the Anthropic surface cannot ask for
-    more); reasoning deltas some servers add are dropped.
+    more).  The reasoning deltas some servers add (C{reasoning_content},
+    C{reasoning}) become a C{thinking} block with C{thinking}, else they are
+    dropped.
 
     With C{wait_for_done}, C{message_delta} and C{message_stop} wait for
     C{data: [DONE]} (or the end of the body) even after the usage chunk: a
@@ -454,9 +457,11 @@ class ChatToAnthropicStream(_StreamTranslator):
         *,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         wait_for_done: bool = False,
+        thinking: bool = False,
     ) -> None:
         self.model = model
         self._wait_for_done = wait_for_done
+        self._thinking = thinking
         self.id = message_id_from_chat_id(None)
         self.error_event: dict | None = None
         self.upstream_error_event: dict | None = None
@@ -465,6 +470,7 @@ class ChatToAnthropicStream(_StreamTranslator):
         self._started = False
         self._block: int | None = None  # index of the open block
         self._block_is_text = False
+        self._block_is_thinking = False
         self._next_block = 0
         self._tools: dict[Any, int] = {}  # OpenAI tool index -> Anthropic block index
         self._stop_reason: str | None = None
@@ -553,6 +559,10 @@ class ChatToAnthropicStream(_StreamTranslator):
                 self._close(out)
 
     def _on_delta(self, delta: dict, out: list) -> None:
+        if self._thinking:
+            reasoning = reasoning_text(delta)
+            if reasoning:
+                self._reason(reasoning, out)
         content = delta.get("content")
         if isinstance(content, str) and content:
             self._text(content, out)
@@ -572,6 +582,7 @@ class ChatToAnthropicStream(_StreamTranslator):
         self._next_block += 1
         self._block = index
         self._block_is_text = block.get("type") == "text"
+        self._block_is_thinking = block.get("type") == "thinking"
         out.append(
             _sse_event(
                 "content_block_start", {"type": "content_block_start", "index": index, "content_block": block}
@@ -584,6 +595,7 @@ class ChatToAnthropicStream(_StreamTranslator):
             out.append(_sse_event("content_block_stop", {"type": "content_block_stop", "index": self._block}))
             self._block = None
             self._block_is_text = False
+            self._block_is_thinking = False
 
     def _text(self, text: str, out: list) -> None:
         if self._block is None or not self._block_is_text:
@@ -595,6 +607,20 @@ class ChatToAnthropicStream(_StreamTranslator):
                     "type": "content_block_delta",
                     "index": self._block,
                     "delta": {"type": "text_delta", "text": text},
+                },
+            )
+        )
+
+    def _reason(self, text: str, out: list) -> None:
+        if self._block is None or not self._block_is_thinking:
+            self._open({"type": "thinking", "thinking": "", "signature": ""}, out)
+        out.append(
+            _sse_event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": self._block,
+                    "delta": {"type": "thinking_delta", "thinking": text},
                 },
             )
         )

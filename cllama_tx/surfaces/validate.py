@@ -174,12 +174,17 @@ def _check_integer(doc: dict, name: str, high: int) -> None:
         raise _bad_parameter(f"'{name}' must be an integer from 1 to {high}")
 
 
-def check_fields(doc: dict, api_format: str) -> None:
+def check_fields(doc: dict, api_format: str, *, counting: bool = False) -> None:
     """
     The fields the proxy governs and meters by have the types the providers
     require: C{stream} a boolean; C{stream_options} an object whose
     C{include_usage} is a boolean (chat); the token limits and C{n} (chat)
     integers in range.  Null counts as absent, as both providers treat it.
+
+    A Messages request (not a token count, C{counting}) needs C{max_tokens},
+    whichever provider answers it: the Messages API requires it, so one rule
+    holds for every model instead of a 400 from Anthropic and a pass for the
+    others.
 
     @raise ProxyError: 400 C{invalid_parameter} naming the field.
     """
@@ -188,6 +193,11 @@ def check_fields(doc: dict, api_format: str) -> None:
         raise _bad_parameter(f"'stream' must be a boolean (true or false), not {_json_type(stream)}")
     for name in _TOKEN_FIELDS.get(api_format, ()):
         _check_integer(doc, name, MAX_TOKEN_LIMIT)
+    if api_format == "anthropic" and not counting and doc.get("max_tokens") is None:
+        raise ProxyError(
+            400, "invalid_parameter",
+            "'max_tokens' is required: the Messages API needs it for every model", param="max_tokens",
+        )
     if api_format == "responses":
         _check_responses(doc)
         return

@@ -346,6 +346,8 @@ class TranslatedToAnthropic(Harnessed):
         )
         sent = self.h.fake.received[0].json
         self.assertEqual(sent["output_config"], {"format": {"type": "json_schema", "schema": schema}, "effort": "high"})
+        # Opus 4.5 thinks on a budget, below the default max_tokens.
+        self.assertEqual(sent["thinking"], {"type": "enabled", "budget_tokens": 4095})
 
     @defer.inlineCallbacks
     def test_upstream_error_in_openai_shape(self):

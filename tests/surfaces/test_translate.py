@@ -21,6 +21,8 @@ from openai.types.shared import ErrorObject
 from twisted.trial.unittest import SynchronousTestCase
 
 from cllama_tx.surfaces import translate
+from cllama_tx.surfaces.translate_common import Notes
+from cllama_tx.surfaces.translate_request import JSON_MODE_INSTRUCTION
 from cllama_tx.surfaces.translate import (
     UntranslatableRequest,
     anthropic_error_to_openai,
@@ -356,11 +358,11 @@ class ChatToMessagesRequestTests(SynchronousTestCase):
         out = self.translate(chat([user()], stop=["a", "b"], temperature=1))
         self.assertEqual((out["stop_sequences"], out["temperature"]), (["a", "b"], 1))
 
-    def test_temperature_above_one_refused(self) -> None:
-        e = self.assertRaises(UntranslatableRequest, chat_to_messages_request, chat([user()], temperature=1.2))
-        self.assertEqual(e.params, ["temperature"])
-        self.assertIn("1.2", str(e))
-        self.assertIn("temperature", str(e))
+    def test_temperature_above_one_clamped(self) -> None:
+        notes = Notes()
+        out = chat_to_messages_request(chat([user()], temperature=1.2), notes=notes)
+        self.assertEqual(out["temperature"], 1)
+        self.assertEqual(notes.adjusted, ["temperature: 1.2 clamped to 1, Anthropic's most"])
 
     def test_user_and_safety_identifier(self) -> None:
         self.assertEqual(self.translate(chat([user()], user="u-1"))["metadata"], {"user_id": "u-1"})
@@ -406,17 +408,11 @@ class ChatToMessagesRequestTests(SynchronousTestCase):
             presence_penalty=0.5,
             frequency_penalty=-1,
             logit_bias={"50256": -100},
-            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+            response_format={"type": "json_schema", "json_schema": {"name": "x"}},
             audio={"voice": "alloy", "format": "mp3"},
             modalities=["text", "audio"],
-            seed=42,
-            prediction={"type": "content", "content": "x"},
-            reasoning_effort="high",
-            store=True,
-            metadata={"a": "b"},
             functions=[{"name": "f"}],
             web_search_options={},
-            service_tier="flex",
             surprise=1,
         )
         e = self.assertRaises(UntranslatableRequest, chat_to_messages_request, doc)
@@ -428,17 +424,11 @@ class ChatToMessagesRequestTests(SynchronousTestCase):
                 "presence_penalty",
                 "frequency_penalty",
                 "logit_bias",
-                "response_format",
+                "response_format.json_schema.schema",
                 "audio",
                 "modalities",
-                "seed",
-                "prediction",
-                "reasoning_effort",
-                "store",
-                "metadata",
                 "functions",
                 "web_search_options",
-                "service_tier",
                 "surprise",
             ]
         )
@@ -446,15 +436,15 @@ class ChatToMessagesRequestTests(SynchronousTestCase):
         message = str(e)
         for name in expected:
             self.assertIn(name, message)
-        self.assertIn("json_schema", message)
+        self.assertIn("JSON schema", message)
         self.assertIsInstance(e, ValueError)
 
-    def test_json_object_refused_and_says_so(self) -> None:
-        e = self.assertRaises(
-            UntranslatableRequest, chat_to_messages_request, chat([user()], response_format={"type": "json_object"})
+    def test_json_object_becomes_an_instruction(self) -> None:
+        out = self.translate(chat([{"role": "system", "content": "Be brief."}, user()], response_format={"type": "json_object"}))
+        self.assertEqual(
+            out["system"], [{"type": "text", "text": "Be brief."}, {"type": "text", "text": JSON_MODE_INSTRUCTION}]
         )
-        self.assertEqual(e.params, ["response_format"])
-        self.assertIn("json_object", str(e))
+        self.assertNotIn("output_config", out)
 
     def test_content_refusals(self) -> None:
         doc = chat(
@@ -475,7 +465,7 @@ class ChatToMessagesRequestTests(SynchronousTestCase):
             sorted(
                 [
                     "messages[0].content[0].type=input_audio",
-                    "messages[1].content[0].type=file",
+                    "messages[1].content[0].file",
                     "messages[2].role=function",
                     "messages[3].tool_calls[0].function.arguments",
                     "messages[4].tool_calls[0].type=custom",
@@ -704,34 +694,32 @@ class MessagesToChatRequestTests(SynchronousTestCase):
                 {
                     "role": "user",
                     "content": [
-                        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}},
+                        {"type": "document", "source": {"type": "url", "url": "https://x/y.pdf"}},
                         {"type": "image", "source": {"type": "file", "file_id": "file_1"}},
-                        {"type": "text", "text": "x", "citations": [{"type": "char_location"}]},
-                        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]},
+                        {"type": "search_result", "source": "s", "title": "t", "content": []},
+                        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "search_result"}]},
                     ],
                 },
                 {"role": "assistant", "content": [{"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}]},
                 user("next"),
             ],
             top_k=5,
-            thinking={"type": "enabled", "budget_tokens": 2048},
             tools=[{"type": "web_search_20250305", "name": "web_search"}],
             tool_choice={"type": "mystery"},
             metadata={"user_id": "u", "team": "x"},
-            output_config={"format": {"type": "json_schema", "schema": {}}},
+            output_config={"format": {"type": "json_object"}},
             container="c",
             mystery=True,
         )
         e = self.assertRaises(UntranslatableRequest, messages_to_chat_request, doc)
         expected = sorted(
             [
-                "messages[0].content[0].type=document",
+                "messages[0].content[0].source.type=url",
                 "messages[0].content[1].source.type=file",
-                "messages[0].content[2].citations",
-                "messages[0].content[3].content[0].type=image",
+                "messages[0].content[2].type=search_result",
+                "messages[0].content[3].content[0].type=search_result",
                 "messages[1].content[0].type=server_tool_use",
                 "top_k",
-                "thinking",
                 "tools[0].type=web_search_20250305",
                 "tool_choice",
                 "metadata.team",

@@ -377,7 +377,7 @@ class AnthropicAgentOpenAIUpstreamTests(SynchronousTestCase):
             model="gpt-4o",
             max_tokens=10,
             messages=[{"role": "user", "content": "x"}],
-            thinking={"type": "enabled", "budget_tokens": 2048},
+            extra_body={"top_k": 5},
         )
-        self.assertIn("thinking", str(e))
+        self.assertIn("top_k", str(e))
         self.assertEqual(proxy.upstream_requests, [])

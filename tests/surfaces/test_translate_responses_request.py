@@ -14,6 +14,7 @@ from openai.types.chat import completion_create_params
 from openai.types.responses import response_create_params
 from twisted.trial.unittest import SynchronousTestCase
 
+from cllama_tx.providers.model_limits import traits_for
 from cllama_tx.surfaces.translate_common import UntranslatableRequest
 from cllama_tx.surfaces.translate_responses_request import (
     responses_to_chat_request,
@@ -172,18 +173,28 @@ class ToAnthropic(SynchronousTestCase):
             "model": "m", "input": "x", "reasoning": {"effort": "xhigh"},
             "text": {"format": {"type": "json_schema", "name": "n", "schema": schema}},
         }).request
-        self.assertEqual(out["output_config"], {"effort": "xhigh", "format": {"type": "json_schema", "schema": schema}})
+        # The schema in Anthropic's subset (objects closed); an unknown model takes no effort: dropped.
+        closed = {"type": "object", "properties": {}, "additionalProperties": False}
+        self.assertEqual(out["output_config"], {"format": {"type": "json_schema", "schema": closed}})
+        self.assertNotIn("thinking", out)
+        adaptive = responses_to_messages_request(
+            {"model": "m", "input": "x", "reasoning": {"effort": "xhigh"}}, traits=traits_for("anthropic", "claude-opus-4-6")
+        ).request
+        self.assertEqual((adaptive["thinking"], adaptive["output_config"]), ({"type": "adaptive"}, {"effort": "high"}))
         none = responses_to_messages_request({"model": "m", "input": "x", "reasoning": {"effort": "none"}}).request
         self.assertNotIn("output_config", none)
 
-    def test_refused_for_anthropic_only(self):
-        self.assertEqual(
-            refused(responses_to_messages_request, {
-                "model": "m", "input": "x", "reasoning": {"effort": "minimal"}, "temperature": 1.5,
-                "text": {"format": {"type": "json_object"}, "verbosity": "high"},
-            }),
-            ["reasoning.effort", "temperature", "text.format.type=json_object", "text.verbosity"],
-        )
+    def test_mapped_and_dropped_for_anthropic(self):
+        """What Anthropic cannot take is mapped (a clamp, an instruction) or dropped, as from chat."""
+        translated = responses_to_messages_request({
+            "model": "m", "input": "x", "reasoning": {"effort": "minimal"}, "temperature": 1.5,
+            "text": {"format": {"type": "json_object"}, "verbosity": "high"},
+        })
+        out = translated.request
+        self.assertEqual(out["temperature"], 1)
+        self.assertIn("JSON", out["system"])
+        self.assertEqual(set(translated.dropped), {"reasoning_effort", "verbosity"})
+        self.assertEqual(translated.adjusted, ("temperature: 1.5 clamped to 1, Anthropic's most",))
 
 
 class ChatToResponsesUpstream(SynchronousTestCase):

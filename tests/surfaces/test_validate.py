@@ -151,7 +151,9 @@ class CheckFieldsTests(SynchronousTestCase):
                 {"stream": False, "max_tokens": MAX_TOKEN_LIMIT},
                 {"stream": None, "max_tokens": None},
             ):
-                check_fields(doc, api_format)
+                check_fields(doc, api_format, counting=True)
+                if doc.get("max_tokens") is not None or api_format == "openai":
+                    check_fields(doc, api_format)
         check_fields(
             {"max_completion_tokens": 5, "n": MAX_CHOICES, "stream": True, "stream_options": {"include_usage": False}},
             "openai",
@@ -191,7 +193,16 @@ class CheckFieldsTests(SynchronousTestCase):
             "'stream_options.include_usage' must be a boolean, not an integer",
         )
         # Not ours to judge on the messages surface: the provider's.
-        check_fields({"n": 0, "max_completion_tokens": "x", "stream_options": 1}, "anthropic")
+        check_fields({"n": 0, "max_completion_tokens": "x", "stream_options": 1, "max_tokens": 1}, "anthropic")
+
+    def test_messages_need_max_tokens(self):
+        """One rule for every provider: the Messages surface asks for max_tokens; a token count does not."""
+        self.assertEqual(
+            self.refused({"stream": True}, "anthropic"),
+            "'max_tokens' is required: the Messages API needs it for every model",
+        )
+        check_fields({"messages": []}, "anthropic", counting=True)
+        check_fields({"messages": []}, "openai")
 
 
 class DocumentedTests(SynchronousTestCase):
