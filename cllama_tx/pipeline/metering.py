@@ -73,6 +73,8 @@ class Exchange:
     key_id: str | None = None
     team_id: str | None = None
     user_id: str | None = None
+    organization_id: str | None = None
+    end_user: str | None = None  # the customer the request names in "user" (LiteLLM)
     admission: Admission | None = None  # what governance held for this request
     # Shared store: reservations to release once the row is committed.
     shared_release: tuple | None = None
@@ -261,6 +263,8 @@ class Metering:
             key_id=ex.key_id,
             team_id=ex.team_id,
             user_id=ex.user_id,
+            organization_id=ex.organization_id,
+            end_user=ex.end_user,
         )
         fields = audit_fields(row)
         if error is None:

@@ -45,7 +45,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from cllama_tx.store.database import DatabaseUnavailable
-from cllama_tx.store.shared import lock_names, new_instance_id
+from cllama_tx.store.shared import lock_names, new_instance_id, scope_filter
 
 __all__ = ["Coordinator", "Decision", "RateSync", "ScopeSync"]
 
@@ -94,13 +94,9 @@ class Decision:
     rate_event_ids: list[int] = attrs.Factory(list)
 
 
-def _scope_filter(scope: str) -> tuple[str, str]:
-    """The ledger column and value of a budget scope's rows."""
-    if scope.startswith("key:"):
-        return "key_id", scope[4:]
-    if scope.startswith("team:"):
-        return "team_id", scope[5:]
-    return "agent", scope
+def _scope_filter(scope: str) -> tuple[str, tuple[str, ...]]:
+    """The SQL condition and parameters of a budget scope's ledger rows (L{scope_filter})."""
+    return scope_filter(scope)
 
 
 class Coordinator(service.Service):
@@ -284,11 +280,11 @@ def _admit(tx, reactor, instance: str, now: float, scopes: dict, rates: dict, de
     alive_since = now - DEAD_AFTER
     syncs = []
     for scope, (since, cursor) in sorted(scopes.items()):
-        column, value = _scope_filter(scope)
+        condition, values = _scope_filter(scope)
         rows = tx.execute(
-            f"SELECT id, ts, cost_usd, status, priced, instance FROM requests WHERE {column} = ? AND id > ? "
+            f"SELECT id, ts, cost_usd, status, priced, instance FROM requests WHERE {condition} AND id > ? "
             "AND ts >= ? ORDER BY id LIMIT ?",
-            (value, cursor, since, MAX_SYNC_ROWS),
+            (*values, cursor, since, MAX_SYNC_ROWS),
         ).fetchall()
         counted = tuple(
             (row_id, ts, cost, 200 <= status < 300, bool(priced))

@@ -121,7 +121,7 @@ __all__ = [
     "utc_day",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The version written to C{meta}; a newer one in the file refuses to start.
 
 1: C{requests}, C{rollups}.  2: C{rollups.counted_requests} and
@@ -130,7 +130,9 @@ C{rollups.counted_unpriced_requests} (budget seeding), C{budget_overrides}.
 and 2 stored every prompt token there, so the views counted the cache
 twice); older rows and rollups are converted.  4: C{requests.instance}
 (which process wrote the row), key and team indexes, and the coordination
-tables of several processes on one file."""
+tables of several processes on one file.  5: C{requests.organization_id},
+C{end_user} (LiteLLM's customer, the request's C{user}) and C{response_id}
+(the answer's C{id}), for the budgets and spend logs of the key API."""
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -166,9 +168,16 @@ CREATE TABLE IF NOT EXISTS requests (
     key_id TEXT,
     team_id TEXT,
     user_id TEXT,
-    instance TEXT
+    instance TEXT,
+    organization_id TEXT,
+    end_user TEXT,
+    response_id TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
+CREATE INDEX IF NOT EXISTS requests_user ON requests (user_id) WHERE user_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_organization ON requests (organization_id) WHERE organization_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_end_user ON requests (end_user) WHERE end_user IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_response ON requests (response_id) WHERE response_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS requests_agent ON requests (agent);
 CREATE INDEX IF NOT EXISTS requests_key ON requests (key_id) WHERE key_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS requests_team ON requests (team_id) WHERE team_id IS NOT NULL;
@@ -247,6 +256,17 @@ ALTER TABLE requests ADD COLUMN instance TEXT;
 CREATE INDEX IF NOT EXISTS requests_key ON requests (key_id) WHERE key_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS requests_team ON requests (team_id) WHERE team_id IS NOT NULL;
 """ + SQLITE_COORDINATION_SCHEMA,
+    # 4 -> 5: who else a row is billed to, as LiteLLM's spend logs say it
+    # (organisation, customer), and the answer's id, to find a row by it.
+    4: """
+ALTER TABLE requests ADD COLUMN organization_id TEXT;
+ALTER TABLE requests ADD COLUMN end_user TEXT;
+ALTER TABLE requests ADD COLUMN response_id TEXT;
+CREATE INDEX IF NOT EXISTS requests_user ON requests (user_id) WHERE user_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_organization ON requests (organization_id) WHERE organization_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_end_user ON requests (end_user) WHERE end_user IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_response ON requests (response_id) WHERE response_id IS NOT NULL;
+""",
 }
 
 

@@ -105,9 +105,13 @@ ROW_FIELDS = (
     "key_id",
     "team_id",
     "user_id",
+    "organization_id",
+    "end_user",
+    "response_id",
 )
 TEXT_FIELDS = frozenset(
-    {"agent", "provider", "requested_model", "effective_model", "key_id", "team_id", "user_id"}
+    {"agent", "provider", "requested_model", "effective_model", "key_id", "team_id", "user_id",
+     "organization_id", "end_user", "response_id"}
 )
 BOOL_FIELDS = frozenset({"stream", "priced", "estimated"})
 _SELECT_ROW = f"id, {', '.join(ROW_FIELDS)}"

@@ -133,7 +133,10 @@ def _read_only(tx: Any, function: Callable[[Any], Any]) -> Any:
 
 
 def _locks(rows: Iterable[LedgerRow]) -> list[str]:
-    return lock_names(s for row in rows for s in row_scopes(row.agent, row.key_id, row.team_id))
+    return lock_names(
+        s for row in rows
+        for s in row_scopes(row.agent, row.key_id, row.team_id, row.user_id, row.organization_id, row.end_user)
+    )
 
 
 @implementer(ILedger)

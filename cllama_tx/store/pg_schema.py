@@ -174,10 +174,34 @@ CREATE TABLE responses_conversations (
 CREATE INDEX responses_conversations_used ON responses_conversations (used_at);
 """
 
+# LiteLLM's key fields (cllama_tx.identity.key_fields): those that govern
+# have columns, the rest are kept as given in extra_json.  Ledger rows say
+# who else they are billed to (organisation, customer) and the answer's id.
+_KEY_FIELDS = """
+ALTER TABLE virtual_keys ADD COLUMN organization_id TEXT;
+ALTER TABLE virtual_keys ADD COLUMN soft_budget DOUBLE PRECISION;
+ALTER TABLE virtual_keys ADD COLUMN max_parallel_requests BIGINT;
+ALTER TABLE virtual_keys ADD COLUMN tags_json TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE virtual_keys ADD COLUMN model_max_budget_json TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE virtual_keys ADD COLUMN model_rpm_limit_json TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE virtual_keys ADD COLUMN model_tpm_limit_json TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE virtual_keys ADD COLUMN budget_anchor DOUBLE PRECISION;
+ALTER TABLE virtual_keys ADD COLUMN extra_json TEXT NOT NULL DEFAULT '{}';
+CREATE INDEX virtual_keys_organization ON virtual_keys (organization_id);
+ALTER TABLE requests ADD COLUMN organization_id TEXT;
+ALTER TABLE requests ADD COLUMN end_user TEXT;
+ALTER TABLE requests ADD COLUMN response_id TEXT;
+CREATE INDEX requests_user ON requests (user_id, id) WHERE user_id IS NOT NULL;
+CREATE INDEX requests_organization ON requests (organization_id, id) WHERE organization_id IS NOT NULL;
+CREATE INDEX requests_end_user ON requests (end_user, id) WHERE end_user IS NOT NULL;
+CREATE INDEX requests_response ON requests (response_id) WHERE response_id IS NOT NULL;
+"""
+
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "ledger, virtual keys and coordination tables", _LEDGER + _KEYS + _COORDINATION),
     (2, "operator UI sessions; virtual keys by alias", _UI_SESSIONS),
     (3, "Responses conversations kept for translated providers", _CONVERSATIONS),
+    (4, "virtual keys: LiteLLM's key fields; ledger rows' organisation, customer and answer id", _KEY_FIELDS),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -74,10 +74,15 @@ class LedgerRow:
     cost_usd: float = 0.0
     priced: bool = False
     estimated: bool = False
-    # Virtual keys (later): who is billed.
+    # Virtual keys: who is billed (the key's hash, team, user and
+    # organisation, the customer the request named in "user").
     key_id: str | None = None
     team_id: str | None = None
     user_id: str | None = None
+    organization_id: str | None = None
+    end_user: str | None = None
+    # The answer's own id (a chat completion's "id"), as clients know the request.
+    response_id: str | None = None
 
     @property
     def prompt_tokens(self) -> int:

@@ -26,6 +26,8 @@ __all__ = [
     "new_instance_id",
     "record_change",
     "row_scopes",
+    "scope_filter",
+    "scope_name",
 ]
 
 #: What a change row can name; C{subject} says which one (None: all).
@@ -95,20 +97,78 @@ def new_instance_id() -> str:
     return f"{host}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
-def row_scopes(agent: str | None, key_id: str | None, team_id: str | None) -> list[str]:
+#: Budget scopes other than an agent's (a plain agent id): kind -> the
+#: ledger columns its rows are found by.  C{member} is a user within a
+#: team, C{keymodel} one model (as requested) of a key; C{parallel} counts
+#: only requests in flight, and has no rows.
+SCOPE_KINDS: dict[str, tuple[str, ...]] = {
+    "key": ("key_id",),
+    "team": ("team_id",),
+    "user": ("user_id",),
+    "org": ("organization_id",),
+    "customer": ("end_user",),
+    "member": ("team_id", "user_id"),
+    "keymodel": ("key_id", "requested_model"),
+    "parallel": (),
+}
+
+
+def scope_name(kind: str, *values: str) -> str:
+    """
+    A budget scope's name: C{key:<hash>}, C{team:<id>}, C{user:<id>},
+    C{org:<id>}, C{customer:<id>}; C{member:<len>:<team>:<user>} (the
+    team's length makes any id safe); C{keymodel:<hash>:<model>} (a hash
+    has 64 characters); C{parallel:<scope>}.
+    """
+    if kind == "member":
+        team, user = values
+        return f"member:{len(team)}:{team}:{user}"
+    return f"{kind}:" + ":".join(values)
+
+
+def scope_filter(scope: str) -> tuple[str, tuple[str, ...]]:
+    """
+    The SQL condition on C{requests} (and its parameters) of the rows whose
+    spend counts against a budget scope: C{agent = ?} for an agent; none
+    (C{1 = 0}) for a parallel scope.
+    """
+    kind, _, rest = scope.partition(":")
+    columns = SCOPE_KINDS.get(kind) if rest or kind == "parallel" else None
+    if columns is None:
+        return "agent = ?", (scope,)
+    if not columns:
+        return "1 = 0", ()
+    if kind == "member":
+        length, _, tail = rest.partition(":")
+        size = int(length)
+        values: tuple[str, ...] = (tail[:size], tail[size + 1:])
+    elif kind == "keymodel":
+        values = (rest[:64], rest[65:])
+    else:
+        values = (rest,)
+    return " AND ".join(f"{column} = ?" for column in columns), values
+
+
+def row_scopes(
+    agent: str | None, key_id: str | None, team_id: str | None,
+    user_id: str | None = None, organization_id: str | None = None, end_user: str | None = None,
+) -> list[str]:
     """
     The budget scopes a ledger row's spend counts against, as the budget
-    book names them: the agent, C{key:<hash>}, C{team:<id>}.  Writers of
-    ledger rows hold these scopes' locks (L{advisory_locks}) so that, per
-    scope, rows commit in the order of their ids.
+    book names them: the agent, C{key:<hash>}, C{team:<id>},
+    C{user:<id>}, C{org:<id>}, C{customer:<id>}.  Writers of ledger rows
+    hold these scopes' locks (L{advisory_locks}) so that, per scope, rows
+    commit in the order of their ids.  (A member's rows are among its
+    team's, a key's model's among its key's: their order is kept by
+    those locks.)
     """
     scopes = []
     if agent:
         scopes.append(agent)
-    if key_id:
-        scopes.append(f"key:{key_id}")
-    if team_id:
-        scopes.append(f"team:{team_id}")
+    for kind, value in (("key", key_id), ("team", team_id), ("user", user_id), ("org", organization_id),
+                        ("customer", end_user)):
+        if value:
+            scopes.append(scope_name(kind, value))
     return scopes
 
 
