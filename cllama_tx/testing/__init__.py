@@ -44,6 +44,7 @@ from cllama_tx.demo.wire import (
     sse_encode_anthropic,
     sse_encode_openai,
 )
+from cllama_tx.testing.strict import refusal
 
 __all__ = [
     "DEFAULT_CREATED",
@@ -84,10 +85,24 @@ __all__ = [
 
 
 class FakeProvider(_server.FakeProvider):
-    """The demo's loopback provider; without a responder it answers as the demo model."""
+    """
+    The demo's loopback provider; without a responder it answers as the
+    demo model.  It is C{strict} unless told otherwise: a body the real API
+    would refuse (an unknown parameter, a value out of range, a model's
+    limit passed: L{cllama_tx.testing.strict}) gets the provider's own 400,
+    whatever reply was scripted.
+    """
 
-    def __init__(self, reactor: Any, responder: Responder | None = None, port: int = 0) -> None:
+    def __init__(self, reactor: Any, responder: Responder | None = None, port: int = 0, strict: bool = True) -> None:
         super().__init__(reactor, responder or _default_responder(), port)
+        self.strict = strict
+
+    def _next_reply(self, received: ReceivedRequest) -> Reply:
+        if self.strict:
+            refused = refusal(received)
+            if refused is not None:
+                return refused
+        return super()._next_reply(received)
 
 
 # ---------------------------------------------------------------------------

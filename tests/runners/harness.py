@@ -275,7 +275,8 @@ class LoopAssertions:
         # The loop: the call, its result back, the final answer the runner printed.
         for kind in kinds:
             self.assertEqual(len(provider.of_kind(kind)), 1, f"{kind} turns{context}")
-        self.assertEqual(provider.of_kind("other", "runaway", "no_tool"), [], context)
+        self.assertEqual(provider.refusals, [], context)
+        self.assertEqual(provider.of_kind("other", "runaway", "no_tool", "refused"), [], context)
         if "tool_call" in kinds:
             self.assertEqual(len(provider.tool_results), 1, context)
             self.assertIn(expect.tool_output, provider.tool_results[0], context)

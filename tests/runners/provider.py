@@ -6,7 +6,9 @@ SSE), answers the turn
 that carries the task with a call to a tool the runner really declared,
 answers the turn that carries that tool's result with a final text, and
 answers everything else a runner sends on the side (titles, summaries,
-token counts, model lists) the way the real API would.
+token counts, model lists) the way the real API would.  It is as strict as
+the real API (L{cllama_tx.testing.strict}): a body the provider would
+refuse gets its 400, and the exchange is marked C{refused}.
 
 The wire shapes come from L{cllama_tx.testing}'s verified builders; the
 decisions (which tool, which turn) are this module's.
@@ -33,6 +35,7 @@ from cllama_tx.testing import (
     sse_encode_openai,
     sse_encode_responses,
 )
+from cllama_tx.testing.strict import anthropic_problems, openai_problems
 
 TOOL_CALL_ID = "toolu_runner_loop_0001"
 
@@ -88,6 +91,7 @@ class ScriptedProvider:
     tool_results: list[str] = field(default_factory=list)
     declared_tools: list[list[str]] = field(default_factory=list)
     calls_made: list[ToolCall] = field(default_factory=list)
+    refusals: list[list[str]] = field(default_factory=list)
     _port: Any = None
 
     def start(self, reactor) -> str:
@@ -130,6 +134,11 @@ class ScriptedProvider:
         return 404, "application/json", json.dumps({"error": {"message": f"no route {path}"}}).encode()
 
     def _turn(self, exchange: Exchange, body: dict, wire: _Wire) -> tuple[int, str, bytes]:
+        problems = wire.problems(exchange)
+        if problems:
+            exchange.kind = "refused"
+            self.refusals.append(problems)
+            return 400, "application/json", json.dumps(wire.error("; ".join(problems))).encode()
         model = body.get("model") or "unknown"
         tools = wire.tools(body)
         if tools:
@@ -206,6 +215,13 @@ def _text_of(content: Any) -> str:
 class _Wire:
     """What differs between the two wire formats."""
 
+    def problems(self, exchange: Exchange) -> list[str]:
+        """What the real API would refuse in this request (empty: nothing)."""
+        return []
+
+    def error(self, message: str) -> dict:
+        return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+
     def tools(self, body: dict) -> dict[str, dict]:
         raise NotImplementedError
 
@@ -221,6 +237,13 @@ class _Wire:
 
 
 class _AnthropicWire(_Wire):
+    def problems(self, exchange):
+        betas = tuple(b.strip() for b in exchange.headers.get("anthropic-beta", "").split(",") if b.strip())
+        return anthropic_problems(exchange.body, betas)
+
+    def error(self, message):
+        return {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+
     def tools(self, body):
         return {t["name"]: t.get("input_schema") or {} for t in body.get("tools") or () if t.get("name")}
 
@@ -248,6 +271,9 @@ class _AnthropicWire(_Wire):
 
 
 class _OpenAIWire(_Wire):
+    def problems(self, exchange):
+        return openai_problems(exchange.body)
+
     def tools(self, body):
         found = {}
         for tool in body.get("tools") or ():

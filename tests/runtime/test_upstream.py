@@ -19,7 +19,7 @@ class UpstreamTargetTests(TestCase):
 
     @defer.inlineCallbacks
     def test_same_url_reuses_its_target_and_still_arrives(self):
-        fake = FakeProvider(reactor)
+        fake = FakeProvider(reactor, strict=False)
         yield fake.start()
         self.addCleanup(fake.stop)
         client = UpstreamClient(reactor, 5.0)
@@ -60,7 +60,7 @@ class WithoutTwistedsSeamsTests(TestCase):
     @defer.inlineCallbacks
     def test_requests_take_the_public_way(self):
         self.patch(upstream_module, "agent_steps", lambda agent: None)
-        fake = FakeProvider(reactor)
+        fake = FakeProvider(reactor, strict=False)
         yield fake.start()
         self.addCleanup(fake.stop)
         client = UpstreamClient(reactor, 5.0)
