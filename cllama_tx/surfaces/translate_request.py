@@ -758,7 +758,9 @@ def _anthropic_tools_to_chat(params: dict, out: dict, refusals: Refusals, notes:
                     notes.drop(key)  # caching and streaming hints
                 if key in _TOOL_HANDLED or key in _TOOL_DROPPED:
                     continue
-                if key == "defer_loading" and value is False:
+                if key == "defer_loading":
+                    if value is True:
+                        notes.drop("tools[].defer_loading")  # the tool is declared up front instead of on demand
                     continue
                 if value is None or value == []:
                     continue

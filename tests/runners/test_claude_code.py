@@ -80,6 +80,59 @@ class ClaudeCodeTests(LoopAssertions, TestCase):
         self.assertEqual({e.model for e in loop.provider.exchanges}, {"claude-sonnet-4-5"})
 
     @defer.inlineCallbacks
+    def openai_loop(self, model):
+        provider = ScriptedProvider(marker="out.txt", choose=bash, final_text=FINAL)
+        loop = yield Loop(self, provider, ("OPENAI",)).start()
+        env = {"ANTHROPIC_BASE_URL": loop.daemon.api, "ANTHROPIC_AUTH_TOKEN": CREDENTIALS}
+        result = yield loop.run(
+            install.CLAUDE_CODE, ["-p", TASK, "--allowedTools", "Bash", "--model", f"openai/{model}"], env
+        )
+        rows = yield loop.finish()
+        self.check_loop(loop, result, rows, Expect(
+            sent=f"openai/{model}", provider="openai", effective=model, rule="surface_translated", final_text=FINAL,
+        ))
+        with open(os.path.join(loop.work, "out.txt")) as f:
+            self.assertEqual(f.read(), "hello\n")
+        calls = loop.provider.of_kind("tool_call", "final")
+        self.assertEqual({(c.path, c.query) for c in calls}, {("/v1/chat/completions", "")})
+        for call in calls:
+            self.assertNotIn("anthropic-beta", call.headers)
+        self.assertIn("Bash", loop.provider.declared_tools[0])
+        translated = [
+            line for line in loop.daemon.audit_lines()
+            if line["type"] == "intervention" and line["intervention"] == "surface_translated"
+        ]
+        self.assertEqual(len(translated), len(calls))
+        return calls, translated
+
+    @defer.inlineCallbacks
+    def test_an_openai_model(self):
+        """
+        Claude Code on openai/gpt-4o: its Messages requests (thinking, effort,
+        context management, cache hints, deferred tools, betas) translated
+        for a provider as strict as OpenAI, the tool loop completed, and what
+        was dropped or lowered named on the intervention line.
+        """
+        calls, translated = yield self.openai_loop("gpt-4o")
+        for call in calls:
+            # gpt-4o takes no reasoning_effort and at most 16384 output tokens.
+            self.assertNotIn("reasoning_effort", call.body)
+            self.assertLessEqual(call.body["max_completion_tokens"], 16384)
+        dropped = set(translated[0]["dropped"])
+        self.assertTrue({"thinking", "context_management", "cache_control"} <= dropped, dropped)
+        self.assertTrue(any(name.startswith("anthropic-beta: ") for name in dropped), dropped)
+        self.assertTrue(any(a.startswith("max_tokens: ") for a in translated[0]["adjusted"]), translated[0])
+
+    @defer.inlineCallbacks
+    def test_an_openai_reasoning_model(self):
+        """On openai/o3 Claude Code's thinking and effort become reasoning_effort."""
+        calls, translated = yield self.openai_loop("o3")
+        for call in calls:
+            self.assertIn(call.body["reasoning_effort"], ("low", "medium", "high"))
+            self.assertNotIn("max_tokens", call.body)
+        self.assertNotIn("thinking", translated[0].get("dropped", []))
+
+    @defer.inlineCallbacks
     def test_a_wrong_secret_is_told_in_anthropic_terms(self):
         loop, result, rows = yield self.loop({"ANTHROPIC_AUTH_TOKEN": CREDENTIALS[:-4] + "0000"})
         self.assertEqual(result.code, 1, result.describe())
