@@ -163,6 +163,10 @@ class ScriptedProvider:
             else:
                 exchange.kind = "no_tool"
                 text = f"none of the tools fits: {sorted(tools)}"
+        elif wire.output_schema(body) is not None:
+            # Structured output: an answer that fits the schema, as the real model's must.
+            exchange.kind = "structured"
+            text = json.dumps(instance_of(wire.output_schema(body)))
         elif self.edit_text is not None and not tools and self.marker in wire.user_text(body):
             exchange.kind = "edit"
             text = self.edit_text
@@ -173,6 +177,30 @@ class ScriptedProvider:
 
     def _seen_models(self) -> list[str]:
         return sorted({e.model for e in self.exchanges if e.model})
+
+
+def instance_of(schema: Any, defs: dict | None = None) -> Any:
+    """A small value that fits a JSON schema (what a model under structured output answers)."""
+    if not isinstance(schema, dict):
+        return None
+    defs = defs if defs is not None else {**schema.get("$defs", {}), **schema.get("definitions", {})}
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        return instance_of(defs.get(ref.rpartition("/")[2], {}), defs)
+    if schema.get("enum"):
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return instance_of(schema[key][0], defs)
+    kind = schema.get("type")
+    kind = kind[0] if isinstance(kind, list) else kind
+    if kind == "object":
+        return {name: instance_of(sub, defs) for name, sub in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [instance_of(schema.get("items"), defs)]
+    return {"string": "hello", "integer": 3, "number": 1.5, "boolean": True, "null": None}.get(kind, "hello")
 
 
 def _estimate(body: Any) -> int:
@@ -222,6 +250,10 @@ class _Wire:
     def error(self, message: str) -> dict:
         return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
 
+    def output_schema(self, body: dict) -> dict | None:
+        """The JSON schema the answer must fit, when the request asks for structured output."""
+        return None
+
     def tools(self, body: dict) -> dict[str, dict]:
         raise NotImplementedError
 
@@ -243,6 +275,10 @@ class _AnthropicWire(_Wire):
 
     def error(self, message):
         return {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+
+    def output_schema(self, body):
+        fmt = (body.get("output_config") or {}).get("format") or {}
+        return fmt.get("schema") if fmt.get("type") == "json_schema" else None
 
     def tools(self, body):
         return {t["name"]: t.get("input_schema") or {} for t in body.get("tools") or () if t.get("name")}

@@ -10,6 +10,7 @@ C{base_url} and C{api_key}.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -125,3 +126,42 @@ class LangChainTests(SdkLoops, TestCase):
         yield self.finish(loop, result, Expect(
             sent="claude-sonnet-4-5-20250929", provider="anthropic", rule="bare_family", final_text=FINAL,
         ), "/v1/messages")
+
+
+class StructuredOutputTests(TestCase):
+    """
+    C{chat.completions.parse} (OpenAI SDK) and LangChain's
+    C{with_structured_output()} on an Anthropic model: their C{response_format}
+    JSON schema reaches Anthropic as structured output (C{output_config.format},
+    every object closed, as Anthropic requires) and the answer parses.
+    """
+
+    timeout = LoopAssertions.timeout
+
+    @defer.inlineCallbacks
+    def test_parse_and_with_structured_output_on_anthropic(self):
+        provider = ScriptedProvider(marker="never", choose=lambda tools: None, final_text="")
+        loop = yield Loop(self, provider, ("ANTHROPIC",)).start()
+        script = os.path.join(SCRIPTS, "structured_output.py")
+        result = yield loop.run(
+            install.LANGCHAIN, [script, "anthropic/claude-sonnet-4-5", loop.daemon.api + "/v1"],
+            {"CLLAMA_RUNNER_KEY": CREDENTIALS},
+        )
+        rows = yield loop.finish()
+        context = result.describe() + f"\nrefusals: {provider.refusals}"
+        self.assertEqual(result.code, 0, context)
+        answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        self.assertEqual([a["via"] for a in answers], ["openai-parse", "langchain"], context)
+        for answer in answers:
+            self.assertEqual(answer["city"], {"name": "hello", "population": 3, "coastal": True})
+        self.assertEqual(provider.refusals, [])
+        self.assertEqual([e.kind for e in provider.exchanges], ["structured", "structured"], context)
+        for exchange in provider.exchanges:
+            self.assertEqual(exchange.path, "/v1/messages")
+            schema = exchange.body["output_config"]["format"]["schema"]
+            self.assertEqual(schema["additionalProperties"], False)
+            self.assertEqual(set(schema["properties"]), {"name", "population", "coastal"})
+            self.assertNotIn("response_format", exchange.body)
+        self.assertEqual([(r["provider"], r["status"]) for r in rows], [("anthropic", 200)] * 2)
+        errors = [line for line in loop.daemon.audit_lines() if line["type"] == "error"]
+        self.assertEqual(errors, [])
