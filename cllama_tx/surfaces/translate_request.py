@@ -205,6 +205,7 @@ def _chat_user_to_metadata(params: dict, out: dict, refusals: Refusals) -> None:
     safety = params.get("safety_identifier")
     if user is not None and safety is not None and user != safety:
         refusals.add("user", "differs from safety_identifier; Anthropic has one metadata.user_id")
+        refusals.add("safety_identifier", "differs from user; Anthropic has one metadata.user_id")
     user_id = safety if safety is not None else user
     if user_id is not None:
         out["metadata"] = {"user_id": user_id}

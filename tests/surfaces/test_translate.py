@@ -21,8 +21,6 @@ from openai.types.shared import ErrorObject
 from twisted.trial.unittest import SynchronousTestCase
 
 from cllama_tx.surfaces import translate
-from cllama_tx.surfaces.translate_common import Notes
-from cllama_tx.surfaces.translate_request import JSON_MODE_INSTRUCTION
 from cllama_tx.surfaces.translate import (
     UntranslatableRequest,
     anthropic_error_to_openai,
@@ -32,6 +30,8 @@ from cllama_tx.surfaces.translate import (
     messages_to_chat_request,
     openai_error_to_anthropic,
 )
+from cllama_tx.surfaces.translate_common import Notes
+from cllama_tx.surfaces.translate_request import JSON_MODE_INSTRUCTION
 from cllama_tx.testing import (
     anthropic_error,
     anthropic_message,
@@ -371,7 +371,7 @@ class ChatToMessagesRequestTests(SynchronousTestCase):
         e = self.assertRaises(
             UntranslatableRequest, chat_to_messages_request, chat([user()], user="a", safety_identifier="b")
         )
-        self.assertEqual(e.params, ["user"])
+        self.assertEqual(e.params, ["safety_identifier", "user"])
 
     def test_stream(self) -> None:
         out = self.translate(chat([user()], stream=True, stream_options={"include_usage": True}))
