@@ -314,9 +314,13 @@ def pending_request_line(channel: Any) -> tuple[bytes, bytes] | None:
 # -- what is missing ---------------------------------------------------------------------
 
 
-def accept_one_at_a_time(port: Any) -> bool:
+#: Connections a shared listener accepts per wake-up (see L{accept_fairly}).
+FAIR_ACCEPTS = 4
+
+
+def accept_fairly(port: Any, most: int = FAIR_ACCEPTS) -> bool:
     """
-    Make a listening TCP port accept one connection per wake-up.
+    Make a listening TCP port accept at most C{most} connections per wake-up.
 
     Why: workers share one listening socket, and every idle worker is woken
     for a new connection.  Twisted's C{tcp.Port.doRead} accepts as many as
@@ -324,21 +328,25 @@ def accept_one_at_a_time(port: Any) -> bool:
     stays full): the first worker awake drains a burst of connects alone.
     A client that opens its keep-alive connections together (wrk, a
     connection pool) then talks to one worker only (measured: 32
-    connections, one worker 744 us of CPU a request, the other 24).  One
-    accept per wake-up leaves the next waiting connection to whichever
-    worker wakes next.  C{numberAccepts} is set back before every read,
-    since C{doRead} adapts it afterwards.  False (and nothing changed) for
-    a port without that attribute.
+    connections, one worker 744 us of CPU a request, the other 24).  A few
+    accepts per wake-up leave the next waiting connections to whichever
+    worker wakes next; more than one keeps a flood of new connections from
+    overflowing the backlog while a busy worker's reactor turns are long
+    (one per wake-up: 1,000 streams opened in a second waited up to 12 s
+    for their first event, SYNs dropped and sent again).
+    C{numberAccepts} is capped before every read, since C{doRead} adapts it
+    afterwards.  False (and nothing changed) for a port without that
+    attribute.
     """
     if not isinstance(getattr(port, "numberAccepts", None), int):
         return False
     read = port.doRead
 
-    def one_at_a_time():
-        port.numberAccepts = 1
+    def fairly():
+        port.numberAccepts = min(port.numberAccepts, most)
         return read()
 
-    port.doRead = one_at_a_time
+    port.doRead = fairly
     return True
 
 

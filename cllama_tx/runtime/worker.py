@@ -74,8 +74,8 @@ def adopt_listener(reactor, fd: int, description: str, factory) -> IListeningPor
         port = reactor.adoptStreamPort(fd, family, factory)
     finally:
         os.close(fd)
-    # Every worker is woken for a new connection: take one, leave the next.
-    twisted_private.accept_one_at_a_time(port)
+    # Every worker is woken for a new connection: take a few, leave the next.
+    twisted_private.accept_fairly(port)
     return port
 
 

@@ -304,8 +304,8 @@ class RequestLineTests(SynchronousTestCase):
         self.assertIsNone(pending_request_line(object()))
 
 
-class AcceptOneAtATimeTests(TestCase):
-    """A shared listening socket: one accept per wake-up, so other workers get the next connection."""
+class AcceptFairlyTests(TestCase):
+    """A shared listening socket: a few accepts per wake-up, so other workers get the next connections."""
 
     def _port_with_backlog(self, waiting):
         accepted = []
@@ -326,21 +326,21 @@ class AcceptOneAtATimeTests(TestCase):
             self.addCleanup(a.transport.abortConnection)
         return port, accepted
 
-    def test_one_connection_per_read(self):
-        port, accepted = self._port_with_backlog(3)
-        self.assertTrue(twisted_private.accept_one_at_a_time(port))
+    def test_a_few_connections_per_read(self):
+        port, accepted = self._port_with_backlog(7)
+        self.assertTrue(twisted_private.accept_fairly(port, most=3))
         port.doRead()
-        self.assertEqual(len(accepted), 1)
+        self.assertEqual(len(accepted), 3)
         port.doRead()
-        self.assertEqual(len(accepted), 2)
+        self.assertEqual(len(accepted), 6)
         for connection in accepted:
             connection.transport.abortConnection()
 
     def test_without_it_one_read_takes_the_whole_backlog(self):
         """What the accessor changes: Twisted's own doRead drains what waits."""
-        port, accepted = self._port_with_backlog(3)
+        port, accepted = self._port_with_backlog(7)
         port.doRead()
-        self.assertEqual(len(accepted), 3)
+        self.assertEqual(len(accepted), 7)
         for connection in accepted:
             connection.transport.abortConnection()
 
@@ -349,4 +349,4 @@ class AcceptOneAtATimeTests(TestCase):
             def doRead(self):
                 return None
 
-        self.assertFalse(twisted_private.accept_one_at_a_time(Other()))
+        self.assertFalse(twisted_private.accept_fairly(Other()))
