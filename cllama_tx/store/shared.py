@@ -34,7 +34,11 @@ __all__ = [
 CHANGE_KINDS = frozenset({
     "budget_override",   # subject: the scope (agent, key:<hash>, team:<id>); also resets
     "virtual_key",       # subject: the key's token hash (created, updated, blocked, deleted)
-    "team",              # subject: team id (aliases, settings)
+    "team",              # subject: team id (aliases, settings, members)
+    "user",              # subject: user id (LiteLLM's internal users)
+    "organization",      # subject: organisation id
+    "customer",          # subject: customer (end user) id
+    "model",             # subject: a stored model's id (/model/new, /model/update, /model/delete)
     "reload",            # an operator reload: contexts, policy, pricing, model table
     "provider_keys",     # subject: provider name: a key added, removed, enabled or disabled
     "ui_session",        # subject: the session's public id (signed out)
