@@ -56,6 +56,8 @@ DEAD_AFTER = 15.0
 RATE_WINDOW = 61.0
 #: How long the change feed keeps a row (instances read it within a second).
 KEEP_CHANGES = 3600.0
+#: Old rate events and changes are deleted every this many heartbeats.
+PRUNE_EVERY = 30
 #: Most rows read for one scope in one admission (a larger backlog is read over several).
 MAX_SYNC_ROWS = 50000
 
@@ -118,6 +120,7 @@ class Coordinator(service.Service):
         # The ledger's highest id when this instance's book was seeded.
         self.start_cursor = 0
         self._heartbeat: task.LoopingCall | None = None
+        self._beats = 0
         self._pending_release: list[int] = []
 
     # -- life cycle
@@ -155,7 +158,9 @@ class Coordinator(service.Service):
     def _beat(self) -> defer.Deferred:
         now = self._reactor.seconds()
         pending, self._pending_release = self._pending_release, []
-        d = self.database.run(_heartbeat, self.instance, now, pending)
+        self._beats += 1
+        prune = self._beats % PRUNE_EVERY == 1
+        d = self.database.run(_heartbeat, self.instance, now, pending, prune)
 
         def failed(failure):
             self._pending_release.extend(pending)
@@ -244,7 +249,7 @@ def _register(tx, instance: str, host: str, now: float) -> int:
     return int(tx.execute("SELECT COALESCE(MAX(id), 0) FROM requests").fetchone()[0])
 
 
-def _heartbeat(tx, instance: str, now: float, pending: list[int]) -> None:
+def _heartbeat(tx, instance: str, now: float, pending: list[int], prune: bool = True) -> None:
     tx.execute("UPDATE instances SET seen_at = ? WHERE instance = ?", (now, instance))
     if pending:
         _delete_ids(tx, pending)
@@ -254,8 +259,9 @@ def _heartbeat(tx, instance: str, now: float, pending: list[int]) -> None:
         tx.execute("DELETE FROM reservations WHERE instance = ?", (name,))
         tx.execute("DELETE FROM instances WHERE instance = ?", (name,))
         log.info("instance {name} stopped answering: its reservations are released", name=name)
-    tx.execute("DELETE FROM rate_events WHERE at < ?", (now - 2 * RATE_WINDOW,))
-    tx.execute("DELETE FROM changes WHERE at < ?", (now - KEEP_CHANGES,))
+    if prune:
+        tx.execute("DELETE FROM rate_events WHERE at < ?", (now - 2 * RATE_WINDOW,))
+        tx.execute("DELETE FROM changes WHERE at < ?", (now - KEEP_CHANGES,))
 
 
 def _leave(tx, instance: str) -> None:
