@@ -185,6 +185,17 @@ def load(path: str) -> dict[str, ProviderEntry]:
         return {}
     except OSError as e:
         raise ProvidersFileError(path, f"cannot read: {e.strerror}") from None
+    return parse(path, data)
+
+
+def parse(path: str, data: bytes) -> dict[str, ProviderEntry]:
+    """
+    The entries of a C{providers.json} document given as bytes (read from
+    C{path}, or a copy of it from elsewhere: another instance's, kept in the
+    shared store).
+
+    @raise ProvidersFileError: not JSON, or not the expected shape.
+    """
     try:
         document = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:

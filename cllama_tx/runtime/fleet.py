@@ -10,13 +10,11 @@ and every hot path is as it was.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from cllama_tx.providers import store as provider_files
 from cllama_tx.store.changes import ChangeFeed
 from cllama_tx.store.conversations import SharedConversations
 from cllama_tx.store.coordination import Coordinator
@@ -106,27 +104,26 @@ class Fleet(service.MultiService):
 
 
 def _replace(content: str | None, path: str, providers) -> None:
-    """Write C{content} over C{path} (mode 0600, atomically) when it differs, and reload."""
+    """
+    Write another instance's C{providers.json} over C{path} when it
+    differs, and reload.  It is parsed first (a broken copy is refused, the
+    file left as it is) and written as the registry writes it: atomically,
+    mode 0600 from the start, fsynced.
+    """
     if content is None:
         return
+    data = content.encode("utf-8")
     try:
-        with open(path, encoding="utf-8") as f:
-            if f.read() == content:
+        with open(path, "rb") as f:
+            if f.read() == data:
                 return
     except OSError:
         pass
-    directory = os.path.dirname(path)
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".providers-", suffix=".json")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(content)
-        os.chmod(temporary, 0o600)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+        entries = provider_files.parse(path, data)
+        provider_files.save(path, entries)
+    except provider_files.ProvidersFileError as e:
+        log.error("provider changes from another instance not applied: {problem}", problem=str(e))
+        return
     providers.reload()
     log.info("provider keys changed on another instance: reloaded")
