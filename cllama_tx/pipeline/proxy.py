@@ -271,6 +271,9 @@ class Proxy:
         if openrouter_models and ref.provider == "openrouter":
             upstream_doc["models"] = openrouter_models
             upstream_doc["route"] = "fallback"
+        fitted_betas = None
+        if ex.crossing is None and _swapped(doc.get("model"), ref):
+            upstream_doc, fitted_betas = self._fit_model(upstream_doc, request.requestHeaders, ex, upstream_format)
         if admission.output_limit is not None:
             # The budget pays for no more: in the fields this wire format reads.
             upstream_doc = limit_body(upstream_doc, upstream_format, ref.provider, admission.output_limit)
@@ -278,8 +281,11 @@ class Proxy:
         self._ask_for_stream_usage(upstream_doc, ex, upstream_format)
         body = json.dumps(upstream_doc, separators=(",", ":")).encode("utf-8")
         headers = forward_headers(request.requestHeaders, resolved.headers)
-        if ex.crossing is None and _swapped(doc.get("model"), ref):
-            upstream_doc, headers = self._fit_model(upstream_doc, headers, ex, upstream_format)
+        if fitted_betas is not None:
+            if fitted_betas:
+                headers.setRawHeaders(b"anthropic-beta", [",".join(fitted_betas).encode()])
+            else:
+                headers.removeHeader(b"anthropic-beta")
         url = upstream_url(resolved.spec.base_url, upstream_path).encode("utf-8")
         if ex.crossing is None:
             # The agent's query (Anthropic's ?beta=true) belongs to its own
@@ -450,24 +456,19 @@ class Proxy:
     def _fit_model(self, doc: dict, headers: Headers, ex: Exchange, upstream_format: str):
         """
         A request going to another model than the one it names (a clamp, a
-        tier, a failover) keeps only what that model takes.
+        tier, a failover) keeps only what that model takes.  Returns the
+        body and the anthropic-beta features to send (None: the agent's).
         """
         betas = _betas(headers)
         fitted = fit_request(doc, upstream_format, traits_for(ex.provider or "", ex.upstream_model or ""), betas)
         if not fitted.dropped and not fitted.adjusted:
-            return doc, headers
-        if fitted.betas is not None:
-            headers = headers.copy()
-            if fitted.betas:
-                headers.setRawHeaders(b"anthropic-beta", [",".join(fitted.betas).encode()])
-            else:
-                headers.removeHeader(b"anthropic-beta")
+            return doc, None
         ex.dropped = fitted.dropped
         self._metering.intervention(
             ex, "model_fitted", provider=ex.provider, effective_model=ex.upstream_model,
             **_notes(fitted.dropped, fitted.adjusted),
         )
-        return fitted.request, headers
+        return fitted.request, fitted.betas
 
     def _upstream_format(self, ex: Exchange, spec, ref, adapted: bool) -> str:
         """
