@@ -16,7 +16,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from cllama_tx.testing import FakeProvider
-from cllama_tx.testing.strict import ANTHROPIC_PARAMS, OPENAI_PARAMS, anthropic_problems, openai_problems
+from cllama_tx.testing.strict import (
+    ANTHROPIC_PARAMS,
+    OPENAI_PARAMS,
+    anthropic_problems,
+    openai_problems,
+)
 
 USER = [{"role": "user", "content": "Hi"}]
 

@@ -14,7 +14,14 @@ import json
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from cllama_tx.testing import Reply, anthropic_message, openai_completion, openai_sse_events, openai_stream_chunks, parse_sse
+from cllama_tx.testing import (
+    Reply,
+    anthropic_message,
+    openai_completion,
+    openai_sse_events,
+    openai_stream_chunks,
+    parse_sse,
+)
 from tests.support import SECRET, ProxyHarness, write_agent
 
 USER = [{"role": "user", "content": "Hi"}]
