@@ -81,7 +81,7 @@ class AnthropicSdkTests(TestCase):
     def test_tool_use_round_trip(self):
         tool_use = {"id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}}
         self.h.fake.enqueue(
-            Reply(json=anthropic_message("", "claude-test", 30, 12, tool_uses=[tool_use])),
+            Reply(json=anthropic_message(None, "claude-test", 30, 12, tool_uses=[tool_use])),
             Reply(json=anthropic_message("It is sunny in Paris.", "claude-test", 60, 8)),
         )
 
