@@ -414,6 +414,7 @@ class SseTap:
         "saw_terminal",
         "error_event",
         "response_id",
+        "answer_id",
         "response_model",
         "created_at",
         "sequence_number",
@@ -456,6 +457,8 @@ class SseTap:
         # Responses streams: what a failure event the proxy writes must
         # carry (the response's id, model and time; the next sequence number).
         self.response_id: str | None = None
+        # The answer's own id (a chat chunk's "id", message_start's message id): the ledger keeps it.
+        self.answer_id: str | None = None
         self.response_model: str | None = None
         self.created_at = 0
         self.sequence_number = 0
@@ -783,6 +786,8 @@ class SseTap:
         if type(doc) is not dict:
             self.unmetered_bytes += len(payload)
             return None
+        if self.answer_id is None and type(doc.get("id")) is str:
+            self.answer_id = doc["id"]
         choices = doc.get("choices")
         if type(choices) is list:
             for choice in choices:
@@ -842,7 +847,10 @@ class SseTap:
                             self.output_chars += len(text)
         elif kind == "message_start":
             if doc is not None:
-                u = _dict(doc.get("message")).get("usage")
+                message = _dict(doc.get("message"))
+                if self.answer_id is None and type(message.get("id")) is str:
+                    self.answer_id = message["id"]
+                u = message.get("usage")
                 if type(u) is dict:
                     _fill_anthropic(self.usage, u)
         elif kind == "message_delta":

@@ -19,6 +19,7 @@ from cllama_tx.accounting.usage import estimate_output_tokens, estimate_prompt_t
 from cllama_tx.governance.engine import Admission
 from cllama_tx.store.records import LedgerRow, Usage, rfc3339_ms
 from cllama_tx.surfaces.bridges import Crossing
+from cllama_tx.surfaces.translate_common import chat_id_from_message_id, message_id_from_chat_id
 
 if TYPE_CHECKING:  # the proxy imports this module
     from cllama_tx.pipeline.proxy import Surface
@@ -75,6 +76,7 @@ class Exchange:
     user_id: str | None = None
     organization_id: str | None = None
     end_user: str | None = None  # the customer the request names in "user" (LiteLLM)
+    answer_id: str | None = None  # the answer's "id" as the agent saw it (answer_id())
     admission: Admission | None = None  # what governance held for this request
     # Shared store: reservations to release once the row is committed.
     shared_release: tuple | None = None
@@ -89,6 +91,26 @@ class Exchange:
     conversation: dict | None = None
     response_id: str | None = None
     error_code: str | None = None  # the ProxyError code the request ended with, if any
+
+
+def answer_id(ex: Exchange, upstream_id: Any, upstream_format: str) -> str | None:
+    """
+    The id the agent saw on its answer, from the provider's: the same when
+    no translation happened, as the translation derives it otherwise
+    (C{msg_X} <-> C{chatcmpl-X}); a Responses answer the proxy made has
+    its own.  Kept on the ledger row (LiteLLM's spend logs find a request
+    by it).
+    """
+    if ex.response_id is not None:
+        return ex.response_id
+    if not isinstance(upstream_id, str) or not upstream_id:
+        return None
+    client = ex.surface.api_format
+    if client == "openai" and upstream_format == "anthropic":
+        return chat_id_from_message_id(upstream_id)[:200]
+    if client == "anthropic" and upstream_format == "openai":
+        return message_id_from_chat_id(upstream_id)[:200]
+    return upstream_id[:200]
 
 
 def audit_fields(row: LedgerRow) -> dict:
@@ -265,6 +287,7 @@ class Metering:
             user_id=ex.user_id,
             organization_id=ex.organization_id,
             end_user=ex.end_user,
+            response_id=ex.answer_id,
         )
         fields = audit_fields(row)
         if error is None:

@@ -32,7 +32,7 @@ from cllama_tx.identity.authenticate import (
 from cllama_tx.identity.operator import OperatorGuard, request_source
 from cllama_tx.identity.principals import KeyPrincipal, MasterPrincipal
 from cllama_tx.identity.virtual_keys import hash_key, looks_like_virtual_key
-from cllama_tx.pipeline.metering import AGENT_STALLED, CLIENT_CLOSED, Exchange
+from cllama_tx.pipeline.metering import AGENT_STALLED, CLIENT_CLOSED, Exchange, answer_id
 from cllama_tx.pipeline.relay import (
     HOP_BY_HOP,
     AgentStalled,
@@ -782,6 +782,7 @@ class Proxy:
             # What was relayed, for the row: every way the stream ends bills it.
             ex.usage, ex.usage_final = tap.usage, tap.usage_final
             ex.output_chars, ex.unmetered_bytes = tap.output_chars, tap.unmetered_bytes
+            ex.answer_id = answer_id(ex, tap.answer_id or tap.response_id, api_format)
             ex.delivered = request.startedWriting and 200 <= response.code < 300
 
         relay = self._start_relay(request, response, ex, on_data)
@@ -896,6 +897,7 @@ class Proxy:
             except (ValueError, RecursionError):  # not JSON, or nested past the stack
                 doc = None
             if isinstance(doc, dict):
+                ex.answer_id = answer_id(ex, doc.get("id"), api_format)
                 ex.usage = usage_from_json(doc, api_format)
                 if not ex.usage.seen:
                     ex.output_chars = output_chars_from_json(doc, api_format)
