@@ -414,6 +414,9 @@ class SqliteWorkersTests(TestCase):
     def test_kill_9_of_one_worker_loses_no_completed_request(self):
         """One worker killed under load: every answer either worker gave is in the state file."""
         url = yield self.start()
+        # Readiness is answered by the first worker up; wait for the other.
+        yield _eventually(lambda: defer.succeed(len(set(WORKER_READY.findall(self.process.stderr))) == 2),
+                          timeout=30.0)
         pids = {int(i): int(p) for i, p in WORKER_READY.findall(self.process.stderr)}
         self.assertEqual(len(pids), 2)
         completed = yield _load_then(self, [url], lambda: os.kill(pids[0], signal.SIGKILL))
