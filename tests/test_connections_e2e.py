@@ -357,9 +357,9 @@ class HeaderAuthenticationTests(ConnectionTestCase):
             clients.append(client)
         # An agent's large body (past the 100 KB spooling threshold), sent
         # after them, is read (spooled) and served meanwhile.
-        code, body = yield self.chat_with_padding(300_000)
+        code, body = yield self.chat_with_long_prompt(300_000)
         self.assertEqual((code, body["object"]), (200, "chat.completion"))
-        self.assertEqual(len(self.fake.received[0].json["padding"]), 300_000)
+        self.assertEqual(self.fake.received[0].json["messages"], [{"role": "user", "content": "p" * 300_000}])
         spooled = [link for link in self.daemon_fds() if link.startswith(self.tmpdir)]
         self.assertEqual(spooled, [])
         for client in clients:
@@ -369,9 +369,10 @@ class HeaderAuthenticationTests(ConnectionTestCase):
         self.assertEqual([link for link in self.daemon_fds() if link.startswith(self.tmpdir)], [])
 
     @defer.inlineCallbacks
-    def chat_with_padding(self, size: int):
+    def chat_with_long_prompt(self, size: int):
+        """A prompt of C{size} characters, as a real client sends one."""
         response = yield self.http.post(
-            self.api + "/v1/chat/completions", json=chat_body(padding="p" * size),
+            self.api + "/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": "p" * size}]),
             headers={"Authorization": f"Bearer {AGENT}:{SECRET}"},
         )
         return response.code, (yield response.json())

@@ -296,8 +296,8 @@ def openai_problems(body: Any, provider: str = "openai") -> list[str]:
                 problems.append(f"Invalid value for '{name}': '{name}' is only allowed when 'tools' are specified.")
     for i, tool in enumerate(tools if isinstance(tools, list) else ()):
         function = tool.get("function") if isinstance(tool, dict) else None
-        name = function.get("name") if isinstance(function, dict) else None
-        if tool.get("type") != "function" or not (isinstance(name, str) and _OPENAI_NAME.match(name)):
+        tool_name = function.get("name") if isinstance(function, dict) else None
+        if tool.get("type") != "function" or not (isinstance(tool_name, str) and _OPENAI_NAME.match(tool_name)):
             problems.append(f"Invalid 'tools[{i}].function.name': string does not match pattern '^[a-zA-Z0-9_-]+$'.")
     n = body.get("n")
     if n is not None and (type(n) is not int or not 1 <= n <= 128):

@@ -49,7 +49,10 @@ class OpenCodeTests(LoopAssertions, TestCase):
                 "npm": "@ai-sdk/openai-compatible",
                 "name": "cllama",
                 "options": {"baseURL": api + "/v1", "apiKey": CREDENTIALS},
-                "models": {"gpt-4o": {"name": "GPT-4o"}},
+                # A custom provider's model has no catalog entry: its user
+                # states GPT-4o's limits (OpenCode would otherwise ask for
+                # 32,000 output tokens, which OpenAI refuses for GPT-4o).
+                "models": {"gpt-4o": {"name": "GPT-4o", "limit": {"context": 128000, "output": 16384}}},
             }}
 
         loop, result, rows = yield self.loop(("OPENAI",), config, "cllama/gpt-4o")

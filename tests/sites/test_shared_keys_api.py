@@ -52,10 +52,11 @@ class SharedKeysApiMixin:
     async def test_the_first_request_on_another_instance_is_served(self):
         key, vk = await self.mint(team_id="org-1", user_id="session-1")
         self.h.fake.enqueue(Reply(json=openai_completion("hi", "gpt-4o-mini", 3, 1)))
-        response = await self.h.chat(chat_body(padding="p" * 200_000), token=key)
+        long_prompt = [{"role": "user", "content": "p" * 200_000}]
+        response = await self.h.chat(chat_body(messages=long_prompt), token=key)
         self.assertEqual(response.code, 200)
         self.assertEqual((await response.json())["choices"][0]["message"]["content"], "hi")
-        self.assertEqual(len(self.h.fake.received[0].json["padding"]), 200_000)
+        self.assertEqual(self.h.fake.received[0].json["messages"], long_prompt)
         await self.h.committed()
         [row] = await self.h.ledger_rows()
         self.assertEqual((row["key_id"], row["team_id"], row["user_id"]), (vk.token_hash, "org-1", "session-1"))
