@@ -20,6 +20,7 @@ from cllama_tx.governance.alerts import AlertNotifier, parse_webhooks
 from cllama_tx.governance.engine import build_governance
 from cllama_tx.governance.resolution import Router
 from cllama_tx.identity.contexts import ContextRegistry
+from cllama_tx.identity.directory import Directory
 from cllama_tx.identity.virtual_keys import VirtualKeyStore
 from cllama_tx.pipeline.metering import Metering
 from cllama_tx.pipeline.proxy import Proxy
@@ -34,6 +35,7 @@ from cllama_tx.runtime.writethrough import install as install_write_through
 from cllama_tx.sites.api import ApiApp, build_api_site
 from cllama_tx.sites.billing import BillingApi
 from cllama_tx.sites.keys import KeyApi
+from cllama_tx.sites.management import build_management
 from cllama_tx.sites.operations import Operations
 from cllama_tx.sites.ui import UiApp
 from cllama_tx.store.ledger import SqliteLedger
@@ -183,6 +185,11 @@ class ProxyHarness:
             self.keys = VirtualKeyStore(self.ledger.path, self.key_clock or reactor, reactor)
             self.keys.startService()
             case.addCleanup(self.keys.stopService)
+        # LiteLLM's users, teams, organisations, customers, added models.
+        self.directory = Directory(self.keys.database, self.key_clock or reactor, reactor=reactor)
+        self.directory.startService()
+        case.addCleanup(self.directory.stopService)
+        yield self.directory.when_loaded()
         self.model_table = ModelTableFile(
             self.model_table_path, env, reactor, registry=self.providers, pricing=self.pricing
         )
@@ -201,6 +208,7 @@ class ProxyHarness:
             default_tpm=self.default_tpm,
             alerts=self.alerts,
             ledger=self.ledger,
+            directory=self.directory,
         )
         self.proxy = Proxy(
             clock=reactor,
@@ -216,11 +224,16 @@ class ProxyHarness:
             no_stream_options=self.no_stream_options,
         )
         self.keys_api = KeyApi(
-            self.keys, MASTER_KEY, ledger=self.ledger, clock=reactor,
-            spend_of=lambda token_hash: self.ledger.cost_of(key_id=token_hash),
+            self.keys, MASTER_KEY, ledger=self.ledger, clock=reactor, governance=self.governance, audit=self.audit,
         )
+        self.keys_api.health.providers = self.providers
         self.proxy.accept_master_key(self.keys_api)
-        self.billing = BillingApi(keys_api=self.keys_api, ledger=self.ledger, governance=self.governance, audit=self.audit)
+        self.billing = BillingApi(keys_api=self.keys_api, ledger=self.ledger, governance=self.governance,
+                                  audit=self.audit, directory=self.directory)
+        self.management = build_management(
+            self.keys_api, self.billing, directory=self.directory, model_table=self.model_table,
+            pricing=self.pricing, clock=reactor, audit=self.audit,
+        )
         site = build_api_site(
             self.proxy,
             self.max_body_bytes,
@@ -233,6 +246,7 @@ class ProxyHarness:
                 pricing=self.pricing,
                 keys_api=self.keys_api,
                 billing=self.billing,
+                management=self.management,
             ),
             request_line=pending_request_line,
         )

@@ -247,7 +247,7 @@ class VirtualKeyTests(CompatCase):
             deferToThread(client.chat.completions.create, model="openai/o3", messages=[{"role": "user", "content": "x"}]),
             openai.PermissionDeniedError,
         )
-        self.assertEqual(error.code, "model_not_allowed")
+        self.assertEqual((error.code, error.type), ("403", "key_model_access_denied"))
         self.assertEqual(len(self.h.fake.received), 2)
         models_lines = [line for line in self.lines() if line.get("path") == "/models"]
         self.assertEqual([(line["type"], line["status_code"]) for line in models_lines], [("response", 200)])

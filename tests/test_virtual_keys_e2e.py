@@ -118,7 +118,8 @@ class KeyLifecycleTests(KeysCase):
         key = yield self.mint(models=["openai/gpt-test"])
         refused = yield self.chat(key, model="anthropic/claude-test")
         self.assertEqual(refused.code, 403)
-        self.assertEqual((yield refused.json())["error"]["code"], "model_not_allowed")
+        error = (yield refused.json())["error"]
+        self.assertEqual((error["type"], error["param"], error["code"]), ("key_model_access_denied", "model", "403"))
         code, body = yield self.admin("/key/update", {"key": key, "models": ["anthropic/claude-test"]})
         self.assertEqual(code, 200, body)
         self.h.fake.enqueue(Reply(json=anthropic_message("ok", "claude-test", 1, 1)))
@@ -142,8 +143,10 @@ class KeyLifecycleTests(KeysCase):
     def test_key_budget_and_rate_limit(self):
         key = yield self.mint(max_budget=0.00001, rpm_limit=100)
         refused = yield self.chat(key, max_tokens=1000)
-        self.assertEqual(refused.code, 429)
-        self.assertEqual((yield refused.json())["error"]["code"], "budget_exceeded")
+        self.assertEqual(refused.code, 422)
+        error = (yield refused.json())["error"]
+        self.assertEqual((error["type"], error["code"]), ("budget_exceeded", "422"))
+        self.assertTrue(error["message"].startswith("Budget has been exceeded! Key=sk-..."), error)
         limited = yield self.mint(rpm_limit=1)
         self.h.fake.enqueue(Reply(json=openai_completion("ok", "gpt-test", 1, 1)))
         first = yield self.chat(limited)
@@ -215,7 +218,10 @@ class TeamAndBillingTests(KeysCase):
             seen.extend(page["events"])
             cursor = page["next_cursor"]
         rows = yield self.h.ledger_rows()
-        self.assertEqual([e["request_id"] for e in seen], [r["request_id"] for r in rows])
+        self.assertEqual([e["cllama_request_id"] for e in seen], [r["request_id"] for r in rows])
+        # LiteLLM's request_id is the answer's id, as the client saw it.
+        self.assertEqual([e["request_id"] for e in seen], [r["response_id"] for r in rows])
+        self.assertTrue(all(r["response_id"] for r in rows))
         self.assertEqual(len(seen), 20)
         self.assertTrue(all(e["api_key"] == hash_key(key) and e["team_id"] == "acme" for e in seen))
         code, logs = yield self.admin("/spend/logs?team_id=acme&start_date=2000-01-01", method="get")

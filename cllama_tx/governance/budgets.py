@@ -60,9 +60,9 @@ import attrs
 
 from cllama_tx.governance.periods import (
     EPSILON_USD,
-    PERIODS,
     BudgetError,
     SpendTimeline,
+    check_period,
     parse_window,
     period_bounds,
     quantum_for,
@@ -230,9 +230,7 @@ def parse_budget(raw: dict | None, warnings: list[str] | None = None) -> Budget 
         window_seconds = parse_window(window)
         window = window.strip()
     elif period is not None:
-        if not isinstance(period, str) or period.strip().lower() not in PERIODS:
-            raise BudgetError(f"'period' must be one of {', '.join(PERIODS)}, not {period!r}")
-        period = period.strip().lower()
+        period = check_period(period)
     else:
         raise BudgetError("a budget needs a 'window' (e.g. \"24h\") or a 'period' (e.g. \"daily\")")
     return Budget(

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cllama_tx.accounting.usage import estimate_prompt_tokens
+from cllama_tx.governance import litellm_errors
 from cllama_tx.governance.budgets import (
     BUDGET_EXCEEDED,
     HARD_STOP,
@@ -32,6 +33,7 @@ from cllama_tx.governance.budgets import (
     worst_input_cost,
 )
 from cllama_tx.governance.output_limit import DEFAULT_MIN_OUTPUT_TOKENS, OutputLimit, fit_output
+from cllama_tx.governance.parallel import ParallelLimiter
 from cllama_tx.governance.periods import EPSILON_USD
 from cllama_tx.governance.policy import PolicyError, parse_policy
 from cllama_tx.governance.policy_file import load_policy_file
@@ -41,6 +43,7 @@ from cllama_tx.governance.resolution import Router
 from cllama_tx.store.coordination import Decision
 from cllama_tx.store.database import DatabaseUnavailable
 from cllama_tx.store.jsonfile import UnreadableFile, file_signature, read_json_file
+from cllama_tx.store.shared import scope_name
 from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.surfaces.matrix import (
     ANTHROPIC_MESSAGES,
@@ -55,6 +58,21 @@ log = Logger()
 # Seconds a caller refused because the ledger cannot write is told to wait.
 LEDGER_RETRY_AFTER = 5
 
+#: Budget scopes that count only requests in flight (max_parallel_requests).
+PARALLEL_PREFIX = scope_name("parallel", "")
+#: LiteLLM's customers: a request's "user" names one (at most this long).
+MAX_END_USER = 256
+
+
+def end_user_of(doc: dict) -> str | None:
+    """The customer a request names in its C{user} field (LiteLLM's end user), if any."""
+    user = doc.get("user")
+    if not isinstance(user, str) or not user or len(user) > MAX_END_USER:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in user):
+        return None
+    return user
+
 # How often an agent's governance file is stat()ed at most.
 RECHECK_INTERVAL = 1.0
 MAX_GOVERNANCE_FILE_BYTES = 1 << 20
@@ -66,12 +84,17 @@ class Admission:
 
     agent: str
     candidates: tuple[ModelRef, ...]
-    # One reservation per budget scope (an agent; or a virtual key and its team).
+    # One reservation per budget scope (an agent; or a virtual key and the
+    # levels above it: team, member, user, organisation, customer).
     reservations: list = attrs.Factory(list)
     openrouter_models: list[str] | None = None
-    rate_key: str | None = None
-    rate_at: float | None = None
+    # The rate windows this request is counted in: (scope, admitted at).
+    rate_holds: list = attrs.Factory(list)
     token_estimate: int = 0
+    # Scopes whose requests in flight count this one (max_parallel_requests).
+    parallel_holds: list = attrs.Factory(list)
+    # LiteLLM's levels of a key's request, by budget scope (their names and limits).
+    levels: dict = attrs.Factory(dict)
     budget_label: str | None = None
     # Shared store (several instances): the ids of this request's
     # reservations and rate event there, released once its row is committed.
@@ -83,6 +106,11 @@ class Admission:
     @property
     def reservation(self) -> Reservation | None:
         return self.reservations[0] if self.reservations else None
+
+    @property
+    def rate_key(self) -> str | None:
+        """The first rate window this request is counted in (None: none)."""
+        return self.rate_holds[0][0] if self.rate_holds else None
 
 
 @attrs.frozen
@@ -158,9 +186,13 @@ class Governance:
         router: Router | None = None,
         min_output_tokens: int = DEFAULT_MIN_OUTPUT_TOKENS,
         coordinator=None,
+        directory=None,
     ) -> None:
         # Several instances on one store: admission under the store's locks.
         self._coordinator = coordinator
+        # Users, teams, organisations and customers (the levels above a key).
+        self.directory = directory
+        self._parallel = ParallelLimiter()
         # scope -> when its spend was last reset (counts only after it).
         self._reset_at: dict[str, float] = {}
         # The shortest answer a budget lowers max_tokens to; 0: never lower.
@@ -268,29 +300,56 @@ class Governance:
         for agent, entries in by_agent.items():
             self.book.load_counts(agent, entries)
 
-    def scopes(self, context) -> list[tuple[str, Any, Any]]:
+    def scopes(self, context, levels: list | None = None) -> list[tuple[str, Any, Any]]:
         """
         The budgets a request of this principal must fit: C{(scope, budget,
         timezone)}.  An agent has its own; a virtual key (a context with
-        C{budget_scopes}) has its key's and its team's.
+        C{limits}) has one per level of C{levels} (L{request_levels}) with a
+        budget: its own, its team's, its member budget, its user's, its
+        organisation's, the customer's; the master key has its own, as an
+        agent's, and the customer's.  An operator's runtime budget on a
+        scope (C{POST /api/budget/<scope>}) is laid over the level's.
         """
+        if levels is None and getattr(context, "litellm", False):
+            levels = self.request_levels(context, None, None)
+        if levels is not None:
+            scopes = []
+            if getattr(context, "agent_budget", False):
+                budget = self.budget(context)
+                scopes = [] if budget is None else [(context.agent_id, budget, context.timezone)]
+            return scopes + self._layered([(level.scope, level.budget) for level in levels])
         extra = getattr(context, "budget_scopes", None)
         if extra is not None:
-            scopes = []
-            for scope, raw in extra():
-                runtime = self.runtime.get(scope) or {}
-                layer = dict(raw or {})
-                layer.update(runtime.get("budget") or {})
-                if not layer:
-                    continue
-                if runtime.get("spent_offset_usd") is not None:
-                    layer["spent_offset_usd"] = runtime["spent_offset_usd"]
-                budget = self._parsed(scope, (json.dumps(layer, sort_keys=True),), lambda layer=layer: layer)
-                if budget is not None:
-                    scopes.append((scope, budget, None))
-            return scopes
+            return self._layered(extra())
         budget = self.budget(context)
         return [] if budget is None else [(context.agent_id, budget, context.timezone)]
+
+    def _layered(self, raw_scopes) -> list[tuple[str, Any, Any]]:
+        """Budget scopes with the operator's runtime changes laid over them, parsed (cached)."""
+        scopes = []
+        for scope, raw in raw_scopes:
+            runtime = self.runtime.get(scope) or {}
+            layer = dict(raw or {})
+            layer.update(runtime.get("budget") or {})
+            if not layer:
+                continue
+            if runtime.get("spent_offset_usd") is not None:
+                layer["spent_offset_usd"] = runtime["spent_offset_usd"]
+            budget = self._parsed(scope, (json.dumps(layer, sort_keys=True),), lambda layer=layer: layer)
+            if budget is not None:
+                scopes.append((scope, budget, None))
+        return scopes
+
+    def request_levels(self, context, requested: str | None, end_user: str | None) -> list:
+        """
+        The levels (L{cllama_tx.identity.principals.ScopeLimit}) a request
+        of a key or of the master key must fit, as the directory says now;
+        empty for an agent.
+        """
+        limits = getattr(context, "limits", None)
+        if limits is None:
+            return []
+        return list(limits(self.directory, requested, end_user))
 
     def _parsed(self, scope: str, key: tuple, raw):
         cached = self._budgets.get(scope)
@@ -343,39 +402,92 @@ class Governance:
         bare = BARE_REF_PROVIDER if ex.surface.name == ANTHROPIC_MESSAGES else None
         decision = self.router.resolve(context, requested, self.policy(context), bare)
         candidates = decision.candidates
-        allows = getattr(context, "allows_model", None)
-        if allows is not None:
-            # A virtual key: its model list (names as sent, aliased or
-            # resolved), and no failover beyond what a listed name means.
-            by_name = any(allows(n) for n in decision.names)
-            if not by_name and not allows(str(decision.ref)):
-                raise ProxyError(403, "model_not_allowed", f"this key may not use {str(requested)[:200]!r}")
-            if getattr(context, "spending_denied", False):
-                raise ProxyError(429, "budget_exceeded", "this key has a budget of 0", error_type="budget_exceeded")
-            if not by_name:
+        levels: list | None = None
+        if getattr(context, "litellm", False):
+            # A virtual key or the master key: LiteLLM's levels and words.
+            requested_name = requested if isinstance(requested, str) else None
+            end_user = end_user_of(doc)
+            if hasattr(ex, "end_user"):
+                ex.end_user = end_user
+            organization_of = getattr(context, "organization_of", None)
+            if organization_of is not None and hasattr(ex, "organization_id"):
+                ex.organization_id = organization_of(self.directory)
+            blocked = context.blocked_by(self.directory, end_user)
+            if blocked is not None:
+                raise litellm_errors.blocked(blocked)
+            denial = context.model_denial(self.directory, decision.names, str(decision.ref), end_user)
+            if denial is not None:
+                raise litellm_errors.model_access_denied(denial, requested)
+            levels = self.request_levels(context, requested_name, end_user)
+            for level in levels:
+                if level.denied:
+                    raise litellm_errors.budget_exceeded(level.entity, 0.0, 0.0)
+            allows = getattr(context, "allows_model", None)
+            if allows is not None and not any(allows(n) for n in decision.names):
+                # Allowed by the ref it resolved to: no failover beyond it.
                 candidates = (decision.ref,)
+        else:
+            allows = getattr(context, "allows_model", None)
+            if allows is not None:
+                # A principal with a model list (names as sent, aliased or
+                # resolved), and no failover beyond what a listed name means.
+                by_name = any(allows(n) for n in decision.names)
+                if not by_name and not allows(str(decision.ref)):
+                    raise ProxyError(403, "model_not_allowed", f"this key may not use {str(requested)[:200]!r}")
+                if getattr(context, "spending_denied", False):
+                    raise ProxyError(429, "budget_exceeded", "this key has a budget of 0", error_type="budget_exceeded")
+                if not by_name:
+                    candidates = (decision.ref,)
         for step in decision.steps:
             self._intervention(ex, step.rule, requested_model=requested, **step.details)
         admission = Admission(agent=context.agent_id, candidates=candidates)
+        if levels:
+            admission.levels = {level.scope: level for level in levels}
         admission.token_estimate = estimate_prompt_tokens(doc, ex.surface.api_format)
         shape = read_request(doc, ex.body_size)
-        scopes = self.scopes(context)
+        scopes = self.scopes(context, levels)
         self._check_ledger(ex, scopes)
-        if self._coordinator is not None:
-            limits = self.limits(context)
-            rated = limits.rpm is not None or limits.tpm is not None
-            if scopes or rated:
-                return self._admit_shared(ex, context, admission, scopes, shape, rated)
-        return self._decide(ex, context, admission, scopes, shape)
+        rates = self._rate_checks(context, levels)
+        parallel = self._parallel_checks(levels)
+        if self._coordinator is not None and (scopes or rates or parallel):
+            return self._admit_shared(ex, context, admission, scopes, shape, rates, parallel)
+        return self._decide(ex, context, admission, scopes, shape, rates, parallel)
 
-    def _decide(self, ex, context, admission: Admission, scopes: list, shape: RequestShape) -> Admission:
-        """Tiers, rate limits and reservations: the book's part of L{admit}."""
+    def _rate_checks(self, context, levels: list | None) -> list[tuple[str, RateLimits, str | None]]:
+        """C{(rate scope, limits, LiteLLM's name of the level or None)} of every rate limit the request is under."""
+        if levels is None:
+            limits = self.limits(context)
+            if limits.rpm is None and limits.tpm is None:
+                return []
+            return [(getattr(context, "rate_scope", context.agent_id), limits, None)]
+        checks: list[tuple[str, RateLimits, str | None]] = []
+        if getattr(context, "agent_budget", False):
+            limits = self.limits(context)
+            if limits.rpm is not None or limits.tpm is not None:
+                checks.append((context.agent_id, limits, None))
+        for level in levels:
+            if level.rpm is not None or level.tpm is not None:
+                checks.append((level.scope, RateLimits(level.rpm, level.tpm), level.entity))
+        return checks
+
+    @staticmethod
+    def _parallel_checks(levels: list | None) -> list[tuple[str, int, str]]:
+        """C{(parallel scope, limit, LiteLLM's name of the level)} of every C{max_parallel_requests}."""
+        return [(PARALLEL_PREFIX + level.scope, level.parallel, level.entity)
+                for level in levels or () if level.parallel is not None]
+
+    def _decide(self, ex, context, admission: Admission, scopes: list, shape: RequestShape,
+                rates: list | None = None, parallel: list | None = None) -> Admission:
+        """Tiers, parallel and rate limits and reservations: the book's part of L{admit}."""
+        if rates is None:
+            rates = self._rate_checks(context, None)
         if scopes:
             scope, budget, tz = scopes[0]
             admission.budget_label = budget.label
             self._apply_tiers(ex, admission, scope, budget, tz)
-        self._check_rate(admission, context, shape)
+        self._check_parallel(admission, parallel or [])
         try:
+            self._check_rates(admission, rates, shape)
             worst = self._worst_case(admission.candidates, shape) if scopes else None
             if worst is not None:
                 shape, worst = self._fit_output(admission, scopes, shape, worst)
@@ -383,6 +495,7 @@ class Governance:
                 self._reserve(admission, scope, budget, tz, worst, shape)
         except ProxyError:
             self._release_rate(admission)
+            self._release_parallel(admission)
             for held in admission.reservations:
                 self.book.release(held)
             admission.reservations = []
@@ -398,7 +511,8 @@ class Governance:
             )
         return admission
 
-    def _admit_shared(self, ex, context, admission: Admission, scopes: list, shape: RequestShape, rated: bool):
+    def _admit_shared(self, ex, context, admission: Admission, scopes: list, shape: RequestShape,
+                      rates: list, parallel: list):
         """
         L{_decide} under the scopes' locks in the shared store, with this
         instance's book and rate windows first brought up to date with what
@@ -407,28 +521,29 @@ class Governance:
         to answer with (503 C{store_unavailable} when the store is down).
         """
         budget_scopes = {scope: self._counts_since(scope) for scope, _budget, _tz in scopes}
-        rate_scopes = [getattr(context, "rate_scope", context.agent_id)] if rated else []
+        # Requests in flight elsewhere: the other instances' reservations of
+        # the parallel scopes (which have no ledger rows).
+        budget_scopes.update({scope: 0.0 for scope, _limit, _entity in parallel})
+        rate_scopes = list(dict.fromkeys(scope for scope, _limits, _entity in rates))
         decided: list[Admission] = []
 
         def decide(syncs, rate_syncs):
             for sync in syncs:
+                if sync.scope.startswith(PARALLEL_PREFIX):
+                    self._parallel.set_foreign(sync.scope, sync.foreign_requests)
+                    continue
                 if sync.rows:
                     self.book.load(sync.scope, sync.rows)
                 self.book.set_foreign(sync.scope, sync.foreign_usd, sync.foreign_requests)
             for rate in rate_syncs:
                 for at, tokens in rate.events:
                     self._limiter.absorb(rate.scope, at, tokens)
-            result = self._decide(ex, context, admission, scopes, shape)
+            result = self._decide(ex, context, admission, scopes, shape, rates, parallel)
             decided.append(result)
-            events = []
-            if result.rate_key is not None:
-                at = result.rate_at if result.rate_at is not None else self._clock.seconds()
-                events.append((result.rate_key, at, result.token_estimate))
-            return Decision(
-                reservations=[(held.agent, held.worst_case_usd) for held in result.reservations],
-                rate_events=events,
-                result=result,
-            )
+            events = [(scope, at, result.token_estimate) for scope, at in result.rate_holds]
+            held = [(held.agent, held.worst_case_usd) for held in result.reservations]
+            held.extend((scope, 0.0) for scope in result.parallel_holds)
+            return Decision(reservations=held, rate_events=events, result=result)
 
         def written(decision) -> Admission:
             result = decision.result
@@ -442,6 +557,7 @@ class Governance:
             # Decided here but not written there: give back what was held.
             for result in decided:
                 self._release_rate(result)
+                self._release_parallel(result)
                 for held in result.reservations:
                     self.book.release(held)
                 result.reservations = []
@@ -473,6 +589,7 @@ class Governance:
     def abandon(self, ex, admission: Admission) -> None:
         """Give back everything an admission held whose request will not go on."""
         self._release_rate(admission)
+        self._release_parallel(admission)
         for held in admission.reservations:
             self.book.release(held)
         admission.reservations = []
@@ -493,7 +610,7 @@ class Governance:
             log.warn("budget check failed for {agent}: {error}", agent=admission.agent, error=str(e))
             raise ProxyError(503, "budget_unavailable", "budget enforcement unavailable for this agent") from None
         if isinstance(decision, Refusal):
-            raise budget_error(decision)
+            raise self._refused(admission, scope, decision, None)
         if decision.ref is not None and decision.ref != str(chosen):
             try:
                 ref = split_model_ref(decision.ref)
@@ -520,32 +637,52 @@ class Governance:
         if reason is not None:
             raise ProxyError(503, "ledger_unavailable", reason, retry_after=LEDGER_RETRY_AFTER)
 
-    def _check_rate(self, admission: Admission, context, shape: RequestShape) -> None:
-        limits = self.limits(context)
-        if limits.rpm is None and limits.tpm is None:
+    def _check_rates(self, admission: Admission, checks: list, shape: RequestShape) -> None:
+        """
+        Count the request in every rate window it is under, or refuse it
+        (the windows it was counted in keep the request, not its tokens:
+        L{_release_rate}).
+        """
+        if not checks:
             return
         # Every candidate's output counts (n=8 asks for eight answers).
         tokens = admission.token_estimate + shape.choices * shape.output_tokens(0) + shape.prediction_bytes
-        scope = getattr(context, "rate_scope", context.agent_id)
-        verdict = self._limiter.check(scope, limits.rpm, limits.tpm, tokens)
-        if not verdict.allowed:
-            message = (
-                "request too large for the agent's tokens-per-minute limit"
-                if verdict.never
-                else "request rate limit exceeded"
-            )
-            raise ProxyError(
-                429, "rate_limited", message, retry_after=max(1, int(-(-verdict.retry_after // 1))),
-                error_type="rate_limited",
-            )
-        admission.rate_key = scope
-        admission.rate_at = verdict.at
         admission.token_estimate = tokens
+        for scope, limits, entity in checks:
+            verdict = self._limiter.check(scope, limits.rpm, limits.tpm, tokens)
+            if not verdict.allowed:
+                retry = max(1, int(-(-verdict.retry_after // 1)))
+                if entity is not None:
+                    reason = (
+                        f"this request is larger than the tpm limit of {limits.tpm}" if verdict.never
+                        else f"{verdict.reason} limit of {getattr(limits, verdict.reason or 'rpm')} reached"
+                    )
+                    raise litellm_errors.rate_limited(entity, reason, retry)
+                message = (
+                    "request too large for the agent's tokens-per-minute limit"
+                    if verdict.never
+                    else "request rate limit exceeded"
+                )
+                raise ProxyError(429, "rate_limited", message, retry_after=retry, error_type="rate_limited")
+            admission.rate_holds.append((scope, verdict.at))
 
     def _release_rate(self, admission: Admission) -> None:
-        if admission.rate_key is not None:
-            self._limiter.settle(admission.rate_key, admission.token_estimate, 0, admitted_at=admission.rate_at)
-            admission.rate_key = None
+        for scope, at in admission.rate_holds:
+            self._limiter.settle(scope, admission.token_estimate, 0, admitted_at=at)
+        admission.rate_holds = []
+
+    def _check_parallel(self, admission: Admission, checks: list) -> None:
+        """Count the request in flight for every C{max_parallel_requests}, or refuse it."""
+        for scope, limit, entity in checks:
+            if limit <= 0 or not self._parallel.acquire(scope, limit):
+                self._release_parallel(admission)
+                raise litellm_errors.parallel_limited(entity, limit)
+            admission.parallel_holds.append(scope)
+
+    def _release_parallel(self, admission: Admission) -> None:
+        for scope in admission.parallel_holds:
+            self._parallel.release(scope)
+        admission.parallel_holds = []
 
     def _worst_case(self, candidates, shape: RequestShape) -> float | None:
         """
@@ -613,8 +750,32 @@ class Governance:
         if isinstance(held, Refusal):
             if held.code == BUDGET_EXCEEDED and worst is not None:
                 held = self._explain(admission, scope, budget, tz, held, shape, worst)
-            raise budget_error(held)
+            raise self._refused(admission, scope, held, worst)
         admission.reservations.append(held)
+
+    def _refused(self, admission: Admission, scope: str, refusal: Refusal, worst: float | None) -> ProxyError:
+        """
+        The error of a budget refusal: the contract's (an agent's scope), or
+        LiteLLM's for a key's levels: C{budget_exceeded} when the spend
+        leaves no room for the request, a 429 to retry shortly when only
+        requests in flight hold the room.
+        """
+        level = admission.levels.get(scope)
+        if level is None or refusal.code != BUDGET_EXCEEDED:
+            return budget_error(refusal)
+        retry = refusal.retry_after_header
+        extra = {"budget": refusal_body(refusal)["budget"]}
+        limit = refusal.budget.limit_usd
+        if limit is not None and refusal.reported_cost_usd + (worst or 0.0) <= limit + EPSILON_USD:
+            return litellm_errors.held_in_flight(level.entity, int(retry) if retry else 1, extra)
+        detail = None
+        if refusal.min_request_cost_usd is not None and refusal.reported_cost_usd < (limit or 0.0):
+            detail = (f"this request can cost up to {_dollars(refusal.min_request_cost_usd)} and "
+                      f"{_dollars(refusal.remaining_usd or 0.0)} is left")
+        return litellm_errors.budget_exceeded(
+            level.entity, refusal.reported_cost_usd, level.max_budget if level.max_budget is not None else limit,
+            detail, int(retry) if retry else None, extra,
+        )
 
     def _explain(self, admission: Admission, scope: str, budget, tz, refusal: Refusal, shape: RequestShape,
                  worst: float) -> Refusal:
@@ -651,21 +812,31 @@ class Governance:
         # counts against max_requests (the ledger keeps no row of it, so a
         # budget seeded after a restart would not count it either).
         success = 200 <= row.status < 300 and getattr(ex.surface, "billable", True)
-        if admission.rate_key is not None:
-            actual = row.prompt_tokens + row.output_tokens
-            self._limiter.settle(admission.rate_key, admission.token_estimate, actual, admitted_at=admission.rate_at)
+        actual = row.prompt_tokens + row.output_tokens
+        for scope, at in admission.rate_holds:
+            self._limiter.settle(scope, admission.token_estimate, actual, admitted_at=at)
+        self._release_parallel(admission)
         if admission.shared_reservations or admission.shared_rate_events:
             actual = row.prompt_tokens + row.output_tokens
             ex.shared_release = (
                 admission.shared_reservations, [(event, actual) for event in admission.shared_rate_events]
             )
         for held in admission.reservations:
+            level = admission.levels.get(held.agent)
+            soft = getattr(level, "soft_usd", None)
+            before = self.book.usage(held.agent, held.budget, held.tz).cost_usd if soft is not None else 0.0
             if success or row.cost_usd > 0:
                 self.book.settle(held, row.cost_usd if row.priced else None, counted=success)
             else:
                 self.book.release(held)
             if held.alert:
                 self._intervention(ex, "budget_alert", reason=held.alert_reason, scope=held.agent)
+            if soft is not None:
+                after = self.book.usage(held.agent, held.budget, held.tz).cost_usd
+                if before < soft <= after + EPSILON_USD:
+                    # LiteLLM's soft_budget: an alert, never a refusal.
+                    self._intervention(ex, "budget_alert", reason="soft_budget", scope=held.agent,
+                                       soft_budget_usd=soft, spend_usd=round(after, 10))
             if self._alerts is not None:
                 usage = self.book.usage(held.agent, held.budget, held.tz)
                 self._alerts.observe_usage(held.agent, held.budget, usage)
@@ -700,7 +871,7 @@ def _dollars(value: float) -> str:
 
 def build_governance(*, clock, pricing, metering, governance_dir, policy_file, unpriced, default_rpm, default_tpm,
                      runtime_overrides=None, alerts=None, ledger=None, router=None,
-                     min_output_tokens=DEFAULT_MIN_OUTPUT_TOKENS, coordinator=None):
+                     min_output_tokens=DEFAULT_MIN_OUTPUT_TOKENS, coordinator=None, directory=None):
     """The daemon's Governance, wired to metering (interventions, settlement)."""
     from cllama_tx.governance.budgets import BudgetBook
 
@@ -718,6 +889,7 @@ def build_governance(*, clock, pricing, metering, governance_dir, policy_file, u
         router=router,
         min_output_tokens=min_output_tokens,
         coordinator=coordinator,
+        directory=directory,
     )
     metering.on_settled.append(governance.finish)
     metering.on_recorded.append(governance.after_record)

@@ -1,8 +1,10 @@
 """
 Budget windows: rolling windows (C{"window": "24h"}), calendar periods
 (C{"period": "daily"|"weekly"|"monthly"} in UTC or the agent's timezone),
-and the compact spend timeline that answers "how much is in the window" and
-"when will enough of it leave".
+reset schedules (C{"period": "every:6h"}, C{"every:14d@<epoch>"}: LiteLLM's
+C{budget_duration}s that are not a day, a week or a month, see
+L{schedule_bounds}), and the compact spend timeline that answers "how much
+is in the window" and "when will enough of it leave".
 
 Pure logic: times are epoch seconds (floats) passed in by the caller.
 
@@ -153,6 +155,100 @@ def _local_midnight(date: datetime.date, tz: datetime.tzinfo) -> float:
     return datetime.datetime(date.year, date.month, date.day, tzinfo=tz).timestamp()
 
 
+# --------------------------------------------------------------------------
+# Reset schedules
+
+SCHEDULE_PREFIX = "every:"
+_SCHEDULE = re.compile(r"every:(\d{1,10})(mo|[smhdw])(?:@(-?\d{1,12}))?")
+_SCHEDULE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DAY = 86400
+
+
+def _parse_schedule(spec: str) -> tuple[int, str, int | None]:
+    match = _SCHEDULE.fullmatch(spec)
+    if match is None:
+        raise BudgetError(
+            f"'period' {spec!r} is not a reset schedule (\"every:6h\", \"every:14d@<epoch>\", \"every:2mo@<epoch>\")"
+        )
+    value, unit = int(match.group(1)), match.group(2)
+    anchor = int(match.group(3)) if match.group(3) is not None else None
+    if value <= 0:
+        raise BudgetError(f"'period' {spec!r} must be positive")
+    length = value * _SCHEDULE_UNITS.get(unit, 0)
+    if unit == "mo" or length >= _DAY:
+        if anchor is None:
+            raise BudgetError(f"'period' {spec!r} needs the day it counts from (@<epoch>)")
+    return value, unit, anchor
+
+
+def is_schedule(period: Any) -> bool:
+    return isinstance(period, str) and period.startswith(SCHEDULE_PREFIX)
+
+
+def _add_months(date: datetime.date, months: int) -> datetime.date:
+    index = date.year * 12 + date.month - 1 + months
+    return datetime.date(index // 12, index % 12 + 1, 1)
+
+
+def schedule_bounds(spec: str, now: float, tz: Any = None) -> tuple[float, float]:
+    """
+    C{(start, end)} of the period of a reset schedule that contains C{now}:
+
+      - shorter than a day (C{every:30s}, C{every:15m}, C{every:6h}):
+        multiples of the length from the local midnight of C{now}'s day,
+        the day's last period ending at the next midnight (as LiteLLM
+        aligns sub-day resets: a C{6h} budget resets at 00:00, 06:00,
+        12:00 and 18:00);
+      - a day or more (C{every:14d@<epoch>}, C{every:36h@<epoch>}): that
+        length again and again from the local midnight of the anchor's
+        day (LiteLLM's first reset of a C{14d} budget is at the midnight
+        14 days after the day it was set);
+      - months (C{every:2mo@<epoch>}): that many calendar months from the
+        first of the anchor's month.
+    """
+    value, unit, anchor = _parse_schedule(spec)
+    zone = resolve_timezone(tz)
+    if unit == "mo":
+        first = datetime.datetime.fromtimestamp(anchor, zone).date().replace(day=1)  # type: ignore[arg-type]
+        local = datetime.datetime.fromtimestamp(now, zone).date()
+        elapsed = (local.year - first.year) * 12 + local.month - first.month
+        first_day = _add_months(first, (elapsed // value) * value)
+        return _local_midnight(first_day, zone), _local_midnight(_add_months(first_day, value), zone)
+    length = value * _SCHEDULE_UNITS[unit]
+    if length < _DAY:
+        local = datetime.datetime.fromtimestamp(now, zone).date()
+        midnight = _local_midnight(local, zone)
+        following = _local_midnight(local + datetime.timedelta(days=1), zone)
+        begins = midnight + math.floor((now - midnight) / length) * length
+        return begins, min(begins + length, following)
+    base = _local_midnight(datetime.datetime.fromtimestamp(anchor, zone).date(), zone)  # type: ignore[arg-type]
+    begins = base + math.floor((now - base) / length) * length
+    return begins, begins + length
+
+
+def schedule_quantum(spec: str) -> int:
+    """The largest timeline bucket that never straddles one of the schedule's boundaries."""
+    value, unit, _anchor = _parse_schedule(spec)
+    if unit == "mo":
+        return QUANTA[-1]
+    length = value * _SCHEDULE_UNITS[unit]
+    best = QUANTA[0]
+    for q in QUANTA:
+        if length % q == 0 and q * MAX_ENTRIES_PER_WINDOW <= max(length, q):
+            best = q
+    return best
+
+
+def check_period(period: Any) -> str:
+    """A budget's C{period}: a calendar period name, or a reset schedule.  @raise BudgetError: anything else."""
+    if isinstance(period, str) and period.strip().lower() in PERIODS:
+        return period.strip().lower()
+    if is_schedule(period):
+        _parse_schedule(period.strip())
+        return period.strip()
+    raise BudgetError(f"'period' must be one of {', '.join(PERIODS)} or a reset schedule, not {period!r}")
+
+
 def period_bounds(period: str, now: float, tz: Any = None) -> tuple[float, float]:
     """
     C{(start, end)} in epoch seconds of the calendar period containing
@@ -160,6 +256,8 @@ def period_bounds(period: str, now: float, tz: Any = None) -> tuple[float, float
     Monday 00:00), or the month.  C{start <= now < end}.  Days are not
     assumed to last 86400 s: a DST change day is 23 or 25 hours long.
     """
+    if is_schedule(period):
+        return schedule_bounds(period, now, tz)
     zone = resolve_timezone(tz)
     local = datetime.datetime.fromtimestamp(now, zone).date()
     if period == DAILY:
@@ -191,6 +289,8 @@ def window_bounds(budget: Any, now: float, tz: Any = None) -> tuple[float, float
 def quantum_for(budget: Any) -> int:
     """The timeline bucket size (seconds) suited to C{budget}'s window."""
     if budget.period is not None:
+        if is_schedule(budget.period):
+            return schedule_quantum(budget.period)
         return _PERIOD_QUANTUM[budget.period]
     best = QUANTA[0]
     for q in QUANTA:

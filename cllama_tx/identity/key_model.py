@@ -1,7 +1,8 @@
 """
 A virtual key and the key API's fields: the key's shape and hash,
-durations, the stored key as an immutable value, and the validation of
-C{/key/generate} and C{/key/update} bodies.
+durations, the stored key as an immutable value, and (from
+L{cllama_tx.identity.key_fields}) the validation of C{/key/generate} and
+C{/key/update} bodies.
 
 Pure: no I/O, tested without a reactor.  The store that keeps keys is
 L{cllama_tx.identity.virtual_keys}; its tables, L{cllama_tx.identity.key_rows}.
@@ -9,17 +10,27 @@ L{cllama_tx.identity.virtual_keys}; its tables, L{cllama_tx.identity.key_rows}.
 
 from __future__ import annotations
 
-import calendar
 import datetime
 import hashlib
 import json
-import math
 import re
 import secrets
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+
+from cllama_tx.identity.key_fields import (
+    KEY_FIELDS,
+    UNSUPPORTED_FIELDS,
+    stored_defaults,
+    validate_key_fields,
+)
+from cllama_tx.identity.litellm_fields import (
+    DuplicateKey,
+    InvalidField,
+    model_aliases,
+    parse_duration,
+)
 
 __all__ = [
     "KEY_FIELDS",
@@ -46,34 +57,6 @@ MIN_KEY_BODY = 32
 MAX_KEY_BODY = 256
 _KEY_PATTERN = re.compile(rf"sk-[A-Za-z0-9_-]{{{MIN_KEY_BODY},{MAX_KEY_BODY}}}")
 _HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
-
-#: Durations are capped, so that an expiry always fits a datetime.
-MAX_DURATION_SECONDS = 100 * 366 * 86400
-_DURATION = re.compile(r"(\d{1,10})(mo|[smhdw])")
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_MONTH_APPROXIMATION = 30 * 86400
-
-MAX_TEXT = 256
-MAX_MODELS = 1000
-MAX_METADATA_BYTES = 16 * 1024
-MAX_ALIASES = 1000
-MAX_COUNT = 2**53  # rpm / tpm: any larger is not a limit a JSON client can mean
-
-
-# --------------------------------------------------------------------------
-# Errors
-
-
-class InvalidField(ValueError):
-    """A key field is malformed; C{field} names it (the 400's C{param})."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class DuplicateKey(InvalidField):
-    """A caller-chosen key, or a key alias, that another key already has."""
 
 
 # --------------------------------------------------------------------------
@@ -126,49 +109,6 @@ def iso_time(ts: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat()
 
 
-def _months_ahead(now: float, months: int) -> float:
-    """Seconds from C{now} to the same day and time C{months} calendar months later (UTC)."""
-    start = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
-    index = start.month - 1 + months
-    year = start.year + index // 12
-    month = index % 12 + 1
-    day = min(start.day, calendar.monthrange(year, month)[1])
-    return (start.replace(year=year, month=month, day=day) - start).total_seconds()
-
-
-def parse_duration(text: object, now: float | None = None) -> float:
-    """
-    Seconds of a LiteLLM duration: a whole number and one of C{s}, C{m}
-    (minutes), C{h}, C{d}, C{w}, C{mo} (calendar months: the same day of the
-    month, clamped to its last day, counted from C{now} in UTC; 30 days each
-    when C{now} is not given).  C{30s}, C{15m}, C{24h}, C{7d}, C{2w},
-    C{1mo}.  Surrounding spaces are ignored; the number must be positive and
-    the duration at most 100 years.
-
-    @raise ValueError: anything else.
-    """
-    if not isinstance(text, str):
-        raise ValueError("a duration must be a string such as \"30s\", \"24h\" or \"7d\"")
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(
-            f"{text!r} is not a duration: use a whole number and s, m, h, d, w or mo"
-            " (e.g. \"30s\", \"15m\", \"24h\", \"7d\", \"1mo\")"
-        )
-    value, unit = int(match.group(1)), match.group(2)
-    if value <= 0:
-        raise ValueError(f"the duration {text!r} must be positive")
-    if unit == "mo":
-        if value > 1200:
-            raise ValueError(f"the duration {text!r} is longer than 100 years")
-        seconds = _MONTH_APPROXIMATION * value if now is None else _months_ahead(now, value)
-    else:
-        seconds = value * _DURATION_UNITS[unit]
-    if seconds > MAX_DURATION_SECONDS:
-        raise ValueError(f"the duration {text!r} is longer than 100 years")
-    return float(seconds)
-
-
 # --------------------------------------------------------------------------
 # The key
 
@@ -177,6 +117,22 @@ def _frozen_metadata(value: dict) -> dict:
     # A private copy with JSON types only, so no caller can change a key's
     # metadata behind the store's back.
     return json.loads(json.dumps(value))
+
+
+def allows(allowed: tuple[str, ...], ref: str) -> bool:
+    """
+    Whether C{ref} is on an allow-list: an empty list allows everything;
+    an entry matches exactly, C{*} matches everything and C{provider/*}
+    every model of that provider (LiteLLM's wildcard forms).
+    """
+    if not allowed:
+        return True
+    for entry in allowed:
+        if entry == ref or entry == "*":
+            return True
+        if entry.endswith("/*") and ref.startswith(entry[:-1]):
+            return True
+    return False
 
 
 @attrs.frozen
@@ -205,6 +161,20 @@ class VirtualKey:
     #: Epoch seconds; the key fails from this instant on.  None: never expires.
     expires: float | None = None
     blocked: bool = False
+    organization_id: str | None = None
+    #: Spend that raises an alert, without refusing anything.
+    soft_budget: float | None = None
+    #: Requests in flight at once; 0 refuses every request (as LiteLLM).
+    max_parallel_requests: int | None = None
+    tags: tuple[str, ...] = ()
+    #: model name -> {"max_budget", "budget_duration"}.
+    model_max_budget: dict = attrs.field(factory=dict, hash=False)
+    model_rpm_limit: dict = attrs.field(factory=dict, hash=False)
+    model_tpm_limit: dict = attrs.field(factory=dict, hash=False)
+    #: When the budget's schedule was set: multi-day periods count from its day.
+    budget_anchor: float | None = None
+    #: LiteLLM fields kept as given (L{cllama_tx.identity.key_fields.STORED_FIELDS}).
+    extra: dict = attrs.field(factory=dict, hash=False)
 
     def expired(self, now: float) -> bool:
         """Whether the key has expired at C{now} (to the second: C{now >= expires})."""
@@ -220,54 +190,55 @@ class VirtualKey:
         return self.user_id or self.key_alias or self.key_name
 
     def allows_model(self, ref: str) -> bool:
-        """
-        Whether C{ref} is on the allow-list: an empty list allows everything;
-        an entry matches exactly, C{*} matches everything and C{provider/*}
-        every model of that provider (LiteLLM's wildcard forms).
-        """
-        if not self.models:
-            return True
-        for allowed in self.models:
-            if allowed == ref or allowed == "*":
-                return True
-            if allowed.endswith("/*") and ref.startswith(allowed[:-1]):
-                return True
-        return False
+        """Whether C{ref} is on the key's allow-list (L{allows})."""
+        return allows(self.models, ref)
 
     def to_info(self) -> dict[str, Any]:
         """
-        LiteLLM's C{/key/info} C{info} object (without C{spend}, which the
-        ledger knows).  C{token} is the hash; the key itself is never here.
-        Fields LiteLLM has and cllama_tx does not support are present with
-        their empty values, so clients that read them keep working.
+        LiteLLM's C{/key/info} C{info} object (without C{spend} and
+        C{budget_reset_at}, which the ledger and the budget's schedule
+        know).  C{token} is the hash; the key itself is never here.  The
+        stored LiteLLM fields are present with their values, or LiteLLM's
+        defaults when never set, so clients that read them keep working.
         """
-        return {
+        info = stored_defaults()
+        info.update(_frozen_metadata(self.extra))
+        info.update({
             "token": self.token_hash,
             "key_name": self.key_name,
             "key_alias": self.key_alias,
             "team_id": self.team_id,
             "user_id": self.user_id,
+            "organization_id": self.organization_id,
+            "org_id": self.organization_id,
             "models": list(self.models),
             "max_budget": self.max_budget,
             "budget_duration": self.budget_duration,
+            "soft_budget": self.soft_budget,
             "rpm_limit": self.rpm_limit,
             "tpm_limit": self.tpm_limit,
+            "max_parallel_requests": self.max_parallel_requests,
             "metadata": _frozen_metadata(self.metadata),
+            "tags": list(self.tags),
+            "aliases": dict(self.aliases),
+            "model_max_budget": _frozen_metadata(self.model_max_budget),
+            "model_rpm_limit": dict(self.model_rpm_limit),
+            "model_tpm_limit": dict(self.model_tpm_limit),
             "expires": iso_time(self.expires),
             "blocked": self.blocked,
             "created_at": iso_time(self.created_at),
             "updated_at": iso_time(self.updated_at),
-            # LiteLLM fields without an equivalent here.
-            "max_parallel_requests": None,
-            "soft_budget": None,
-            "aliases": dict(self.aliases),
-            "config": {},
-            "permissions": {},
-            "allowed_cache_controls": [],
-            "model_max_budget": {},
-            "budget_id": None,
-            "organization_id": None,
-        }
+            "created_by": None,
+            "updated_by": None,
+            "litellm_budget_table": None,
+            "soft_budget_cooldown": False,
+            "rotation_count": 0,
+            "last_rotation_at": None,
+            "key_rotation_at": None,
+            "last_active": None,
+            "object_permission_id": None,
+        })
+        return info
 
 
 @attrs.frozen
@@ -278,242 +249,3 @@ class KeyPage:
     total_count: int
     current_page: int
     total_pages: int
-
-
-# --------------------------------------------------------------------------
-# Validation of the key API's fields (pure)
-
-#: Fields cllama_tx understands, besides C{key}.
-KEY_FIELDS = (
-    "key_alias",
-    "team_id",
-    "user_id",
-    "models",
-    "max_budget",
-    "budget_duration",
-    "rpm_limit",
-    "tpm_limit",
-    "metadata",
-    "duration",
-    "blocked",
-    "aliases",
-)
-
-#: LiteLLM fields that cllama_tx does not support.  Sent empty (null, {},
-#: [], "", 0, false: what SDKs send by default) they are ignored; sent with a
-#: value they are refused, because silently dropping a limit or a scope is
-#: worse than a 400.
-UNSUPPORTED_FIELDS = frozenset(
-    {
-        "allowed_cache_controls",
-        "allowed_routes",
-        "auto_rotate",
-        "budget_id",
-        "config",
-        "enforced_params",
-        "guardrails",
-        "key_type",
-        "max_parallel_requests",
-        "model_max_budget",
-        "model_rpm_limit",
-        "model_tpm_limit",
-        "object_permission",
-        "organization_id",
-        "permissions",
-        "prompts",
-        "rotation_interval",
-        "send_invite_email",
-        "soft_budget",
-        "spend",
-        "tags",
-        "temp_budget_expiry",
-        "temp_budget_increase",
-    }
-)
-
-_HINTS = {
-    "organization_id": " (use team_id for the organisation)",
-    "max_parallel_requests": " (use rpm_limit and tpm_limit)",
-}
-
-
-def _empty(value: Any) -> bool:
-    return value is None or value is False or value in ("", 0) or value == {} or value == []
-
-
-def _text(field: str, value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise InvalidField(field, f"'{field}' must be a string")
-    if len(value) > MAX_TEXT:
-        raise InvalidField(field, f"'{field}' is longer than {MAX_TEXT} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise InvalidField(field, f"'{field}' contains control characters")
-    return value
-
-
-def _models(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, (list, tuple)):
-        raise InvalidField("models", "'models' must be a list of model names")
-    if len(value) > MAX_MODELS:
-        raise InvalidField("models", f"'models' has more than {MAX_MODELS} entries")
-    out: dict[str, None] = {}
-    for item in value:
-        if not isinstance(item, str) or not item:
-            raise InvalidField("models", "'models' must be a list of non-empty strings")
-        out[_text("models", item)] = None  # type: ignore[index]
-    return tuple(out)
-
-
-def _money(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidField("max_budget", "'max_budget' must be a number (US dollars)")
-    if value < 0:
-        raise InvalidField("max_budget", "'max_budget' must not be negative")
-    return float(value)
-
-
-def _count(field: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value != int(value)
-    ):
-        raise InvalidField(field, f"'{field}' must be a whole number")
-    if value < 0:
-        raise InvalidField(field, f"'{field}' must not be negative")
-    if value > MAX_COUNT:
-        raise InvalidField(field, f"'{field}' is too large")
-    return int(value)
-
-
-def _duration(field: str, value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    try:
-        parse_duration(value)
-    except ValueError as e:
-        raise InvalidField(field, f"'{field}': {e}") from None
-    return value.strip()
-
-
-def _metadata(value: Any) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidField("metadata", "'metadata' must be a JSON object")
-    try:
-        encoded = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        raise InvalidField("metadata", "'metadata' must hold JSON values only") from None
-    if len(encoded.encode("utf-8")) > MAX_METADATA_BYTES:
-        raise InvalidField("metadata", f"'metadata' is larger than {MAX_METADATA_BYTES} bytes")
-    return json.loads(encoded)
-
-
-def model_aliases(field: str, value: Any) -> dict:
-    """
-    A name -> model name mapping (a key's C{aliases}, a team's
-    C{model_aliases}): strings as L{_text} checks them, at most
-    L{MAX_ALIASES}; None is no alias.
-    """
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidField(field, f"'{field}' must be an object mapping model names to model names")
-    if len(value) > MAX_ALIASES:
-        raise InvalidField(field, f"'{field}' has more than {MAX_ALIASES} entries")
-    out: dict[str, str] = {}
-    for name, target in value.items():
-        name = _text(field, name)
-        target = _text(field, target)
-        if name is None or target is None:
-            raise InvalidField(field, f"'{field}' must map non-empty names to non-empty model names")
-        out[name.strip()] = target.strip()
-    return out
-
-
-def _blocked(value: Any) -> bool | None:
-    if value is None or isinstance(value, bool):
-        return value
-    raise InvalidField("blocked", "'blocked' must be true or false")
-
-
-_VALIDATORS: dict[str, Callable[[Any], Any]] = {
-    "key_alias": lambda v: _text("key_alias", v),
-    "team_id": lambda v: _text("team_id", v),
-    "user_id": lambda v: _text("user_id", v),
-    "models": _models,
-    "max_budget": _money,
-    "budget_duration": lambda v: _duration("budget_duration", v),
-    "rpm_limit": lambda v: _count("rpm_limit", v),
-    "tpm_limit": lambda v: _count("tpm_limit", v),
-    "metadata": _metadata,
-    "duration": lambda v: _duration("duration", v),
-    "blocked": _blocked,
-    "aliases": lambda v: model_aliases("aliases", v),
-}
-
-
-def validate_key_fields(doc: Mapping[str, Any], *, update: bool) -> dict[str, Any]:
-    """
-    The fields of a C{/key/generate} (C{update=False}) or C{/key/update}
-    body, checked and normalised: strings (C{""} is null), C{models} a tuple
-    of distinct non-empty strings, C{max_budget} a float >= 0, C{rpm_limit}
-    and C{tpm_limit} whole numbers >= 0, C{duration} and C{budget_duration}
-    parseable by L{parse_duration}, C{metadata} a JSON object of at most
-    16 KiB, C{blocked} a boolean.
-
-    For an update only the fields present are returned; an explicit null
-    clears the field (C{models}: every model, C{metadata}: C{{}}), except
-    C{duration} and C{blocked}, where null leaves the key as it is.  C{key}
-    is not looked at (the caller handles it: a custom key on generate, the
-    key's identifier on update).
-
-    @raise InvalidField: naming the first bad field; also for a field
-        cllama_tx does not support or know, unless its value is empty.
-    """
-    out: dict[str, Any] = {}
-    for name in sorted(doc):
-        if name == "key":
-            continue
-        value = doc[name]
-        validator = _VALIDATORS.get(name)
-        if validator is None:
-            if _empty(value):
-                continue
-            if name in UNSUPPORTED_FIELDS:
-                hint = _HINTS.get(name, "")
-                raise InvalidField(name, f"'{name}' is not supported by cllama_tx{hint}")
-            raise InvalidField(name, f"unknown field '{name}'")
-        checked = validator(value)
-        if update and checked is None and name in ("duration", "blocked"):
-            continue
-        out[name] = checked
-    if not update:
-        defaults: dict[str, Any] = {
-            "key_alias": None,
-            "team_id": None,
-            "user_id": None,
-            "models": (),
-            "max_budget": None,
-            "budget_duration": None,
-            "rpm_limit": None,
-            "tpm_limit": None,
-            "metadata": {},
-            "duration": None,
-            "blocked": False,
-            "aliases": {},
-        }
-        for name, default in defaults.items():
-            if out.get(name) is None:
-                out[name] = default
-    return out

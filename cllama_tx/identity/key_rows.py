@@ -31,6 +31,7 @@ __all__ = [
     "insert",
     "key_of",
     "load",
+    "merge_extra",
     "prepare",
     "row_of",
     "set_team",
@@ -55,6 +56,16 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("expires", "REAL"),
     ("blocked", "INTEGER NOT NULL DEFAULT 0"),
     ("deleted_at", "REAL"),
+    # Schema 4 (LiteLLM's fields, docs/VIRTUAL_KEYS.md).
+    ("organization_id", "TEXT"),
+    ("soft_budget", "REAL"),
+    ("max_parallel_requests", "INTEGER"),
+    ("tags_json", "TEXT NOT NULL DEFAULT '[]'"),
+    ("model_max_budget_json", "TEXT NOT NULL DEFAULT '{}'"),
+    ("model_rpm_limit_json", "TEXT NOT NULL DEFAULT '{}'"),
+    ("model_tpm_limit_json", "TEXT NOT NULL DEFAULT '{}'"),
+    ("budget_anchor", "REAL"),
+    ("extra_json", "TEXT NOT NULL DEFAULT '{}'"),
 )
 ROW_COLUMNS = tuple(name for name, _ in _COLUMNS if name != "deleted_at")
 _SELECTED = ", ".join(ROW_COLUMNS)
@@ -67,6 +78,7 @@ _SQLITE_INDEXES = (
     "CREATE INDEX IF NOT EXISTS virtual_keys_team ON virtual_keys (team_id)",
     "CREATE INDEX IF NOT EXISTS virtual_keys_user ON virtual_keys (user_id)",
     "CREATE INDEX IF NOT EXISTS virtual_keys_alias ON virtual_keys (key_alias) WHERE key_alias IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS virtual_keys_organization ON virtual_keys (organization_id)",
 )
 # A team's settings kept here (its budget lives in the ledger): LiteLLM's
 # model_aliases for now.
@@ -103,6 +115,14 @@ _FIELD_COLUMNS: dict[str, tuple[str, Any]] = {
     "aliases": ("aliases_json", json.dumps),
     "expires": ("expires", None),
     "blocked": ("blocked", lambda v: 1 if v else 0),
+    "organization_id": ("organization_id", None),
+    "soft_budget": ("soft_budget", None),
+    "max_parallel_requests": ("max_parallel_requests", None),
+    "tags": ("tags_json", lambda v: json.dumps(list(v))),
+    "model_max_budget": ("model_max_budget_json", json.dumps),
+    "model_rpm_limit": ("model_rpm_limit_json", json.dumps),
+    "model_tpm_limit": ("model_tpm_limit_json", json.dumps),
+    "budget_anchor": ("budget_anchor", None),
 }
 
 
@@ -125,6 +145,15 @@ def row_of(vk: VirtualKey) -> tuple[Any, ...]:
         vk.updated_at,
         vk.expires,
         1 if vk.blocked else 0,
+        vk.organization_id,
+        vk.soft_budget,
+        vk.max_parallel_requests,
+        json.dumps(list(vk.tags)),
+        json.dumps(vk.model_max_budget),
+        json.dumps(vk.model_rpm_limit),
+        json.dumps(vk.model_tpm_limit),
+        vk.budget_anchor,
+        json.dumps(vk.extra),
     )
 
 
@@ -148,7 +177,27 @@ def key_of(values: Iterable[Any]) -> VirtualKey:
         updated_at=row["updated_at"],
         expires=row["expires"],
         blocked=bool(row["blocked"]),
+        organization_id=row["organization_id"],
+        soft_budget=row["soft_budget"],
+        max_parallel_requests=row["max_parallel_requests"],
+        tags=tuple(json.loads(row["tags_json"] or "[]")),
+        model_max_budget=json.loads(row["model_max_budget_json"] or "{}"),
+        model_rpm_limit=json.loads(row["model_rpm_limit_json"] or "{}"),
+        model_tpm_limit=json.loads(row["model_tpm_limit_json"] or "{}"),
+        budget_anchor=row["budget_anchor"],
+        extra=json.loads(row["extra_json"] or "{}"),
     )
+
+
+def merge_extra(current: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Stored fields after an update: a null value removes one."""
+    merged = dict(current)
+    for name, value in changes.items():
+        if value is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = value
+    return merged
 
 
 def prepare(tx: Any) -> None:
@@ -232,8 +281,16 @@ def update(
         _check_alias(tx, values["key_alias"], token_hash, alias_since)
     columns: dict[str, Any] = {}
     for field, value in values.items():
+        if field == "extra":
+            continue
         column, encode = _FIELD_COLUMNS[field]
         columns[column] = encode(value) if encode is not None and value is not None else value
+    if values.get("extra"):
+        # The stored fields changed are merged into what the database has
+        # (another instance may have set others meanwhile).
+        found = tx.execute("SELECT extra_json FROM virtual_keys WHERE token_hash = ?", (token_hash,)).fetchone()
+        columns["extra_json"] = json.dumps(merge_extra(json.loads((found[0] if found else None) or "{}"),
+                                                       values["extra"]))
     columns["updated_at"] = updated_at
     assignments = ", ".join(f"{column} = ?" for column in columns)
     changed = tx.execute(

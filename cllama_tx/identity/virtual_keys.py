@@ -435,6 +435,8 @@ class VirtualKeyStore(service.Service):
         page: int = 1,
         size: int = 10,
         key_alias: str | None = None,
+        organization_id: str | None = None,
+        token_hash: str | None = None,
     ) -> KeyPage:
         """
         Live keys (expired and blocked included), filtered, newest first
@@ -450,6 +452,8 @@ class VirtualKeyStore(service.Service):
             if (team_id is None or vk.team_id == team_id)
             and (user_id is None or vk.user_id == user_id)
             and (key_alias is None or vk.key_alias == key_alias)
+            and (organization_id is None or vk.organization_id == organization_id)
+            and (token_hash is None or vk.token_hash == token_hash)
         ]
         total = len(matching)
         start = (page - 1) * size
@@ -597,28 +601,12 @@ class VirtualKeyStore(service.Service):
 
     # -- writes
 
-    def create(
-        self,
-        *,
-        key: str | None = None,
-        key_alias: str | None = None,
-        team_id: str | None = None,
-        user_id: str | None = None,
-        # builtins.list: the class's own list() method shadows the builtin here.
-        models: builtins.list[str] | tuple[str, ...] | None = (),
-        max_budget: float | None = None,
-        budget_duration: str | None = None,
-        rpm_limit: int | None = None,
-        tpm_limit: int | None = None,
-        metadata: dict | None = None,
-        duration: str | None = None,
-        blocked: bool = False,
-        aliases: dict | None = None,
-    ) -> defer.Deferred:
+    def create(self, *, key: str | None = None, **fields: Any) -> defer.Deferred:
         """
         Mint a key (or take the caller's C{key}, which must look like one).
         Fires with C{(key, VirtualKey)} once committed; the clear key is
-        nowhere else.  Arguments are checked as L{validate_key_fields} does.
+        nowhere else.  C{fields} are those of a C{/key/generate} body,
+        checked as L{validate_key_fields} does.
 
         @raise InvalidField: a bad argument.
         @raise DuplicateKey: C{key} or C{key_alias} is taken (also as the
@@ -626,23 +614,7 @@ class VirtualKeyStore(service.Service):
         @raise StoreClosed: the store is not running.
         """
         self._check_open()
-        fields = validate_key_fields(
-            {
-                "key_alias": key_alias,
-                "team_id": team_id,
-                "user_id": user_id,
-                "models": models,
-                "max_budget": max_budget,
-                "budget_duration": budget_duration,
-                "rpm_limit": rpm_limit,
-                "tpm_limit": tpm_limit,
-                "metadata": metadata,
-                "duration": duration,
-                "blocked": blocked,
-                "aliases": aliases,
-            },
-            update=False,
-        )
+        fields = validate_key_fields(fields, update=False)
         if key is None:
             key = generate_key()
         elif not looks_like_virtual_key(key):
@@ -659,23 +631,16 @@ class VirtualKeyStore(service.Service):
         expires = None
         if fields["duration"] is not None:
             expires = now + parse_duration(fields["duration"], now)
+        values = {name: fields[name] for name in KEY_FIELDS if name != "duration"}
         vk = VirtualKey(
             token_hash=token_hash,
             key_name=key_name_of(key),
-            key_alias=alias,
-            team_id=fields["team_id"],
-            user_id=fields["user_id"],
-            models=fields["models"],
-            max_budget=fields["max_budget"],
-            budget_duration=fields["budget_duration"],
-            rpm_limit=fields["rpm_limit"],
-            tpm_limit=fields["tpm_limit"],
-            metadata=fields["metadata"],
-            aliases=fields["aliases"],
             created_at=now,
             updated_at=now,
             expires=expires,
-            blocked=fields["blocked"],
+            budget_anchor=now,
+            extra=fields["extra"],
+            **values,
         )
         self._put(vk)
         self.misses.forget(token_hash)
@@ -728,15 +693,23 @@ class VirtualKeyStore(service.Service):
         for name, value in fields.items():
             if name == "duration":
                 new_values["expires"] = now + parse_duration(value, now)
+            elif name == "extra":
+                if value:
+                    new_values["extra"] = key_rows.merge_extra(previous.extra, value)
             else:
                 new_values[name] = value
+        if "budget_duration" in new_values and new_values["budget_duration"] != previous.budget_duration:
+            new_values["budget_anchor"] = now  # a new schedule counts from now
         alias = new_values.get("key_alias", previous.key_alias)
         if alias is not None and self._aliases.get(alias, token_hash) != token_hash:
             raise DuplicateKey("key_alias", f"a key with the alias {alias!r} already exists")
         vk = attrs.evolve(previous, updated_at=now, **new_values)
         self._remove(previous)
         self._put(vk)
-        d = self._write([token_hash], key_rows.update, token_hash, new_values, now, self._alias_bound(now),
+        written = dict(new_values)
+        if "extra" in written:
+            written["extra"] = fields["extra"]  # merged with the stored ones in the transaction
+        d = self._write([token_hash], key_rows.update, token_hash, written, now, self._alias_bound(now),
                         self.instance)
 
         def stored(row: VirtualKey | None) -> VirtualKey:

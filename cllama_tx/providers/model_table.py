@@ -358,6 +358,11 @@ def read_model_table(path: str, env: Mapping[str, str]) -> ModelTable:
 
     @raise ModelTableError: unreadable, not YAML, or malformed.
     """
+    return parse_model_table(read_model_doc(path), env, path)
+
+
+def read_model_doc(path: str) -> Any:
+    """The document of the file at C{path}, unparsed.  @raise ModelTableError: unreadable or not YAML."""
     try:
         _signature, text = read_text_file(path, MAX_FILE_BYTES)
     except UnreadableFile as e:
@@ -372,7 +377,17 @@ def read_model_table(path: str, env: Mapping[str, str]) -> ModelTable:
         mark = getattr(e, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark is not None else ""
         raise ModelTableError(f"{path}: not valid YAML{at}") from None
-    return parse_model_table(doc, env, path)
+    return doc
+
+
+def with_entries(doc: Any, entries: list[dict]) -> Any:
+    """A table document with C{entries} (the models added through the key API) after its own."""
+    if not entries:
+        return doc
+    merged = dict(doc) if isinstance(doc, dict) else {}
+    own = merged.get("model_list") or []
+    merged["model_list"] = (list(own) if isinstance(own, list) else own) + list(entries)
+    return merged
 
 
 # --------------------------------------------------------------------------
@@ -398,6 +413,8 @@ class ModelTableFile:
         self._routes: dict[str, tuple] = {}
         self._pools: dict[str, KeyPool] = {}
         self._generic: dict[str, ProviderSpec] = {}
+        #: Entries added through the key API's /model/new (kept in the store), after the file's.
+        self.stored: list[dict] = []
         if registry is not None:
             registry.routes = self
         if path:
@@ -405,9 +422,20 @@ class ModelTableFile:
 
     def reload(self) -> int:
         """Re-read the file; raises L{ModelTableError} and keeps the table when it is broken."""
-        if self.path:
-            self._install(read_model_table(self.path, self._env))
+        if self.path or self.stored:
+            self._install(self.compose(self.stored))
         return len(self.current.entries)
+
+    def compose(self, stored: list[dict]) -> ModelTable:
+        """The file's table with C{stored} entries after its own.  @raise ModelTableError: either is broken."""
+        doc = read_model_doc(self.path) if self.path else {}
+        return parse_model_table(with_entries(doc, stored), self._env, self.path or "the stored models")
+
+    def set_stored(self, stored: list[dict]) -> None:
+        """Serve C{stored} entries too (C{/model/new}); raises L{ModelTableError} and keeps the table when broken."""
+        table = self.compose(stored)
+        self.stored = list(stored)
+        self._install(table)
 
     def _install(self, table: ModelTable) -> None:
         self.current = table

@@ -31,6 +31,7 @@ from cllama_tx.accounting.pricing import Pricing
 from cllama_tx.governance.engine import build_governance
 from cllama_tx.governance.resolution import Router
 from cllama_tx.identity.contexts import ContextRegistry
+from cllama_tx.identity.directory import Directory
 from cllama_tx.identity.operator import OperatorGuard
 from cllama_tx.identity.operator_sessions import SessionRows
 from cllama_tx.identity.throttle import FailureThrottle
@@ -61,6 +62,7 @@ from cllama_tx.sites.api import ApiApp, build_api_site
 from cllama_tx.sites.billing import BillingApi
 from cllama_tx.sites.guard import ConnectionGuard, GuardLimits
 from cllama_tx.sites.keys import KeyApi
+from cllama_tx.sites.management import build_management
 from cllama_tx.sites.operations import Operations
 from cllama_tx.sites.ui import TokenFileError, UiApp, build_ui_site, ensure_ui_token
 from cllama_tx.store.backends import DatabaseConfigError, open_ledger
@@ -484,6 +486,9 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         state_database, reactor, reactor, shared=shared_store, instance=instance, after=ledger.loaded
     )
     keys.setServiceParent(shared)
+    # LiteLLM's users, teams, organisations, customers and added models.
+    directory = Directory(state_database, reactor, instance=instance, after=ledger.loaded)
+    directory.setServiceParent(shared)
     session_rows = SessionRows(state_database, keys.instance) if keys.shared else None
     history = None
     if config.session_history_dir:
@@ -522,6 +527,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         alerts=alerts,
         ledger=ledger,
         coordinator=fleet.coordinator if fleet is not None else None,
+        directory=directory,
     )
 
     contexts = ContextRegistry(context_root, reactor)  # every context loaded here
@@ -557,11 +563,16 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         config.master_key,
         ledger=ledger,
         clock=reactor,
-        spend_of=lambda token_hash: ledger.cost_of(key_id=token_hash),
         guard=operator_guard,
+        governance=governance,
+        audit=audit,
     )
+    keys_api.health.providers = providers
     proxy.accept_master_key(keys_api)
-    billing = BillingApi(keys_api=keys_api, ledger=ledger, governance=governance, audit=audit)
+    billing = BillingApi(keys_api=keys_api, ledger=ledger, governance=governance, audit=audit, directory=directory)
+    management = build_management(
+        keys_api, billing, directory=directory, model_table=model_table, pricing=pricing, clock=reactor, audit=audit,
+    )
     api_site = build_api_site(
         proxy,
         config.max_body_bytes,
@@ -575,6 +586,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
             keys_api=keys_api,
             billing=billing,
             guard=operator_guard,
+            management=management,
         ),
         request_line=twisted_private.pending_request_line,
     )
@@ -593,6 +605,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
     if fleet is not None:
         fleet.follow_overrides(ledger, governance)
         fleet.follow_keys(keys)
+        fleet.follow_directory(directory)
         fleet.follow_reloads(operations)
         if isinstance(providers, ProviderRegistry):
             fleet.share_providers(providers)

@@ -70,6 +70,15 @@ class Fleet(service.MultiService):
         self.changes.subscribe("virtual_key", lambda token_hash: token_hash and keys.reload_key(token_hash))
         self.changes.subscribe("team", lambda team_id: team_id and keys.reload_team(team_id))
 
+    def follow_directory(self, directory) -> None:
+        """Users, teams, organisations, customers and added models changed on another instance are re-read here."""
+        def reread(kind: str):
+            return lambda subject: directory.reload(kind, subject)
+
+        for change, kind in (("team", "team"), ("user", "user"), ("organization", "org"), ("customer", "customer"),
+                             ("model", "model")):
+            self.changes.subscribe(change, reread(kind))
+
     def follow_reloads(self, operations) -> None:
         """An operator's reload on another instance reloads this one (not announced again)."""
         self.changes.subscribe("reload", lambda _subject: operations.reload("another instance", announce=False))

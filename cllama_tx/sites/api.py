@@ -30,11 +30,13 @@ from cllama_tx.identity.tokens import MalformedCredentials, parse_credentials
 from cllama_tx.pipeline.proxy import Proxy, Surface, new_request_id
 from cllama_tx.sites.guard import ConnectionGuard, GuardedRequest, GuardedSite, refuse_request
 from cllama_tx.sites.header_gate import HeaderGate, Refusal, refusal, shape_for_path
+from cllama_tx.sites.management import build_management
 from cllama_tx.surfaces import matrix
 from cllama_tx.surfaces.errors import ANTHROPIC, OPENAI, ProxyError, error_body
 from cllama_tx.surfaces.errors import RESPONSES as RESPONSES_SHAPE
 
 CHAT = Surface(matrix.OPENAI_CHAT, "/v1/chat/completions", "openai", OPENAI)
+MANAGEMENT_METHODS = ["GET", "HEAD", "POST", "PATCH", "DELETE", "PUT"]
 log = Logger()
 
 MESSAGES = Surface(matrix.ANTHROPIC_MESSAGES, "/v1/messages", "anthropic", ANTHROPIC)
@@ -268,12 +270,15 @@ class ApiApp:
         keys_api=None,
         billing=None,
         guard: OperatorGuard | None = None,
+        management=None,
     ) -> None:
         # The daemon's one guard for operator credentials (shared with the
         # UI and the key API): wrong UI tokens here slow guesses there too.
         self._guard = guard if guard is not None else getattr(keys_api, "guard", None) or OperatorGuard()
         self._keys_api = keys_api
-        self._billing = billing
+        if management is None and keys_api is not None:
+            management = build_management(keys_api, billing)
+        self._management = management
         self._matrix_doc = matrix_doc or matrix.describe()
         self._contexts = contexts
         self._history = history
@@ -379,67 +384,28 @@ class ApiApp:
             }
         return json.dumps(doc).encode("utf-8")
 
-    # -- virtual keys (LiteLLM-compatible key API) and billing, master key
+    # -- LiteLLM's management API (keys, teams, users, organisations,
+    # customers, models, spend, health): sites/management.py answers.
 
-    @app.route("/key/generate", methods=["POST"])
-    async def key_generate(self, request):
-        return await self._keys(request, "generate")
-
-    @app.route("/key/info", methods=["GET"])
-    async def key_info(self, request):
-        return await self._keys(request, "info")
-
-    @app.route("/key/update", methods=["POST"])
-    async def key_update(self, request):
-        return await self._keys(request, "update")
-
-    @app.route("/key/delete", methods=["POST"])
-    async def key_delete(self, request):
-        return await self._keys(request, "delete")
-
-    @app.route("/key/list", methods=["GET"])
-    async def key_list(self, request):
-        return await self._keys(request, "list")
-
-    @app.route("/key/block", methods=["POST"])
-    async def key_block(self, request):
-        return await self._keys(request, "block")
-
-    @app.route("/key/unblock", methods=["POST"])
-    async def key_unblock(self, request):
-        return await self._keys(request, "unblock")
-
-    @app.route("/health/liveliness", methods=["GET", "HEAD"])
-    @app.route("/health/liveness", methods=["GET", "HEAD"])
-    async def liveliness(self, request):
-        return await self._keys(request, "liveliness")
-
-    @app.route("/health/readiness", methods=["GET", "HEAD"])
-    async def readiness(self, request):
-        return await self._keys(request, "readiness")
-
-    async def _keys(self, request, name: str):
-        if self._keys_api is None:
+    @app.route("/key/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/team/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/user/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/organization/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/customer/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/end_user/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/model/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/model_group/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/v1/model/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/v2/model/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/global/spend", methods=MANAGEMENT_METHODS)
+    @app.route("/global/spend/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/spend/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/api/spend/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/health/<path:rest>", methods=MANAGEMENT_METHODS)
+    async def management(self, request, rest=None):
+        if self._management is None:
             return _error(request, ProxyError(404, "not_found", "the key API is not enabled"))
-        return await getattr(self._keys_api, name)(request)
-
-    @app.route("/spend/logs", methods=["GET"])
-    async def spend_logs(self, request):
-        return await self._bill(request, "spend_logs")
-
-    @app.route("/api/spend/events", methods=["GET"])
-    async def spend_events(self, request):
-        return await self._bill(request, "events")
-
-    @app.route("/team/new", methods=["POST"])
-    @app.route("/team/update", methods=["POST"])
-    async def team_budget(self, request):
-        return await self._bill(request, "team_budget")
-
-    async def _bill(self, request, name: str):
-        if self._billing is None:
-            return _error(request, ProxyError(404, "not_found", "billing is not enabled"))
-        return await getattr(self._billing, name)(request)
+        return await self._management.dispatch(request)
 
     @app.route("/history", methods=["GET"])
     async def own_history(self, request):
@@ -484,10 +450,17 @@ class ApiApp:
         return b"".join(lines)
 
     @app.route("/health", methods=["GET", "HEAD"])
+    async def health(self, request):
+        """C{{"ok": true}} (the probes read that); with the master key, LiteLLM's model health too."""
+        keys = getattr(self._management, "keys", None)
+        if keys is not None:
+            return await keys.health.health(request)
+        return _json(request, 200, {"ok": True})
+
     # Claude Code warms its connection with HEAD <ANTHROPIC_BASE_URL>/api/hello
     # on every start: answered like /health, not as a 404 in the audit.
     @app.route("/api/hello", methods=["GET", "HEAD"])
-    def health(self, request):
+    def hello(self, request):
         return _json(request, 200, {"ok": True})
 
     @app.route("/v1/surfaces", methods=["GET"])

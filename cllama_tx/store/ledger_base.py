@@ -179,6 +179,17 @@ class LedgerBase:
         """
         return self._read(sql.rows_after_reader(cursor, limit))
 
+    def report(self, build: Callable[[str], Callable[[Any], Any]]) -> defer.Deferred:
+        """
+        Run a read of L{cllama_tx.store.spend_reports} off the reactor:
+        C{build(dialect)} makes the reader; fires with what it returns.
+        """
+        try:
+            reader = build(self.dialect)
+        except ValueError:
+            return defer.fail()
+        return self._read(reader)
+
     def cost_of(self, key_id: str | None = None, team_id: str | None = None) -> defer.Deferred:
         """Fires with the total cost recorded for one virtual key or one team."""
         return self._read(sql.cost_reader(key_id, team_id))

@@ -197,11 +197,25 @@ CREATE INDEX requests_end_user ON requests (end_user, id) WHERE end_user IS NOT 
 CREATE INDEX requests_response ON requests (response_id) WHERE response_id IS NOT NULL;
 """
 
+# LiteLLM's users, teams, organisations, customers and added models
+# (cllama_tx.identity.directory): one JSON document each.
+_DIRECTORY = """
+CREATE TABLE directory (
+    kind TEXT NOT NULL,
+    id TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (kind, id)
+);
+"""
+
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "ledger, virtual keys and coordination tables", _LEDGER + _KEYS + _COORDINATION),
     (2, "operator UI sessions; virtual keys by alias", _UI_SESSIONS),
     (3, "Responses conversations kept for translated providers", _CONVERSATIONS),
     (4, "virtual keys: LiteLLM's key fields; ledger rows' organisation, customer and answer id", _KEY_FIELDS),
+    (5, "the key API's users, teams, organisations, customers and models", _DIRECTORY),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

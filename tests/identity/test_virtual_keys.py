@@ -206,9 +206,11 @@ class ValidationTests(SynchronousTestCase):
         self.assertEqual(
             validate_key_fields({}, update=False),
             {
-                "key_alias": None, "team_id": None, "user_id": None, "models": (), "max_budget": None,
-                "budget_duration": None, "rpm_limit": None, "tpm_limit": None, "metadata": {},
-                "duration": None, "blocked": False, "aliases": {},
+                "key_alias": None, "team_id": None, "user_id": None, "organization_id": None, "models": (),
+                "max_budget": None, "budget_duration": None, "soft_budget": None, "rpm_limit": None,
+                "tpm_limit": None, "max_parallel_requests": None, "metadata": {}, "tags": (), "duration": None,
+                "blocked": False, "aliases": {}, "model_max_budget": {}, "model_rpm_limit": {},
+                "model_tpm_limit": {}, "extra": {},
             },
         )
 
@@ -267,18 +269,34 @@ class ValidationTests(SynchronousTestCase):
         ]:
             self.refused(doc, field)
 
-    def test_unsupported_and_unknown_fields(self):
-        self.assertIn("not supported", self.refused({"soft_budget": 10}, "soft_budget"))
-        self.assertIn("team_id", self.refused({"organization_id": "org"}, "organization_id"))
-        self.assertIn("rpm_limit", self.refused({"max_parallel_requests": 4}, "max_parallel_requests"))
-        self.assertIn("unknown", self.refused({"max_budgte": 5}, "max_budgte"))
-        # Empty values are what SDKs send by default: ignored.
+    def test_every_litellm_field_is_taken(self):
         fields = validate_key_fields(
-            {"aliases": {}, "config": {}, "permissions": {}, "spend": 0, "tags": None,
-             "send_invite_email": False, "allowed_cache_controls": [], "whatever": ""},
+            {"soft_budget": 10, "organization_id": "org", "max_parallel_requests": 4, "tags": ["a", "b", "a"],
+             "model_max_budget": {"gpt-4o": {"budget_limit": "0.5", "time_period": "1d"}, "o3": 2},
+             "model_rpm_limit": {"gpt-4o": 2}, "model_tpm_limit": {"gpt-4o": 100},
+             "config": {"x": 1}, "guardrails": ["pii"], "key_type": "llm_api", "auto_rotate": True,
+             "rotation_interval": "30d", "tpd_limit": 5, "object_permission": {"models": ["a"]}},
             update=False,
         )
+        self.assertEqual((fields["soft_budget"], fields["organization_id"], fields["max_parallel_requests"]),
+                         (10.0, "org", 4))
+        self.assertEqual(fields["tags"], ("a", "b"))
+        self.assertEqual(fields["model_max_budget"], {"gpt-4o": {"max_budget": 0.5, "budget_duration": "1d"},
+                                                      "o3": {"max_budget": 2.0, "budget_duration": None}})
+        self.assertEqual(fields["extra"], {"config": {"x": 1}, "guardrails": ["pii"], "key_type": "llm_api",
+                                           "auto_rotate": True, "rotation_interval": "30d", "tpd_limit": 5,
+                                           "object_permission": {"models": ["a"]}})
+
+    def test_unknown_fields(self):
+        self.assertIn("unknown", self.refused({"max_budgte": 5}, "max_budgte"))
+        self.refused({"key_type": "root"}, "key_type")
+        self.refused({"config": [1]}, "config")
+        self.refused({"model_max_budget": {"gpt-4o": {"budget": 1}}}, "model_max_budget")
+        # Empty values of unknown fields are ignored (what SDKs send by default).
+        fields = validate_key_fields({"whatever": "", "other": None}, update=False)
         self.assertEqual(set(fields), set(validate_key_fields({}, update=False)))
+        # On an update, a null stored field removes it.
+        self.assertEqual(validate_key_fields({"config": None}, update=True), {"extra": {"config": None}})
 
     def test_update_only_what_is_given(self):
         self.assertEqual(validate_key_fields({}, update=True), {})

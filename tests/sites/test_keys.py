@@ -212,9 +212,14 @@ class GenerateTests(KeyApiTestCase):
             ({"team_id": {"id": 1}}, "team_id"),
             ({"user_id": "a\u0000b"}, "user_id"),
             ({"blocked": "no"}, "blocked"),
-            ({"soft_budget": 10}, "soft_budget"),
-            ({"organization_id": "org-1"}, "organization_id"),
-            ({"max_parallel_requests": 3}, "max_parallel_requests"),
+            ({"soft_budget": "10"}, "soft_budget"),
+            ({"organization_id": ["org-1"]}, "organization_id"),
+            ({"max_parallel_requests": -3}, "max_parallel_requests"),
+            ({"model_max_budget": {"gpt-4o": "a lot"}}, "model_max_budget"),
+            ({"model_rpm_limit": {"gpt-4o": 1.5}}, "model_rpm_limit"),
+            ({"tags": "prod"}, "tags"),
+            ({"guardrails": "pii"}, "guardrails"),
+            ({"key_type": "superuser"}, "key_type"),
             ({"max_budgte": 5}, "max_budgte"),
         ]:
             response, body = await self.call("POST", "/key/generate", doc)
@@ -377,8 +382,10 @@ class UpdateTests(KeyApiTestCase):
         self.assertError(response, body, 400, "key_alias")
         response, body = await self.call("POST", "/key/update", {"key": second["key"], "rpm_limit": "many"})
         self.assertError(response, body, 400, "rpm_limit")
-        response, body = await self.call("POST", "/key/update", {"key": second["key"], "guardrails": ["pii"]})
+        response, body = await self.call("POST", "/key/update", {"key": second["key"], "guardrails": "pii"})
         self.assertError(response, body, 400, "guardrails")
+        response, body = await self.call("POST", "/key/update", {"key": second["key"], "max_budgte": 1})
+        self.assertError(response, body, 400, "max_budgte")
         self.assertIsNone(self.store.lookup(second["key"]).key_alias)
         self.assertEqual(self.store.lookup(first["key"]).key_alias, "taken")
 
