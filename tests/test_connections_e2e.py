@@ -305,7 +305,7 @@ class HeaderAuthenticationTests(ConnectionTestCase):
              {"type": "error", "error": {"type": "permission_error", "message": "unknown agent or wrong secret"}}),
             (b"POST /key/generate HTTP/1.1\r\nHost: x\r\n", 401,
              {"error": {"message": "a request with a body needs credentials (Authorization or x-api-key)",
-                        "type": "authentication_error", "code": "missing_credentials"}}),
+                        "type": "auth_error", "param": None, "code": "401"}}),
         ]
         for head, status, doc in cases:
             client = yield self.connect()

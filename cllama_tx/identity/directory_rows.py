@@ -23,7 +23,7 @@ from typing import Any
 
 from cllama_tx.identity.entities import apply_changes
 from cllama_tx.identity.litellm_fields import DuplicateKey
-from cllama_tx.store.shared import record_change
+from cllama_tx.store.shared import SQLITE_COORDINATION_SCHEMA, record_change
 
 __all__ = ["CHANGE_KIND", "delete", "fetch", "insert", "load", "prepare", "update"]
 
@@ -37,9 +37,12 @@ _SQLITE_TABLE = (
 
 
 def prepare(tx: Any) -> None:
-    """SQLite: create the table (PostgreSQL has it from its migrations)."""
+    """SQLite: create the table and the change feed's (PostgreSQL has them from its migrations)."""
     if tx.dialect == "sqlite":
         tx.execute(_SQLITE_TABLE)
+        for statement in SQLITE_COORDINATION_SCHEMA.split(";"):
+            if statement.strip():
+                tx.execute(statement)
 
 
 def load(tx: Any) -> list[tuple[str, str, dict, float, float]]:

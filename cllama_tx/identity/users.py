@@ -76,9 +76,9 @@ def user_info(user: Entity, teams: list[str], spend: float | None, reset_at: str
         "budget_reset_at": reset_at,
         "model_spend": {},
     })
-    for name in ("user_email", "user_role", "sso_user_id", "organization_id"):
-        info.setdefault(name, None)
     info.setdefault("user_role", "internal_user")
+    for name in ("user_email", "sso_user_id", "organization_id"):
+        info.setdefault(name, None)
     info.setdefault("model_max_budget", {})
     info.setdefault("allowed_cache_controls", [])
     info.setdefault("policies", [])

@@ -35,6 +35,7 @@ __all__ = [
     "KeyApiError",
     "answers",
     "error_body",
+    "is_management_path",
     "json_answer",
     "master_key_from_env",
     "presented_credential",
@@ -50,8 +51,20 @@ MASTER_KEY_ENV = ("CLLAMA_MASTER_KEY", "LITELLM_MASTER_KEY")
 #: A shorter master key is refused at start: it guards every key and budget.
 MIN_MASTER_KEY_LENGTH = 16
 ADMIN_OFF = "key administration is off: set CLLAMA_MASTER_KEY"
-#: A JSON body or query value of the management API larger than this is refused.
+#: The most ids one call may name (deletions, blocks).
 MAX_LIST_PAGE = 1000
+
+#: The first path segments of the management API (the API site hands these to it).
+MANAGEMENT_PREFIXES = (
+    "key", "team", "user", "organization", "customer", "end_user", "model", "model_group", "v1/model", "v2/model",
+    "global", "spend", "health", "api/spend",
+)
+_MANAGEMENT_STARTS = tuple(f"/{prefix}/".encode() for prefix in MANAGEMENT_PREFIXES) + (b"/global/spend",)
+
+
+def is_management_path(path: bytes) -> bool:
+    """Whether a path is the management API's (its refusals then take LiteLLM's shape)."""
+    return path.startswith(_MANAGEMENT_STARTS)
 
 _TYPES = {
     400: "bad_request_error",

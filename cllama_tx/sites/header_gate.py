@@ -28,6 +28,7 @@ import attrs
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from cllama_tx.sites.admin_http import is_management_path
 from cllama_tx.surfaces.errors import ANTHROPIC, OPENAI, ProxyError, error_body
 
 # The body of a request that is not an inference request: key and team
@@ -110,6 +111,9 @@ class HeaderGate:
         missing = ProxyError(
             401, "missing_credentials", "a request with a body needs credentials (Authorization or x-api-key)"
         )
+        if is_management_path(path):
+            # LiteLLM's error shape, as the management API answers everything.
+            missing = attrs.evolve(missing, error_type="auth_error", param=None, wire_code="401")
         return refusal(missing, shape_for_path(path))
 
     def _accepted(self, principal, request) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from klein import Klein
 
-from cllama_tx.sites.admin_http import KeyApiError, write_error
+from cllama_tx.sites.admin_http import MANAGEMENT_PREFIXES, KeyApiError, write_error
 from cllama_tx.sites.customers import CustomersApi
 from cllama_tx.sites.models_api import ModelsApi
 from cllama_tx.sites.organizations import OrganizationsApi
@@ -32,10 +32,7 @@ __all__ = ["PREFIXES", "ManagementApi", "build_management"]
 Handler = Callable[..., Awaitable[bytes]]
 
 #: The first path segments the API site hands here.
-PREFIXES = (
-    "key", "team", "user", "organization", "customer", "end_user", "model", "model_group", "v1/model", "v2/model",
-    "global", "spend", "health", "api/spend",
-)
+PREFIXES = MANAGEMENT_PREFIXES
 
 _PATH_KEY = re.compile(r"/key/([^/]+)/(regenerate|reset_spend)")
 _PATH_MODEL = re.compile(r"/model/([^/]+)/update")
