@@ -264,6 +264,8 @@ class GovernanceSeed(service.Service):
             self.governance.seed(
                 (prefix + value, ts, cost, counted, unpriced) for value, ts, cost, counted, unpriced in entries
             )
+        # The levels above a key (users, organisations, customers, members), named already.
+        self.governance.seed(data.levels)
         self.seeded = True
         if self._release is not None:
             self._release()

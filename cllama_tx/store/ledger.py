@@ -68,6 +68,7 @@ from zope.interface import implementer
 
 from cllama_tx.interfaces import ILedger
 from cllama_tx.store import ledger_sql as sql
+from cllama_tx.store import spend_reports
 from cllama_tx.store.ledger_base import LedgerBase, SeedData
 from cllama_tx.store.ledger_sql import (
     DEFAULT_BACKLOG,
@@ -845,6 +846,10 @@ class SqliteLedger(LedgerBase, service.Service):
                 timeline=self.spend_timeline(since, bucket),
                 keys=self.scope_timeline("key_id", 0.0, bucket),
                 teams=self.scope_timeline("team_id", 0.0, bucket),
+                levels=self._seeded_levels([
+                    _run_read(self.path, spend_reports.level_timeline_reader(SQLITE, kind, 0.0, bucket))
+                    for kind in spend_reports.LEVEL_KINDS
+                ], bucket),
             ))
         except Exception:
             return defer.fail()

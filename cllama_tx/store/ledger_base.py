@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cllama_tx.store import ledger_sql as sql
+from cllama_tx.store import spend_reports
 from cllama_tx.store.follower import FollowedRow, Follower
 from cllama_tx.store.ledger_sql import TIMELINE_BUCKET, LedgerClosed, TimelineEntry
 from cllama_tx.store.records import LedgerRow
@@ -41,6 +42,9 @@ class SeedData:
     timeline: list[TimelineEntry]  # per agent
     keys: list[tuple]  # per virtual key (key_id, ts, cost, counted, unpriced)
     teams: list[tuple]  # per team
+    # The levels above a key (users, organisations, customers, members,
+    # a key's models): (scope name, ts, cost, counted, unpriced).
+    levels: list[tuple] = attrs.Factory(list)
 
 
 class LedgerBase:
@@ -271,17 +275,27 @@ class LedgerBase:
         agents = sql.timeline_reader(self.dialect, since, resets, bucket)
         keys = sql.scope_timeline_reader(self.dialect, "key_id", 0.0, bucket)
         teams = sql.scope_timeline_reader(self.dialect, "team_id", 0.0, bucket)
-        d = self._read(lambda conn: (agents(conn), keys(conn), teams(conn)))
+        levels = [spend_reports.level_timeline_reader(self.dialect, kind, 0.0, bucket)
+                  for kind in spend_reports.LEVEL_KINDS]
+        d = self._read(lambda conn: (agents(conn), keys(conn), teams(conn), [read(conn) for read in levels]))
         return d.addCallback(lambda found: self._seed_from(found, since, resets, bucket))
 
     def _seed_from(self, found: tuple, since: float, resets: dict[str, float], bucket: int) -> SeedData:
-        timeline, keys, teams = found
+        timeline, keys, teams, levels = found
         return SeedData(
             overrides=self.budget_overrides(),
             timeline=self._with_held(timeline, lambda row: row.agent, since, resets, bucket),
             keys=self._with_held(keys, lambda row: row.key_id, 0.0, {}, bucket),
             teams=self._with_held(teams, lambda row: row.team_id, 0.0, {}, bucket),
+            levels=self._seeded_levels(levels, bucket),
         )
+
+    def _seeded_levels(self, found: list[list[tuple]], bucket: int) -> list[tuple]:
+        """The timelines of L{spend_reports.LEVEL_KINDS} (in that order), with the held rows' share."""
+        seeded: list[tuple] = []
+        for kind, entries in zip(spend_reports.LEVEL_KINDS, found, strict=True):
+            seeded.extend(self._with_held(entries, functools.partial(spend_reports.level_of, kind), 0.0, {}, bucket))
+        return seeded
 
     def _with_held(
         self, entries: list, scope: Callable[[LedgerRow], str | None], since: float, resets: dict[str, float],

@@ -17,10 +17,33 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from cllama_tx.store.ledger_sql import POSTGRESQL, ROW_FIELDS, clamp, row_dict
-from cllama_tx.store.shared import scope_filter
+from cllama_tx.store.ledger_sql import (
+    COUNTED_SQL,
+    COUNTED_UNPRICED_SQL,
+    POSTGRESQL,
+    ROW_FIELDS,
+    bucket_sql,
+    clamp,
+    row_dict,
+)
+from cllama_tx.store.records import LedgerRow
+from cllama_tx.store.shared import SCOPE_KINDS, scope_filter, scope_name
+from cllama_tx.store.totals import money
 
-__all__ = ["FILTER_COLUMNS", "GROUPS", "cost_reader", "logs_reader", "totals_reader"]
+__all__ = [
+    "FILTER_COLUMNS",
+    "GROUPS",
+    "LEVEL_KINDS",
+    "cost_reader",
+    "level_of",
+    "level_timeline_reader",
+    "logs_reader",
+    "totals_reader",
+]
+
+#: The levels above a key whose budgets are seeded from the ledger at start
+#: (a key's and a team's are seeded by the ledger itself).
+LEVEL_KINDS = ("user", "org", "customer", "member", "keymodel")
 
 #: What a report may be narrowed to: name -> column.
 FILTER_COLUMNS = {
@@ -158,6 +181,43 @@ def totals_reader(
                 cache_write_tokens=int(cache_write),
             )
             out.append(keys)
+        return out
+
+    return read
+
+
+def level_of(kind: str, row: LedgerRow) -> str | None:
+    """The budget scope of kind C{kind} a row counts against, if any (for rows not yet in SQL)."""
+    values = tuple(getattr(row, column) for column in SCOPE_KINDS[kind])
+    if not values or any(v is None or v == "" for v in values):
+        return None
+    return scope_name(kind, *values)
+
+
+def level_timeline_reader(dialect: str, kind: str, since: float, bucket: int) -> Callable[[Any], list[tuple]]:
+    """
+    The spend of every scope of C{kind} (L{LEVEL_KINDS}) per bucket, as the
+    budget book is seeded: C{(scope, bucket_ts, cost, counted, unpriced)}, sorted.
+    """
+    if kind not in LEVEL_KINDS:
+        raise ValueError(f"no timeline of {kind!r}")
+    columns = SCOPE_KINDS[kind]
+    start = bucket_sql(dialect, bucket)
+    present = " AND ".join(f"{c} IS NOT NULL" for c in columns)
+    sql = (
+        f"SELECT {', '.join(columns)}, {start}, SUM(cost_usd), SUM({COUNTED_SQL}), SUM({COUNTED_UNPRICED_SQL}) "
+        f"FROM requests WHERE {present} AND ts >= ? GROUP BY {', '.join(columns)}, {start} "
+        f"ORDER BY {', '.join(str(i + 1) for i in range(len(columns) + 1))}"
+    )
+
+    def read(conn: Any) -> list[tuple]:
+        out = []
+        for values in conn.execute(sql, (float(since),)).fetchall():
+            names = values[: len(columns)]
+            ts, cost, counted, unpriced = values[len(columns):]
+            out.append((scope_name(kind, *names), float(ts), money(float(cost or 0.0)), int(counted or 0),
+                        int(unpriced or 0)))
+        out.sort(key=lambda entry: (entry[0], entry[1]))
         return out
 
     return read
