@@ -631,6 +631,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
             metrics=metrics,
             model_table=model_table,
             session_rows=session_rows,
+            directory=directory,
+            budgets=keys_api.budgets,
         )
     )
     if fleet is not None:

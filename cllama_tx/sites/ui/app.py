@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+import uuid
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
@@ -38,7 +39,7 @@ from cllama_tx.identity.operator import OperatorGuard, request_source
 from cllama_tx.identity.operator_sessions import SessionRows
 from cllama_tx.identity.tokens import valid_agent_id
 from cllama_tx.sites.guard import GuardedSite, guarded_request
-from cllama_tx.sites.ui import pages, views
+from cllama_tx.sites.ui import directory_page, directory_view, pages, views
 from cllama_tx.sites.ui.auth import (
     CSRF_FIELD,
     CSRF_HEADER,
@@ -64,6 +65,7 @@ from cllama_tx.sites.ui.live import LiveHub
 from cllama_tx.sites.ui.web import Static, Templates
 from cllama_tx.store.database import DatabaseUnavailable
 from cllama_tx.store.ledger import SPEND_COUNTS
+from cllama_tx.store.shared import scope_name
 from cllama_tx.surfaces.errors import ProxyError
 
 log = Logger(namespace="cllama_tx.sites.ui")
@@ -119,6 +121,8 @@ class UiApp:
         allowed_hosts: frozenset[str] = frozenset(),
         model_table=None,
         session_rows: SessionRows | None = None,
+        directory=None,
+        budgets=None,
     ) -> None:
         self._token = token.encode("utf-8") if token else None
         self.metrics = metrics
@@ -140,6 +144,8 @@ class UiApp:
             keys=keys,
             audit=audit if audit is not None else getattr(operations, "_audit", None),
             model_table=model_table if model_table is not None else getattr(operations, "_model_table", None),
+            directory=directory,
+            budgets=budgets,
         )
         # With session_rows (several instances on one store), sessions are shared.
         self.sessions = SessionStore(clock, lifetime=session_lifetime, idle=session_idle, rows=session_rows)
@@ -149,7 +155,7 @@ class UiApp:
         self.allowed_hosts = frozenset(allowed_hosts)
         self._refused_hosts: set[str] = set()
         self.templates = Templates(web_root)
-        self.templates.require(pages.TEMPLATES)
+        self.templates.require(pages.TEMPLATES | directory_page.TEMPLATES)
         self.static = Static(web_root)
         self._generation = 0
         self.live = LiveHub(clock, self._signature, interval=live_interval, session_valid=self.sessions.valid)
@@ -638,6 +644,13 @@ class UiApp:
         view = await views.virtual_keys(self.services)
         return await self._page(request, who, view, pages.keys_page)
 
+    @app.route("/teams", methods=["GET"])
+    async def teams(self, request):
+        """Organisations, teams, users and customers of the key API, their budgets and spend."""
+        who = self._gate(request)
+        view = await directory_view.directory(self.services)
+        return await self._page(request, who, view, directory_page.directory_page)
+
     @app.route("/pricing", methods=["GET"])
     def pricing(self, request):
         who = self._gate(request)
@@ -788,6 +801,70 @@ class UiApp:
         ctx.flash.append(("ok", f"Virtual key {shown['key_alias'] or shown['key_name']} created."))
         view = await views.virtual_keys(self.services)
         return self._html(request, 201, await pages.keys_page(ctx, view, created={"secret": key, **shown}))
+
+    @app.route("/teams", methods=["POST"])
+    async def create_record(self, request):
+        """Add an organisation, team, user or customer (as /team/new ... do)."""
+        who, form = self._form_gate(request)
+        kind = (form.get("kind") or "").strip()
+        store = self.services.directory
+        if store is None or kind not in directory_view.ID_FIELDS:
+            return self._failed(request, who, "/teams", ProxyError(400, "invalid_kind", "choose a team, organisation, user or customer"))
+        record_id = (form.get("id") or "").strip() or (None if kind == "customer" else str(uuid.uuid4()))
+        try:
+            if record_id is None:
+                raise ValueError("a customer needs an id: the id its requests name in 'user'")
+            fields = directory_view.validate(kind, directory_view.form_body(kind, form, update=False), update=False)
+            await store.create(kind, record_id, fields)
+        except Exception as e:
+            return self._failed(request, who, "/teams", ProxyError(400, "invalid_record", _message(e)))
+        self._emit("directory_create", who, kind=kind, record_id=record_id)
+        return self._done(request, who, f"/teams#{kind}-{record_id}", f"{kind.title()} {record_id} added.",
+                          {"kind": kind, "id": record_id})
+
+    @app.route("/teams/<kind>/<record_id>", methods=["POST"])
+    async def update_record(self, request, kind, record_id):
+        who, form = self._form_gate(request)
+        store = self.services.directory
+        back = f"/teams#{kind}-{record_id}"
+        if store is None or kind not in directory_view.ID_FIELDS or store.get(kind, record_id) is None:
+            return self._failed(request, who, "/teams", ProxyError(404, "not_found", f"no {kind} {record_id!r}"))
+        try:
+            fields = directory_view.validate(kind, directory_view.form_body(kind, form, update=True), update=True)
+            await store.update(kind, record_id, fields)
+        except Exception as e:
+            return self._failed(request, who, back, ProxyError(400, "invalid_record", _message(e)))
+        self._emit("directory_update", who, kind=kind, record_id=record_id, fields=sorted(fields))
+        return self._done(request, who, back, f"{kind.title()} {record_id} saved.", {"kind": kind, "id": record_id})
+
+    @app.route("/teams/<kind>/<record_id>/reset", methods=["POST"])
+    async def reset_record(self, request, kind, record_id):
+        who, form = self._form_gate(request)
+        store = self.services.directory
+        if store is None or kind not in directory_view.ID_FIELDS or store.get(kind, record_id) is None:
+            return self._failed(request, who, "/teams", ProxyError(404, "not_found", f"no {kind} {record_id!r}"))
+        await self.services.budgets.set_spend(scope_name(kind, record_id), 0.0, who.actor)
+        self._emit("directory_reset", who, kind=kind, record_id=record_id)
+        return self._done(request, who, f"/teams#{kind}-{record_id}", f"Spend of {record_id} reset.",
+                          {"kind": kind, "id": record_id, "spend": 0.0})
+
+    @app.route("/teams/<kind>/<record_id>/delete", methods=["POST"])
+    async def delete_record(self, request, kind, record_id):
+        who, form = self._form_gate(request)
+        store = self.services.directory
+        if store is None or kind not in directory_view.ID_FIELDS or store.get(kind, record_id) is None:
+            return self._failed(request, who, "/teams", ProxyError(404, "not_found", f"no {kind} {record_id!r}"))
+        keys = self.services.keys
+        if kind in ("team", "user") and keys is not None:
+            # As the key API's /team/delete and /user/delete: their keys go too.
+            filters = {"team_id": record_id} if kind == "team" else {"user_id": record_id}
+            hashes = [vk.token_hash for vk in keys.list(page=1, size=10**9, **filters).keys]
+            if hashes:
+                await keys.delete(hashes)
+        await store.delete(kind, [record_id])
+        self._emit("directory_delete", who, kind=kind, record_id=record_id)
+        return self._done(request, who, "/teams", f"{kind.title()} {record_id} deleted.", {"kind": kind, "id": record_id,
+                                                                                             "deleted": True})
 
     @app.route("/keys/revoke", methods=["POST"])
     async def revoke_vkey(self, request):

@@ -50,6 +50,7 @@ NAV = (
     ("budgets", "/budgets", "Budgets"),
     ("providers", "/providers", "Providers & keys"),
     ("keys", "/keys", "Virtual keys"),
+    ("teams", "/teams", "Teams & budgets"),
     ("pricing", "/pricing", "Pricing coverage"),
     ("models", "/models", "Model table"),
 )

@@ -69,6 +69,9 @@ class Services:
     keys: Any = None
     audit: Any = None
     model_table: Any = None
+    # The key API's users, teams, organisations and customers, and their spend.
+    directory: Any = None
+    budgets: Any = None
 
 
 # --- days and periods ---------------------------------------------------------------

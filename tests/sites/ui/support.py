@@ -108,6 +108,8 @@ class UiHarness:
             audit=self.h.audit,
             keys=self.keys,
             live_interval=0.1,
+            directory=self.h.directory,
+            budgets=self.h.keys_api.budgets,
         )
         kwargs.update(self.ui_kwargs)
         self.ui = UiApp(**kwargs)

@@ -296,6 +296,7 @@ class NegotiationTests(UiCase):
         "/providers": {"providers", "unconfigured"},
         "/budgets": {"agents", "behaviors"},
         "/keys": {"enabled", "keys"},
+        "/teams": {"enabled", "org", "team", "user", "customer"},
         "/pricing": {"unpriced", "priced", "snippet"},
     }
 

@@ -19,6 +19,7 @@ from urllib.parse import quote
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
+from cllama_tx.identity.teams import member_entry
 from cllama_tx.providers.keys import classify_failure
 from cllama_tx.sites.ui.app import UiApp
 from cllama_tx.sites.ui.auth import clean_name
@@ -135,6 +136,12 @@ class EscapingTests(TestCase):
             key_alias=VKEY, team_id=VKEY, user_id=VKEY_USER, models=[VKEY], max_budget=1.0, budget_duration="30d", duration="7d"
         )
         yield self.harness.record(vk.user_id, now - 30, cost=0.2, key=vk)
+        # Teams, organisations, users and customers named with markup (the key API takes any name).
+        yield h.directory.create("org", VKEY, {"alias": VKEY})
+        yield h.directory.create("team", VKEY, {"alias": VKEY, "org": VKEY, "models": [VKEY],
+                                                "members": {VKEY_USER: member_entry("user", None, {}, now)}})
+        yield h.directory.create("user", VKEY_USER, {"alias": VKEY_USER})
+        yield h.directory.create("customer", VKEY_USER, {"max_budget": 1.0})
         yield h.committed()
         self.client = self.harness.client
         yield self.client.sign_in(name=OPERATOR)
@@ -190,6 +197,7 @@ class EscapingTests(TestCase):
             "/budgets": (POD, TIER, TIER_MODEL),
             f"/budgets?edit={BAD_AGENT}": (POD, TIER, TIER_MODEL),
             "/keys": (POD, VKEY, VKEY_USER),
+            "/teams": (POD, VKEY, VKEY_USER),
             "/pricing": (POD, MODEL),
             "/models": (POD, TABLE_MODEL, TABLE_ALIAS),
         }
