@@ -57,7 +57,7 @@ MAX_LIST_PAGE = 1000
 #: The first path segments of the management API (the API site hands these to it).
 MANAGEMENT_PREFIXES = (
     "key", "team", "user", "organization", "customer", "end_user", "model", "model_group", "v1/model", "v2/model",
-    "global", "spend", "health", "api/spend",
+    "v2/user", "v2/team", "global", "spend", "health", "api/spend",
 )
 _MANAGEMENT_STARTS = tuple(f"/{prefix}/".encode() for prefix in MANAGEMENT_PREFIXES) + (b"/global/spend",)
 

@@ -397,6 +397,8 @@ class ApiApp:
     @app.route("/model_group/<path:rest>", methods=MANAGEMENT_METHODS)
     @app.route("/v1/model/<path:rest>", methods=MANAGEMENT_METHODS)
     @app.route("/v2/model/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/v2/user/<path:rest>", methods=MANAGEMENT_METHODS)
+    @app.route("/v2/team/<path:rest>", methods=MANAGEMENT_METHODS)
     @app.route("/global/spend", methods=MANAGEMENT_METHODS)
     @app.route("/global/spend/<path:rest>", methods=MANAGEMENT_METHODS)
     @app.route("/spend/<path:rest>", methods=MANAGEMENT_METHODS)

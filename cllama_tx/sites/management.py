@@ -107,6 +107,7 @@ class ManagementApi:
             add("POST", ("/team/update",), t.update)
             add("POST DELETE", ("/team/delete",), t.delete)
             add("GET", ("/team/list",), t.list)
+            add("GET", ("/v2/team/list",), t.list_v2)
             add("POST", ("/team/member_add",), t.member_add)
             add("POST", ("/team/member_delete",), t.member_delete)
             add("POST", ("/team/member_update",), t.member_update)
@@ -121,6 +122,7 @@ class ManagementApi:
             add("POST", ("/user/update",), u.update)
             add("POST DELETE", ("/user/delete",), u.delete)
             add("GET", ("/user/list",), u.list)
+            add("GET", ("/v2/user/info",), u.info_v2)
         o = self.organizations
         if o is not None:
             add("POST", ("/organization/new",), o.new)

@@ -25,6 +25,7 @@ from cllama_tx.identity.teams import (
 from cllama_tx.sites.admin_http import (
     KeyApiError,
     arg,
+    int_arg,
     json_answer,
     read_body,
     required_text,
@@ -158,6 +159,29 @@ class TeamsApi(RecordApi):
             if (user_id is None or user_id in t.members) and (org_id is None or t.org == org_id)
         ]
         return json_answer(request, 200, [await self.info_of(t) for t in teams])
+
+    @record_answers
+    async def list_v2(self, request: Any) -> bytes:
+        """C{GET /v2/team/list?page=&page_size=&user_id=&organization_id=&team_alias=}: one page of teams."""
+        self.master(request)
+        page = int_arg(request, "page", 1, 1, None)
+        size = int_arg(request, "page_size", 10, 1, 100)
+        user_id = arg(request, "user_id")
+        org_id = arg(request, "organization_id")
+        alias = arg(request, "team_alias")
+        teams = [
+            t for t in self.directory.all("team")
+            if (user_id is None or user_id in t.members) and (org_id is None or t.org == org_id)
+            and (alias is None or t.alias == alias)
+        ]
+        chosen = teams[(page - 1) * size: page * size]
+        return json_answer(request, 200, {
+            "teams": [await self.info_of(t) for t in chosen],
+            "total": len(teams),
+            "page": page,
+            "page_size": size,
+            "total_pages": -(-len(teams) // size),
+        })
 
     @record_answers
     async def member_add(self, request: Any) -> bytes:

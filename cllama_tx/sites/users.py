@@ -106,6 +106,12 @@ class UsersApi(RecordApi):
         })
 
     @record_answers
+    async def info_v2(self, request: Any) -> bytes:
+        """C{GET /v2/user/info?user_id=}: the user object alone (LiteLLM's lightweight form)."""
+        self.master(request)
+        return json_answer(request, 200, await self.info_of(self.found(arg(request, "user_id"))))
+
+    @record_answers
     async def update(self, request: Any) -> bytes:
         """C{POST /user/update} C{{"user_id", ...}}: the fields given; C{spend} sets the spend."""
         self.master(request)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import calendar
 import datetime
+import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -24,6 +25,8 @@ from cllama_tx.governance.periods import (
 from cllama_tx.identity.budget_docs import budget_doc, period_of
 
 UTC = datetime.timezone.utc
+# LiteLLM's package would fetch its price list from the network at import.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
 def at(*parts: int) -> float:
