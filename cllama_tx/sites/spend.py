@@ -80,7 +80,9 @@ def spend_log(row: Mapping[str, Any], key: Any = None) -> dict[str, Any]:
     hash).  C{key} is the row's virtual key, when known (its alias and
     tags are in the log, as LiteLLM's metadata has them).
     """
-    tags = list(getattr(key, "tags", ()) or ())
+    key_metadata = getattr(key, "metadata", None) or {}
+    tags = list(dict.fromkeys([*(getattr(key, "tags", ()) or ()),
+                               *[t for t in key_metadata.get("tags") or () if isinstance(t, str)]]))
     metadata = {
         "user_api_key": row["key_id"],
         "user_api_key_alias": getattr(key, "key_alias", None),
@@ -90,6 +92,8 @@ def spend_log(row: Mapping[str, Any], key: Any = None) -> dict[str, Any]:
         "cllama_request_id": row["request_id"],
         "agent": row["agent"],
         "status": "success" if 200 <= row["status"] < 300 else "failure",
+        # What the key's metadata asks to be carried on its spend logs (LiteLLM's spend_logs_metadata).
+        "spend_logs_metadata": key_metadata.get("spend_logs_metadata"),
     }
     return {
         "request_id": row.get("response_id") or row["request_id"],

@@ -368,6 +368,13 @@ class SpendTests(ManagementCase):
         code, body = await self.call("get", "/spend/logs", params={"api_key": "not-a-key"})
         self.assertError(code, body, 400, "api_key")
 
+    async def test_tags_and_metadata_reach_the_logs(self):
+        key = await self.mint(tags=["prod"], metadata={"tags": ["sandbox", "prod"], "spend_logs_metadata": {"run": 7}})
+        answer = await self.chat(key)
+        [line] = await self.ok("get", "/spend/logs", params={"request_id": answer["id"]})
+        self.assertEqual(line["request_tags"], ["prod", "sandbox"])
+        self.assertEqual(line["metadata"]["spend_logs_metadata"], {"run": 7})
+
     async def test_global_reports(self):
         await self.traffic()
         cost = {h: sum(r["cost_usd"] for r in self.rows if r["key_id"] == h) for h in {r["key_id"] for r in self.rows}}
