@@ -769,9 +769,10 @@ class Governance:
         if limit is not None and refusal.reported_cost_usd + (worst or 0.0) <= limit + EPSILON_USD:
             return litellm_errors.held_in_flight(level.entity, int(retry) if retry else 1, extra)
         detail = None
-        if refusal.min_request_cost_usd is not None and refusal.reported_cost_usd < (limit or 0.0):
-            detail = (f"this request can cost up to {_dollars(refusal.min_request_cost_usd)} and "
-                      f"{_dollars(refusal.remaining_usd or 0.0)} is left")
+        if refusal.input_cost_usd is not None and refusal.reported_cost_usd < (limit or 0.0):
+            # What the contract's message says too: what is left, what the prompt alone costs.
+            detail = (f"{_dollars(refusal.remaining_usd or 0.0)} left, this request's input alone costs about "
+                      f"{_dollars(refusal.input_cost_usd)}")
         return litellm_errors.budget_exceeded(
             level.entity, refusal.reported_cost_usd, level.max_budget if level.max_budget is not None else limit,
             detail, int(retry) if retry else None, extra,
