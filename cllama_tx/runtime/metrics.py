@@ -243,7 +243,7 @@ class Metrics:
             ["provider", "status"], namespace=ns, registry=r,
         )
         self.budget_refusals = Counter(
-            "budget_refusals", "Requests refused 429 by governance (budgets, rate limits), by error code.",
+            "budget_refusals", "Requests refused 429 (or a key's 422) by governance (budgets, rate limits), by error code.",
             ["code"], namespace=ns, registry=r,
         )
         self.inflight_streams = Gauge(
@@ -316,7 +316,7 @@ class Metrics:
         if status >= 500 and reached and code not in _NOT_UPSTREAM:
             label = _TRANSPORT_LABELS.get(code, str(status) if status <= 599 else "other")
             self._child(self.upstream_errors, provider, label).inc()
-        if status == 429 and not reached:
+        if status in (422, 429) and not reached:
             # Governance refuses before anything is sent; a provider's own
             # 429 (or every key cooling down) has upstream_called set.
             self._child(self.budget_refusals, str(code)[:MAX_LABEL_CHARS] if code else "unknown").inc()
