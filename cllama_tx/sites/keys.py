@@ -39,6 +39,7 @@ from cllama_tx.identity.litellm_fields import money, parse_duration
 from cllama_tx.identity.operator import OperatorGuard
 from cllama_tx.identity.virtual_keys import (
     KEY_FIELDS,
+    KeyPage,
     VirtualKey,
     hash_key,
     looks_like_virtual_key,
@@ -137,6 +138,8 @@ class KeyApi:
         self._spend_of = spend_of
         self._audit = audit
         self.budgets = ScopeBudgets(ledger, governance, clock, audit)
+        #: The directory (teams a user is in, for include_team_keys), when the daemon has one.
+        self.directory: Any = None
         self.health = HealthApi(store, ledger, clock, self.auth, readiness_timeout)
 
     @property
@@ -342,23 +345,36 @@ class KeyApi:
     @answers
     async def list(self, request: Any) -> bytes:
         """
-        C{GET /key/list?page=&size=&team_id=&user_id=&organization_id=&key_alias=&key_hash=&return_full_object=}:
-        token hashes (or info objects), newest first.
+        C{GET /key/list?page=&size=&team_id=&user_id=&organization_id=&key_alias=&key_hash=&return_full_object=&include_team_keys=}:
+        token hashes (or info objects), newest first; with C{include_team_keys}
+        a user's keys and those of the teams the user is in.
         """
         self.require_master(request)
         page = int_arg(request, "page", 1, 1, None)
         size = int_arg(request, "size", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
         full = bool_arg(request, "return_full_object")
         key_hash = arg(request, "key_hash")
-        found = self._store.list(
-            team_id=arg(request, "team_id"),
-            user_id=arg(request, "user_id"),
-            key_alias=arg(request, "key_alias"),
-            organization_id=arg(request, "organization_id"),
-            token_hash=token_hash_of(key_hash) if key_hash else None,
-            page=page,
-            size=size,
-        )
+        filters = {
+            "team_id": arg(request, "team_id"),
+            "user_id": arg(request, "user_id"),
+            "key_alias": arg(request, "key_alias"),
+            "organization_id": arg(request, "organization_id"),
+            "token_hash": token_hash_of(key_hash) if key_hash else None,
+        }
+        teams = self.directory.teams_of(filters["user_id"]) if (
+            bool_arg(request, "include_team_keys") and filters["user_id"] and self.directory is not None) else []
+        if teams:
+            # The user's keys and the keys of the user's teams (LiteLLM's include_team_keys).
+            user_keys = self._store.list(page=1, size=10**9, **filters).keys
+            team_keys = [vk for team in teams
+                         for vk in self._store.list(page=1, size=10**9, **{**filters, "user_id": None,
+                                                                              "team_id": team}).keys]
+            merged = sorted({vk.token_hash: vk for vk in (*user_keys, *team_keys)}.values(),
+                            key=lambda vk: (vk.created_at, vk.token_hash), reverse=True)
+            found = KeyPage(keys=tuple(merged[(page - 1) * size: page * size]), total_count=len(merged),
+                            current_page=page, total_pages=-(-len(merged) // size))
+        else:
+            found = self._store.list(page=page, size=size, **filters)
         keys: list[Any] = []
         for vk in found.keys:
             keys.append(await self.describe(vk) if full else vk.token_hash)

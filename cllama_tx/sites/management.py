@@ -194,6 +194,7 @@ def build_management(keys_api: Any, billing: Any, *, directory: Any = None, mode
     spend = getattr(billing, "spend", None)
     if directory is None:
         return ManagementApi(keys_api, spend)
+    keys_api.directory = directory
     common = (keys_api.auth, directory, keys_api, keys_api.budgets, audit)
     return ManagementApi(
         keys_api,

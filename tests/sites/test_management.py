@@ -332,6 +332,14 @@ class KeyEndpointTests(ManagementCase):
         self.assertEqual(listed["keys"], [hash_key(first)])
         listed = await self.ok("get", "/key/list", params={"key_hash": hash_key(first), "return_full_object": "true"})
         self.assertEqual([k["organization_id"] for k in listed["keys"]], ["o1"])
+        # A user's keys, and with include_team_keys those of the user's teams.
+        await self.ok("post", "/team/new", {"team_id": "t1", "members_with_roles": [{"role": "user", "user_id": "u1"}]})
+        own = await self.mint(user_id="u1")
+        team_key = await self.mint(team_id="t1")
+        listed = await self.ok("get", "/key/list", params={"user_id": "u1"})
+        self.assertEqual(listed["keys"], [hash_key(own)])
+        listed = await self.ok("get", "/key/list", params={"user_id": "u1", "include_team_keys": "true"})
+        self.assertEqual(listed["keys"], [hash_key(team_key), hash_key(own)])
 
 
 class SpendTests(ManagementCase):
