@@ -702,11 +702,12 @@ class WorkersTests(TestCase):
         return process, transport, ports, pids
 
     @defer.inlineCallbacks
-    def spread_requests(self, process, api, batch=4, most=8):
+    def spread_requests(self, process, api, batch=6, most=16):
         """
         Requests held in flight, each on its own connection, a few at once
         (one at a time, the worker the kernel wakes first takes most of
-        them), until both workers hold one: the proof that both serve.
+        them; a worker accepts at most 4 per wake-up, so a batch of 6 needs
+        two accepts), until both workers hold one: the proof that both serve.
         """
         gate = defer.Deferred()
         answer = openai_completion("hi", "gpt-4o-mini", 5, 1)
