@@ -305,7 +305,10 @@ class ReloadOnHangup(service.Service):
             return
 
         def hangup(signum, frame):
-            self.reactor.callFromThread(self.operations.reload, "SIGHUP")
+            # A signal is for this host (a supervisor sends it to each of its
+            # workers): not announced to the fleet, unlike a reload asked
+            # through the operator API.
+            self.reactor.callFromThread(self.operations.reload, "SIGHUP", False)
 
         try:
             self._previous = signal.signal(signal.SIGHUP, hangup)
