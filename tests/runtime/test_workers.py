@@ -801,8 +801,11 @@ class WorkersTests(TestCase):
         return raw
 
     @defer.inlineCallbacks
-    def streams_on_both_workers(self, process, port, pieces=8, delay=0.4, batch=4, most=6):
-        """Slow streams, a few at once, until each worker relays one."""
+    def streams_on_both_workers(self, process, port, pieces=8, delay=0.4, batch=6, most=10):
+        """
+        Slow streams, a few at once, until each worker relays one (a batch
+        of 6 needs two accepts: a worker takes at most 4 per wake-up).
+        """
         chunks = openai_sse_events(openai_stream_chunks([str(i) for i in range(pieces)], "gpt-4o-mini", 5, pieces))
         self.fake.enqueue(*[Reply(sse=chunks, delay_between_chunks=delay) for _ in range(batch * most)])
         streams = []

@@ -76,11 +76,12 @@ class WorkersShareKeysAndSessionsTests(TestCase):
             if x["type"] == kind and all(x.get(k) == v for k, v in fields.items())
         ]
 
-    async def on_both_workers(self, send, seen, batch=4, most=10):
+    async def on_both_workers(self, send, seen, batch=6, most=16):
         """
         C{send()} a few at a time, on connections of their own, until
         C{seen()} (the audit lines they wrote) names both workers; every
-        answer must be a success.  Returns the answers.
+        answer must be a success.  Returns the answers.  (A batch of 6 needs
+        two accepts: a worker takes at most 4 connections per wake-up.)
         """
         answers = []
         for _ in range(most):
