@@ -210,12 +210,28 @@ CREATE TABLE directory (
 );
 """
 
+# Requested names mapped to available models, by an operator or the LLM
+# resolver (cllama_tx.governance.mapping_store), shared by every instance.
+_MODEL_MAPPINGS = """
+CREATE TABLE model_mappings (
+    name TEXT PRIMARY KEY,
+    target TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    confirmed_at DOUBLE PRECISION,
+    created_by TEXT,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "ledger, virtual keys and coordination tables", _LEDGER + _KEYS + _COORDINATION),
     (2, "operator UI sessions; virtual keys by alias", _UI_SESSIONS),
     (3, "Responses conversations kept for translated providers", _CONVERSATIONS),
     (4, "virtual keys: LiteLLM's key fields; ledger rows' organisation, customer and answer id", _KEY_FIELDS),
     (5, "the key API's users, teams, organisations, customers and models", _DIRECTORY),
+    (6, "model mappings: requested names mapped by an operator or the LLM resolver", _MODEL_MAPPINGS),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -42,6 +42,7 @@ CHANGE_KINDS = frozenset({
     "reload",            # an operator reload: contexts, policy, pricing, model table
     "provider_keys",     # subject: provider name: a key added, removed, enabled or disabled
     "ui_session",        # subject: the session's public id (signed out)
+    "model_mapping",     # subject: the requested name (set, confirmed or deleted)
 })
 
 SQLITE_COORDINATION_SCHEMA = """
