@@ -129,3 +129,27 @@ class IPricing(Interface):
         Return C{(cost_usd, priced)} for a L{Usage}: C{priced} is false when
         the model has no price (cost 0.0, counted as unpriced).
         """
+
+
+class IRequestPolicy(Interface):
+    """
+    The policy plane (ADR-025): an evaluator the proxy consults about each
+    governed request, over HTTP (L{cllama_tx.governance.policy_sidecar}) or
+    in process (an operator's plugin, L{cllama_tx.governance.policy_plugin}).
+
+    Each hook takes one call object of L{cllama_tx.governance.policy_plane}
+    and returns a Deferred (a plugin may also return the value itself, or a
+    coroutine) of that module's decision: a L{GateDecision}, a
+    L{Decoration}, a L{ResponseDecision}, or a dict in the sidecar's wire
+    shape, or None for "no opinion".  A failure, or no answer within the
+    operator's timeout, makes the proxy treat the policy as unavailable.
+    """
+
+    def gate_request(call):
+        """Allow or deny a request before it is dispatched, optionally filtering its tools."""
+
+    def decorate(call):
+        """Messages or a system text to add to the request before it is sent."""
+
+    def gate_response(call):
+        """Allow, deny or amend a whole answer (for a stream: allow or deny its head)."""
