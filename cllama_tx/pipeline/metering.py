@@ -91,6 +91,10 @@ class Exchange:
     conversation: dict | None = None
     response_id: str | None = None
     error_code: str | None = None  # the ProxyError code the request ended with, if any
+    # The policy plane's state of this request (pipeline/policy_hooks.py), when a policy governs it.
+    policy: Any = None
+    # A 2xx answer the policy refused to deliver: billed as one the agent walked away from.
+    answer_refused: bool = False
 
 
 def answer_id(ex: Exchange, upstream_id: Any, upstream_format: str) -> str | None:
@@ -149,7 +153,8 @@ def billed_usage(ex: Exchange, status: int) -> tuple[Usage, bool]:
 
     An answer the agent got (2xx), walked away from (499), or got part of
     before it broke (C{ex.delivered}: a provider reset, a close, an idle
-    cut, an agent stall cut) is billed: with the provider's count when its
+    cut, an agent stall cut), or that the policy refused to deliver
+    (C{ex.answer_refused}) is billed: with the provider's count when its
     final count arrived; else with what arrived of it (Anthropic's
     C{message_start} input) completed by an estimate, the output never
     below what the relayed text and bytes amount to
@@ -160,7 +165,7 @@ def billed_usage(ex: Exchange, status: int) -> tuple[Usage, bool]:
     usage = ex.usage if ex.usage is not None else Usage()
     if not (ex.upstream_called and ex.surface.billable):
         return usage, False
-    if not (200 <= status < 300 or status == CLIENT_CLOSED or ex.delivered):
+    if not (200 <= status < 300 or status == CLIENT_CLOSED or ex.delivered or ex.answer_refused):
         return usage, False
     final = usage.seen if ex.usage_final is None else ex.usage_final
     if final:
