@@ -33,6 +33,7 @@ from cllama_tx.identity.operator import OperatorGuard, request_source
 from cllama_tx.identity.principals import KeyPrincipal, MasterPrincipal
 from cllama_tx.identity.virtual_keys import hash_key, looks_like_virtual_key
 from cllama_tx.pipeline.metering import AGENT_STALLED, CLIENT_CLOSED, Exchange, answer_id
+from cllama_tx.pipeline.policy_hooks import PolicyHooks
 from cllama_tx.pipeline.relay import (
     HOP_BY_HOP,
     AgentStalled,
@@ -142,8 +143,11 @@ class Proxy:
         inflight=None,
         agent_stall_timeout: float | None = None,
         conversations: ConversationStore | SharedConversations | None = None,
+        policy: PolicyHooks | None = None,
     ) -> None:
         self._inflight = inflight
+        # The policy plane (ADR-025); None: no policy, and nothing paid for one.
+        self._policy = policy
         # The Responses surface's memory of the answers it translated.
         self._conversations = conversations if conversations is not None else ConversationStore(clock)
         # How long an agent may leave a stream unread (None: the idle timeout).
@@ -233,6 +237,8 @@ class Proxy:
                 self._governance.abandon(ex, admitted)
                 return
         admission = ex.admission = admitted
+        if self._policy is not None:
+            doc = await self._policy.before_dispatch(ex, context, doc)
         candidates = admission.candidates
         for index, ref in enumerate(candidates):
             try:
@@ -266,6 +272,8 @@ class Proxy:
         upstream_doc["model"] = ref.model
         if ex.surface.api_format == RESPONSES:
             upstream_doc = await self._continue_conversation(upstream_doc, ex, upstream_format)
+        if ex.policy is not None:
+            upstream_doc = ex.policy.decorated(upstream_doc)
         upstream_doc, upstream_path = self._translate_request(upstream_doc, ex, upstream_format, request.requestHeaders)
         openrouter_models = admission.openrouter_models
         if openrouter_models and ref.provider == "openrouter":
@@ -723,6 +731,9 @@ class Proxy:
             return
         content_type = _first(response.headers, b"content-type") or b""
         if content_type.startswith(b"text/event-stream"):
+            if ex.policy is not None:
+                # Deny-only, before the first byte reaches the agent.
+                await ex.policy.gate_stream(ex, response, request.responseHeaders)
             # inflight_streams: up when the relay starts, down when it ends (any way).
             with self._metrics.streaming() if self._metrics is not None else contextlib.nullcontext():
                 await self._relay_stream(request, response, ex, api_format)
@@ -906,6 +917,8 @@ class Proxy:
             body = self._translate_body(ex.crossing, ex, status, body, doc)
             if 200 <= status < 300:
                 self._keep_conversation(ex)
+        if ex.policy is not None and 200 <= status < 300:
+            body = await ex.policy.gate_response(ex, status, body, request.responseHeaders)
         settlement = await self._settle_then(request, ex, status)
         if settlement is not None:
             request.setHeader(b"x-cllama-cost-usd", _money(settlement.row.cost_usd).encode())
