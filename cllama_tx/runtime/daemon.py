@@ -54,6 +54,7 @@ from cllama_tx.runtime.drain import DrainService, InFlight
 from cllama_tx.runtime.errors import ConfigError
 from cllama_tx.runtime.fleet import Fleet
 from cllama_tx.runtime.metrics import Metrics
+from cllama_tx.runtime.policy import build_policy
 from cllama_tx.runtime.tls import upstream_tls_policy
 from cllama_tx.runtime.upstream import UpstreamClient
 from cllama_tx.runtime.worker import adopt_listener
@@ -559,6 +560,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         metrics=metrics,
         inflight=inflight,
         conversations=fleet.conversations() if fleet is not None else None,
+        # The policy sidecar or plugin (ADR-025), if the operator set one.
+        policy=build_policy(config, reactor, shared, metering=metering, audit=audit),
     )
     # One throttle of wrong operator credentials (UI token, master key) for
     # every place that compares one: guessing on one slows all of them.
