@@ -65,8 +65,21 @@ class ErrorShapeTests(SynchronousTestCase):
         event = sse_error_event(ProxyError(502, "upstream_interrupted", "cut"), ANTHROPIC)
         self.assertTrue(event.startswith(b"event: error\ndata: "))
         self.assertTrue(event.endswith(b"\n\n"))
-        event = sse_error_event(ProxyError(502, "upstream_interrupted", "cut"), OPENAI)
-        self.assertEqual(json.loads(event[len(b"data: "):])["error"]["code"], "upstream_interrupted")
+        # The chat surface as the reference sends it: a named error event.
+        event = sse_error_event(ProxyError(504, "upstream_timeout", "upstream stream idle timeout: slow"), OPENAI)
+        self.assertTrue(event.startswith(b"event: error\ndata: "))
+        self.assertEqual(
+            json.loads(event[len(b"event: error\ndata: "):]),
+            {"error": {"message": "upstream stream idle timeout: slow", "type": "api_error", "code": "upstream_timeout"}},
+        )
+
+    def test_budget_refusals_carry_their_code_in_the_anthropic_shape(self):
+        for code in ("budget_exceeded", "rate_limited"):
+            body = json.loads(error_body(ProxyError(429, code, "budget exceeded", error_type=code), ANTHROPIC))
+            self.assertEqual(body, {"type": "error", "error": {"type": code, "message": "budget exceeded", "code": code}})
+        # Other refusals keep Anthropic's shape exactly.
+        body = json.loads(error_body(ProxyError(429, "too_many_attempts", "wait"), ANTHROPIC))
+        self.assertEqual(body, {"type": "error", "error": {"type": "rate_limit_error", "message": "wait"}})
 
 
 class InterventionLineTests(SynchronousTestCase):

@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from cllama_tx.identity.throttle import FailureThrottle
 from tests.secret_scan import SCANNER
 from tests.sources import client_from
-from tests.support import AGENT, MASTER_KEY, SECRET, UI_TOKEN, ProxyHarness, chat_body
+from tests.support import AGENT, MASTER_KEY, SECRET, UI_TOKEN, ProxyHarness, chat_body, write_agent
 
 WRONG = "sk-wrong-guess-000000000000000000000000000000000"
 
@@ -71,7 +71,7 @@ class OperatorGuardTests(TestCase):
         # without being compared.
         answers = yield defer.gatherResults([self.get(path, f"guess-{n}") for n in range(200)])
         codes = [response.code for response, _ in answers]
-        self.assertEqual((codes.count(401), codes.count(429)), (6, 194))
+        self.assertEqual((codes.count(403), codes.count(429)), (6, 194))
         refused = next(body for response, body in answers if response.code == 429)
         error = json.loads(refused)["error"]
         self.assertEqual((error["code"], error["type"]), ("too_many_attempts", "rate_limit_error"))
@@ -154,10 +154,15 @@ class OperatorGuardTests(TestCase):
         self.assertEqual(json.loads(body)["info"]["spend"], 0.0)
 
     @defer.inlineCallbacks
-    def test_an_agent_secret_is_not_the_operator_token(self):
+    def test_an_agent_reads_only_its_own_history(self):
+        # Its own credentials read its own history (as the reference allows)...
         response, body = yield self.get(f"/history/{AGENT}", f"{AGENT}:{SECRET}")
-        self.assertEqual(response.code, 401)
-        self.assertEqual(json.loads(body)["error"]["code"], "operator_token_required")
+        self.assertEqual((response.code, body), (200, b""))
+        # ...not another agent's: a wrong token, counted.
+        write_agent(self.h.context_root, "other", SECRET)
+        response, body = yield self.get("/history/other", f"{AGENT}:{SECRET}")
+        self.assertEqual(response.code, 403)
+        self.assertEqual(json.loads(body)["error"]["code"], "invalid_credentials")
         # No credential at all is no guess.
         response = yield self.client().get(self.h.base_url + f"/history/{AGENT}")
         self.assertEqual(response.code, 401)

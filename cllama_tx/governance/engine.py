@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cllama_tx.accounting.usage import estimate_prompt_tokens
-from cllama_tx.governance import litellm_errors
+from cllama_tx.governance import budget_audit, litellm_errors
 from cllama_tx.governance.budgets import (
     BUDGET_EXCEEDED,
     HARD_STOP,
@@ -187,7 +187,11 @@ class Governance:
         min_output_tokens: int = DEFAULT_MIN_OUTPUT_TOKENS,
         coordinator=None,
         directory=None,
+        budget_fail_open: bool = False,
     ) -> None:
+        # CLLAMA_BUDGET_FAIL_MODE=open: a budget that cannot be evaluated
+        # is audited and passed over instead of refusing the request.
+        self._budget_fail_open = budget_fail_open
         # Several instances on one store: admission under the store's locks.
         self._coordinator = coordinator
         # Users, teams, organisations and customers (the levels above a key).
@@ -396,8 +400,46 @@ class Governance:
     def admit(self, ex, context, doc: dict) -> Admission:
         """
         Decide the model and admit the request, or raise the ProxyError to
-        answer with.  Nothing is held when this raises.
+        answer with.  Nothing is held when this raises.  A budget or rate
+        refusal is audited as the reference names it (C{budget_exceeded},
+        C{rate_limited}) before the error line.  (A Deferred of the
+        admission when several instances share the store.)
         """
+        try:
+            admitted = self._admit(ex, context, doc)
+        except ProxyError as error:
+            self._audit_refusal(ex, error)
+            raise
+        if isinstance(admitted, defer.Deferred):
+
+            def refused(failure: Failure) -> Failure:
+                if isinstance(failure.value, ProxyError):
+                    self._audit_refusal(ex, failure.value)
+                return failure
+
+            admitted.addErrback(refused)
+        return admitted
+
+    def _audit_refusal(self, ex, error: ProxyError) -> None:
+        named = budget_audit.refusal_intervention(error)
+        if named is not None:
+            name, details = named
+            self._intervention(ex, name, **details)
+
+    def _budget_unavailable(self, ex, scope: str | None, error: ProxyError) -> None:
+        """
+        A budget that cannot be evaluated: audited as
+        C{budget_check_unavailable}; then, unless the fail mode is open,
+        the request is refused with C{error} (503).
+        """
+        self._intervention(
+            ex, budget_audit.BUDGET_CHECK_UNAVAILABLE,
+            **budget_audit.unavailable(scope, error.message, self._budget_fail_open),
+        )
+        if not self._budget_fail_open:
+            raise error
+
+    def _admit(self, ex, context, doc: dict) -> Admission:
         requested = doc.get("model") if "model" in doc else None
         bare = BARE_REF_PROVIDER if ex.surface.name == ANTHROPIC_MESSAGES else None
         decision = self.router.resolve(context, requested, self.policy(context), bare)
@@ -445,7 +487,13 @@ class Governance:
             admission.levels = {level.scope: level for level in levels}
         admission.token_estimate = estimate_prompt_tokens(doc, ex.surface.api_format)
         shape = read_request(doc, ex.body_size)
-        scopes = self.scopes(context, levels)
+        try:
+            scopes = self.scopes(context, levels)
+        except ProxyError as error:
+            if error.code != budget_audit.BUDGET_UNAVAILABLE:
+                raise
+            self._budget_unavailable(ex, context.agent_id, error)
+            scopes = []  # open: admitted without the budgets
         self._check_ledger(ex, scopes)
         rates = self._rate_checks(context, levels)
         parallel = self._parallel_checks(levels)
@@ -484,7 +532,12 @@ class Governance:
         if scopes:
             scope, budget, tz = scopes[0]
             admission.budget_label = budget.label
-            self._apply_tiers(ex, admission, scope, budget, tz)
+            try:
+                self._apply_tiers(ex, admission, scope, budget, tz)
+            except ProxyError as error:
+                if error.code != budget_audit.BUDGET_UNAVAILABLE:
+                    raise
+                self._budget_unavailable(ex, scope, error)
         self._check_parallel(admission, parallel or [])
         try:
             self._check_rates(admission, rates, shape)
@@ -492,7 +545,12 @@ class Governance:
             if worst is not None:
                 shape, worst = self._fit_output(admission, scopes, shape, worst)
             for scope, budget, tz in scopes:
-                self._reserve(admission, scope, budget, tz, worst, shape)
+                try:
+                    self._reserve(admission, scope, budget, tz, worst, shape)
+                except ProxyError as error:
+                    if error.code != budget_audit.BUDGET_UNAVAILABLE:
+                        raise
+                    self._budget_unavailable(ex, scope, error)
         except ProxyError:
             self._release_rate(admission)
             self._release_parallel(admission)
@@ -500,6 +558,11 @@ class Governance:
                 self.book.release(held)
             admission.reservations = []
             raise
+        for held in admission.reservations:
+            if held.alert and held.alert_reason in budget_audit.REFUSALS:
+                # soft_alert over its limit: the reference's refusal name, no refusal.
+                self._intervention(ex, held.alert_reason, behavior=held.budget.behavior,
+                                   window=held.budget.label, scope=held.agent)
         limit = admission.output_limit
         if limit is not None:
             thinking = {}
@@ -565,10 +628,15 @@ class Governance:
                 log.warn("shared store unavailable for an admission: {error}", error=failure.getErrorMessage())
             else:
                 log.failure("shared admission failed", failure)
-            raise ProxyError(
+            refusal = ProxyError(
                 503, "store_unavailable", "budget and rate limit enforcement is unavailable: the shared store "
                 "cannot be reached", retry_after=LEDGER_RETRY_AFTER,
             )
+            scope = scopes[0][0] if scopes else None
+            self._budget_unavailable(ex, scope, refusal)
+            # Open: decided by this instance alone, on what it knows.
+            admission.output_limit = None
+            return self._decide(ex, context, admission, scopes, shape, rates, parallel)
 
         work = self._coordinator.admit(budget_scopes, rate_scopes, decide).addCallbacks(written, failed)
         # The caller may be cancelled (its agent left) while the store works:
@@ -634,8 +702,15 @@ class Governance:
         if self._ledger is None or not ex.surface.billable:
             return
         reason = self._ledger.admission_refusal(budgeted=bool(scopes))
-        if reason is not None:
-            raise ProxyError(503, "ledger_unavailable", reason, retry_after=LEDGER_RETRY_AFTER)
+        if reason is None:
+            return
+        refusal = ProxyError(503, "ledger_unavailable", reason, retry_after=LEDGER_RETRY_AFTER)
+        if scopes and self._ledger.admission_refusal(budgeted=False) is None:
+            # Only the budget is in the way: its spend could be counted in
+            # memory only.  A fail mode of open lets the request go on.
+            self._budget_unavailable(ex, scopes[0][0], refusal)
+            return
+        raise refusal
 
     def _check_rates(self, admission: Admission, checks: list, shape: RequestShape) -> None:
         """
@@ -872,7 +947,8 @@ def _dollars(value: float) -> str:
 
 def build_governance(*, clock, pricing, metering, governance_dir, policy_file, unpriced, default_rpm, default_tpm,
                      runtime_overrides=None, alerts=None, ledger=None, router=None,
-                     min_output_tokens=DEFAULT_MIN_OUTPUT_TOKENS, coordinator=None, directory=None):
+                     min_output_tokens=DEFAULT_MIN_OUTPUT_TOKENS, coordinator=None, directory=None,
+                     budget_fail_mode=budget_audit.DEFAULT_FAIL_MODE):
     """The daemon's Governance, wired to metering (interventions, settlement)."""
     from cllama_tx.governance.budgets import BudgetBook
 
@@ -891,6 +967,7 @@ def build_governance(*, clock, pricing, metering, governance_dir, policy_file, u
         min_output_tokens=min_output_tokens,
         coordinator=coordinator,
         directory=directory,
+        budget_fail_open=budget_fail_mode == budget_audit.FAIL_OPEN,
     )
     metering.on_settled.append(governance.finish)
     metering.on_recorded.append(governance.after_record)

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from cllama_tx.accounting.history import HistoryEntry, history_usage, json_response, sse_response
 from cllama_tx.accounting.usage import estimate_output_tokens, estimate_prompt_tokens
 from cllama_tx.governance.engine import Admission
+from cllama_tx.pipeline.failover_reasons import EXHAUSTED_FAILOVER, POOL_REASONS, candidate_fallback
 from cllama_tx.store.records import LedgerRow, Usage, rfc3339_ms
 from cllama_tx.surfaces.bridges import Crossing
 from cllama_tx.surfaces.translate_common import chat_id_from_message_id, message_id_from_chat_id
@@ -118,8 +119,14 @@ def answer_id(ex: Exchange, upstream_id: Any, upstream_format: str) -> str | Non
 
 
 def audit_fields(row: LedgerRow) -> dict:
-    """A settled request's fields on its C{response}/C{error} audit line."""
-    return {
+    """
+    A settled request's fields on its C{response}/C{error} audit line.
+    Tokens that could not be priced leave C{cost_usd} out (as the
+    reference writes it: absent, not 0, so a sum never counts an unknown
+    price as free; C{priced} is false); a request that cost nothing
+    (refused, free, no usage) says 0.
+    """
+    fields = {
         "status_code": row.status,
         "latency_ms": row.latency_ms,
         "ttfb_ms": row.ttfb_ms,
@@ -137,6 +144,9 @@ def audit_fields(row: LedgerRow) -> dict:
         "priced": row.priced,
         "estimated": row.estimated,
     }
+    if not row.priced and (row.prompt_tokens or row.output_tokens):
+        del fields["cost_usd"]
+    return fields
 
 
 @attrs.frozen
@@ -211,8 +221,16 @@ class Metering:
             stream=ex.stream,
         )
 
-    def failover(self, ex: Exchange, from_ref, to_ref, reason: str) -> None:
-        """A C{failover} line: one candidate failed, the next is tried."""
+    def failover(self, ex: Exchange, from_ref, to_ref, reason: str, detail: str = "", slot_index: int = 1) -> None:
+        """
+        One candidate failed, the next is tried: the lines the reference
+        writes for it, in its order (C{provider_candidate_fallback:<reason>}
+        unless the key pool failed, the C{failover} line with C{reason} a
+        code and C{slot_index} the next candidate's, then
+        C{provider_exhausted_failover}); the words are in C{detail}.
+        """
+        if reason not in POOL_REASONS:
+            self.intervention(ex, candidate_fallback(reason))
         self._audit.emit(
             "failover",
             ex.claw_id,
@@ -223,7 +241,11 @@ class Metering:
             to_provider=to_ref.provider,
             to_model=to_ref.model,
             reason=reason,
+            detail=detail,
+            slot_index=slot_index,
+            latency_ms=round((self._clock.seconds() - ex.started) * 1000, 3),
         )
+        self.intervention(ex, EXHAUSTED_FAILOVER)
 
     def intervention(self, ex: Exchange, name: str, **details) -> None:
         """An C{intervention} line: the proxy changed what the agent asked for."""

@@ -32,6 +32,8 @@ from cllama_tx.identity.authenticate import (
 from cllama_tx.identity.operator import OperatorGuard, request_source
 from cllama_tx.identity.principals import KeyPrincipal, MasterPrincipal
 from cllama_tx.identity.virtual_keys import hash_key, looks_like_virtual_key
+from cllama_tx.pipeline import failover_reasons
+from cllama_tx.pipeline.content_coding import UndecodableBody, decoded
 from cllama_tx.pipeline.metering import AGENT_STALLED, CLIENT_CLOSED, Exchange, answer_id
 from cllama_tx.pipeline.policy_hooks import PolicyHooks
 from cllama_tx.pipeline.relay import (
@@ -98,11 +100,15 @@ class AgentGone(Exception):
 
 
 class Failover(Exception):
-    """This candidate failed before anything reached the agent: try the next."""
+    """
+    This candidate failed before anything reached the agent: try the next.
+    C{reason} is the audit's code (L{failover_reasons}), C{detail} its words.
+    """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.detail = detail
 
 
 # Failures that move a request to its next candidate model (CONTRACT 4).
@@ -246,7 +252,7 @@ class Proxy:
                 return
             except Failover as hop:
                 following = candidates[index + 1]
-                self._metering.failover(ex, ref, following, hop.reason)
+                self._metering.failover(ex, ref, following, hop.reason, hop.detail, index + 1)
                 request.responseHeaders = Headers()
                 request.setResponseCode(200)
 
@@ -303,7 +309,8 @@ class Proxy:
             response, buffered = await self._send_with_pool(resolved, url, headers, body, ex)
         except ProxyError as error:
             if not last and error.code in FAILOVER_CODES:
-                raise Failover(error.message) from None
+                reason = failover_reasons.reason_for(error, answered=False, stream=ex.stream, got_bytes=False)
+                raise Failover(reason, error.message) from None
             raise
         if (
             buffered is not None
@@ -320,12 +327,14 @@ class Proxy:
         if response.code >= 500 and not last:
             if buffered is None:
                 await read_body(response)
-            raise Failover(f"provider {ref.provider!r} answered {response.code}")
+            raise Failover(failover_reasons.http_status(response.code), f"provider {ref.provider!r} answered {response.code}")
         try:
             await self._relay(request, response, buffered, ex, upstream_format)
         except ProxyError as error:
             if not last and not request.startedWriting and error.code in FAILOVER_CODES:
-                raise Failover(error.message) from None
+                got_bytes = ex.first_byte_at is not None
+                reason = failover_reasons.reason_for(error, answered=True, stream=ex.stream, got_bytes=got_bytes)
+                raise Failover(reason, error.message) from None
             raise
 
     def authenticate(self, headers: Headers, request=None):
@@ -664,19 +673,21 @@ class Proxy:
             return passthrough
         retry_after = pool.retry_after(model)
         if retry_after is not None:
-            raise ProxyError(
+            raise failover_reasons.KeysUnavailable(
                 429,
                 "provider_keys_exhausted",
                 f"every key of provider {ex.provider!r} is cooling down after rate limits",
                 retry_after=max(1, int(retry_after)),
+                reason=failover_reasons.PROVIDER_COOLDOWN,
             )
         # Every key is dead: the next re-probe may bring one back.
         reprobe = pool.next_probe_in()
-        raise ProxyError(
+        raise failover_reasons.KeysUnavailable(
             503,
             "provider_keys_exhausted",
             f"no usable key left for provider {ex.provider!r}",
             retry_after=min(60, reprobe) if reprobe is not None else 60,
+            reason=failover_reasons.pool_reason(False, len(tried) >= MAX_TRIES),
         )
 
     async def _send(self, url: bytes, headers: Headers, body: bytes, ex: Exchange):
@@ -692,7 +703,8 @@ class Proxy:
         timer = self.clock.callLater(max(remaining, 0.0), expire)
         ex.cancel = d.cancel
         try:
-            return await d
+            # A body compressed anyway is read decoded (content_coding).
+            return decoded(await d)
         except Exception as e:
             if ex.gone:
                 raise AgentGone() from None
@@ -1042,9 +1054,17 @@ def _describe(error: BaseException) -> str:
 
 def _relay_error(error: Exception, ex: Exchange) -> ProxyError:
     if isinstance(error, UpstreamTimeout):
+        if error.phase == "data":
+            # The reference's words for the idle cut, then ours.
+            return ProxyError(
+                504, "upstream_timeout",
+                f"upstream stream idle timeout: provider {ex.provider!r} sent nothing for {error.seconds:g} s",
+            )
         return ProxyError(504, "upstream_timeout", f"provider {ex.provider!r} {error}")
     if isinstance(error, AgentStalled):
         return ProxyError(AGENT_STALLED, "agent_stalled", f"stream cut: {error}")
+    if isinstance(error, UndecodableBody):
+        return ProxyError(502, "upstream_invalid", f"provider {ex.provider!r} sent a compressed body: {error}")
     reason = error.value if isinstance(error, Failure) and error.value is not None else error
     return ProxyError(
         502,

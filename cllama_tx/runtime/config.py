@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from cllama_tx.governance.budget_audit import parse_fail_mode
 from cllama_tx.governance.output_limit import DEFAULT_MIN_OUTPUT_TOKENS
 from cllama_tx.runtime.errors import ConfigError
 from cllama_tx.runtime.worker_env import WorkerEnvError, WorkerRole, parse_count, parse_role
@@ -185,6 +186,14 @@ def _count(env: Mapping[str, str], name: str) -> int | None:
     return int(raw)
 
 
+def _budget_fail_mode(env: Mapping[str, str]) -> str:
+    """CLLAMA_BUDGET_FAIL_MODE: open or closed (the default); a typo stops the start."""
+    try:
+        return parse_fail_mode(env.get("CLLAMA_BUDGET_FAIL_MODE"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _budget_min_output_tokens(env: Mapping[str, str]) -> int:
     """CLLAMA_BUDGET_MIN_OUTPUT_TOKENS: a whole number, 0 turns lowering off."""
     value = _count(env, "CLLAMA_BUDGET_MIN_OUTPUT_TOKENS")
@@ -305,6 +314,9 @@ class Config:
     # The shortest answer a budget lowers max_tokens to instead of
     # refusing; 0: never lower (docs/BUDGETS.md).
     budget_min_output_tokens: int
+    # What a budget that cannot be evaluated does: closed refuses (503),
+    # open lets the request go on (docs/BUDGETS.md).
+    budget_fail_mode: str
     alert_webhooks: str | None = attrs.field(repr=False)  # URLs embed tokens
     # The operator UI without authentication: only by explicit choice.
     ui_no_auth: bool
@@ -381,6 +393,7 @@ class Config:
             default_rpm=_count(env, "CLLAMA_DEFAULT_RPM"),
             default_tpm=_count(env, "CLLAMA_DEFAULT_TPM"),
             budget_min_output_tokens=_budget_min_output_tokens(env),
+            budget_fail_mode=_budget_fail_mode(env),
             alert_webhooks=env.get("CLLAMA_ALERT_WEBHOOKS") or None,
             ui_no_auth=env.get("CLLAMA_UI_NO_AUTH", "").lower() in ("1", "true", "yes"),
             ui_allowed_hosts=frozenset(

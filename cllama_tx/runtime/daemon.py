@@ -529,6 +529,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         default_rpm=config.default_rpm,
         default_tpm=config.default_tpm,
         min_output_tokens=config.budget_min_output_tokens,
+        budget_fail_mode=config.budget_fail_mode,
         runtime_overrides=None,
         alerts=alerts,
         ledger=ledger,

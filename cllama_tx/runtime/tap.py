@@ -44,6 +44,7 @@ _ENV_OPTIONS = [
     ("unpriced-budget", None, "CLLAMA_UNPRICED_BUDGET", "refuse or allow requests for unpriced models under a dollar budget [env CLLAMA_UNPRICED_BUDGET, default refuse]"),
     ("default-rpm", None, "CLLAMA_DEFAULT_RPM", "requests per minute per agent unless its metadata sets rate_limits.rpm [env CLLAMA_DEFAULT_RPM]"),
     ("default-tpm", None, "CLLAMA_DEFAULT_TPM", "tokens per minute per agent unless its metadata sets rate_limits.tpm [env CLLAMA_DEFAULT_TPM]"),
+    ("budget-fail-mode", None, "CLLAMA_BUDGET_FAIL_MODE", "closed: a request whose budget cannot be evaluated gets 503; open: it goes on, audited as budget_check_unavailable [env CLLAMA_BUDGET_FAIL_MODE, default closed]"),
     ("budget-min-output-tokens", None, "CLLAMA_BUDGET_MIN_OUTPUT_TOKENS", "the shortest answer a dollar budget lowers max_tokens to instead of refusing; 0 never lowers [env CLLAMA_BUDGET_MIN_OUTPUT_TOKENS, default 256]"),
     ("master-key", None, "CLLAMA_MASTER_KEY", "master key of the virtual key API (LITELLM_MASTER_KEY also read); prefer the environment [env CLLAMA_MASTER_KEY]"),
     ("alert-webhooks", None, "CLLAMA_ALERT_WEBHOOKS", "comma-separated webhook URLs (json:, slack:, discord: prefixes) for budget alerts [env CLLAMA_ALERT_WEBHOOKS]"),

@@ -25,7 +25,8 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from cllama_tx.accounting.history import clamp_limit
 from cllama_tx.identity.authenticate import identify
-from cllama_tx.identity.operator import OperatorGuard, bearer_matches, request_source
+from cllama_tx.identity.history_access import history_allowed, presented_token
+from cllama_tx.identity.operator import OperatorGuard, request_source
 from cllama_tx.identity.tokens import MalformedCredentials, parse_credentials
 from cllama_tx.pipeline.proxy import Proxy, Surface, new_request_id
 from cllama_tx.sites.guard import ConnectionGuard, GuardedRequest, GuardedSite, refuse_request
@@ -420,22 +421,30 @@ class ApiApp:
     @app.route("/history/<agent>", methods=["GET"])
     async def agent_history(self, request, agent):
         """
-        Any agent's session history, for the operator.  The UI token is
-        compared only when the caller's address need not wait (see
-        L{OperatorGuard}); a wrong one is counted.
+        An agent's session history, for the operator (the UI token), the
+        agent itself (its own credentials) or a replay service (a
+        C{cllama-history} token of its context's C{service-auth/}), as
+        the reference allows.  No token is a 401, a token that may not
+        read this history a 403 (the same for an agent that does not
+        exist).  Tokens are compared only when the caller's address need
+        not wait (see L{OperatorGuard}); a wrong one is counted.
         """
-        authorization = request.getHeader(b"authorization")
-        if self._ui_token is None or not authorization:
-            return _error(request, ProxyError(401, "operator_token_required", "operator token required"))
+        token = presented_token(request.getHeader(b"authorization"), request.getHeader(b"x-api-key"))
+        if token is None:
+            return _error(request, ProxyError(
+                401, "missing_credentials",
+                "send Authorization: Bearer <token>: the operator token, the agent's own credentials "
+                "or a cllama-history replay token",
+            ))
         source = request_source(request)
         wait = self._guard.refusal(source, "history")
         if wait is not None:
             request.setHeader(b"retry-after", str(wait).encode("ascii"))
-            message = f"too many wrong operator tokens from this address: the next one is compared in {wait} s"
+            message = f"too many wrong tokens from this address: the next one is compared in {wait} s"
             return _error(request, ProxyError(429, "too_many_attempts", message, retry_after=wait))
-        if not bearer_matches(authorization, self._ui_token):
+        if not history_allowed(token, agent, self._contexts, self._ui_token):
             self._guard.failed(source, "history")
-            return _error(request, ProxyError(401, "operator_token_required", "operator token required"))
+            return _error(request, ProxyError(403, "invalid_credentials", "this token may not read this history"))
         return await self._history_lines(request, agent)
 
     async def _history_lines(self, request, agent: str):

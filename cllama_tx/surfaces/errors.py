@@ -18,6 +18,10 @@ ANTHROPIC = "anthropic"
 # mid-stream events (error, then response.failed).
 RESPONSES = "responses"
 
+#: The codes of budget refusals (CONTRACT 6): their body says the code in
+#: every shape, the Anthropic one included.
+BUDGET_REFUSALS = frozenset({"budget_exceeded", "rate_limited"})
+
 # HTTP status -> the error type each surface uses for it.
 _OPENAI_TYPES = {
     400: "invalid_request_error",
@@ -77,7 +81,12 @@ def error_body(error: ProxyError, shape: str) -> bytes:
     """The JSON body for C{error} in the surface's shape."""
     kind = error.error_type or error_type(error.status, shape)
     if shape == ANTHROPIC:
-        doc = {"type": "error", "error": {"type": kind, "message": error.message}}
+        inner = {"type": kind, "message": error.message}
+        if error.code in BUDGET_REFUSALS:
+            # As on the chat surface (and the reference, which answers
+            # budget refusals in one shape): tooling reads error.code.
+            inner["code"] = error.wire_code or error.code
+        doc: dict = {"type": "error", "error": inner}
     elif shape == RESPONSES:
         doc = {"error": {"message": error.message, "type": kind, "param": error.param,
                          "code": error.wire_code or error.code}}
@@ -93,12 +102,11 @@ def error_body(error: ProxyError, shape: str) -> bytes:
 
 def sse_error_event(error: ProxyError, shape: str) -> bytes:
     """
-    A mid-stream error as one SSE event: Anthropic's C{event: error}, or an
-    OpenAI-style C{data:} line carrying the error object.  (The Responses
-    surface ends a stream with two events that need the stream's state:
-    L{cllama_tx.surfaces.responses_shapes.failure_events}.)
+    A mid-stream error as one SSE C{event: error} carrying the error body
+    in the surface's shape: Anthropic's, or on the chat surface the
+    reference proxy's (C{{"error": {"message", ...}}}), which the official
+    OpenAI SDKs raise as C{APIError} (docs/REFERENCE_PARITY.md).  (The
+    Responses surface ends a stream with two events that need the
+    stream's state: L{cllama_tx.surfaces.responses_shapes.failure_events}.)
     """
-    body = error_body(error, shape)
-    if shape == ANTHROPIC:
-        return b"event: error\ndata: " + body + b"\n\n"
-    return b"data: " + body + b"\n\n"
+    return b"event: error\ndata: " + error_body(error, shape) + b"\n\n"

@@ -175,7 +175,9 @@ class LoweringTests(SynchronousTestCase):
         self.assertAlmostEqual(budget["min_request_cost_usd"], (size * OPUS_IN + 256 * OPUS_OUT) / 1e6)
         self.assertEqual((budget["limit_usd"], budget["reported_cost_usd"]), (1.0, 0.99))
         self.assertEqual(error.retry_after, 3600)  # when the $0.99 leaves the window
-        self.assertEqual(self.interventions, [])
+        # Nothing lowered: the refusal's own line only, as the reference names it.
+        self.assertEqual(self.interventions, [("budget_exceeded", {
+            "status_code": 429, "retry_after": 3600, "behavior": "hard_stop", "window": "1h", "limit_usd": 1.0})])
         self.assertEqual(self.book.usage("cc", self.governance.budget(agent)).reserved_usd, 0.0)
 
     def test_retry_after_is_for_the_floor(self) -> None:
@@ -224,7 +226,7 @@ class LoweringTests(SynchronousTestCase):
         with self.assertRaises(ProxyError) as caught:
             self.admit(agent, doc)
         self.assertEqual((caught.exception.code, caught.exception.retry_after), ("budget_exceeded", 1))
-        self.assertEqual(self.interventions, [])
+        self.assertEqual([name for name, _details in self.interventions], ["budget_exceeded"])  # nothing lowered
 
     def test_lowered_below_what_is_in_flight(self) -> None:
         """A request the budget cannot pay in full is lowered to what is left now, requests in flight counted."""

@@ -409,7 +409,11 @@ class SpendAndHistoryViewTests(MeteringCase):
     def test_operator_history(self):
         yield self.traffic()
         url = self.h.base_url + f"/history/{AGENT}"
-        refused = yield self.h.http.get(url, headers={"Authorization": f"Bearer {AGENT}:{SECRET}"})
-        self.assertEqual(refused.code, 401)
+        # As the reference allows: the agent's own credentials read it too.
+        own = yield self.h.http.get(url, headers={"Authorization": f"Bearer {AGENT}:{SECRET}"})
+        self.assertEqual((own.code, len((yield own.content()).splitlines())), (200, 2))
+        refused = yield self.h.http.get(url, headers={"Authorization": f"Bearer {AGENT}:wrong"})
+        self.assertEqual(refused.code, 403)
+        self.assertEqual((yield refused.json())["error"]["code"], "invalid_credentials")
         response = yield self.h.http.get(url, headers={"Authorization": f"Bearer {UI_TOKEN}"})
         self.assertEqual(len((yield response.content()).splitlines()), 2)

@@ -90,8 +90,8 @@ class LoweringDaemonTests(TestCase):
         self.assertTrue(0 < left < size * IN + FLOOR * OUT, refusal)
         self.assertEqual(
             refusal["error"],
-            {"type": "budget_exceeded", "message": f"budget exceeded: {dollars(left)} left, this request's input alone "
-                                                   f"costs about {dollars(size * IN)}"},
+            {"type": "budget_exceeded", "code": "budget_exceeded",
+             "message": f"budget exceeded: {dollars(left)} left, this request's input alone costs about {dollars(size * IN)}"},
         )
         self.assertEqual(len(fake.received), 1)
         yield process.wait_for_audit(lambda lines: any(line["type"] == "error" for line in lines))
