@@ -26,7 +26,7 @@ _PATH = re.compile(r"(?<![\w./-])cllama_tx/(?:[A-Za-z_]\w*/)*(?:[A-Za-z_]\w*\.py
 _DOTTED = re.compile(r"(?<![\w./-])cllama_tx(?:\.[A-Za-z_]\w*)+")
 
 # The rooms: the request's pure stages, between the pipeline and the store.
-ROOMS = frozenset({"identity", "providers", "surfaces", "governance", "accounting"})
+ROOMS = frozenset({"identity", "providers", "surfaces", "governance", "accounting", "discovery"})
 
 # What each part of the package may import (besides itself, the top-level
 # package, and anything outside cllama_tx).  Arrows point one way:

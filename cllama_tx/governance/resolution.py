@@ -197,6 +197,10 @@ class ProviderView:
     def names(self) -> list[str]:
         return []
 
+    def models(self) -> Mapping[str, tuple[str, ...]]:
+        """Each discovered local server's models, by provider (none here)."""
+        return {}
+
 
 EVERY_PROVIDER = ProviderView()
 """The default view: no registry, every provider configured."""
@@ -227,6 +231,10 @@ class RegistryView(ProviderView):
 
     def names(self) -> list[str]:
         return list(self._registry.names())
+
+    def models(self) -> Mapping[str, tuple[str, ...]]:
+        listed = getattr(self._registry, "discovered_models", None)
+        return listed() if listed is not None else {}
 
 
 def _invalid(message: str) -> PolicyRefusal:
@@ -426,6 +434,8 @@ class Router:
         if self._pricing is not None:
             prices = self._pricing.table
             catalog = [f"{name}/{model}" for name in self._view.names() for model in sorted(prices.get(name, {}))]
+        # Discovered local servers' models, as each lists them (unpriced unless the operator prices them).
+        catalog += [f"{name}/{model}" for name, models in sorted(self._view.models().items()) for model in models]
         key = getattr(principal, "key", None)
         key_aliases, team_aliases = self._aliases(principal)
         aliases = dict(key_aliases or {})

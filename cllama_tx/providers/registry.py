@@ -181,6 +181,12 @@ class ProviderRegistry(Service):
         """Every secret configured here (keys, organization, project), ever."""
         self.routes = None
         """The operator model table's deployments (L{cllama_tx.providers.model_table}), or None."""
+        self.discovered = None
+        """
+        Local model servers found by discovery (L{cllama_tx.discovery.registered}),
+        or None: asked only about names not configured here, so the catalog
+        and providers.json always win.
+        """
         self._build(self._load_file())
 
     @property
@@ -198,6 +204,10 @@ class ProviderRegistry(Service):
                 if self.routes is not None and "@" in name:
                     # A deployment of the operator model table (<provider>@<name>).
                     return self.routes.resolve(name)
+                if self.discovered is not None:
+                    found = self.discovered.resolve(name)  # raises for a server that is gone
+                    if found is not None:
+                        return found
                 raise UnknownProvider(name)
             raise ProviderNotConfigured(problem, name)
         pool = resolved.pool
@@ -209,21 +219,33 @@ class ProviderRegistry(Service):
         """Whether C{name} resolves now (known, complete, with a usable key or keyless)."""
         resolved = self._resolved.get(name)
         if resolved is None:
-            return False
+            return name not in self._specs and self.discovered is not None and self.discovered.configured(name)
         pool = resolved.pool
         return pool.keyless or bool(pool.enabled_count)
 
     def known(self, name: str) -> bool:
-        """Whether C{name} is a provider at all (the catalog or providers.json)."""
-        return name in self._specs
+        """Whether C{name} is a provider at all (the catalog, providers.json, discovery)."""
+        return name in self._specs or (self.discovered is not None and self.discovered.known(name))
 
     def spec_of(self, name: str) -> ProviderSpec | None:
         """C{name}'s spec as configured (effective base URL), or None."""
-        return self._specs.get(name)
+        spec = self._specs.get(name)
+        if spec is None and self.discovered is not None:
+            return self.discovered.spec_of(name)
+        return spec
 
     def names(self) -> list[str]:
-        """The sorted names of the providers that resolve now."""
-        return sorted(name for name in self._specs if self._problem(name) is None)
+        """The sorted names of the providers that resolve now (discovered servers included)."""
+        names = [name for name in self._specs if self._problem(name) is None]
+        if self.discovered is not None:
+            names.extend(n for n in self.discovered.names() if n not in self._specs)
+        return sorted(names)
+
+    def discovered_models(self) -> dict[str, tuple[str, ...]]:
+        """The models of each discovered server that answers now (not shadowed by a configured provider)."""
+        if self.discovered is None:
+            return {}
+        return {name: models for name, models in self.discovered.models().items() if name not in self._specs}
 
     def known_names(self) -> list[str]:
         """Every provider name, configured or not."""

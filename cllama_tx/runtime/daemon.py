@@ -53,6 +53,7 @@ from cllama_tx.runtime.descriptors import fit_descriptors
 from cllama_tx.runtime.drain import DrainService, InFlight
 from cllama_tx.runtime.errors import ConfigError
 from cllama_tx.runtime.fleet import Fleet
+from cllama_tx.runtime.local_servers import build_discovery, own_ports
 from cllama_tx.runtime.metrics import Metrics
 from cllama_tx.runtime.policy import build_policy
 from cllama_tx.runtime.tls import upstream_tls_policy
@@ -395,6 +396,7 @@ class Daemon(service.MultiService):
     ledger: SqliteLedger | PostgresLedger
     inflight: InFlight
     metrics: Metrics
+    discovery: Any  # cllama_tx.discovery.service.Discovery when discovery is on, else None
 
 
 def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
@@ -518,6 +520,13 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
     except ModelTableError as e:
         raise ConfigError(f"CLLAMA_MODEL_TABLE: {e}") from None
     router = Router(providers=providers, table=model_table, team_aliases=keys.team_aliases, pricing=pricing)
+    # Local model servers as keyless providers (off unless CLLAMA_DISCOVERY is on).
+    listeners: list[Listener] = []
+    discovery = None
+    if isinstance(providers, ProviderRegistry):
+        discovery = build_discovery(config, reactor, providers, lambda: own_ports(config, listeners))
+    if discovery is not None:
+        discovery.setServiceParent(shared)
     governance = build_governance(
         router=router,
         clock=reactor,
@@ -640,6 +649,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
             session_rows=session_rows,
             directory=directory,
             budgets=keys_api.budgets,
+            discovery=discovery,
         )
     )
     if fleet is not None:
@@ -652,7 +662,9 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
     role = config.worker  # a worker adopts the sockets its supervisor bound
     api_listener = Listener(reactor, config.api_endpoint, api_site, "API", role.api_fd if role else None)
     api_listener.setServiceParent(top)
-    Listener(reactor, config.ui_endpoint, ui_site, "UI", role.ui_fd if role else None).setServiceParent(top)
+    ui_listener = Listener(reactor, config.ui_endpoint, ui_site, "UI", role.ui_fd if role else None)
+    ui_listener.setServiceParent(top)
+    listeners.extend((api_listener, ui_listener))
     if banner is not None:
         BannerService(api_listener, banner).setServiceParent(top)
     # Handles for tests and tooling; not used by the services themselves.
@@ -664,4 +676,5 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
     top.ledger = ledger
     top.inflight = inflight
     top.metrics = metrics
+    top.discovery = discovery
     return top

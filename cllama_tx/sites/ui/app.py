@@ -61,6 +61,8 @@ from cllama_tx.sites.ui.auth import (
     session_cookie_name,
     token_matches,
 )
+from cllama_tx.sites.ui.discovery_page import TEMPLATES as DISCOVERY_TEMPLATES
+from cllama_tx.sites.ui.discovery_page import discovery_page, discovery_view
 from cllama_tx.sites.ui.live import LiveHub
 from cllama_tx.sites.ui.web import Static, Templates
 from cllama_tx.store.database import DatabaseUnavailable
@@ -121,11 +123,14 @@ class UiApp:
         allowed_hosts: frozenset[str] = frozenset(),
         model_table=None,
         session_rows: SessionRows | None = None,
+        discovery=None,
         directory=None,
         budgets=None,
     ) -> None:
         self._token = token.encode("utf-8") if token else None
         self.metrics = metrics
+        # Local model servers (cllama_tx.discovery), None when discovery is off.
+        self.discovery = discovery
         self._auth_disabled = bool(auth_disabled)
         if clock is None:
             clock = _WallClock()
@@ -156,6 +161,7 @@ class UiApp:
         self._refused_hosts: set[str] = set()
         self.templates = Templates(web_root)
         self.templates.require(pages.TEMPLATES | directory_page.TEMPLATES)
+        self.templates.require(DISCOVERY_TEMPLATES)
         self.static = Static(web_root)
         self._generation = 0
         self.live = LiveHub(clock, self._signature, interval=live_interval, session_valid=self.sessions.valid)
@@ -660,6 +666,26 @@ class UiApp:
     def model_table(self, request):
         who = self._gate(request)
         return self._page(request, who, views.model_table(self.services), pages.models_page)
+
+    @app.route("/discovery", methods=["GET"])
+    def discovery_servers(self, request):
+        """The local model servers discovery found, and how it is set (CLLAMA_DISCOVERY)."""
+        who = self._gate(request)
+        return self._page(request, who, discovery_view(self.discovery, self._clock.seconds()), discovery_page)
+
+    @app.route("/discovery/rediscover", methods=["POST"])
+    async def rediscover(self, request):
+        """Look for local model servers now; answers once the round is over (a few probe timeouts at most)."""
+        who, _ = self._form_gate(request)
+        if self.discovery is None:
+            off = ProxyError(409, "discovery_off", "discovery is off: set CLLAMA_DISCOVERY=on to find local model servers")
+            return self._failed(request, who, "/discovery", off)
+        servers = await self.discovery.rediscover()
+        up = [s["name"] for s in servers if s["state"] == "up"]
+        self._emit("discovery_rediscover", who, servers=up)
+        self._generation += 1
+        message = f"Looked again: {len(up)} local model server{'' if len(up) == 1 else 's'} up."
+        return self._done(request, who, "/discovery", message, {"servers": servers})
 
     @app.route("/events", methods=["GET"])
     async def events(self, request):

@@ -49,6 +49,7 @@ NAV = (
     ("requests", "/requests", "Requests"),
     ("budgets", "/budgets", "Budgets"),
     ("providers", "/providers", "Providers & keys"),
+    ("discovery", "/discovery", "Local servers"),
     ("keys", "/keys", "Virtual keys"),
     ("teams", "/teams", "Teams & budgets"),
     ("pricing", "/pricing", "Pricing coverage"),
