@@ -23,6 +23,7 @@ from cllama_tx.identity.contexts import ContextRegistry
 from cllama_tx.identity.directory import Directory
 from cllama_tx.identity.virtual_keys import VirtualKeyStore
 from cllama_tx.pipeline.metering import Metering
+from cllama_tx.pipeline.policy_hooks import PolicyHooks
 from cllama_tx.pipeline.proxy import Proxy
 from cllama_tx.providers.model_table import ModelTableFile
 from cllama_tx.providers.probe import UpstreamProber
@@ -85,7 +86,7 @@ class ProxyHarness:
                  history_dir=None, pricing_file=None, no_stream_options=frozenset(),
                  fake_providers=("openai",), governance_dir=None, policy_file=None, unpriced="refuse",
                  default_rpm=None, default_tpm=None, alert_webhooks=None, key_clock=None, tls_policy=None,
-                 agent_stall_timeout=None, provider_clock=None, model_table=None, keys=None):
+                 agent_stall_timeout=None, provider_clock=None, model_table=None, keys=None, policy=None):
         self.testcase = testcase
         # A started virtual key store of the test's own (one of several on a
         # shared database), instead of one on the harness's ledger file.
@@ -114,6 +115,8 @@ class ProxyHarness:
         # lets a test move key health on without waiting.
         self.provider_clock = provider_clock or reactor
         self.audit_stream = _WatchedStream()
+        # A PolicyPlane (ADR-025): the proxy consults its evaluator.
+        self.policy = policy
 
     @defer.inlineCallbacks
     def start(self):
@@ -222,6 +225,9 @@ class ProxyHarness:
             idle_timeout=self.idle_timeout,
             agent_stall_timeout=self.agent_stall_timeout,
             no_stream_options=self.no_stream_options,
+            policy=None if self.policy is None else PolicyHooks(
+                self.policy, clock=reactor, metering=self.metering, audit=self.audit
+            ),
         )
         self.keys_api = KeyApi(
             self.keys, MASTER_KEY, ledger=self.ledger, clock=reactor, governance=self.governance, audit=self.audit,
