@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 
 from cllama_tx.discovery import host
 from cllama_tx.discovery.docker_client import DockerApi
-from cllama_tx.discovery.probe import Prober
+from cllama_tx.discovery.probe import Prober, probe_agent
 from cllama_tx.discovery.service import Discovery
 from cllama_tx.discovery.settings import SettingsError, from_env
 from cllama_tx.runtime.config import Config, endpoint_port
@@ -51,7 +51,7 @@ def build_discovery(config: Config, reactor, registry, ports: Callable[[], Itera
         return None
     pool = HTTPConnectionPool(reactor, persistent=False)
     quiet_pool(pool)
-    agent = Agent(reactor, pool=pool, connectTimeout=settings.probe_timeout)
+    agent = probe_agent(reactor, pool, settings.probe_timeout)
     docker = None
     if settings.docker_socket is not None:
         docker = DockerApi(reactor, settings.docker_socket, max(settings.probe_timeout, DOCKER_TIMEOUT), pool=pool)

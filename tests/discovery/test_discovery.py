@@ -18,12 +18,12 @@ import tempfile
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 
 from cllama_tx.discovery import host
 from cllama_tx.discovery.docker_client import DockerApi
 from cllama_tx.discovery.netstat import ListeningSocket
-from cllama_tx.discovery.probe import Found, Miss, Prober
+from cllama_tx.discovery.probe import Found, Miss, Prober, probe_agent
 from cllama_tx.discovery.service import Discovery
 from cllama_tx.discovery.settings import DiscoverySettings
 from cllama_tx.governance.resolution import Router
@@ -82,7 +82,7 @@ class DiscoveryTests(TestCase):
         return server
 
     def discovery(self, settings, **kwargs):
-        prober = Prober(reactor, Agent(reactor, pool=self.pool), settings.probe_timeout)
+        prober = Prober(reactor, probe_agent(reactor, self.pool, settings.probe_timeout), settings.probe_timeout)
         found = Discovery(settings, reactor, self.registry, prober, **kwargs)
         # Not started: each test asks for its rounds (rediscover), nothing scheduled behind its back.
         return found

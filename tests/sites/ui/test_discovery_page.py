@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 
-from cllama_tx.discovery.probe import Prober
+from cllama_tx.discovery.probe import Prober, probe_agent
 from cllama_tx.discovery.service import Discovery
 from cllama_tx.discovery.settings import DiscoverySettings
 from cllama_tx.testing.local_servers import FakeLocalServer
@@ -44,7 +44,7 @@ class DiscoveryPageTests(UiCase):
         settings = DiscoverySettings(
             enabled=True, targets=(("127.0.0.1", self.ollama.port),), port_scan=False, docker_socket=None,
         )
-        self.discovery = Discovery(settings, reactor, None, Prober(reactor, Agent(reactor, pool=pool), 1.0))
+        self.discovery = Discovery(settings, reactor, None, Prober(reactor, probe_agent(reactor, pool, 1.0), 1.0))
         yield self.start(self.discovery)
         self.name = f"local-ollama-{self.ollama.port}"
 
