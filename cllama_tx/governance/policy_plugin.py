@@ -49,8 +49,12 @@ class PluginHost:
     env: Mapping[str, str] = attrs.field(repr=False)
 
 
-def _resolve(spec: str) -> Any:
-    """C{package.module:name} (or C{package.module.name}) -> the object."""
+def find_factory(spec: str) -> Any:
+    """
+    C{package.module:name} (or C{package.module.name}) -> the factory.
+
+    @raise PluginError: it cannot be imported or found, or is not callable.
+    """
     module_name, sep, attribute = spec.partition(":")
     if not sep:
         module_name, _, attribute = spec.rpartition(".")
@@ -66,6 +70,8 @@ def _resolve(spec: str) -> Any:
             target = getattr(target, part)
         except AttributeError:
             raise PluginError(f"{module_name!r} has no {attribute!r}") from None
+    if not callable(target):
+        raise PluginError(f"{spec!r} is not callable")
     return target
 
 
@@ -76,9 +82,7 @@ def load_plugin(spec: str, host: PluginHost) -> PluginPolicy:
     @raise PluginError: it cannot be imported, built, or does not provide
         the three hooks.
     """
-    factory = _resolve(spec)
-    if not callable(factory):
-        raise PluginError(f"{spec!r} is not callable")
+    factory = find_factory(spec)
     try:
         policy = factory(host)
     except Exception as e:

@@ -194,6 +194,26 @@ def _budget_fail_mode(env: Mapping[str, str]) -> str:
         raise ConfigError(str(e)) from None
 
 
+def _policy_settings(env: Mapping[str, str]):
+    """
+    The policy plane's settings (docs/POLICY.md): CLLAMA_POLICY_URL or
+    CLLAMA_POLICY_PLUGIN and their companions; a setting the daemon cannot
+    use, or a plugin that cannot be found, stops the start.
+    """
+    from cllama_tx.governance.policy_plugin import PluginError, find_factory
+    from cllama_tx.governance.policy_settings import PolicySettings, PolicySettingsError
+
+    try:
+        settings = PolicySettings.from_env(env)
+        if settings.plugin is not None:
+            find_factory(settings.plugin)
+    except PolicySettingsError as e:
+        raise ConfigError(str(e)) from None
+    except PluginError as e:
+        raise ConfigError(f"CLLAMA_POLICY_PLUGIN: {e}") from None
+    return settings
+
+
 def _budget_min_output_tokens(env: Mapping[str, str]) -> int:
     """CLLAMA_BUDGET_MIN_OUTPUT_TOKENS: a whole number, 0 turns lowering off."""
     value = _count(env, "CLLAMA_BUDGET_MIN_OUTPUT_TOKENS")
@@ -347,6 +367,8 @@ class Config:
     # process and no supervisor.  In a worker, the role its supervisor gave it.
     workers: int = 1
     worker: WorkerRole | None = None
+    # The policy plane's PolicySettings (cllama_tx.governance.policy_settings).
+    policy: object = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, demo: bool = False) -> Config:
@@ -413,4 +435,5 @@ class Config:
             env=env,
             workers=workers,
             worker=worker,
+            policy=_policy_settings(env),
         )

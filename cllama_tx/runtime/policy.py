@@ -30,10 +30,12 @@ def build_policy(config: Config, reactor, parent: service.MultiService, *, meter
 
     @raise ConfigError: settings or a plugin the daemon cannot start with.
     """
-    try:
-        settings = PolicySettings.from_env(config.env)
-    except PolicySettingsError as e:
-        raise ConfigError(str(e)) from None
+    settings = config.policy
+    if not isinstance(settings, PolicySettings):  # a Config not made by from_env
+        try:
+            settings = PolicySettings.from_env(config.env)
+        except PolicySettingsError as e:
+            raise ConfigError(str(e)) from None
     if not settings.enabled:
         return None
     for problem in settings.problems:
