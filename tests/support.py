@@ -32,7 +32,6 @@ from cllama_tx.runtime.audit import AuditLog
 from cllama_tx.runtime.config import LISTEN_BACKLOG
 from cllama_tx.runtime.twisted_private import pending_request_line
 from cllama_tx.runtime.upstream import UpstreamClient
-from cllama_tx.runtime.writethrough import install as install_write_through
 from cllama_tx.sites.api import ApiApp, build_api_site
 from cllama_tx.sites.billing import BillingApi
 from cllama_tx.sites.keys import KeyApi
@@ -50,11 +49,6 @@ UI_TOKEN = "operator-ui-token-3141"
 MASTER_KEY = "sk-master-key-for-tests-0123456789"
 
 SCANNER.register(SECRET, PROVIDER_KEY, UI_TOKEN, MASTER_KEY)
-
-# The daemon sends each reactor callback's TCP writes as it returns
-# (cllama_tx.runtime.writethrough); so do the in-process harnesses, so that the
-# suite runs the transports as served.
-install_write_through(reactor)
 
 
 # The in-process harnesses' context registries, by root.  The daemon's
@@ -86,8 +80,12 @@ class ProxyHarness:
                  history_dir=None, pricing_file=None, no_stream_options=frozenset(),
                  fake_providers=("openai",), governance_dir=None, policy_file=None, unpriced="refuse",
                  default_rpm=None, default_tpm=None, alert_webhooks=None, key_clock=None, tls_policy=None,
-                 agent_stall_timeout=None, provider_clock=None, model_table=None, keys=None, policy=None):
+                 agent_stall_timeout=None, provider_clock=None, model_table=None, keys=None, policy=None,
+                 lean=True):
         self.testcase = testcase
+        # The inference paths on the lean channel and client (the daemon's
+        # default), or twisted.web's (CLLAMA_LEAN_HTTP=0).
+        self.lean = lean
         # A started virtual key store of the test's own (one of several on a
         # shared database), instead of one on the harness's ledger file.
         self.keys = keys
@@ -148,7 +146,7 @@ class ProxyHarness:
                 "provider_pool", None, event.get("model"), **{k: v for k, v in event.items() if k != "model"}
             ),
         )
-        self.upstream = UpstreamClient(reactor, connect_timeout=5.0, tls_policy=self.tls_policy)
+        self.upstream = UpstreamClient(reactor, connect_timeout=5.0, tls_policy=self.tls_policy, lean=self.lean)
         self.providers.attach_prober(UpstreamProber(self.upstream, reactor))
         case.addCleanup(self.providers.stop_probes)
         case.addCleanup(self.upstream.close)
@@ -255,6 +253,7 @@ class ProxyHarness:
                 management=self.management,
             ),
             request_line=pending_request_line,
+            lean=self.lean,
         )
         self.operations = Operations(
             clock=reactor, audit=self.audit, ledger=self.ledger, governance=self.governance,

@@ -346,10 +346,14 @@ class Config:
     master_key: str | None = attrs.field(repr=False)
     # Operator CA bundle (PEM) trusted for upstream TLS besides the platform store.
     upstream_ca_file: str | None
-    # The writes one reactor callback makes on a plain TCP connection are sent
-    # together as it returns (see cllama_tx.runtime.writethrough); off keeps Twisted's
-    # buffered writes, sent on the next turn.
+    # The lean API channel and upstream client send with the socket's send()
+    # as each write is made while nothing waits in Twisted's buffer (see
+    # cllama_tx.sites.lean_http); off: every write takes Twisted's buffer.
     write_through: bool
+    # The inference paths on the lean HTTP/1.1 channel and the lean upstream
+    # client (cllama_tx.sites.lean_http, cllama_tx.runtime.lean_client); off:
+    # twisted.web's channel and Agent serve them as every other route.
+    lean_http: bool
     # Per listener: the connection cap, and the header, body and keep-alive
     # deadlines (see cllama_tx.sites.guard).
     max_connections: int
@@ -424,6 +428,7 @@ class Config:
             master_key=_master_key(env),
             upstream_ca_file=_ca_file(env),
             write_through=_switch(env, "CLLAMA_WRITE_THROUGH", True),
+            lean_http=_switch(env, "CLLAMA_LEAN_HTTP", True),
             max_connections=_cap(env, "CLLAMA_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
             ui_max_connections=_cap(env, "CLLAMA_UI_MAX_CONNECTIONS", DEFAULT_UI_MAX_CONNECTIONS),
             header_timeout=_seconds(env, "CLLAMA_HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT),

@@ -59,7 +59,6 @@ from cllama_tx.runtime.policy import build_policy
 from cllama_tx.runtime.tls import upstream_tls_policy
 from cllama_tx.runtime.upstream import UpstreamClient
 from cllama_tx.runtime.worker import adopt_listener
-from cllama_tx.runtime.writethrough import install as install_write_through
 from cllama_tx.sites.api import ApiApp, build_api_site
 from cllama_tx.sites.billing import BillingApi
 from cllama_tx.sites.guard import ConnectionGuard, GuardLimits
@@ -402,8 +401,6 @@ class Daemon(service.MultiService):
 def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
     # Say so at start-up when this Twisted lacks a private name we use (each has a fallback).
     twisted_private.report(log)
-    if config.write_through:
-        install_write_through(reactor)
     tune_gc(reactor)
     top = Daemon()
     inflight = InFlight()
@@ -549,7 +546,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
     contexts = ContextRegistry(context_root, reactor)  # every context loaded here
     contexts.watcher().setServiceParent(shared)
     upstream = UpstreamClient(
-        reactor, config.connect_timeout, tls_policy=upstream_tls_policy(config.upstream_ca_file)
+        reactor, config.connect_timeout, tls_policy=upstream_tls_policy(config.upstream_ca_file),
+        lean=config.lean_http, direct=config.write_through,
     )
     UpstreamService(upstream).setServiceParent(shared)
     if isinstance(providers, ProviderRegistry):
@@ -607,6 +605,8 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
             management=management,
         ),
         request_line=twisted_private.pending_request_line,
+        lean=config.lean_http,
+        direct=config.write_through,
     )
     operations = Operations(
         clock=reactor,

@@ -15,6 +15,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
+from cllama_tx.runtime.lean_client import LeanUpstream
 from cllama_tx.runtime.twisted_private import agent_steps, quiet_pool
 
 
@@ -47,6 +48,12 @@ class UpstreamClient:
     """
     The one HTTP client of the daemon: a persistent pool shared by every
     request, no redirects, no cookies.
+
+    @param lean: requests whose body is in memory go through
+        L{LeanUpstream} (the default); False, and bodies that stream:
+        through twisted.web's C{Agent} and its pool (C{CLLAMA_LEAN_HTTP=0}).
+    @param direct: the lean client sends with the socket's C{send()} where
+        it can (C{CLLAMA_WRITE_THROUGH}).
     """
 
     MAX_TARGETS = 256
@@ -57,8 +64,16 @@ class UpstreamClient:
         connect_timeout: float,
         tls_policy: IPolicyForHTTPS | None = None,
         max_per_host: int = 64,
+        lean: bool = True,
+        direct: bool = True,
     ) -> None:
         self._reactor = reactor
+        self.lean: LeanUpstream | None = None
+        if lean:
+            self.lean = LeanUpstream(
+                reactor, connect_timeout, tls_policy=tls_policy, max_per_host=max_per_host, idle_timeout=120,
+                direct=direct,
+            )
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         quiet_pool(self.pool)
         self.pool.maxPersistentPerHost = max_per_host
@@ -76,6 +91,8 @@ class UpstreamClient:
         self, method: bytes, url: bytes, headers: Headers, body: bytes | None
     ) -> defer.Deferred:
         """Send one request; the Deferred fires with the response headers."""
+        if self.lean is not None and (body is None or isinstance(body, bytes)):
+            return self.lean.request(method, url, headers, body)
         producer = BytesProducer(body) if body is not None else None
         steps = self._steps
         if steps is None:  # Agent.request raises on a bad URL: a failed Deferred, as below
@@ -102,4 +119,6 @@ class UpstreamClient:
         return target
 
     def close(self) -> defer.Deferred:
+        if self.lean is not None:
+            return defer.gatherResults([self.lean.close(), self.pool.closeCachedConnections()])
         return self.pool.closeCachedConnections()

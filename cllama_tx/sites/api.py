@@ -29,8 +29,9 @@ from cllama_tx.identity.history_access import history_allowed, presented_token
 from cllama_tx.identity.operator import OperatorGuard, request_source
 from cllama_tx.identity.tokens import MalformedCredentials, parse_credentials
 from cllama_tx.pipeline.proxy import Proxy, Surface, new_request_id
-from cllama_tx.sites.guard import ConnectionGuard, GuardedRequest, GuardedSite, refuse_request
+from cllama_tx.sites.guard import ConnectionGuard, GuardedRequest, GuardedSite
 from cllama_tx.sites.header_gate import HeaderGate, Refusal, refusal, shape_for_path
+from cllama_tx.sites.lean_http import LeanChannel, answer_refusal
 from cllama_tx.sites.management import build_management
 from cllama_tx.surfaces import matrix
 from cllama_tx.surfaces.errors import ANTHROPIC, OPENAI, ProxyError, error_body
@@ -191,19 +192,7 @@ class CappedRequest(GuardedRequest):
     def _answer(self, refused: Refusal, path: bytes) -> None:
         """Answer with C{refused}, audited, and read no more of this request."""
         self._refused = True
-        request_id = refused.request_id
-        if request_id is None:  # not settled by the proxy: audited here
-            request_id = new_request_id()
-            audit = self._site.audit
-            if audit is not None:
-                audit.emit(
-                    "error", None, None, request_id=request_id, status_code=refused.status, latency_ms=0,
-                    error=refused.message, path=path.decode("latin-1"),
-                )
-        headers = [(b"X-Cllama-Request-Id", request_id.encode("ascii"))]
-        if refused.retry_after is not None:
-            headers.append((b"Retry-After", b"%d" % refused.retry_after))
-        refuse_request(self, refused.status, refused.body, headers)
+        answer_refusal(self._site, self, refused, path)
 
 
 class ApiSite(GuardedSite, Site):
@@ -216,6 +205,11 @@ class ApiSite(GuardedSite, Site):
         line of the request whose headers a channel is reading; Twisted keeps
         it private until the body is in, so the runtime hands in its accessor
         (L{cllama_tx.runtime.twisted_private.pending_request_line}).
+    @param lean: connections start on the lean channel
+        (L{cllama_tx.sites.lean_http}), which serves the inference paths and
+        hands any other path to twisted.web; False: twisted.web serves all.
+    @param direct: the lean channel sends with the socket's C{send()}
+        where it can (C{CLLAMA_WRITE_THROUGH}).
     """
 
     requestFactory = CappedRequest
@@ -230,11 +224,15 @@ class ApiSite(GuardedSite, Site):
         guard: ConnectionGuard | None = None,
         *,
         request_line: Callable[[Any], tuple[bytes, bytes] | None],
+        lean: bool = True,
+        direct: bool = True,
     ):
         # No form parsing: twisted.web would otherwise build an email.Message
         # per POST to look at its Content-Type (a tenth of the per-request CPU).
         super().__init__(klein_resource, parsePOSTFormSubmission=False)
-        self._hot = hot
+        self._hot = self.hot = hot
+        self.lean = lean
+        self.direct = direct
         self.max_body_bytes = max_body_bytes
         self.audit = audit
         self.gate = gate
@@ -245,6 +243,11 @@ class ApiSite(GuardedSite, Site):
 
     def log(self, request):
         """No access log: the audit stream records every request already."""
+
+    def build_channel(self, addr):
+        if not self.lean:
+            return super().build_channel(addr)
+        return LeanChannel(self, lambda: Site.buildProtocol(self, addr), self.direct)
 
     def getResourceFor(self, request):
         request.site = self
@@ -542,6 +545,8 @@ def build_api_site(
     guard: ConnectionGuard | None = None,
     *,
     request_line: Callable[[Any], tuple[bytes, bytes] | None],
+    lean: bool = True,
+    direct: bool = True,
 ) -> ApiSite:
     surfaces = {surface.path.encode(): surface for surface in (CHAT, MESSAGES, COUNT_TOKENS, RESPONSES)}
     # The same surfaces without /v1, as LiteLLM serves them: SDKs given a
@@ -551,4 +556,7 @@ def build_api_site(
     gate = HeaderGate(proxy, surfaces, max_body_bytes)
     app = app or ApiApp()
     app.bind(proxy, audit)
-    return ApiSite(app.app.resource(), hot, max_body_bytes, audit, gate=gate, guard=guard, request_line=request_line)
+    return ApiSite(
+        app.app.resource(), hot, max_body_bytes, audit, gate=gate, guard=guard, request_line=request_line,
+        lean=lean, direct=direct,
+    )

@@ -381,13 +381,17 @@ class GuardedSite(Site):
         # timer per connection, reset by every byte) has nothing left to do.
         self.timeOut = None
 
+    def build_channel(self, addr):
+        """The protocol that serves one admitted connection: twisted.web's channel."""
+        return Site.buildProtocol(self, addr)
+
     def buildProtocol(self, addr):
         guard = self.guard
         if guard is None:
-            return super().buildProtocol(addr)
+            return self.build_channel(addr)
         if not guard.admit():
             return _Refused()
-        return GuardedConnection(guard, lambda: super(GuardedSite, self).buildProtocol(addr))
+        return GuardedConnection(guard, lambda: self.build_channel(addr))
 
 
 def _connection(request: Request) -> GuardedConnection | None:

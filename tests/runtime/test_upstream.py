@@ -22,7 +22,7 @@ class UpstreamTargetTests(TestCase):
         fake = FakeProvider(reactor, strict=False)
         yield fake.start()
         self.addCleanup(fake.stop)
-        client = UpstreamClient(reactor, 5.0)
+        client = UpstreamClient(reactor, 5.0, lean=False)
         self.addCleanup(client.close)
         url = f"http://127.0.0.1:{fake.port}/v1/chat/completions?x=1".encode()
         for n in range(2):
@@ -39,14 +39,14 @@ class UpstreamTargetTests(TestCase):
 
     @defer.inlineCallbacks
     def test_bad_url_fails_the_deferred(self):
-        client = UpstreamClient(reactor, 5.0)
+        client = UpstreamClient(reactor, 5.0, lean=False)
         self.addCleanup(client.close)
         d = client.request(b"GET", b"http://bad host/\x00", Headers(), None)
         yield self.assertFailure(d, ValueError)
         self.assertEqual(client._targets, {})
 
     def test_the_cache_is_bounded(self):
-        client = UpstreamClient(reactor, 5.0)
+        client = UpstreamClient(reactor, 5.0, lean=False)
         self.patch(UpstreamClient, "MAX_TARGETS", 3)
         for i in range(5):
             client._target(f"http://127.0.0.1:1/{i}".encode())
@@ -63,7 +63,7 @@ class WithoutTwistedsSeamsTests(TestCase):
         fake = FakeProvider(reactor, strict=False)
         yield fake.start()
         self.addCleanup(fake.stop)
-        client = UpstreamClient(reactor, 5.0)
+        client = UpstreamClient(reactor, 5.0, lean=False)
         self.addCleanup(client.close)
         url = f"http://127.0.0.1:{fake.port}/v1/chat/completions?x=2".encode()
         for n in range(2):
@@ -77,6 +77,6 @@ class WithoutTwistedsSeamsTests(TestCase):
     @defer.inlineCallbacks
     def test_a_bad_url_still_fails_the_deferred(self):
         self.patch(upstream_module, "agent_steps", lambda agent: None)
-        client = UpstreamClient(reactor, 5.0)
+        client = UpstreamClient(reactor, 5.0, lean=False)
         self.addCleanup(client.close)
         yield self.assertFailure(client.request(b"GET", b"http://bad host/\x00", Headers(), None), ValueError)
