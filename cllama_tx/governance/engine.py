@@ -439,10 +439,13 @@ class Governance:
         if not self._budget_fail_open:
             raise error
 
-    def _admit(self, ex, context, doc: dict) -> Admission:
+    def _admit(self, ex, context, doc: dict, resolved=None) -> Admission:
         requested = doc.get("model") if "model" in doc else None
         bare = BARE_REF_PROVIDER if ex.surface.name == ANTHROPIC_MESSAGES else None
-        decision = self.router.resolve(context, requested, self.policy(context), bare)
+        decision = resolved or self.router.resolve(context, requested, self.policy(context), bare, ex)
+        if isinstance(decision, defer.Deferred):
+            # The LLM resolver is asked what a name no rule knows means.
+            return decision.addCallback(lambda found: self._admit(ex, context, doc, found))  # type: ignore[return-value]
         candidates = decision.candidates
         levels: list | None = None
         if getattr(context, "litellm", False):

@@ -19,6 +19,9 @@ line naming it:
 |   | C{model_group_alias})          | endpoint/fake}                | (failover); then rule 3 if the     |                        |
 |   |                                |                               | caller has a model policy          |                        |
 +---+--------------------------------+-------------------------------+------------------------------------+------------------------+
+|2b | an operator's model mapping    | C{my-llama} ->                | the mapping's target, which goes   | C{mapping}             |
+|   | (C{PUT /_api/mappings/{name}}) | C{local-ollama-11434/llama3}  | on at rule 2 (one hop)             |                        |
++---+--------------------------------+-------------------------------+------------------------------------+------------------------+
 | 3 | the agent's model policy       | C{claude-haiku-4-5-20251001}  | the policy table (CONTRACT 4),     | the policy's           |
 |   | (CONTRACT 4, dated ids match   | -> C{anthropic/claude-haiku-  | final: clamps or refuses           |                        |
 |   | their undated allowed ref)     | 4-5}                          |                                    |                        |
@@ -37,7 +40,12 @@ line naming it:
 |   | that is not configured, and    | C{openrouter/mistralai/       |                                    |                        |
 |   | OpenRouter is                  | mistral-large}                |                                    |                        |
 +---+--------------------------------+-------------------------------+------------------------------------+------------------------+
-| 8 | anything else                  | C{my-model} on the chat       | 400 naming only what was sent      | (an C{error} line)     |
+| 8 | a mapping the LLM resolver     | C{llama-fast} ->              | the mapping's target, resolved by  | C{llm_mapping}         |
+|   | made (or, when it is on, the   | C{local-ollama-11434/llama3}  | rules 2 and 4-7                    |                        |
+|   | resolver's answer now: see     |                               |                                    |                        |
+|   | L{Router})                     |                               |                                    |                        |
++---+--------------------------------+-------------------------------+------------------------------------+------------------------+
+| 9 | anything else                  | C{my-model} on the chat       | 400 naming only what was sent      | (an C{error} line)     |
 |   |                                | surface, C{mistralai/x}       | and saying what to write; a        |                        |
 |   |                                | without OpenRouter            | catalog provider without a key: its|                        |
 |   |                                |                               | C{provider_not_configured} 400     |                        |
@@ -46,7 +54,7 @@ line naming it:
 Everything here is pure: the tables are built once per load (L{Families},
 the model table's name index) and a request costs a few dict lookups.
 L{Router} binds the tables in force to the live provider registry; it does
-no I/O either.
+no I/O either, but it may wait for the LLM resolver's (rule 8, when on).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from typing import Any
 
 import attrs
 
+from cllama_tx.governance.mappings import LLM, OPERATOR
 from cllama_tx.governance.policy import PolicyRefusal, decide
 from cllama_tx.surfaces.errors import ProxyError
 from cllama_tx.surfaces.matrix import InvalidModelRef, ModelRef, split_model_ref
@@ -66,6 +75,11 @@ MODEL_TABLE = "model_table"
 BARE_FAMILY = "bare_family"
 BARE_SURFACE = "bare_surface"
 OPENROUTER_FALLBACK = "openrouter_fallback"
+# A stored model mapping (cllama_tx.governance.mappings): an operator's
+# (rule 2b, after the model table), or one the LLM resolver made (rule 8,
+# where the order would otherwise refuse).
+MAPPING = "mapping"
+LLM_MAPPING = "llm_mapping"
 
 OPENROUTER = "openrouter"
 
@@ -241,6 +255,21 @@ def _invalid(message: str) -> PolicyRefusal:
     return PolicyRefusal(status=400, code="invalid_model", message=message)
 
 
+@attrs.define
+class Unresolved(ProxyError):
+    """
+    Rule 9's refusal of a name no rule resolves (C{invalid_model} for a
+    bare name, C{unknown_provider} for a prefix): the refusal the request
+    gets, unless the LLM resolver maps C{name} (the name after the
+    aliases) to an available model.  C{steps} and C{names}: the resolution
+    so far.
+    """
+
+    name: str = ""
+    steps: tuple[Step, ...] = ()
+    names: tuple[str, ...] = ()
+
+
 def resolve(
     requested: Any,
     *,
@@ -251,6 +280,7 @@ def resolve(
     table: Mapping[str, TableEntry] | None = None,
     families: Families = DEFAULT,
     providers: ProviderView = EVERY_PROVIDER,
+    mappings: Mapping[str, Any] | None = None,
 ) -> Resolution:
     """
     Resolve C{requested} by the order of the module docstring.
@@ -258,9 +288,59 @@ def resolve(
     @param policy: the agent's parsed model policy, or None.
     @param bare_provider: the provider a bare name means on the request's
         surface when no family claims it (C{anthropic} on Messages), or None.
+    @param mappings: the stored model mappings by name (objects with
+        C{target}, C{source} and C{confirmed}): an operator's applies after
+        the model table (its target goes on at rule 2, one hop), one the
+        LLM resolver made only where the order would refuse (rule 8).
+    @raise Unresolved: no rule resolves the name (the LLM resolver may be
+        asked about C{name}).
     @raise ProxyError: 400 C{invalid_model} / C{unknown_provider}, or the
         policy's refusals (403 in mode reject).
     """
+    try:
+        return _resolve(
+            requested, policy=policy, bare_provider=bare_provider, key_aliases=key_aliases,
+            team_aliases=team_aliases, table=table, families=families, providers=providers, mappings=mappings,
+        )
+    except Unresolved as unresolved:
+        if any(step.rule == MAPPING for step in unresolved.steps):
+            # An operator's mapping leads nowhere: said as it is, never guessed at.
+            raise ProxyError(unresolved.status, unresolved.code, unresolved.message) from None
+        mapping = mappings.get(unresolved.name) if mappings and unresolved.name else None
+        if mapping is None or mapping.source != LLM:
+            raise
+        refused = unresolved
+    try:
+        # The LLM's target is a name the order knows: resolved without
+        # aliases, mappings or policy (there is none on this path).
+        inner = _resolve(mapping.target, bare_provider=bare_provider, table=table, families=families,
+                         providers=providers)
+    except ProxyError as e:
+        raise ProxyError(
+            e.status, e.code, f"model {_echo(refused.name)} is mapped (by the model resolver) to "
+            f"{_echo(mapping.target)}, which cannot be served: {e.message}",
+        ) from None
+    step = Step(LLM_MAPPING, {"mapping": refused.name, "target": mapping.target, "source": LLM,
+                              "confirmed": bool(mapping.confirmed), "chosen": str(inner.ref)})
+    return Resolution(
+        inner.ref, inner.candidates, (*refused.steps, step, *inner.steps),
+        tuple(dict.fromkeys((*refused.names, *inner.names))),
+    )
+
+
+def _resolve(
+    requested: Any,
+    *,
+    policy=None,
+    bare_provider: str | None = None,
+    key_aliases: Mapping[str, str] | None = None,
+    team_aliases: Mapping[str, str] | None = None,
+    table: Mapping[str, TableEntry] | None = None,
+    families: Families = DEFAULT,
+    providers: ProviderView = EVERY_PROVIDER,
+    mappings: Mapping[str, Any] | None = None,
+) -> Resolution:
+    """L{resolve} without the LLM's mappings (rule 9 raises L{Unresolved})."""
     if requested is not None and not isinstance(requested, str):
         raise _invalid("the 'model' field must be a string")
     sent = (requested or "").strip()
@@ -275,6 +355,12 @@ def resolve(
             names.append(name)
             break
     entry = table.get(name) if table and name else None
+    mapping = mappings.get(name) if entry is None and mappings and name else None
+    if mapping is not None and mapping.source == OPERATOR:
+        steps.append(Step(MAPPING, {"mapping": name, "target": mapping.target, "source": OPERATOR}))
+        name = mapping.target
+        names.append(name)
+        entry = table.get(name) if table else None
     if entry is not None:
         if entry.problem is not None:
             raise ProxyError(
@@ -311,9 +397,11 @@ def resolve(
         steps.append(Step(BARE_SURFACE, {"provider": provider}))
     else:
         configured = ", ".join(providers.names()) or "none"
-        raise _invalid(
+        raise Unresolved(
+            400, "invalid_model",
             f"model {_echo(sent)} names no provider: send '<provider>/<model>' with a configured "
-            f"provider ({configured}), or a name from the operator's model table"
+            f"provider ({configured}), or a name from the operator's model table",
+            name=name, steps=tuple(steps), names=tuple(names),
         )
     ref = ModelRef(provider, name)
     if providers.configured(provider):
@@ -339,13 +427,22 @@ def _elsewhere(ref: ModelRef, sent: str, steps: list, names: list, providers: Pr
         # which variable to set.
         return Resolution(ref, (ref,), tuple(steps), tuple(names))
     configured = ", ".join(providers.names()) or "none"
-    raise ProxyError(
+    raise Unresolved(
         400,
         "unknown_provider",
         f"model {_echo(sent)}: {ref.provider!r} is not a provider configured here, and OpenRouter "
         f"(which would carry it) is not configured either; send '<provider>/<model>' with a "
         f"configured provider ({configured}) or configure {ref.provider!r} or OPENROUTER_API_KEY",
+        name=names[-1] if names else str(ref), steps=tuple(steps), names=tuple(names),
     )
+
+
+def _noted(found: Resolution, **details: Any) -> Resolution:
+    """C{found} with C{details} added to its LLM mapping's step (its intervention line)."""
+    steps = tuple(
+        Step(step.rule, {**step.details, **details}) if step.rule == LLM_MAPPING else step for step in found.steps
+    )
+    return attrs.evolve(found, steps=steps)
 
 
 def key_allows(allows: Callable[[str], bool], resolution: Resolution) -> bool:
@@ -388,13 +485,22 @@ def visible_models(
     return list(dict.fromkeys(listed))
 
 
+#: Discovered servers in these states offer no candidates to the resolver.
+_DOWN_STATES = frozenset({"down", "gone", "lost", "error", "unreachable", "failed", "stale"})
+
+
 class Router:
     """
     Resolution with the tables in force: the operator model table (an
     object whose C{current} is the parsed table, reloaded elsewhere), the
     provider registry, the pricing table (for listing) and the team
-    aliases of the virtual key store.  No I/O: a request costs
-    L{resolve}'s dict lookups.
+    aliases of the virtual key store; once L{attach}ed, the stored model
+    mappings, the LLM resolver and the resolution trace.
+
+    A request costs L{resolve}'s dict lookups.  Only a name no rule knows,
+    when the LLM resolver is on, waits for I/O: L{resolve} then returns a
+    Deferred firing once the resolver answered (concurrent requests for one
+    name share its call; see L{cllama_tx.pipeline.model_resolver}).
     """
 
     def __init__(self, providers=None, table=None, team_aliases=None, pricing=None) -> None:
@@ -402,6 +508,32 @@ class Router:
         self._table = table
         self._team_aliases = team_aliases
         self._pricing = pricing
+        self._mappings: Any = None
+        self.resolver: Any = None
+        self.trace: Any = None
+        self.discovery: Any = None
+        self._intervention: Callable[..., None] = lambda *a, **k: None
+
+    def attach(self, *, mappings=None, resolver=None, trace=None, discovery=None,
+               intervention: Callable[..., None] | None = None) -> None:
+        """
+        The stored model mappings (L{cllama_tx.governance.mapping_store}),
+        the LLM resolver (None: off), the resolution trace
+        (L{cllama_tx.governance.resolution_trace}), the local model
+        discovery (anything with C{snapshot()}, for the resolver's
+        candidates), and where the resolver's outcome for a request is
+        audited (C{intervention(ex, name, **details)}).
+        """
+        self._mappings = mappings
+        self.resolver = resolver
+        self.trace = trace
+        self.discovery = discovery
+        if intervention is not None:
+            self._intervention = intervention
+
+    @property
+    def mappings(self) -> Any:
+        return self._mappings
 
     def _aliases(self, principal) -> tuple[Mapping[str, str] | None, Mapping[str, str] | None]:
         key = getattr(principal, "key", None)
@@ -412,7 +544,7 @@ class Router:
             team = self._team_aliases(key.team_id) or None
         return getattr(key, "aliases", None) or None, team
 
-    def resolve(self, principal, requested: Any, policy, bare_provider: str | None) -> Resolution:
+    def _now(self, principal, requested: Any, policy, bare_provider: str | None) -> Resolution:
         current = self._table.current if self._table is not None else None
         key_aliases, team_aliases = self._aliases(principal)
         return resolve(
@@ -424,7 +556,148 @@ class Router:
             table=current.entries if current is not None else None,
             families=current.families if current is not None else DEFAULT,
             providers=self._view,
+            mappings=self._mappings.current if self._mappings is not None else None,
         )
+
+    def resolve(self, principal, requested: Any, policy, bare_provider: str | None, ex=None) -> Any:
+        """
+        The L{Resolution} of C{requested} for C{principal}, or (only when
+        the LLM resolver is asked) a Deferred firing with it.  C{ex}: the
+        request's exchange (its id for the trace, its surface and its
+        C{resolve_hints}: C{?force}, C{?prompt=}).
+
+        @raise ProxyError: the name cannot be served (also as the
+            Deferred's failure).
+        """
+        hints = getattr(ex, "resolve_hints", None)
+        try:
+            found = self._now(principal, requested, policy, bare_provider)
+        except Unresolved as unresolved:
+            resolver = self.resolver
+            if resolver is None or ex is None:
+                self._record(ex, principal, requested, unresolved.steps, None, unresolved.code)
+                raise ProxyError(unresolved.status, unresolved.code, unresolved.message) from None
+            return self._ask(ex, principal, requested, policy, bare_provider, unresolved.name, hints,
+                             refused=unresolved)
+        except ProxyError as refused:
+            self._record(ex, principal, requested, (), None, refused.code)
+            raise
+        if hints is not None and hints.force and self.resolver is not None:
+            step = next((s for s in found.steps if s.rule == LLM_MAPPING), None)
+            if step is not None:
+                name = step.details["mapping"]
+                why = self.resolver.force_refusal(name)
+                if why is None:
+                    return self._ask(ex, principal, requested, policy, bare_provider, name, hints, kept=found)
+                found = _noted(found, force_ignored=why)
+        self._record(ex, principal, requested, found.steps, str(found.ref), None)
+        return found
+
+    def _ask(self, ex, principal, requested: Any, policy, bare_provider: str | None, name: str, hints,
+             refused: Unresolved | None = None, kept: Resolution | None = None) -> Any:
+        """
+        Ask the resolver what C{name} means, then resolve again.  C{kept}:
+        a forced re-resolution of an LLM mapping, which stays in force when
+        the resolver finds nothing better.
+        """
+        prompt = hints.prompt if hints is not None else None
+        caller = getattr(principal, "agent_id", None)
+        asking = self.resolver.ask(name, surface=ex.surface.name, caller=caller, prompt=prompt,
+                                   force=kept is not None)
+
+        def answered(outcome) -> Resolution:
+            if outcome.target is None:
+                self._intervention(ex, "llm_resolver", requested_model=requested, mapping=name,
+                                   **outcome.audit_fields())
+                if kept is not None:
+                    self._record(ex, principal, requested, kept.steps, str(kept.ref), None,
+                                 f"forced re-resolution: {outcome.reason}, the mapping is kept")
+                    return _noted(kept, force_outcome=outcome.reason)
+                assert refused is not None
+                self._record(ex, principal, requested, refused.steps, None, refused.code,
+                             f"resolver: {outcome.reason}")
+                raise ProxyError(refused.status, refused.code, f"{refused.message} ({outcome.note})")
+            try:
+                found = self._now(principal, requested, policy, bare_provider)
+            except ProxyError as e:
+                self._record(ex, principal, requested, (), None, e.code, f"resolver: {outcome.reason}")
+                raise ProxyError(e.status, e.code, e.message) from None
+            found = _noted(found, fresh=True, **outcome.mapped_fields())
+            self._record(ex, principal, requested, found.steps, str(found.ref), None, "resolver: mapped now")
+            return found
+
+        return asking.addCallback(answered)
+
+    def _record(self, ex, principal, requested: Any, steps, result: str | None, error: str | None,
+                note: str | None = None) -> None:
+        if self.trace is not None:
+            self.trace.record(getattr(ex, "request_id", None), getattr(principal, "agent_id", None), requested,
+                              tuple(step.rule for step in steps), result, error, note)
+
+    def table_names(self) -> dict[str, tuple[str, str]]:
+        """
+        The model table's names a mapping may not take (the table decides
+        them first): name -> (what it routes to, C{model_name} or
+        C{model_group_alias}).
+        """
+        current = self._table.current if self._table is not None else None
+        if current is None:
+            return {}
+        return {
+            name: (entry.alias_of, "model_group_alias") if entry.alias_of is not None
+            else (str(entry.refs[0]) if entry.refs else "", "model_name")
+            for name, entry in current.entries.items()
+        }
+
+    def table_loaded_at(self) -> float | None:
+        return getattr(self._table, "loaded_at", None)
+
+    def target_problem(self, target: str) -> str | None:
+        """
+        Why C{target} cannot be a mapping's target (None: it can): a
+        mapping leads to a name of the model table or to
+        C{<provider>/<model>} of a configured provider.
+        """
+        current = self._table.current if self._table is not None else None
+        entry = current.entries.get(target) if current is not None else None
+        if entry is not None:
+            return None if entry.problem is None else f"model table name {_echo(target)} cannot serve: {entry.problem}"
+        if "/" not in target:
+            return (f"{_echo(target)} is neither a name of the model table nor '<provider>/<model>' "
+                    "with a configured provider")
+        try:
+            ref = split_model_ref(target)
+        except InvalidModelRef as e:
+            return str(e)
+        if not self._view.configured(ref.provider):
+            configured = ", ".join(self._view.names()) or "none"
+            return f"{ref.provider!r} is not a provider configured here (configured: {configured})"
+        return None
+
+    def candidates(self) -> list[str]:
+        """
+        What the LLM resolver may choose from: the model table's names,
+        the models of discovered local servers that resolve now, then the
+        priced models of every configured provider (C{<provider>/<model>}).
+        """
+        current = self._table.current if self._table is not None else None
+        names = [n for n, e in current.entries.items() if e.problem is None] if current is not None else []
+        snapshot = getattr(self.discovery, "snapshot", None)
+        for server in (snapshot() if snapshot is not None else None) or ():
+            provider = server.get("name") if isinstance(server, dict) else None
+            if not isinstance(provider, str) or str(server.get("state") or "").lower() in _DOWN_STATES:
+                continue
+            if not self._view.configured(provider):
+                continue
+            for model in server.get("models") or ():
+                if isinstance(model, dict):
+                    model = model.get("id") or model.get("name") or model.get("model")
+                if isinstance(model, str) and model:
+                    names.append(f"{provider}/{model}")
+        if self._pricing is not None:
+            prices = self._pricing.table
+            names.extend(f"{name}/{model}" for name in self._view.names() for model in sorted(prices.get(name, {})))
+        return list(dict.fromkeys(names))
 
     def models_for(self, principal, policy) -> list[str]:
         """L{visible_models} for C{principal} (an agent context, a key, the master)."""

@@ -92,6 +92,8 @@ class Exchange:
     conversation: dict | None = None
     response_id: str | None = None
     error_code: str | None = None  # the ProxyError code the request ended with, if any
+    # What the request asks of the LLM resolver (?force, ?prompt=), or None.
+    resolve_hints: Any = None
     # The policy plane's state of this request (pipeline/policy_hooks.py), when a policy governs it.
     policy: Any = None
     # A 2xx answer the policy refused to deliver: billed as one the agent walked away from.

@@ -22,6 +22,7 @@ from twisted.web.http_headers import Headers
 
 from cllama_tx.accounting.usage import SseTap, output_chars_from_json, usage_from_json
 from cllama_tx.governance.engine import Admission
+from cllama_tx.governance.llm_resolution import HINT_HEADER, PROXY_QUERY_PARAMS, read_hints
 from cllama_tx.governance.output_limit import limit_body
 from cllama_tx.identity.authenticate import (
     KeyNotChecked,
@@ -233,6 +234,7 @@ class Proxy:
         options = doc.get("stream_options")
         ex.agent_wants_usage = ex.stream and isinstance(options, dict) and options.get("include_usage") is True
         ex.original = ex.doc = doc
+        ex.resolve_hints = read_hints(request.uri, request.getHeader(HINT_HEADER))
         self._metering.audit_request(ex)
         admitted = self._governance.admit(ex, context, doc)
         if isinstance(admitted, defer.Deferred):
@@ -988,17 +990,20 @@ def forward_headers(incoming: Headers, policy: HeaderPolicy) -> Headers:
 
 # Query parameters that carry credentials: an agent's never reach a provider.
 CREDENTIAL_PARAMS = frozenset({b"key", b"api_key", b"api-key", b"apikey", b"token", b"access_token", b"x-api-key"})
+# ... and the model resolver's own (?force, ?prompt=), which are the proxy's.
+NOT_UPSTREAM = CREDENTIAL_PARAMS | PROXY_QUERY_PARAMS
 
 
 def upstream_query(uri: bytes) -> bytes:
     """
     C{?<query>} of the agent's request URI for the upstream URL (empty when
-    it has none), without parameters that carry credentials.
+    it has none), without parameters that carry credentials or that the
+    model resolver reads (C{force}, C{prompt}).
     """
     _, sep, query = uri.partition(b"?")
     if not sep or not query:
         return b""
-    kept = [p for p in query.split(b"&") if p and unquote_to_bytes(p.partition(b"=")[0]).lower() not in CREDENTIAL_PARAMS]
+    kept = [p for p in query.split(b"&") if p and unquote_to_bytes(p.partition(b"=")[0]).lower() not in NOT_UPSTREAM]
     return b"?" + b"&".join(kept) if kept else b""
 
 

@@ -56,6 +56,7 @@ from cllama_tx.runtime.fleet import Fleet
 from cllama_tx.runtime.local_servers import build_discovery, own_ports
 from cllama_tx.runtime.metrics import Metrics
 from cllama_tx.runtime.policy import build_policy
+from cllama_tx.runtime.routing import build_routing
 from cllama_tx.runtime.tls import upstream_tls_policy
 from cllama_tx.runtime.upstream import UpstreamClient
 from cllama_tx.runtime.worker import adopt_listener
@@ -571,6 +572,12 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         # The policy sidecar or plugin (ADR-025), if the operator set one.
         policy=build_policy(config, reactor, shared, metering=metering, audit=audit),
     )
+    # Model mappings, the resolution trace, the LLM resolver (off unless CLLAMA_RESOLVER_MODEL).
+    routing = build_routing(
+        env={} if config.demo else config.env, clock=reactor, database=state_database, ledger=ledger,
+        instance=instance, router=router, providers=providers, upstream=upstream, metering=metering,
+        parent=shared, fleet=fleet, discovery=discovery,
+    )
     # One throttle of wrong operator credentials (UI token, master key) for
     # every place that compares one: guessing on one slows all of them.
     operator_guard = OperatorGuard(FailureThrottle(reactor), audit=audit)
@@ -650,6 +657,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
             directory=directory,
             budgets=keys_api.budgets,
             discovery=discovery,
+            routing=routing,
         )
     )
     if fleet is not None:

@@ -39,7 +39,7 @@ from cllama_tx.identity.operator import OperatorGuard, request_source
 from cllama_tx.identity.operator_sessions import SessionRows
 from cllama_tx.identity.tokens import valid_agent_id
 from cllama_tx.sites.guard import GuardedSite, guarded_request
-from cllama_tx.sites.ui import directory_page, directory_view, pages, views
+from cllama_tx.sites.ui import debug_page, directory_page, directory_view, pages, routing_api, views
 from cllama_tx.sites.ui.auth import (
     CSRF_FIELD,
     CSRF_HEADER,
@@ -126,8 +126,11 @@ class UiApp:
         discovery=None,
         directory=None,
         budgets=None,
+        routing: routing_api.Routing | None = None,
     ) -> None:
         self._token = token.encode("utf-8") if token else None
+        # Model mappings, the resolver and the resolution trace (/_api/mappings, /_debug).
+        self.routing = routing
         self.metrics = metrics
         # Local model servers (cllama_tx.discovery), None when discovery is off.
         self.discovery = discovery
@@ -160,7 +163,7 @@ class UiApp:
         self.allowed_hosts = frozenset(allowed_hosts)
         self._refused_hosts: set[str] = set()
         self.templates = Templates(web_root)
-        self.templates.require(pages.TEMPLATES | directory_page.TEMPLATES)
+        self.templates.require(pages.TEMPLATES | directory_page.TEMPLATES | debug_page.TEMPLATES)
         self.templates.require(DISCOVERY_TEMPLATES)
         self.static = Static(web_root)
         self._generation = 0
@@ -997,6 +1000,74 @@ class UiApp:
         result = self.services.operations.reload(who.actor)
         self._generation += 1
         return self._json(request, 200 if not result["failed"] else 500, result)
+
+    # --- model routing: the mappings API and the debug page (routing_api) ------------------------------
+
+    def _routing(self, request) -> routing_api.Routing:
+        if self.routing is None:
+            raise _Refused(self._not_found(request, "model routing is not available here"))
+        return self.routing
+
+    @app.route("/_debug", methods=["GET"])
+    async def debug(self, request):
+        who = self._gate(request)
+        view = routing_api.debug_view(self._routing(request))
+        return await self._page(request, who, view, debug_page.debug_page)
+
+    @app.route("/_api/mappings/", methods=["GET"])
+    def mappings(self, request):
+        self._gate(request)
+        return self._json(request, 200, {"mappings": routing_api.listing(self._routing(request))})
+
+    @app.route("/_api/mappings/<path:name>", methods=["GET"])
+    def mapping(self, request, name):
+        self._gate(request)
+        try:
+            return self._json(request, 200, routing_api.get(self._routing(request), name))
+        except ProxyError as e:
+            return self._problem(request, e)
+
+    @app.route("/_api/mappings/<path:name>", methods=["PUT"])
+    async def put_mapping(self, request, name):
+        who, doc = self._api_body(request)
+        if doc is _INVALID:
+            return self._problem(request, ProxyError(400, "invalid_json", "the body is not valid JSON"))
+        try:
+            status, mapping, action = await routing_api.put(self._routing(request), name, doc, who.actor)
+        except ProxyError as e:
+            return self._problem(request, e)
+        self._emit(action, who, name=mapping["name"], target=mapping["target"], source=mapping["source"])
+        return self._json(request, status, mapping)
+
+    @app.route("/_api/mappings/<path:name>", methods=["DELETE"])
+    async def delete_mapping(self, request, name):
+        who, _ = self._api_body(request)
+        try:
+            done = await routing_api.delete(self._routing(request), name)
+        except ProxyError as e:
+            return self._problem(request, e)
+        self._emit("mapping_delete", who, name=name)
+        return self._json(request, 200, done)
+
+    @app.route("/_api/mappings/<path:name>/confirm", methods=["POST"])
+    async def confirm_mapping(self, request, name):
+        who, _ = self._form_gate(request)
+        try:
+            mapping = await routing_api.confirm(self._routing(request), name, who.actor)
+        except ProxyError as e:
+            return self._failed(request, who, "/_debug#debug-mappings", e)
+        self._emit("mapping_confirm", who, name=name, target=mapping["target"], source=mapping["source"])
+        return self._done(request, who, "/_debug#debug-mappings", f"Mapping of {name} confirmed.", mapping)
+
+    @app.route("/_api/mappings/<path:name>/delete", methods=["POST"])
+    async def delete_mapping_form(self, request, name):
+        who, _ = self._form_gate(request)
+        try:
+            done = await routing_api.delete(self._routing(request), name)
+        except ProxyError as e:
+            return self._failed(request, who, "/_debug#debug-mappings", e)
+        self._emit("mapping_delete", who, name=name)
+        return self._done(request, who, "/_debug#debug-mappings", f"Mapping of {name} deleted.", done)
 
     # --- errors ------------------------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ NAV = (
     ("teams", "/teams", "Teams & budgets"),
     ("pricing", "/pricing", "Pricing coverage"),
     ("models", "/models", "Model table"),
+    ("debug", "/_debug", "Routing debug"),
 )
 
 TONE = {"ok": "ok", "warning": "warn", "exhausted": "crit", "invalid": "crit", "none": "muted"}
