@@ -49,7 +49,7 @@ MAX_OVERRIDE_FILE_BYTES = 4 * 1024 * 1024
 MAX_CACHED_LOOKUPS = 4096
 
 _PRICE_KEYS = frozenset(
-    {"input", "output", "cache_read", "cache_write", "long_context", "max_output_tokens", "note"}
+    {"input", "output", "cache_read", "cache_write", "long_context", "max_output_tokens", "per_image", "note"}
 )
 _LONG_CONTEXT_KEYS = frozenset(
     {"threshold_input_tokens", "input_multiplier", "output_multiplier"}
@@ -86,7 +86,9 @@ class Price:
     """
     USD per million tokens.  C{cache_read} and C{cache_write} default to the
     input rate when absent; C{max_output_tokens} is the model's output limit
-    (for budget reservations), when known.
+    (for budget reservations), when known.  C{per_image} is USD per image an
+    image model makes (per image, not per million), for the passthrough's
+    image endpoints (C{docs/PRICING.md}).
     """
 
     input: float
@@ -95,6 +97,7 @@ class Price:
     cache_write: float | None = None
     long_context: LongContext | None = None
     max_output_tokens: int | None = None
+    per_image: float | None = None
 
 
 # --------------------------------------------------------------------------
@@ -113,11 +116,11 @@ def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _rate(value: Any, where: str, key: str, optional: bool) -> float | None:
+def _rate(value: Any, where: str, key: str, optional: bool, unit: str = "USD per 1M tokens") -> float | None:
     if value is None and optional:
         return None
     if not _is_number(value) or value < 0:
-        raise PricingError(f"{where}: '{key}' must be a non-negative number (USD per 1M tokens)")
+        raise PricingError(f"{where}: '{key}' must be a non-negative number ({unit})")
     return float(value)
 
 
@@ -165,6 +168,7 @@ def _parse_price(value: Any, where: str) -> Price:
         cache_write=_rate(value.get("cache_write"), where, "cache_write", optional=True),
         long_context=_parse_long_context(value.get("long_context"), where),
         max_output_tokens=max_output,
+        per_image=_rate(value.get("per_image"), where, "per_image", optional=True, unit="USD per image"),
     )
 
 

@@ -122,7 +122,7 @@ __all__ = [
     "utc_day",
 ]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The version written to C{meta}; a newer one in the file refuses to start.
 
 1: C{requests}, C{rollups}.  2: C{rollups.counted_requests} and
@@ -133,7 +133,9 @@ twice); older rows and rollups are converted.  4: C{requests.instance}
 (which process wrote the row), key and team indexes, and the coordination
 tables of several processes on one file.  5: C{requests.organization_id},
 C{end_user} (LiteLLM's customer, the request's C{user}) and C{response_id}
-(the answer's C{id}), for the budgets and spend logs of the key API."""
+(the answer's C{id}), for the budgets and spend logs of the key API.  6:
+C{requests.path}, C{request_bytes} and C{response_bytes}, the passthrough's
+requests (C{/_proxy/<provider>/<path>}, docs/LEDGER.md)."""
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -172,7 +174,10 @@ CREATE TABLE IF NOT EXISTS requests (
     instance TEXT,
     organization_id TEXT,
     end_user TEXT,
-    response_id TEXT
+    response_id TEXT,
+    path TEXT,
+    request_bytes INTEGER,
+    response_bytes INTEGER
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
 CREATE INDEX IF NOT EXISTS requests_user ON requests (user_id) WHERE user_id IS NOT NULL;
@@ -267,6 +272,13 @@ CREATE INDEX IF NOT EXISTS requests_user ON requests (user_id) WHERE user_id IS 
 CREATE INDEX IF NOT EXISTS requests_organization ON requests (organization_id) WHERE organization_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS requests_end_user ON requests (end_user) WHERE end_user IS NOT NULL;
 CREATE INDEX IF NOT EXISTS requests_response ON requests (response_id) WHERE response_id IS NOT NULL;
+""",
+    # 5 -> 6: the passthrough's requests, which no surface shapes: the
+    # provider-native path and the bytes that went each way.
+    5: """
+ALTER TABLE requests ADD COLUMN path TEXT;
+ALTER TABLE requests ADD COLUMN request_bytes INTEGER;
+ALTER TABLE requests ADD COLUMN response_bytes INTEGER;
 """,
 }
 

@@ -108,10 +108,13 @@ ROW_FIELDS = (
     "organization_id",
     "end_user",
     "response_id",
+    "path",
+    "request_bytes",
+    "response_bytes",
 )
 TEXT_FIELDS = frozenset(
     {"agent", "provider", "requested_model", "effective_model", "key_id", "team_id", "user_id",
-     "organization_id", "end_user", "response_id"}
+     "organization_id", "end_user", "response_id", "path"}
 )
 BOOL_FIELDS = frozenset({"stream", "priced", "estimated"})
 _SELECT_ROW = f"id, {', '.join(ROW_FIELDS)}"

@@ -225,6 +225,14 @@ CREATE TABLE model_mappings (
 );
 """
 
+# The passthrough's requests (/_proxy/<provider>/<path>): the
+# provider-native path and the bytes that went each way.
+_PASSTHROUGH_ROWS = """
+ALTER TABLE requests ADD COLUMN path TEXT;
+ALTER TABLE requests ADD COLUMN request_bytes BIGINT;
+ALTER TABLE requests ADD COLUMN response_bytes BIGINT;
+"""
+
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "ledger, virtual keys and coordination tables", _LEDGER + _KEYS + _COORDINATION),
     (2, "operator UI sessions; virtual keys by alias", _UI_SESSIONS),
@@ -232,6 +240,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (4, "virtual keys: LiteLLM's key fields; ledger rows' organisation, customer and answer id", _KEY_FIELDS),
     (5, "the key API's users, teams, organisations, customers and models", _DIRECTORY),
     (6, "model mappings: requested names mapped by an operator or the LLM resolver", _MODEL_MAPPINGS),
+    (7, "ledger rows of the passthrough: path and bytes", _PASSTHROUGH_ROWS),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -83,6 +83,11 @@ class LedgerRow:
     end_user: str | None = None
     # The answer's own id (a chat completion's "id"), as clients know the request.
     response_id: str | None = None
+    # A passthrough request (/_proxy/<provider>/<path>): its path and the
+    # bytes of its body and its answer; None for the inference surfaces.
+    path: str | None = None
+    request_bytes: int | None = None
+    response_bytes: int | None = None
 
     @property
     def prompt_tokens(self) -> int:

@@ -25,6 +25,7 @@ from cllama_tx.store.records import LedgerRow
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 _FIELDS = tuple(f.name for f in attrs.fields(LedgerRow))
+_PASSTHROUGH_FIELDS = frozenset({"path", "request_bytes", "response_bytes"})
 
 
 class SpillError(Exception):
@@ -70,7 +71,9 @@ def _decode(line: str) -> LedgerRow:
     if not isinstance(doc, dict):
         raise ValueError("not a ledger row")
     version = doc.pop("format", 1)
-    if version not in (1, _FORMAT) or set(doc) != set(_FIELDS):
+    # Rows spilled before the passthrough's columns existed have none (None).
+    missing = set(_FIELDS) - set(doc)
+    if version not in (1, _FORMAT) or not set(doc) <= set(_FIELDS) or not missing <= _PASSTHROUGH_FIELDS:
         raise ValueError("not a ledger row")
     row = LedgerRow(**doc)
     cache = row.cache_read_tokens + row.cache_write_tokens

@@ -85,6 +85,15 @@ class PackagedTableTests(SynchronousTestCase):
         for provider, model, price in self.all_prices():
             where = f"{provider}/{model}"
             count += 1
+            if price.per_image is not None:
+                # An image model priced per image (the passthrough): no token rates.
+                self.assertGreater(price.per_image, 0, where)
+                continue
+            if "embedding" in model:
+                # Embeddings bill input only.
+                self.assertGreater(price.input, 0, where)
+                self.assertEqual(price.output, 0, where)
+                continue
             self.assertGreater(price.input, 0, where)
             self.assertGreater(price.output, 0, where)
             self.assertGreaterEqual(price.output, price.input, where)

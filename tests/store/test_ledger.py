@@ -266,7 +266,7 @@ class ServiceTests(LedgerCase):
         self.assertEqual(
             sql(ledger.path, "SELECT value FROM meta WHERE key = 'schema_version'"), [(str(SCHEMA_VERSION),)]
         )
-        self.assertEqual(SCHEMA_VERSION, 5)
+        self.assertEqual(SCHEMA_VERSION, 6)
         # The coordination tables of several processes on one file (workers).
         self.assertTrue({"instances", "reservations", "rate_events", "changes"} <= tables)
         columns = [c[1] for c in sql(ledger.path, "PRAGMA table_info(requests)")]
