@@ -378,6 +378,10 @@ class Pricing:
         self._table: Table = self._packaged
         # The packaged table with the override file merged (what _install got).
         self._base: Table = self._packaged
+        # Prices a provider publishes, refreshed by the operator
+        # (openrouter_prices.py): over the packaged ones, under the override.
+        self._floor: Table = self._packaged
+        self._override: Table = {}
         # Prices of the operator model table's deployments, laid over both.
         self._extra: Table = {}
         self._cache: dict[tuple[Any, Any], Price | None] = {}
@@ -481,11 +485,12 @@ class Pricing:
                         "Pricing override {path} does not exist (yet): using the packaged table",
                         path=path,
                     )
-                elif self._base is not self._packaged:
+                elif self._override:
                     self._log.info(
                         "Pricing override {path} is gone: using the packaged table", path=path
                     )
-                self._install(self._packaged)
+                self._override = {}
+                self._install(self._floor)
                 return
             override = parse_table(doc, path)
         except PricingError as e:
@@ -498,13 +503,23 @@ class Pricing:
             )
             return
         self._signature = signature
-        self._install(merge_tables(self._packaged, override))
+        self._override = override
+        self._install(merge_tables(self._floor, override))
         self._log.info(
             "Pricing override {path} loaded: {models} model price(s) for {providers}",
             path=path,
             models=sum(len(models) for models in override.values()),
             providers=", ".join(sorted(override)) or "no provider",
         )
+
+    def set_published(self, table: Table) -> None:
+        """
+        Lay C{table} (prices a provider publishes, refreshed by the
+        operator) over the packaged prices and under the override file;
+        replaces the previous published layer.
+        """
+        self._floor = merge_tables(self._packaged, table) if table else self._packaged
+        self._install(merge_tables(self._floor, self._override) if self._override else self._floor)
 
     def set_extra(self, table: Table) -> None:
         """

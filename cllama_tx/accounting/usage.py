@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from cllama_tx.accounting.sse_scan import ChunkScanner
 from cllama_tx.store.records import Usage
 
 __all__ = [
@@ -365,6 +366,8 @@ _DROP = 2
 _BUF = 3  # the LF belongs to the still-partial current event
 _TERMINAL = 4
 
+_DELTA_HEAD = len(b"event: content_block_delta\ndata: {")
+
 
 class SseTap:
     """
@@ -433,6 +436,7 @@ class SseTap:
         "_pending_lf",
         "_held",
         "_finished",
+        "_scan",
     )
 
     def __init__(
@@ -480,6 +484,8 @@ class SseTap:
         self._pending_lf: int | None = None
         self._held: list = []
         self._finished = False
+        # Text deltas counted without a parse (sse_scan); Responses events are parsed.
+        self._scan = ChunkScanner(ANTHROPIC if self._anthropic else OPENAI)
 
     @property
     def buffered_bytes(self) -> int:
@@ -499,6 +505,32 @@ class SseTap:
 
     def feed(self, data: bytes) -> bytes:
         """Take one upstream chunk; return the bytes to send the agent now."""
+        if (
+            not self._buf
+            and self._pending_lf is None
+            and not self.saw_terminal
+            and data[-2:] == b"\n\n"
+            and b"\r" not in data
+        ):
+            # One event in one chunk, its text read against the stream's
+            # template (sse_scan): the usual chunk, forwarded as it came.
+            if data.find(b"\n") == len(data) - 2 and data[:7] == b"data: {" and not self._anthropic:
+                if not self._responses:
+                    chars = self._scan.chars(data[6:-2], self.answer_id is None)
+                    if chars is not None:
+                        self.events += 1
+                        self.output_chars += chars
+                        return data
+            elif data[:_DELTA_HEAD] == b"event: content_block_delta\ndata: {" and self._anthropic:
+                if data.find(b"\n", _DELTA_HEAD) == len(data) - 2:
+                    chars = self._scan.chars(data[_DELTA_HEAD - 1 : -2])
+                    if chars is not None:
+                        self.events += 1
+                        self.output_chars += chars
+                        return data
+            whole = self._feed_whole(data)
+            if whole is not None:
+                return whole
         out: list = []
         pend = self._pending_lf
         if pend is not None and data:
@@ -665,6 +697,59 @@ class SseTap:
         self._junk = junk
         return b"".join(out)
 
+    def _feed_whole(self, data: bytes) -> bytes | None:
+        """
+        The common chunk, read without the byte scanner: nothing is pending
+        and C{data} is whole events, each one C{data:} line, or an
+        C{event:} line and one C{data:} line, ending in LF.  Returns what
+        L{feed} would, or None (having changed nothing) for any other shape.
+        """
+        parsed = []
+        for piece in data.split(b"\n\n")[:-1]:
+            if piece[:5] == b"data:":
+                if b"\n" in piece:
+                    return None
+                name = None
+                payload = piece[6:] if piece[5:6] == b" " else piece[5:]
+            elif piece[:6] == b"event:":
+                head, _, rest = piece.partition(b"\n")
+                if rest[:5] != b"data:" or b"\n" in rest:
+                    return None
+                name = (head[7:] if head[6:7] == b" " else head[6:]) or None
+                payload = rest[6:] if rest[5:6] == b" " else rest[5:]
+            else:
+                return None
+            parsed.append((name, payload, len(piece) + 2))
+        out: list | None = None  # a list once an event is not forwarded as it came
+        holding = False
+        pos = region = 0
+        for name, payload, size in parsed:
+            disp = self._dispatch(name, [payload])
+            end = pos + size
+            if disp is not None:
+                if out is None:
+                    out = []
+                if disp == _TERMINAL:
+                    if not holding:
+                        if pos > region:
+                            out.append(data[region:pos])
+                        region = pos
+                        holding = True
+                        self.saw_terminal = True
+                else:
+                    target = self._held if holding else out
+                    if pos > region:
+                        target.append(data[region:pos])
+                    if disp != _DROP:
+                        target.append(disp)
+                    region = end
+            pos = end
+        if out is None:
+            return data
+        if region < pos:
+            (self._held if holding else out).append(data[region:pos])
+        return b"".join(out)
+
     def finish(self) -> bytes:
         """
         The upstream body ended: return the unterminated tail, if any, to be
@@ -778,6 +863,12 @@ class SseTap:
         if payload[:1] != b"{":
             if payload.strip() == b"[DONE]":
                 return _TERMINAL
+        elif name is None:
+            # A text delta and nothing else is counted without a parse (sse_scan).
+            chars = self._scan.chars(bytes(payload), self.answer_id is None)
+            if chars is not None:
+                self.output_chars += chars
+                return None
         try:
             doc = json.loads(payload)
         except (ValueError, RecursionError):
@@ -788,6 +879,8 @@ class SseTap:
             return None
         if self.answer_id is None and type(doc.get("id")) is str:
             self.answer_id = doc["id"]
+            # The model that answers (OpenRouter names the one of a fallback list it used).
+            self.response_model = doc.get("model") if type(doc.get("model")) is str else None
         choices = doc.get("choices")
         if type(choices) is list:
             for choice in choices:
@@ -821,6 +914,12 @@ class SseTap:
         return None
 
     def _anthropic_event(self, name: Any, payload: Any) -> Any:
+        if name == b"content_block_delta":
+            # A text delta is counted without a parse (sse_scan).
+            chars = self._scan.chars(bytes(payload))
+            if chars is not None:
+                self.output_chars += chars
+                return None
         try:
             doc = json.loads(payload)
         except (ValueError, RecursionError):

@@ -70,7 +70,14 @@ from cllama_tx.governance.periods import (
     retry_after,
     window_bounds,
 )
-from cllama_tx.governance.tiers import Tier, TierDecision, parse_tiers, tier_decision
+from cllama_tx.governance.tiers import (
+    ABOVE,
+    TIERS_RULES,
+    Tier,
+    TierDecision,
+    parse_tiers,
+    tier_decision,
+)
 
 __all__ = [
     "BUDGET_ALERT",
@@ -118,7 +125,7 @@ UNPRICED_ALLOW = "allow"
 FALLBACK_MAX_OUTPUT_TOKENS = 128_000
 
 _BUDGET_KEYS = frozenset(
-    {"limit_usd", "max_requests", "window", "period", "behavior", "tiers", "spent_offset_usd"}
+    {"limit_usd", "max_requests", "window", "period", "behavior", "tiers", "spent_offset_usd", "tiers_rule"}
 )
 _EXCLUSIVE = {"window": "period", "period": "window"}
 
@@ -134,7 +141,9 @@ class Budget:
     C{window_seconds}) and C{period} (C{daily}, C{weekly}, C{monthly}) is
     set.  C{tiers} are sorted by threshold, highest first.
     C{spent_offset_usd} is spend made elsewhere, counted in the window or
-    period current when the book first sees the value.
+    period current when the book first sees the value.  C{tiers_rule} is
+    how thresholds compare (L{cllama_tx.governance.tiers}): C{"above"}, or
+    C{"at_least"} as the Execwall OR gate compares them.
     """
 
     behavior: str = HARD_STOP
@@ -145,6 +154,7 @@ class Budget:
     period: str | None = None
     tiers: tuple[Tier, ...] = ()
     spent_offset_usd: float = 0.0
+    tiers_rule: str = ABOVE
 
     @property
     def label(self) -> str:
@@ -205,6 +215,11 @@ def parse_budget(raw: dict | None, warnings: list[str] | None = None) -> Budget 
             raise BudgetError("'max_requests' must be greater than 0")
     offset = _number(raw, "spent_offset_usd", positive=False) or 0.0
     tiers = parse_tiers(raw.get("tiers"))
+    rule = raw.get("tiers_rule")
+    if rule is None or (isinstance(rule, str) and not rule.strip()):
+        rule = ABOVE
+    if not isinstance(rule, str) or rule.strip() not in TIERS_RULES:
+        raise BudgetError(f"'tiers_rule' must be one of {', '.join(TIERS_RULES)}, not {rule!r}")
     if limit is None and max_requests is None:
         if tiers or offset:
             raise BudgetError("'tiers' and 'spent_offset_usd' need 'limit_usd'")
@@ -242,6 +257,7 @@ def parse_budget(raw: dict | None, warnings: list[str] | None = None) -> Budget 
         period=period,
         tiers=tiers,
         spent_offset_usd=offset,
+        tiers_rule=rule.strip(),
     )
 
 
@@ -425,7 +441,8 @@ class BudgetUsage:
     reserved_requests: int
     remaining_fraction: float | None
     start: float
-    end: float
+    # None for a lifetime budget: it never ends.
+    end: float | None
 
 
 OPEN = "open"
@@ -675,7 +692,7 @@ class BudgetBook:
             reserved_requests=state.reserved_requests,
             remaining_fraction=self._remaining(state, budget, cost),
             start=start,
-            end=end,
+            end=end if math.isfinite(end) else None,
         )
 
     def headroom(self, agent: str, budget: Budget, tz: Any = None) -> Headroom | None:
@@ -987,6 +1004,8 @@ class BudgetBook:
         retry: float | None,
     ) -> Refusal:
         cost, requests, unknown = self._committed(state, budget, now, zone)
+        if retry is not None and not math.isfinite(retry):
+            retry = None  # a lifetime budget: no time to announce
         return Refusal(
             status=STATUS[code],
             code=code,

@@ -32,14 +32,15 @@ from cllama_tx.governance.budgets import (
     refusal_body,
     worst_input_cost,
 )
+from cllama_tx.governance.ceiling import AUTO, CeilingPricing, ceiling_cost
+from cllama_tx.governance.gate_policy import GatePolicy, openrouter_id, read_policy, routing_info
 from cllama_tx.governance.output_limit import DEFAULT_MIN_OUTPUT_TOKENS, OutputLimit, fit_output
 from cllama_tx.governance.parallel import ParallelLimiter
-from cllama_tx.governance.periods import EPSILON_USD
+from cllama_tx.governance.periods import EPSILON_USD, LIFETIME
 from cllama_tx.governance.policy import PolicyError, parse_policy
-from cllama_tx.governance.policy_file import load_policy_file
 from cllama_tx.governance.ratelimit import RateLimiter
 from cllama_tx.governance.request_cost import RequestShape, read_request, worst_input_tokens
-from cllama_tx.governance.resolution import Router
+from cllama_tx.governance.resolution import Resolution, Router
 from cllama_tx.store.coordination import Decision
 from cllama_tx.store.database import DatabaseUnavailable
 from cllama_tx.store.jsonfile import UnreadableFile, file_signature, read_json_file
@@ -54,6 +55,10 @@ from cllama_tx.surfaces.matrix import (
 )
 
 log = Logger()
+
+#: The reference's intervention for a model policy that declares several
+#: models of which the request can reach only one.
+FAILOVER_UNREACHABLE = "policy_failover_unreachable"
 
 # Seconds a caller refused because the ledger cannot write is told to wait.
 LEDGER_RETRY_AFTER = 5
@@ -76,6 +81,18 @@ def end_user_of(doc: dict) -> str | None:
 # How often an agent's governance file is stat()ed at most.
 RECHECK_INTERVAL = 1.0
 MAX_GOVERNANCE_FILE_BYTES = 1 << 20
+
+
+@attrs.frozen
+class Ceiling:
+    """
+    The worst case of a request whose body the proxy does not read for its
+    cost (a passthrough request, C{ex.fixed_worst}): what its budgets hold
+    while it runs; C{usd} None when it cannot be priced (then the budget's
+    rule for unpriced models applies, C{CLLAMA_UNPRICED_BUDGET}).
+    """
+
+    usd: float | None
 
 
 @attrs.define
@@ -102,6 +119,8 @@ class Admission:
     shared_rate_events: list = attrs.Factory(list)
     # The output limit the request is sent with when its budget lowered it.
     output_limit: OutputLimit | None = None
+    # What its first budget had left (limit - settled spend) when it was admitted.
+    remaining_usd: float | None = None
 
     @property
     def reservation(self) -> Reservation | None:
@@ -111,6 +130,16 @@ class Admission:
     def rate_key(self) -> str | None:
         """The first rate window this request is counted in (None: none)."""
         return self.rate_holds[0][0] if self.rate_holds else None
+
+
+@attrs.frozen
+class BudgetReport:
+    """What a settled request tells its caller of its budget (headers, the OR gate's C{_execwall})."""
+
+    agent: str
+    remaining_usd: float | None
+    models_allowed: list[str]
+    gate: bool = False
 
 
 @attrs.frozen
@@ -209,6 +238,8 @@ class Governance:
         self._files = _FileCache(governance_dir, clock)
         self._policy_file = policy_file
         self._policy_budgets: dict = {}
+        # The Execwall OR gate's settings when the policy file is its own (gate_policy.py).
+        self.gate: GatePolicy | None = None
         self.load_policy_file()
         # The operator's runtime changes (POST /api/budget), agent -> entry;
         # an entry is replaced, never mutated, so identity tells a change.
@@ -262,8 +293,26 @@ class Governance:
         daemon; on a reload it raises and the previous budgets stay.
         """
         if self._policy_file:
-            self._policy_budgets = load_policy_file(self._policy_file, os.environ)
+            read = read_policy(self._policy_file, os.environ)
+            self._policy_budgets, self.gate = read.budgets, read.gate
         return len(self._policy_budgets)
+
+    def policy_agent_ids(self) -> list[str]:
+        """The agents the policy file names, in its order."""
+        return list(self._policy_budgets)
+
+    def policy_budget(self, agent: str) -> dict | None:
+        """The policy file's raw budget for C{agent}, if it has one."""
+        return self._policy_budgets.get(agent)
+
+    def is_gate_agent(self, agent: str | None) -> bool:
+        """Whether C{agent} comes from the OR gate's policy file (its rules apply)."""
+        return self.gate is not None and agent is not None and agent in self.gate.agents
+
+    def has_lifetime_budgets(self, raw_budgets=()) -> bool:
+        """Whether the policy file, or one of C{raw_budgets}, has a lifetime budget (its whole spend is seeded)."""
+        budgets = list(self._policy_budgets.values()) + list(raw_budgets)
+        return any(isinstance(b, dict) and str(b.get("period") or "").strip().lower() == LIFETIME for b in budgets)
 
     def check_runtime(self, agent: str, context, layer: dict) -> None:
         """
@@ -271,7 +320,9 @@ class Governance:
         Raises BudgetError when not (the change is then refused).
         """
         if context is None:
-            parse_budget(layer)
+            # An agent without a context: its policy file's budget (the OR gate's agents), under the change.
+            policy = self._policy_budgets.get(agent)
+            parse_budget(layer_budgets(None, None, layer, policy_file_budget=policy) if policy else layer)
             return
         sources = (context, self._policy_budgets.get(agent), self._files.get(agent), {"budget": layer})
         parse_budget(self.raw_budget(sources))
@@ -397,16 +448,21 @@ class Governance:
 
     # -- admission
 
-    def admit(self, ex, context, doc: dict) -> Admission:
+    def admit(self, ex, context, doc: dict, route: Resolution | None = None) -> Admission:
         """
         Decide the model and admit the request, or raise the ProxyError to
         answer with.  Nothing is held when this raises.  A budget or rate
         refusal is audited as the reference names it (C{budget_exceeded},
         C{rate_limited}) before the error line.  (A Deferred of the
         admission when several instances share the store.)
+
+        C{route}: where the request goes, decided by its caller instead of
+        the resolution order (the passthrough: its provider and the model it
+        names, if any, with C{ex.fixed_worst} its worst case; see
+        L{Ceiling}).
         """
         try:
-            admitted = self._admit(ex, context, doc)
+            admitted = self._admit(ex, context, doc, route)
         except ProxyError as error:
             self._audit_refusal(ex, error)
             raise
@@ -426,6 +482,17 @@ class Governance:
             name, details = named
             self._intervention(ex, name, **details)
 
+    def _evaluable(self, ex, scope: str, budget, tz) -> bool:
+        """Whether a budget scope can be evaluated; when not, L{_budget_unavailable} decides."""
+        problem = budget_audit.zone_problem(budget, tz)
+        if problem is None:
+            return True
+        log.warn("budget of {scope} cannot be evaluated: {problem}", scope=scope, problem=problem)
+        self._budget_unavailable(
+            ex, scope, ProxyError(503, budget_audit.BUDGET_UNAVAILABLE, "budget enforcement unavailable for this agent"),
+        )
+        return False
+
     def _budget_unavailable(self, ex, scope: str | None, error: ProxyError) -> None:
         """
         A budget that cannot be evaluated: audited as
@@ -442,7 +509,9 @@ class Governance:
     def _admit(self, ex, context, doc: dict, resolved=None) -> Admission:
         requested = doc.get("model") if "model" in doc else None
         bare = BARE_REF_PROVIDER if ex.surface.name == ANTHROPIC_MESSAGES else None
-        decision = resolved or self.router.resolve(context, requested, self.policy(context), bare, ex)
+        # The OR gate's agents get their tier's model, whatever they asked for.
+        route = requested if resolved is not None else self._gate_route(ex, context, requested)
+        decision = resolved or self.router.resolve(context, route, self.policy(context), bare, ex)
         if isinstance(decision, defer.Deferred):
             # The LLM resolver is asked what a name no rule knows means.
             return decision.addCallback(lambda found: self._admit(ex, context, doc, found))  # type: ignore[return-value]
@@ -460,7 +529,9 @@ class Governance:
             blocked = context.blocked_by(self.directory, end_user)
             if blocked is not None:
                 raise litellm_errors.blocked(blocked)
-            denial = context.model_denial(self.directory, decision.names, str(decision.ref), end_user)
+            # A passthrough request that names no model has no model to check.
+            named = bool(decision.ref.model)
+            denial = context.model_denial(self.directory, decision.names, str(decision.ref), end_user) if named else None
             if denial is not None:
                 raise litellm_errors.model_access_denied(denial, requested)
             levels = self.request_levels(context, requested_name, end_user)
@@ -485,6 +556,12 @@ class Governance:
                     candidates = (decision.ref,)
         for step in decision.steps:
             self._intervention(ex, step.rule, requested_model=requested, **step.details)
+        policy = self.policy(context)
+        if policy is not None and len(candidates) == 1 and len(policy.refs) > 1:
+            # The reference's warning: several models declared, yet no failover
+            # reachable from this one (none is in a "fallback" slot).
+            self._intervention(ex, FAILOVER_UNREACHABLE, chosen=str(candidates[0]),
+                               declared=[str(ref) for ref in policy.refs])
         admission = Admission(agent=context.agent_id, candidates=candidates)
         if levels:
             admission.levels = {level.scope: level for level in levels}
@@ -497,6 +574,7 @@ class Governance:
                 raise
             self._budget_unavailable(ex, context.agent_id, error)
             scopes = []  # open: admitted without the budgets
+        scopes = [entry for entry in scopes if self._evaluable(ex, *entry)]
         self._check_ledger(ex, scopes)
         rates = self._rate_checks(context, levels)
         parallel = self._parallel_checks(levels)
@@ -544,9 +622,17 @@ class Governance:
         self._check_parallel(admission, parallel or [])
         try:
             self._check_rates(admission, rates, shape)
-            worst = self._worst_case(admission.candidates, shape) if scopes else None
-            if worst is not None:
-                shape, worst = self._fit_output(admission, scopes, shape, worst)
+            # OpenRouter may answer with any model of the fallback list: each is held for.
+            fixed = getattr(ex, "fixed_worst", None)
+            if fixed is not None:
+                # A passthrough request: its worst case is its caller's (no
+                # output limit to lower in a body the proxy does not rewrite).
+                worst = fixed.usd if scopes else None
+            else:
+                priced = admission.candidates + fallback_refs(admission)
+                worst = self._worst_case(priced, shape) if scopes else None
+                if worst is not None:
+                    shape, worst = self._fit_output(admission, scopes, shape, worst, priced)
             for scope, budget, tz in scopes:
                 try:
                     self._reserve(admission, scope, budget, tz, worst, shape)
@@ -561,6 +647,7 @@ class Governance:
                 self.book.release(held)
             admission.reservations = []
             raise
+        admission.remaining_usd = self._remaining_usd(scopes)
         for held in admission.reservations:
             if held.alert and held.alert_reason in budget_audit.REFUSALS:
                 # soft_alert over its limit: the reference's refusal name, no refusal.
@@ -682,6 +769,8 @@ class Governance:
             raise ProxyError(503, "budget_unavailable", "budget enforcement unavailable for this agent") from None
         if isinstance(decision, Refusal):
             raise self._refused(admission, scope, decision, None)
+        if getattr(ex, "fixed_worst", None) is not None:
+            return  # a passthrough request goes to the model it names: a tier only refuses it
         if decision.ref is not None and decision.ref != str(chosen):
             try:
                 ref = split_model_ref(decision.ref)
@@ -699,6 +788,60 @@ class Governance:
                 m.partition("/")[2] if m.lower().startswith("openrouter/") else m
                 for m in decision.openrouter_models
             ]
+
+    # -- the Execwall OR gate's agents (gate_policy.py)
+
+    def _gate_route(self, ex, context, requested):
+        """
+        The ref a request of an OR gate agent is routed by: its current
+        tier's first model, whatever it asked for (the gate ignores the
+        request's model); C{requested} for everyone else.  An exhausted
+        C{hard_cap} budget refuses here, with the gate's 402.
+        """
+        agent = context.agent_id
+        if not self.is_gate_agent(agent) or getattr(context, "litellm", False):
+            return requested
+        try:
+            budget = self.budget(context)
+        except ProxyError:
+            return requested  # the budget's own check refuses, or lets it go (the fail mode)
+        if budget is None or not budget.tiers or budget.limit_usd is None:
+            return requested
+        try:
+            decision = self.book.choose_model(agent, budget, "", context.timezone)
+        except BudgetError as e:
+            log.warn("budget check failed for {agent}: {error}", agent=agent, error=str(e))
+            raise ProxyError(503, "budget_unavailable", "budget enforcement unavailable for this agent") from None
+        if isinstance(decision, Refusal):
+            raise self._gate_refusal(agent, decision) or budget_error(decision)
+        ref = decision.ref
+        if isinstance(requested, str) and requested.strip() and requested.strip() not in (ref, openrouter_id(ref or "")):
+            self._intervention(ex, "requested_model_ignored", requested_model=requested[:200], to_model=ref)
+        return ref
+
+    def _gate_refusal(self, scope: str, refusal: Refusal) -> ProxyError | None:
+        """
+        The gate's 402 for an OR gate agent whose C{hard_cap} budget is
+        spent (its detail as the gate writes it, beside the contract's
+        C{budget}); None for any other refusal, which keeps ours.
+        """
+        if not self.is_gate_agent(scope) or refusal.code != BUDGET_EXCEEDED:
+            return None
+        budget = refusal.budget
+        if budget.behavior != HARD_STOP or budget.limit_usd is None:
+            return None
+        if refusal.reported_cost_usd < budget.limit_usd - EPSILON_USD:
+            return None  # room is left, this request does not fit it: ours (429)
+        retry = refusal.retry_after_header
+        return ProxyError(
+            402, BUDGET_EXCEEDED, "budget exhausted",
+            retry_after=int(retry) if retry is not None else None,
+            extra={
+                "detail": routing_info(scope, budget, refusal.reported_cost_usd, True),
+                "budget": refusal_body(refusal)["budget"],
+            },
+            error_type=BUDGET_EXCEEDED,
+        )
 
     def _check_ledger(self, ex, scopes: list) -> None:
         """503 when the ledger could not keep this request's row (docs/LEDGER.md)."""
@@ -785,7 +928,7 @@ class Governance:
                 worst = cost if worst is None else max(worst, cost)
         return worst
 
-    def _fit_output(self, admission: Admission, scopes: list, shape: RequestShape, worst: float):
+    def _fit_output(self, admission: Admission, scopes: list, shape: RequestShape, worst: float, priced=None):
         """
         Lower the request's output limit to what the tightest budget has
         left when a C{hard_stop} budget could not pay for it as sent even
@@ -808,11 +951,12 @@ class Governance:
             must = must or (budget.behavior == HARD_STOP and worst > room.settled + EPSILON_USD)
         if not must:
             return shape, worst
-        limit = fit_output(self.book.pricing, admission.candidates, shape, min(rooms), self._min_output_tokens)
+        priced = admission.candidates if priced is None else priced
+        limit = fit_output(self.book.pricing, priced, shape, min(rooms), self._min_output_tokens)
         if limit is None:
             return shape, worst
         lowered = limit.shape(shape)
-        lowered_worst = self._worst_case(admission.candidates, lowered)
+        lowered_worst = self._worst_case(priced, lowered)
         if lowered_worst is None:
             return shape, worst
         admission.output_limit = limit
@@ -838,6 +982,9 @@ class Governance:
         leaves no room for the request, a 429 to retry shortly when only
         requests in flight hold the room.
         """
+        gate = self._gate_refusal(scope, refusal)
+        if gate is not None:
+            return gate
         level = admission.levels.get(scope)
         if level is None or refusal.code != BUDGET_EXCEEDED:
             return budget_error(refusal)
@@ -904,8 +1051,10 @@ class Governance:
             level = admission.levels.get(held.agent)
             soft = getattr(level, "soft_usd", None)
             before = self.book.usage(held.agent, held.budget, held.tz).cost_usd if soft is not None else 0.0
-            if success or row.cost_usd > 0:
-                self.book.settle(held, row.cost_usd if row.priced else None, counted=success)
+            # An OpenRouter model held at the ceiling counts at it when no cost came back.
+            cost = row.cost_usd if row.priced else ceiling_cost(self.book.pricing, row)
+            if success or row.cost_usd > 0 or cost:
+                self.book.settle(held, cost, counted=success)
             else:
                 self.book.release(held)
             if held.alert:
@@ -919,7 +1068,26 @@ class Governance:
             if self._alerts is not None:
                 usage = self.book.usage(held.agent, held.budget, held.tz)
                 self._alerts.observe_usage(held.agent, held.budget, usage)
+        if hasattr(ex, "budget_report"):
+            ex.budget_report = self.report(admission)
 
+    def report(self, admission: Admission) -> BudgetReport:
+        """What the caller is told of its budget now: what is left of the first one, the models it may get."""
+        held = admission.reservation
+        remaining = None
+        if held is not None and held.budget.limit_usd is not None:
+            remaining = round(held.budget.limit_usd - self.book.usage(held.agent, held.budget, held.tz).cost_usd, 10)
+        elif admission.remaining_usd is not None:
+            remaining = admission.remaining_usd
+        allowed = list(admission.openrouter_models or [str(ref) for ref in admission.candidates])
+        return BudgetReport(admission.agent, remaining, allowed, self.is_gate_agent(admission.agent))
+
+    def _remaining_usd(self, scopes: list) -> float | None:
+        """What the first budget with a dollar limit has left of its settled spend, for the caller's headers."""
+        for scope, budget, tz in scopes:
+            if budget.limit_usd is not None:
+                return round(budget.limit_usd - self.book.usage(scope, budget, tz).cost_usd, 10)
+        return None
 
     def after_record(self, ex, committed) -> None:
         """
@@ -943,6 +1111,13 @@ class Governance:
             committed.addBoth(release)
 
 
+def fallback_refs(admission: Admission) -> tuple[ModelRef, ...]:
+    """The OpenRouter models of a C{models} + C{route: "fallback"} request beyond its candidates."""
+    models = admission.openrouter_models or ()
+    known = {str(ref) for ref in admission.candidates}
+    return tuple(ModelRef("openrouter", m) for m in models if f"openrouter/{m}" not in known)
+
+
 def _dollars(value: float) -> str:
     """$1.23; amounts under a cent with four decimals, so they do not read as nothing."""
     return f"${value:.4f}" if 0 < value < 0.01 else f"${value:.2f}"
@@ -951,13 +1126,14 @@ def _dollars(value: float) -> str:
 def build_governance(*, clock, pricing, metering, governance_dir, policy_file, unpriced, default_rpm, default_tpm,
                      runtime_overrides=None, alerts=None, ledger=None, router=None,
                      min_output_tokens=DEFAULT_MIN_OUTPUT_TOKENS, coordinator=None, directory=None,
-                     budget_fail_mode=budget_audit.DEFAULT_FAIL_MODE):
+                     budget_fail_mode=budget_audit.DEFAULT_FAIL_MODE, openrouter_ceiling=AUTO):
     """The daemon's Governance, wired to metering (interventions, settlement)."""
     from cllama_tx.governance.budgets import BudgetBook
 
     governance = Governance(
         clock=clock,
-        book=BudgetBook(clock, pricing, unpriced=unpriced),
+        # Reservations hold an OpenRouter model the table does not price at the ceiling (ceiling.py).
+        book=BudgetBook(clock, CeilingPricing(pricing, openrouter_ceiling), unpriced=unpriced),
         limiter=RateLimiter(clock),
         governance_dir=governance_dir,
         policy_file=policy_file,

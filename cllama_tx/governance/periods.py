@@ -1,6 +1,8 @@
 """
 Budget windows: rolling windows (C{"window": "24h"}), calendar periods
 (C{"period": "daily"|"weekly"|"monthly"} in UTC or the agent's timezone),
+the lifetime period (C{"period": "lifetime"}: everything ever spent counts,
+nothing resets; the OR gate's C{period: none}),
 reset schedules (C{"period": "every:6h"}, C{"every:14d@<epoch>"}: LiteLLM's
 C{budget_duration}s that are not a day, a week or a month, see
 L{schedule_bounds}), and the compact spend timeline that answers "how much
@@ -48,7 +50,9 @@ class BudgetError(ValueError):
 DAILY = "daily"
 WEEKLY = "weekly"
 MONTHLY = "monthly"
-PERIODS = (DAILY, WEEKLY, MONTHLY)
+#: Everything ever spent counts and the budget never resets (until an operator resets it).
+LIFETIME = "lifetime"
+PERIODS = (DAILY, WEEKLY, MONTHLY, LIFETIME)
 
 #: Bucket sizes (seconds) of the spend timeline; each divides the next and 900.
 QUANTA = (1, 5, 15, 60, 300, 900)
@@ -56,7 +60,10 @@ QUANTA = (1, 5, 15, 60, 300, 900)
 #: At most about this many timeline entries per rolling window.
 MAX_ENTRIES_PER_WINDOW = 1000
 
-_PERIOD_QUANTUM = {DAILY: 60, WEEKLY: 300, MONTHLY: 900}
+_PERIOD_QUANTUM = {DAILY: 60, WEEKLY: 300, MONTHLY: 900, LIFETIME: 900}
+
+#: The start and end of the lifetime period: it never began and never ends.
+LIFETIME_BOUNDS = (0.0, math.inf)
 
 # Money comparisons forgive float noise (0.1 * 10 is 0.9999999999999999).
 EPSILON_USD = 1e-9
@@ -254,10 +261,13 @@ def period_bounds(period: str, now: float, tz: Any = None) -> tuple[float, float
     C{(start, end)} in epoch seconds of the calendar period containing
     C{now}, in C{tz}: the local day, the ISO week (Monday 00:00 to the next
     Monday 00:00), or the month.  C{start <= now < end}.  Days are not
-    assumed to last 86400 s: a DST change day is 23 or 25 hours long.
+    assumed to last 86400 s: a DST change day is 23 or 25 hours long.  The
+    lifetime period is C{(0, inf)}: its end is never a time to announce.
     """
     if is_schedule(period):
         return schedule_bounds(period, now, tz)
+    if period == LIFETIME:
+        return LIFETIME_BOUNDS
     zone = resolve_timezone(tz)
     local = datetime.datetime.fromtimestamp(now, zone).date()
     if period == DAILY:
@@ -434,6 +444,8 @@ def retry_after(
         return 0.0
     if budget.period is not None:
         _, end = period_bounds(budget.period, now, tz)
+        if not math.isfinite(end):
+            return None  # a lifetime budget: nothing ever leaves
         total_usd = 0.0
         total_requests = 0
         for _, cost, requests in spend:

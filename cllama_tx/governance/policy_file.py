@@ -7,7 +7,8 @@ shape budget-tier gateways use, mapped to our budget objects.
         <agent-id>:
           budget_total: 50          # -> limit_usd
           budget_spent: 12.5        # -> spent_offset_usd (this period)
-          period: monthly           # -> period (daily|weekly|monthly), or a
+          period: monthly           # -> period (daily|weekly|monthly), none or
+                                    #    lifetime -> period lifetime, or a
                                     #    duration such as "24h" -> window
           hard_cap: true            # true -> hard_stop, else soft_alert
           max_requests: 1000        # optional, passed through
@@ -23,6 +24,10 @@ strings (C{budget_total: "${AGENT_BUDGET:-50}"}) are converted.
 
 The file is YAML (needs PyYAML, imported only when a YAML file is read); a
 file whose first non-blank character is C{{} is read as JSON without it.
+
+A file with a C{cost_routing.openrouter} section is the Execwall OR gate's
+own C{policy.yaml}: its agents are read as the gate reads them
+(L{cllama_tx.governance.gate_policy}).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cllama_tx.governance.budgets import HARD_STOP, SOFT_ALERT, parse_budget
-from cllama_tx.governance.periods import PERIODS, BudgetError, parse_window
+from cllama_tx.governance.periods import LIFETIME, PERIODS, BudgetError, parse_window
 from cllama_tx.store.jsonfile import UnreadableFile, read_text_file
 
 POLICY_FILE_ENV = "CLLAMA_POLICY_FILE"
@@ -45,6 +50,10 @@ DEFAULT_PERIOD = "monthly"
 
 _AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _AGENT_KEYS = frozenset({"budget_total", "budget_spent", "period", "hard_cap", "tiers", "max_requests"})
+# The OR gate's informational keys: known, not budget settings (its console API reports them).
+_GATE_INFO_KEYS = frozenset({"budget_source", "period_reset"})
+#: C{period: none} (the OR gate's word) is a lifetime budget.
+_LIFETIME_WORDS = frozenset({"none", LIFETIME})
 _VARIABLE = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\})")
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -137,7 +146,8 @@ def agent_budget(entry: Any, where: str, warnings: list[str] | None = None) -> d
     """The raw budget object for one C{cost_routing.agents.<id>} entry."""
     if not isinstance(entry, dict):
         raise PolicyFileError(f"{where}: must be a mapping")
-    for key in sorted(str(k) for k in entry if k not in _AGENT_KEYS and not str(k).startswith("_")):
+    known = _AGENT_KEYS | _GATE_INFO_KEYS
+    for key in sorted(str(k) for k in entry if k not in known and not str(k).startswith("_")):
         if warnings is not None:
             warnings.append(f"{where}: unknown key {key!r} ignored")
     if entry.get("budget_total") is None:
@@ -156,7 +166,9 @@ def agent_budget(entry: Any, where: str, warnings: list[str] | None = None) -> d
         period = DEFAULT_PERIOD
     if not isinstance(period, str):
         raise PolicyFileError(f"{where}.period: must be one of {', '.join(PERIODS)} or a duration")
-    if period.strip().lower() in PERIODS:
+    if period.strip().lower() in _LIFETIME_WORDS:
+        budget["period"] = LIFETIME
+    elif period.strip().lower() in PERIODS:
         budget["period"] = period.strip().lower()
     else:
         try:

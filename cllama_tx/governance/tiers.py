@@ -17,6 +17,11 @@ limit_usd}, clamped to C{[0, 1]}.
    tier below it (a cheaper model is never moved up).  Any other ref is
    moved to the current tier's first model, intervention
    C{budget_tier_downgrade}.
+ - With C{"tiers_rule": "at_least"} (the Execwall OR gate's rule, set for
+   the agents of its policy file) a tier applies when the remaining
+   fraction is B{at or above} its threshold, and below every threshold the
+   lowest tier still applies: only an exhausted budget refuses (its
+   C{hard_stop} trip), never a tier.
  - When the chosen ref's provider is C{openrouter}, C{openrouter_models}
    lists the OpenRouter model ids (the ref without C{openrouter/}) to send
    as C{models} with C{route: "fallback"}: the chosen one first, then the
@@ -34,6 +39,11 @@ from cllama_tx.governance.periods import BudgetError
 
 BUDGET_TIER_DOWNGRADE = "budget_tier_downgrade"
 OPENROUTER = "openrouter"
+
+#: How a tier's threshold is compared with the remaining fraction.
+ABOVE = "above"  # strictly above; below every threshold no tier applies
+AT_LEAST = "at_least"  # at or above; below every threshold the lowest tier (the OR gate)
+TIERS_RULES = (ABOVE, AT_LEAST)
 
 _TIER_KEYS = frozenset({"threshold", "models", "name"})
 
@@ -123,10 +133,14 @@ def parse_tiers(raw: Any) -> tuple[Tier, ...]:
     return tuple(tiers)
 
 
-def current_tier_index(tiers: tuple[Tier, ...], remaining_fraction: float) -> int | None:
-    """Index of the first tier whose threshold C{remaining_fraction} is above."""
+def current_tier_index(tiers: tuple[Tier, ...], remaining_fraction: float, rule: str = ABOVE) -> int | None:
+    """
+    Index of the first tier whose threshold C{remaining_fraction} is above
+    (C{rule} L{AT_LEAST}: at or above).
+    """
+    inclusive = rule == AT_LEAST
     for index, tier in enumerate(tiers):
-        if remaining_fraction > tier.threshold:
+        if remaining_fraction > tier.threshold or (inclusive and remaining_fraction >= tier.threshold):
             return index
     return None
 
@@ -147,9 +161,10 @@ def tier_decision(budget: Any, remaining_fraction: float | None, requested_ref: 
     tiers = getattr(budget, "tiers", ())
     if not tiers or remaining_fraction is None:
         return TierDecision(requested_ref, remaining_fraction=remaining_fraction)
-    index = current_tier_index(tiers, remaining_fraction)
+    rule = getattr(budget, "tiers_rule", ABOVE)
+    index = current_tier_index(tiers, remaining_fraction, rule)
     if index is None:
-        if budget.behavior != "soft_alert":
+        if budget.behavior != "soft_alert" and rule != AT_LEAST:
             return TierDecision(None, refused=True, remaining_fraction=remaining_fraction)
         index = len(tiers) - 1
     tier = tiers[index]

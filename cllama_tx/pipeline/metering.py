@@ -79,6 +79,8 @@ class Exchange:
     end_user: str | None = None  # the customer the request names in "user" (LiteLLM)
     answer_id: str | None = None  # the answer's "id" as the agent saw it (answer_id())
     admission: Admission | None = None  # what governance held for this request
+    # What its budget says once settled (governance.finish): the caller's cost headers.
+    budget_report: Any = None
     # Shared store: reservations to release once the row is committed.
     shared_release: tuple | None = None
     # Shared store: a kept Responses conversation being written (awaited before the last byte).
@@ -92,12 +94,20 @@ class Exchange:
     conversation: dict | None = None
     response_id: str | None = None
     error_code: str | None = None  # the ProxyError code the request ended with, if any
-    # What the request asks of the LLM resolver (?force, ?prompt=), or None.
-    resolve_hints: Any = None
     # The policy plane's state of this request (pipeline/policy_hooks.py), when a policy governs it.
     policy: Any = None
     # A 2xx answer the policy refused to deliver: billed as one the agent walked away from.
     answer_refused: bool = False
+    # What the request asks of the LLM resolver (?force, ?prompt=), or None.
+    resolve_hints: Any = None
+    # A passthrough request (/_proxy/<provider>/<path>, pipeline/passthrough.py):
+    # its path, the bytes of its body and its answer, its cost as its answer
+    # said it (cost, priced), and its worst case for governance (engine.Ceiling).
+    path: str | None = None
+    request_bytes: int | None = None
+    response_bytes: int | None = None
+    priced_as: tuple[float, bool] | None = None
+    fixed_worst: Any = None
 
 
 def answer_id(ex: Exchange, upstream_id: Any, upstream_format: str) -> str | None:
@@ -148,6 +158,9 @@ def audit_fields(row: LedgerRow) -> dict:
     }
     if not row.priced and (row.prompt_tokens or row.output_tokens):
         del fields["cost_usd"]
+    if row.path is not None:
+        # A passthrough request: its provider-native path and its bytes.
+        fields.update(path=row.path, request_bytes=row.request_bytes, response_bytes=row.response_bytes)
     return fields
 
 
@@ -284,7 +297,9 @@ class Metering:
         ex.settled = True
         now = self._clock.seconds()
         usage, estimated = billed_usage(ex, status)
-        if not ex.surface.billable:
+        if ex.priced_as is not None:
+            cost, priced = ex.priced_as
+        elif not ex.surface.billable:
             cost, priced = 0.0, False
         elif ex.provider is not None and ex.upstream_model is not None:
             cost, priced = self._pricing.cost(ex.provider, ex.upstream_model, usage)
@@ -317,6 +332,9 @@ class Metering:
             organization_id=ex.organization_id,
             end_user=ex.end_user,
             response_id=ex.answer_id,
+            path=ex.path,
+            request_bytes=ex.request_bytes,
+            response_bytes=ex.response_bytes,
         )
         fields = audit_fields(row)
         if error is None:
@@ -335,7 +353,8 @@ class Metering:
         committed.addErrback(self._record_failed, ex)
         for recorded in self.on_recorded:
             recorded(ex, committed)
-        if error is None and 200 <= status < 300 and self._history is not None:
+        if error is None and 200 <= status < 300 and self._history is not None and ex.path is None:
+            # (A passthrough answer is no turn of a conversation: not in the history.)
             self._write_history(ex, ex.claw_id, status, usage, now)
         return Settlement(row, committed)
 

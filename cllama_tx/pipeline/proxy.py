@@ -33,7 +33,7 @@ from cllama_tx.identity.authenticate import (
 from cllama_tx.identity.operator import OperatorGuard, request_source
 from cllama_tx.identity.principals import KeyPrincipal, MasterPrincipal
 from cllama_tx.identity.virtual_keys import hash_key, looks_like_virtual_key
-from cllama_tx.pipeline import failover_reasons
+from cllama_tx.pipeline import cost_report, failover_reasons
 from cllama_tx.pipeline.content_coding import UndecodableBody, decoded
 from cllama_tx.pipeline.metering import AGENT_STALLED, CLIENT_CLOSED, Exchange, answer_id
 from cllama_tx.pipeline.policy_hooks import PolicyHooks
@@ -172,6 +172,9 @@ class Proxy:
         self._no_stream_options = no_stream_options
         self._master: MasterKey | None = None
         self._master_principal = MasterPrincipal()
+        # The OR gate's X-Agent-ID on a loopback listener, when the operator
+        # opted in (cllama_tx.identity.agent_header); None: authentication only.
+        self.agent_header = None
 
     def handle(self, request, surface: Surface) -> None:
         """Serve C{request}; the response is written asynchronously."""
@@ -225,7 +228,10 @@ class Proxy:
         doc = self._parse_body(request, ex)
         model = doc.get("model")
         policy = self._governance.policy(context)
-        if (model is not None or policy is None) and (not isinstance(model, str) or not model.strip()):
+        if self._governance.is_gate_agent(context.agent_id):
+            # The OR gate's agents are sent their tier's model: theirs may be anything, or absent.
+            model = model if isinstance(model, str) else None
+        elif (model is not None or policy is None) and (not isinstance(model, str) or not model.strip()):
             raise ProxyError(400, "missing_model", "the request body needs a 'model' string")
         ex.model = model
         # Before anything is reserved or sent: the fields metering relies on.
@@ -352,6 +358,10 @@ class Proxy:
         the answer is then a Deferred of the principal, which fails with the
         L{ProxyError} (401, or 503 when the store cannot tell).
         """
+        if self.agent_header is not None:
+            named = self.agent_header.identify(headers, request)
+            if named is not None:
+                return named
         try:
             return identify(headers, self._contexts, self._keys)
         except KeyNotChecked as unchecked:
@@ -733,6 +743,7 @@ class Proxy:
         request.setResponseCode(response.code)
         copy_response_headers(response.headers, request.responseHeaders)
         request.setHeader(b"x-cllama-request-id", ex.request_id.encode())
+        cost_report.start_headers(request, ex)
         limit = ex.admission.output_limit if ex.admission is not None else None
         if limit is not None:
             request.setHeader(b"x-cllama-max-tokens-lowered", b"%d" % limit.max_tokens)
@@ -809,6 +820,7 @@ class Proxy:
             ex.output_chars, ex.unmetered_bytes = tap.output_chars, tap.unmetered_bytes
             ex.answer_id = answer_id(ex, tap.answer_id or tap.response_id, api_format)
             ex.delivered = request.startedWriting and 200 <= response.code < 300
+            cost_report.use_answering_model(ex, tap.response_model)
 
         relay = self._start_relay(request, response, ex, on_data)
         try:
@@ -927,6 +939,7 @@ class Proxy:
                 if not ex.usage.seen:
                     ex.output_chars = output_chars_from_json(doc, api_format)
                 ex.response_json = doc
+                cost_report.use_answering_model(ex, doc.get("model"))
         if ex.crossing is not None:
             body = self._translate_body(ex.crossing, ex, status, body, doc)
             if 200 <= status < 300:
@@ -936,6 +949,7 @@ class Proxy:
         settlement = await self._settle_then(request, ex, status)
         if settlement is not None:
             request.setHeader(b"x-cllama-cost-usd", _money(settlement.row.cost_usd).encode())
+            body = cost_report.finish_json(request, ex, settlement.row.cost_usd, status, doc, body)
         request.responseHeaders.removeHeader(b"content-length")
         request.setHeader(b"content-length", b"%d" % len(body))
         request.write(body)

@@ -88,6 +88,37 @@ def migrate(env=None, out=None, err=None) -> int:
     return 0
 
 
+def openrouter_prices(args: list[str], env=None, out=None, err=None) -> int:
+    """
+    C{cllama-tx openrouter-prices [--url URL] [--output FILE]}: fetch
+    OpenRouter's published prices (C{OPENROUTER_BASE_URL}/models, else its
+    public API) and write them where the daemon reads them
+    (C{CLLAMA_OPENROUTER_PRICES_FILE}, else the state directory); a running
+    daemon picks them up within 30 s.  0 on success, 2 for bad arguments,
+    1 when the prices could not be fetched or written.
+    """
+    from cllama_tx.accounting import openrouter_prices as prices
+
+    env = os.environ if env is None else env
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    options = {"--url": prices.models_url(env), "--output": prices.default_path(env, default_state_dir(env))}
+    rest = list(args)
+    while rest:
+        name = rest.pop(0)
+        if name not in options or not rest:
+            print("usage: cllama-tx openrouter-prices [--url URL] [--output FILE]", file=err)
+            return 2
+        options[name] = rest.pop(0)
+    try:
+        count = prices.refresh(options["--url"], options["--output"])
+    except (prices.RefreshError, ValueError) as e:
+        print(f"cllama-tx openrouter-prices: {e}", file=err)
+        return 1
+    print(f"{options['--output']}: {count} OpenRouter model prices from {options['--url']}", file=out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("--healthcheck", "-healthcheck"):
@@ -97,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             print("cllama-tx migrate takes no arguments: it reads the environment", file=sys.stderr)
             return 2
         return migrate()
+    if args and args[0] == "openrouter-prices":
+        return openrouter_prices(args[1:])
     from twisted.scripts.twistd import run
 
     # In the foreground a pid file is only litter (and fails on a read-only

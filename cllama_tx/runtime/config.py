@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -194,6 +195,33 @@ def _budget_fail_mode(env: Mapping[str, str]) -> str:
         raise ConfigError(str(e)) from None
 
 
+def _passthrough(env: Mapping[str, str]):
+    """
+    The passthrough's settings (C{/_proxy/<provider>/<path>}, docs/CONFIGURATION.md),
+    or None when C{CLLAMA_PASSTHROUGH} turns it off; a malformed setting stops the start.
+    """
+    if not _switch(env, "CLLAMA_PASSTHROUGH", True):
+        return None
+    from cllama_tx.pipeline.passthrough import parse_settings
+    from cllama_tx.providers.passthrough_rules import AllowListError
+
+    raw_max = env.get("CLLAMA_PASSTHROUGH_MAX_BODY_SIZE")
+    max_body = parse_size(raw_max) if raw_max else None
+    try:
+        return parse_settings(env.get("CLLAMA_PASSTHROUGH_PATHS"), max_body, env.get("CLLAMA_PASSTHROUGH_RESERVE_USD"))
+    except AllowListError as e:
+        raise ConfigError(f"CLLAMA_PASSTHROUGH_PATHS: {e}") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _gate_settings(env: Mapping[str, str], api_endpoint: str):
+    """The OR gate's opt-ins and OpenRouter pricing (cllama_tx.runtime.gate)."""
+    from cllama_tx.runtime.gate import gate_settings
+
+    return gate_settings(env, api_endpoint)
+
+
 def _policy_settings(env: Mapping[str, str]):
     """
     The policy plane's settings (docs/POLICY.md): CLLAMA_POLICY_URL or
@@ -373,6 +401,12 @@ class Config:
     worker: WorkerRole | None = None
     # The policy plane's PolicySettings (cllama_tx.governance.policy_settings).
     policy: object = None
+    # Standing in for the Execwall OR gate: its opt-ins and OpenRouter pricing
+    # (cllama_tx.runtime.gate.GateSettings).
+    gate: Any = None
+    # The passthrough (/_proxy/<provider>/<path>): its PassthroughSettings
+    # (cllama_tx.pipeline.passthrough), None when it is off.
+    passthrough: Any = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, demo: bool = False) -> Config:
@@ -441,4 +475,6 @@ class Config:
             workers=workers,
             worker=worker,
             policy=_policy_settings(env),
+            gate=_gate_settings(env, api_endpoint),
+            passthrough=_passthrough(env),
         )

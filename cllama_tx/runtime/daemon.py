@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cllama_tx.accounting.history import SessionHistory
+from cllama_tx.accounting.openrouter_prices import PublishedPrices
 from cllama_tx.accounting.pricing import Pricing
 from cllama_tx.governance.engine import build_governance
 from cllama_tx.governance.resolution import Router
@@ -38,13 +39,14 @@ from cllama_tx.identity.throttle import FailureThrottle
 from cllama_tx.identity.virtual_keys import VirtualKeyStore
 from cllama_tx.interfaces import IProviderRegistry
 from cllama_tx.pipeline.metering import Metering
+from cllama_tx.pipeline.passthrough import Passthrough
 from cllama_tx.pipeline.proxy import Proxy
 from cllama_tx.providers.catalog import ProviderSpec
 from cllama_tx.providers.keys import KeyPool
 from cllama_tx.providers.model_table import ModelTableError, ModelTableFile
 from cllama_tx.providers.probe import UpstreamProber
 from cllama_tx.providers.registry import ProviderRegistry, ResolvedProvider, UnknownProvider
-from cllama_tx.runtime import twisted_private
+from cllama_tx.runtime import gate, twisted_private
 from cllama_tx.runtime.audit import AuditLog, open_audit_output
 from cllama_tx.runtime.bounded_output import BoundedOutput
 from cllama_tx.runtime.config import Config, with_backlog
@@ -252,8 +254,24 @@ class GovernanceSeed(service.Service):
         d = self.ledger.loaded()
         if self.fleet is not None:
             d.addCallback(lambda _: self.fleet.register())
-        d.addCallback(lambda _: self.ledger.seed_data(self.clock.seconds() - self.LOOKBACK))
+        d.addCallback(lambda _: self.ledger.seed_data(self._since()))
         d.addCallbacks(self._apply, self._failed)
+
+    # The agent contexts, when the daemon has them: their metadata may set a lifetime budget.
+    contexts: Any = None
+
+    def _since(self) -> float:
+        """
+        Where the agents' spend is read from: the last L{LOOKBACK} seconds,
+        or all of it when a budget counts everything ever spent (a lifetime
+        period: the OR gate's C{period: none}).
+        """
+        raw = [entry.get("budget") for entry in self.ledger.budget_overrides().values()]
+        if self.contexts is not None:
+            raw.extend(getattr(self.contexts.get(agent), "budget", None) for agent in self.contexts.agent_ids())
+        if self.governance.has_lifetime_budgets(raw):
+            return 0.0
+        return self.clock.seconds() - self.LOOKBACK
 
     def _apply(self, data) -> None:
         if not self.running:
@@ -399,6 +417,20 @@ class Daemon(service.MultiService):
     discovery: Any  # cllama_tx.discovery.service.Discovery when discovery is on, else None
 
 
+def build_passthrough(
+    config: Config, reactor, proxy, providers, upstream, metering, governance, pricing, inflight
+) -> Passthrough | None:
+    """The passthrough (C{/_proxy/<provider>/<path>}), unless C{CLLAMA_PASSTHROUGH} turned it off."""
+    if config.passthrough is None:
+        return None
+    return Passthrough(
+        clock=reactor, proxy=proxy, providers=providers, upstream=upstream, metering=metering,
+        governance=governance, pricing=pricing, settings=config.passthrough, max_json_bytes=config.max_body_bytes,
+        first_byte_timeout=config.first_byte_timeout, idle_timeout=config.idle_timeout,
+        agent_stall_timeout=config.agent_stall_timeout, inflight=inflight,
+    )
+
+
 def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
     # Say so at start-up when this Twisted lacks a private name we use (each has a fallback).
     twisted_private.report(log)
@@ -434,7 +466,10 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         providers = DemoProviders(demo, reactor)
         banner = demo_banner
     else:
-        providers = ProviderRegistry(config.env, config.auth_dir, reactor, on_pool_event=pool_event)
+        # The OR gate's policy.yaml may say where OpenRouter is (runtime/gate.py).
+        providers = ProviderRegistry(
+            gate.provider_env(config.env, config.policy_file), config.auth_dir, reactor, on_pool_event=pool_event
+        )
         # A service: it saves pending key state when stopped, after the listeners.
         providers.setServiceParent(shared)
 
@@ -501,6 +536,9 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         history = SessionHistory(config.session_history_dir, reactor)
         history.setServiceParent(shared)
     pricing = Pricing(reactor, override_path=config.pricing_file)
+    gate_settings = config.gate or gate.GateSettings()
+    # OpenRouter's published prices, refreshed by `cllama-tx openrouter-prices`.
+    PublishedPrices(pricing, gate.prices_path(gate_settings, state_dir), reactor).setServiceParent(shared)
     metering = Metering(clock=reactor, pricing=pricing, ledger=ledger, audit=audit, history=history)
     metrics = Metrics(ledger=ledger)
     if audit_output is not None:
@@ -537,6 +575,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         default_tpm=config.default_tpm,
         min_output_tokens=config.budget_min_output_tokens,
         budget_fail_mode=config.budget_fail_mode,
+        openrouter_ceiling=gate_settings.openrouter_ceiling,
         runtime_overrides=None,
         alerts=alerts,
         ledger=ledger,
@@ -614,6 +653,7 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         request_line=twisted_private.pending_request_line,
         lean=config.lean_http,
         direct=config.write_through,
+        passthrough=build_passthrough(config, reactor, proxy, providers, upstream, metering, governance, pricing, inflight),
     )
     operations = Operations(
         clock=reactor,
@@ -626,7 +666,9 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         model_table=model_table,
         changes=fleet.changes if fleet is not None else None,
     )
-    GovernanceSeed(ledger, governance, reactor, fleet=fleet).setServiceParent(shared)
+    seed = GovernanceSeed(ledger, governance, reactor, fleet=fleet)
+    seed.contexts = contexts
+    seed.setServiceParent(shared)
     if fleet is not None:
         fleet.follow_overrides(ledger, governance)
         fleet.follow_keys(keys)
@@ -663,6 +705,10 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
     if fleet is not None:
         # A session signed out on another instance is dropped here at once.
         fleet.changes.subscribe("ui_session", ui_site.ui.sessions.reload)
+    gate.wire(
+        gate_settings, governance=governance, contexts=contexts, operations=operations, ledger=ledger,
+        providers=providers, proxy=proxy, api_site=api_site, clock=reactor,
+    )
     api_guard, ui_guard = build_guards(config, reactor)
     api_site.set_guard(api_guard)
     ui_site.set_guard(ui_guard)

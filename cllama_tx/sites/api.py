@@ -28,11 +28,14 @@ from cllama_tx.identity.authenticate import identify
 from cllama_tx.identity.history_access import history_allowed, presented_token
 from cllama_tx.identity.operator import OperatorGuard, request_source
 from cllama_tx.identity.tokens import MalformedCredentials, parse_credentials
+from cllama_tx.pipeline.passthrough import Passthrough
 from cllama_tx.pipeline.proxy import Proxy, Surface, new_request_id
 from cllama_tx.sites.guard import ConnectionGuard, GuardedRequest, GuardedSite
 from cllama_tx.sites.header_gate import HeaderGate, Refusal, refusal, shape_for_path
 from cllama_tx.sites.lean_http import LeanChannel, answer_refusal
 from cllama_tx.sites.management import build_management
+from cllama_tx.sites.passthrough import PREFIX as PASSTHROUGH_PREFIX
+from cllama_tx.sites.passthrough import PassthroughGate, PassthroughResource
 from cllama_tx.surfaces import matrix
 from cllama_tx.surfaces.errors import ANTHROPIC, OPENAI, ProxyError, error_body
 from cllama_tx.surfaces.errors import RESPONSES as RESPONSES_SHAPE
@@ -103,6 +106,10 @@ class CappedRequest(GuardedRequest):
     # arguments of a requestReceived that came meanwhile.
     _deciding = False
     _held: tuple[bytes, bytes, bytes] | None = None
+    # A passthrough upload's sink (sites/passthrough.py): the body's chunks
+    # go there, upstream, instead of into request.content.
+    body_sink: Any = None
+    request_target = b""
 
     @property
     def _site(self) -> ApiSite:
@@ -121,9 +128,10 @@ class CappedRequest(GuardedRequest):
         gate = site.gate if line is not None else None
         method, target = line if line is not None else (b"", b"")
         path = self._target = target.split(b"?", 1)[0]
+        self.request_target = target  # the passthrough's gate reads its query too
         self._limit = site.max_body_bytes
         if gate is not None:
-            self._limit = gate.body_limit(method, path)
+            self._limit = gate.body_limit(method, path, self)
             refused = gate.check(self, method, path, length)
             if isinstance(refused, defer.Deferred):
                 self._decide_later(refused, path, length)
@@ -171,6 +179,10 @@ class CappedRequest(GuardedRequest):
         if self._received > self._limit:
             self._refuse_oversized(self._target)
             return
+        sink = self.body_sink
+        if sink is not None:
+            sink.write(data)  # a passthrough upload: upstream as it comes, never spooled
+            return
         super().handleContentChunk(data)
 
     def requestReceived(self, command, path, version):
@@ -182,6 +194,10 @@ class CappedRequest(GuardedRequest):
         super().requestReceived(command, path, version)
 
     def _refuse_oversized(self, path: bytes) -> None:
+        if self.body_sink is not None:
+            # A passthrough upload already on its way: its pipeline stops it and settles.
+            self._answer(self.body_sink.oversized(self._limit), path)
+            return
         error = ProxyError(
             413, "request_too_large", f"the request body is larger than {self._limit} bytes"
         )
@@ -249,13 +265,31 @@ class ApiSite(GuardedSite, Site):
             return super().build_channel(addr)
         return LeanChannel(self, lambda: Site.buildProtocol(self, addr), self.direct)
 
+    #: The passthrough's resource (C{/_proxy/<provider>/<path>}), when it is on.
+    passthrough: Resource | None = None
+
+    #: The OR gate's console on this port (C{CLLAMA_CONSOLE_ON_API_PORT}): C{(claims, resource)}.
+    console: tuple[Callable[[bytes, bytes], bool], Resource] | None = None
+
     def getResourceFor(self, request):
         request.site = self
         request.sitepath = request.prepath[:]
         hot = self._hot.get(request.path)
         if hot is not None:
             return hot
+        if self.passthrough is not None and request.path.startswith(PASSTHROUGH_PREFIX):
+            return self.passthrough
+        console = self.console
+        if console is not None and console[0](request.method, request.path):
+            return console[1]
         return super().getResourceFor(request)
+
+    def serve_console(self, claims: Callable[[bytes, bytes], bool], resource: Resource,
+                      posts: Callable[[bytes], bool]) -> None:
+        """Answer the OR gate's console paths on this port without credentials (a loopback-only port)."""
+        self.console = (claims, resource)
+        if self.gate is not None:
+            self.gate.open_paths = posts
 
 
 class ApiApp:
@@ -547,6 +581,7 @@ def build_api_site(
     request_line: Callable[[Any], tuple[bytes, bytes] | None],
     lean: bool = True,
     direct: bool = True,
+    passthrough: Passthrough | None = None,
 ) -> ApiSite:
     surfaces = {surface.path.encode(): surface for surface in (CHAT, MESSAGES, COUNT_TOKENS, RESPONSES)}
     # The same surfaces without /v1, as LiteLLM serves them: SDKs given a
@@ -556,7 +591,12 @@ def build_api_site(
     gate = HeaderGate(proxy, surfaces, max_body_bytes)
     app = app or ApiApp()
     app.bind(proxy, audit)
-    return ApiSite(
+    site = ApiSite(
         app.app.resource(), hot, max_body_bytes, audit, gate=gate, guard=guard, request_line=request_line,
         lean=lean, direct=direct,
     )
+    if passthrough is not None:
+        # /_proxy/<provider>/<path>: decided on its headers, its uploads streamed.
+        gate.passthrough = PassthroughGate(passthrough)
+        site.passthrough = PassthroughResource(passthrough)
+    return site

@@ -24,10 +24,14 @@ until it fires (see L{cllama_tx.sites.api.CappedRequest}).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import attrs
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from cllama_tx.providers.passthrough_rules import PREFIX as PASSTHROUGH_PREFIX
 from cllama_tx.sites.admin_http import is_management_path
 from cllama_tx.surfaces.errors import ANTHROPIC, OPENAI, ProxyError, error_body
 
@@ -70,9 +74,16 @@ class HeaderGate:
         self._proxy = proxy
         self._surfaces = surfaces
         self.max_body_bytes = max_body_bytes
+        # Paths whose small bodies need no credentials: the OR gate's console
+        # on a loopback API port, when the operator opted in (gate_console_api).
+        self.open_paths: Callable[[bytes], bool] | None = None
+        # The passthrough's own gate (/_proxy/..., sites/passthrough.py), when it is on.
+        self.passthrough: Any = None
 
-    def body_limit(self, method: bytes, path: bytes) -> int:
+    def body_limit(self, method: bytes, path: bytes, request: Any = None) -> int:
         """The largest body this request may send."""
+        if self.passthrough is not None and request is not None and path.startswith(PASSTHROUGH_PREFIX):
+            return self.passthrough.body_limit(method, request)
         if method == b"POST" and path in self._surfaces:
             return self.max_body_bytes
         return min(SMALL_BODY, self.max_body_bytes)
@@ -89,6 +100,9 @@ class HeaderGate:
         shared store first.  Sets C{request.principal} for an authenticated
         inference request.
         """
+        if self.passthrough is not None and path.startswith(PASSTHROUGH_PREFIX):
+            # Every passthrough request is decided by the pipeline on its headers.
+            return self.passthrough.check(request, method, path, length)
         surface = self._surfaces.get(path)
         if surface is not None and method == b"POST":
             try:
@@ -103,7 +117,7 @@ class HeaderGate:
                 )
             request.principal = principal
             return None
-        if length == 0:
+        if length == 0 or (self.open_paths is not None and self.open_paths(path)):
             return None
         headers = request.requestHeaders
         if headers.hasHeader(b"authorization") or headers.hasHeader(b"x-api-key"):

@@ -21,6 +21,9 @@ BUDGET_KEYS = ("limit_usd", "max_requests", "window", "period", "behavior", "tie
 
 
 class Operations:
+    # The Execwall OR gate's console fields (sites/gate_console.py); set by the daemon.
+    gate_console = None
+
     def __init__(self, *, clock, audit, ledger, governance, pricing, providers, contexts, model_table=None,
                  changes=None) -> None:
         self._clock = clock

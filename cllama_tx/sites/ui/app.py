@@ -202,9 +202,9 @@ class UiApp:
         return b""
 
     def _problem(self, request, error: ProxyError) -> bytes:
-        return self._json(
-            request, error.status, {"error": {"message": error.message, "type": "invalid_request_error", "code": error.code}}
-        )
+        doc = {"error": {"message": error.message, "type": "invalid_request_error", "code": error.code}}
+        doc.update(error.extra or {})  # e.g. the OR gate's "detail"
+        return self._json(request, error.status, doc)
 
     def _error_doc(self, message: str, code: str, kind: str = "invalid_request_error") -> dict:
         return {"error": {"message": message, "type": kind, "code": code}}
@@ -942,21 +942,34 @@ class UiApp:
         doc = spend_periods(totals, now, None)
         doc["agents"] = {agent: spend_periods(totals, now, agent, counts=False) for agent in totals.agents()}
         doc["summary"] = totals.summary()
-        return self._json(request, 200, doc)
+        console = self._gate_console
+        return self._json(request, 200, console.add_all_spend(doc) if console is not None else doc)
 
     @app.route("/api/spend/<agent>", methods=["GET"])
     def spend_agent(self, request, agent):
         self._gate(request)
         totals = self.services.ledger.totals()
-        if agent not in totals.agents() and self.services.contexts.get(agent) is None:
-            return self._json(request, 404, {"error": {"message": f"no agent {agent!r}", "type": "not_found_error", "code": "unknown_agent"}})
-        return self._json(request, 200, spend_periods(totals, self._clock.seconds(), agent))
+        console = self._gate_console
+        known = console is not None and console.knows(agent)
+        if agent not in totals.agents() and self.services.contexts.get(agent) is None and not known:
+            doc = {"error": {"message": f"no agent {agent!r}", "type": "not_found_error", "code": "unknown_agent"}}
+            if console is not None and console.active:
+                doc["detail"] = {"error": "agent_not_found", "agent_id": agent}  # the OR gate's
+            return self._json(request, 404, doc)
+        doc = spend_periods(totals, self._clock.seconds(), agent)
+        return self._json(request, 200, console.add_spend(agent, doc) if known else doc)
 
     @app.route("/api/health", methods=["GET"])
     async def api_health(self, request):
         self._gate(request)
         doc = await self.services.operations.health()
-        return self._json(request, 200 if doc["ok"] else 503, doc)
+        console = self._gate_console
+        return self._json(request, 200 if doc["ok"] else 503, console.add_health(doc) if console is not None else doc)
+
+    @property
+    def _gate_console(self):
+        """The Execwall OR gate's console fields (sites/gate_console.py), when the daemon has them."""
+        return getattr(self.services.operations, "gate_console", None)
 
     def _api_body(self, request) -> tuple[Principal, Any]:
         """Gate a JSON POST; C{(who, doc)}, doc None when the body is not JSON."""
@@ -978,7 +991,13 @@ class UiApp:
             return self._problem(request, ProxyError(400, "invalid_agent", "not a valid agent id"))
         if doc is _INVALID:
             return self._problem(request, ProxyError(400, "invalid_json", "the body is not valid JSON"))
+        console = self._gate_console
         try:
+            if console is not None and console.handles_budget(agent, doc):
+                # The OR gate's budget_total / budget_spent, for an agent of its file.
+                answer = await console.set_budget(agent, doc, who.actor)
+                self._generation += 1
+                return self._json(request, 200, answer)
             entry = await self.services.operations.set_budget(agent, doc, who.actor)
         except ProxyError as e:
             return self._problem(request, e)
@@ -990,6 +1009,12 @@ class UiApp:
         who, _ = self._api_body(request)
         if not valid_agent_id(agent):
             return self._problem(request, ProxyError(400, "invalid_agent", "not a valid agent id"))
+        console = self._gate_console
+        if console is not None and console.knows(agent):
+            # The OR gate's reset: its spend, not a limit the console set.
+            answer = await console.reset(agent, who.actor)
+            self._generation += 1
+            return self._json(request, 200, answer)
         entry = await self.services.operations.reset(agent, who.actor)
         self._generation += 1
         return self._json(request, 200, {"agent": agent, "override": entry})
@@ -999,7 +1024,9 @@ class UiApp:
         who, _ = self._api_body(request)
         result = self.services.operations.reload(who.actor)
         self._generation += 1
-        return self._json(request, 200 if not result["failed"] else 500, result)
+        console = self._gate_console
+        return self._json(request, 200 if not result["failed"] else 500,
+                          console.add_reload(result) if console is not None else result)
 
     # --- model routing: the mappings API and the debug page (routing_api) ------------------------------
 
