@@ -313,7 +313,7 @@ PARSERS = {
 
 def denial_message(reason: str) -> str:
     """The agent's error message for a denial, in the reference's words."""
-    reason = "".join(c for c in reason.strip() if c.isprintable() or c in "\n\t")
+    reason = "".join(c for c in reason if c.isprintable() or c in "\n\t").strip()
     return "policy denied request: " + reason if reason else "policy denied request"
 
 

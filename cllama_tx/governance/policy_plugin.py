@@ -27,6 +27,9 @@ from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
 from cllama_tx.governance.policy_plane import (
+    DECORATE,
+    GATE_REQUEST,
+    GATE_RESPONSE,
     PARSERS,
     DecorateCall,
     GateRequestCall,
@@ -111,17 +114,17 @@ class PluginPolicy:
         self.plugin = plugin
 
     def gate_request(self, call: GateRequestCall) -> defer.Deferred:
-        return self._call(self.plugin.gate_request, attrs.evolve(call, request=copy.deepcopy(call.request)))
+        return self._call(self.plugin.gate_request, attrs.evolve(call, request=copy.deepcopy(call.request)), GATE_REQUEST)
 
     def decorate(self, call: DecorateCall) -> defer.Deferred:
-        return self._call(self.plugin.decorate, attrs.evolve(call, request=copy.deepcopy(call.request)))
+        return self._call(self.plugin.decorate, attrs.evolve(call, request=copy.deepcopy(call.request)), DECORATE)
 
     def gate_response(self, call: GateResponseCall) -> defer.Deferred:
-        return self._call(self.plugin.gate_response, call)
+        return self._call(self.plugin.gate_response, call, GATE_RESPONSE)
 
     @staticmethod
-    def _call(method, call) -> defer.Deferred:
-        parse = PARSERS[call.hook]
+    def _call(method, call, hook: str) -> defer.Deferred:
+        parse = PARSERS[hook]
         d = defer.maybeDeferred(method, call).addCallback(_deferred)
 
         def decided(answer):

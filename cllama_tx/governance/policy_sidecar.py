@@ -78,18 +78,22 @@ class _Reader(Protocol):
             cast(IPushProducer, self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._size > self._limit:
+            return  # hanging up already
         self._size += len(data)
         if self._size > self._limit:
-            if not self.done.called:
-                self.done.errback(PolicyUnavailable(f"answer larger than {self._limit} bytes"))
+            self._parts = []
             self._abort()
             return
         self._parts.append(data)
 
     def connectionLost(self, reason=None) -> None:
+        # Decided here, once the client is done with the connection.
         if self.done.called:
             return
-        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+        if self._size > self._limit:
+            self.done.errback(PolicyUnavailable(f"answer larger than {self._limit} bytes"))
+        elif reason is None or reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(b"".join(self._parts))
         else:
             self.done.errback(PolicyUnavailable("the connection broke while reading the answer"))
@@ -178,7 +182,7 @@ class PolicySidecar(service.Service):
         headers = self._headers.copy()
         if call.meta.request_id:
             headers.setRawHeaders(b"X-Cllama-Request-Id", [call.meta.request_id.encode("ascii", "replace")])
-        d = self._client.post(self._url + PATHS[hook], data=body, headers=headers)
+        d = self._client.post(self._url + PATHS[hook], data=body, headers=headers, allow_redirects=False)
         d.addCallback(self._read)
         d.addCallback(self._decode, hook)
         d.addErrback(self._failed)
@@ -205,6 +209,8 @@ class PolicySidecar(service.Service):
 
     @staticmethod
     def _failed(failure):
-        if failure.check(defer.CancelledError):
-            return failure  # the hook's timeout, or the agent left: the caller knows which
+        reasons = getattr(failure.value, "reasons", None) or []
+        if failure.check(defer.CancelledError) or any(r.check(defer.CancelledError) for r in reasons):
+            # The hook's timeout, or the agent left: the caller knows which.
+            raise defer.CancelledError()
         raise PolicyUnavailable(describe(failure.value))

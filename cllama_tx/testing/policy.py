@@ -173,6 +173,9 @@ class FakePolicySidecar:
             "gate-response": allow(),
         }
         self._waiters: list[tuple[str | None, int, Deferred]] = []
+        # Held calls whose caller hung up (a timeout, an agent gone), and who waits for one.
+        self.dropped: list[PolicyCall] = []
+        self._drop_waiters: list[Deferred] = []
         self._port: Any = None
         self._factory: _Tracking | None = None
 
@@ -225,6 +228,16 @@ class FakePolicySidecar:
         self._notify()
         return d
 
+    def call_dropped(self) -> Deferred:
+        """Fires with the next held call whose caller hangs up before the answer."""
+        d: Deferred = Deferred()
+        self._drop_waiters.append(d)
+        return d
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._factory.protocols) if self._factory is not None else 0
+
     def _notify(self) -> None:
         for waiter in list(self._waiters):
             hook, count, d = waiter
@@ -252,7 +265,15 @@ class FakePolicySidecar:
         if reply.hold_until is None:
             return self._write(request, reply)
         gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def hung_up(_: Any) -> None:
+            gone.append(True)
+            self.dropped.append(call)
+            waiters, self._drop_waiters = self._drop_waiters, []
+            for waiter in waiters:
+                waiter.callback(call)
+
+        request.notifyFinish().addErrback(hung_up)
 
         def release(_: Any) -> None:
             if not gone:

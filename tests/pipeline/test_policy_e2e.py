@@ -469,6 +469,23 @@ class Unavailable(PolicyHarness):
         self.assertEqual(sorted((row["agent"], row["status"]) for row in rows), [(JUDGE, 200), (OTHER, 200), (AGENT, 403)])
 
     @defer.inlineCallbacks
+    def test_an_agent_that_leaves_hangs_up_on_the_sidecar(self):
+        """The call is cancelled at once (not at the timeout), the request settled as 499, nothing audited as unavailable."""
+        held = defer.Deferred()
+        self.addCleanup(lambda: held.called or held.callback(None))
+        self.sidecar.answer("gate-request", PolicyReply(json={"verdict": "allow"}, hold_until=held))
+        request = self.h.chat(chat_body())
+        request.addErrback(lambda failure: None)
+        yield self.sidecar.arrived("gate-request")
+        dropped = self.sidecar.call_dropped()
+        request.cancel()
+        yield dropped
+        line = yield self.h.wait_for_audit(lambda line: line["type"] == "error")
+        self.assertEqual(line["status_code"], 499)
+        self.assertEqual(self.interventions(), [])
+        self.assertEqual(self.h.fake.received, [])
+
+    @defer.inlineCallbacks
     def test_a_sidecar_that_is_down_fails_closed(self):
         yield self.sidecar.stop()
         response = yield self.h.chat(chat_body())
