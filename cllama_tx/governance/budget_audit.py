@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cllama_tx.governance.periods import BudgetError, resolve_timezone
 from cllama_tx.surfaces.errors import ProxyError
 
 #: The reference's interventions for a budget that refuses (or, with
@@ -64,6 +65,21 @@ def refusal_intervention(error: ProxyError) -> tuple[str, dict[str, Any]] | None
             if budget.get(name) is not None:
                 details[name] = budget[name]
     return error.code, details
+
+
+def zone_problem(budget: Any, tz: Any) -> str | None:
+    """
+    Why a calendar budget cannot be evaluated with the agent's timezone
+    (an unknown name), or None.  Asked before anything is held, so the
+    fail mode decides, not an error deep in the book.
+    """
+    if getattr(budget, "period", None) is None:
+        return None
+    try:
+        resolve_timezone(tz)
+    except BudgetError as e:
+        return str(e)
+    return None
 
 
 def unavailable(scope: str | None, reason: str, fail_open: bool) -> dict[str, Any]:
