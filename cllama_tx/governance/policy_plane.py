@@ -44,10 +44,12 @@ MODE_PLAIN = "plain"  # cllama_tx injects no managed tools: every request is pla
 GATE_REQUEST = "gate-request"
 DECORATE = "decorate"
 GATE_RESPONSE = "gate-response"
+SCORE = "score"
 PATHS = {
     GATE_REQUEST: "/policy/gate-request",
     DECORATE: "/policy/decorate",
     GATE_RESPONSE: "/policy/gate-response",
+    SCORE: "/policy/score",
 }
 
 # A reason or intervention name longer than this is cut: it goes into an
@@ -158,6 +160,17 @@ class GateResponseCall:
         if self.response_body:
             doc["response_body"] = self.response_body
         return doc
+
+
+@attrs.frozen
+class ScoreCall(GateResponseCall):
+    """
+    POST /policy/score: the answer as delivered, once it was (the whole
+    JSON, or the first bytes of a stream); fire and forget, its answer
+    unread.
+    """
+
+    hook = SCORE
 
 
 @attrs.frozen

@@ -122,6 +122,13 @@ class PluginPolicy:
     def gate_response(self, call: GateResponseCall) -> defer.Deferred:
         return self._call(self.plugin.gate_response, call, GATE_RESPONSE)
 
+    def score(self, call: GateResponseCall) -> defer.Deferred:
+        """The plugin's C{score(call)} when it has one (optional, as in a sidecar); its result unread."""
+        method = getattr(self.plugin, "score", None)
+        if method is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(method, call).addCallback(_deferred).addCallback(lambda _: None)
+
     @staticmethod
     def _call(method, call, hook: str) -> defer.Deferred:
         parse = PARSERS[hook]

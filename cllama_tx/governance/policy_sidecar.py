@@ -29,7 +29,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
-from cllama_tx.governance.policy_plane import PARSERS, PATHS, PolicyAnswerError
+from cllama_tx.governance.policy_plane import PARSERS, PATHS, SCORE, PolicyAnswerError
 from cllama_tx.interfaces import IRequestPolicy
 
 log = Logger()
@@ -170,6 +170,10 @@ class PolicySidecar(service.Service):
     def gate_response(self, call) -> defer.Deferred:
         return self._call(call)
 
+    def score(self, call) -> defer.Deferred:
+        """POST /policy/score (the reference expects a 202); the answer is not read."""
+        return self._call(call)
+
     def stopService(self):
         super().stopService()
         return self.pool.closeCachedConnections()
@@ -183,12 +187,16 @@ class PolicySidecar(service.Service):
         if call.meta.request_id:
             headers.setRawHeaders(b"X-Cllama-Request-Id", [call.meta.request_id.encode("ascii", "replace")])
         d = self._client.post(self._url + PATHS[hook], data=body, headers=headers, allow_redirects=False)
-        d.addCallback(self._read)
-        d.addCallback(self._decode, hook)
+        d.addCallback(self._read, hook)
+        if hook != SCORE:
+            d.addCallback(self._decode, hook)
         d.addErrback(self._failed)
         return d
 
-    def _read(self, response) -> defer.Deferred:
+    def _read(self, response, hook: str) -> defer.Deferred | None:
+        if hook == SCORE and 200 <= response.code < 300:
+            response.deliverBody(_Discard())
+            return None
         if not 200 <= response.code < 300:
             response.deliverBody(_Discard())
             raise PolicyUnavailable(f"the sidecar answered HTTP {response.code}")

@@ -56,6 +56,7 @@ from cllama_tx.governance.policy_plane import (
     PolicyPlane,
     RequestMeta,
     RulesRef,
+    ScoreCall,
     apply_decoration,
     denial_message,
     filter_tools,
@@ -104,6 +105,10 @@ class PolicyTurn:
     decoration: Decoration | None = None
     # The request as last decorated, in the agent's wire format.
     effective: dict | None = None
+    # What the agent got, for the score: the headers, and a whole JSON body
+    # (a stream's bytes are in the exchange's bounded copy).
+    headers: dict | None = None
+    delivered: bytes | None = None
 
     def decorated(self, doc: dict) -> dict:
         """C{doc} (one candidate's body, before any translation) with the decoration added."""
@@ -137,6 +142,9 @@ class PolicyHooks:
         self._metering = metering
         self._audit = audit
         self._rules = rules if rules is not None else RulesRefs(clock)
+        # The score hook, after an answer was delivered (and only when the evaluator has one).
+        if getattr(plane.evaluator, "score", None) is not None:
+            metering.on_settled.append(self._settled)
 
     # -- before dispatch
 
@@ -185,11 +193,12 @@ class PolicyHooks:
         for what the provider reported (it was paid for).
         """
         turn: PolicyTurn = ex.policy
+        turn.headers = header_map(headers.getAllRawHeaders())
         call = GateResponseCall(
             attrs.evolve(turn.meta, stream=False),
             request_body=self._effective(ex, turn),
             response_status=status,
-            response_header=header_map(headers.getAllRawHeaders()),
+            response_header=turn.headers,
             response_body=body.decode("utf-8", "replace"),
         )
         ex.answer_refused = True  # until it is let through
@@ -205,6 +214,7 @@ class PolicyHooks:
                 body = decision.amended_body
                 ex.response_json = _readable(body)  # the session history keeps what was delivered
         ex.answer_refused = False
+        turn.delivered = body
         return body
 
     async def gate_stream(self, ex, response, headers) -> None:
@@ -217,11 +227,12 @@ class PolicyHooks:
         turn: PolicyTurn = ex.policy
         if not 200 <= response.code < 300:
             return
+        turn.headers = header_map(headers.getAllRawHeaders())
         call = GateResponseCall(
             attrs.evolve(turn.meta, stream=True),
             request_body=self._effective(ex, turn),
             response_status=response.code,
-            response_header=header_map(headers.getAllRawHeaders()),
+            response_header=turn.headers,
         )
         ex.answer_refused = True
         try:
@@ -234,6 +245,53 @@ class PolicyHooks:
             response.deliverBody(_Discard())
             raise
         ex.answer_refused = False
+
+    # -- after delivery
+
+    def _settled(self, ex, row) -> None:
+        """
+        The reference's score hook: the answer an agent got, sent to the
+        policy once the request is settled, fire and forget (bounded by
+        the timeout; a failure is an error line and nothing else).
+        """
+        turn = ex.policy
+        if turn is None or not 200 <= row.status < 300 or ex.gone:
+            return
+        if turn.delivered is not None:
+            body, stream = turn.delivered, False
+        elif ex.response_sse is not None:
+            body, stream = b"".join(ex.response_sse), True
+        else:
+            return  # nothing the policy saw (a token count answered here)
+        call = ScoreCall(
+            attrs.evolve(turn.meta, stream=stream),
+            request_body=self._effective(ex, turn),
+            response_status=row.status,
+            response_header=turn.headers or {},
+            response_body=body.decode("utf-8", "replace"),
+        )
+        d = defer.maybeDeferred(self.plane.evaluator.score, call)
+        timer = self._clock.callLater(self.plane.timeout, d.cancel)
+
+        def done(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        def failed(failure):
+            if failure.check(defer.CancelledError):
+                cause = f"no answer within {round(self.plane.timeout * 1000)} ms"
+            elif failure.check(PolicyUnavailable):
+                cause = str(failure.value)
+            else:
+                log.failure("The policy's score hook failed", failure)
+                cause = f"the policy failed ({failure.type.__name__})"
+            self._audit.emit(
+                "error", ex.claw_id, ex.model, request_id=ex.request_id,
+                status_code=0, latency_ms=0, error=f"policy score: {cause}",
+            )
+
+        d.addBoth(done).addErrback(failed)
 
     # -- the calls
 

@@ -800,7 +800,8 @@ class Proxy:
         )
         # The tap may remove the usage chunk: the length is no longer known.
         request.responseHeaders.removeHeader(b"content-length")
-        keep = metering.keeps_history and 200 <= response.code < 300
+        # Kept (bounded) for the session history, and for the policy's score hook.
+        keep = (metering.keeps_history or ex.policy is not None) and 200 <= response.code < 300
         convert = self._stream_converter(ex, tap)
 
         def emit(out: bytes) -> None:

@@ -1,9 +1,9 @@
 """
 A fake policy sidecar for tests: a real HTTP server on a loopback port that
 speaks the reference's protocol (ADR-025) byte for byte: it takes
-C{POST /policy/gate-request}, C{/policy/decorate} and
-C{/policy/gate-response} with the reference's bodies, records them, and
-answers with the reference's answer bodies.
+C{POST /policy/gate-request}, C{/policy/decorate}, C{/policy/gate-response}
+and C{/policy/score} with the reference's bodies, records them, and
+answers with the reference's answer bodies (a score gets a bare 202).
 
 Each hook answers as told (L{FakePolicySidecar.answer}): a fixed
 L{PolicyReply} or a function of the call.  The builders below make the
@@ -38,7 +38,7 @@ __all__ = [
     "filter_tools",
 ]
 
-HOOKS = ("gate-request", "decorate", "gate-response")
+HOOKS = ("gate-request", "decorate", "gate-response", "score")
 
 
 @attrs.frozen
@@ -171,6 +171,7 @@ class FakePolicySidecar:
             "gate-request": allow(),
             "decorate": PolicyReply(json={}),
             "gate-response": allow(),
+            "score": PolicyReply(status=202, raw=b""),
         }
         self._waiters: list[tuple[str | None, int, Deferred]] = []
         # Held calls whose caller hung up (a timeout, an agent gone), and who waits for one.

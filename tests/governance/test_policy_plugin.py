@@ -18,6 +18,7 @@ from cllama_tx.governance.policy_plane import (
     PolicyAnswerError,
     RequestMeta,
     ResponseDecision,
+    ScoreCall,
 )
 from cllama_tx.governance.policy_plugin import PluginError, PluginHost, find_factory, load_plugin
 from cllama_tx.interfaces import IRequestPolicy
@@ -78,3 +79,6 @@ class Answers(SynchronousTestCase):
         self.failureResultOf(gate("boom"), RuntimeError)
         failure = self.failureResultOf(gate("nonsense"), PolicyAnswerError)
         self.assertEqual(str(failure.value), "the plugin's answer cannot be used: 'verdict' is not a string")
+
+    def test_score_is_optional(self):
+        self.assertIsNone(self.successResultOf(self.policy.score(ScoreCall(META, "", 200, {}, "{}"))))

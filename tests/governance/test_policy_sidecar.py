@@ -6,7 +6,7 @@ without secrets, and a cancelled call closing its connection.
 
 from __future__ import annotations
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
@@ -18,6 +18,7 @@ from cllama_tx.governance.policy_plane import (
     GateResponseCall,
     RequestMeta,
     ResponseDecision,
+    ScoreCall,
     ToolFilter,
 )
 from cllama_tx.governance.policy_sidecar import PolicySidecar, PolicyUnavailable
@@ -42,7 +43,8 @@ class Client(TestCase):
 
     def make_client(self, **kwargs):
         client = PolicySidecar(reactor, self.sidecar.url + "/", TOKEN, **kwargs)
-        self.addCleanup(client.pool.closeCachedConnections)
+        # A turn later: a connection whose answer was just handed over is back in the pool by then.
+        self.addCleanup(lambda: task.deferLater(reactor, 0, client.pool.closeCachedConnections))
         return client
 
     @defer.inlineCallbacks
@@ -66,6 +68,16 @@ class Client(TestCase):
         for call in calls:
             self.assertEqual(call.header("authorization"), f"Bearer {TOKEN}")
             self.assertEqual(call.header("x-cllama-request-id"), "0123456789abcdef")
+
+    @defer.inlineCallbacks
+    def test_score_is_posted_and_its_answer_unread(self):
+        call = ScoreCall(META, "{}", 200, {"Content-Type": ["application/json"]}, '{"id":"x"}')
+        self.assertIsNone((yield self.client.score(call)))
+        (scored,) = self.sidecar.calls("score")
+        self.assertEqual(scored.json, call.wire())
+        self.sidecar.answer("score", PolicyReply(status=500, raw=b"down"))
+        failure = yield self.assertFailure(self.client.score(call), PolicyUnavailable)
+        self.assertEqual(str(failure), "the sidecar answered HTTP 500")
 
     @defer.inlineCallbacks
     def test_null_is_an_empty_answer(self):

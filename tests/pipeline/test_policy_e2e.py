@@ -106,7 +106,8 @@ class GateRequest(PolicyHarness):
         answer = yield response.json()
         self.assertEqual(response.code, 200)
         self.assertEqual(answer["choices"][0]["message"]["content"], "Hello!")
-        self.assertEqual([c.hook for c in self.sidecar.received], ["gate-request", "decorate", "gate-response"])
+        yield self.sidecar.arrived("score")  # fire and forget, once the request is settled
+        self.assertEqual([c.hook for c in self.sidecar.received], ["gate-request", "decorate", "gate-response", "score"])
         request_id = response.headers.getRawHeaders("x-cllama-request-id")[0]
         for call in self.sidecar.received:
             self.assertEqual(call.header("authorization"), f"Bearer {POLICY_TOKEN}")
@@ -114,7 +115,7 @@ class GateRequest(PolicyHarness):
             self.assertEqual(call.header("x-cllama-request-id"), request_id)
         meta = {"agent_id": AGENT, "format": "openai", "mode": "plain", "stream": False,
                 "model": "openai/gpt-4o-mini", "rules": {}}
-        gate, decoration, gated = self.sidecar.received
+        gate, decoration, gated, scored = self.sidecar.received
         self.assertEqual(gate.json, {**meta, "request": doc})
         self.assertEqual(list(gate.json), ["agent_id", "format", "mode", "stream", "model", "rules", "request"])
         self.assertEqual(decoration.json, {**meta, "request": doc})
@@ -127,6 +128,7 @@ class GateRequest(PolicyHarness):
         self.assertEqual(gated.json["response_status"], 200)
         self.assertEqual(gated.json["response_header"]["Content-Type"], ["application/json"])
         self.assertEqual(json.loads(gated.json["response_body"]), answer)
+        self.assertEqual(scored.json, gated.json)  # the same fields, about the answer delivered
         self.assertEqual([line["type"] for line in self.lines()], ["request", "response"])
 
     @defer.inlineCallbacks
@@ -327,6 +329,8 @@ class GateResponse(PolicyHarness):
         response = yield self.h.chat(chat_body())
         self.assertEqual(response.code, 200)
         self.assertEqual((yield response.json()), amended)
+        scored = yield self.sidecar.arrived("score")
+        self.assertEqual(json.loads(scored.json["response_body"]), amended)  # the reference scores what was delivered
         (line,) = self.interventions()
         self.assertContractLine(line, "intervention", "openai/gpt-4o-mini", "policy_amended")
         (row,) = yield self.rows()
@@ -394,6 +398,8 @@ class GateResponse(PolicyHarness):
         self.assertIn('"Hi"', body)
         self.assertNotIn("replaced", body)
         self.assertEqual(self.interventions(), [])
+        scored = yield self.sidecar.arrived("score")
+        self.assertEqual((scored.json["stream"], scored.json["response_body"]), (True, body))
 
     @defer.inlineCallbacks
     def test_an_error_answer_is_not_gated(self):
@@ -542,6 +548,7 @@ class FailOpen(PolicyHarness):
         response = yield self.h.chat(chat_body())
         self.assertEqual(response.code, 200)
         self.assertEqual((yield response.json())["choices"][0]["message"]["content"], "through")
+        yield self.h.wait_for_audit(lambda line: line.get("error") == "policy score: connection refused")
         kinds = [(line["type"], line.get("error")) for line in self.lines()]
         self.assertEqual(kinds, [
             ("request", None),
@@ -549,8 +556,9 @@ class FailOpen(PolicyHarness):
             ("error", "policy decorate: connection refused"),
             ("error", "policy response gate: connection refused"),
             ("response", None),
+            ("error", "policy score: connection refused"),
         ])
-        self.assertEqual([line["status_code"] for line in self.lines("error")], [0, 0, 0])
+        self.assertEqual([line["status_code"] for line in self.lines("error")], [0, 0, 0, 0])
         self.assertEqual(self.interventions(), [])
 
     @defer.inlineCallbacks
@@ -591,4 +599,6 @@ class Conformance(TestCase):
         plain = yield self.exchange(None)
         governed = yield self.exchange(PolicyPlane(client, 2.0))
         self.assertEqual(plain, governed)
-        self.assertEqual(len(sidecar.received), 6)  # gate, decorate, gate-response; gate, decorate, stream gate
+        yield sidecar.arrived("score", count=2)
+        # gate, decorate, gate-response, score; gate, decorate, stream gate, score
+        self.assertEqual(len(sidecar.received), 8)
