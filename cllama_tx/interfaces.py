@@ -153,3 +153,6 @@ class IRequestPolicy(Interface):
 
     def gate_response(call):
         """Allow, deny or amend a whole answer (for a stream: allow or deny its head)."""
+
+    # Optional, and so not declared here: score(call), told each answer
+    # delivered, fire and forget (the reference's /policy/score).
