@@ -27,7 +27,7 @@ cost_routing:
     base_url: "https://openrouter.ai/api/v1"
     api_key: "${OPENROUTER_API_KEY}"
   agents:
-    %(agent)s:
+    AGENT_ID:
       budget_total: 10.00
       period: none
       tiers:
@@ -35,7 +35,7 @@ cost_routing:
           models: ["openai/gpt-4o-mini", "anthropic/claude-3.5-sonnet"]
         - threshold: 0.00
           models: ["mistralai/mistral-7b-instruct"]
-""" % {"agent": AGENT}
+""".replace("AGENT_ID", AGENT)
 
 PLAIN_SECRET = "ab" * 24
 

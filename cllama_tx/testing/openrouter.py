@@ -76,7 +76,7 @@ class OpenRouterModel:
         for model in wanted:
             if not isinstance(model, str) or model not in self.models:
                 return Reply(status=400, json=openrouter_error(400, f"{model} is not a valid model ID"))
-        up = [m for m in wanted if m not in self.down]
+        up = [m for m in wanted if isinstance(m, str) and m not in self.down]
         if not up:
             return Reply(status=503, json=openrouter_error(503, "No endpoints available for the requested models"))
         return self._answer(body, up[0])
