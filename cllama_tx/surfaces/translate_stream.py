@@ -15,6 +15,7 @@ Pure logic: no I/O, no clock (the caller passes C{created}).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,6 +49,15 @@ _PLACEHOLDER = b":"
 
 _TOO_LARGE = "upstream event too large to translate"
 
+# One Anthropic text delta as Anthropic writes it, read without a parse by
+# AnthropicToChatStream's fast path: this head, the block's index, this
+# middle, the text (a JSON string's body), this tail.
+_TEXT_DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+_TEXT_DELTA_MIDDLE = b',"delta":{"type":"text_delta","text":"'
+_TEXT_DELTA_TAIL = b'"}}\n\n'
+# What a text needs escaped (or is not valid JSON with): then it is parsed.
+_NOT_PLAIN = re.compile(rb'[\x00-\x1f"\\]')
+
 
 class SseReader:
     """
@@ -75,6 +85,11 @@ class SseReader:
     def buffered_bytes(self) -> int:
         """Bytes held for the current partial event."""
         return len(self._line) + self._size
+
+    @property
+    def idle(self) -> bool:
+        """Between events: nothing held, nothing skipped, the stream's start (a BOM) behind."""
+        return not (self._line or self._data or self._name is not None or self._skip_lf or self._skipping or self._first)
 
     def feed(self, data: bytes) -> list[tuple[str | None, str]]:
         events: list[tuple[str | None, str]] = []
@@ -253,6 +268,42 @@ class AnthropicToChatStream(_StreamTranslator):
         self._finished = False  # finish_reason chunk written
         self._dead = False  # after an error: translate nothing more
         self._input = self._cache_read = self._cache_creation = self._output = 0
+        # The bytes of a content chunk around its text, for the current id and model.
+        self._text_frame: tuple[bytes, bytes] | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        """One upstream chunk in; the SSE bytes to send the agent now."""
+        if data[: len(_TEXT_DELTA_HEAD)] == _TEXT_DELTA_HEAD and not self._dead and self._reader.idle:
+            fast = self._text_delta(data)
+            if fast is not None:
+                return fast
+        return super().feed(data)
+
+    def _text_delta(self, data: bytes) -> bytes | None:
+        """
+        A chunk that is exactly one plain text delta, its text without
+        escapes: the content chunk is the text between the frame's bytes,
+        as C{_block_delta} would write it (C{dumps} leaves such a text as it
+        is); None for anything else (then parsed as usual).
+        """
+        middle = data.find(_TEXT_DELTA_MIDDLE, len(_TEXT_DELTA_HEAD))
+        if middle < 0 or not data[len(_TEXT_DELTA_HEAD) : middle].isdigit() or not data.endswith(_TEXT_DELTA_TAIL):
+            return None
+        text = data[middle + len(_TEXT_DELTA_MIDDLE) : len(data) - len(_TEXT_DELTA_TAIL)]
+        if _NOT_PLAIN.search(text) is not None:
+            return None
+        if not text:
+            return b""
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        frame = self._text_frame
+        if frame is None:
+            chunk = self._chunk({"content": ""})
+            at = chunk.index(b'"delta":{"content":""') + len(b'"delta":{"content":"')
+            frame = self._text_frame = (chunk[:at], chunk[at:])
+        return frame[0] + text + frame[1]
 
     def finish(self) -> bytes:
         """End of the upstream body: flush, then C{data: [DONE]} if the message completed."""
@@ -310,6 +361,7 @@ class AnthropicToChatStream(_StreamTranslator):
 
     def _message_start(self, doc: dict, out: list) -> None:
         message = mapping(doc.get("message"))
+        self._text_frame = None  # the id and the model change
         self.id = chat_id_from_message_id(message.get("id"))
         if self.model is None and isinstance(message.get("model"), str):
             self._model_name = message["model"]
