@@ -89,14 +89,20 @@ class _Flow:
             "OPENROUTER_API_KEY": OPENROUTER_KEY,
         }
         env.update(env_extra)
-        self.process, _ = spawn_daemon(case, env)
-        self.ports = yield self.process.ready
-        self.api = f"http://127.0.0.1:{self.ports['API']}"
-        self.ui = f"http://127.0.0.1:{self.ports['UI']}"
+        self.env = env
+        yield self.restart()
         pool = HTTPConnectionPool(reactor, persistent=False)
         case.addCleanup(pool.closeCachedConnections)
         self.http = treq.client.HTTPClient(Agent(reactor, pool=pool))
         return self
+
+    @defer.inlineCallbacks
+    def restart(self):
+        """(Re)start the daemon on the same state."""
+        self.process, _ = spawn_daemon(self.case, self.env)
+        self.ports = yield self.process.ready
+        self.api = f"http://127.0.0.1:{self.ports['API']}"
+        self.ui = f"http://127.0.0.1:{self.ports['UI']}"
 
     @defer.inlineCallbacks
     def call(self, method: str, url: str, doc=None, headers=None):
@@ -238,6 +244,16 @@ class ReadmeFlowWithOptInsTests(TestCase):
         self.assertTrue(all(row[1] == "openrouter" and row[5] == 1 for row in rows if row[3] == 200), rows)
         operator = [line for line in flow.process.audit_lines() if line["type"] == "operator"]
         self.assertIn("console@loopback", {line["actor"] for line in operator})
+
+        # A restart keeps what counts: the lifetime budget's spend, the console's reset.
+        response, before = yield flow.call("GET", api + "/api/spend")
+        flow.process.transport.signalProcess("TERM")
+        self.assertEqual((yield flow.process.ended), 0)
+        yield flow.restart()
+        response, after = yield flow.call("GET", flow.api + "/api/spend")
+        for agent in ("agent-1", "default"):
+            self.assertEqual(after[agent]["budget_spent"], before[agent]["budget_spent"])
+        self.assertTrue(after["default"]["budget_spent"] > 0)
 
 
 class ReadmeFlowAuthenticatedTests(TestCase):

@@ -85,3 +85,49 @@ class ProviderEnvTests(SynchronousTestCase):
         with open(ours, "w") as f:
             f.write("cost_routing:\n  agents: {}\n")
         self.assertIs(provider_env(env, ours), env)
+
+
+class _Ledger:
+    def __init__(self, overrides) -> None:
+        self.overrides = overrides
+
+    def budget_overrides(self):
+        return self.overrides
+
+
+class _Contexts:
+    def __init__(self, budgets) -> None:
+        self.budgets = budgets
+
+    def agent_ids(self):
+        return sorted(self.budgets)
+
+    def get(self, agent):
+        return type("Context", (), {"budget": self.budgets[agent]})()
+
+
+class SeedLookbackTests(SynchronousTestCase):
+    """A lifetime budget anywhere makes the seed read every agent's spend, not the last 35 days."""
+
+    def seed(self, policy_period=None, overrides=None, contexts=None):
+        from twisted.internet.task import Clock
+
+        from cllama_tx.governance.engine import Governance
+        from cllama_tx.runtime.daemon import GovernanceSeed
+
+        clock = Clock()
+        clock.advance(2_000_000_000)
+        governance = Governance.__new__(Governance)
+        governance._policy_budgets = {"a": {"limit_usd": 1, "period": policy_period}} if policy_period else {}
+        seed = GovernanceSeed(_Ledger(overrides or {}), governance, clock)
+        seed.contexts = contexts
+        return seed._since()
+
+    def test_lookback(self) -> None:
+        from cllama_tx.runtime.daemon import GovernanceSeed
+
+        self.assertEqual(self.seed(), 2_000_000_000 - GovernanceSeed.LOOKBACK)
+        self.assertEqual(self.seed(policy_period="monthly"), 2_000_000_000 - GovernanceSeed.LOOKBACK)
+        self.assertEqual(self.seed(policy_period="lifetime"), 0.0)
+        self.assertEqual(self.seed(overrides={"b": {"budget": {"period": "Lifetime"}}}), 0.0)
+        self.assertEqual(self.seed(contexts=_Contexts({"c": {"limit_usd": 1, "period": "lifetime"}, "d": None})), 0.0)
