@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -25,6 +26,7 @@ from cllama_tx.governance.engine import Governance
 from cllama_tx.governance.ratelimit import RateLimiter
 from cllama_tx.runtime.config import Config
 from cllama_tx.runtime.errors import ConfigError
+from cllama_tx.store.database import DatabaseUnavailable
 from cllama_tx.surfaces.errors import ProxyError
 from tests.governance.test_engine_lowering import CHAT, Agent, Ex, FakePricing
 
@@ -196,3 +198,37 @@ class FailoverReachTests(GovernanceCase):
                       (("primary", "openai/gpt-test"),)):
             self.admit(self.governance(), Agent("weston", None, model_policy=self.policy(*slots)))
         self.assertEqual(self.lines, [])
+
+
+class StoreDown:
+    """A shared store (several instances) that cannot be reached."""
+
+    def admit(self, budget_scopes, rate_scopes, decide):
+        return defer.fail(DatabaseUnavailable("connection refused"))
+
+    def release(self, reservations, rate_updates):
+        pass
+
+
+class SharedStoreTests(GovernanceCase):
+    def test_closed_refuses_with_retry_after(self) -> None:
+        agent = Agent("shared", {"limit_usd": 1.0, "window": "1h", "behavior": "hard_stop"})
+        failure = self.failureResultOf(self.admit(self.governance(coordinator=StoreDown()), agent), ProxyError)
+        self.assertEqual((failure.value.status, failure.value.code, failure.value.retry_after), (503, "store_unavailable", 5))
+        self.assertEqual([(name, details["fail_mode"]) for name, details in self.lines],
+                         [("budget_check_unavailable", "closed")])
+
+    def test_open_decides_here_on_what_this_instance_knows(self) -> None:
+        agent = Agent("shared", {"limit_usd": 1.0, "window": "1h", "behavior": "hard_stop"})
+        governance = self.governance(coordinator=StoreDown(), budget_fail_open=True)
+        admission = self.successResultOf(self.admit(governance, agent))
+        self.assertEqual(len(admission.reservations), 1)  # held in this instance's book
+        self.assertEqual(admission.shared_reservations, [])
+        self.assertEqual([(name, details["fail_mode"]) for name, details in self.lines],
+                         [("budget_check_unavailable", "open")])
+        # What this instance knows still refuses: its own spend over the limit.
+        self.lines.clear()
+        self.spent("shared", 1.0)
+        failure = self.failureResultOf(self.admit(governance, agent), ProxyError)
+        self.assertEqual(failure.value.code, "budget_exceeded")
+        self.assertEqual([name for name, _ in self.lines], ["budget_check_unavailable", "budget_exceeded"])
