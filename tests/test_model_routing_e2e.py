@@ -289,6 +289,17 @@ class ResolutionTests(RoutingCase):
         self.assertEqual(len(self.model.questions), 4)
 
     @defer.inlineCallbacks
+    def test_force_re_asks_about_a_name_found_nothing_for(self):
+        response, _ = yield self.chat_json("house-nothing")
+        self.assertEqual(response.code, 400)
+        self.model.answers["house-nothing"] = "openai/gpt-4o-mini"
+        response, _ = yield self.chat_json("house-nothing")
+        self.assertEqual((response.code, len(self.model.questions)), (400, 1))  # remembered
+        response, _ = yield self.chat_json("house-nothing", path="/v1/chat/completions?force")
+        self.assertEqual((response.code, len(self.model.questions)), (200, 2))
+        self.assertEqual(self.routing.mappings.get("house-nothing").target, "openai/gpt-4o-mini")
+
+    @defer.inlineCallbacks
     def test_a_forced_re_resolution_that_finds_nothing_keeps_the_mapping(self):
         yield self.chat_json("house-fast")
         self.model.answers["house-fast"] = None

@@ -577,8 +577,10 @@ class Router:
             if resolver is None or ex is None:
                 self._record(ex, principal, requested, unresolved.steps, None, unresolved.code)
                 raise ProxyError(unresolved.status, unresolved.code, unresolved.message) from None
+            # A force re-asks about a name the resolver found nothing for (once per interval).
+            force = hints is not None and hints.force and resolver.force_refusal(unresolved.name) is None
             return self._ask(ex, principal, requested, policy, bare_provider, unresolved.name, hints,
-                             refused=unresolved)
+                             refused=unresolved, force=force)
         except ProxyError as refused:
             self._record(ex, principal, requested, (), None, refused.code)
             raise
@@ -588,13 +590,14 @@ class Router:
                 name = step.details["mapping"]
                 why = self.resolver.force_refusal(name)
                 if why is None:
-                    return self._ask(ex, principal, requested, policy, bare_provider, name, hints, kept=found)
+                    return self._ask(ex, principal, requested, policy, bare_provider, name, hints, kept=found,
+                                     force=True)
                 found = _noted(found, force_ignored=why)
         self._record(ex, principal, requested, found.steps, str(found.ref), None)
         return found
 
     def _ask(self, ex, principal, requested: Any, policy, bare_provider: str | None, name: str, hints,
-             refused: Unresolved | None = None, kept: Resolution | None = None) -> Any:
+             refused: Unresolved | None = None, kept: Resolution | None = None, force: bool = False) -> Any:
         """
         Ask the resolver what C{name} means, then resolve again.  C{kept}:
         a forced re-resolution of an LLM mapping, which stays in force when
@@ -602,8 +605,7 @@ class Router:
         """
         prompt = hints.prompt if hints is not None else None
         caller = getattr(principal, "agent_id", None)
-        asking = self.resolver.ask(name, surface=ex.surface.name, caller=caller, prompt=prompt,
-                                   force=kept is not None)
+        asking = self.resolver.ask(name, surface=ex.surface.name, caller=caller, prompt=prompt, force=force)
 
         def answered(outcome) -> Resolution:
             if outcome.target is None:

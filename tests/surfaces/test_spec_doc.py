@@ -46,5 +46,6 @@ class SpecDocTests(SynchronousTestCase):
         from cllama_tx.governance import resolution
 
         for rule in (resolution.KEY_ALIAS, resolution.TEAM_ALIAS, resolution.MODEL_TABLE, resolution.BARE_FAMILY,
-                     resolution.BARE_SURFACE, resolution.OPENROUTER_FALLBACK, "dated_model_normalized"):
+                     resolution.BARE_SURFACE, resolution.OPENROUTER_FALLBACK, "dated_model_normalized",
+                     resolution.MAPPING, resolution.LLM_MAPPING, "llm_resolver"):
             self.assertIn(f"`{rule}`", here)
