@@ -112,6 +112,8 @@ class PluginPolicy:
 
     def __init__(self, plugin: Any) -> None:
         self.plugin = plugin
+        # Without a score method there is nothing to send after an answer: skipped.
+        self.wants_score = callable(getattr(plugin, "score", None))
 
     def gate_request(self, call: GateRequestCall) -> defer.Deferred:
         return self._call(self.plugin.gate_request, attrs.evolve(call, request=copy.deepcopy(call.request)), GATE_REQUEST)

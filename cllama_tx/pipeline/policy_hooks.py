@@ -143,7 +143,8 @@ class PolicyHooks:
         self._audit = audit
         self._rules = rules if rules is not None else RulesRefs(clock)
         # The score hook, after an answer was delivered (and only when the evaluator has one).
-        if getattr(plane.evaluator, "score", None) is not None:
+        evaluator = plane.evaluator
+        if getattr(evaluator, "score", None) is not None and getattr(evaluator, "wants_score", True):
             metering.on_settled.append(self._settled)
 
     # -- before dispatch
