@@ -23,6 +23,7 @@ from cllama_tx.identity.contexts import ContextRegistry
 from cllama_tx.identity.directory import Directory
 from cllama_tx.identity.virtual_keys import VirtualKeyStore
 from cllama_tx.pipeline.metering import Metering
+from cllama_tx.pipeline.passthrough import Passthrough
 from cllama_tx.pipeline.policy_hooks import PolicyHooks
 from cllama_tx.pipeline.proxy import Proxy
 from cllama_tx.providers.model_table import ModelTableFile
@@ -81,11 +82,13 @@ class ProxyHarness:
                  fake_providers=("openai",), governance_dir=None, policy_file=None, unpriced="refuse",
                  default_rpm=None, default_tpm=None, alert_webhooks=None, key_clock=None, tls_policy=None,
                  agent_stall_timeout=None, provider_clock=None, model_table=None, keys=None, policy=None,
-                 lean=True):
+                 passthrough=None, lean=True):
         self.testcase = testcase
         # The inference paths on the lean channel and client (the daemon's
         # default), or twisted.web's (CLLAMA_LEAN_HTTP=0).
         self.lean = lean
+        # The passthrough's settings (/_proxy/...), or None: not served.
+        self.passthrough_settings = passthrough
         # A started virtual key store of the test's own (one of several on a
         # shared database), instead of one on the harness's ledger file.
         self.keys = keys
@@ -238,6 +241,15 @@ class ProxyHarness:
             self.keys_api, self.billing, directory=self.directory, model_table=self.model_table,
             pricing=self.pricing, clock=reactor, audit=self.audit,
         )
+        self.passthrough = None
+        if self.passthrough_settings is not None:
+            self.passthrough = Passthrough(
+                clock=reactor, proxy=self.proxy, providers=self.providers, upstream=self.upstream,
+                metering=self.metering, governance=self.governance, pricing=self.pricing,
+                settings=self.passthrough_settings, max_json_bytes=self.max_body_bytes,
+                first_byte_timeout=self.first_byte_timeout, idle_timeout=self.idle_timeout,
+                agent_stall_timeout=self.agent_stall_timeout,
+            )
         site = build_api_site(
             self.proxy,
             self.max_body_bytes,
@@ -254,6 +266,7 @@ class ProxyHarness:
             ),
             request_line=pending_request_line,
             lean=self.lean,
+            passthrough=self.passthrough,
         )
         self.operations = Operations(
             clock=reactor, audit=self.audit, ledger=self.ledger, governance=self.governance,

@@ -88,12 +88,16 @@ class UpstreamClient:
         self._steps = agent_steps(self._agent)
 
     def request(
-        self, method: bytes, url: bytes, headers: Headers, body: bytes | None
+        self, method: bytes, url: bytes, headers: Headers, body: bytes | IBodyProducer | None
     ) -> defer.Deferred:
-        """Send one request; the Deferred fires with the response headers."""
+        """
+        Send one request; the Deferred fires with the response headers.
+        C{body} is bytes, or a producer of a body that streams (the
+        passthrough's uploads).
+        """
         if self.lean is not None and (body is None or isinstance(body, bytes)):
             return self.lean.request(method, url, headers, body)
-        producer = BytesProducer(body) if body is not None else None
+        producer = BytesProducer(body) if isinstance(body, bytes) else body
         steps = self._steps
         if steps is None:  # Agent.request raises on a bad URL: a failed Deferred, as below
             return defer.maybeDeferred(self._agent.request, method, url, headers, producer)
