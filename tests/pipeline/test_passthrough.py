@@ -9,6 +9,7 @@ uploads streamed with backpressure, and the audit lines.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from twisted.internet import defer, endpoints, protocol, reactor
@@ -19,7 +20,16 @@ from zope.interface import implementer
 from cllama_tx.pipeline.passthrough import PassthroughSettings
 from cllama_tx.providers.passthrough_rules import parse_allow_list
 from cllama_tx.testing.native import NativeProvider, embeddings_response
-from tests.support import AGENT, PROVIDER_KEY, SECRET, UI_TOKEN, ProxyHarness, write_agent
+from tests.secret_scan import SCANNER
+from tests.support import (
+    AGENT,
+    MASTER_KEY,
+    PROVIDER_KEY,
+    SECRET,
+    UI_TOKEN,
+    ProxyHarness,
+    write_agent,
+)
 
 AUTH = {"Authorization": [f"Bearer {AGENT}:{SECRET}"]}
 GOOGLE_KEY = "AIza-fake-google-key-000000000000000"
@@ -329,6 +339,38 @@ class PolicyTests(PassthroughTestCase):
         yield embeddings.content()
 
 
+class VirtualKeyTests(PassthroughTestCase):
+    @defer.inlineCallbacks
+    def mint(self, **fields):
+        headers = {"Authorization": [f"Bearer {MASTER_KEY}"], "Content-Type": ["application/json"]}
+        response = yield self.h.http.post(self.h.base_url + "/key/generate", data=json.dumps(fields).encode(),
+                                          headers=headers)
+        body = yield response.json()
+        self.assertEqual(response.code, 200, body)
+        SCANNER.register(body["key"])
+        return body["key"]
+
+    @defer.inlineCallbacks
+    def test_a_keys_model_list_applies_and_its_spend_is_its_own(self):
+        chat_only = yield self.mint(models=["openai/gpt-4o-mini"], key_alias="chat-only")
+        any_model = yield self.mint(key_alias="anything", user_id="alice")
+        doc = {"model": "text-embedding-3-small", "input": "x"}
+        refused = yield self.call("/_proxy/openai/embeddings", doc, {"Authorization": [f"Bearer {chat_only}"]})
+        self.assertEqual(refused.code, 403)
+        error = (yield refused.json())["error"]
+        self.assertEqual((error["type"], error["param"]), ("key_model_access_denied", "model"))
+        self.assertEqual(self.native.requests, [])
+        allowed = yield self.call("/_proxy/openai/embeddings", doc, {"Authorization": [f"Bearer {any_model}"]})
+        self.assertEqual(allowed.code, 200)
+        yield allowed.content()
+        self.assertEqual(self.native.requests[0].header("authorization"), f"Bearer {PROVIDER_KEY}")
+        rows = yield self.rows()
+        ok = [r for r in rows if r["status"] == 200]
+        self.assertEqual([(r["user_id"], r["priced"], r["path"]) for r in ok],
+                         [("alice", True, "/_proxy/openai/embeddings")])
+        self.assertIsNotNone(ok[0]["key_id"])
+
+
 class ReserveTests(PassthroughTestCase):
     settings = PassthroughSettings(reserve_usd=0.25)
 
@@ -431,8 +473,6 @@ class UploadTests(PassthroughTestCase):
         seen = self.native.requests[0]
         self.assertGreater(seen.chunks, 2)
         self.assertEqual(seen.size, len(body))
-        import hashlib
-
         self.assertEqual(seen.sha256, hashlib.sha256(body).hexdigest())
         self.assertEqual(seen.header("content-type"), f"multipart/form-data; boundary={boundary}")
         self.assertEqual(seen.header("authorization"), f"Bearer {PROVIDER_KEY}")
@@ -440,6 +480,35 @@ class UploadTests(PassthroughTestCase):
         self.assertEqual((row["status"], row["priced"], row["request_bytes"]), (200, False, len(body)))
         # No model named: listed by its endpoint.
         self.assertEqual((row["requested_model"], row["effective_model"]), (None, "audio/transcriptions"))
+
+    @defer.inlineCallbacks
+    def test_an_agent_that_leaves_mid_upload_aborts_it_and_is_billed_nothing(self):
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.h.port.getHost().port)
+        client = yield endpoints.connectProtocol(endpoint, RawClient())
+        client.transport.write(
+            b"POST /_proxy/openai/audio/transcriptions HTTP/1.1\r\nHost: proxy\r\n"
+            + f"Authorization: Bearer {AGENT}:{SECRET}\r\n".encode()
+            + b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: %d\r\n\r\n" % (4 * 1024 * 1024)
+            + b"a" * (1024 * 1024)
+        )
+        seen = yield self.native.wait_for_upload(512 * 1024)
+        recorded: defer.Deferred = defer.Deferred()
+        record = self.h.ledger.record
+
+        def watched(row):
+            d = record(row)
+            if not recorded.called:
+                recorded.callback(None)
+            return d
+
+        self.h.ledger.record = watched
+        client.transport.abortConnection()
+        yield recorded
+        [line] = [line for line in self.lines("error")]
+        self.assertEqual((line["status_code"], line["path"]), (499, "/_proxy/openai/audio/transcriptions"))
+        [row] = yield self.rows()
+        self.assertEqual((row["status"], row["cost_usd"]), (499, 0.0))
+        self.assertFalse(seen.done)  # the provider never got a whole body
 
     @defer.inlineCallbacks
     def test_an_upload_over_the_cap_is_cut_with_413(self):
