@@ -60,10 +60,6 @@ log = Logger()
 #: models of which the request can reach only one.
 FAILOVER_UNREACHABLE = "policy_failover_unreachable"
 
-#: The reference's intervention for a model policy that declares several
-#: models of which the request can reach only one.
-FAILOVER_UNREACHABLE = "policy_failover_unreachable"
-
 # Seconds a caller refused because the ledger cannot write is told to wait.
 LEDGER_RETRY_AFTER = 5
 
@@ -497,17 +493,6 @@ class Governance:
         )
         return False
 
-    def _evaluable(self, ex, scope: str, budget, tz) -> bool:
-        """Whether a budget scope can be evaluated; when not, L{_budget_unavailable} decides."""
-        problem = budget_audit.zone_problem(budget, tz)
-        if problem is None:
-            return True
-        log.warn("budget of {scope} cannot be evaluated: {problem}", scope=scope, problem=problem)
-        self._budget_unavailable(
-            ex, scope, ProxyError(503, budget_audit.BUDGET_UNAVAILABLE, "budget enforcement unavailable for this agent"),
-        )
-        return False
-
     def _budget_unavailable(self, ex, scope: str | None, error: ProxyError) -> None:
         """
         A budget that cannot be evaluated: audited as
@@ -577,12 +562,6 @@ class Governance:
             # reachable from this one (none is in a "fallback" slot).
             self._intervention(ex, FAILOVER_UNREACHABLE, chosen=str(candidates[0]),
                                declared=[str(ref) for ref in policy.refs])
-        policy = self.policy(context)
-        if policy is not None and len(candidates) == 1 and len(policy.refs) > 1:
-            # The reference's warning: several models declared, yet no failover
-            # reachable from this one (none is in a "fallback" slot).
-            self._intervention(ex, FAILOVER_UNREACHABLE, chosen=str(candidates[0]),
-                               declared=[str(ref) for ref in policy.refs])
         admission = Admission(agent=context.agent_id, candidates=candidates)
         if levels:
             admission.levels = {level.scope: level for level in levels}
@@ -595,7 +574,6 @@ class Governance:
                 raise
             self._budget_unavailable(ex, context.agent_id, error)
             scopes = []  # open: admitted without the budgets
-        scopes = [entry for entry in scopes if self._evaluable(ex, *entry)]
         scopes = [entry for entry in scopes if self._evaluable(ex, *entry)]
         self._check_ledger(ex, scopes)
         rates = self._rate_checks(context, levels)
