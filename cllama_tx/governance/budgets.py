@@ -469,6 +469,8 @@ class Reservation:
     alert_reason: str | None = None
     state: str = OPEN
     actual_cost_usd: float | None = None
+    # The settled spend (and offset) counted when it was admitted.
+    committed_usd: float = 0.0
     # The book's per-agent state it was taken from (forget() starts a new one).
     owner: Any = attrs.field(default=None, repr=False)
 
@@ -792,7 +794,9 @@ class BudgetBook:
             raise ValueError(f"worst_case_cost must be a non-negative number, not {worst_case_cost!r}")
         if budget.behavior == SOFT_ALERT:
             reason = self._exhausted(budget, cost, requests)
-            return self._hold(agent, state, budget, zone, now, worst, unpriced, reason)
+            held = self._hold(agent, state, budget, zone, now, worst, unpriced, reason)
+            held.committed_usd = cost
+            return held
         stopped = self._check_trip(state, budget, now, zone, cost, requests)
         if stopped is not None:
             return stopped
@@ -803,7 +807,9 @@ class BudgetBook:
             max_requests is not None and requests + state.reserved_requests + 1 > max_requests
         )
         if not usd_blocked and not requests_blocked:
-            return self._hold(agent, state, budget, zone, now, worst, unpriced, None)
+            held = self._hold(agent, state, budget, zone, now, worst, unpriced, None)
+            held.committed_usd = cost
+            return held
         retries: list[float | None] = []
         spend = self._spend(state, budget, now, zone)
         if usd_blocked:

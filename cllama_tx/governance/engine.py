@@ -647,7 +647,7 @@ class Governance:
                 self.book.release(held)
             admission.reservations = []
             raise
-        admission.remaining_usd = self._remaining_usd(scopes)
+        admission.remaining_usd = self._remaining_usd(admission)
         for held in admission.reservations:
             if held.alert and held.alert_reason in budget_audit.REFUSALS:
                 # soft_alert over its limit: the reference's refusal name, no refusal.
@@ -1082,11 +1082,12 @@ class Governance:
         allowed = list(admission.openrouter_models or [str(ref) for ref in admission.candidates])
         return BudgetReport(admission.agent, remaining, allowed, self.is_gate_agent(admission.agent))
 
-    def _remaining_usd(self, scopes: list) -> float | None:
-        """What the first budget with a dollar limit has left of its settled spend, for the caller's headers."""
-        for scope, budget, tz in scopes:
-            if budget.limit_usd is not None:
-                return round(budget.limit_usd - self.book.usage(scope, budget, tz).cost_usd, 10)
+    @staticmethod
+    def _remaining_usd(admission: Admission) -> float | None:
+        """What the first budget with a dollar limit had left of its settled spend at admission (headers)."""
+        for held in admission.reservations:
+            if held.budget.limit_usd is not None:
+                return round(held.budget.limit_usd - held.committed_usd, 10)
         return None
 
     def after_record(self, ex, committed) -> None:

@@ -93,7 +93,10 @@ class GateConsole:
         gate = self._governance.gate
         described = gate.agents[agent]
         context = self._agents.context(agent)
-        budget = self._governance.budget(context)
+        try:
+            budget = self._governance.budget(context)
+        except ProxyError:
+            budget = None  # invalid (logged by governance): the file's words, nothing counted
         spent, start = 0.0, None
         if budget is not None:
             usage = self._governance.book.usage(agent, budget, context.timezone)
