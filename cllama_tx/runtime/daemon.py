@@ -58,6 +58,7 @@ from cllama_tx.runtime.fleet import Fleet
 from cllama_tx.runtime.local_servers import build_discovery, own_ports
 from cllama_tx.runtime.metrics import Metrics
 from cllama_tx.runtime.policy import build_policy
+from cllama_tx.runtime.resolver import install as install_resolver
 from cllama_tx.runtime.routing import build_routing
 from cllama_tx.runtime.tls import upstream_tls_policy
 from cllama_tx.runtime.upstream import UpstreamClient
@@ -585,9 +586,14 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
 
     contexts = ContextRegistry(context_root, reactor)  # every context loaded here
     contexts.watcher().setServiceParent(shared)
+    # Upstream hosts resolved once in a while, not in a thread per connection.
+    install_resolver(reactor)
     upstream = UpstreamClient(
         reactor, config.connect_timeout, tls_policy=upstream_tls_policy(config.upstream_ca_file),
         lean=config.lean_http, direct=config.write_through,
+        # Every agent connection may hold one upstream connection: as many stay
+        # open for the next requests (1,000 streams reopened theirs otherwise).
+        max_per_host=config.max_connections,
     )
     UpstreamService(upstream).setServiceParent(shared)
     if isinstance(providers, ProviderRegistry):
