@@ -1363,6 +1363,14 @@ def add_slow_lanes(res: dict) -> None:
             LANES.append(name)
 
 
+def _reference_md(res: dict) -> str:
+    if not res.get("reference"):
+        return ""
+    import reference
+
+    return reference.doc_md(res["reference"])
+
+
 def write_doc(res: dict, facts: dict) -> str:
     add_slow_lanes(res)
     rows = build_rows(res)
@@ -1395,6 +1403,8 @@ read the direct column as the noise floor of the run.
 {table(rows, main_header(res))}
 
 {litellm_lane.summary(res)}
+
+{_reference_md(res)}
 
 Requests measured per lane: {counts_line(res)}.
 
@@ -1705,6 +1715,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-litellm", action="store_true", default=os.environ.get("BENCH_LITELLM") == "0",
                     help="skip the LiteLLM column (LiteLLM's proxy, installed once into bench/.litellm-venv, "
                          "measured by the latency and throughput lanes) [env BENCH_LITELLM=0]")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the reference workload lane (bench/reference.py: the Go reference's own "
+                         "workload, 3 rounds, plain and governed)")
     ap.add_argument("--no-slow", action="store_true",
                     help="skip the slow-upstream lanes (sustained rate and concurrent streams)")
     ap.add_argument("--start-timeout", type=float, default=30.0, help="seconds to wait for /health [default 30]")
@@ -1981,6 +1994,12 @@ def main(argv=None) -> int:
             }
             check_audit(res)
             res["proxy_log_tail"] = tail(tmp / "proxy.log", 15)
+        if not args.no_reference and not args.direct_only and not proxy_error:
+            # The reference workload (issue 21), with its own mock and daemon
+            # (twistd -n cllama), once the lanes above are done.
+            import reference
+
+            res["reference"] = reference.lane(args.duration, quiet_wait=min(5.0, args.quiet_wait))
         if not args.no_litellm and not args.direct_only:
             # Last, with cllama_tx stopped: LiteLLM's proxy gets core 0 to
             # itself, behind the same nginx mock, measured by the same lanes.
@@ -2009,6 +2028,11 @@ def main(argv=None) -> int:
     print()
     v, added = verdict(res)
     print("Result: " + v.replace("**", ""))
+    if res.get("reference"):
+        import reference
+
+        print()
+        print(reference.doc_md(res["reference"]).replace("**", ""))
     if slow_md(res):
         print()
         print(slow_md(res).replace("**", ""))

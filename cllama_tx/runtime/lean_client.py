@@ -43,11 +43,11 @@ from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
     BrowserLikePolicyForHTTPS,
-    PotentialDataLoss,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
@@ -162,6 +162,8 @@ _BODY_CLOSE = 4
 class _Connection(Protocol):
     """One upstream connection: one request at a time, answered in order."""
 
+    transport: Any  # TCP or TLS: each can pause, resume and abort
+
     def __init__(self, client: LeanUpstream, key: tuple) -> None:
         self._client = client
         self.key = key
@@ -189,7 +191,7 @@ class _Connection(Protocol):
         transport = self.transport
         if self._client.direct and ITCPTransport.providedBy(transport) and not ISSLTransport.providedBy(transport):
             try:
-                handle = transport.getHandle()  # type: ignore[union-attr]
+                handle = getattr(transport, "getHandle")()  # noqa: B009 (ITCPTransport)
             except Exception:
                 handle = None
             if isinstance(handle, socket.socket):
@@ -240,46 +242,46 @@ class _Connection(Protocol):
     def _send(self, data: bytes) -> None:
         sock = self._sock
         if sock is None or self._backlog:
-            self.transport.write(data)  # type: ignore[union-attr]
+            self.transport.write(data)
             return
         try:
             sent = sock.send(data)
         except BlockingIOError:
             sent = 0
         except OSError:
-            self.transport.write(data)  # type: ignore[union-attr]
+            self.transport.write(data)
             return
         if sent == len(data):
             return
         self._backlog = True
-        self.transport.write(data[sent:])  # type: ignore[union-attr]
+        self.transport.write(data[sent:])
         self._watch = _Drain(self)
-        self.transport.registerProducer(self._watch, False)  # type: ignore[union-attr]
+        self.transport.registerProducer(self._watch, False)
 
     def drained(self) -> None:
         self._backlog = False
         if self._watch is not None:
             self._watch = None
-            self.transport.unregisterProducer()  # type: ignore[union-attr]
+            self.transport.unregisterProducer()
 
     def cancel(self) -> None:
         """The caller gave up before the answer's head: this connection is not reused."""
         self._waiting = None
         self._keep = False
         if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            self.transport.abortConnection()
 
     # -- the body's producer ------------------------------------------------------------
 
     def pause_reading(self) -> None:
         if not self._paused and self.transport is not None:
             self._paused = True
-            self.transport.pauseProducing()  # type: ignore[union-attr]
+            self.transport.pauseProducing()
 
     def resume_reading(self) -> None:
         if self._paused and self.transport is not None:
             self._paused = False
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+            self.transport.resumeProducing()
 
     def abandon(self) -> None:
         """The reader wants no more of the body: the connection goes (the reader hears of it then)."""
@@ -287,7 +289,7 @@ class _Connection(Protocol):
         self._state = _IDLE
         self._buffer = b""
         if self.connected and self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            self.transport.abortConnection()
 
     # -- the answer ------------------------------------------------------------------------
 
@@ -302,7 +304,7 @@ class _Connection(Protocol):
         self._keep = False
         self._buffer = b""
         if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            self.transport.abortConnection()
         # connectionLost reports it; say why first where a Deferred waits.
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
@@ -465,7 +467,7 @@ class _Connection(Protocol):
         if self._keep and self.connected:
             self._client._release(self)
         elif self.connected and self.transport is not None:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.transport.loseConnection()
         if response is not None:
             response._end(Failure(ResponseDone()))
 
@@ -572,11 +574,11 @@ class LeanUpstream:
         def connected(connection: _Connection) -> None:
             state["pending"] = None
             if outer.called:  # cancelled meanwhile
-                connection.transport.loseConnection()  # type: ignore[union-attr]
+                connection.transport.loseConnection()
                 return
             self._all.add(connection)
             state["connection"] = connection
-            inner = defer.Deferred()
+            inner: defer.Deferred = defer.Deferred()
             inner.addCallbacks(outer.callback, outer.errback)
             connection.send_request(method, target, headers, body, inner)
 
@@ -589,7 +591,8 @@ class LeanUpstream:
         return outer
 
     def _again(self, failure: Failure, method, target, headers, body) -> Any:
-        if failure.check(ResponseNeverReceived) and not failure.value.reasons[0].check(defer.CancelledError):
+        reasons = getattr(failure.value, "reasons", None) or []
+        if failure.check(ResponseNeverReceived) and not any(r.check(defer.CancelledError) for r in reasons):
             return self._request(method, target, headers, body, False)
         return failure
 
@@ -616,11 +619,11 @@ class LeanUpstream:
 
     def _release(self, connection: _Connection) -> None:
         if self._closed:
-            connection.transport.loseConnection()  # type: ignore[union-attr]
+            connection.transport.loseConnection()
             return
         idle = self._idle[connection.key]
         if len(idle) >= self.max_per_host:
-            connection.transport.loseConnection()  # type: ignore[union-attr]
+            connection.transport.loseConnection()
             return
         connection.idle_since = self._reactor.seconds()
         idle.append(connection)
@@ -641,7 +644,7 @@ class LeanUpstream:
         for idle in self._idle.values():
             for connection in [c for c in idle if c.idle_since <= limit]:
                 idle.remove(connection)
-                connection.transport.loseConnection()  # type: ignore[union-attr]
+                connection.transport.loseConnection()
             left = left or bool(idle)
         if left and not self._closed:
             self._sweeper = self._reactor.callLater(self.SWEEP, self._sweep)
@@ -664,6 +667,6 @@ class LeanUpstream:
                 d: defer.Deferred = defer.Deferred()
                 connection.on_lost = d
                 waits.append(d)
-                connection.transport.loseConnection()  # type: ignore[union-attr]
+                connection.transport.loseConnection()
             idle.clear()
         return defer.DeferredList(waits) if waits else defer.succeed(None)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import socket
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -71,16 +70,6 @@ NAMES: tuple[PrivateName, ...] = (
         "twisted.internet._sslverify.IOpenSSLTrustRoot._addCACertsToContext",
         "CLLAMA_UPSTREAM_CA_FILE: the operator's CAs trusted in addition to the platform store",
         "the daemon refuses to start with CLLAMA_UPSTREAM_CA_FILE set and says why; without it nothing changes",
-    ),
-    PrivateName(
-        "FileDescriptor._tempDataLen, dataBuffer, offset, _writeDisconnected; tcp.Connection._aborting, socket",
-        "write-through: a callback's writes leave with one send() when the transport's buffer is empty",
-        "a transport without them is written Twisted's buffered way",
-    ),
-    PrivateName(
-        "reactor._doReadOrWrite (and the public runUntilCurrent), looked up on the instance",
-        "write-through: the writes of one I/O event are sent when its callback returns",
-        "the writes of I/O events take Twisted's buffered way (timed calls still write through)",
     ),
     PrivateName(
         "HTTPChannel._command, HTTPChannel._path while a request's headers are read",
@@ -215,81 +204,6 @@ def platform_trust_plus(add_extra: Callable[[Any], None]) -> Any:
     return root
 
 
-# -- write-through: tcp transports and the reactor's dispatch --------------------------------
-
-PLAIN_TCP = (tcp.Server, tcp.Client)
-"""The transports write-through sends from: plain TCP (their TLS, if any, is in the protocol)."""
-
-REACTOR_DISPATCHERS = ("_doReadOrWrite", "runUntilCurrent")
-"""
-The reactor's entry points into our code, looked up on the reactor each
-time round the poll loop: one I/O event, and a turn's timed calls and
-thread callbacks.  C{_doReadOrWrite} is private (C{PosixReactorBase},
-C{SelectReactor}); checked against L{CHECKED_WITH}.
-"""
-
-
-def may_send_directly(transport: Any) -> bool:
-    """
-    May C{transport}'s writes skip Twisted's buffer right now: a plain,
-    open TCP transport that is not closing or aborting, with nothing
-    buffered, and no pull producer (which only the buffered path asks for
-    more).  Reads C{FileDescriptor}'s private buffer state
-    (C{_tempDataLen}, C{dataBuffer}, C{offset}, C{_writeDisconnected}) and
-    C{tcp.Connection._aborting} with defaults that say no, so a Twisted
-    release that renames them gets its buffered path, not errors.
-    Checked against L{CHECKED_WITH}.
-    """
-    return not (
-        type(transport) not in PLAIN_TCP
-        or transport.TLS
-        or not transport.connected
-        or getattr(transport, "_writeDisconnected", True)
-        or getattr(transport, "_aborting", False)
-        or getattr(transport, "_tempDataLen", True)
-        or getattr(transport, "offset", None) != len(getattr(transport, "dataBuffer", b"?"))
-        or (transport.producer is not None and not transport.streamingProducer)
-    )
-
-
-def send_now(transport: Any, data: bytes) -> bytes:
-    """
-    Send what the kernel takes now on C{transport}'s socket (the
-    undocumented C{tcp.Connection.socket}); return the rest, all of it on
-    any error (EAGAIN, or a broken connection: the buffered path's next
-    writability poll finds out which).  Only called when
-    L{may_send_directly} said yes.
-    """
-    try:
-        sent = transport.socket.send(data)
-    except (OSError, AttributeError):
-        return data
-    return data[sent:]
-
-
-def wrap_dispatchers(reactor: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> list[str]:
-    """
-    Replace C{reactor}'s L{REACTOR_DISPATCHERS} on the instance with
-    C{wrap(original)} (an instance attribute shadows the method; the poll
-    loop looks both up on the reactor each time round).
-
-    @return: the names wrapped; one this reactor lacks is left out (its
-        events are then handled unwrapped).
-    """
-    wrapped = []
-    for name in REACTOR_DISPATCHERS:
-        if hasattr(reactor, name):
-            setattr(reactor, name, wrap(getattr(reactor, name)))
-            wrapped.append(name)
-    return wrapped
-
-
-def unwrap_dispatchers(reactor: Any) -> None:
-    """Undo L{wrap_dispatchers}: C{reactor}'s own methods again."""
-    for name in REACTOR_DISPATCHERS:
-        reactor.__dict__.pop(name, None)
-
-
 # -- the request line while a request's headers are read: twisted.web.http -----------------
 
 
@@ -358,19 +272,6 @@ def _has_params(function: Any, names: tuple[str, ...]) -> bool:
     return params[: len(names)] == names or params[1 : len(names) + 1] == names
 
 
-def _missing_transport_state() -> list[str]:
-    """The private buffer state a plain TCP transport lacks (built on a socket pair, never connected)."""
-    a, b = socket.socketpair()
-    try:
-        connection: Any = tcp.Connection  # never connected: no protocol, no reactor
-        transport = connection(a, None, reactor=object())
-        wanted = ("_tempDataLen", "dataBuffer", "offset", "_writeDisconnected", "_aborting", "socket", "TLS")
-        return [f"tcp.Connection.{name}" for name in wanted if not hasattr(transport, name)]
-    finally:
-        a.close()
-        b.close()
-
-
 def missing() -> list[str]:
     """
     The private names (see L{NAMES}) this Twisted lacks or has in another
@@ -401,29 +302,8 @@ def missing() -> list[str]:
         gone.append("twisted.internet.ssl.platformTrust()._addCACertsToContext: absent")
     if "self.numberAccepts" not in inspect.getsource(tcp.Port.doRead):
         gone.append("twisted.internet.tcp.Port.doRead: no longer reads numberAccepts")
-    gone.extend(_missing_transport_state())
-    gone.extend(_missing_dispatchers())
     gone.extend(_missing_channel_state())
     return gone
-
-
-def _missing_dispatchers() -> list[str]:
-    """The reactor classes of this platform that lack a dispatcher write-through wraps."""
-    from twisted.internet import selectreactor
-
-    classes: list[type] = [selectreactor.SelectReactor]
-    try:
-        from twisted.internet import epollreactor
-    except ImportError:  # not Linux
-        pass
-    else:
-        classes.append(epollreactor.EPollReactor)
-    return [
-        f"{cls.__module__}.{cls.__name__}.{name}: absent"
-        for cls in classes
-        for name in REACTOR_DISPATCHERS
-        if not callable(getattr(cls, name, None))
-    ]
 
 
 def _missing_channel_state() -> list[str]:

@@ -197,7 +197,7 @@ class LeanRequest:
         self, channel: LeanChannel, method: bytes, uri: bytes, version: bytes, headers: Headers, keep_alive: bool
     ) -> None:
         self.channel: LeanChannel | None = channel
-        self.transport = channel.transport
+        self.transport: Any = channel.transport
         self.method = method
         self.uri = uri
         self.path = uri.split(b"?", 1)[0]
@@ -210,6 +210,7 @@ class LeanRequest:
         self.finished = False
         self.content: io.BytesIO | None = None
         self.principal: Any = None
+        self.resource: Any = None  # what serves it (the site's inference resource)
         self.producer: IPushProducer | None = None
         self.keep_alive = keep_alive
         self.sentLength = 0
@@ -223,7 +224,7 @@ class LeanRequest:
     @property
     def args(self) -> dict[bytes, list[bytes]]:
         _, _, query = self.uri.partition(b"?")
-        return parse_qs(query, keep_blank_values=True)  # type: ignore[return-value]
+        return parse_qs(query, keep_blank_values=True)
 
     def getHeader(self, name: bytes) -> bytes | None:
         values = self.requestHeaders.getRawHeaders(name)
@@ -376,6 +377,8 @@ class LeanChannel(Protocol):
         allows (see the module's docstring).
     """
 
+    transport: Any  # TCP, TLS, UNIX, or the guard's wrapper: each can pause, resume and abort
+
     def __init__(self, site: Any, fallback: Callable[[], Any], direct: bool = True) -> None:
         self._site = site
         self._fallback = fallback
@@ -411,7 +414,7 @@ class LeanChannel(Protocol):
             and (ITCPTransport.providedBy(transport) or IUNIXTransport.providedBy(transport))
         ):
             try:
-                handle = transport.getHandle()  # type: ignore[union-attr]
+                handle = getattr(transport, "getHandle")()  # noqa: B009 (ITCPTransport, IUNIXTransport)
             except Exception:
                 handle = None
             if isinstance(handle, socket.socket):
@@ -419,7 +422,7 @@ class LeanChannel(Protocol):
         if self._sock is None:
             # Twisted's buffered writes: its buffer's pressure reaches us as
             # pause and resume, as it reaches twisted.web's channel.
-            transport.registerProducer(self, True)  # type: ignore[union-attr]
+            transport.registerProducer(self, True)
             self._registered = True
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -446,7 +449,7 @@ class LeanChannel(Protocol):
         """Write C{data}: at once where the socket takes it, else through Twisted's buffer."""
         sock = self._sock
         if sock is None or self._backlog:
-            self.transport.write(data)  # type: ignore[union-attr]
+            self.transport.write(data)
             return
         conn = self._guarded()
         if conn is not None and conn.state == DRAIN:
@@ -457,14 +460,14 @@ class LeanChannel(Protocol):
             sent = 0
         except OSError:
             # Broken: Twisted's write and its next poll find out and close.
-            self.transport.write(data)  # type: ignore[union-attr]
+            self.transport.write(data)
             return
         if sent == len(data):
             return
         self._backlog = True
-        self.transport.write(data[sent:])  # type: ignore[union-attr]
+        self.transport.write(data[sent:])
         self._watch = _DrainWatch(self)
-        self.transport.registerProducer(self._watch, False)  # type: ignore[union-attr]
+        self.transport.registerProducer(self._watch, False)
         self._pause_answer()
 
     def _drained(self) -> None:
@@ -472,7 +475,7 @@ class LeanChannel(Protocol):
         self._backlog = False
         if self._watch is not None:
             self._watch = None
-            self.transport.unregisterProducer()  # type: ignore[union-attr]
+            self.transport.unregisterProducer()
         self._resume_answer()
 
     def _pause_answer(self) -> None:
@@ -516,7 +519,7 @@ class LeanChannel(Protocol):
             if len(self._buffer) > MAX_HEAD and not self._read_paused:
                 # A pipelined request waits; so does the client past this.
                 self._read_paused = True
-                self.transport.pauseProducing()  # type: ignore[union-attr]
+                self.transport.pauseProducing()
             return
         self._advance()
 
@@ -563,7 +566,7 @@ class LeanChannel(Protocol):
         else:
             keep_alive = b"keep-alive" in connection
         request = LeanRequest(self, method, target, version, headers, keep_alive)
-        request.resource = resource  # type: ignore[attr-defined]
+        request.resource = resource
         self._request = request
         self._begin_body(request, method, path, headers, version)
         return self._state == _BODY
@@ -624,13 +627,13 @@ class LeanChannel(Protocol):
     def _decide_later(self, request: LeanRequest, deciding: defer.Deferred, path: bytes, length: int | None) -> None:
         """The gate reads the caller's key from the shared store: read nothing more until it answers."""
         self._deciding = True
-        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.transport.pauseProducing()
 
         def decided(refused: Refusal | None) -> None:
             self._deciding = False
             if self._state == _DONE or self._request is not request:
                 return  # the client left meanwhile
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+            self.transport.resumeProducing()
             if refused is not None:
                 self._refuse(refused, path)
                 return
@@ -718,7 +721,7 @@ class LeanChannel(Protocol):
         parts, self._parts = self._parts, []
         request.content = io.BytesIO(parts[0] if len(parts) == 1 else b"".join(parts))
         self._move(BUSY)
-        resource = request.resource  # type: ignore[attr-defined]
+        resource = request.resource
         try:
             body = resource.render(request)
         except Exception:
@@ -727,7 +730,7 @@ class LeanChannel(Protocol):
                 error = ProxyError(500, "internal_error", "internal error")
                 self._answer_now(request, refusal(error, shape_for_path(request.path)))
             elif self.transport is not None:
-                self.transport.abortConnection()  # type: ignore[union-attr]
+                self.transport.abortConnection()
             return
         if body is not NOT_DONE_YET and not request.finished:
             request.setHeader(b"content-length", b"%d" % len(body))
@@ -756,7 +759,7 @@ class LeanChannel(Protocol):
         self._state = _HEAD
         if self._read_paused:
             self._read_paused = False
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+            self.transport.resumeProducing()
         if self._buffer:
             self._move(HEAD)
             self._advance()
@@ -767,7 +770,7 @@ class LeanChannel(Protocol):
             return
         if self._registered:
             self._registered = False
-            transport.unregisterProducer()  # type: ignore[attr-defined]
+            transport.unregisterProducer()
         transport.loseConnection()
 
     # -- refusals --------------------------------------------------------------------------
@@ -832,7 +835,7 @@ class LeanChannel(Protocol):
         transport = self.transport
         if self._registered:
             self._registered = False
-            transport.unregisterProducer()  # type: ignore[union-attr]
+            transport.unregisterProducer()
         channel: IProtocol = self._fallback()
         self._handed = channel
         conn = self._guarded()

@@ -8,17 +8,28 @@ cancellation, and backpressure on the body.
 
 from __future__ import annotations
 
+import gc
+import io
+
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
-from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    PotentialDataLoss,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface.verify import verifyObject
 
 from cllama_tx.pipeline.relay import read_body
+from cllama_tx.runtime.config import Config, ConfigError
+from cllama_tx.runtime.daemon import build_daemon
 from cllama_tx.runtime.lean_client import LeanUpstream
 from cllama_tx.runtime.upstream import UpstreamClient
+from cllama_tx.sites.lean_http import LeanChannel
 from cllama_tx.testing import FakeProvider, Reply
 
 
@@ -260,3 +271,42 @@ class UpstreamClientTests(TestCase):
         self.assertEqual((yield read_body(response)), b'{"ok":1}')
         self.assertEqual(client.lean.idle_connections(url), 1)
         self.assertEqual(fake.received[0].json, {})
+
+
+class SettingTests(TestCase):
+    """CLLAMA_LEAN_HTTP and CLLAMA_WRITE_THROUGH, read and wired by the daemon."""
+
+    def env(self, **extra) -> dict:
+        base = self.mktemp()
+        env = {
+            "CLAW_CONTEXT_ROOT": base + "/context",
+            "CLAW_AUTH_DIR": base + "/auth",
+            "CLLAMA_STATE_DIR": base + "/state",
+            "CLLAMA_UI_TOKEN": "t" * 32,
+        }
+        env.update(extra)
+        return env
+
+    def test_values(self) -> None:
+        config = Config.from_env(self.env())
+        self.assertEqual((config.lean_http, config.write_through), (True, True))
+        for name in ("CLLAMA_LEAN_HTTP", "CLLAMA_WRITE_THROUGH"):
+            for off in ("0", "off", "false", "NO"):
+                config = Config.from_env(self.env(**{name: off}))
+                self.assertFalse(config.lean_http if name == "CLLAMA_LEAN_HTTP" else config.write_through)
+            error = self.assertRaises(ConfigError, Config.from_env, self.env(**{name: "maybe"}))
+            self.assertIn(name, str(error))
+
+    def test_the_daemon_wires_them(self) -> None:
+        self.addCleanup(gc.unfreeze)
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+        for env, lean, direct in (({}, True, True), ({"CLLAMA_WRITE_THROUGH": "0"}, True, False),
+                                  ({"CLLAMA_LEAN_HTTP": "0"}, False, True)):
+            daemon = build_daemon(Config.from_env(self.env(**env)), reactor, io.StringIO())
+            [site] = [s.factory for s in daemon if getattr(s, "label", None) == "API"]
+            self.assertEqual((site.lean, site.direct), (lean, direct))
+            self.assertEqual(isinstance(site.build_channel(None), LeanChannel), lean)
+            upstream = daemon.proxy._upstream
+            self.assertEqual(upstream.lean is not None, lean)
+            if lean:
+                self.assertEqual(upstream.lean.direct, direct)

@@ -16,8 +16,7 @@ from __future__ import annotations
 import socket
 
 from OpenSSL import SSL
-from twisted.internet import abstract, defer, protocol, reactor, ssl, tcp, threads
-from twisted.internet.task import deferLater
+from twisted.internet import defer, protocol, reactor, ssl
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import http
@@ -28,14 +27,10 @@ from cllama_tx.runtime import twisted_private
 from cllama_tx.runtime.twisted_private import (
     CHECKED_WITH,
     agent_steps,
-    may_send_directly,
     missing,
     pending_request_line,
     platform_trust_plus,
     quiet_pool,
-    send_now,
-    unwrap_dispatchers,
-    wrap_dispatchers,
 )
 
 WHAT_TO_DO = (
@@ -162,118 +157,6 @@ class TrustRootTests(SynchronousTestCase):
         self.patch(twisted_private, "IOpenSSLTrustRoot", None)
         e = self.assertRaises(twisted_private.TrustRootUnavailable, platform_trust_plus, lambda context: None)
         self.assertIn("_addCACertsToContext", str(e))
-
-
-class _Peer(protocol.Protocol):
-    def connectionMade(self):
-        self.factory.made.callback(self)
-
-    def dataReceived(self, data):
-        got, self.factory.got = self.factory.got, None
-        if got is not None:
-            got.callback(data)
-
-
-class _Loopback:
-    """A live loopback TCP connection: our side (a tcp.Server transport) and a plain socket peer."""
-
-    @defer.inlineCallbacks
-    def connect(self):
-        factory = protocol.Factory.forProtocol(_Peer)
-        factory.made, factory.got = defer.Deferred(), defer.Deferred()
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        peer = socket.create_connection(("127.0.0.1", port.getHost().port))
-        self.addCleanup(peer.close)
-        server = yield factory.made
-        self.addCleanup(server.transport.abortConnection)
-        return server, peer, factory
-
-
-class TransportStateTests(_Loopback, TestCase):
-    """FileDescriptor's buffer state and tcp.Connection's socket, on a live loopback connection."""
-
-    @defer.inlineCallbacks
-    def test_the_state_is_there_and_says_empty(self) -> None:
-        server, _, _ = yield self.connect()
-        transport = server.transport
-        self.assertIsInstance(transport, tcp.Server)
-        for name in ("_tempDataLen", "dataBuffer", "offset", "_writeDisconnected", "_aborting", "socket"):
-            self.assertTrue(hasattr(transport, name), f"tcp.Server has no {name}")
-        self.assertEqual((transport._tempDataLen, transport.offset, len(transport.dataBuffer)), (0, 0, 0))
-        self.assertTrue(may_send_directly(transport))
-
-    @defer.inlineCallbacks
-    def test_a_buffered_write_is_seen(self) -> None:
-        """Bytes in Twisted's buffer show in the state: nothing may overtake them."""
-        server, peer, _ = yield self.connect()
-        transport = server.transport
-        abstract.FileDescriptor.write(transport, b"queued")  # Twisted's buffered write, whatever is installed
-        self.assertEqual(transport._tempDataLen, 6)
-        self.assertFalse(may_send_directly(transport))
-        peer.settimeout(10)
-        # The reactor's next writability poll sends it (read in a thread: the reactor runs meanwhile).
-        self.assertEqual((yield threads.deferToThread(peer.recv, 100)), b"queued")
-
-    @defer.inlineCallbacks
-    def test_send_now_uses_the_socket(self) -> None:
-        server, peer, _ = yield self.connect()
-        self.assertEqual(send_now(server.transport, b"direct"), b"")
-        peer.settimeout(10)
-        self.assertEqual(peer.recv(100), b"direct")
-
-    @defer.inlineCallbacks
-    def test_an_aborting_transport_says_no(self) -> None:
-        server, _, _ = yield self.connect()
-        transport = server.transport
-        transport.abortConnection()
-        self.assertTrue(transport.connected)  # lost on the next turn only
-        self.assertFalse(may_send_directly(transport))
-
-    def test_a_renamed_state_says_no(self) -> None:
-        transport = tcp.Server.__new__(tcp.Server)
-        transport.__dict__.update(TLS=False, connected=True, producer=None, streamingProducer=False)
-        self.assertFalse(may_send_directly(transport))  # no _tempDataLen, no dataBuffer: Twisted's way
-
-
-class DispatcherTests(_Loopback, TestCase):
-    """reactor._doReadOrWrite (and runUntilCurrent), looked up on the instance each time round."""
-
-    @defer.inlineCallbacks
-    def test_a_wrapped_dispatcher_sees_each_io_event(self) -> None:
-        seen: list[str] = []
-        names = iter(twisted_private.REACTOR_DISPATCHERS)
-
-        def wrap(original):
-            name = next(names)
-
-            def run(*args, **kwargs):
-                seen.append(name)
-                return original(*args, **kwargs)
-
-            return run
-
-        server, peer, factory = yield self.connect()
-        # write-through may be installed on this reactor by another test: put its wrappers back after.
-        before = {name: reactor.__dict__[name] for name in twisted_private.REACTOR_DISPATCHERS if name in reactor.__dict__}
-        self.addCleanup(reactor.__dict__.update, before)
-        self.assertEqual(wrap_dispatchers(reactor, wrap), list(twisted_private.REACTOR_DISPATCHERS))
-        self.addCleanup(unwrap_dispatchers, reactor)
-        got = factory.got
-        peer.sendall(b"ping")
-        self.assertEqual((yield got), b"ping")
-        self.assertIn("_doReadOrWrite", seen)  # the data arrived through the wrapped dispatcher
-        yield deferLater(reactor, 0, lambda: None)
-        self.assertIn("runUntilCurrent", seen)
-
-    def test_a_reactor_without_them_is_left_alone(self) -> None:
-        class Bare:
-            pass
-
-        bare = Bare()
-        self.assertEqual(wrap_dispatchers(bare, lambda f: f), [])
-        unwrap_dispatchers(bare)
-        self.assertEqual(bare.__dict__, {})
 
 
 class RequestLineTests(SynchronousTestCase):

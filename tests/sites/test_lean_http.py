@@ -127,7 +127,7 @@ class LeanChannelTests(TestCase):
         self.assertTrue(data.startswith(first))
         answers = data.split(b"HTTP/1.1 ")[1:]
         self.assertEqual(len(answers), 2)
-        for text, answer in zip(("one", "two"), answers):
+        for text, answer in zip(("one", "two"), answers, strict=True):
             status, headers, rest = split(b"HTTP/1.1 " + answer)
             self.assertEqual(status, 200)
             self.assertEqual(json.loads(rest)["choices"][0]["message"]["content"], text)
