@@ -25,11 +25,13 @@ from urllib.parse import quote
 from twisted.application.service import MultiService
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
+from twisted.web._newclient import ResponseNeverReceived
 
 from cllama_tx.pipeline.model_resolver import RESOLVER_PRINCIPAL
 from cllama_tx.runtime.routing import build_routing
 from cllama_tx.testing import FakeProvider, Reply, openai_completion
 from tests.secret_scan import SCANNER
+from tests.sites.ui.support import UiClient
 from tests.support import (
     AGENT,
     MASTER_KEY,
@@ -252,6 +254,29 @@ class ResolutionTests(RoutingCase):
         flood = yield defer.gatherResults([self.chat_json("house-nothing") for _ in range(5)])
         self.assertEqual({r.code for r, _ in flood}, {400})
         self.assertEqual(len(self.model.questions), 2)
+
+    @defer.inlineCallbacks
+    def test_an_agent_that_leaves_while_the_resolver_thinks_costs_nothing_more(self):
+        hold = self.model.hold = defer.Deferred()
+        self.addCleanup(lambda: hold.called or hold.callback(None))
+        asking = self.chat("house-fast")
+        yield self.resolver_fake.wait_for_request(1)
+        asking.cancel()  # the agent hangs up
+        yield self.assertFailure(asking, ResponseNeverReceived)
+        recorded = defer.Deferred()
+        self.h.metering.on_recorded.append(
+            lambda ex, committed: ex.claw_id == AGENT and not recorded.called and recorded.callback((committed,)))
+        hold.callback(None)
+        (committed,) = yield recorded
+        yield committed
+        [line] = [entry for entry in self.h.audit_lines() if entry["type"] == "error" and entry["claw_id"] == AGENT]
+        self.assertEqual(line["status_code"], 499)
+        self.assertEqual(self.h.fake.received, [])  # the mapped model was never called
+        # The resolver's answer is kept all the same, for the next request.
+        self.assertEqual(self.routing.mappings.get("house-fast").target, "openai/gpt-4o-mini")
+        yield self.h.committed()
+        rows = yield self.h.ledger_rows()
+        self.assertEqual(sorted((r["agent"], r["status"]) for r in rows), [(RESOLVER_PRINCIPAL, 200), (AGENT, 499)])
 
     @defer.inlineCallbacks
     def test_prompt_reaches_the_resolver_and_never_the_provider(self):
@@ -544,6 +569,31 @@ class DebugPageTests(RoutingCase):
         response, page = yield self.ui("get", "/_debug", accept="text/html")
         self.assertNotIn('<tr class="unconfirmed">', page)
         self.assertNotIn("unconfirmed</span>", page)
+
+    @defer.inlineCallbacks
+    def test_a_browser_confirms_with_its_session_and_csrf_token(self):
+        yield self.chat_json("house-fast")
+        browser = UiClient(self.h.http, f"http://127.0.0.1:{self.h.ui_port.getHost().port}")
+        yield browser.sign_in(name="ada")
+        # Without the form token: refused, nothing changed.
+        response = yield browser.post("/_api/mappings/house-fast/confirm", {}, headers={"Accept": "text/html"})
+        self.assertEqual(response.code, 403)
+        self.assertFalse(self.routing.mappings.get("house-fast").confirmed)
+        csrf = yield browser.csrf("/_debug")
+        response = yield browser.post("/_api/mappings/house-fast/confirm", {"csrf": csrf}, headers={"Accept": "text/html"})
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")), (303, ["/_debug#debug-mappings"]))
+        confirmed = self.routing.mappings.get("house-fast")
+        self.assertTrue(confirmed.confirmed)
+        self.assertTrue(confirmed.detail["confirmed_by"].startswith("operator:ada@"))
+        page = yield browser.get("/_debug", headers={"Accept": "text/html"})
+        html = yield page.text()
+        self.assertIn("Mapping of house-fast confirmed.", html)
+        response = yield browser.post("/_api/mappings/house-fast/delete", {"csrf": csrf}, headers={"Accept": "text/html"})
+        self.assertEqual(response.code, 303)
+        self.assertIsNone(self.routing.mappings.get("house-fast"))
+        actions = [(line["action"], line["actor"].split("@")[0]) for line in self.h.audit_lines()
+                   if line["type"] == "operator" and line["action"].startswith("mapping")]
+        self.assertEqual(actions, [("mapping_confirm", "operator:ada"), ("mapping_delete", "operator:ada")])
 
     @defer.inlineCallbacks
     def test_names_are_escaped(self):

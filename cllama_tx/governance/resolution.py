@@ -255,6 +255,28 @@ def _invalid(message: str) -> PolicyRefusal:
     return PolicyRefusal(status=400, code="invalid_model", message=message)
 
 
+class _LlmMapped(Exception):
+    """
+    Where the order would refuse, the LLM resolver's mapping of the name
+    (raised before any refusal message is written: this is a request's
+    path, the refusal's is not).
+    """
+
+    def __init__(self, mapping: Any, name: str, steps: tuple[Step, ...], names: tuple[str, ...]) -> None:
+        super().__init__(name)
+        self.mapping = mapping
+        self.name = name
+        self.steps = steps
+        self.names = names
+
+
+def _llm_mapped(name: str, steps: list, names: list, mappings: Mapping[str, Any] | None) -> None:
+    """Raise L{_LlmMapped} when the resolver mapped C{name} (never past an operator's mapping)."""
+    mapping = mappings.get(name) if mappings else None
+    if mapping is not None and mapping.source == LLM and not any(step.rule == MAPPING for step in steps):
+        raise _LlmMapped(mapping, name, tuple(steps), tuple(names))
+
+
 @attrs.define
 class Unresolved(ProxyError):
     """
@@ -302,14 +324,13 @@ def resolve(
             requested, policy=policy, bare_provider=bare_provider, key_aliases=key_aliases,
             team_aliases=team_aliases, table=table, families=families, providers=providers, mappings=mappings,
         )
+    except _LlmMapped as hit:
+        mapping, refused = hit.mapping, hit
     except Unresolved as unresolved:
         if any(step.rule == MAPPING for step in unresolved.steps):
             # An operator's mapping leads nowhere: said as it is, never guessed at.
             raise ProxyError(unresolved.status, unresolved.code, unresolved.message) from None
-        mapping = mappings.get(unresolved.name) if mappings and unresolved.name else None
-        if mapping is None or mapping.source != LLM:
-            raise
-        refused = unresolved
+        raise
     try:
         # The LLM's target is a name the order knows: resolved without
         # aliases, mappings or policy (there is none on this path).
@@ -340,7 +361,10 @@ def _resolve(
     providers: ProviderView = EVERY_PROVIDER,
     mappings: Mapping[str, Any] | None = None,
 ) -> Resolution:
-    """L{resolve} without the LLM's mappings (rule 9 raises L{Unresolved})."""
+    """
+    L{resolve} without the LLM's mappings: where the order would refuse,
+    L{_LlmMapped} when the resolver mapped the name, else L{Unresolved}.
+    """
     if requested is not None and not isinstance(requested, str):
         raise _invalid("the 'model' field must be a string")
     sent = (requested or "").strip()
@@ -387,7 +411,7 @@ def _resolve(
             raise _invalid(_unroutable(sent, name, str(e))) from None
         if providers.configured(ref.provider):
             return Resolution(ref, (ref,), tuple(steps), tuple(names))
-        return _elsewhere(ref, sent, steps, names, providers)
+        return _elsewhere(ref, sent, steps, names, providers, mappings)
     family = families.match(name)
     if family is not None:
         provider, pattern = family
@@ -396,6 +420,7 @@ def _resolve(
         provider = bare_provider
         steps.append(Step(BARE_SURFACE, {"provider": provider}))
     else:
+        _llm_mapped(name, steps, names, mappings)
         configured = ", ".join(providers.names()) or "none"
         raise Unresolved(
             400, "invalid_model",
@@ -406,7 +431,7 @@ def _resolve(
     ref = ModelRef(provider, name)
     if providers.configured(provider):
         return Resolution(ref, (ref,), tuple(steps), tuple(names))
-    return _elsewhere(ref, sent, steps, names, providers)
+    return _elsewhere(ref, sent, steps, names, providers, mappings)
 
 
 def _unroutable(sent: str, name: str, reason: str) -> str:
@@ -415,7 +440,8 @@ def _unroutable(sent: str, name: str, reason: str) -> str:
     return f"model {_echo(sent)} leads to an unroutable name: {reason}"
 
 
-def _elsewhere(ref: ModelRef, sent: str, steps: list, names: list, providers: ProviderView) -> Resolution:
+def _elsewhere(ref: ModelRef, sent: str, steps: list, names: list, providers: ProviderView,
+               mappings: Mapping[str, Any] | None = None) -> Resolution:
     """A ref whose provider is not configured: through OpenRouter, else explained."""
     if ref.provider != OPENROUTER and providers.configured(OPENROUTER):
         vendor = OPENROUTER_VENDORS.get(ref.provider, ref.provider)
@@ -426,6 +452,7 @@ def _elsewhere(ref: ModelRef, sent: str, steps: list, names: list, providers: Pr
         # A catalog provider without a key: the registry's refusal says
         # which variable to set.
         return Resolution(ref, (ref,), tuple(steps), tuple(names))
+    _llm_mapped(names[-1] if names else str(ref), steps, names, mappings)
     configured = ", ".join(providers.names()) or "none"
     raise Unresolved(
         400,

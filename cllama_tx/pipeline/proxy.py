@@ -246,9 +246,11 @@ class Proxy:
         if isinstance(admitted, defer.Deferred):
             # Several instances share the store: decided under its locks.
             admitted = await admitted
-            if ex.settled:
-                # The agent left while the store decided: hold nothing.
+            if ex.settled or ex.gone:
+                # The agent left while the store (or the model resolver) decided: hold nothing.
                 self._governance.abandon(ex, admitted)
+                if not ex.settled:
+                    raise AgentGone()
                 return
         admission = ex.admission = admitted
         if self._policy is not None:

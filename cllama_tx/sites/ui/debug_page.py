@@ -17,6 +17,7 @@ from twisted.web.template import Tag
 from cllama_tx.governance.mappings import LLM
 from cllama_tx.sites.ui.markup import Template, h
 from cllama_tx.sites.ui.pages import KEY_TONE, PageContext, badge, layout, post_form
+from cllama_tx.sites.ui.render import utc
 from cllama_tx.sites.ui.routing_api import path_of
 
 __all__ = ["TEMPLATES", "debug_page"]
@@ -68,7 +69,7 @@ def _trace_row(entry: dict) -> Tag:
         h("td", {"class": "small"}, h("code", None, entry["request_id"] or "–")),
         h("td", None, entry["caller"] or "–"),
         h("td", None, h("code", None, str(entry["requested"]))),
-        h("td", None, " → ".join(entry["rules"]) or "exact"),
+        h("td", None, " → ".join(entry["rules"]) or ("–" if entry["error"] else "exact")),
         h("td", None, badge(entry["decided_by"], "crit" if entry["error"] else "accent")),
         h("td", None, result, h("div", {"class": "muted small"}, entry.get("note") or "")),
     )
@@ -84,9 +85,16 @@ def _server_row(server: dict) -> Tag:
         h("td", None, h("code", None, str(server.get("base_url") or ""))),
         h("td", None, str(server.get("found_by") or "")),
         h("td", None, str(server.get("state") or "")),
-        h("td", {"class": "small"}, str(server.get("last_seen") or "")),
+        h("td", {"class": "small"}, _when(server.get("last_seen"))),
         h("td", {"class": "small"}, ", ".join(names) or "–"),
     )
+
+
+def _when(value: Any) -> str:
+    """A time as discovery gives it (epoch seconds) or as text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return utc(value)
+    return str(value or "")
 
 
 def _pool_rows(pool: dict) -> list[Tag]:
