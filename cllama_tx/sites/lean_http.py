@@ -86,8 +86,12 @@ MAX_CHUNK_LINE = 1024
 MAX_TRAILERS = 16 * 1024
 NO_BODY_CODES = frozenset({204, 304})
 
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
+# bytes.translate(None, these) leaves what is not a token character / a hex digit.
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_HEX = b"0123456789abcdefABCDEF"
+# Header names seen valid: agents send the same dozen on every request.
+_NAMES: set[bytes] = set()
+_MAX_NAMES = 4096
 
 
 class BadRequest(Exception):
@@ -101,7 +105,7 @@ class BadRequest(Exception):
 
 
 def _is_token(value: bytes) -> bool:
-    return bool(value) and not value.translate(None, bytes(_TOKEN))
+    return bool(value) and not value.translate(None, _TOKEN)
 
 
 def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
@@ -132,9 +136,15 @@ def parse_fields(rest: bytes) -> Headers:
     if len(lines) > MAX_HEADERS:
         raise BadRequest(431, "request_header_fields_too_large", f"more than {MAX_HEADERS} header fields")
     add = headers.addRawHeader
+    names = _NAMES
     for field in lines:
         name, colon, value = field.partition(b":")
-        if not colon or not _is_token(name):
+        if name not in names:
+            if not colon or not _is_token(name):
+                raise BadRequest(400, "bad_header", "a header line is not 'name: value'")
+            if len(names) < _MAX_NAMES:
+                names.add(name)
+        elif not colon:
             raise BadRequest(400, "bad_header", "a header line is not 'name: value'")
         value = value.strip(b" \t")
         if b"\r" in value or b"\n" in value or b"\x00" in value:
@@ -670,7 +680,7 @@ class LeanChannel(Protocol):
                         raise BadRequest(400, "bad_chunked_body", "a chunk size line is too long")
                     return False
                 size_text = buffer[:end].split(b";", 1)[0].strip(b" \t")
-                if not size_text or size_text.translate(None, bytes(_HEX)) or len(size_text) > 15:
+                if not size_text or size_text.translate(None, _HEX) or len(size_text) > 15:
                     raise BadRequest(400, "bad_chunked_body", "a chunk size is not a hexadecimal number")
                 self._buffer = buffer[end + 2:]
                 size = int(size_text, 16)
