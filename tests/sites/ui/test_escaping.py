@@ -16,11 +16,14 @@ import re
 from html.parser import HTMLParser
 from urllib.parse import quote
 
+from twisted.application.service import MultiService
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
+from cllama_tx.governance.mappings import LLM, ModelMapping
 from cllama_tx.identity.teams import member_entry
 from cllama_tx.providers.keys import classify_failure
+from cllama_tx.runtime.routing import build_routing
 from cllama_tx.sites.ui.app import UiApp
 from cllama_tx.sites.ui.auth import clean_name
 from tests.sites.ui.support import UiClient, UiHarness
@@ -59,6 +62,9 @@ NEXT = "/" + planted("next")
 NOT_AN_AGENT = planted("notanagent").replace("/", "")  # a path segment: no slash
 BAD_DAY = planted("badday")
 OPERATOR = "Ada <b>\"&'</b>"  # the audit's actor name: kept to plain characters
+MAPPED = planted("mapped")  # a requested name the resolver mapped, its caller's note, a name it traced
+PROMPT = planted("prompt")
+SERVER = planted("server")  # what a local model server says of itself
 
 TABLE = f"""
 model_list:
@@ -72,6 +78,16 @@ router_settings:
   model_group_alias:
     {json.dumps(TABLE_ALIAS)}: gpt-4
 """
+
+
+class _Servers:
+    """The discovery object's part the debug page reads."""
+
+    def __init__(self, servers):
+        self.servers = servers
+
+    def snapshot(self):
+        return self.servers
 
 
 class _Page(HTMLParser):
@@ -136,6 +152,21 @@ class EscapingTests(TestCase):
             key_alias=VKEY, team_id=VKEY, user_id=VKEY_USER, models=[VKEY], max_budget=1.0, budget_duration="30d", duration="7d"
         )
         yield self.harness.record(vk.user_id, now - 30, cost=0.2, key=vk)
+        # Model routing: a mapping the resolver made, a traced request, a discovered server.
+        self.services = MultiService()
+        routing = build_routing(
+            env={}, clock=reactor, database=h.keys.database, ledger=h.ledger, instance="test", router=h.router,
+            providers=h.providers, upstream=h.upstream, metering=h.metering, parent=self.services,
+            discovery=_Servers([{"name": SERVER, "kind": SERVER, "base_url": BASE_URL, "found_by": SERVER,
+                                 "models": [MODEL], "last_seen": now, "state": SERVER}]),
+        )
+        self.services.startService()
+        self.addCleanup(self.services.stopService)
+        yield routing.mappings.when_loaded()
+        yield routing.mappings.put(ModelMapping(MAPPED, "openai/" + MODEL, LLM, now, now, None, BAD_AGENT,
+                                                {"resolver_model": "openai/" + MODEL, "prompt": PROMPT}))
+        routing.trace.record("req-1", BAD_AGENT, MAPPED, ("llm_mapping",), "openai/" + MODEL, None, PROMPT)
+        self.harness.ui.routing = routing
         # Teams, organisations, users and customers named with markup (the key API takes any name).
         yield h.directory.create("org", VKEY, {"alias": VKEY})
         yield h.directory.create("team", VKEY, {"alias": VKEY, "org": VKEY, "models": [VKEY],
@@ -200,6 +231,7 @@ class EscapingTests(TestCase):
             "/teams": (POD, VKEY, VKEY_USER),
             "/pricing": (POD, MODEL),
             "/models": (POD, TABLE_MODEL, TABLE_ALIAS),
+            "/_debug": (POD, MAPPED, PROMPT, SERVER, MODEL, TABLE_MODEL, TABLE_ALIAS, "openai"),
         }
         for path, shown in pages.items():
             html = yield self.page(path)
@@ -207,7 +239,7 @@ class EscapingTests(TestCase):
         # Every page route is covered above (a new page must come with its case here).
         routes = {r.rule for r in UiApp.app.url_map.iter_rules() if "GET" in (r.methods or ())}
         html_routes = routes - {"/health", "/static/<name>", "/events", "/costs.csv", "/costs/api", "/metrics", "/signin"}
-        html_routes = {r for r in html_routes if not r.startswith("/api/")}
+        html_routes = {r for r in html_routes if not r.startswith(("/api/", "/_api/"))}
         covered = {re.sub(r"\?.*", "", p).replace(f"/{BAD_AGENT}", "/<agent>") for p in pages}
         self.assertEqual(html_routes - covered, set())
 
