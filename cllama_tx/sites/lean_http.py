@@ -843,8 +843,12 @@ class LeanChannel(Protocol):
         self._state = _HANDED
         self._buffer = b""
         transport = self.transport
-        if self._registered:
+        if self._registered or self._watch is not None:
+            # twisted.web's channel registers itself as the transport's
+            # producer; what is still in Twisted's buffer goes out first.
             self._registered = False
+            self._watch = None
+            self._backlog = False
             transport.unregisterProducer()
         channel: IProtocol = self._fallback()
         self._handed = channel

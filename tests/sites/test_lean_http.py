@@ -9,9 +9,12 @@ of other paths to twisted.web, and clients that leave mid-body and mid-stream.
 from __future__ import annotations
 
 import json
+import socket
+from types import SimpleNamespace
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cllama_tx.sites.lean_http import BadRequest, LeanChannel, parse_fields, parse_request_line
@@ -378,3 +381,127 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(headers.getRawHeaders(b"empty"), [b""])
         for bad in (b"Host a", b" Host: a", b"Ho st: a", b"Host: a\x00b", b": a"):
             self.assertEqual(self.assertRaises(BadRequest, parse_fields, bad).status, 400, bad)
+
+
+class _Producer:
+    paused = False
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    parts, got = [], 0
+    while got < size:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+class DirectSendTests(TestCase):
+    """On a real TCP connection: sent with send() at once; what the kernel refuses waits in Twisted's buffer."""
+
+    @defer.inlineCallbacks
+    def connect(self, direct: bool = True):
+        made: defer.Deferred = defer.Deferred()
+
+        class Factory(protocol.Factory):
+            def buildProtocol(self, addr):
+                channel = LeanChannel(site=None, fallback=lambda: None, direct=direct)
+                reactor.callLater(0, made.callback, channel)  # once connected
+                return channel
+
+        port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        peer = socket.socket()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.connect(("127.0.0.1", port.getHost().port))
+        self.addCleanup(peer.close)
+        channel = yield made
+        self.addCleanup(channel.transport.abortConnection)
+        return channel, peer
+
+    @defer.inlineCallbacks
+    def test_a_backlog_pauses_the_answer_until_twisteds_buffer_is_empty(self):
+        channel, peer = yield self.connect()
+        self.assertIsNotNone(channel._sock)
+        self.assertIsNone(channel.transport.producer)  # nothing registered while sending directly
+        channel.send(b"small")
+        self.assertEqual(peer.recv(5), b"small")
+        producer = _Producer()
+        channel._request = SimpleNamespace(producer=producer)
+        self.addCleanup(setattr, channel, "_request", None)
+        big = b"y" * (16 * 1024 * 1024)
+        channel.send(big)
+        self.assertTrue(channel._backlog)
+        self.assertTrue(producer.paused)
+        self.assertIs(channel.transport.producer, channel._watch)
+        channel.send(b"tail")  # after what waits, never before it
+        data = yield threads.deferToThread(_read_exactly, peer, len(big) + 4)
+        self.assertEqual(len(data), len(big) + 4)
+        self.assertTrue(data == big + b"tail")
+        for _ in range(100):
+            if not channel._backlog:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertFalse(channel._backlog)
+        self.assertFalse(producer.paused)
+        self.assertIsNone(channel.transport.producer)
+        channel.send(b"direct")
+        self.assertEqual(peer.recv(6), b"direct")
+
+    @defer.inlineCallbacks
+    def test_without_direct_sends_the_channel_is_the_transports_producer(self):
+        channel, peer = yield self.connect(direct=False)
+        self.assertIsNone(channel._sock)
+        self.assertIs(channel.transport.producer, channel)
+        producer = _Producer()
+        channel._request = SimpleNamespace(producer=producer)
+        self.addCleanup(setattr, channel, "_request", None)
+        channel.send(b"z" * (1024 * 1024))
+        self.assertTrue(producer.paused)  # Twisted's buffer is over its size: paused through the channel
+        data = yield threads.deferToThread(_read_exactly, peer, 1024 * 1024)
+        self.assertEqual(len(data), 1024 * 1024)
+        for _ in range(100):
+            if not producer.paused:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertFalse(producer.paused)
+
+    @defer.inlineCallbacks
+    def test_a_hand_over_while_a_write_waits(self):
+        """twisted.web's channel registers itself as the transport's producer: the drain watch makes way."""
+
+        class Web(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.registerProducer(self, True)
+                self.got = b""
+
+            def dataReceived(self, data):
+                self.got += data
+
+            def pauseProducing(self):
+                pass
+
+            def resumeProducing(self):
+                pass
+
+            def stopProducing(self):
+                pass
+
+        channel, peer = yield self.connect()
+        web = Web()
+        channel._fallback = lambda: web
+        channel.send(b"y" * (16 * 1024 * 1024))
+        self.assertTrue(channel._backlog)
+        channel._hand_over(b"GET /health HTTP/1.1\r\n\r\n")
+        self.assertIs(channel.transport.producer, web)
+        self.assertEqual(web.got, b"GET /health HTTP/1.1\r\n\r\n")
+        data = yield threads.deferToThread(_read_exactly, peer, 16 * 1024 * 1024)
+        self.assertEqual(len(data), 16 * 1024 * 1024)
