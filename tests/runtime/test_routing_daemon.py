@@ -19,7 +19,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from cllama_tx.pipeline.model_resolver import RESOLVER_PRINCIPAL
 from cllama_tx.testing import FakeProvider, Reply, openai_completion
+from cllama_tx.testing.postgres import shared_cluster
 from tests.runtime.test_daemon import spawn_daemon
+from tests.runtime.test_fleet import _eventually, _Fleet, _ready
 from tests.secret_scan import SCANNER
 from tests.support import AGENT, PROVIDER_KEY, SECRET, chat_body, write_agent
 
@@ -148,3 +150,62 @@ class RoutingDaemonTests(TestCase):
         code, costs = yield self.ui(ports, "get", "/costs/api")
         self.assertEqual(costs["agents"][RESOLVER_PRINCIPAL]["total_requests"], 2)
         self.assertEqual(costs["agents"][AGENT]["total_requests"], 4)
+
+
+class RoutingFleetTests(TestCase):
+    """Two daemons on one PostgreSQL: a mapping made on one serves on the other."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_mappings_reach_every_instance(self):
+        model = Provider()
+        model.answers = {"house-fast": "openai/gpt-test"}
+        fake = FakeProvider(reactor, model)
+        yield fake.start()
+        self.addCleanup(fake.stop)
+        url = shared_cluster().database()
+        fleet = _Fleet(self)
+        ports = []
+        for name in ("d0", "d1"):
+            env = fleet.env(name, fake, CLLAMA_DATABASE_URL=url, CLLAMA_RESOLVER_MODEL="openai/gpt-test")
+            process, _ = spawn_daemon(self, env)
+            found = yield process.ready
+            yield _ready(self, f"http://127.0.0.1:{found['API']}")
+            ports.append(found)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        operator = {"Authorization": "Bearer fleet-ui-token-0123456789", "Accept": "application/json"}
+
+        def chat(found, name):
+            return http.post(f"http://127.0.0.1:{found['API']}/v1/chat/completions",
+                             json=chat_body(model=name), headers={"Authorization": f"Bearer {AGENT}:{SECRET}"})
+
+        def known_on(found, name, present=True):
+            @defer.inlineCallbacks
+            def check():
+                response = yield http.get(f"http://127.0.0.1:{found['UI']}/_api/mappings/{name}", headers=operator)
+                yield response.content()
+                return (response.code == 200) == present
+
+            return check
+
+        # An operator's mapping set on d0 is served by d1 within a second or so.
+        response = yield http.put(f"http://127.0.0.1:{ports[0]['UI']}/_api/mappings/team-fast",
+                                  json={"target": "openai/gpt-test"}, headers=operator)
+        self.assertEqual(response.code, 201, (yield response.text()))
+        yield _eventually(known_on(ports[1], "team-fast"), timeout=10.0)
+        response = yield chat(ports[1], "team-fast")
+        self.assertEqual(response.code, 200, (yield response.text()))
+        # The resolver's mapping made on d0 serves d1 without asking again.
+        response = yield chat(ports[0], "house-fast")
+        self.assertEqual(response.code, 200, (yield response.text()))
+        yield _eventually(known_on(ports[1], "house-fast"), timeout=10.0)
+        response = yield chat(ports[1], "house-fast")
+        self.assertEqual(response.code, 200, (yield response.text()))
+        self.assertEqual(model.questions, ["house-fast"])
+        # A deletion on d1 reaches d0.
+        response = yield http.delete(f"http://127.0.0.1:{ports[1]['UI']}/_api/mappings/team-fast", headers=operator)
+        self.assertEqual(response.code, 200, (yield response.text()))
+        yield _eventually(known_on(ports[0], "team-fast", present=False), timeout=10.0)
