@@ -128,6 +128,9 @@ class FakeGovernance:
     def seed(self, entries) -> None:
         self.seeded.extend(entries)
 
+    def has_lifetime_budgets(self, raw_budgets=()) -> bool:
+        return False
+
 
 class SqliteSeedTests(LedgerCase):
     async def test_one_process_is_seeded_before_anything_is_served(self) -> None:
