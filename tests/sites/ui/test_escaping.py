@@ -89,6 +89,18 @@ class _Servers:
     def snapshot(self):
         return self.servers
 
+    def status(self):
+        """The discovery page's facts, with markup where an operator's settings could put it."""
+        return {
+            "enabled": True, "interval_s": 60.0, "probe_timeout_s": 1.0, "concurrency": 16,
+            "targets": [SERVER + ":11434"],
+            "port_scan": {"on": True, "method": SERVER, "ports": "1024-65535", "excluded": 3},
+            "docker": {"socket": "/run/" + SERVER, "present": False, "project": SERVER},
+            "running": False,
+            "last_round": {"started_at": 0.0, "duration_ms": 12.0, "probed": 3, "found": 1, "problems": {SERVER: SERVER}},
+            "next_round_at": None,
+        }
+
 
 class _Page(HTMLParser):
     """A page as the browser's parser sees it: elements, attributes, text."""
@@ -154,11 +166,12 @@ class EscapingTests(TestCase):
         yield self.harness.record(vk.user_id, now - 30, cost=0.2, key=vk)
         # Model routing: a mapping the resolver made, a traced request, a discovered server.
         self.services = MultiService()
+        servers = _Servers([{"name": SERVER, "kind": SERVER, "base_url": BASE_URL, "found_by": SERVER,
+                              "models": [MODEL], "last_seen": now, "state": SERVER, "container": SERVER}])
         routing = build_routing(
             env={}, clock=reactor, database=h.keys.database, ledger=h.ledger, instance="test", router=h.router,
             providers=h.providers, upstream=h.upstream, metering=h.metering, parent=self.services,
-            discovery=_Servers([{"name": SERVER, "kind": SERVER, "base_url": BASE_URL, "found_by": SERVER,
-                                 "models": [MODEL], "last_seen": now, "state": SERVER}]),
+            discovery=servers,
         )
         self.services.startService()
         self.addCleanup(self.services.stopService)
@@ -167,6 +180,7 @@ class EscapingTests(TestCase):
                                                 {"resolver_model": "openai/" + MODEL, "prompt": PROMPT}))
         routing.trace.record("req-1", BAD_AGENT, MAPPED, ("llm_mapping",), "openai/" + MODEL, None, PROMPT)
         self.harness.ui.routing = routing
+        self.harness.ui.discovery = servers
         # Teams, organisations, users and customers named with markup (the key API takes any name).
         yield h.directory.create("org", VKEY, {"alias": VKEY})
         yield h.directory.create("team", VKEY, {"alias": VKEY, "org": VKEY, "models": [VKEY],
@@ -231,6 +245,7 @@ class EscapingTests(TestCase):
             "/teams": (POD, VKEY, VKEY_USER),
             "/pricing": (POD, MODEL),
             "/models": (POD, TABLE_MODEL, TABLE_ALIAS),
+            "/discovery": (POD, SERVER, MODEL, BASE_URL),
             "/_debug": (POD, MAPPED, PROMPT, SERVER, MODEL, TABLE_MODEL, TABLE_ALIAS, "openai"),
         }
         for path, shown in pages.items():
