@@ -21,9 +21,9 @@ Why it is shaped like this:
   - B{Totals live in memory} and are updated on the reactor thread the
     moment a row is recorded, so reads are instant.  They are rebuilt at
     start with aggregate SQL over C{requests} and C{rollups}.
-  - B{Several workers on one file} (C{shared}): every commit is the
-    writer thread's (the reactor never meets another process's lock), and
-    the rows the other workers commit are read every second and counted
+  - B{Several workers on one file} (C{shared}): commits as above, the
+    reactor's never waiting for another process's lock (the thread does),
+    and the rows the other workers commit are read every second and counted
     too (L{cllama_tx.store.follower}), so every worker's totals are the
     host's.
   - B{Reads} (spend views, exports) run in the reactor's threadpool on a
@@ -416,8 +416,8 @@ class SqliteLedger(LedgerBase, service.Service):
     C{spill_dir} (L{spill}; L{None}: nowhere) and imported at the next start.
 
     C{shared}: other processes (workers on this host) write the same file:
-    commits stay off the reactor, and their rows are counted in the totals
-    too.  C{instance} names this process in the rows it writes (a new one
+    a commit that meets their lock goes to the thread, and their rows are
+    counted in the totals too.  C{instance} names this process in the rows it writes (a new one
     by default); C{spill_name} tells its spill file from its siblings'.
     """
 
@@ -475,7 +475,7 @@ class SqliteLedger(LedgerBase, service.Service):
             raise
         self._totals = totals
         self._loaded_overrides(overrides)
-        inline = open_inline(self.path) if self.sync == "normal" and not self.shared else None
+        inline = open_inline(self.path) if self.sync == "normal" else None
         spill_file = self.spill_file
         self._writer = writer = Writer(
             conn, self._reactor, self._deliver, sql.INSERT, inline=inline, path=self.path,

@@ -27,7 +27,7 @@ from cllama_tx.store import spend_reports
 from cllama_tx.store.follower import FollowedRow, Follower
 from cllama_tx.store.ledger_sql import TIMELINE_BUCKET, LedgerClosed, TimelineEntry
 from cllama_tx.store.records import LedgerRow
-from cllama_tx.store.totals import Totals
+from cllama_tx.store.totals import Bucket, Key, Totals
 
 __all__ = ["LedgerBase", "SeedData"]
 
@@ -129,7 +129,10 @@ class LedgerBase:
         return self._follower.poll()
 
     def _start_following(self, high: int, seen: list[int]) -> None:
-        follower = Follower(self._read, self.dialect, self.instance, self._reactor, self._count_foreign)
+        follower = Follower(
+            self._read, self.dialect, self.instance, self._reactor, self._count_foreign,
+            want_rows=lambda: bool(self.on_foreign_rows),
+        )
         self._follower = follower
         follower.start(high, seen)
 
@@ -137,7 +140,12 @@ class LedgerBase:
         if self._follower is not None:
             self._follower.stop()
 
-    def _count_foreign(self, rows: list[FollowedRow]) -> None:
+    def _count_foreign(self, rows: list[FollowedRow] | None, sums: list[tuple[str, Key, Bucket]] | None) -> None:
+        """Other instances' rows: whole (when subscribed to), or summed per day and group."""
+        for day, key, bucket in sums or ():
+            self._totals.add_aggregate(day, key, bucket)
+        if rows is None:
+            return
         for followed in rows:
             self._totals.add(followed.row)
         for subscriber in list(self.on_foreign_rows):

@@ -8,6 +8,7 @@ PostgreSQL database in tests.store.test_pg_ledger).
 
 from __future__ import annotations
 
+import attrs
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
@@ -45,6 +46,19 @@ class SharedStoreTestsMixin:
         self.assertEqual(rounded((third.totals().costs_api(), third.totals().summary(), third.totals().period())),
                          rounded(shown[0]))
         self.assertEqual(await third.follow(), 0)
+
+    async def test_summed_and_row_by_row_count_alike(self) -> None:
+        """Without subscribers a ledger reads other instances' rows summed per group: the same totals."""
+        a, b = await self.start_pair()
+        a.on_foreign_rows.append(lambda rows: None)  # a reads rows, b sums
+        mine = mixed_rows()
+        theirs = [crash_row(i) for i in range(25)] + [attrs.evolve(r, request_id=f"b-{r.request_id}") for r in mine]
+        await defer.gatherResults([a.record(r) for r in mine] + [b.record(r) for r in theirs])
+        self.assertEqual((await a.follow(), await b.follow()), (len(theirs), len(mine)))
+        self.assertEqual(a._follower.foreign_rows, len(theirs))
+        self.assertEqual(b._follower.foreign_rows, len(mine))
+        shown = [rounded((t.costs_api(), t.summary(), t.period())) for t in (a.totals(), b.totals())]
+        self.assertEqual(shown[0], shown[1])
 
     async def test_foreign_rows_reach_the_subscribers_in_order(self) -> None:
         a, b = await self.start_pair()
