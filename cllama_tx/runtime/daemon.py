@@ -152,21 +152,25 @@ class Listener(service.Service):
     twistd stops at start-up with the error instead of running deaf.
 
     In a worker (C{--workers N}) C{inherited} is the descriptor of the socket
-    the supervisor bound: it is adopted, never bound again.
+    the supervisor bound: it is adopted, never bound again; C{shared}: the
+    other workers accept from it too (else it is this worker's own).
     """
 
-    def __init__(self, reactor, description: str, factory, label: str, inherited: int | None = None) -> None:
+    def __init__(
+        self, reactor, description: str, factory, label: str, inherited: int | None = None, shared: bool = True
+    ) -> None:
         self._reactor = reactor
         self.description = description
         self.factory = factory
         self.label = label
         self.inherited = inherited
+        self.shared = shared
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self):
         super().privilegedStartService()
         if self.inherited is not None:
-            self.port = adopt_listener(self._reactor, self.inherited, self.description, self.factory)
+            self.port = adopt_listener(self._reactor, self.inherited, self.description, self.factory, self.shared)
             log.info("{label} serving the supervisor's socket {address}", label=self.label, address=_address(self.port))
             return
         outcome: list[Any] = []
@@ -720,7 +724,10 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
     ui_site.set_guard(ui_guard)
     register_connection_metrics(metrics.registry, {"API": api_guard, "UI": ui_guard})
     role = config.worker  # a worker adopts the sockets its supervisor bound
-    api_listener = Listener(reactor, config.api_endpoint, api_site, "API", role.api_fd if role else None)
+    api_listener = Listener(
+        reactor, config.api_endpoint, api_site, "API", role.api_fd if role else None,
+        shared=not (role is not None and role.own_api),
+    )
     api_listener.setServiceParent(top)
     ui_listener = Listener(reactor, config.ui_endpoint, ui_site, "UI", role.ui_fd if role else None)
     ui_listener.setServiceParent(top)

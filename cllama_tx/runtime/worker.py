@@ -2,9 +2,12 @@
 One worker's side of C{--workers N} (the supervisor is
 C{cllama_tx.runtime.workers}).
 
-A worker is the ordinary daemon with four differences: it adopts the
+A worker is the ordinary daemon with five differences: it adopts the
 listening sockets its supervisor bound instead of binding them (the kernel
-spreads the connections over the workers); it drains and stops when its
+spreads the connections over the workers); it accepts on the API socket
+only once it serves (its budgets seeded), so a worker that is starting,
+first or again after a crash, leaves new connections to the others or
+lets them wait instead of refusing them; it drains and stops when its
 supervisor is gone (its lifeline pipe reaches end of file), so no worker
 outlives it; it tells the supervisor once it serves; and it publishes its
 process-local metrics for the others to sum (C{cllama_tx.runtime.host_metrics}).
@@ -58,11 +61,12 @@ def _tls_context(description: str):
     return catcher.context
 
 
-def adopt_listener(reactor, fd: int, description: str, factory) -> IListeningPort:
+def adopt_listener(reactor, fd: int, description: str, factory, shared: bool = True) -> IListeningPort:
     """
     Serve C{factory} on the inherited listening socket C{fd} (then closed:
     the port holds its own descriptor).  An C{ssl:} endpoint gets its TLS
-    here, in the worker, as its own listener would.
+    here, in the worker, as its own listener would.  C{shared}: every
+    worker accepts from this socket (else it is this worker's own).
     """
     probe = socket.socket(fileno=os.dup(fd))
     family = probe.family
@@ -74,8 +78,9 @@ def adopt_listener(reactor, fd: int, description: str, factory) -> IListeningPor
         port = reactor.adoptStreamPort(fd, family, factory)
     finally:
         os.close(fd)
-    # Every worker is woken for a new connection: take a few, leave the next.
-    twisted_private.accept_fairly(port)
+    if shared:
+        # Every worker is woken for a new connection: take a few, leave the next.
+        twisted_private.accept_fairly(port)
     return port
 
 
@@ -122,6 +127,10 @@ class WorkerService(service.Service):
         super().startService()
         self._lifeline = Lifeline(self.role.lifeline_fd, self._supervisor_gone)
         self._reactor.addReader(self._lifeline)
+        # Started after the listeners, before the reactor reads anything:
+        # the API socket waits until this worker serves.
+        for port in _api_ports(self.parent):
+            port.stopReading()
         self._reactor.callWhenRunning(self._running)
 
     def _running(self) -> None:
@@ -138,6 +147,8 @@ class WorkerService(service.Service):
     def _serving(self) -> None:
         if not self.running:
             return
+        for port in _api_ports(self.parent):
+            port.startReading()
         try:
             os.write(self.role.status_fd, READY)
             os.close(self.role.status_fd)
@@ -163,6 +174,21 @@ class WorkerService(service.Service):
         if self._lifeline is not None:
             self._reactor.removeReader(self._lifeline)
             self._lifeline = None
+
+
+def _api_ports(daemon) -> list[Any]:
+    """The listening ports of C{daemon}'s API listener (one, or none before it listens)."""
+    from cllama_tx.runtime.daemon import Listener  # the daemon imports this module
+
+    pending = [daemon] if daemon is not None else []
+    ports = []
+    while pending:
+        node = pending.pop()
+        if isinstance(node, Listener) and node.label == "API" and node.port is not None:
+            ports.append(node.port)
+        if isinstance(node, service.MultiService):
+            pending.extend(node)
+    return ports
 
 
 def _seeded(daemon) -> defer.Deferred:

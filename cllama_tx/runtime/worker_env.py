@@ -10,7 +10,10 @@ A worker is the same daemon started with the supervisor's environment plus:
   - C{CLLAMA_WORKER_FDS=api:<fd>,ui:<fd>,lifeline:<fd>,status:<fd>}: the
     inherited descriptors: the two listening sockets it adopts instead of
     binding, the pipe whose end of file means the supervisor is gone, and
-    the pipe on which it says it is ready.
+    the pipe on which it says it is ready;
+  - C{CLLAMA_WORKER_OWN_API=1} when its API socket is its own (one per
+    worker on the port, C{cllama_tx.runtime.reuseport}), not shared by
+    every worker.
 
 Pure: no I/O.
 """
@@ -24,6 +27,7 @@ import attrs
 WORKERS = "CLLAMA_WORKERS"
 WORKER_INDEX = "CLLAMA_WORKER_INDEX"
 WORKER_FDS = "CLLAMA_WORKER_FDS"
+WORKER_OWN_API = "CLLAMA_WORKER_OWN_API"
 
 MAX_WORKERS = 64
 """More processes than this on one host is a mistake, not a setting."""
@@ -56,6 +60,7 @@ class WorkerRole:
     ui_fd: int
     lifeline_fd: int
     status_fd: int
+    own_api: bool = False  # the API socket is this worker's alone
 
 
 def parse_count(raw: str | None) -> int:
@@ -88,14 +93,18 @@ def parse_role(env: Mapping[str, str]) -> WorkerRole | None:
     missing = [name for name in _FD_NAMES if name not in fds]
     if missing:
         raise WorkerEnvError(f"{WORKER_FDS} lacks {', '.join(missing)}")
-    return WorkerRole(int(raw_index), count, fds["api"], fds["ui"], fds["lifeline"], fds["status"])
+    own_api = env.get(WORKER_OWN_API) == "1"
+    return WorkerRole(int(raw_index), count, fds["api"], fds["ui"], fds["lifeline"], fds["status"], own_api)
 
 
-def role_env(index: int, count: int) -> dict[str, str]:
+def role_env(index: int, count: int, own_api: bool = False) -> dict[str, str]:
     """The markers the supervisor adds to worker C{index}'s environment."""
     fds = {"api": API_FD, "ui": UI_FD, "lifeline": LIFELINE_FD, "status": STATUS_FD}
-    return {
+    env = {
         WORKERS: str(count),
         WORKER_INDEX: str(index),
         WORKER_FDS: ",".join(f"{name}:{fd}" for name, fd in fds.items()),
     }
+    if own_api:
+        env[WORKER_OWN_API] = "1"
+    return env

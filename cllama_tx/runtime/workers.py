@@ -6,6 +6,8 @@ The supervisor binds the API and UI sockets (or adopts systemd's) and never
 accepts on them: it starts N copies of the daemon (the same Python, the
 same environment, plus the markers of C{cllama_tx.runtime.worker_env}),
 each of which adopts the sockets, and the kernel spreads the connections.
+On a TCP port the API has a socket per worker (C{SO_REUSEPORT}, see
+L{cllama_tx.runtime.reuseport}); the UI's socket, and systemd's, are shared.
 Workers share state only through the store.
 
 It forwards SIGHUP to every worker, and on SIGTERM stops accepting and
@@ -33,12 +35,14 @@ from twisted.application import service
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 
+from cllama_tx.runtime import reuseport
 from cllama_tx.runtime.audit import open_audit_output
 from cllama_tx.runtime.config import Config
 from cllama_tx.runtime.daemon import AUDIT_FLUSH_GRACE, Listener, ensure_private_dir
 from cllama_tx.runtime.errors import ConfigError
 from cllama_tx.runtime.host_metrics import SUPERVISOR, SnapshotPublisher, prepare_dir, snapshot_dir
 from cllama_tx.runtime.metrics import Family, Metrics, family_docs
+from cllama_tx.runtime.reuseport import PerWorkerListener
 from cllama_tx.runtime.worker_env import (
     API_FD,
     AUDIT_FD,
@@ -124,8 +128,10 @@ class AuditRelay:
 class HeldListener(Listener):
     """
     A listener the supervisor binds and holds for its workers without ever
-    accepting on it: the descriptor is what they inherit.
+    accepting on it: the descriptor is what they inherit, every one of them.
     """
+
+    shared = True
 
     def privilegedStartService(self):
         super().privilegedStartService()
@@ -136,6 +142,10 @@ class HeldListener(Listener):
         if self.port is None:
             raise RuntimeError(f"{self.label}: not listening")
         return self.port.fileno()  # type: ignore[attr-defined]
+
+    def fileno_for(self, index: int) -> int:
+        """The descriptor worker C{index} inherits: the one socket, shared."""
+        return self.fileno()
 
 
 def _describe(reason) -> tuple[str, bool]:
@@ -220,7 +230,7 @@ class WorkerPool(service.Service):
         self,
         reactor,
         config: Config,
-        listeners: tuple[HeldListener, HeldListener],
+        listeners: tuple[HeldListener | PerWorkerListener, HeldListener],
         write_audit: Callable[[list[bytes]], object],
         output=None,
         argv: list[str] | None = None,
@@ -251,7 +261,7 @@ class WorkerPool(service.Service):
 
     def _environment(self, index: int) -> dict[str, str]:
         env = {k: v for k, v in self.config.env.items() if k not in _NOT_FOR_WORKERS}
-        env.update(role_env(index, self.count))
+        env.update(role_env(index, self.count, own_api=not self._listeners[0].shared))
         return env
 
     def _start(self, index: int) -> None:
@@ -270,8 +280,8 @@ class WorkerPool(service.Service):
                     AUDIT_FD: "r",
                     STDERR_FD: STDERR_FD,
                     STATUS_FD: "r",
-                    API_FD: api.fileno(),
-                    UI_FD: ui.fileno(),
+                    API_FD: api.fileno_for(index),
+                    UI_FD: ui.fileno_for(index),
                 },
             )
         except OSError as e:  # out of processes or descriptors: later, like a death
@@ -417,7 +427,7 @@ class Supervisor(service.MultiService):
     """The supervisor's service tree, with handles for tests and tooling."""
 
     pool: WorkerPool
-    listeners: tuple[HeldListener, HeldListener]
+    listeners: tuple[HeldListener | PerWorkerListener, HeldListener]
 
 
 _RELAY_FAMILIES = ("cllama_audit_lines_dropped", "cllama_audit_buffer_bytes")
@@ -457,10 +467,12 @@ def build_supervisor(config: Config, reactor, audit_stream: TextIO, argv: list[s
     top = Supervisor()
     factory = protocol.Factory()  # never used: the supervisor accepts nothing
     factory.noisy = False
-    listeners = (
-        HeldListener(reactor, config.api_endpoint, factory, "API"),
-        HeldListener(reactor, config.ui_endpoint, factory, "UI"),
-    )
+    api: HeldListener | PerWorkerListener
+    if reuseport.supported() and reuseport.listen_args(config.api_endpoint) is not None:
+        api = PerWorkerListener(config.api_endpoint, config.workers, "API")
+    else:
+        api = HeldListener(reactor, config.api_endpoint, factory, "API")
+    listeners = (api, HeldListener(reactor, config.ui_endpoint, factory, "UI"))
     pool = WorkerPool(reactor, config, listeners, write_audit, output, argv)
     pool.setServiceParent(top)
     SnapshotPublisher(reactor, directory, SUPERVISOR, _relay_families(metrics), "supervisor").setServiceParent(top)
