@@ -390,9 +390,10 @@ def summarise(raw: dict, variants: list[Variant]) -> dict:
             continue
         c1, c32, sse = lanes["c1"], lanes["c32"], lanes["sse"]
         failed = [x.get("error") for x in c1 + c32 + sse if not x.get("ok")]
-        added = [p["p50_us"] / 1000 - d["p50_us"] / 1000 for p, d in zip(c1, direct["c1"], strict=True)]
+        # Lanes of one round pair up (a governed kind has no stream lane).
+        added = [p["p50_us"] / 1000 - d["p50_us"] / 1000 for p, d in zip(c1, direct["c1"][: len(c1)], strict=True)]
         sse_added = [p["first_event_p50_ms"] - d["first_event_p50_ms"]
-                     for p, d in zip(sse, direct["sse"], strict=True) if p.get("ok") and d.get("ok")]
+                     for p, d in zip(sse, direct["sse"][: len(sse)], strict=True) if p.get("ok") and d.get("ok")]
         out[name] = {
             "failed": failed,
             "added_p50_ms": median(added),
@@ -534,6 +535,10 @@ def run(variants: list[Variant], rounds: int, duration: float, governed: bool, q
         for v in variants:
             bench.run_wrk(f"http://127.0.0.1:{v.port}/v1/chat/completions", warm, 4, 2, load_core, latency=False)
         raw = measure(variants, mock_port, rounds, duration, load_core, governed, tmp, quiet_wait)
+        (bench.RESULTS / "reference-raw.json").parent.mkdir(parents=True, exist_ok=True)
+        (bench.RESULTS / "reference-raw.json").write_text(json.dumps(
+            {k: {kk: [{x: y for x, y in r.items() if x != "raw"} for r in vv] for kk, vv in v.items()}
+             for k, v in raw.items()}, default=str))
         summary = summarise(raw, variants)
         summary["_meta"] = {"rounds": rounds, "duration": duration, "pinned": pin,
                             "variants": {v.name: {"tree": str(v.tree), "env": v.env} for v in variants}}
