@@ -172,7 +172,7 @@ class ChunkScanner:
     for the parser.
     """
 
-    __slots__ = ("_openai", "_prefix", "_suffix", "_pad_head", "_pad_tail")
+    __slots__ = ("_openai", "_prefix", "_suffix", "_pad_head", "_pad_tail", "_event_head", "_event_tail")
 
     def __init__(self, kind: str) -> None:
         self._openai = kind == "openai"
@@ -180,6 +180,24 @@ class ChunkScanner:
         self._suffix = b""
         self._pad_head = b""  # the suffix up to a padding string's value, when it has one
         self._pad_tail = b""  # and after that value
+        # The whole SSE event around the text (C{data: }... or the Anthropic
+        # event line and C{data: }..., to the blank line), without padding.
+        self._event_head = b""
+        self._event_tail = b""
+
+    def event_chars(self, event: bytes) -> int | None:
+        """
+        The text of C{event}, one whole SSE event as the stream's template
+        frames it (nothing else in it but its text): its length, else None.
+        """
+        head, tail = self._event_head, self._event_tail
+        if not head or not event.startswith(head) or not event.endswith(tail):
+            return None
+        end = len(event) - len(tail)
+        if end < len(head) or _NOT_PLAIN.search(event, len(head), end) is not None:
+            return None
+        raw = event[len(head) : end]
+        return len(raw) if raw.isascii() else string_chars(raw)
 
     def chars(self, payload: bytes, want_id: bool = False) -> int | None:
         prefix = self._prefix
@@ -223,8 +241,11 @@ class ChunkScanner:
             close = suffix.find(b'"', value)
             self._pad_head = suffix[:value]
             self._pad_tail = suffix[close:]
+            self._event_head = self._event_tail = b""
         else:
             self._pad_head = self._pad_tail = b""
+            self._event_head = (b"data: " if self._openai else b"event: content_block_delta\ndata: ") + self._prefix
+            self._event_tail = suffix + b"\n\n"
 
 
 #: The one text string of an OpenAI chunk a template may hold; an Anthropic delta's.

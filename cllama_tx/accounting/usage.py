@@ -505,6 +505,12 @@ class SseTap:
 
     def feed(self, data: bytes) -> bytes:
         """Take one upstream chunk; return the bytes to send the agent now."""
+        chars = self._scan.event_chars(data)
+        if chars is not None and not self._buf and self._pending_lf is None and not self.saw_terminal:
+            # The usual chunk: one text delta framed as the last one was.
+            self.events += 1
+            self.output_chars += chars
+            return data
         if (
             not self._buf
             and self._pending_lf is None

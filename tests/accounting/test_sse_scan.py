@@ -122,6 +122,20 @@ class OpenAIScanTests(SynchronousTestCase):
                    json.dumps(chunk({"content": "two"}, model="other")).encode()]
         for payload in stream:
             self.assertEqual(scanner.chars(payload), parsed_chars(payload), payload)
+        # A whole event framed as the template is: its text, without the SSE reader.
+        event = b"data: " + padded("xyz", "") + b"\n\n"
+        self.assertIsNone(scanner.event_chars(event))  # padded: no event template
+        plain = ChunkScanner("openai")
+        for text in ("first", "sécond", ""):
+            payload = json.dumps(chunk({"content": text}), separators=(",", ":"), ensure_ascii=False).encode()
+            self.assertEqual(plain.chars(payload), len(text))
+        for text in ("abc", "ünï", ""):
+            payload = json.dumps(chunk({"content": text}), separators=(",", ":"), ensure_ascii=False).encode()
+            self.assertEqual(plain.event_chars(b"data: " + payload + b"\n\n"), len(text))
+        for bad in (b"data: " + payload + b"\n", b"data:" + payload + b"\n\n",
+                    b"data: " + payload.replace(b'"content":""', b'"content":"a\nb"') + b"\n\n",
+                    b"data: " + payload + b"\n\ndata: " + payload + b"\n\n"):
+            self.assertIsNone(plain.event_chars(bad), bad)
         # Not JSON once the text holds a raw control character or a stray quote: the parser decides.
         self.assertEqual(scanner.chars(padded("abc", "")), 3)
         for bad in (padded("abc", "").replace(b"abc", b"a\tc"), padded("abc", "").replace(b"abc", b"a\x01c"),
@@ -171,14 +185,15 @@ def run_whole(tap: SseTap, chunks) -> tuple:
 
 def run_parsed(make, body: bytes, step: int, test: SynchronousTestCase) -> tuple:
     """The tap as it was: fed in pieces of C{step} bytes, every event parsed."""
-    chars = ChunkScanner.chars
+    chars, event_chars = ChunkScanner.chars, ChunkScanner.event_chars
     ChunkScanner.chars = lambda self, payload, want_id=False: None  # type: ignore[method-assign]
+    ChunkScanner.event_chars = lambda self, event: None  # type: ignore[method-assign]
     try:
         tap = make()
         out = b"".join(tap.feed(body[i : i + step]) for i in range(0, len(body), step)) + tap.finish()
         return observed(tap, out, tap.held())
     finally:
-        ChunkScanner.chars = chars  # type: ignore[method-assign]
+        ChunkScanner.chars, ChunkScanner.event_chars = chars, event_chars  # type: ignore[method-assign]
 
 
 class TapFastPathTests(SynchronousTestCase):
