@@ -1354,6 +1354,16 @@ def history_md() -> str:
     return "\n" + path.read_text() if path.exists() else ""
 
 
+def capacity_md() -> str:
+    """The capacity lanes' section (bench/capacity.py, run first by `bash bench/run`), '' if never run."""
+    try:
+        import capacity  # bench/capacity.py
+
+        return capacity.report(json.loads((RESULTS / "capacity.json").read_text()))
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
 def add_slow_lanes(res: dict) -> None:
     """Make the slow-upstream lanes of C{res} known to LANES (also for --doc-only)."""
     levels = res.get("stream_levels") or []
@@ -1418,6 +1428,8 @@ one budget (`--quiet-wait`, {res.get("quiet_wait", 60):g} s).
 {extra_md(extra_rows, res)}
 
 {slow_md(res)}
+
+{capacity_md()}
 
 {audit_line(res)}
 
