@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from typing import Any, cast
 
-import treq
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IPushProducer
@@ -154,6 +153,8 @@ class PolicySidecar(service.Service):
         kwargs: dict[str, Any] = {"pool": self.pool, "connectTimeout": connect_timeout}
         if tls_policy is not None:
             kwargs["contextFactory"] = tls_policy
+        import treq  # only with a sidecar configured: not imported by every daemon
+
         self._client = treq.client.HTTPClient(Agent(reactor, **kwargs), data_to_body_producer=_Body)
 
     def __repr__(self) -> str:

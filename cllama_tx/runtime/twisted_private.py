@@ -306,13 +306,42 @@ def missing() -> list[str]:
     return gone
 
 
+class _ProbeTransport:
+    """
+    What an HTTPChannel needs of a transport to read a request line (not
+    C{twisted.internet.testing.StringTransport}: that module imports
+    trial, unittest and doctest, 2 MiB the daemon would keep for nothing).
+    """
+
+    disconnecting = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def writeSequence(self, data) -> None:
+        pass
+
+    def loseConnection(self) -> None:
+        pass
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def getPeer(self) -> Any:
+        return None
+
+    def getHost(self) -> Any:
+        return None
+
+
 def _missing_channel_state() -> list[str]:
     """Feed a request line and a header to an HTTPChannel: are C{_command} and C{_path} set?"""
-    from twisted.internet.testing import StringTransport
-
     channel = http.HTTPChannel()
     channel.timeOut = None  # no idle timer: nothing on any reactor
-    channel.makeConnection(StringTransport())
+    channel.makeConnection(_ProbeTransport())
     try:
         channel.dataReceived(b"POST /probe?x=1 HTTP/1.1\r\nHost: probe\r\n")
         if pending_request_line(channel) != (b"POST", b"/probe?x=1"):

@@ -33,29 +33,35 @@ def web_root() -> str:
 
 class Templates:
     """
-    Every C{web/templates/*.xml} (C{twisted.web.template} XML), parsed at
-    construction; L{loader} hands out the parsed template by name.
+    Every C{web/templates/*.xml} (C{twisted.web.template} XML), found at
+    construction and parsed the first time a page asks for it (L{loader}),
+    then kept: a daemon whose UI nobody opens does not hold the parsed
+    templates (about 600 KiB).
     """
 
     def __init__(self, root: str | None = None) -> None:
         self.root = FilePath(root or web_root()).child("templates")
+        self._paths: dict[str, FilePath] = {
+            path.basename()[: -len(".xml")]: path for path in sorted(self.root.globChildren("*.xml"))
+        }
         self._loaders: dict[str, ITemplateLoader] = {}
-        for path in sorted(self.root.globChildren("*.xml")):
-            loader = XMLFile(path)
-            _drop_layout_whitespace(loader.load(), None)  # parsed now, and kept by XMLFile
-            self._loaders[path.basename()[: -len(".xml")]] = loader
 
     def loader(self, name: str) -> ITemplateLoader:
-        return self._loaders[name]
+        loader = self._loaders.get(name)
+        if loader is None:
+            loader = XMLFile(self._paths[name])
+            _drop_layout_whitespace(loader.load(), None)  # parsed once, and kept by XMLFile
+            self._loaders[name] = loader
+        return loader
 
     def require(self, names: frozenset[str]) -> None:
         """Refuse to start without a template the pages use (a broken installation)."""
-        missing = sorted(names - set(self._loaders))
+        missing = sorted(names - set(self._paths))
         if missing:
             raise FileNotFoundError(f"the operator UI's templates {', '.join(missing)} are missing from {self.root.path}")
 
     def names(self) -> list[str]:
-        return sorted(self._loaders)
+        return sorted(self._paths)
 
 
 # Where whitespace between elements is never drawn: between table parts,
