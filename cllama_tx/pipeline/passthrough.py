@@ -56,6 +56,7 @@ from cllama_tx.governance.resolution import Resolution
 from cllama_tx.identity.principals import KeyPrincipal
 from cllama_tx.pipeline.metering import CLIENT_CLOSED, Exchange
 from cllama_tx.pipeline.proxy import AgentGone, Surface, new_request_id, upstream_query
+from cllama_tx.pipeline.refusal import refuse
 from cllama_tx.pipeline.relay import (
     AgentStalled,
     StreamRelay,
@@ -84,7 +85,7 @@ from cllama_tx.providers.passthrough_rules import (
     upstream_url,
 )
 from cllama_tx.providers.registry import ProviderNotConfigured, UnknownProvider
-from cllama_tx.surfaces.errors import ANTHROPIC, OPENAI, ProxyError, error_body
+from cllama_tx.surfaces.errors import ANTHROPIC, OPENAI, ProxyError
 from cllama_tx.surfaces.matrix import ModelRef
 from cllama_tx.surfaces.validate import parse_body
 
@@ -395,24 +396,7 @@ class Passthrough:
             self._refuse(request, ex, ProxyError(500, "internal_error", "internal error"))
 
     def _refuse(self, request, ex: Exchange, error: ProxyError) -> None:
-        if ex.gone:
-            self._metering.settle(ex, CLIENT_CLOSED, "client disconnected")
-            return
-        ex.error_code = error.code
-        self._metering.settle(ex, error.status, error.message)
-        if request.startedWriting:
-            request.transport.abortConnection()
-            return
-        body = error_body(error, ex.surface.shape)
-        request.responseHeaders = Headers()
-        request.setResponseCode(error.status)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", b"%d" % len(body))
-        request.setHeader(b"x-cllama-request-id", ex.request_id.encode())
-        if error.retry_after is not None:
-            request.setHeader(b"retry-after", b"%d" % error.retry_after)
-        request.write(body)
-        request.finish()
+        refuse(self._metering, request, ex, error)
 
     async def _serve(self, request, call: Call) -> None:
         ex = call.ex

@@ -37,6 +37,7 @@ from cllama_tx.pipeline import cost_report, failover_reasons
 from cllama_tx.pipeline.content_coding import UndecodableBody, decoded
 from cllama_tx.pipeline.metering import AGENT_STALLED, CLIENT_CLOSED, Exchange, answer_id
 from cllama_tx.pipeline.policy_hooks import PolicyHooks
+from cllama_tx.pipeline.refusal import refuse
 from cllama_tx.pipeline.relay import (
     HOP_BY_HOP,
     AgentStalled,
@@ -62,7 +63,7 @@ from cllama_tx.providers.model_limits import traits_for
 from cllama_tx.providers.registry import ProviderNotConfigured, UnknownProvider
 from cllama_tx.store.conversations import SharedConversations
 from cllama_tx.surfaces.bridges import RESPONSES, Call, Crossing, bridge_for
-from cllama_tx.surfaces.errors import OPENAI, ProxyError, error_body, sse_error_event
+from cllama_tx.surfaces.errors import OPENAI, ProxyError, sse_error_event
 from cllama_tx.surfaces.model_fit import fit_request
 from cllama_tx.surfaces.responses_shapes import failure_events, minimal_response
 from cllama_tx.surfaces.responses_state import ConversationStore, conversation_after, expand
@@ -201,26 +202,7 @@ class Proxy:
             self._refuse(request, ex, ProxyError(500, "internal_error", "internal error"))
 
     def _refuse(self, request, ex: Exchange, error: ProxyError) -> None:
-        """Answer with C{error} in the surface's shape, and settle."""
-        if ex.gone:
-            self._metering.settle(ex, CLIENT_CLOSED, "client disconnected")
-            return
-        ex.error_code = error.code
-        self._metering.settle(ex, error.status, error.message)
-        if request.startedWriting:
-            # Headers are gone already: the body cannot become an error body.
-            request.transport.abortConnection()
-            return
-        body = error_body(error, ex.surface.shape)
-        request.responseHeaders = Headers()
-        request.setResponseCode(error.status)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", b"%d" % len(body))
-        request.setHeader(b"x-cllama-request-id", ex.request_id.encode())
-        if error.retry_after is not None:
-            request.setHeader(b"retry-after", b"%d" % error.retry_after)
-        request.write(body)
-        request.finish()
+        refuse(self._metering, request, ex, error)
 
     async def _serve(self, request, ex: Exchange) -> None:
         context = await self._identify(request, ex)
