@@ -33,10 +33,10 @@ import attrs
 
 from cllama_tx.governance.periods import EPSILON_USD, LIFETIME
 from cllama_tx.governance.policy_file import (
-    _AGENT_ID,
     PolicyFileError,
     _read,
     agent_budget,
+    agent_entries,
     interpolate,
     parse_policy_text,
     policy_budgets,
@@ -200,22 +200,9 @@ def gate_policy(
     @raise PolicyFileError: an agent entry is wrong (with its place in the file).
     """
     routing = doc["cost_routing"]
-    agents = routing.get("agents")
-    if agents is None:
-        agents = {}
-    if not isinstance(agents, dict):
-        raise PolicyFileError(f"{source}: 'cost_routing.agents' must map agent ids to budgets")
-    if env is not None:
-        try:
-            agents = interpolate(agents, env, "cost_routing.agents")
-        except PolicyFileError as e:
-            raise PolicyFileError(f"{source}: {e}") from None
     budgets: dict[str, dict] = {}
     described: dict[str, GateAgent] = {}
-    for raw_id, entry in agents.items():
-        agent_id = str(raw_id) if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) else None
-        if agent_id is None or not _AGENT_ID.match(agent_id):
-            raise PolicyFileError(f"{source}: {raw_id!r} is not a valid agent id")
+    for agent_id, entry in agent_entries(routing, source, env).items():
         budgets[agent_id] = gate_budget(entry, f"{source}: cost_routing.agents.{agent_id}", warnings)
         described[agent_id] = gate_agent(agent_id, entry)
     return PolicyFile(budgets, GatePolicy(described, gate_upstream(routing.get(GATE_SECTION), env)))

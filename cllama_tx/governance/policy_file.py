@@ -229,6 +229,19 @@ def policy_budgets(
         return {}
     if not isinstance(routing, dict):
         raise PolicyFileError(f"{source}: 'cost_routing' must be a mapping")
+    return {
+        agent_id: agent_budget(entry, f"{source}: cost_routing.agents.{agent_id}", warnings)
+        for agent_id, entry in agent_entries(routing, source, env).items()
+    }
+
+
+def agent_entries(routing: dict, source: str, env: Mapping[str, str] | None) -> dict[str, Any]:
+    """
+    C{{agent_id: entry}} of C{cost_routing.agents}, interpolated (when
+    C{env} is given), every agent id checked.
+
+    @raise PolicyFileError: the section is not a mapping, or an id is not valid.
+    """
     agents = routing.get("agents")
     if agents is None:
         return {}
@@ -239,13 +252,13 @@ def policy_budgets(
             agents = interpolate(agents, env, "cost_routing.agents")
         except PolicyFileError as e:
             raise PolicyFileError(f"{source}: {e}") from None
-    budgets: dict[str, dict] = {}
+    entries: dict[str, Any] = {}
     for raw_id, entry in agents.items():
         agent_id = str(raw_id) if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) else None
         if agent_id is None or not _AGENT_ID.match(agent_id):
             raise PolicyFileError(f"{source}: {raw_id!r} is not a valid agent id")
-        budgets[agent_id] = agent_budget(entry, f"{source}: cost_routing.agents.{agent_id}", warnings)
-    return budgets
+        entries[agent_id] = entry
+    return entries
 
 
 # --------------------------------------------------------------------------
