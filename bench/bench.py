@@ -1355,13 +1355,18 @@ def history_md() -> str:
 
 
 def capacity_md() -> str:
-    """The capacity lanes' section (bench/capacity.py, run first by `bash bench/run`), '' if never run."""
+    """
+    The capacity lanes' section (bench/capacity.py, run first by `bash bench/run`;
+    '' if never run), then their analysis, kept by hand in bench/CAPACITY.md.
+    """
     try:
         import capacity  # bench/capacity.py
 
-        return capacity.report(json.loads((RESULTS / "capacity.json").read_text()))
+        tables = capacity.report(json.loads((RESULTS / "capacity.json").read_text()))
     except (OSError, ValueError, KeyError):
         return ""
+    path = HERE / "CAPACITY.md"
+    return tables + ("\n" + path.read_text() if path.exists() else "")
 
 
 def add_slow_lanes(res: dict) -> None:
