@@ -189,6 +189,11 @@ class _Connection(Protocol):
     def connectionMade(self) -> None:
         self.connected = True
         transport = self.transport
+        if ITCPTransport.providedBy(transport):
+            try:
+                transport.setTcpNoDelay(True)  # a request is one write: never held for an ACK
+            except Exception:
+                pass
         if self._client.direct and ITCPTransport.providedBy(transport) and not ISSLTransport.providedBy(transport):
             try:
                 handle = getattr(transport, "getHandle")()  # noqa: B009 (ITCPTransport)

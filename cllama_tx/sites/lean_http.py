@@ -418,6 +418,14 @@ class LeanChannel(Protocol):
 
     def connectionMade(self) -> None:
         transport = self.transport
+        if ITCPTransport.providedBy(transport):
+            # An answer's pieces go out as they are written: without this the
+            # last one (a stream's terminating chunk) waits for the agent's
+            # delayed ACK, 40 ms, behind Nagle's algorithm.
+            try:
+                transport.setTcpNoDelay(True)
+            except Exception:
+                pass
         if (
             self._want_direct
             and not ISSLTransport.providedBy(transport)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import io
+import socket
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import deferLater
@@ -118,6 +119,8 @@ class LeanClientTests(TestCase):
             self.assertEqual(data, b'{"n":%d}' % n)
             self.assertTrue(reason.check(ResponseDone))
         self.assertEqual(len(self.server.connections), 1)
+        [connection] = self.client._idle[next(iter(self.client._idle))]
+        self.assertTrue(connection.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         first = self.server.requests[0]
         self.assertTrue(first.startswith(b"POST /v1/chat/completions?a=1 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
                                          % self.port.getHost().port))

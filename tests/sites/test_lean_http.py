@@ -231,6 +231,21 @@ class LeanChannelTests(TestCase):
         self.assertIn(b'"Hel"', text)
 
     @defer.inlineCallbacks
+    def test_streams_one_after_another_on_one_connection_end_at_once(self):
+        """Each stream's terminating chunk leaves with it (40 ms each behind Nagle and a delayed ACK)."""
+        body = json.dumps(chat_body(stream=True)).encode()
+        events = openai_sse_events(openai_stream_chunks(["Hel", "lo"], "gpt-4o-mini", include_usage=True))
+        client = yield self.connect(b"")
+        started = reactor.seconds()
+        for n in range(1, 11):
+            self.h.fake.enqueue(Reply(sse=events))
+            client.transport.write(post(b"/v1/chat/completions", body))
+            yield client.when(lambda got, n=n: got.count(b"\r\n0\r\n\r\n") == n)
+        self.assertLess(reactor.seconds() - started, 0.25)  # with the stall: 10 x 40 ms
+        client.transport.loseConnection()
+        yield client.closed
+
+    @defer.inlineCallbacks
     def test_http_10_gets_its_answer_and_the_connection_closes(self):
         self.h.fake.enqueue(Reply(json=openai_completion("hi", "gpt-4o-mini", 3, 1)))
         body = json.dumps(chat_body()).encode()
@@ -455,6 +470,14 @@ class DirectSendTests(TestCase):
         self.assertIsNone(channel.transport.producer)
         channel.send(b"direct")
         self.assertEqual(peer.recv(6), b"direct")
+
+    @defer.inlineCallbacks
+    def test_no_delay(self):
+        """Nagle's algorithm off: a stream's last chunk never waits for the agent's delayed ACK."""
+        for direct in (True, False):
+            channel, _ = yield self.connect(direct=direct)
+            handle = channel.transport.getHandle()
+            self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     @defer.inlineCallbacks
     def test_without_direct_sends_the_channel_is_the_transports_producer(self):
