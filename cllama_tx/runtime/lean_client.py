@@ -254,6 +254,7 @@ class _Connection(Protocol):
         except BlockingIOError:
             sent = 0
         except OSError:
+            self._sock = None  # broken: Twisted's write finds out; nothing direct after it
             self.transport.write(data)
             return
         if sent == len(data):

@@ -477,7 +477,9 @@ class LeanChannel(Protocol):
         except BlockingIOError:
             sent = 0
         except OSError:
-            # Broken: Twisted's write and its next poll find out and close.
+            # Broken: Twisted's write and its next poll find out and close;
+            # nothing is sent directly after it any more.
+            self._sock = None
             self.transport.write(data)
             return
         if sent == len(data):
@@ -767,8 +769,8 @@ class LeanChannel(Protocol):
         if request is not self._request:
             return
         self._request = None
-        if self.paused:
-            self.paused = False  # nothing of the next request is backed up yet
+        # self.paused stays as it is: it is the connection's, and the next
+        # answer's producer starts paused while Twisted's buffer is not empty.
         if not request.keep_alive or self._state == _DONE:
             self._state = _DONE
             self._close()

@@ -16,8 +16,15 @@ from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http_headers import Headers
 
-from cllama_tx.sites.lean_http import BadRequest, LeanChannel, parse_fields, parse_request_line
+from cllama_tx.sites.lean_http import (
+    BadRequest,
+    LeanChannel,
+    LeanRequest,
+    parse_fields,
+    parse_request_line,
+)
 from cllama_tx.testing import Reply, openai_completion, openai_sse_events, openai_stream_chunks
 from tests.support import AGENT, SECRET, ProxyHarness, chat_body
 
@@ -470,6 +477,27 @@ class DirectSendTests(TestCase):
         self.assertIsNone(channel.transport.producer)
         channel.send(b"direct")
         self.assertEqual(peer.recv(6), b"direct")
+
+    @defer.inlineCallbacks
+    def test_the_next_answer_starts_paused_while_the_last_one_waits(self):
+        channel, peer = yield self.connect()
+        first = LeanRequest(channel, b"POST", b"/v1/chat/completions", b"HTTP/1.1", Headers(), True)
+        channel._request = first
+        channel.send(b"y" * (16 * 1024 * 1024))
+        self.assertTrue(channel._backlog)
+        channel.request_done(first)
+        second = LeanRequest(channel, b"POST", b"/v1/chat/completions", b"HTTP/1.1", Headers(), True)
+        channel._request = second
+        self.addCleanup(setattr, channel, "_request", None)
+        producer = _Producer()
+        second.registerProducer(producer, True)
+        self.assertTrue(producer.paused)
+        yield threads.deferToThread(_read_exactly, peer, 16 * 1024 * 1024)
+        for _ in range(100):
+            if not producer.paused:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertFalse(producer.paused)
 
     @defer.inlineCallbacks
     def test_no_delay(self):
