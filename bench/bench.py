@@ -34,6 +34,11 @@ What it does, in order:
      a lane with socket errors or non-2xx answers is reported as failed, and
      so is one whose requests the proxy audited with a status other than 200
      (or 499, cut off at a lane's end);
+  3b. the reference workload lane (bench/reference.py, --no-reference skips
+     it): the exact workload the Go reference and LiteLLM were measured on,
+     its own nginx mock and a daemon started as the README says (twistd -n
+     cllama), 3 rounds plain and governed, the targets of issue 21 beside
+     the figures;
   4. prints the table, writes docs/PERFORMANCE.md (unless --no-doc or the
      proxy never answered) and bench/results/last.json;
   4a. with a 20 ms upstream (bench/slowmock.py, core 1, the xai provider):
