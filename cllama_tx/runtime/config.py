@@ -120,6 +120,16 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _seconds_or_ms(env: Mapping[str, str], name: str, reference_ms: str, default: float) -> float:
+    """
+    C{name} in seconds; when it is not set, the reference proxy's
+    C{reference_ms} (milliseconds), so a pod configured for it keeps its timeouts.
+    """
+    if env.get(name) not in (None, "") or env.get(reference_ms) in (None, ""):
+        return _seconds(env, name, default)
+    return _seconds(env, reference_ms, default * 1000.0) / 1000.0
+
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -426,10 +436,12 @@ class Config:
             session_history_dir=env.get("CLAW_SESSION_HISTORY_DIR") or None,
             governance_dir=env.get("CLAW_GOVERNANCE_DIR") or None,
             max_body_bytes=parse_size(max_body) if max_body else DEFAULT_MAX_BODY,
-            first_byte_timeout=_seconds(
-                env, "CLLAMA_FIRST_BYTE_TIMEOUT", DEFAULT_FIRST_BYTE_TIMEOUT
+            first_byte_timeout=_seconds_or_ms(
+                env, "CLLAMA_FIRST_BYTE_TIMEOUT", "CLLAMA_STREAM_FIRST_BYTE_TIMEOUT_MS", DEFAULT_FIRST_BYTE_TIMEOUT
             ),
-            idle_timeout=_seconds(env, "CLLAMA_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
+            idle_timeout=_seconds_or_ms(
+                env, "CLLAMA_IDLE_TIMEOUT", "CLLAMA_STREAM_IDLE_TIMEOUT_MS", DEFAULT_IDLE_TIMEOUT
+            ),
             agent_stall_timeout=_seconds(env, "CLLAMA_AGENT_STALL_TIMEOUT", DEFAULT_AGENT_STALL_TIMEOUT),
             connect_timeout=_seconds(
                 env, "CLLAMA_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT

@@ -91,6 +91,16 @@ class ConfigTests(SynchronousTestCase):
         self.assertRaises(ConfigError, Config.from_env, {"CLLAMA_IDLE_TIMEOUT": "soon"})
         self.assertRaises(ConfigError, Config.from_env, {"CLLAMA_IDLE_TIMEOUT": "-1"})
 
+    def test_the_reference_stream_timeouts_in_milliseconds(self):
+        """A pod set up for the reference proxy keeps its stream timeouts; ours win when both are set."""
+        reference = {"CLLAMA_STREAM_IDLE_TIMEOUT_MS": "1500", "CLLAMA_STREAM_FIRST_BYTE_TIMEOUT_MS": "45000"}
+        config = Config.from_env(reference)
+        self.assertEqual((config.idle_timeout, config.first_byte_timeout), (1.5, 45.0))
+        config = Config.from_env({**reference, "CLLAMA_IDLE_TIMEOUT": "7", "CLLAMA_FIRST_BYTE_TIMEOUT": "9"})
+        self.assertEqual((config.idle_timeout, config.first_byte_timeout), (7.0, 9.0))
+        self.assertRaises(ConfigError, Config.from_env, {"CLLAMA_STREAM_IDLE_TIMEOUT_MS": "0"})
+        self.assertRaises(ConfigError, Config.from_env, {"CLLAMA_STREAM_FIRST_BYTE_TIMEOUT_MS": "soon"})
+
 
 class OptionsTests(SynchronousTestCase):
     def parse(self, argv, env):
