@@ -4,7 +4,8 @@ database the instances share (the SQLite state file, or PostgreSQL), so a
 mapping survives a restart and every instance of a fleet resolves a name
 the same way.
 
-Shaped like the directory (L{cllama_tx.identity.directory}), more simply:
+Shaped like the directory (L{cllama_tx.identity.directory}), more simply;
+both are L{cllama_tx.store.mirror.Mirror}s:
 
   - B{Reads are from memory} (L{current}): the resolution order looks a
     name up on every request that reaches its mapping rules.  Everything
@@ -20,33 +21,27 @@ Shaped like the directory (L{cllama_tx.identity.directory}), more simply:
 from __future__ import annotations
 
 import builtins
-import collections
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
-from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cllama_tx.governance.mappings import ModelMapping
 from cllama_tx.store import mapping_rows
-from cllama_tx.store.database import DatabaseUnavailable
-from cllama_tx.store.shared import new_instance_id
+from cllama_tx.store.mirror import Mirror
 
 __all__ = ["MappingStore", "StoreNotRunning"]
 
 _log = Logger(namespace="cllama_tx.mappings")
-
-#: A load that failed (the database unavailable at start) is tried again after this.
-LOAD_RETRY = 2.0
 
 
 class StoreNotRunning(RuntimeError):
     """The mapping store is not running (starting or stopping): nothing was changed."""
 
 
-class MappingStore(service.Service):
+class MappingStore(Mirror):
     """
     @param database: anything with C{run(function, *args)} (the SQLite
         state file or PostgreSQL), as the directory takes.
@@ -55,77 +50,23 @@ class MappingStore(service.Service):
     """
 
     name = "model-mappings"
+    label = "model mappings"
+    _log = _log
+    _load_rows = staticmethod(mapping_rows.load)
 
     def __init__(self, database: Any, clock: Any, *, instance: str | None = None,
                  after: Callable[[], Any] | None = None) -> None:
-        self.database = database
-        self._clock = clock
-        self.instance = instance or new_instance_id()
-        self._after = after
+        super().__init__(database, clock, instance=instance, after=after)
         self._mappings: dict[str, ModelMapping] = {}
-        self._writes = defer.DeferredLock()
-        self._pending: collections.Counter[str] = collections.Counter()
-        self._generation: collections.Counter[str] = collections.Counter()
-        self.loaded = False
-        self._waiters: list[defer.Deferred] = []
-        self._retry: Any = None
         #: Called with the name after any change, local or from another instance.
         self.on_change: list[Callable[[str], Any]] = []
 
-    # -- lifecycle
-
-    def startService(self) -> None:
-        super().startService()
-        self._load()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.errback(DatabaseUnavailable("the mapping store is stopping"))
-        # Writes in flight end on their own; wait for them.
-        return self._writes.run(lambda: None)
-
-    def when_loaded(self) -> defer.Deferred:
-        """Fires once every mapping is in memory."""
-        if self.loaded:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.append(d)
-        return d
-
-    def _load(self) -> None:
-        self._retry = None
-        if not self.running:
-            return
-        generations = dict(self._generation)
-        if self._after is None:
-            d = self.database.run(mapping_rows.load)
-        else:
-            d = defer.maybeDeferred(self._after).addCallback(lambda _: self.database.run(mapping_rows.load))
-
-        def loaded(rows: list) -> None:
-            fresh = {row[0]: ModelMapping.from_row(row) for row in rows}
-            for name in set(self._mappings) | set(fresh):
-                if self._pending[name] or self._generation[name] != generations.get(name, 0):
-                    continue  # changed here meanwhile
+    def _loaded(self, rows: list, untouched: Callable[[Hashable], bool]) -> int:
+        fresh = {row[0]: ModelMapping.from_row(row) for row in rows}
+        for name in set(self._mappings) | set(fresh):
+            if untouched(name):
                 self._set(name, fresh.get(name))
-            self.loaded = True
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-            _log.info("model mappings: {count} loaded", count=len(fresh))
-
-        def failed(failure: Failure) -> None:
-            if not failure.check(DatabaseUnavailable):
-                _log.failure("model mappings: loading failed", failure)
-            if self.running:
-                self._retry = self._clock.callLater(LOAD_RETRY, self._load)
-
-        d.addCallbacks(loaded, failed)
+        return len(fresh)
 
     # -- reads (memory)
 
@@ -158,20 +99,6 @@ class MappingStore(service.Service):
             except Exception:
                 _log.failure("model mappings: a change observer failed")
 
-    def _write(self, name: str, function: Any, *args: Any) -> defer.Deferred:
-        """C{function(transaction, *args)} once the writes before it are done; C{name} is pending meanwhile."""
-        self._pending[name] += 1
-        self._generation[name] += 1
-        d = self._writes.run(self.database.run, function, *args)
-
-        def done(result: Any) -> Any:
-            self._pending[name] -= 1
-            if self._pending[name] <= 0:
-                del self._pending[name]
-            return result
-
-        return d.addBoth(done)
-
     def put(self, mapping: ModelMapping, only_source: str | None = None) -> defer.Deferred:
         """
         Set a mapping (in effect at once); fires with whether it was stored.
@@ -187,7 +114,7 @@ class MappingStore(service.Service):
         if only_source is not None and previous is not None and previous.source != only_source:
             return defer.succeed(False)
         self._set(name, mapping)
-        d = self._write(name, mapping_rows.upsert, mapping.row(), self.instance, only_source)
+        d = self._write([name], mapping_rows.upsert, mapping.row(), self.instance, only_source)
 
         def stored(written: bool) -> bool:
             if not written and self._mappings.get(name) is mapping:
@@ -215,7 +142,7 @@ class MappingStore(service.Service):
         self._check_open()
         previous = self._mappings.get(name)
         self._set(name, None)
-        d = self._write(name, mapping_rows.delete, name, self._clock.seconds(), self.instance)
+        d = self._write([name], mapping_rows.delete, name, self._clock.seconds(), self.instance)
 
         def failed(failure: Failure) -> Failure:
             if previous is not None and name not in self._mappings:
@@ -233,11 +160,11 @@ class MappingStore(service.Service):
         if name is None:
             self._load()
             return defer.succeed(None)
-        generation = self._generation[name]
+        may_apply = self._read_guard(name)
         d = self.database.run(mapping_rows.fetch, name)
 
         def apply(found: tuple | None) -> ModelMapping | None:
-            if self._pending[name] or self._generation[name] != generation:
+            if not may_apply():
                 return self._mappings.get(name)
             mapping = None if found is None else ModelMapping.from_row(found)
             self._set(name, mapping)

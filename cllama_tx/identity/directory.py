@@ -24,11 +24,9 @@ L{cllama_tx.identity.directory_rows}.
 from __future__ import annotations
 
 import builtins
-import collections
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
-from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,16 +36,13 @@ from cllama_tx.identity.entities import KINDS, Entity, Membership
 from cllama_tx.identity.litellm_fields import DuplicateKey
 from cllama_tx.identity.teams import membership
 from cllama_tx.identity.virtual_keys import StoreClosed
-from cllama_tx.store.database import DatabaseUnavailable
-from cllama_tx.store.shared import new_instance_id
+from cllama_tx.store.mirror import Mirror
 
 __all__ = ["Directory", "RecordNotFound"]
 
 _log = Logger(namespace="cllama_tx.directory")
 
 MODEL = "model"
-#: A load that failed (the database unavailable at start) is tried again after this.
-LOAD_RETRY = 2.0
 
 
 class RecordNotFound(LookupError):
@@ -65,7 +60,7 @@ def _entity_or_doc(kind: str, record_id: str, doc: dict, created: float, updated
     return Entity.from_doc(kind, record_id, doc, created, updated)
 
 
-class Directory(service.Service):
+class Directory(Mirror):
     """
     @param database: anything with C{run(function, *args)} (the SQLite
         state file or PostgreSQL), as the virtual key store takes.
@@ -74,83 +69,27 @@ class Directory(service.Service):
     """
 
     name = "directory"
+    label = "directory"
+    _log = _log
+    _load_rows = staticmethod(directory_rows.load)
 
     def __init__(self, database: Any, clock: Any, *, instance: str | None = None,
                  after: Callable[[], Any] | None = None, reactor: Any = None) -> None:
-        self.database = database
-        self._clock = clock
-        self._reactor = reactor if reactor is not None else clock
-        self.instance = instance or new_instance_id()
-        self._after = after
+        super().__init__(database, clock, instance=instance, after=after, reactor=reactor)
         self._records: dict[str, dict[str, Any]] = {kind: {} for kind in (*KINDS, MODEL)}
-        self._writes = defer.DeferredLock()
-        self._pending: collections.Counter[tuple[str, str]] = collections.Counter()
-        self._generation: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.loaded = False
-        self._waiters: list[defer.Deferred] = []
-        self._retry: Any = None
         #: Called with (kind, id) after any change, local or from another instance.
         self.on_change: list[Callable[[str, str], Any]] = []
 
-    # -- lifecycle
-
-    def startService(self) -> None:
-        super().startService()
-        self._load()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.errback(DatabaseUnavailable("the directory is stopping"))
-        # Writes in flight end on their own; wait for them.
-        return self._writes.run(lambda: None)
-
-    def when_loaded(self) -> defer.Deferred:
-        """Fires once every record is in memory."""
-        if self.loaded:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.append(d)
-        return d
-
-    def _load(self) -> None:
-        self._retry = None
-        if not self.running:
-            return
-        generations = dict(self._generation)
-        if self._after is None:
-            d = self.database.run(directory_rows.load)
-        else:
-            d = defer.maybeDeferred(self._after).addCallback(lambda _: self.database.run(directory_rows.load))
-
-        def loaded(rows: list) -> None:
-            fresh: dict[str, dict[str, Any]] = {kind: {} for kind in self._records}
-            for kind, record_id, doc, created, updated in rows:
-                if kind in fresh:
-                    fresh[kind][record_id] = _entity_or_doc(kind, record_id, doc, created, updated)
-            for kind, records in fresh.items():
-                for record_id in set(self._records[kind]) | set(records):
-                    subject = (kind, record_id)
-                    if self._pending[subject] or self._generation[subject] != generations.get(subject, 0):
-                        continue  # changed here meanwhile
+    def _loaded(self, rows: list, untouched: Callable[[Hashable], bool]) -> int:
+        fresh: dict[str, dict[str, Any]] = {kind: {} for kind in self._records}
+        for kind, record_id, doc, created, updated in rows:
+            if kind in fresh:
+                fresh[kind][record_id] = _entity_or_doc(kind, record_id, doc, created, updated)
+        for kind, records in fresh.items():
+            for record_id in set(self._records[kind]) | set(records):
+                if untouched((kind, record_id)):
                     self._set(kind, record_id, records.get(record_id))
-            self.loaded = True
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-            _log.info("directory: {count} records loaded", count=sum(len(r) for r in fresh.values()))
-
-        def failed(failure: Failure) -> None:
-            if not failure.check(DatabaseUnavailable):
-                _log.failure("directory: loading failed", failure)
-            if self.running:
-                self._retry = self._reactor.callLater(LOAD_RETRY, self._load)
-
-        d.addCallbacks(loaded, failed)
+        return sum(len(r) for r in fresh.values())
 
     # -- reads (memory)
 
@@ -212,21 +151,6 @@ class Directory(service.Service):
             except Exception:
                 _log.failure("directory: a change observer failed")
 
-    def _write(self, subjects: builtins.list[tuple[str, str]], function: Any, *args: Any) -> defer.Deferred:
-        """C{function(transaction, *args)} once the writes before it are done; C{subjects} are pending meanwhile."""
-        for subject in subjects:
-            self._pending[subject] += 1
-            self._generation[subject] += 1
-        d = self._writes.run(self.database.run, function, *args)
-
-        def done(result: Any) -> Any:
-            for subject in subjects:
-                self._pending[subject] -= 1
-                if self._pending[subject] <= 0:
-                    del self._pending[subject]
-            return result
-
-        return d.addBoth(done)
 
     def create(self, kind: str, record_id: str, doc: Mapping[str, Any]) -> defer.Deferred:
         """
@@ -324,12 +248,11 @@ class Directory(service.Service):
         if record_id is None:
             self._load()
             return defer.succeed(None)
-        subject = (kind, record_id)
-        generation = self._generation[subject]
+        may_apply = self._read_guard((kind, record_id))
         d = self.database.run(directory_rows.fetch, kind, record_id)
 
         def apply(found: tuple | None) -> Any:
-            if self._pending[subject] or self._generation[subject] != generation:
+            if not may_apply():
                 return self._records[kind].get(record_id)
             record = None if found is None else _entity_or_doc(kind, record_id, *found)
             self._set(kind, record_id, record)
