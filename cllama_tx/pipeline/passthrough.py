@@ -55,8 +55,8 @@ from cllama_tx.governance.request_cost import read_request, worst_input_tokens
 from cllama_tx.governance.resolution import Resolution
 from cllama_tx.identity.principals import KeyPrincipal
 from cllama_tx.pipeline.metering import CLIENT_CLOSED, Exchange
-from cllama_tx.pipeline.proxy import AgentGone, Surface, new_request_id, upstream_query
-from cllama_tx.pipeline.refusal import refuse
+from cllama_tx.pipeline.proxy import Surface, new_request_id, upstream_query
+from cllama_tx.pipeline.refusal import AgentGone, refuse, serve_guarded
 from cllama_tx.pipeline.relay import (
     AgentStalled,
     StreamRelay,
@@ -384,16 +384,7 @@ class Passthrough:
         defer.ensureDeferred(self._run(request, call))
 
     async def _run(self, request, call: Call) -> None:
-        ex = call.ex
-        try:
-            await self._serve(request, call)
-        except ProxyError as error:
-            self._refuse(request, ex, error)
-        except AgentGone:
-            self._metering.settle(ex, CLIENT_CLOSED, "client disconnected")
-        except Exception:
-            log.failure("unexpected error serving passthrough request {request_id}", request_id=ex.request_id)
-            self._refuse(request, ex, ProxyError(500, "internal_error", "internal error"))
+        await serve_guarded(self._serve(request, call), self._metering, request, call.ex, "passthrough request")
 
     def _refuse(self, request, ex: Exchange, error: ProxyError) -> None:
         refuse(self._metering, request, ex, error)

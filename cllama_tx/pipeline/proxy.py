@@ -35,9 +35,9 @@ from cllama_tx.identity.principals import KeyPrincipal, MasterPrincipal
 from cllama_tx.identity.virtual_keys import hash_key, looks_like_virtual_key
 from cllama_tx.pipeline import cost_report, failover_reasons
 from cllama_tx.pipeline.content_coding import UndecodableBody, decoded
-from cllama_tx.pipeline.metering import AGENT_STALLED, CLIENT_CLOSED, Exchange, answer_id
+from cllama_tx.pipeline.metering import AGENT_STALLED, Exchange, answer_id
 from cllama_tx.pipeline.policy_hooks import PolicyHooks
-from cllama_tx.pipeline.refusal import refuse
+from cllama_tx.pipeline.refusal import AgentGone, refuse, serve_guarded
 from cllama_tx.pipeline.relay import (
     HOP_BY_HOP,
     AgentStalled,
@@ -95,10 +95,6 @@ class Surface:
     shape: str
     # Token counting costs nothing: audited, never billed.
     billable: bool = True
-
-
-class AgentGone(Exception):
-    """The agent disconnected; nothing more can be written to it."""
 
 
 class Failover(Exception):
@@ -191,15 +187,7 @@ class Proxy:
             ex.cancel()
 
     async def _run(self, request, ex: Exchange) -> None:
-        try:
-            await self._serve(request, ex)
-        except ProxyError as error:
-            self._refuse(request, ex, error)
-        except AgentGone:
-            self._metering.settle(ex, CLIENT_CLOSED, "client disconnected")
-        except Exception:
-            log.failure("unexpected error serving request {request_id}", request_id=ex.request_id)
-            self._refuse(request, ex, ProxyError(500, "internal_error", "internal error"))
+        await serve_guarded(self._serve(request, ex), self._metering, request, ex, "request")
 
     def _refuse(self, request, ex: Exchange, error: ProxyError) -> None:
         refuse(self._metering, request, ex, error)
