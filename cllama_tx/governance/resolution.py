@@ -516,6 +516,10 @@ def visible_models(
 _DOWN_STATES = frozenset({"down", "gone", "lost", "error", "unreachable", "failed", "stale"})
 
 
+#: Seconds a request waits at start for the stored model mappings to be in memory.
+MAPPINGS_WAIT = 5.0
+
+
 class Router:
     """
     Resolution with the tables in force: the operator model table (an
@@ -586,16 +590,25 @@ class Router:
             mappings=self._mappings.current if self._mappings is not None else None,
         )
 
-    def resolve(self, principal, requested: Any, policy, bare_provider: str | None, ex=None) -> Any:
+    def resolve(self, principal, requested: Any, policy, bare_provider: str | None, ex=None,
+                waited: bool = False) -> Any:
         """
-        The L{Resolution} of C{requested} for C{principal}, or (only when
-        the LLM resolver is asked) a Deferred firing with it.  C{ex}: the
-        request's exchange (its id for the trace, its surface and its
-        C{resolve_hints}: C{?force}, C{?prompt=}).
+        The L{Resolution} of C{requested} for C{principal}, or (when the
+        LLM resolver is asked, or the stored mappings are still loading at
+        start) a Deferred firing with it.  C{ex}: the request's exchange
+        (its id for the trace, its surface and its C{resolve_hints}:
+        C{?force}, C{?prompt=}).
 
         @raise ProxyError: the name cannot be served (also as the
             Deferred's failure).
         """
+        mappings = self._mappings
+        if mappings is not None and not mappings.loaded and not waited:
+            # Just started: a stored mapping must not be missed (or paid
+            # for again) because it is not in memory yet.  Waited for a
+            # while; a database that stays away leaves the other rules.
+            return mappings.loaded_within(MAPPINGS_WAIT).addCallback(
+                lambda _: self.resolve(principal, requested, policy, bare_provider, ex, waited=True))
         hints = getattr(ex, "resolve_hints", None)
         try:
             found = self._now(principal, requested, policy, bare_provider)

@@ -95,6 +95,14 @@ class Mirror(service.Service):
         self._waiters.append(d)
         return d
 
+    def loaded_within(self, seconds: float) -> defer.Deferred:
+        """Fires with whether every record is in memory, waiting at most C{seconds} for it."""
+        if self.loaded:
+            return defer.succeed(True)
+        d = self.when_loaded()
+        d.addTimeout(seconds, self._reactor)
+        return d.addCallbacks(lambda _: True, lambda _: False)
+
     def _load(self) -> None:
         self._retry = None
         if not self.running:

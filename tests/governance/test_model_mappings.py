@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -20,12 +21,14 @@ from cllama_tx.governance.llm_resolution import (
     judge,
     read_hints,
 )
+from cllama_tx.governance.mapping_store import MappingStore
 from cllama_tx.governance.mappings import LLM, OPERATOR, MappingError, ModelMapping, check_name
 from cllama_tx.governance.policy import parse_policy
 from cllama_tx.governance.resolution import (
     DEFAULT,
     LLM_MAPPING,
     MAPPING,
+    MAPPINGS_WAIT,
     Router,
     TableEntry,
     Unresolved,
@@ -223,6 +226,42 @@ class RouterTests(SynchronousTestCase):
         self.assertIn("synthetic prefix", router.target_problem("cllama/x"))
         self.assertEqual(router.table_names(), {"team-default": ("openai/gpt-4o", "model_name"),
                                                 "house-default": ("team-default", "model_group_alias")})
+
+    def test_a_request_at_start_waits_for_the_stored_mappings(self):
+        """A stored mapping is not missed because the store is still loading; a store that never loads is waited for a while only."""
+        clock = Clock()
+        loads: list[Deferred] = []
+
+        class Database:
+            def run(self, function, *args):
+                loads.append(Deferred())
+                return loads[-1]
+
+        store = MappingStore(Database(), clock)
+        store.startService()
+        self.addCleanup(store.stopService)
+        router = self.router()
+        router.attach(mappings=store)
+        waiting = router.resolve(None, "my-fast", None, None)
+        self.assertIsInstance(waiting, Deferred)
+        self.assertNoResult(waiting)
+        loads[0].callback([ModelMapping("my-fast", "openai/gpt-4o-mini", OPERATOR, 1.0, 1.0, 1.0, "ops", {}).row()])
+        self.assertEqual(str(self.successResultOf(waiting).ref), "openai/gpt-4o-mini")
+        self.assertTrue(self.successResultOf(store.loaded_within(0)))
+        # Loaded: no waiting at all.
+        self.assertEqual(str(router.resolve(None, "my-fast", None, None).ref), "openai/gpt-4o-mini")
+
+        # A database that stays away: after MAPPINGS_WAIT the other rules decide.
+        stuck = MappingStore(Database(), clock)
+        stuck.startService()
+        self.addCleanup(stuck.stopService)
+        router.attach(mappings=stuck)
+        waiting = router.resolve(None, "openai/gpt-4o", None, None)
+        clock.advance(MAPPINGS_WAIT - 0.1)
+        self.assertNoResult(waiting)
+        clock.advance(0.1)
+        self.assertEqual(str(self.successResultOf(waiting).ref), "openai/gpt-4o")
+        self.assertFalse(stuck.loaded)
 
     def test_the_trace_records_every_resolution(self):
         clock = Clock()

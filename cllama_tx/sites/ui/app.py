@@ -1041,16 +1041,28 @@ class UiApp:
         view = routing_api.debug_view(self._routing(request))
         return await self._page(request, who, view, debug_page.debug_page)
 
-    @app.route("/_api/mappings/", methods=["GET"])
-    def mappings(self, request):
-        self._gate(request)
-        return self._json(request, 200, {"mappings": routing_api.listing(self._routing(request))})
+    async def _loaded_routing(self, request) -> routing_api.Routing:
+        """The routing parts once the stored mappings are in memory (a read never lists a start's empty memory)."""
+        routing = self._routing(request)
+        if not await routing.mappings.loaded_within(routing_api.LOAD_WAIT):
+            raise ProxyError(503, "mappings_loading", "the stored mappings are not loaded yet; try again",
+                             retry_after=2)
+        return routing
 
-    @app.route("/_api/mappings/<path:name>", methods=["GET"])
-    def mapping(self, request, name):
+    @app.route("/_api/mappings/", methods=["GET"])
+    async def mappings(self, request):
         self._gate(request)
         try:
-            return self._json(request, 200, routing_api.get(self._routing(request), name))
+            routing = await self._loaded_routing(request)
+        except ProxyError as e:
+            return self._problem(request, e)
+        return self._json(request, 200, {"mappings": routing_api.listing(routing)})
+
+    @app.route("/_api/mappings/<path:name>", methods=["GET"])
+    async def mapping(self, request, name):
+        self._gate(request)
+        try:
+            return self._json(request, 200, routing_api.get(await self._loaded_routing(request), name))
         except ProxyError as e:
             return self._problem(request, e)
 

@@ -76,6 +76,10 @@ class Routing:
         return [dict(server) for server in servers or () if isinstance(server, dict)]
 
 
+#: Seconds a read of the mappings waits at start for them to be in memory (then 503).
+LOAD_WAIT = 5.0
+
+
 def listing(routing: Routing) -> list[dict]:
     """Every mapping: stored ones, then the model table's names not stored (by name)."""
     stored = {m.name: m.to_json() for m in routing.mappings.all()}
