@@ -43,6 +43,7 @@ from cllama_tx.pipeline.metering import Exchange
 from cllama_tx.pipeline.proxy import Surface, new_request_id
 from cllama_tx.providers.bodies import read_small
 from cllama_tx.providers.catalog import auth_headers, upstream_url
+from cllama_tx.providers.forwarding import first_header
 from cllama_tx.providers.health import VALID
 from cllama_tx.providers.keys import classify_failure
 from cllama_tx.providers.model_limits import traits_for
@@ -349,7 +350,7 @@ class LlmResolver:
                 ex.usage = usage_from_json(doc, spec.api_format)
                 ex.response_json = doc
                 return doc
-            verdict = classify_failure(code, _first(response.headers, b"retry-after"), raw, now=self._clock.seconds())
+            verdict = classify_failure(code, first_header(response.headers, b"retry-after"), raw, now=self._clock.seconds())
             if code not in (401, 402, 429) or verdict is None or not pool.report(key, verdict, model):
                 raise _Failed(f"the resolver model's provider answered {code}", code)
             if pool.is_suspect(key) and await pool.recheck(key) == VALID:
@@ -386,11 +387,6 @@ def _surface(api_format: str) -> Surface:
     if api_format == "anthropic":
         return Surface("llm-resolver", "/v1/messages", "anthropic", ANTHROPIC)
     return Surface("llm-resolver", "/v1/chat/completions", "openai", OPENAI)
-
-
-def _first(headers: Headers, name: bytes) -> bytes | None:
-    values = headers.getRawHeaders(name)
-    return values[0] if values else None
 
 
 def _message(error: Exception) -> str:

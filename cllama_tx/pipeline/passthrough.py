@@ -65,10 +65,10 @@ from cllama_tx.pipeline.relay import (
 )
 from cllama_tx.pipeline.request_body import StreamingBody
 from cllama_tx.pipeline.tcp_progress import acked_bytes
-from cllama_tx.pipeline.tls_failures import describe_tls_failure
+from cllama_tx.pipeline.tls_failures import describe_failure
 from cllama_tx.providers.bodies import read_small
 from cllama_tx.providers.catalog import ANTHROPIC_FORMAT, auth_headers
-from cllama_tx.providers.forwarding import forward, valid_header_value
+from cllama_tx.providers.forwarding import first_header, forward, valid_header_value
 from cllama_tx.providers.health import INCONCLUSIVE, VALID
 from cllama_tx.providers.keys import MAX_TRIES, classify_failure
 from cllama_tx.providers.passthrough_rules import (
@@ -146,14 +146,9 @@ class Call:
     images_asked: int = 1
 
 
-def _first(headers: Headers, name: bytes) -> bytes | None:
-    values = headers.getRawHeaders(name)
-    return values[0] if values else None
-
-
 def is_json(headers: Headers) -> bool:
     """Whether a request body is JSON by its C{Content-Type}."""
-    kind = (_first(headers, b"content-type") or b"").split(b";", 1)[0].strip().lower()
+    kind = (first_header(headers, b"content-type") or b"").split(b";", 1)[0].strip().lower()
     return kind in _JSON_TYPES or kind.endswith(b"+json")
 
 
@@ -172,24 +167,10 @@ def passthrough_headers(incoming: Headers, policy, body: bool) -> Headers:
     out = forward(incoming, policy)
     out.removeHeader(b"content-type")
     if body:
-        kind = _first(incoming, b"content-type")
+        kind = first_header(incoming, b"content-type")
         if kind is not None and len(kind) <= 512 and all(0x20 <= c < 0x7F for c in kind):
             out.setRawHeaders(b"content-type", [kind])
     return out
-
-
-def _describe(error: BaseException) -> str:
-    tls = describe_tls_failure(error)
-    if tls is not None:
-        return tls
-    reasons = getattr(error, "reasons", None)
-    if reasons:
-        error = reasons[0].value
-    text = error.__class__.__name__
-    detail = str(error).strip()
-    if detail and len(detail) < 200:
-        text += f": {detail}"
-    return text
 
 
 class Passthrough:
@@ -537,7 +518,7 @@ class Passthrough:
                     504, "upstream_timeout",
                     f"provider {ex.provider!r} sent no response within {self._first_byte_timeout:g} s",
                 ) from None
-            raise ProxyError(502, "upstream_unreachable", f"could not reach provider {ex.provider!r}: {_describe(e)}") from None
+            raise ProxyError(502, "upstream_unreachable", f"could not reach provider {ex.provider!r}: {describe_failure(e)}") from None
         finally:
             ex.cancel = None
             if timer.active():
@@ -562,7 +543,7 @@ class Passthrough:
         relayed = scrubber.scrub(error_bytes) if scrubber is not None else error_bytes
         marked = False
         if code in (401, 402, 429):
-            verdict = classify_failure(code, _first(response.headers, b"retry-after"), error_bytes, now=self.clock.seconds())
+            verdict = classify_failure(code, first_header(response.headers, b"retry-after"), error_bytes, now=self.clock.seconds())
             # Not a key problem, a 401 about the request, or a keyless provider: the agent hears it.
             marked = verdict is not None and resolved.pool.report(key, verdict, call.ex.upstream_model)
         return response, relayed, marked
@@ -727,7 +708,7 @@ def _relay_error(error: Exception, ex: Exchange) -> ProxyError:
     reason = error.value if isinstance(error, Failure) and error.value is not None else error
     return ProxyError(
         502, "upstream_interrupted",
-        f"the connection to provider {ex.provider!r} broke mid-response: {_describe(reason)}",
+        f"the connection to provider {ex.provider!r} broke mid-response: {describe_failure(reason)}",
     )
 
 

@@ -47,7 +47,7 @@ from cllama_tx.pipeline.relay import (
     read_body,
 )
 from cllama_tx.pipeline.tcp_progress import acked_bytes
-from cllama_tx.pipeline.tls_failures import describe_tls_failure
+from cllama_tx.pipeline.tls_failures import describe_failure
 from cllama_tx.providers.bodies import read_small
 from cllama_tx.providers.catalog import (
     auth_headers,
@@ -56,7 +56,7 @@ from cllama_tx.providers.catalog import (
     serves_responses,
     upstream_url,
 )
-from cllama_tx.providers.forwarding import NEVER_FORWARD, HeaderPolicy, forward
+from cllama_tx.providers.forwarding import NEVER_FORWARD, HeaderPolicy, first_header, forward
 from cllama_tx.providers.health import INCONCLUSIVE, VALID
 from cllama_tx.providers.keys import MAX_TRIES, classify_failure
 from cllama_tx.providers.model_limits import traits_for
@@ -635,7 +635,7 @@ class Proxy:
                 return response, relayed
             verdict = classify_failure(
                 code,
-                _first(response.headers, b"retry-after"),
+                first_header(response.headers, b"retry-after"),
                 error_bytes,
                 now=self.clock.seconds(),
             )
@@ -702,7 +702,7 @@ class Proxy:
             raise ProxyError(
                 502,
                 "upstream_unreachable",
-                f"could not reach provider {ex.provider!r}: {_describe(e)}",
+                f"could not reach provider {ex.provider!r}: {describe_failure(e)}",
             ) from None
         finally:
             ex.cancel = None
@@ -726,7 +726,7 @@ class Proxy:
             ex.first_byte_at = self.clock.seconds()
             await self._deliver_body(request, response.code, buffered, ex, api_format)
             return
-        content_type = _first(response.headers, b"content-type") or b""
+        content_type = first_header(response.headers, b"content-type") or b""
         if content_type.startswith(b"text/event-stream"):
             if ex.policy is not None:
                 # Deny-only, before the first byte reaches the agent.
@@ -1020,28 +1020,8 @@ def _notes(dropped: tuple[str, ...], adjusted: tuple[str, ...]) -> dict:
     return fields
 
 
-def _first(headers: Headers, name: bytes) -> bytes | None:
-    values = headers.getRawHeaders(name)
-    return values[0] if values else None
-
-
 def _money(value: float) -> str:
     return f"{value:.10f}".rstrip("0").rstrip(".") or "0"
-
-
-def _describe(error: BaseException) -> str:
-    """A short, secret-free description of a transport failure."""
-    tls = describe_tls_failure(error)
-    if tls is not None:
-        return tls
-    reasons = getattr(error, "reasons", None)
-    if reasons:
-        error = reasons[0].value
-    text = error.__class__.__name__
-    detail = str(error).strip()
-    if detail and len(detail) < 200:
-        text += f": {detail}"
-    return text
 
 
 def _relay_error(error: Exception, ex: Exchange) -> ProxyError:
@@ -1061,7 +1041,7 @@ def _relay_error(error: Exception, ex: Exchange) -> ProxyError:
     return ProxyError(
         502,
         "upstream_interrupted",
-        f"the connection to provider {ex.provider!r} broke mid-response: {_describe(reason)}",
+        f"the connection to provider {ex.provider!r} broke mid-response: {describe_failure(reason)}",
     )
 
 

@@ -1,6 +1,7 @@
 """
-How a failed TLS handshake with a provider is described to the agent: short,
-secret-free, and naming the setting that fixes a private CA.
+How a failed connection to a provider is described to the agent: short,
+secret-free, and for a failed TLS handshake naming the setting that fixes a
+private CA.
 """
 
 from __future__ import annotations
@@ -56,3 +57,18 @@ def describe_tls_failure(error: BaseException) -> str | None:
 
 
 __all__ = ["CA_FILE_ENV", "describe_tls_failure"]
+
+
+def describe_failure(error: BaseException) -> str:
+    """A short, secret-free description of a transport failure."""
+    tls = describe_tls_failure(error)
+    if tls is not None:
+        return tls
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        error = reasons[0].value
+    text = error.__class__.__name__
+    detail = str(error).strip()
+    if detail and len(detail) < 200:
+        text += f": {detail}"
+    return text

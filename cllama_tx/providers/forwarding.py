@@ -105,6 +105,12 @@ def policy_for(spec: ProviderSpec) -> HeaderPolicy:
     return HeaderPolicy(allowed=frozenset(allowed), defaults=defaults, fixed=tuple(fixed))
 
 
+def first_header(headers: Headers, name: bytes) -> bytes | None:
+    """The first value of header C{name}, or None."""
+    values = headers.getRawHeaders(name)
+    return values[0] if values else None
+
+
 def valid_header_value(value: str) -> bool:
     """Printable ASCII without spaces: safe in a header, no injection."""
     return bool(value) and all(0x21 <= ord(c) <= 0x7E for c in value)
