@@ -24,6 +24,9 @@ from cllama_tx.store.records import rfc3339_ms
 
 log = Logger()
 
+# One encoder for every line (json.dumps with options builds a new one per call).
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
 
 def format_line(
     epoch: float, event_type, claw_id, model, request_id=None, intervention=None, fields=None
@@ -40,7 +43,7 @@ def format_line(
         line["request_id"] = request_id
     if fields:
         line.update(fields)
-    return json.dumps(line, separators=(",", ":"), default=str) + "\n"
+    return _encode(line) + "\n"
 
 
 def gap_line(gap: Gap, epoch: float) -> bytes:

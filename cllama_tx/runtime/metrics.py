@@ -30,11 +30,13 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from cllama_tx.runtime.tally import TallyCounter, TallyHistogram
 
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST", "OTHER", "NONE", "Peer", "merge_families", "history_only"]
 
@@ -215,37 +217,38 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._providers = _Bounded(max_providers)
         self._models = _Bounded(max_models)
-        # Bounded too: providers and models are (see _Bounded), the rest are fixed sets.
-        self._children: dict = {}
         r, ns = self.registry, namespace
-        self.requests = Counter(
+        # Fed on every settled request: plain numbers, families built at scrape (runtime.tally).
+        self.requests = TallyCounter(
             "requests", "Requests settled, by surface, provider and status class.",
-            ["surface", "provider", "status_class"], namespace=ns, registry=r,
+            ["surface", "provider", "status_class"], namespace=ns,
         )
-        self.latency = Histogram(
+        self.latency = TallyHistogram(
             "request_latency_seconds", "From arrival to settlement (the whole answer), by surface.",
-            ["surface"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+            ["surface"], LATENCY_BUCKETS, namespace=ns,
         )
-        self.ttfb = Histogram(
+        self.ttfb = TallyHistogram(
             "time_to_first_byte_seconds", "From arrival to the provider's first body byte (streams and JSON).",
-            ["surface", "stream"], namespace=ns, registry=r, buckets=TTFB_BUCKETS,
+            ["surface", "stream"], TTFB_BUCKETS, namespace=ns,
         )
-        self.tokens = Counter(
+        self.tokens = TallyCounter(
             "tokens", "Tokens metered (reported by the provider, or estimated).",
-            ["provider", "model", "kind"], namespace=ns, registry=r,
+            ["provider", "model", "kind"], namespace=ns,
         )
-        self.cost = Counter(
-            "cost_usd", "Cost in US dollars, as recorded in the ledger.",
-            ["provider", "model"], namespace=ns, registry=r,
+        self.cost = TallyCounter(
+            "cost_usd", "Cost in US dollars, as recorded in the ledger.", ["provider", "model"], namespace=ns,
         )
-        self.upstream_errors = Counter(
+        self.upstream_errors = TallyCounter(
             "upstream_errors", "Provider failures that reached the agent: 5xx answers, transport errors, timeouts.",
-            ["provider", "status"], namespace=ns, registry=r,
+            ["provider", "status"], namespace=ns,
         )
-        self.budget_refusals = Counter(
+        self.budget_refusals = TallyCounter(
             "budget_refusals", "Requests refused 429 (or a key's 422) by governance (budgets, rate limits), by error code.",
-            ["code"], namespace=ns, registry=r,
+            ["code"], namespace=ns,
         )
+        for tally in (self.requests, self.latency, self.ttfb, self.tokens, self.cost,
+                      self.upstream_errors, self.budget_refusals):
+            r.register(tally)
         self.inflight_streams = Gauge(
             "inflight_streams", "Streamed answers being relayed right now.", namespace=ns, registry=r,
         )
@@ -281,45 +284,38 @@ class Metrics:
 
     # --- feeding ---------------------------------------------------------------------------
 
-    def _child(self, metric, *labels):
-        """C{metric.labels(*labels)}, memoised: the lookup costs more than the increment."""
-        key = (metric, labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
     def observe_settled(self, ex, row) -> None:
         """A C{Metering.on_settled} observer: count one settled exchange."""
         surface = getattr(getattr(ex, "surface", None), "name", None) or NONE
         reached = bool(getattr(ex, "upstream_called", False))
         # Before upstream, a provider name is whatever the agent wrote.
         provider = self._providers(row.provider) if reached else NONE
-        model = self._models(row.effective_model) if reached else NONE
         status = int(row.status)
-        self._child(self.requests, surface, provider, status_class(status)).inc()
-        self._child(self.latency, surface).observe(max(row.latency_ms, 0.0) / 1000.0)
+        self.requests.inc((surface, provider, status_class(status)))
+        self.latency.observe((surface,), max(row.latency_ms, 0.0) / 1000.0)
         if row.ttfb_ms is not None:
-            self._child(self.ttfb, surface, "true" if row.stream else "false").observe(max(row.ttfb_ms, 0.0) / 1000.0)
+            self.ttfb.observe((surface, "true" if row.stream else "false"), max(row.ttfb_ms, 0.0) / 1000.0)
         if reached:
-            for kind, value in (
-                ("input", row.input_tokens),
-                ("output", row.output_tokens),
-                ("cache_read", row.cache_read_tokens),
-                ("cache_write", row.cache_write_tokens),
-            ):
-                if value:
-                    self._child(self.tokens, provider, model, kind).inc(value)
+            model = self._models(row.effective_model)
+            tokens = self.tokens
+            if row.input_tokens:
+                tokens.inc((provider, model, "input"), row.input_tokens)
+            if row.output_tokens:
+                tokens.inc((provider, model, "output"), row.output_tokens)
+            if row.cache_read_tokens:
+                tokens.inc((provider, model, "cache_read"), row.cache_read_tokens)
+            if row.cache_write_tokens:
+                tokens.inc((provider, model, "cache_write"), row.cache_write_tokens)
             if row.cost_usd:
-                self._child(self.cost, provider, model).inc(row.cost_usd)
+                self.cost.inc((provider, model), row.cost_usd)
         code = getattr(ex, "error_code", None)
         if status >= 500 and reached and code not in _NOT_UPSTREAM:
             label = _TRANSPORT_LABELS.get(code, str(status) if status <= 599 else "other")
-            self._child(self.upstream_errors, provider, label).inc()
+            self.upstream_errors.inc((provider, label))
         if status in (422, 429) and not reached:
             # Governance refuses before anything is sent; a provider's own
             # 429 (or every key cooling down) has upstream_called set.
-            self._child(self.budget_refusals, str(code)[:MAX_LABEL_CHARS] if code else "unknown").inc()
+            self.budget_refusals.inc((str(code)[:MAX_LABEL_CHARS] if code else "unknown",))
 
     def stream_started(self) -> None:
         self.inflight_streams.inc()

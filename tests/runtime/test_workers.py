@@ -355,9 +355,9 @@ class MergeTests(SynchronousTestCase):
 
     def test_histograms_merge_bucket_by_bucket(self):
         a, b = Metrics(), Metrics()
-        a.latency.labels("chat").observe(0.02)
-        b.latency.labels("chat").observe(3)
-        b.latency.labels("messages").observe(0.2)
+        a.latency.observe(("chat",), 0.02)
+        b.latency.observe(("chat",), 3)
+        b.latency.observe(("messages",), 0.2)
         [merged] = [f for f in merge_families([family_docs(a.registry.collect()), family_docs(b.registry.collect())])
                     if f["name"] == "cllama_request_latency_seconds"]
         samples = {(name, tuple(sorted(labels.items()))): value for name, labels, value in merged["samples"]}
