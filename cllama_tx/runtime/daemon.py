@@ -67,9 +67,11 @@ from cllama_tx.sites.api import ApiApp, build_api_site
 from cllama_tx.sites.billing import BillingApi
 from cllama_tx.sites.guard import ConnectionGuard, GuardLimits
 from cllama_tx.sites.keys import KeyApi
+from cllama_tx.sites.lazy import LazySite
 from cllama_tx.sites.management import build_management
 from cllama_tx.sites.operations import Operations
-from cllama_tx.sites.ui import TokenFileError, UiApp, build_ui_site, ensure_ui_token
+from cllama_tx.sites.ui import TokenFileError, ensure_ui_token
+from cllama_tx.sites.ui.preflight import preflight as preflight_ui
 from cllama_tx.store.backends import DatabaseConfigError, open_ledger
 from cllama_tx.store.database import DatabaseUnavailable
 from cllama_tx.store.ledger import SqliteLedger
@@ -687,8 +689,15 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         if isinstance(providers, ProviderRegistry):
             fleet.share_providers(providers)
     ReloadOnHangup(reactor, operations).setServiceParent(shared)
-    ui_site = build_ui_site(
-        UiApp(
+    # Built on the UI port's first connection (most daemons never see one);
+    # what building it would refuse or shout is done now.
+    preflight_ui(auth_disabled=config.ui_no_auth)
+
+    def build_ui():
+        from cllama_tx.sites.ui.app import UiApp, build_ui_site
+
+        site = build_ui_site(UiApp(
+            announced=True,
             token=ui_token,
             auth_disabled=config.ui_no_auth,
             allowed_hosts=config.ui_allowed_hosts,
@@ -710,18 +719,25 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
             budgets=keys_api.budgets,
             discovery=discovery,
             routing=routing,
-        )
-    )
+        ))
+        site.set_guard(ui_guard)
+        return site
+
+    ui_site = LazySite(build_ui, "UI")
     if fleet is not None:
-        # A session signed out on another instance is dropped here at once.
-        fleet.changes.subscribe("ui_session", ui_site.ui.sessions.reload)
+        # A session signed out on another instance is dropped here at once
+        # (a UI not built yet reads its sessions from the store when it is).
+        def session_changed(*args) -> None:
+            if ui_site.built is not None:
+                ui_site.built.ui.sessions.reload(*args)
+
+        fleet.changes.subscribe("ui_session", session_changed)
     gate.wire(
         gate_settings, governance=governance, contexts=contexts, operations=operations, ledger=ledger,
         providers=providers, proxy=proxy, api_site=api_site, clock=reactor,
     )
     api_guard, ui_guard = build_guards(config, reactor)
     api_site.set_guard(api_guard)
-    ui_site.set_guard(ui_guard)
     register_connection_metrics(metrics.registry, {"API": api_guard, "UI": ui_guard})
     role = config.worker  # a worker adopts the sockets its supervisor bound
     api_listener = Listener(

@@ -175,7 +175,6 @@ def wire(settings: GateSettings, *, governance: Any, contexts: Any, operations: 
     """
     from cllama_tx.identity.agent_header import AgentHeaderIdentity, PolicyAgents
     from cllama_tx.sites.gate_console import GateConsole
-    from cllama_tx.sites.gate_console_api import GateConsoleApi, claims, posts
 
     agents = PolicyAgents(contexts, governance)
     console = GateConsole(governance=governance, agents=agents, operations=operations, ledger=ledger,
@@ -191,6 +190,9 @@ def wire(settings: GateSettings, *, governance: Any, contexts: Any, operations: 
             name=TRUST_ENV, agents=", ".join(agents.names()),
         )
     if settings.console_on_api_port:
+        # Its routes are a Klein app (and the UI's spend periods): imported only when asked for.
+        from cllama_tx.sites.gate_console_api import GateConsoleApi, claims, posts
+
         if not console.active:
             raise ConfigError(f"{CONSOLE_ENV} needs CLLAMA_POLICY_FILE to be the Execwall OR gate's policy.yaml")
         api = GateConsoleApi(console=console, operations=operations, ledger=ledger, clock=clock)

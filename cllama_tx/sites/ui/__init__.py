@@ -15,8 +15,32 @@ The operator UI site (default :8081), one module per job:
   - L{live}: live updates over Server-Sent Events.
 """
 
-from cllama_tx.sites.ui.app import UiApp, UiSite, actor_of, build_ui_site, negotiate, spend_periods
+from typing import TYPE_CHECKING, Any
+
 from cllama_tx.sites.ui.auth import TOKEN_FILE, TokenFileError, ensure_ui_token
+
+if TYPE_CHECKING:
+    from cllama_tx.sites.ui.app import (
+        UiApp,
+        UiSite,
+        actor_of,
+        build_ui_site,
+        negotiate,
+        spend_periods,
+    )
+
+# The app's names are imported when first asked for: the daemon reads the
+# token file and the routing API at start, and builds the UI (Klein,
+# werkzeug, every page) only on its first connection (sites/lazy.py).
+_FROM_APP = frozenset({"UiApp", "UiSite", "actor_of", "build_ui_site", "negotiate", "spend_periods"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_APP:
+        from cllama_tx.sites.ui import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "TOKEN_FILE",

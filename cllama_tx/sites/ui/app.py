@@ -61,9 +61,9 @@ from cllama_tx.sites.ui.auth import (
     session_cookie_name,
     token_matches,
 )
-from cllama_tx.sites.ui.discovery_page import TEMPLATES as DISCOVERY_TEMPLATES
 from cllama_tx.sites.ui.discovery_page import discovery_page, discovery_view
 from cllama_tx.sites.ui.live import LiveHub
+from cllama_tx.sites.ui.preflight import announce_auth_off, required_templates
 from cllama_tx.sites.ui.web import Static, Templates
 from cllama_tx.store.database import DatabaseUnavailable
 from cllama_tx.store.ledger import SPEND_COUNTS
@@ -127,6 +127,7 @@ class UiApp:
         directory=None,
         budgets=None,
         routing: routing_api.Routing | None = None,
+        announced: bool = False,  # the daemon said at start that authentication is off (preflight)
     ) -> None:
         self._token = token.encode("utf-8") if token else None
         # Model mappings, the resolver and the resolution trace (/_api/mappings, /_debug).
@@ -163,16 +164,12 @@ class UiApp:
         self.allowed_hosts = frozenset(allowed_hosts)
         self._refused_hosts: set[str] = set()
         self.templates = Templates(web_root)
-        self.templates.require(pages.TEMPLATES | directory_page.TEMPLATES | debug_page.TEMPLATES)
-        self.templates.require(DISCOVERY_TEMPLATES)
+        self.templates.require(required_templates())
         self.static = Static(web_root)
         self._generation = 0
         self.live = LiveHub(clock, self._signature, interval=live_interval, session_valid=self.sessions.valid)
-        if self._auth_disabled:
-            log.critical(
-                "OPERATOR UI AUTHENTICATION IS OFF: anyone who can reach the UI port can read "
-                "spend and manage provider keys and budgets.  Never run like this on a shared network."
-            )
+        if self._auth_disabled and not announced:
+            announce_auth_off()
 
     # --- plumbing ----------------------------------------------------------------------
 
