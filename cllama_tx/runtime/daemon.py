@@ -63,7 +63,7 @@ from cllama_tx.runtime.routing import build_routing
 from cllama_tx.runtime.tls import upstream_tls_policy
 from cllama_tx.runtime.upstream import UpstreamClient
 from cllama_tx.runtime.worker import adopt_listener
-from cllama_tx.sites.api import ApiApp, build_api_site
+from cllama_tx.sites.api import build_api_site
 from cllama_tx.sites.billing import BillingApi
 from cllama_tx.sites.guard import ConnectionGuard, GuardLimits
 from cllama_tx.sites.keys import KeyApi
@@ -438,6 +438,13 @@ def build_passthrough(
     )
 
 
+def _api_app(**parts):
+    """The API's Klein app (Klein, werkzeug, its routes imported now: on its first request)."""
+    from cllama_tx.sites.api_app import ApiApp
+
+    return ApiApp(**parts)
+
+
 def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
     # Say so at start-up when this Twisted lacks a private name we use (each has a fallback).
     twisted_private.report(log)
@@ -651,21 +658,16 @@ def build_daemon(config: Config, reactor, audit_stream: TextIO) -> Daemon:
         proxy,
         config.max_body_bytes,
         audit,
-        ApiApp(
-            contexts=contexts,
-            history=history,
-            ui_token=ui_token,
-            providers=providers,
-            pricing=pricing,
-            keys_api=keys_api,
-            billing=billing,
-            guard=operator_guard,
-            management=management,
-        ),
         request_line=twisted_private.pending_request_line,
         lean=config.lean_http,
         direct=config.write_through,
         passthrough=build_passthrough(config, reactor, proxy, providers, upstream, metering, governance, pricing, inflight),
+        # Every path but the inference ones: a Klein app built on its first request.
+        make_app=lambda: _api_app(
+            contexts=contexts, history=history, ui_token=ui_token, providers=providers, pricing=pricing,
+            keys_api=keys_api, billing=billing, guard=operator_guard, management=management,
+        ),
+        health_keys=keys_api,
     )
     operations = Operations(
         clock=reactor,

@@ -21,7 +21,8 @@ L{OperatorGuard} (shared with the operator UI).
 L{KeyApi} has one plain C{async} method per endpoint taking a
 C{twisted.web} request and returning the body (status and content type
 set); the management API (L{cllama_tx.sites.management}) routes to them,
-and its own Klein C{app} serves the same methods, for tests.
+and its own Klein C{app} (L{cllama_tx.sites.klein_routes}) serves the same
+methods, for tests.
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
-from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from cllama_tx.identity.key_fields import HANDLED_FIELDS
 from cllama_tx.identity.litellm_fields import money, parse_duration
@@ -61,7 +60,6 @@ from cllama_tx.sites.admin_http import (
     presented_credential,
     read_body,
     throttled,
-    write_error,
 )
 from cllama_tx.sites.health import ALIVE, READINESS_TIMEOUT, HealthApi
 from cllama_tx.sites.scope_budget import ScopeBudgets
@@ -113,8 +111,6 @@ class KeyApi:
     @param governance: the daemon's governance (runtime resets and offsets).
     @param audit: the audit stream, for operator lines.
     """
-
-    app = Klein()
 
     def __init__(
         self,
@@ -481,73 +477,15 @@ class KeyApi:
     async def readiness(self, request: Any) -> bytes:
         return await self.health.readiness(request)
 
-    # -- KeyApi's own Klein app (the management API routes to the methods instead)
+    @property
+    def app(self):
+        """
+        KeyApi's own Klein app, for tests (the daemon's management API routes
+        to the methods instead): imported on use, so the daemon never loads Klein for it.
+        """
+        from cllama_tx.sites.klein_routes import KeyRoutes
 
-    @app.route("/key/generate", methods=["POST"])
-    async def _generate_route(self, request):
-        return await self.generate(request)
-
-    @app.route("/key/info", methods=["GET"])
-    async def _info_route(self, request):
-        return await self.info(request)
-
-    @app.route("/key/update", methods=["POST"])
-    async def _update_route(self, request):
-        return await self.update(request)
-
-    @app.route("/key/delete", methods=["POST"])
-    async def _delete_route(self, request):
-        return await self.delete(request)
-
-    @app.route("/key/list", methods=["GET"])
-    async def _list_route(self, request):
-        return await self.list(request)
-
-    @app.route("/key/block", methods=["POST"])
-    async def _block_route(self, request):
-        return await self.block(request)
-
-    @app.route("/key/unblock", methods=["POST"])
-    async def _unblock_route(self, request):
-        return await self.unblock(request)
-
-    @app.route("/key/regenerate", methods=["POST"])
-    async def _regenerate_route(self, request):
-        return await self.regenerate(request)
-
-    @app.route("/key/<string:key>/regenerate", methods=["POST"])
-    async def _regenerate_path_route(self, request, key):
-        return await self.regenerate(request, key)
-
-    @app.route("/key/<string:key>/reset_spend", methods=["POST"])
-    async def _reset_spend_route(self, request, key):
-        return await self.reset_spend(request, key)
-
-    @app.route("/key/health", methods=["GET", "POST"])
-    async def _key_health_route(self, request):
-        return await self.key_health(request)
-
-    @app.route("/health/liveliness", methods=["GET", "HEAD"])
-    @app.route("/health/liveness", methods=["GET", "HEAD"])
-    async def _liveliness_route(self, request):
-        return await self.liveliness(request)
-
-    @app.route("/health/readiness", methods=["GET", "HEAD"])
-    async def _readiness_route(self, request):
-        return await self.readiness(request)
-
-    @app.handle_errors(NotFound)
-    def _not_found(self, request, failure):
-        path = request.path.decode("latin-1")
-        return write_error(request, KeyApiError(404, f"no such endpoint: {path}"))
-
-    @app.handle_errors(MethodNotAllowed)
-    def _method_not_allowed(self, request, failure):
-        allowed = failure.value.valid_methods or []
-        if allowed:
-            request.setHeader(b"allow", ", ".join(sorted(allowed)).encode())
-        method = request.method.decode("latin-1")
-        return write_error(request, KeyApiError(405, f"method {method} is not allowed here"))
+        return KeyRoutes(self).app
 
 
 def _fields_of(vk: VirtualKey) -> dict[str, Any]:

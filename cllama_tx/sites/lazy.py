@@ -6,7 +6,8 @@ its site means importing the UI (its pages, Klein and werkzeug) and making
 its objects: megabytes held for nothing.  L{LazySite} stands in for the
 site as the listener's factory, binds and starts with it as the site
 would, and builds the real one when the first connection comes; from then
-on every call goes to it.
+on every call goes to it.  L{LazyResource} does the same for a resource:
+the API site's Klein app, built on the first request to one of its paths.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
+from twisted.web.resource import Resource
 from zope.interface import implementer
 
 log = Logger()
@@ -66,3 +68,35 @@ class LazySite:
 
     def logPrefix(self) -> str:
         return self._label
+
+
+class LazyResource(Resource):
+    """
+    A leaf standing in for C{build()}'s resource, built on the first request
+    it must answer.  C{exact} maps a request path to a resource that answers
+    it instead, built or not (C{/health}: probes must not build the app).
+    """
+
+    isLeaf = True
+
+    def __init__(self, build: Callable[[], Resource], label: str = "resource") -> None:
+        super().__init__()
+        self._build: Callable[[], Resource] | None = build
+        self._label = label
+        self.exact: dict[bytes, Resource] = {}
+        self.built: Resource | None = None
+
+    def resource(self) -> Resource:
+        """The real resource, built now if it was not yet."""
+        if self.built is None:
+            build, self._build = self._build, None
+            assert build is not None
+            self.built = build()
+            log.info("{label} built on its first request", label=self._label)
+        return self.built
+
+    def render(self, request):
+        answer = self.exact.get(request.path)
+        if answer is not None:
+            return answer.render(request)
+        return self.resource().render(request)

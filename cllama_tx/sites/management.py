@@ -17,8 +17,6 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from klein import Klein
-
 from cllama_tx.sites.admin_http import MANAGEMENT_PREFIXES, KeyApiError, write_error
 from cllama_tx.sites.customers import CustomersApi
 from cllama_tx.sites.models_api import ModelsApi
@@ -45,8 +43,6 @@ class ManagementApi:
     @param teams, users, organizations, customers, models: the resource
         groups, or None (their paths then answer 404 saying so).
     """
-
-    app = Klein()
 
     def __init__(self, keys: Any, spend: SpendApi | None = None, teams: TeamsApi | None = None,
                  users: UsersApi | None = None, organizations: OrganizationsApi | None = None,
@@ -177,9 +173,12 @@ class ManagementApi:
             return write_error(request, KeyApiError(405, f"method {request.method.decode('latin-1')} is not allowed here"))
         return await handler(request, *args)
 
-    @app.route("/", branch=True, methods=["GET", "HEAD", "POST", "PATCH", "DELETE", "PUT"])
-    async def _everything(self, request):
-        return await self.dispatch(request)
+    @property
+    def app(self):
+        """A Klein app serving every path (L{cllama_tx.sites.klein_routes}), imported on use."""
+        from cllama_tx.sites.klein_routes import ManagementRoutes
+
+        return ManagementRoutes(self).app
 
 
 def _unquote(segment: str) -> str:

@@ -1,7 +1,8 @@
 """
 Sites built on first use (cllama_tx.sites.lazy): the stand-in alone, and
-the daemon's operator UI, not built at start, built by its first
-connection, which it answers as before.
+the daemon's operator UI and the API's Klein app, not built at start,
+built by their first connection or request, which they answer as before;
+C{/health} answered without building the API's app.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from zope.interface.verify import verifyObject
 
 from cllama_tx.runtime.config import Config
 from cllama_tx.runtime.daemon import build_daemon
-from cllama_tx.sites.lazy import LazySite
+from cllama_tx.sites.lazy import LazyResource, LazySite
 from cllama_tx.sites.ui.app import UiSite
 
 
@@ -95,6 +96,7 @@ class DaemonUiTests(TestCase):
         self.daemon.startService()
         self.addCleanup(self.daemon.stopService)
         [self.ui] = [s for s in self.daemon if getattr(s, "label", None) == "UI"]
+        [self.api] = [s for s in self.daemon if getattr(s, "label", None) == "API"]
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.ui.port.getHost().port}{path}"
@@ -117,3 +119,33 @@ class DaemonUiTests(TestCase):
         doc = json.loads((yield response.text()))
         self.assertIn("providers", doc)
         self.assertIs(lazy.built, site)  # built once
+
+    def api_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.api.port.getHost().port}{path}"
+
+    @defer.inlineCallbacks
+    def test_api_app_built_on_first_use_not_by_health_probes(self):
+        root = self.api.factory.resource
+        self.assertIsInstance(root, LazyResource)
+        self.assertIsNone(root.built, "the API's Klein app was built at start")
+        for method in ("GET", "HEAD"):
+            response = yield treq.request(method, self.api_url("/health"), persistent=False)
+            self.assertEqual(response.code, 200)
+            self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+            body = yield response.content()
+            self.assertEqual(json.loads(body) if method == "GET" else body, {"ok": True} if method == "GET" else b"")
+        self.assertIsNone(root.built, "a health probe built the API's Klein app")
+        response = yield treq.get(self.api_url("/v1/surfaces"), persistent=False)
+        self.assertEqual(response.code, 200)
+        self.assertIn("surfaces", json.loads((yield response.text())))
+        built = root.built
+        self.assertIsNotNone(built)
+        # A method /health does not take: the app's 405, in the API's error shape.
+        response = yield treq.delete(self.api_url("/health"), persistent=False)
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders("allow"), ["GET, HEAD"])
+        self.assertEqual(json.loads((yield response.text()))["error"]["code"], "method_not_allowed")
+        response = yield treq.get(self.api_url("/no/such/path"), persistent=False)
+        self.assertEqual(response.code, 404)
+        self.assertEqual(json.loads((yield response.text()))["error"]["code"], "not_found")
+        self.assertIs(root.built, built)  # built once
