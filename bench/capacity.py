@@ -259,6 +259,100 @@ def streams(args, res: dict, tmp: Path, budget: list[float]) -> None:
     res["streams"] = out
 
 
+def start_tree_proxy(run: Path, env: dict, api: int, core, tree: Path) -> subprocess.Popen:
+    """The daemon of work tree C{tree} (its own code: C{cwd} and C{PYTHONPATH}), answering /health."""
+    env = dict(env, PYTHONPATH=str(tree))
+    p = bench.start(bench.pinned(core, bench.proxy_command()), cwd=str(tree), env=env, stdin=subprocess.DEVNULL,
+                    stdout=open(run / "audit.jsonl", "wb"), stderr=open(run / "proxy.log", "wb"))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise RuntimeError(f"{tree}: the daemon exited: {bench.tail(run / 'proxy.log')}")
+        try:
+            if bench.http("GET", f"http://127.0.0.1:{api}/health", timeout=1)[0] == 200:
+                return p
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{tree}: /health did not answer: {bench.tail(run / 'proxy.log')}")
+
+
+def streams_trees(args, res: dict, tmp: Path, budget: list[float]) -> None:
+    """
+    The streams lane for several work trees side by side (C{--tree
+    NAME@PATH}, a before and an after): one daemon each, all pinned to core
+    0 (the ones not under load idle), the plain and translated lanes taken
+    tree after tree, the trees' order turned round each round.
+    """
+    pin = len(os.sched_getaffinity(0)) >= 2
+    proxy_core, load_core = ("0", "1") if pin else (None, None)
+    run = tmp / "streams-trees"
+    run.mkdir()
+    sse_port = bench.free_port()
+    mock = start_mock(load_core, sse_port, run)
+    trees = []
+    for spec in args.tree:
+        name, _, path = spec.partition("@")
+        home = run / name
+        home.mkdir()
+        api, ui = bench.free_port(), bench.free_port()
+        proxy = start_tree_proxy(home, proxy_env(home, api, ui, bench.free_port(), sse_port), api, proxy_core,
+                                 Path(path or bench.REPO).resolve())
+        wait_ready(api)
+        trees.append((name, api, tree(proxy.pid), proxy))
+    plain, translated = write_body(run, PLAIN_MODEL), write_body(run, TRANSLATED_MODEL)
+    for _, api, pids, _ in trees:  # warm-up, not counted
+        run_streams(load_core, api, plain, 100, 2.0, pids)
+        run_streams(load_core, api, translated, 100, 2.0, pids)
+    out: dict = {"n": args.streams, "hold": args.hold, "pinned": pin, "rounds": args.rounds,
+                 "trees": {name: {"path": spec.partition("@")[2], "plain": [], "translated": []}
+                           for (name, *_), spec in zip(trees, args.tree, strict=True)}}
+    quiet(args, budget)
+    log(f"streams: {args.streams} direct")
+    out["direct"] = stream_lane(load_core, sse_port, plain, args.streams, args.hold, [], [mock.pid])
+    for r in range(args.rounds):
+        order = trees if r % 2 == 0 else trees[::-1]
+        for lane, body in (("plain", plain), ("translated", translated)):
+            for name, api, pids, _ in order:
+                time.sleep(1.0)
+                waited = quiet(args, budget)
+                log(f"streams: {args.streams} {lane} {name} (round {r + 1})")
+                result = stream_lane(load_core, api, body, args.streams, args.hold, pids, [mock.pid])
+                result["quiet_before"] = waited
+                out["trees"][name][lane].append(result)
+    for *_, proxy in trees:
+        bench.stop(proxy)
+    bench.stop(mock)
+    res["streams_trees"] = out
+
+
+def trees_report(s: dict) -> str:
+    """The trees' figures side by side: each round, and the median of the rounds."""
+    keys = (("proxy_us_per_event", "proxy CPU us an event", 1), ("events_per_s", "events/s delivered", 0),
+            ("ttfb_p50_ms", "first event p50 ms", 1), ("ttfb_p99_ms", "first event p99 ms", 1),
+            ("gap_p50_ms", "gap p50 ms", 1), ("gap_p99_ms", "gap p99 ms", 1), ("others_cores", "other processes (cores)", 2))
+    names = list(s["trees"])
+    lines = [f"{s['n']:,} streams of 50 events/s for {s['hold']:g} s, {s['rounds']} round(s), trees "
+             + ", ".join(f"{n} ({s['trees'][n]['path'] or 'this tree'})" for n in names) + ":", ""]
+    lines += ["| lane | figure | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for lane in ("plain", "translated"):
+        for key, label, digits in keys:
+            cells = []
+            for n in names:
+                values = [r.get(key) for r in s["trees"][n][lane] if r.get(key) is not None]
+                cells.append(" / ".join(_f(v, digits) for v in values) or "-")
+            lines.append(f"| {lane} | {label} | " + " | ".join(cells) + " |")
+    for n in names:
+        p, t = s["trees"][n]["plain"], s["trees"][n]["translated"]
+        ratios = [b["proxy_us_per_event"] / a["proxy_us_per_event"] for a, b in zip(p, t, strict=True)
+                  if a.get("proxy_us_per_event") and b.get("proxy_us_per_event")]
+        lines.append(f"\nTranslated against plain, CPU an event, {n}: " + " / ".join(f"{x:.2f}x" for x in ratios) + ".")
+    d = s.get("direct") or {}
+    lines += ["", f"Direct (the load alone): first event p99 {_f(d.get('ttfb_p99_ms'))} ms, "
+                  f"gap p99 {_f(d.get('gap_p99_ms'))} ms, load CPU {_f(d.get('load_us_per_event'))} us an event."]
+    return "\n".join(lines) + "\n"
+
+
 def workers(args, res: dict, tmp: Path, budget: list[float]) -> None:
     """Goal 4: one worker against two, on both cores, nothing pinned."""
     run = tmp / "workers"
@@ -501,6 +595,23 @@ def report(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def main_trees(args) -> int:
+    res: dict = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args)}
+    tmp = Path(tempfile.mkdtemp(prefix="cllama-capacity-"))
+    try:
+        streams_trees(args, res, tmp, [args.quiet_wait])
+    finally:
+        bench.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    bench.RESULTS.mkdir(parents=True, exist_ok=True)
+    path = bench.RESULTS / "capacity-trees.json"
+    path.write_text(json.dumps(res, indent=2, default=str))
+    print(trees_report(res["streams_trees"]))
+    log(f"results in {path}")
+    lanes = [r for t in res["streams_trees"]["trees"].values() for lane in ("plain", "translated") for r in t[lane]]
+    return 0 if all(r.get("ok") for r in lanes) else 1
+
+
 def args_streams(res: dict) -> int:
     return int(res.get("args", {}).get("streams", 1000))
 
@@ -513,8 +624,14 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="streams,workers,memory")
     ap.add_argument("--quiet-wait", type=float, default=float(os.environ.get("BENCH_QUIET_WAIT", "60")),
                     help="seconds in all to wait for other processes to leave the cores idle before lanes")
+    ap.add_argument("--tree", action="append", default=[], metavar="NAME@PATH",
+                    help="the streams lane only, for these work trees side by side (a before and an after); "
+                         "results in bench/results/capacity-trees.json, not the doc's")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the side-by-side streams lane (--tree)")
     args = ap.parse_args(argv)
     build_sseload()
+    if args.tree:
+        return main_trees(args)
     res: dict = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args),
                  "command": " ".join(["bash bench/run --capacity-only", *(argv if argv is not None else sys.argv[1:])])
                  if os.environ.get("BENCH_CAPACITY_CALLER") != "run" else "bash bench/run"}

@@ -40,6 +40,8 @@ _STRING = rb'"((?:[^"\\]|\\.)*)"'
 
 # Bytes a JSON string's body holds only escaped (a control character is not valid JSON).
 _NOT_PLAIN = re.compile(rb'[\x00-\x1f"\\]')
+# And what is not ASCII: a text without any of these is as long as its bytes.
+_NOT_PLAIN_ASCII = re.compile(rb'[\x00-\x1f"\\\x80-\xff]')
 _CONTROL = re.compile(rb"[\x00-\x1f]")
 
 #: The string fields of an OpenAI chunk's delta whose text is counted.
@@ -198,6 +200,24 @@ class ChunkScanner:
             return None
         raw = event[len(head) : end]
         return len(raw) if raw.isascii() else string_chars(raw)
+
+    def event_chars_at(self, data: bytes, start: int, stop: int) -> int | None:
+        """
+        L{event_chars} of C{data[start:stop]}, read in place (the event
+        inside an upstream chunk's framing): no copy when its text is
+        plain ASCII.
+        """
+        head, tail = self._event_head, self._event_tail
+        if not head or not data.startswith(head, start, stop) or not data.endswith(tail, start, stop):
+            return None
+        text, end = start + len(head), stop - len(tail)
+        if end < text:
+            return None
+        if _NOT_PLAIN_ASCII.search(data, text, end) is None:
+            return end - text
+        if _NOT_PLAIN.search(data, text, end) is not None:
+            return None
+        return string_chars(data[text:end])
 
     def chars(self, payload: bytes, want_id: bool = False) -> int | None:
         prefix = self._prefix

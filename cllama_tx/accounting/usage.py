@@ -503,6 +503,22 @@ class SseTap:
         self._held = []
         return held
 
+    def forward_whole(self, data: bytes, start: int, stop: int) -> bool:
+        """
+        L{feed}'s usual case, read in place: C{data[start:stop]} is one
+        text delta framed as the stream's last one.  True when it is
+        (counted, and to be sent the agent unchanged); False when the
+        caller must L{feed} it.
+        """
+        if self._buf or self._pending_lf is not None or self.saw_terminal:
+            return False
+        chars = self._scan.event_chars_at(data, start, stop)
+        if chars is None:
+            return False
+        self.events += 1
+        self.output_chars += chars
+        return True
+
     def feed(self, data: bytes) -> bytes:
         """Take one upstream chunk; return the bytes to send the agent now."""
         chars = self._scan.event_chars(data)

@@ -739,7 +739,7 @@ class Proxy:
             if body is not None:
                 await self._deliver_body(request, response.code, body, ex, api_format)
 
-    def _start_relay(self, request, response, ex: Exchange, on_data) -> StreamRelay:
+    def _start_relay(self, request, response, ex: Exchange, on_data, passthrough=None) -> StreamRelay:
         remaining = self._first_byte_timeout - (self.clock.seconds() - ex.attempt_started)
 
         def first_byte() -> None:
@@ -754,6 +754,7 @@ class Proxy:
             on_first_byte=first_byte,
             stall_timeout=self._agent_stall_timeout,
             agent_progress=lambda: acked_bytes(request.transport),
+            passthrough=passthrough,
         )
         ex.cancel = relay.abort
         response.deliverBody(relay)
@@ -795,7 +796,10 @@ class Proxy:
             ex.delivered = request.startedWriting and 200 <= response.code < 300
             cost_report.use_answering_model(ex, tap.response_model)
 
-        relay = self._start_relay(request, response, ex, on_data)
+        # An event the tap forwards unchanged is all on_data would write: the
+        # relay may pass it on framed as it came (not when it is translated or kept).
+        passthrough = tap.forward_whole if convert is None and not keep else None
+        relay = self._start_relay(request, response, ex, on_data, passthrough)
         try:
             await relay.done
         except Exception as e:

@@ -13,11 +13,17 @@ transport, so when the agent reads slowly Twisted pauses the upstream socket
 instead of buffering; while paused, the provider's silence is not the
 provider's fault, so the idle timer waits and the agent's own stall timer
 runs instead.
+
+The per-event path of a plain stream is kept flat: the upstream client
+hands a chunk that arrived whole with its framing (C{chunk_received}), the
+caller's C{passthrough} (the usage tap) counts an event it would forward
+unchanged in one call, and the chunk goes to the agent's chunked answer as
+it came (C{write_framed}): no de-chunking, no re-framing, no copy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from twisted.internet import defer
@@ -97,6 +103,10 @@ def copy_response_headers(source: Headers, target: Headers) -> None:
         target.setRawHeaders(name, values)
 
 
+def _takes_none(framed: bytes, size: int) -> bool:
+    return False
+
+
 @implementer(IPushProducer)
 class StreamRelay(Protocol):
     """
@@ -118,6 +128,12 @@ class StreamRelay(Protocol):
     reading is never cut, one that reads nothing is cut after between one
     and one and a quarter periods.  C{stall_timeout=None} turns the stall
     timer off.
+
+    C{passthrough(framed, start, stop)}, when given, says whether the event
+    C{framed[start:stop]} is one that C{on_data} would write to the agent
+    unchanged, and counts it as C{on_data} would: such an event goes to the
+    agent's request framed as it came (C{write_framed}) instead of through
+    C{on_data}.
     """
 
     def __init__(
@@ -130,9 +146,11 @@ class StreamRelay(Protocol):
         on_first_byte: Callable[[], None] | None = None,
         stall_timeout: float | None = None,
         agent_progress: Callable[[], int | None] | None = None,
+        passthrough: Callable[[bytes, int, int], bool] | None = None,
     ) -> None:
         self._request = request
         self._clock = clock
+        self._seconds = clock.seconds
         self._idle_timeout = idle_timeout
         self._stall_timeout = stall_timeout
         self._on_data = request.write if on_data is None else on_data
@@ -148,6 +166,13 @@ class StreamRelay(Protocol):
         self._failure: Exception | None = None
         self._last_data = 0.0
         self.paused = False
+        # The flat path: only where the tap's verdict is all that on_data does
+        # with an event it forwards unchanged, and the agent's answer takes
+        # framed chunks.
+        write_framed: Callable[[bytes, int], bool] | None = getattr(request, "write_framed", None)
+        self._passthrough = passthrough if write_framed is not None else None
+        self._write_framed: Callable[[bytes, int], bool] = write_framed or _takes_none
+        self._stopped = False  # aborted: no more of what was read goes on
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
@@ -157,8 +182,61 @@ class StreamRelay(Protocol):
         if self.bytes_relayed == 0:
             self._first_byte()
         self.bytes_relayed += len(data)
-        self._last_data = self._clock.seconds()
+        self._last_data = self._seconds()
         self._on_data(data)
+
+    def chunk_received(self, framed: bytes, spans: Sequence[int]) -> None:
+        """
+        Whole upstream chunks read at once: C{spans} holds the start and
+        stop of each one's data in C{framed}, the rest is their framing
+        (L{cllama_tx.runtime.lean_client}).  A run of events the passthrough
+        forwards unchanged goes to the agent as it came, in one send.
+        """
+        passthrough = self._passthrough
+        count = len(spans)
+        if passthrough is None or not self.bytes_relayed:
+            i = 0
+            while i < count and not self._stopped:
+                self.dataReceived(framed[spans[i] : spans[i + 1]])
+                i += 2
+            return
+        if count == 2:  # the usual read: one event
+            start, stop = spans
+            if passthrough(framed, start, stop):
+                self._pass_on(framed, spans, 0, 2, stop - start)
+            else:
+                self.dataReceived(framed[start:stop])
+            return
+        first = 0  # the first chunk of the run passed but not yet sent
+        size = 0
+        i = 0
+        while i < count:
+            start, stop = spans[i], spans[i + 1]
+            if passthrough(framed, start, stop):
+                size += stop - start
+            else:
+                if i > first:
+                    self._pass_on(framed, spans, first, i, size)
+                if self._stopped:
+                    return
+                self.dataReceived(framed[start:stop])
+                if self._stopped:
+                    return
+                first, size = i + 2, 0
+            i += 2
+        if count > first:
+            self._pass_on(framed, spans, first, count, size)
+
+    def _pass_on(self, framed: bytes, spans: Sequence[int], first: int, end: int, size: int) -> None:
+        """Send the agent chunks C{first} to C{end} of C{spans} (C{size} bytes of data) framed."""
+        self.bytes_relayed += size
+        self._last_data = self._seconds()
+        begin = spans[first - 1] + 2 if first else 0
+        stop = spans[end - 1] + 2
+        if not self._write_framed(framed if begin == 0 and stop == len(framed) else framed[begin:stop], size):
+            # The answer is not chunked: the data alone.
+            for i in range(first, end, 2):
+                self._request.write(framed[spans[i] : spans[i + 1]])
 
     def _first_byte(self) -> None:
         """Switch the timer from the first-byte deadline to the idle timeout."""
@@ -250,6 +328,7 @@ class StreamRelay(Protocol):
 
     def abort(self) -> None:
         """Close the upstream connection (agent gone, or timed out)."""
+        self._stopped = True
         upstream = self._upstream
         if upstream is not None:
             upstream.stopProducing()

@@ -25,12 +25,23 @@ aborts the connection; TLS with the same policy object as Agent's
 Writes on a plain TCP connection are sent with the socket's C{send()}
 while nothing is waiting in Twisted's buffer (see
 L{cllama_tx.sites.lean_http}); over TLS through the transport.
+
+A read that begins with whole chunks of a chunked answer (a stream's
+event, as providers send it: one chunk a write; several when the reader
+fell behind) is handed to a body protocol that has
+C{chunk_received(framed, spans)} with their framing: C{framed} is the read,
+C{spans} (a sequence of ints) the start and stop offsets of each chunk's data in order (its size
+line before it, exactly C{b"%x" % size}, and its CRLF after it); what
+follows the last one is read as ever.  A relay can pass such chunks on to a
+chunked answer as they are, without taking them apart and framing them
+again; a protocol without that method gets C{dataReceived} with the data.
 """
 
 from __future__ import annotations
 
 import socket
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -135,6 +146,8 @@ class LeanResponse:
             protocol.dataReceived(data)
         if self._ended is not None:
             protocol.connectionLost(self._ended)
+        elif self._connection._response is self:
+            self._connection._sink = getattr(protocol, "chunk_received", None)
 
     def _data(self, data: bytes) -> None:
         protocol = self._protocol
@@ -149,6 +162,39 @@ class LeanResponse:
         self._ended = reason
         if self._protocol is not None:
             self._protocol.connectionLost(reason)
+
+
+def whole_chunks(data: bytes) -> Sequence[int]:
+    """
+    The data offsets (start, stop, start, stop, ...) of the whole chunks
+    of a chunked body that C{data} begins with (a chunk's size line is
+    exactly C{b"%x" % size}, no extension; the last chunk, C{0}, is not
+    taken): empty when it does not begin with one.
+    """
+    n = len(data)
+    end = data.find(b"\r\n", 0, 18)
+    if end <= 0:
+        return []
+    size = n - end - 4
+    if size > 0 and data[:end] == b"%x" % size and data.endswith(b"\r\n"):
+        return (end + 2, n - 2)  # one chunk, the usual read
+    spans: list[int] = []
+    at = 0
+    while True:
+        line = data[at:end]
+        try:
+            size = int(line, 16)
+        except ValueError:
+            return spans
+        stop = end + 2 + size
+        if size <= 0 or stop + 2 > n or data[stop : stop + 2] != b"\r\n" or b"%x" % size != line:
+            return spans
+        spans.append(end + 2)
+        spans.append(stop)
+        at = stop + 2
+        end = data.find(b"\r\n", at, at + 18)
+        if end <= at:
+            return spans
 
 
 # Parsing states.
@@ -177,6 +223,7 @@ class _Connection(Protocol):
         self._method = b""
         self._left = 0
         self._chunk_state = 0
+        self._sink: Any = None  # the body protocol's chunk_received, while it reads this answer
         self._keep = True
         self.reused = False
         self.idle_since = 0.0
@@ -211,6 +258,7 @@ class _Connection(Protocol):
         waiting, self._waiting = self._waiting, None
         state, self._state = self._state, _IDLE
         response, self._response = self._response, None
+        self._sink = None
         if waiting is not None:
             waiting.errback(Failure(ResponseNeverReceived([reason])))
         elif response is not None:
@@ -294,12 +342,29 @@ class _Connection(Protocol):
         self._keep = False
         self._state = _IDLE
         self._buffer = b""
+        self._sink = None
         if self.connected and self.transport is not None:
             self.transport.abortConnection()
 
     # -- the answer ------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._state == _BODY_CHUNKED and not self._buffer and not self._chunk_state and self._sink is not None:
+            # The usual read of a stream: whole chunks, passed on framed.
+            # One chunk is the most usual (see whole_chunks).
+            end = data.find(b"\r\n")
+            size = len(data) - end - 4
+            spans: Sequence[int]
+            if 0 < end < 17 and size > 0 and data[:end] == b"%x" % size and data[-2:] == b"\r\n":
+                spans = (end + 2, size + end + 2)
+            else:
+                spans = whole_chunks(data)
+            if spans:
+                self._sink(data, spans)
+                end = spans[-1] + 2
+                if end == len(data) or self._state != _BODY_CHUNKED:
+                    return  # all of it, or the reader abandoned the answer
+                data = data[end:]
         self._buffer = self._buffer + data if self._buffer else data
         try:
             self._advance()
@@ -309,6 +374,7 @@ class _Connection(Protocol):
     def _fail(self, error: Exception) -> None:
         self._keep = False
         self._buffer = b""
+        self._sink = None
         if self.transport is not None:
             self.transport.abortConnection()
         # connectionLost reports it; say why first where a Deferred waits.
@@ -467,6 +533,7 @@ class _Connection(Protocol):
         """The answer's body is complete: back to the pool, then tell the reader."""
         response, self._response = self._response, None
         self._state = _IDLE
+        self._sink = None
         if self._buffer:
             self._keep = False  # bytes after the answer: nothing sane can follow
             self._buffer = b""

@@ -315,6 +315,22 @@ class LeanRequest:
         self.sentLength += len(data)
         channel.send(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
 
+    def write_framed(self, framed: bytes, size: int) -> bool:
+        """
+        Send C{framed}, one chunk with its framing (C{size} bytes of data),
+        as it is: a stream's relay passes an upstream chunk on this way
+        without taking it apart.  False when this answer does not take it
+        (not chunked, its head not sent yet, finished): the caller writes
+        the data instead.
+        """
+        if not self._chunked or not self.startedWriting or self.finished:
+            return False
+        channel = self.channel
+        if channel is not None:
+            self.sentLength += size
+            channel.send(framed)
+        return True
+
     def finish(self) -> None:
         if self.finished:
             return
@@ -396,6 +412,7 @@ class LeanChannel(Protocol):
         self._sock: socket.socket | None = None
         self._backlog = False
         self._watch: _DrainWatch | None = None
+        self._guard: GuardedConnection | None = None
         self._registered = False  # the channel is the transport's push producer
         self._buffer = b""
         self._state = _HEAD
@@ -418,6 +435,7 @@ class LeanChannel(Protocol):
 
     def connectionMade(self) -> None:
         transport = self.transport
+        self._guard = self._guarded()  # looked up once, not on every send
         if ITCPTransport.providedBy(transport):
             # An answer's pieces go out as they are written: without this the
             # last one (a stream's terminating chunk) waits for the agent's
@@ -469,8 +487,8 @@ class LeanChannel(Protocol):
         if sock is None or self._backlog:
             self.transport.write(data)
             return
-        conn = self._guarded()
-        if conn is not None and conn.state == DRAIN:
+        guard = self._guard
+        if guard is not None and guard.state == DRAIN:
             return  # refused: the guard drops what is still written
         try:
             sent = sock.send(data)
