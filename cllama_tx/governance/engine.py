@@ -78,6 +78,10 @@ def end_user_of(doc: dict) -> str | None:
         return None
     return user
 
+#: The shape handed to L{Governance._decide} for a request nothing is held or
+#: counted for (no budget, rate or parallel limit): never read there.
+_NO_SHAPE = RequestShape(text_bytes=0)
+
 # How often an agent's governance file is stat()ed at most.
 RECHECK_INTERVAL = 1.0
 MAX_GOVERNANCE_FILE_BYTES = 1 << 20
@@ -565,8 +569,6 @@ class Governance:
         admission = Admission(agent=context.agent_id, candidates=candidates)
         if levels:
             admission.levels = {level.scope: level for level in levels}
-        admission.token_estimate = estimate_prompt_tokens(doc, ex.surface.api_format)
-        shape = read_request(doc, ex.body_size)
         try:
             scopes = self.scopes(context, levels)
         except ProxyError as error:
@@ -574,11 +576,18 @@ class Governance:
                 raise
             self._budget_unavailable(ex, context.agent_id, error)
             scopes = []  # open: admitted without the budgets
-        scopes = [entry for entry in scopes if self._evaluable(ex, *entry)]
+        if scopes:
+            scopes = [entry for entry in scopes if self._evaluable(ex, *entry)]
         self._check_ledger(ex, scopes)
         rates = self._rate_checks(context, levels)
-        parallel = self._parallel_checks(levels)
-        if self._coordinator is not None and (scopes or rates or parallel):
+        parallel = self._parallel_checks(levels) if levels else []
+        if not (scopes or rates or parallel):
+            # Nothing to hold or count: the body's shape and token estimate
+            # are read only for a request something is decided on.
+            return self._decide(ex, context, admission, scopes, _NO_SHAPE, rates, parallel)
+        admission.token_estimate = estimate_prompt_tokens(doc, ex.surface.api_format)
+        shape = read_request(doc, ex.body_size)
+        if self._coordinator is not None:
             return self._admit_shared(ex, context, admission, scopes, shape, rates, parallel)
         return self._decide(ex, context, admission, scopes, shape, rates, parallel)
 
@@ -624,13 +633,14 @@ class Governance:
             self._check_rates(admission, rates, shape)
             # OpenRouter may answer with any model of the fallback list: each is held for.
             fixed = getattr(ex, "fixed_worst", None)
+            worst = None
             if fixed is not None:
                 # A passthrough request: its worst case is its caller's (no
                 # output limit to lower in a body the proxy does not rewrite).
                 worst = fixed.usd if scopes else None
-            else:
+            elif scopes:
                 priced = admission.candidates + fallback_refs(admission)
-                worst = self._worst_case(priced, shape) if scopes else None
+                worst = self._worst_case(priced, shape)
                 if worst is not None:
                     shape, worst = self._fit_output(admission, scopes, shape, worst, priced)
             for scope, budget, tz in scopes:
