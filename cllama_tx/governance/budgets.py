@@ -320,6 +320,8 @@ def _rates(price: Any, input_tokens: int) -> tuple[float, float]:
 
 
 def _tokens(value: Any) -> int | None:
+    if type(value) is int:
+        return value if value > 0 else 0  # the common case, without the checks below
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return max(0, math.ceil(value))
@@ -715,6 +717,14 @@ class BudgetBook:
         settled = max(0.0, budget.limit_usd - cost)
         return Headroom(settled=settled, now=max(0.0, settled - state.reserved_usd))
 
+    def committed_usd(self, agent: str, budget: Budget, tz: Any = None) -> float:
+        """C{usage(...).cost_usd} alone: the settled spend counted now (what a caller is told is left)."""
+        now = self._clock.seconds()
+        zone = _zone_for(budget, tz)
+        state = self._state(agent)
+        self._prepare(state, budget, now, zone)
+        return round(self._committed(state, budget, now, zone)[0], 10)
+
     @property
     def pricing(self) -> Any:
         """The price table worst cases are computed with."""
@@ -891,12 +901,15 @@ class BudgetBook:
         return state if state is not None and state is reservation.owner else None
 
     def _prepare(self, state: _AgentState, budget: Budget, now: float, zone: datetime.tzinfo) -> None:
-        state.budget = budget
+        if state.budget is not budget:
+            # The bucket size follows the budget (a request is prepared four
+            # times: worked out once per budget, not each time).
+            state.budget = budget
+            state.timeline.set_quantum(quantum_for(budget))
         state.tz = zone
         if budget.spent_offset_usd != state.offset:
             state.offset = budget.spent_offset_usd
             state.anchor = now
-        state.timeline.set_quantum(quantum_for(budget))
         state.timeline.prune(budget, now, zone)
 
     def _offset_counts(self, state: _AgentState, budget: Budget, now: float, zone: datetime.tzinfo) -> bool:

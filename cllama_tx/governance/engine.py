@@ -255,6 +255,7 @@ class Governance:
         self._ledger = ledger
         self._policies: dict[str, tuple[Any, Any]] = {}
         self._budgets: dict[str, tuple[tuple, Any]] = {}
+        self._limits: dict[str, tuple[Any, RateLimits]] = {}
 
     # -- configuration per agent (cached; recomputed only when a source changed)
 
@@ -438,6 +439,15 @@ class Governance:
         return budget
 
     def limits(self, context) -> RateLimits:
+        """The rate limits of C{context}'s metadata (cached while the context is the same object)."""
+        cached = self._limits.get(context.agent_id)
+        if cached is not None and cached[0] is context:
+            return cached[1]
+        limits = self._read_limits(context)
+        self._limits[context.agent_id] = (context, limits)
+        return limits
+
+    def _read_limits(self, context) -> RateLimits:
         raw = (context.metadata or {}).get("rate_limits")
         if not isinstance(raw, dict):
             return self._default_limits
@@ -1086,7 +1096,7 @@ class Governance:
         held = admission.reservation
         remaining = None
         if held is not None and held.budget.limit_usd is not None:
-            remaining = round(held.budget.limit_usd - self.book.usage(held.agent, held.budget, held.tz).cost_usd, 10)
+            remaining = round(held.budget.limit_usd - self.book.committed_usd(held.agent, held.budget, held.tz), 10)
         elif admission.remaining_usd is not None:
             remaining = admission.remaining_usd
         allowed = list(admission.openrouter_models or [str(ref) for ref in admission.candidates])

@@ -102,6 +102,9 @@ class AllowedModel:
 class ModelPolicy:
     mode: str
     allowed: tuple[AllowedModel, ...]
+    # The decisions that land on an allowed ref, made once per policy:
+    # (ref, intervention) -> Decision (bounded by the allowed refs).
+    _decisions: dict = attrs.field(init=False, factory=dict, eq=False, repr=False)
 
     @property
     def refs(self) -> tuple[ModelRef, ...]:
@@ -313,12 +316,16 @@ def _refuse(policy: ModelPolicy, name: str, intervention: str, matches) -> Polic
 def _clamp(policy: ModelPolicy, name: str, intervention: str, matches=()) -> Decision:
     if policy.mode == REJECT:
         raise _refuse(policy, name, intervention, matches)
-    ref = policy.default
-    return Decision(ref=ref, intervention=intervention, candidates=_candidates(policy, ref))
+    return _chosen(policy, policy.default, intervention)
 
 
 def _chosen(policy: ModelPolicy, ref: ModelRef, intervention: str | None) -> Decision:
-    return Decision(ref=ref, intervention=intervention, candidates=_candidates(policy, ref))
+    key = (ref, intervention)
+    found = policy._decisions.get(key)
+    if found is None:
+        found = policy._decisions[key] = Decision(ref=ref, intervention=intervention,
+                                                  candidates=_candidates(policy, ref))
+    return found
 
 
 def decide(

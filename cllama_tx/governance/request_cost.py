@@ -309,6 +309,9 @@ def worst_input_tokens(shape: RequestShape, provider: str, model: str, rules: Bi
     length, should the provider read it as a text file; parts of unknown
     size at the whole context window), and the tokens tool use adds.
     """
+    if not (shape.images or shape.documents or shape.inline_documents or shape.opaque_inputs
+            or shape.tools or shape.builtin_tools):
+        return max(1, shape.text_bytes)  # text alone: its bytes, whatever the model's rules
     rules = rules or rules_for(provider, model)
     high = shape.images - shape.low_detail_images
     document = min(rules.document_pages * rules.page_tokens(), rules.context_tokens)
