@@ -82,6 +82,7 @@ from cllama_tx.store.ledger_sql import (
     TimelineEntry,
 )
 from cllama_tx.store.records import LedgerRow
+from cllama_tx.store.row_journal import RowJournal, journal_path, read_journal
 from cllama_tx.store.shared import SQLITE_COORDINATION_SCHEMA, new_instance_id
 from cllama_tx.store.spill import SpillError, read_spill, remove_spill, spill_path, write_spill
 from cllama_tx.store.sqlite_tx import transaction as _transaction
@@ -469,6 +470,10 @@ class SqliteLedger(LedgerBase, service.Service):
         conn = _open_database(self.path, self.sync)
         try:
             still_held = self._import_spill(conn)
+            still_journaled = self._import_journal(conn)
+            if still_journaled is not None:
+                rows, error = still_held or ([], still_journaled[1])
+                still_held = rows + still_journaled[0], error
             totals, high, overrides = _load_state(conn, self.path)
         except BaseException:
             conn.close()
@@ -476,12 +481,14 @@ class SqliteLedger(LedgerBase, service.Service):
         self._totals = totals
         self._loaded_overrides(overrides)
         inline = open_inline(self.path) if self.sync == "normal" else None
+        # One process on its file: rows recorded during a WAL reset go to the journal.
+        journal = RowJournal(journal_path(self.path)) if inline is not None and not self.shared else None
         spill_file = self.spill_file
         self._writer = writer = Writer(
             conn, self._reactor, self._deliver, sql.INSERT, inline=inline, path=self.path,
             insert_again=sql.INSERT_AGAIN, capacity=self.backlog,
             spill=None if spill_file is None else functools.partial(write_spill, spill_file),
-            shared=self.shared,
+            shared=self.shared, journal=journal,
         )
         writer.on_recovered.append(self._recovered)
         writer.start()
@@ -647,6 +654,30 @@ class SqliteLedger(LedgerBase, service.Service):
             return rows, str(e)
         remove_spill(spill_file)
         _log.info("ledger: imported {count} rows saved in {spill} by the last run", count=len(rows), spill=spill_file)
+        return None
+
+    def _import_journal(self, conn: sqlite3.Connection) -> tuple[list[LedgerRow], str] | None:
+        """
+        At start: commit the rows a previous run left in its row journal
+        (it stopped while a WAL reset owned the database); those already
+        stored are skipped.  If the storage refuses them, returns them and
+        the error, to be held (the journal keeps them until they are written).
+        """
+        path = journal_path(self.path)
+        rows, bad = read_journal(path)
+        if bad:
+            _log.warn("ledger: {bad} lines of {journal} are not rows; skipped", bad=bad, journal=path)
+        if rows:
+            params = [sql.row_params(r, self.instance) for r in rows]
+            try:
+                _transaction(conn, lambda c: c.executemany(sql.INSERT_AGAIN, params))
+            except sqlite3.Error as e:
+                _log.error("ledger: {count} rows of the row journal cannot be written yet: {error}",
+                           count=len(rows), error=str(e))
+                return rows, str(e)
+            _log.info("ledger: committed {count} rows from the row journal", count=len(rows))
+        if os.path.exists(path):
+            os.truncate(path, 0)
         return None
 
     def _recovered(self) -> None:

@@ -82,6 +82,11 @@ def _decode(line: str) -> LedgerRow:
     return row
 
 
+encode_row = _encode
+decode_row = _decode
+"""One row as a line, and back (the ledger's row journal shares the format)."""
+
+
 def write_spill(path: str, rows: Iterable[LedgerRow]) -> str:
     """
     Replace the spill file at C{path} with C{rows} (every row still held:

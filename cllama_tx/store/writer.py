@@ -34,7 +34,10 @@ starts the WAL over once a checkpoint did: the file grew without limit.
 So when the WAL has passed L{WAL_RESET_BYTES} after a PASSIVE checkpoint,
 a TRUNCATE checkpoint runs on the writer thread, which owns the database
 while it runs: it copies the few frames written since the PASSIVE one and
-empties the WAL, and rows recorded meanwhile commit right after it.
+empties the WAL.  Rows recorded meanwhile do not wait for it: each turn's
+rows are appended to the ledger's row journal (L{row_journal}, one
+C{write()}, as durable as a commit here) and answered, and they are
+committed right after the reset, ahead of the rows recorded after them.
 
 B{Several processes on one file} (C{shared}: workers on one host).  Rows
 are committed on the reactor as with one process: the other workers hold
@@ -80,6 +83,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cllama_tx.store.records import LedgerRow
+from cllama_tx.store.row_journal import RowJournal
 from cllama_tx.store.sqlite_tx import DatabaseBusy, is_storage_error
 from cllama_tx.store.sqlite_tx import transaction as _transaction
 
@@ -245,6 +249,8 @@ class Writer:
     C{capacity} rows are held (the ledger refuses work beyond it); C{spill}
     saves the rows still held on close and returns where.  C{shared}:
     other processes write the same file (see the module's docstring).
+    C{journal} takes the rows recorded while a WAL reset owns the database
+    (L{None}: they wait for it).
     """
 
     def __init__(
@@ -259,6 +265,7 @@ class Writer:
         capacity: int = 10000,
         spill: Callable[[list[LedgerRow]], str] | None = None,
         shared: bool = False,
+        journal: RowJournal | None = None,
     ) -> None:
         if shared:
             conn.execute("PRAGMA wal_autocheckpoint = 0")  # the background checkpoints do it
@@ -303,6 +310,13 @@ class Writer:
         self._stop_after_retry: defer.Deferred | None = None
         self.on_recovered: list[Callable[[], None]] = []
         self._storage_failing = False  # thread side: hold rows without trying
+        # While a WAL reset is the thread's only work: rows go to the journal
+        # (answered at once) and wait in _journaled for their commit.
+        self.journal = journal
+        self._journaling = False
+        self._journaled: list[Row] = []
+        self._journal_dirty = journal is not None and journal.size > 0  # rows the database may lack
+        self.journaled_rows = 0
         self.thread = threading.Thread(target=self._run, name="cllama-ledger-writer", daemon=True)
 
     def start(self) -> None:
@@ -330,6 +344,11 @@ class Writer:
         if self.backlog:
             self._hold([item], None)  # never ahead of the rows already held
             return
+        if self._journaling:
+            self._pending.append(item)  # to the journal at the end of this turn
+            if self._flush_call is None:
+                self._flush_call = self._reactor.callLater(0, self.flush)
+            return
         if self._inline is None or self._handed:
             self.handed_rows += 1
             self._hand(item)
@@ -341,6 +360,7 @@ class Writer:
     def call(self, item: Call) -> None:
         """Run C{item} on the thread, after every row recorded before it."""
         self.flush()
+        self._journal_to_thread()
         self._hand(item)
 
     def stop(self, deferred: defer.Deferred) -> None:
@@ -349,6 +369,7 @@ class Writer:
         them), close the thread's connection; C{deferred} fires after.
         """
         self.flush()
+        self._journal_to_thread()
         self._stopping = True
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
@@ -370,6 +391,9 @@ class Writer:
         if self.backlog:
             self._hold(rows, None)
             return
+        if self._journaling:
+            self._to_journal(rows)
+            return
         if self._inline is None or self._handed:
             # Recorded by a callback of the flush that ran just before an item
             # was handed to the thread (call(), stop()): they follow that item.
@@ -377,6 +401,11 @@ class Writer:
             for row in rows:
                 self._hand(row)
             return
+        self._commit_inline(rows)
+
+    def _commit_inline(self, rows: list[Row]) -> None:
+        """Commit C{rows} on the reactor's connection; busy: to the thread; refused: held."""
+        assert self._inline is not None
         try:
             results = self._commit(self._inline, rows, self._insert)
         except DatabaseBusy as busy:
@@ -396,12 +425,70 @@ class Writer:
         self.inline_commits += 1
         self._committed()
         self._deliver(results)
+        self._settled()
 
     def close_inline(self) -> None:
-        """After the thread's last answer: close the reactor's connection."""
+        """After the thread's last answer: close the reactor's connection (and the journal)."""
         if self._inline is not None:
             self._inline.close()
             self._inline = None
+        if self.journal is not None:
+            self.journal.close(remove=not self._journal_dirty)
+            self.journal = None
+
+    # -- the row journal (while a WAL reset owns the database)
+
+    def _to_journal(self, rows: list[Row]) -> None:
+        """Append this turn's rows to the journal and answer them; if it cannot take them, they wait."""
+        assert self.journal is not None
+        try:
+            self.journal.append(r.row for r in rows)
+        except OSError as e:
+            _log.warn("ledger: the row journal cannot be written ({error}); rows wait for the WAL reset",
+                      error=str(e))
+            self._journal_to_thread()
+            self.handed_rows += len(rows)
+            for row in rows:
+                self._hand(row)
+            return
+        self._journal_dirty = True
+        self.journaled_rows += len(rows)
+        # Answered now; committed after the reset with Deferreds of their own.
+        self._journaled.extend(attrs.evolve(r, deferred=defer.Deferred()) for r in rows)
+        self._deliver([(r.deferred, r.row, None) for r in rows])
+
+    def _journal_to_thread(self) -> None:
+        """Something else is handed to the thread: the journaled rows go first, and journaling ends."""
+        self._journaling = False
+        rows, self._journaled = self._journaled, []
+        self.handed_rows += len(rows)
+        for row in rows:
+            self._hand(row)
+
+    def _end_journal(self) -> None:
+        """The reset is done: commit the journaled rows, ahead of everything recorded after them."""
+        if not self._journaling:
+            return
+        self._journaling = False
+        rows, self._journaled = self._journaled, []
+        if not rows:
+            return
+        if self._inline is None or self._handed or self.backlog:
+            self._journaled = rows
+            self._journal_to_thread()
+            return
+        self._commit_inline(rows)
+
+    def _settled(self) -> None:
+        """Nothing is queued or held: every journaled row is in the database, so the journal is emptied."""
+        if self._journal_dirty and not self._journaling and not self._handed and not self.backlog:
+            assert self.journal is not None
+            try:
+                self.journal.clear()
+            except OSError as e:  # its rows are in the database; at the next start they are skipped
+                _log.warn("ledger: the row journal could not be emptied: {error}", error=str(e))
+                return
+            self._journal_dirty = False
 
     def _hand(self, item: Row | Call | Retry | Stop) -> None:
         self._handed += 1
@@ -419,6 +506,7 @@ class Writer:
         if results:
             self._deliver(results)
         self._hold(held, error)
+        self._settled()
 
     # -- held rows (reactor side)
 
@@ -480,6 +568,7 @@ class Writer:
             return
         if not self.backlog:
             self._recovered()
+            self._settled()
         elif error is None:
             self._schedule_retry(0)  # the storage takes rows again: the next batch now
         else:
@@ -543,9 +632,12 @@ class Writer:
         reset: defer.Deferred = defer.Deferred()
         self._resetting = reset
         self.call(Call(functools.partial(truncate_wal, patient=not self.shared), reset))
+        # The reset is the thread's only work: rows recorded until it is done go to the journal.
+        self._journaling = self.journal is not None and self._inline is not None and self._handed == 1
 
         def truncated(result: Any) -> None:
             self._resetting = None
+            self._end_journal()
             self.wal_bytes = wal_size(path)
             if isinstance(result, Failure):
                 _log.warn("ledger: the WAL could not be reset: {error}", error=result.getErrorMessage())
@@ -708,6 +800,8 @@ class Writer:
         if stopped.committed:
             self._deliver(stopped.committed)
         lost = len(stopped.unwritten)
+        if not lost:
+            self._settled()  # the journal's rows are all in the database
         if held and not lost:
             self._recovered()
         elif lost and stopped.spilled_to is not None:
