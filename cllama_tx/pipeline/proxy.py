@@ -727,6 +727,12 @@ class Proxy:
             await self._deliver_body(request, response.code, buffered, ex, api_format)
             return
         content_type = first_header(response.headers, b"content-type") or b""
+        whole = getattr(response, "whole_body", None)
+        if whole is not None and not content_type.startswith(b"text/event-stream") and len(whole) <= MAX_BUFFERED_BODY:
+            # The lean client read the whole answer with its head: nothing left to relay.
+            ex.first_byte_at = self.clock.seconds()
+            await self._deliver_body(request, response.code, whole, ex, api_format)
+            return
         if content_type.startswith(b"text/event-stream"):
             if ex.policy is not None:
                 # Deny-only, before the first byte reaches the agent.

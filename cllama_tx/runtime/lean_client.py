@@ -130,6 +130,8 @@ class LeanResponse:
         self.headers = headers
         self.length = length
         self._protocol: Any = None
+        # The body, when it came whole with the head (then also delivered as usual).
+        self.whole_body: bytes | None = None
         self._early: list[bytes] = []
         self._ended: Failure | None = None
 
@@ -196,6 +198,10 @@ def whole_chunks(data: bytes) -> Sequence[int]:
         if end <= at:
             return spans
 
+
+# How every complete answer ends: one Failure for all (its type's names, which
+# every reader's check() looks up, are worked out once).
+_RESPONSE_DONE = Failure(ResponseDone())
 
 # Parsing states.
 _IDLE = 0
@@ -468,6 +474,16 @@ class _Connection(Protocol):
         response = LeanResponse(self, version, code, phrase, headers, length)
         self._response = response
         waiting, self._waiting = self._waiting, None
+        if state == _BODY_LENGTH and waiting is not None and len(self._buffer) >= self._left:
+            # The whole body came with the head (a JSON answer usually does): the caller
+            # gets the answer complete, its connection back in the pool, in one step.
+            body, self._buffer = self._buffer[: self._left], self._buffer[self._left :]
+            self._left = 0
+            response.whole_body = body
+            self._deliver(body)
+            self._done()
+            waiting.callback(response)
+            return False
         if waiting is not None:
             waiting.callback(response)
         return self._state == state  # False when the callback already ended this answer
@@ -542,7 +558,7 @@ class _Connection(Protocol):
         elif self.connected and self.transport is not None:
             self.transport.loseConnection()
         if response is not None:
-            response._end(Failure(ResponseDone()))
+            response._end(_RESPONSE_DONE)
 
 
 @implementer(IPushProducer)

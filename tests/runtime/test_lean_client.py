@@ -128,6 +128,31 @@ class LeanClientTests(TestCase):
         self.assertIn(b"\r\nContent-Type: application/json\r\n", first)
 
     @defer.inlineCallbacks
+    def test_a_body_that_came_with_its_head_is_handed_over_whole(self):
+        # Head and body in one write: the answer comes complete, its connection already idle.
+        self.server.scripts.append(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"n\":1}"))
+        response = yield self.request()
+        self.assertEqual(response.whole_body, b'{"n":1}')
+        self.assertEqual(self.client.idle_connections(self.url), 1)
+        # Read the usual way too, it is the same body.
+        data, reason = yield self.body(response)
+        self.assertEqual(data, b'{"n":1}')
+        self.assertTrue(reason.check(ResponseDone))
+
+        # The body after the head, in a later write: read as it comes, not whole.
+        def later(transport):
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"n\"")
+            reactor.callLater(0.01, transport.write, b":2}")
+        self.server.scripts.append(later)
+        response = yield self.request()
+        self.assertIsNone(response.whole_body)
+        self.assertEqual(self.client.idle_connections(self.url), 0)
+        data, reason = yield self.body(response)
+        self.assertEqual(data, b'{"n":2}')
+        self.assertTrue(reason.check(ResponseDone))
+        self.assertEqual(len(self.server.connections), 1)
+
+    @defer.inlineCallbacks
     def test_a_chunked_answer_with_trailers_arriving_in_pieces(self):
         def script(transport):
             transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel")
