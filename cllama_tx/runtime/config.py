@@ -417,6 +417,10 @@ class Config:
     # The passthrough (/_proxy/<provider>/<path>): its PassthroughSettings
     # (cllama_tx.pipeline.passthrough), None when it is off.
     passthrough: Any = None
+    # The reactor calls a ready socket's handler without Twisted's per-event
+    # log context (cllama_tx.runtime.twisted_private.lean_dispatch); off:
+    # Twisted's own poll loop.
+    lean_dispatch: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, demo: bool = False) -> Config:
@@ -475,6 +479,7 @@ class Config:
             upstream_ca_file=_ca_file(env),
             write_through=_switch(env, "CLLAMA_WRITE_THROUGH", True),
             lean_http=_switch(env, "CLLAMA_LEAN_HTTP", True),
+            lean_dispatch=_switch(env, "CLLAMA_LEAN_DISPATCH", True),
             max_connections=_cap(env, "CLLAMA_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
             ui_max_connections=_cap(env, "CLLAMA_UI_MAX_CONNECTIONS", DEFAULT_UI_MAX_CONNECTIONS),
             header_timeout=_seconds(env, "CLLAMA_HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT),
