@@ -32,6 +32,7 @@ __all__ = [
     "estimate_prompt_tokens",
     "estimate_tokens",
     "output_chars_from_json",
+    "text_messages_chars",
     "usage_from_json",
 ]
 
@@ -1077,7 +1078,36 @@ def _walk(root: Any, keys: bool) -> tuple[int, int]:
     return chars, attachments
 
 
-def estimate_prompt_tokens(doc: Any, wire_format: str) -> int:
+#: Message values that hold no text of their own (counted as nothing by L{_walk}).
+_SCALARS = (int, float, bool, type(None))
+
+
+def text_messages_chars(messages: list) -> int | None:
+    """
+    The characters L{_walk} counts in C{messages} when every message is an
+    object whose values are strings or scalars (the usual chat body: role
+    and content), without its stack; None when any message holds more (a
+    list of blocks, tool calls), is an attachment, or is not an object.
+    Governance reads a body's shape and its estimate in one pass with it.
+    """
+    chars = 0
+    skip = _SKIP_KEYS
+    for message in messages:
+        if type(message) is not dict:
+            return None
+        kind = message.get("type")
+        if kind is not None and (type(kind) is not str or kind in _ATTACHMENT_TYPES or kind in _OPAQUE_TYPES):
+            return None
+        for key, value in message.items():
+            if type(value) is str:
+                if key not in skip:
+                    chars += len(value)
+            elif not isinstance(value, _SCALARS):
+                return None
+    return chars
+
+
+def estimate_prompt_tokens(doc: Any, wire_format: str, message_chars: int | None = None) -> int:
     """
     A rough prompt size for a request body, for rows whose response carried
     no usage: the text of C{messages} (string contents and content blocks,
@@ -1087,7 +1117,8 @@ def estimate_prompt_tokens(doc: Any, wire_format: str) -> int:
     per-message overhead.  Each image, and each other binary attachment
     (document, file, audio), counts a fixed L{IMAGE_TOKENS} (1,000) tokens;
     its base64 data is never counted as text.  The body is walked once,
-    nothing is serialised.
+    nothing is serialised.  C{message_chars}: L{text_messages_chars} of
+    the body's messages, when the caller has it (they are not walked again).
     """
     _check_format(wire_format)
     if not isinstance(doc, dict):
@@ -1104,9 +1135,14 @@ def estimate_prompt_tokens(doc: Any, wire_format: str) -> int:
         chars += len(instructions)
     if type(messages) is list:
         overhead += _MESSAGE_OVERHEAD * len(messages)
-        c, a = _walk(messages, False)
-        chars += c
-        attachments += a
+        if message_chars is None:
+            message_chars = text_messages_chars(messages)
+        if message_chars is not None:
+            chars += message_chars
+        else:
+            c, a = _walk(messages, False)
+            chars += c
+            attachments += a
     system = doc.get("system")
     if system is not None:
         c, a = _walk(system, False)

@@ -18,7 +18,6 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cllama_tx.accounting.usage import estimate_prompt_tokens
 from cllama_tx.governance import budget_audit, litellm_errors
 from cllama_tx.governance.budgets import (
     BUDGET_EXCEEDED,
@@ -39,7 +38,11 @@ from cllama_tx.governance.parallel import ParallelLimiter
 from cllama_tx.governance.periods import EPSILON_USD, LIFETIME
 from cllama_tx.governance.policy import PolicyError, parse_policy
 from cllama_tx.governance.ratelimit import RateLimiter
-from cllama_tx.governance.request_cost import RequestShape, read_request, worst_input_tokens
+from cllama_tx.governance.request_cost import (
+    RequestShape,
+    read_request_and_estimate,
+    worst_input_tokens,
+)
 from cllama_tx.governance.resolution import Resolution, Router
 from cllama_tx.store.coordination import Decision
 from cllama_tx.store.database import DatabaseUnavailable
@@ -595,8 +598,7 @@ class Governance:
             # Nothing to hold or count: the body's shape and token estimate
             # are read only for a request something is decided on.
             return self._decide(ex, context, admission, scopes, _NO_SHAPE, rates, parallel)
-        admission.token_estimate = estimate_prompt_tokens(doc, ex.surface.api_format)
-        shape = read_request(doc, ex.body_size)
+        shape, admission.token_estimate = read_request_and_estimate(doc, ex.body_size, ex.surface.api_format)
         if self._coordinator is not None:
             return self._admit_shared(ex, context, admission, scopes, shape, rates, parallel)
         return self._decide(ex, context, admission, scopes, shape, rates, parallel)

@@ -25,6 +25,7 @@ from typing import Any
 
 import attrs
 
+from cllama_tx.accounting.usage import RESPONSES, estimate_prompt_tokens, text_messages_chars
 from cllama_tx.governance.billing_rules import (
     TOOL_WRAPPER_TOKENS,
     BillingRules,
@@ -32,7 +33,7 @@ from cllama_tx.governance.billing_rules import (
     rules_for,
 )
 
-__all__ = ["RequestShape", "read_request", "worst_input_tokens"]
+__all__ = ["RequestShape", "read_request", "read_request_and_estimate", "worst_input_tokens"]
 
 #: Fields that ask for several candidates, each billed in full.
 _CHOICE_FIELDS = ("n", "best_of", "candidate_count", "candidateCount")
@@ -272,15 +273,55 @@ def read_request(doc: dict, body_size: int) -> RequestShape:
             audio = message.get("audio")
             if isinstance(audio, dict) and "id" in audio:
                 media.opaque += 1  # an earlier spoken answer, billed again as input
+    return _shape(doc, body_size, media)
+
+
+def read_request_and_estimate(doc: dict, body_size: int, wire_format: str) -> tuple[RequestShape, int]:
+    """
+    L{read_request} and C{estimate_prompt_tokens} of one body, which
+    governance needs both of: a conversation of text-only messages (every
+    value a string or a scalar: no media, no audio, no blocks) is walked
+    once for both, anything else by each as before.
+    """
+    messages = doc.get("messages")
+    if type(messages) is list and wire_format != RESPONSES:
+        chars = text_messages_chars(messages)
+        if chars is not None:
+            return _shape(doc, body_size, _NO_MEDIA), estimate_prompt_tokens(doc, wire_format, chars)
+    return read_request(doc, body_size), estimate_prompt_tokens(doc, wire_format)
+
+
+#: What a conversation without media parts adds (never changed: L{_shape} only reads it).
+_NO_MEDIA = _Media()
+
+
+#: Every top-level field L{_shape} reads: a body with none of them (or only
+#: an output limit) is its bytes and that limit.
+_SHAPE_KEYS = frozenset({
+    "mcp_servers", "tools", "functions", "tool_choice", "prediction", "thinking", "reasoning",
+    "thinking_config", "thinkingConfig", "extra_body", *_NESTED, *_CHOICE_FIELDS, *_MAX_TOKENS_FIELDS,
+})
+_LIMIT_KEYS = frozenset(_MAX_TOKENS_FIELDS)
+
+
+def _shape(doc: dict, body_size: int, media: _Media) -> RequestShape:
+    """The shape of a body whose messages' media were counted into C{media}."""
+    if media is _NO_MEDIA:
+        present = _SHAPE_KEYS.intersection(doc)
+        if not present:
+            return RequestShape(text_bytes=max(0, body_size))
+        if present <= _LIMIT_KEYS:
+            return RequestShape(text_bytes=max(0, body_size), max_tokens=_largest([doc], _MAX_TOKENS_FIELDS))
+    opaque = media.opaque
     mcp = doc.get("mcp_servers")
     if isinstance(mcp, list):
-        media.opaque += len(mcp)  # their tools' definitions are fetched upstream
+        opaque += len(mcp)  # their tools' definitions are fetched upstream
     tools = [t for key in ("tools", "functions") if isinstance(doc.get(key), list) for t in doc[key]]
     builtin = tuple(
         t["type"]
         for t in tools
         if isinstance(t, dict) and isinstance(t.get("type"), str) and t["type"] not in ("function", "custom")
-    )
+    ) if tools else ()
     configs = _nested_configs(doc)
     choices = _largest(configs, _CHOICE_FIELDS)
     max_tokens = _largest(configs, _MAX_TOKENS_FIELDS)
@@ -290,7 +331,7 @@ def read_request(doc: dict, body_size: int) -> RequestShape:
         low_detail_images=media.low,
         documents=media.documents,
         inline_documents=tuple(media.inline_documents),
-        opaque_inputs=media.opaque,
+        opaque_inputs=opaque,
         tools=len(tools),
         builtin_tools=builtin,
         tool_choice=_tool_choice(doc.get("tool_choice")),
