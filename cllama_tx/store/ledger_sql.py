@@ -20,6 +20,7 @@ import copy
 import datetime
 import json
 import math
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -127,16 +128,23 @@ INSERT = "INSERT INTO requests ({}, instance) VALUES ({}, ?)".format(
 INSERT_AGAIN = INSERT + " ON CONFLICT (request_id) DO NOTHING"
 
 
+_ROW_VALUES = operator.attrgetter(*ROW_FIELDS)
+_TEXT_AT = tuple(i for i, name in enumerate(ROW_FIELDS) if name in TEXT_FIELDS)
+_BOOL_AT = tuple(i for i, name in enumerate(ROW_FIELDS) if name in BOOL_FIELDS)
+
+
 def row_params(row: LedgerRow, instance: str | None) -> tuple[Any, ...]:
-    """The parameters of L{INSERT}: the row's columns, then the writing instance."""
-    out = []
-    for name in ROW_FIELDS:
-        value = getattr(row, name)
-        if name in TEXT_FIELDS:
-            value = text_or_none(value)
-        elif name in BOOL_FIELDS:
-            value = 1 if value else 0
-        out.append(value)
+    """
+    The parameters of L{INSERT}: the row's columns (empty text as NULL,
+    booleans as 0 and 1), then the writing instance.  Read in one call
+    and fixed by position: this runs once per request.
+    """
+    out = list(_ROW_VALUES(row))
+    for i in _TEXT_AT:
+        if not out[i]:
+            out[i] = None
+    for i in _BOOL_AT:
+        out[i] = 1 if out[i] else 0
     out.append(instance)
     return tuple(out)
 

@@ -10,12 +10,24 @@ import time
 
 import attrs
 
+_last_second: tuple[int, str] = (-(2**62), "")
+
 
 def rfc3339_ms(epoch: float) -> str:
-    """C{epoch} as RFC 3339 UTC with milliseconds: C{2026-11-22T11:08:45.123Z}."""
+    """
+    C{epoch} as RFC 3339 UTC with milliseconds: C{2026-11-22T11:08:45.123Z}.
+    The formatted second is kept (one entry, replaced whole, so threads may
+    share it): the lines of a request fall in the same second, and
+    C{strftime} of C{gmtime} is most of the cost.
+    """
+    global _last_second
     whole = int(epoch)
     millis = int((epoch - whole) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+    second, prefix = _last_second
+    if whole != second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _last_second = (whole, prefix)
+    return f"{prefix}.{millis:03d}Z"
 
 
 @attrs.define

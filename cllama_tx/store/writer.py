@@ -233,6 +233,10 @@ def truncate_wal(conn: sqlite3.Connection, patient: bool = True) -> tuple[int, i
         conn.execute(f"PRAGMA busy_timeout = {int(previous)}")
 
 
+def _execute_many(statement: str, params: list[tuple[Any, ...]], conn: sqlite3.Connection) -> Any:
+    return conn.executemany(statement, params)
+
+
 def _statement(statement: str, params: Any) -> Callable[[sqlite3.Connection], Any]:
     """One statement with its parameters, as the body of a transaction."""
     return lambda conn: conn.execute(statement, params)
@@ -661,8 +665,12 @@ class Writer:
         write lock could not be taken, and L{StorageFailed} when the
         storage refused the write; both having committed only C{done}.
         """
+        if len(rows) == 1:
+            body = _statement(statement, rows[0].params)  # one row a turn, the usual case: no executemany
+        else:
+            body = functools.partial(_execute_many, statement, [r.params for r in rows])
         try:
-            _transaction(conn, lambda c: c.executemany(statement, [r.params for r in rows]))
+            _transaction(conn, body)
             self.commits += 1
             results: list[Result] = [(r.deferred, r.row, None) for r in rows]
         except DatabaseBusy:
