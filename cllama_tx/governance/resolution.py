@@ -251,6 +251,62 @@ class RegistryView(ProviderView):
         return listed() if listed is not None else {}
 
 
+class _Recording(ProviderView):
+    """
+    A L{ProviderView} that notes every question resolution asked and its
+    answer, so a kept resolution can be checked against the registry as it
+    is now (keys added, disabled or gone, a reload, a discovered server):
+    C{asked} holds C{(bound method, name, answer)}; C{listed} is set when
+    the whole list of names was read (never kept then).
+    """
+
+    def __init__(self, view: ProviderView) -> None:
+        self._view = view
+        self.asked: list[tuple[Callable[[str], bool], str, bool]] = []
+        self.listed = False
+
+    def configured(self, name: str) -> bool:
+        ask = self._view.configured
+        answer = ask(name)
+        self.asked.append((ask, name, answer))
+        return answer
+
+    def known(self, name: str) -> bool:
+        ask = self._view.known
+        answer = ask(name)
+        self.asked.append((ask, name, answer))
+        return answer
+
+    def names(self) -> list[str]:
+        self.listed = True
+        return self._view.names()
+
+    def models(self) -> Mapping[str, tuple[str, ...]]:
+        self.listed = True
+        return self._view.models()
+
+
+@attrs.frozen
+class _Kept:
+    """
+    One kept resolution and everything it read: the policy object, the
+    model table in force, the stored mappings' change count, and the
+    registry's answers (L{_Recording}); with what the trace records of it.
+    """
+
+    policy: Any
+    table: Any
+    mappings_changes: int | None
+    asked: tuple[tuple[Callable[[str], bool], str, bool], ...]
+    found: Resolution
+    rules: tuple[str, ...]
+    result: str
+
+
+#: Kept resolutions at most (an agent's few names; cleared whole when full).
+KEPT_RESOLUTIONS = 4096
+
+
 def _invalid(message: str) -> PolicyRefusal:
     return PolicyRefusal(status=400, code="invalid_model", message=message)
 
@@ -544,6 +600,12 @@ class Router:
         self.trace: Any = None
         self.discovery: Any = None
         self._intervention: Callable[..., None] = lambda *a, **k: None
+        # Resolutions of principals without a key (agents), by (requested,
+        # bare provider, id of the policy): L{_kept}.
+        self._kept: dict[tuple, _Kept] = {}
+        # Bumped by the mapping store on every change (None: a store that
+        # says nothing of its changes; then nothing is kept).
+        self._mapping_changes: int | None = 0
 
     def attach(self, *, mappings=None, resolver=None, trace=None, discovery=None,
                intervention: Callable[..., None] | None = None) -> None:
@@ -556,6 +618,14 @@ class Router:
         audited (C{intervention(ex, name, **details)}).
         """
         self._mappings = mappings
+        self._kept = {}
+        if mappings is None:
+            self._mapping_changes = 0
+        elif isinstance(getattr(mappings, "on_change", None), list):
+            self._mapping_changes = 0
+            mappings.on_change.append(self._mappings_changed)
+        else:
+            self._mapping_changes = None
         self.resolver = resolver
         self.trace = trace
         self.discovery = discovery
@@ -575,10 +645,43 @@ class Router:
             team = self._team_aliases(key.team_id) or None
         return getattr(key, "aliases", None) or None, team
 
+    def _mappings_changed(self, _name: str) -> None:
+        if self._mapping_changes is not None:
+            self._mapping_changes += 1
+
     def _now(self, principal, requested: Any, policy, bare_provider: str | None) -> Resolution:
+        return self._now_kept(principal, requested, policy, bare_provider).found
+
+    def _now_kept(self, principal, requested: Any, policy, bare_provider: str | None) -> _Kept:
+        """
+        L{resolve} with the tables in force.  A principal without a key (an
+        agent) gets the resolution kept from an earlier request of the same
+        name, surface and policy object while nothing it read changed: the
+        model table (replaced whole on reload), the stored mappings (their
+        change count), and each answer the registry gave (asked again:
+        a dict lookup each).  A refusal is never kept.
+        """
         current = self._table.current if self._table is not None else None
+        changes = self._mapping_changes
+        keep = (
+            changes is not None
+            and getattr(principal, "key", None) is None
+            and (requested is None or type(requested) is str)
+        )
+        if keep:
+            slot = (requested, bare_provider, id(policy))
+            kept = self._kept.get(slot)
+            if (
+                kept is not None
+                and kept.policy is policy
+                and kept.table is current
+                and kept.mappings_changes == changes
+                and all(ask(name) == answer for ask, name, answer in kept.asked)
+            ):
+                return kept
         key_aliases, team_aliases = self._aliases(principal)
-        return resolve(
+        recording = _Recording(self._view) if keep else None
+        found = resolve(
             requested,
             policy=policy,
             bare_provider=bare_provider,
@@ -586,9 +689,16 @@ class Router:
             team_aliases=team_aliases,
             table=current.entries if current is not None else None,
             families=current.families if current is not None else DEFAULT,
-            providers=self._view,
+            providers=recording if recording is not None else self._view,
             mappings=self._mappings.current if self._mappings is not None else None,
         )
+        asked = tuple(recording.asked) if recording is not None else ()
+        made = _Kept(policy, current, changes, asked, found, tuple([step.rule for step in found.steps]), str(found.ref))
+        if recording is not None and not recording.listed:
+            if len(self._kept) >= KEPT_RESOLUTIONS:
+                self._kept.clear()
+            self._kept[slot] = made
+        return made
 
     def resolve(self, principal, requested: Any, policy, bare_provider: str | None, ex=None,
                 waited: bool = False) -> Any:
@@ -611,7 +721,7 @@ class Router:
                 lambda _: self.resolve(principal, requested, policy, bare_provider, ex, waited=True))
         hints = getattr(ex, "resolve_hints", None)
         try:
-            found = self._now(principal, requested, policy, bare_provider)
+            now = self._now_kept(principal, requested, policy, bare_provider)
         except Unresolved as unresolved:
             resolver = self.resolver
             if resolver is None or ex is None:
@@ -624,6 +734,12 @@ class Router:
         except ProxyError as refused:
             self._record(ex, principal, requested, (), None, refused.code)
             raise
+        found = now.found
+        if hints is None and self.trace is not None:
+            # The usual request: its trace line from what was kept with the resolution.
+            self.trace.record(getattr(ex, "request_id", None), getattr(principal, "agent_id", None), requested,
+                              now.rules, now.result, None, None)
+            return found
         if hints is not None and hints.force and self.resolver is not None:
             step = next((s for s in found.steps if s.rule == LLM_MAPPING), None)
             if step is not None:

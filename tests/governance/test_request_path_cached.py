@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import json
 
+import attrs
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from cllama_tx.accounting.usage import estimate_prompt_tokens, text_messages_chars
+from cllama_tx.governance.mappings import OPERATOR, ModelMapping
+from cllama_tx.governance.policy import parse_policy
 from cllama_tx.governance.request_cost import read_request, read_request_and_estimate
+from cllama_tx.governance.resolution import DEFAULT, Router, TableEntry
+from cllama_tx.governance.resolution_trace import ResolutionTrace
+from cllama_tx.providers.registry import ProviderRegistry
+from cllama_tx.surfaces.errors import ProxyError
+from cllama_tx.surfaces.matrix import ModelRef
 
 BASE = {
     "model": "openai/gpt-4o-mini",
@@ -96,3 +105,169 @@ class OneWalkTests(SynchronousTestCase):
         self.assertEqual(read_request_and_estimate(with_mcp, size, "openai")[0].opaque_inputs, 3)
         self.assertEqual(read_request_and_estimate(BASE, size, "openai")[0].opaque_inputs, 0)
         self.assertEqual(read_request_and_estimate(with_mcp, size, "openai")[0].opaque_inputs, 3)
+
+
+class _Table:
+    """The model table file's object: its parsed table in C{current}, replaced whole on reload."""
+
+    def __init__(self, entries: dict) -> None:
+        self.current = _Current(entries)
+
+
+class _Current:
+    def __init__(self, entries: dict) -> None:
+        self.entries = entries
+        self.families = DEFAULT
+
+
+@attrs.frozen
+class _Agent:
+    agent_id: str = "tiverton"
+
+
+class _Ex:
+    request_id = "r1"
+    resolve_hints = None
+
+
+class KeptResolutionTests(SynchronousTestCase):
+    """
+    A resolution kept for an agent's name is the one the order gives now:
+    any change to what it read (a key, a reload of providers.json, the
+    model table, a stored mapping, the agent's policy) applies to the next
+    request.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = ProviderRegistry(
+            {"OPENAI_API_KEY": "sk-openai-kept-1", "OPENROUTER_API_KEY": "sk-or-kept-1"}, None, self.clock
+        )
+        self.addCleanup(self.registry.stop_probes)
+        self.router = Router(providers=self.registry, table=_Table({}))
+
+    def resolve(self, requested, policy=None, bare=None, agent=_Agent()):
+        return self.router.resolve(agent, requested, policy, bare, _Ex())
+
+    def test_kept_is_reused(self) -> None:
+        first = self.resolve("openai/gpt-4o-mini")
+        self.assertIs(self.resolve("openai/gpt-4o-mini"), first)
+        self.assertEqual((str(first.ref), first.steps), ("openai/gpt-4o-mini", ()))
+        # Another name, another surface: their own resolutions.
+        self.assertEqual(str(self.resolve("gpt-4o").ref), "openai/gpt-4o")
+        self.assertEqual(str(self.resolve("my-model", bare="anthropic").ref), "openrouter/anthropic/my-model")
+
+    def test_a_disabled_key_applies_at_once(self) -> None:
+        """The provider loses its only key: the next request goes through OpenRouter, as the order says."""
+        self.assertEqual(str(self.resolve("openai/gpt-4o-mini").ref), "openai/gpt-4o-mini")
+        self.registry.disable_key("openai", "seed:OPENAI_API_KEY")
+        found = self.resolve("openai/gpt-4o-mini")
+        self.assertEqual(str(found.ref), "openrouter/openai/gpt-4o-mini")
+        self.assertEqual([step.rule for step in found.steps], ["openrouter_fallback"])
+        self.registry.activate_key("openai", "seed:OPENAI_API_KEY")
+        self.assertEqual(str(self.resolve("openai/gpt-4o-mini").ref), "openai/gpt-4o-mini")
+
+    def test_a_reload_applies_at_once(self) -> None:
+        """providers.json and the environment read again without the key: the next request sees it."""
+        self.assertEqual(str(self.resolve("gpt-4o").ref), "openai/gpt-4o")
+        self.registry.reload({"OPENROUTER_API_KEY": "sk-or-kept-1"})
+        self.assertEqual(str(self.resolve("gpt-4o").ref), "openrouter/openai/gpt-4o")
+        self.registry.reload({})
+        # No key anywhere: the catalog's provider, whose refusal the registry gives when it is sent.
+        found = self.resolve("gpt-4o")
+        self.assertEqual((str(found.ref), [s.rule for s in found.steps]), ("openai/gpt-4o", ["bare_family"]))
+
+    def test_an_added_key_applies_at_once(self) -> None:
+        """xai had no key (OpenRouter carried it); a key added in the UI routes it to xai itself."""
+        self.assertEqual(str(self.resolve("grok-4").ref), "openrouter/x-ai/grok-4")
+        self.registry.add_key("xai", "xai-kept-secret-1")
+        self.assertEqual(str(self.resolve("grok-4").ref), "xai/grok-4")
+
+    def test_a_new_model_table_applies_at_once(self) -> None:
+        with self.assertRaises(ProxyError):
+            self.resolve("house")
+        self.router._table.current = _Current({"house": TableEntry("house", (ModelRef("openai", "gpt-4o"),))})
+        found = self.resolve("house")
+        self.assertEqual((str(found.ref), [s.rule for s in found.steps]), ("openai/gpt-4o", ["model_table"]))
+
+    def test_a_stored_mapping_applies_at_once(self) -> None:
+        """An operator's mapping put after the name was resolved: the next request follows it."""
+        store = _Mappings()
+        self.router.attach(mappings=store)
+        self.assertEqual(str(self.resolve("openai/gpt-4o-mini").ref), "openai/gpt-4o-mini")
+        store.set(ModelMapping("openai/gpt-4o-mini", "openai/gpt-4o", OPERATOR, 1.0, 1.0, 1.0, "ops", {}))
+        found = self.resolve("openai/gpt-4o-mini")
+        self.assertEqual((str(found.ref), [s.rule for s in found.steps]), ("openai/gpt-4o", ["mapping"]))
+        store.set(None, "openai/gpt-4o-mini")
+        self.assertEqual(str(self.resolve("openai/gpt-4o-mini").ref), "openai/gpt-4o-mini")
+
+    def test_a_store_without_change_signal_is_never_kept(self) -> None:
+        store = _Mappings()
+        del store.on_change
+        self.router.attach(mappings=store)
+        first = self.resolve("openai/gpt-4o-mini")
+        self.assertIsNot(self.resolve("openai/gpt-4o-mini"), first)
+        self.assertEqual(self.resolve("openai/gpt-4o-mini"), first)
+
+    def test_a_reloaded_policy_applies_at_once(self) -> None:
+        """A context reloaded with another policy (a new policy object): its own decision."""
+        old = parse_policy({"allowed": [{"slot": "primary", "ref": "openai/gpt-4o-mini"}]})
+        new = parse_policy({"allowed": [{"slot": "primary", "ref": "openai/gpt-4o"}]})
+        self.assertEqual(str(self.resolve("openai/gpt-4o-mini", old).ref), "openai/gpt-4o-mini")
+        found = self.resolve("openai/gpt-4o-mini", new)
+        self.assertEqual(str(found.ref), "openai/gpt-4o")
+        self.assertEqual([s.rule for s in found.steps], ["disallowed_clamped"])
+        self.assertEqual(str(self.resolve("openai/gpt-4o-mini", old).ref), "openai/gpt-4o-mini")
+
+    def test_keys_are_never_kept(self) -> None:
+        """A virtual key's aliases are read per request (they change with the key): nothing is kept for it."""
+
+        class Key:
+            team_id = None
+            aliases = {"fast": "openai/gpt-4o-mini"}
+
+        @attrs.frozen
+        class KeyPrincipal:
+            key: object = Key()
+            agent_id: str = "key-1"
+
+        principal = KeyPrincipal()
+        self.assertEqual(str(self.resolve("fast", agent=principal).ref), "openai/gpt-4o-mini")
+        Key.aliases = {"fast": "openai/gpt-4o"}
+        self.assertEqual(str(self.resolve("fast", agent=principal).ref), "openai/gpt-4o")
+        self.assertEqual(self.router._kept, {})
+
+    def test_the_trace_records_every_request(self) -> None:
+        trace = ResolutionTrace(self.clock, size=10)
+        self.router.attach(trace=trace)
+        for _ in range(3):
+            self.resolve("gpt-4o")
+        entries = trace.entries()
+        self.assertEqual(len(entries), 3)
+        self.assertEqual({(e["decided_by"], e["result"], e["caller"], e["request_id"]) for e in entries},
+                         {("bare_family", "openai/gpt-4o", "tiverton", "r1")})
+
+    def test_refusals_are_not_kept(self) -> None:
+        for _ in range(2):
+            with self.assertRaises(ProxyError):
+                self.resolve("junk-model")
+        self.assertEqual(self.router._kept, {})
+
+
+class _Mappings:
+    """A mapping store's reads and its change signal (L{cllama_tx.governance.mapping_store.MappingStore})."""
+
+    loaded = True
+
+    def __init__(self) -> None:
+        self.current: dict = {}
+        self.on_change: list = []
+
+    def set(self, mapping, name=None) -> None:
+        name = mapping.name if mapping is not None else name
+        if mapping is None:
+            self.current.pop(name, None)
+        else:
+            self.current[name] = mapping
+        for observer in self.on_change:
+            observer(name)
