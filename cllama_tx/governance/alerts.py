@@ -288,6 +288,17 @@ def render_body(kind: str, fields: dict) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def budget_fraction(budget: Any, cost_usd: float, requests: int) -> float:
+    """What L{budget_observation} reports as used: settled spend or requests over their limit, the higher."""
+    limit, max_requests = budget.limit_usd, budget.max_requests
+    fraction = 0.0
+    if limit:
+        fraction = max(fraction, cost_usd / limit)
+    if max_requests:
+        fraction = max(fraction, requests / max_requests)
+    return fraction
+
+
 def budget_observation(budget: Any, usage: Any) -> tuple[str, str, float, dict]:
     """
     The arguments of L{AlertNotifier.observe} (after C{agent}) for a
@@ -303,11 +314,7 @@ def budget_observation(budget: Any, usage: Any) -> tuple[str, str, float, dict]:
        the key, so a changed budget re-arms its thresholds.
     """
     limit, max_requests = budget.limit_usd, budget.max_requests
-    fraction = 0.0
-    if limit:
-        fraction = max(fraction, usage.cost_usd / limit)
-    if max_requests:
-        fraction = max(fraction, usage.requests / max_requests)
+    fraction = budget_fraction(budget, usage.cost_usd, usage.requests)
     details: dict = {
         "behavior": budget.behavior,
         "period_start": usage.start,
@@ -587,6 +594,15 @@ class AlertNotifier(service.Service):
             except Exception:
                 pass
             return ()
+
+    def quiet(self, agent: str, fraction_used: float) -> bool:
+        """
+        Whether L{observe} of C{fraction_used} for C{agent} would do nothing
+        at all, whatever the period: nothing announced for the agent is
+        kept, and the fraction is under the lowest threshold.  The request
+        path asks this first and builds a whole usage report only when not.
+        """
+        return agent not in self._marks and fraction_used + _EPSILON < self.thresholds[0]
 
     def observe_usage(self, agent: str, budget: Any, usage: Any) -> tuple[float, ...]:
         """L{observe} with L{budget_observation}C{(budget, usage)}; never raises."""

@@ -305,12 +305,14 @@ def layer_budgets(
 
 
 def _rates(price: Any, input_tokens: int) -> tuple[float, float]:
-    rates = [price.input]
-    if price.cache_read is not None:
-        rates.append(price.cache_read)
-    if price.cache_write is not None:
-        rates.append(price.cache_write)
-    input_rate = max(rates)
+    # The highest of input, cache read and cache write (no list: every request pays for this).
+    input_rate = price.input
+    cache_read = price.cache_read
+    if cache_read is not None and cache_read > input_rate:
+        input_rate = cache_read
+    cache_write = price.cache_write
+    if cache_write is not None and cache_write > input_rate:
+        input_rate = cache_write
     output_rate = price.output
     rule = price.long_context
     if rule is not None and input_tokens > rule.threshold_input_tokens:
@@ -353,12 +355,25 @@ def worst_case_cost(
     price = pricing.price(provider, model) if pricing is not None else None
     if price is None:
         return None
-    tokens_in = _tokens(input_tokens) or 0
-    out = _tokens(max_tokens) if max_tokens is not None else None
+    # Whole positive counts (the usual request) skip _tokens' checks; the results are its.
+    if type(input_tokens) is int and input_tokens > 0:
+        tokens_in = input_tokens
+    else:
+        tokens_in = _tokens(input_tokens) or 0
+    if max_tokens is None:
+        out = None
+    elif type(max_tokens) is int:
+        out = max_tokens if max_tokens > 0 else 0
+    else:
+        out = _tokens(max_tokens)
     if not out:
         out = price.max_output_tokens or fallback_max_output
-    out = max(out, _tokens(min_output_tokens) or 0) * max(1, _tokens(choices) or 1)
-    out += _tokens(extra_output_tokens) or 0
+    if type(min_output_tokens) is not int or min_output_tokens > 0:
+        out = max(out, _tokens(min_output_tokens) or 0)
+    if type(choices) is not int or choices > 1:
+        out *= max(1, _tokens(choices) or 1)
+    if type(extra_output_tokens) is not int or extra_output_tokens > 0:
+        out += _tokens(extra_output_tokens) or 0
     input_rate, output_rate = _rates(price, tokens_in)
     return (tokens_in * input_rate + out * output_rate) / 1_000_000
 
@@ -719,11 +734,20 @@ class BudgetBook:
 
     def committed_usd(self, agent: str, budget: Budget, tz: Any = None) -> float:
         """C{usage(...).cost_usd} alone: the settled spend counted now (what a caller is told is left)."""
+        return self.committed(agent, budget, tz)[0]
+
+    def committed(self, agent: str, budget: Budget, tz: Any = None) -> tuple[float, int]:
+        """
+        C{(usage(...).cost_usd, usage(...).requests)}: the settled spend and
+        requests counted now, for the remaining-budget header and the alerts'
+        fraction of one settled request, without a whole usage report.
+        """
         now = self._clock.seconds()
         zone = _zone_for(budget, tz)
         state = self._state(agent)
         self._prepare(state, budget, now, zone)
-        return round(self._committed(state, budget, now, zone)[0], 10)
+        cost, requests, _ = self._committed(state, budget, now, zone)
+        return round(cost, 10), requests
 
     @property
     def pricing(self) -> Any:

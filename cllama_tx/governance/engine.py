@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cllama_tx.governance import budget_audit, litellm_errors
+from cllama_tx.governance.alerts import budget_fraction
 from cllama_tx.governance.budgets import (
     BUDGET_EXCEEDED,
     HARD_STOP,
@@ -29,6 +30,7 @@ from cllama_tx.governance.budgets import (
     layer_budgets,
     parse_budget,
     refusal_body,
+    worst_case_cost,
     worst_input_cost,
 )
 from cllama_tx.governance.ceiling import AUTO, CeilingPricing, ceiling_cost
@@ -37,6 +39,7 @@ from cllama_tx.governance.output_limit import DEFAULT_MIN_OUTPUT_TOKENS, OutputL
 from cllama_tx.governance.parallel import ParallelLimiter
 from cllama_tx.governance.periods import EPSILON_USD, LIFETIME
 from cllama_tx.governance.policy import PolicyError, parse_policy
+from cllama_tx.governance.ratelimit import Admission as RateAdmission
 from cllama_tx.governance.ratelimit import RateLimiter
 from cllama_tx.governance.request_cost import (
     RequestShape,
@@ -429,8 +432,11 @@ class Governance:
     def budget(self, context):
         sources = self._sources(context)
         cached = self._budgets.get(context.agent_id)
-        if cached is not None and all(a is b for a, b in zip(cached[0], sources, strict=True)):
-            return cached[1]
+        if cached is not None:
+            kept = cached[0]
+            if (len(kept) == 4 and kept[0] is sources[0] and kept[1] is sources[1] and kept[2] is sources[2]
+                    and kept[3] is sources[3]):
+                return cached[1]
         raw = self.raw_budget(sources)
         key = sources
         try:
@@ -783,6 +789,8 @@ class Governance:
         return float(reset) if isinstance(reset, (int, float)) else 0.0
 
     def _apply_tiers(self, ex, admission: Admission, scope: str, budget, tz) -> None:
+        if not budget.tiers or budget.limit_usd is None:
+            return  # no tier applies: BudgetBook.choose_model would keep the ref as it is
         chosen = admission.candidates[0]
         try:
             decision = self.book.choose_model(scope, budget, str(chosen), tz)
@@ -892,8 +900,8 @@ class Governance:
         tokens = admission.token_estimate + shape.choices * shape.output_tokens(0) + shape.prediction_bytes
         admission.token_estimate = tokens
         for scope, limits, entity in checks:
-            verdict = self._limiter.check(scope, limits.rpm, limits.tpm, tokens)
-            if not verdict.allowed:
+            verdict = self._limiter.admit(scope, limits.rpm, limits.tpm, tokens)
+            if isinstance(verdict, RateAdmission):  # refused
                 retry = max(1, int(-(-verdict.retry_after // 1)))
                 if entity is not None:
                     reason = (
@@ -907,7 +915,7 @@ class Governance:
                     else "request rate limit exceeded"
                 )
                 raise ProxyError(429, "rate_limited", message, retry_after=retry, error_type="rate_limited")
-            admission.rate_holds.append((scope, verdict.at))
+            admission.rate_holds.append((scope, verdict))
 
     def _release_rate(self, admission: Admission) -> None:
         for scope, at in admission.rate_holds:
@@ -936,8 +944,10 @@ class Governance:
         exceeds what was held.  L{None} when no candidate is priced.
         """
         worst = None
+        pricing = self.book.pricing
         for ref in candidates:
-            cost = self.book.worst_case(
+            cost = worst_case_cost(
+                pricing,
                 ref.provider,
                 ref.model,
                 worst_input_tokens(shape, ref.provider, ref.model),
@@ -1069,6 +1079,7 @@ class Governance:
             ex.shared_release = (
                 admission.shared_reservations, [(event, actual) for event in admission.shared_rate_events]
             )
+        committed = None
         for held in admission.reservations:
             level = admission.levels.get(held.agent)
             soft = getattr(level, "soft_usd", None)
@@ -1088,17 +1099,41 @@ class Governance:
                     self._intervention(ex, "budget_alert", reason="soft_budget", scope=held.agent,
                                        soft_budget_usd=soft, spend_usd=round(after, 10))
             if self._alerts is not None:
-                usage = self.book.usage(held.agent, held.budget, held.tz)
-                self._alerts.observe_usage(held.agent, held.budget, usage)
+                spent = self._observe_alerts(held)
+                if held is admission.reservations[0]:
+                    committed = spent
         if hasattr(ex, "budget_report"):
-            ex.budget_report = self.report(admission)
+            ex.budget_report = self.report(admission, committed)
 
-    def report(self, admission: Admission) -> BudgetReport:
-        """What the caller is told of its budget now: what is left of the first one, the models it may get."""
+    def _observe_alerts(self, held) -> float:
+        """
+        Tell the alerts what a settled request left spent; a whole usage
+        report only when a threshold could be crossed (L{AlertNotifier.quiet}).
+        Returns the settled spend counted now (the remaining-budget header's).
+        """
+        cost, requests = self.book.committed(held.agent, held.budget, held.tz)
+        alerts = self._alerts
+        quiet = getattr(alerts, "quiet", None)
+        try:
+            skip = quiet is not None and quiet(held.agent, budget_fraction(held.budget, cost, requests))
+        except Exception:
+            skip = False  # observe_usage says what is wrong
+        if not skip:
+            alerts.observe_usage(held.agent, held.budget, self.book.usage(held.agent, held.budget, held.tz))
+        return cost
+
+    def report(self, admission: Admission, committed: float | None = None) -> BudgetReport:
+        """
+        What the caller is told of its budget now: what is left of the first
+        one, the models it may get.  C{committed}: the first budget's settled
+        spend when the caller just read it (L{BudgetBook.committed}).
+        """
         held = admission.reservation
         remaining = None
         if held is not None and held.budget.limit_usd is not None:
-            remaining = round(held.budget.limit_usd - self.book.committed_usd(held.agent, held.budget, held.tz), 10)
+            if committed is None:
+                committed = self.book.committed_usd(held.agent, held.budget, held.tz)
+            remaining = round(held.budget.limit_usd - committed, 10)
         elif admission.remaining_usd is not None:
             remaining = admission.remaining_usd
         allowed = list(admission.openrouter_models or [str(ref) for ref in admission.candidates])

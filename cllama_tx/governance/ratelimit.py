@@ -209,9 +209,22 @@ class RateLimiter:
 
         @raise ValueError: a negative or non-integer limit, negative tokens.
         """
-        rpm = _limit("rpm", rpm)
-        tpm = _limit("tpm", tpm)
-        tokens = _tokens("tokens", tokens)
+        verdict = self.admit(key, rpm, tpm, tokens)
+        return verdict if isinstance(verdict, Admission) else Admission(True, 0.0, None, at=verdict)
+
+    def admit(self, key: str, rpm: int | None, tpm: int | None, tokens: int) -> float | Admission:
+        """
+        L{check} for the request path: an admitted request gets only the
+        clock time it was admitted at (its C{at}, for L{settle}), without an
+        L{Admission} object; a refused one gets the refusal.
+        """
+        # Whole non-negative numbers (every call of the request path) skip the checks.
+        if rpm is not None and (type(rpm) is not int or rpm < 0):
+            rpm = _limit("rpm", rpm)
+        if tpm is not None and (type(tpm) is not int or tpm < 0):
+            tpm = _limit("tpm", tpm)
+        if type(tokens) is not int or tokens < 0:
+            tokens = _tokens("tokens", tokens)
         now = self._clock.seconds()
         second = _second(now)
 
@@ -242,7 +255,7 @@ class RateLimiter:
         state.request_total += 1
         state.add_tokens(second, tokens)
         self._touch(key, state, second)
-        return Admission(True, 0.0, None, at=now)
+        return now
 
     def absorb(self, key: str, at: float, tokens: int) -> None:
         """
@@ -285,8 +298,11 @@ class RateLimiter:
         tokens are charged to the current second and a refund is taken from
         the most recent seconds backwards, never below zero.
         """
-        estimated = _tokens("estimated_tokens", estimated_tokens)
-        actual = _tokens("actual_tokens", actual_tokens)
+        estimated, actual = estimated_tokens, actual_tokens
+        if type(estimated) is not int or estimated < 0:
+            estimated = _tokens("estimated_tokens", estimated)
+        if type(actual) is not int or actual < 0:
+            actual = _tokens("actual_tokens", actual)
         delta = actual - estimated
         if delta == 0:
             return

@@ -317,6 +317,12 @@ def upstream_url(base_url: str, ingress_path: str) -> str:
     return base_url.rstrip("/") + rest
 
 
+#: Checked credential headers by (auth mode, key): a key is checked and
+#: encoded once, not on every request it signs.  Bounded (cleared whole).
+_CHECKED_AUTH: dict[tuple[str, str], tuple[tuple[bytes, bytes], ...]] = {}
+MAX_CHECKED_AUTH = 1024
+
+
 def auth_headers(spec_auth: str, secret: str | None) -> list[tuple[bytes, bytes]]:
     """
     The upstream credential headers for auth mode C{spec_auth}.
@@ -325,6 +331,19 @@ def auth_headers(spec_auth: str, secret: str | None) -> list[tuple[bytes, bytes]
         or a key that cannot be a header value.  Messages never contain the
         key.
     """
+    if type(secret) is str:
+        checked = _CHECKED_AUTH.get((spec_auth, secret))
+        if checked is not None:
+            return list(checked)
+    headers = _auth_headers(spec_auth, secret)
+    if type(secret) is str and type(spec_auth) is str:
+        if len(_CHECKED_AUTH) >= MAX_CHECKED_AUTH:
+            _CHECKED_AUTH.clear()
+        _CHECKED_AUTH[(spec_auth, secret)] = tuple(headers)
+    return headers
+
+
+def _auth_headers(spec_auth: str, secret: str | None) -> list[tuple[bytes, bytes]]:
     if spec_auth == NO_AUTH:
         return []
     if spec_auth not in AUTH_MODES:

@@ -9,18 +9,25 @@ from __future__ import annotations
 import json
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from cllama_tx.accounting.pricing import Price
 from cllama_tx.accounting.usage import estimate_prompt_tokens, text_messages_chars
+from cllama_tx.governance.alerts import AlertNotifier, Webhook
+from cllama_tx.governance.budgets import BudgetBook, parse_budget
+from cllama_tx.governance.engine import Governance
 from cllama_tx.governance.mappings import OPERATOR, ModelMapping
 from cllama_tx.governance.policy import parse_policy
+from cllama_tx.governance.ratelimit import RateLimiter
 from cllama_tx.governance.request_cost import read_request, read_request_and_estimate
 from cllama_tx.governance.resolution import DEFAULT, Router, TableEntry
 from cllama_tx.governance.resolution_trace import ResolutionTrace
+from cllama_tx.providers.catalog import auth_headers
 from cllama_tx.providers.registry import ProviderRegistry
 from cllama_tx.surfaces.errors import ProxyError
-from cllama_tx.surfaces.matrix import ModelRef
+from cllama_tx.surfaces.matrix import OPENAI_CHAT, ModelRef
 
 BASE = {
     "model": "openai/gpt-4o-mini",
@@ -271,3 +278,185 @@ class _Mappings:
             self.current[name] = mapping
         for observer in self.on_change:
             observer(name)
+
+
+class RateAdmitTests(SynchronousTestCase):
+    """L{RateLimiter.admit} counts and refuses exactly as L{RateLimiter.check}, without its object when admitted."""
+
+    def test_same_as_check(self) -> None:
+        clock = Clock()
+        clock.advance(1000.25)
+        by_check, by_admit = RateLimiter(clock), RateLimiter(clock)
+        for step, (rpm, tpm, tokens) in enumerate([(3, 100, 10), (3, 100, 40), (3, 100, 60), (3, 100, 5), (3, None, 1),
+                                                   (None, 100, 30), (0, None, 1), (3, 20, 21), (None, None, 7)] * 3):
+            verdict = by_check.check("k", rpm, tpm, tokens)
+            admitted = by_admit.admit("k", rpm, tpm, tokens)
+            if verdict.allowed:
+                self.assertEqual(admitted, clock.seconds())
+                self.assertEqual(verdict.at, admitted)
+            else:
+                self.assertEqual(admitted, verdict)
+            self.assertEqual(by_check.usage("k"), by_admit.usage("k"))
+            if step % 4 == 3:
+                by_check.settle("k", tokens, tokens // 2, admitted_at=clock.seconds())
+                by_admit.settle("k", tokens, tokens // 2, admitted_at=clock.seconds())
+            clock.advance(7.5)
+
+    def test_arguments_are_still_checked(self) -> None:
+        limiter = RateLimiter(Clock())
+        for rpm, tpm, tokens in ((-1, None, 1), (True, None, 1), (1.5, None, 1), (None, -2, 1), (None, None, -1),
+                                 (None, None, True), (None, None, float("inf"))):
+            self.assertRaises(ValueError, limiter.admit, "k", rpm, tpm, tokens)
+            self.assertRaises(ValueError, limiter.check, "k", rpm, tpm, tokens)
+        self.assertRaises(ValueError, limiter.settle, "k", -1, 0)
+        self.assertRaises(ValueError, limiter.settle, "k", 0, True)
+        self.assertEqual(limiter.check("k", None, None, 2.5).at, 0.0)  # a float estimate is rounded up
+        self.assertEqual(limiter.usage("k"), (1, 3))
+
+
+class _Row:
+    """The settled row's fields L{Governance.finish} reads."""
+
+    def __init__(self, cost: float) -> None:
+        self.status = 200
+        self.prompt_tokens = 10
+        self.output_tokens = 20
+        self.cost_usd = cost
+        self.priced = True
+
+
+class _FinishEx:
+    def __init__(self) -> None:
+        self.surface = _Surface()
+        self.body_size = 100
+        self.request_id = "r1"
+        self.admission = None
+        self.budget_report = None
+        self.resolve_hints = None
+
+
+@attrs.frozen
+class _Surface:
+    name: str = OPENAI_CHAT
+    api_format: str = "openai"
+    billable: bool = True
+
+
+@attrs.frozen
+class _Context:
+    agent_id: str
+    metadata: dict
+    budget: dict | None = None
+    model_policy: dict | None = None
+    timezone: str | None = None
+
+
+class _Pricing:
+    def price(self, provider, model):
+        return Price(input=2.0, output=8.0, max_output_tokens=1000)
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.posts: list = []
+
+    def post(self, url, data, headers):
+        self.posts.append(json.loads(data))
+        return defer.succeed(_Answer())
+
+
+class _Answer:
+    code = 200
+
+    def content(self):
+        return defer.succeed(b"")
+
+
+class SettledBudgetTests(SynchronousTestCase):
+    """
+    A settled request's remaining-budget header and its alerts read the
+    spend once (L{BudgetBook.committed}); alerts still fire at every
+    threshold, and a whole usage report is built only near one.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.book = BudgetBook(self.clock, _Pricing())
+        self.client = _Client()
+        self.alerts = AlertNotifier(self.clock, self.client, [Webhook("https://alerts.example/hook")])
+        self.governance = Governance(clock=self.clock, book=self.book, limiter=RateLimiter(self.clock),
+                                     alerts=self.alerts)
+        self.agent = _Context("spender", {}, budget={"limit_usd": 1, "window": "1h"})
+        self.reports = 0
+        usage = self.book.usage
+
+        def counted(*args, **kwargs):
+            self.reports += 1
+            return usage(*args, **kwargs)
+
+        self.book.usage = counted  # type: ignore[method-assign]
+
+    def spend(self, cost: float):
+        ex = _FinishEx()
+        ex.admission = self.governance.admit(ex, self.agent, BASE)
+        self.governance.finish(ex, _Row(cost))
+        self.clock.advance(1)
+        return ex.budget_report
+
+    def test_committed_is_usage(self) -> None:
+        budget = parse_budget({"limit_usd": 1, "window": "1h", "max_requests": 10})
+        self.assertEqual(self.book.committed("a", budget), (0.0, 0))
+        self.book.settle(self.book.reserve("a", budget, 0.5), 1 / 3)
+        self.book.settle(self.book.reserve("a", budget, 0.5), None)
+        usage = self.book.usage("a", budget)
+        self.assertEqual(self.book.committed("a", budget), (usage.cost_usd, usage.requests))
+        self.assertEqual(self.book.committed_usd("a", budget), usage.cost_usd)
+
+    def test_alerts_and_remaining(self) -> None:
+        report = self.spend(0.3)
+        self.assertEqual(report.remaining_usd, 0.7)
+        self.assertEqual((self.reports, self.client.posts), (0, []))  # far from a threshold: no usage report
+        report = self.spend(0.3)
+        self.assertEqual(report.remaining_usd, 0.4)
+        self.clock.advance(0)
+        self.assertEqual([post["threshold"] for post in self.client.posts], [0.5])
+        self.assertEqual(self.reports, 1)
+        report = self.spend(0.1)  # announced in this period already: observed again, nothing new
+        self.assertAlmostEqual(report.remaining_usd, 0.3)
+        self.clock.advance(0)
+        self.assertEqual(len(self.client.posts), 1)
+        report = self.spend(0.15)
+        self.clock.advance(0)
+        self.assertEqual([post["threshold"] for post in self.client.posts], [0.5, 0.8])
+        self.assertEqual(report.remaining_usd, round(1 - self.book.committed_usd("spender", self.governance.budget(
+            self.agent)), 10))
+
+    def test_quiet(self) -> None:
+        self.assertTrue(self.alerts.quiet("new", 0.49))
+        self.assertFalse(self.alerts.quiet("new", 0.5))
+        self.assertFalse(self.alerts.quiet("new", float("nan")))
+        self.alerts.observe("marked", "1h", "k", 0.6)
+        self.assertFalse(self.alerts.quiet("marked", 0.1))
+
+
+class CheckedAuthTests(SynchronousTestCase):
+    """A key's credential headers are checked once and then reused; a bad key is refused every time."""
+
+    def test_reused_and_equal(self) -> None:
+        secret = "sk-checked-" + "ab" * 10
+        first = auth_headers("bearer", secret)
+        self.assertEqual(first, [(b"Authorization", b"Bearer " + secret.encode())])
+        first.append((b"x-mutated", b"1"))  # a caller's list is its own
+        self.assertEqual(auth_headers("bearer", secret), [(b"Authorization", b"Bearer " + secret.encode())])
+        self.assertEqual(auth_headers("x-api-key", secret), [(b"x-api-key", secret.encode())])
+        self.assertEqual(auth_headers("none", secret), [])
+        self.assertEqual(auth_headers("none", None), [])
+
+    def test_bad_keys_are_refused_every_time(self) -> None:
+        for _ in range(2):
+            self.assertRaises(ValueError, auth_headers, "bearer", "has space")
+            self.assertRaises(ValueError, auth_headers, "bearer", "ünïcode-key")
+            self.assertRaises(ValueError, auth_headers, "bearer", "")
+            self.assertRaises(ValueError, auth_headers, "bearer", None)
+            self.assertRaises(ValueError, auth_headers, "digest", "sk-fine-key-123")
