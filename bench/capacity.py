@@ -8,6 +8,12 @@ another run's).
     .venv/bin/python bench/capacity.py [--streams 1000] [--hold 10] [--duration 10]
                                        [--only streams,workers,memory] [--quiet-wait 60]
 
+Two trees side by side (a before and an after), streams lane only, results in
+bench/results/capacity-trees.json:
+
+    .venv/bin/python bench/capacity.py --tree before@/tmp/wt-before --tree after@. [--rounds 3]
+    .venv/bin/python bench/capacity.py --tree ... --split --streams 300   # CPU per request, per event
+
 `bash bench/run` runs it before the request lanes and puts its tables in
 docs/PERFORMANCE.md; `bash bench/run --capacity-only` runs it alone.
 Results in bench/results/capacity.json (read by bench.py for the doc).
@@ -326,6 +332,79 @@ def streams_trees(args, res: dict, tmp: Path, budget: list[float]) -> None:
     res["streams_trees"] = out
 
 
+SPLIT_EVENTS = (16, 128)
+
+
+def split_trees(args, res: dict, tmp: Path, budget: list[float]) -> None:
+    """
+    What a stream costs a tree per request and per event (C{--split}): the
+    streams lane at a load the proxy keeps up with (C{--streams}, 300 say),
+    once with streams of 16 events and once of 128, then CPU = a x streams +
+    b x events solved for a and b, per round.
+    """
+    global EVENTS
+    proxy_core, load_core = ("0", "1") if len(os.sched_getaffinity(0)) >= 2 else (None, None)
+    raw: dict = {}
+    for events in SPLIT_EVENTS:
+        EVENTS = events
+        run = tmp / f"split-{events}"
+        run.mkdir()
+        sse_port = bench.free_port()
+        mock = start_mock(load_core, sse_port, run)
+        trees = []
+        for spec in args.tree:
+            name, _, path = spec.partition("@")
+            home = run / name
+            home.mkdir()
+            api, ui = bench.free_port(), bench.free_port()
+            proxy = start_tree_proxy(home, proxy_env(home, api, ui, bench.free_port(), sse_port), api, proxy_core,
+                                     Path(path or bench.REPO).resolve())
+            wait_ready(api)
+            trees.append((name, api, tree(proxy.pid), proxy))
+        bodies = {"plain": write_body(run, PLAIN_MODEL), "translated": write_body(run, TRANSLATED_MODEL)}
+        for _, api, pids, _ in trees:
+            for body in bodies.values():
+                run_streams(load_core, api, body, 100, 2.0, pids)
+        for r in range(args.rounds):
+            for lane, body in bodies.items():
+                for name, api, pids, _ in (trees if r % 2 == 0 else trees[::-1]):
+                    quiet(args, budget)
+                    log(f"split: {events} events a stream, {lane} {name} (round {r + 1})")
+                    result = stream_lane(load_core, api, body, args.streams, args.hold, pids, [mock.pid])
+                    raw.setdefault(name, {}).setdefault(lane, {}).setdefault(events, []).append(result)
+        for *_, proxy in trees:
+            bench.stop(proxy)
+        bench.stop(mock)
+    EVENTS = 64
+    out: dict = {"n": args.streams, "hold": args.hold, "rounds": args.rounds, "events": SPLIT_EVENTS, "trees": {}}
+    short, long = SPLIT_EVENTS
+    for name, lanes in raw.items():
+        for lane, by_events in lanes.items():
+            rows = []
+            for a, b in zip(by_events[short], by_events[long], strict=True):
+                c1, s1, e1 = a["proxy_cpu_s"], a["streams"], a["events"]
+                c2, s2, e2 = b["proxy_cpu_s"], b["streams"], b["events"]
+                det = s1 * e2 - s2 * e1
+                rows.append({"us_per_request": (c1 * e2 - c2 * e1) / det * 1e6 if det else None,
+                             "us_per_event": (s1 * c2 - s2 * c1) / det * 1e6 if det else None,
+                             "others_cores": (a["others_cores"], b["others_cores"]), "ok": a.get("ok") and b.get("ok")})
+            out["trees"].setdefault(name, {})[lane] = rows
+    res["split_trees"] = out
+
+
+def split_report(s: dict) -> str:
+    names = list(s["trees"])
+    lines = [f"{s['n']:,} streams, streams of {s['events'][0]} and of {s['events'][1]} events, {s['rounds']} round(s): "
+             "CPU = a per request + b per event", "", "| figure | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]
+    for lane in ("plain", "translated"):
+        for key, label in (("us_per_event", "µs an event"), ("us_per_request", "µs a stream's request")):
+            cells = [" / ".join(_f(r[key], 1 if key == "us_per_event" else 0) for r in s["trees"][n][lane])
+                     for n in names]
+            lines.append(f"| {lane}: {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def trees_report(s: dict) -> str:
     """The trees' figures side by side: each round, and the median of the rounds."""
     keys = (("proxy_us_per_event", "proxy CPU us an event", 1), ("events_per_s", "events/s delivered", 0),
@@ -599,16 +678,20 @@ def main_trees(args) -> int:
     res: dict = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args)}
     tmp = Path(tempfile.mkdtemp(prefix="cllama-capacity-"))
     try:
-        streams_trees(args, res, tmp, [args.quiet_wait])
+        (split_trees if args.split else streams_trees)(args, res, tmp, [args.quiet_wait])
     finally:
         bench.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
     bench.RESULTS.mkdir(parents=True, exist_ok=True)
     path = bench.RESULTS / "capacity-trees.json"
     path.write_text(json.dumps(res, indent=2, default=str))
-    print(trees_report(res["streams_trees"]))
     log(f"results in {path}")
-    lanes = [r for t in res["streams_trees"]["trees"].values() for lane in ("plain", "translated") for r in t[lane]]
+    if args.split:
+        print(split_report(res["split_trees"]))
+        lanes = [r for t in res["split_trees"]["trees"].values() for rows in t.values() for r in rows]
+    else:
+        print(trees_report(res["streams_trees"]))
+        lanes = [r for t in res["streams_trees"]["trees"].values() for lane in ("plain", "translated") for r in t[lane]]
     return 0 if all(r.get("ok") for r in lanes) else 1
 
 
@@ -628,6 +711,9 @@ def main(argv=None) -> int:
                     help="the streams lane only, for these work trees side by side (a before and an after); "
                          "results in bench/results/capacity-trees.json, not the doc's")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of the side-by-side streams lane (--tree)")
+    ap.add_argument("--split", action="store_true",
+                    help="with --tree: a stream's CPU per request and per event, from streams of 16 and 128 events "
+                         "(use --streams the proxy keeps up with, 300 say)")
     args = ap.parse_args(argv)
     build_sseload()
     if args.tree:
