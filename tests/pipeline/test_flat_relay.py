@@ -6,7 +6,7 @@ tap counts it, and what the agent gets is what the full path would send.
 
 import json
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -320,3 +320,58 @@ class ClientFramedTests(TestCase):
         # way; the last chunk ends the answer.
         self.assertEqual(reader.data, [b"hello", b"ab", b"c"])
         self.assertEqual(client.idle_connections(url), 1)
+
+
+class FlatBackpressureTests(TestCase):
+    """An agent that stops reading pauses the upstream on the flat path too."""
+
+    @defer.inlineCallbacks
+    def test_a_stalled_agent_pauses_the_upstream(self):
+        relays: list[StreamRelay] = []
+        paused: defer.Deferred = defer.Deferred()
+        framed: list[int] = []
+        original_init, original_pause = StreamRelay.__init__, StreamRelay.pauseProducing
+        original_write = LeanRequest.write_framed
+
+        def init(relay, *args, **kwargs):
+            original_init(relay, *args, **kwargs)
+            relays.append(relay)
+
+        def pause(relay):
+            original_pause(relay)
+            if not paused.called:
+                paused.callback(relay)
+
+        def write_framed(request, data, size):
+            sent = original_write(request, data, size)
+            if sent:
+                framed.append(size)
+            return sent
+
+        self.patch(StreamRelay, "__init__", init)
+        self.patch(StreamRelay, "pauseProducing", pause)
+        self.patch(LeanRequest, "write_framed", write_framed)
+        h = yield ProxyHarness(self, idle_timeout=60).start()
+        # 4 KiB of plain text an event, one chunk a write, 2 ms apart: each is
+        # one read at the proxy; 40 MiB in all, far more than the sockets hold.
+        text = "flat " * (4 * 1024 // 5)
+        events = openai_sse_events(openai_stream_chunks([text] * 10000, "gpt-4o-mini"))
+        h.fake.enqueue(Reply(sse=events, headers=SSE, delay_between_chunks=0.002))
+        agent = _Agent(_request_bytes(chat_body(stream=True)))
+        agent.dataReceived = lambda data: agent.transport.pauseProducing()  # reads once, then nothing
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", h.port.getHost().port), agent)
+        self.addCleanup(lambda: agent.transport.abortConnection() if agent.transport.connected else None)
+        relay = yield paused
+        self.assertTrue(relay.paused)
+        self.assertGreater(len(framed), 0)  # the flat path was taken until the agent backed up
+        # Nothing more is read from the provider while the agent reads nothing:
+        # at most what was in flight when the pause came.
+        relayed = relay.bytes_relayed
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertTrue(relay.paused)
+        self.assertLessEqual(relay.bytes_relayed - relayed, 2 * len(events[5]))
+        self.assertLess(relay.bytes_relayed, len(b"".join(events)) // 4)
+        agent.transport.abortConnection()
+        yield h.fake.wait_for_disconnect()
+        line = yield h.wait_for_audit(lambda line: line.get("status_code") == 499)
+        self.assertEqual(line["error"], "client disconnected")
