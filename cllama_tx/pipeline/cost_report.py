@@ -41,6 +41,24 @@ def _header_text(values: list[str]) -> bytes:
     return text[:4000]
 
 
+#: The models header of a candidates tuple, by the tuple's id (a kept policy
+#: decision or resolution hands the same tuple to every request of a name):
+#: (the tuple, its header).  Bounded, cleared whole.
+_CANDIDATES_HEADER: dict[int, tuple[tuple, bytes]] = {}
+MAX_CANDIDATES_HEADERS = 1024
+
+
+def _candidates_header(candidates: tuple) -> bytes:
+    kept = _CANDIDATES_HEADER.get(id(candidates))
+    if kept is not None and kept[0] is candidates:
+        return kept[1]
+    text = _header_text([str(ref) for ref in candidates])
+    if len(_CANDIDATES_HEADER) >= MAX_CANDIDATES_HEADERS:
+        _CANDIDATES_HEADER.clear()
+    _CANDIDATES_HEADER[id(candidates)] = (candidates, text)
+    return text
+
+
 def start_headers(request: Any, ex: Any) -> None:
     """The headers known before the answer's body: who, which models, what was left at admission."""
     if ex.claw_id:
@@ -48,9 +66,10 @@ def start_headers(request: Any, ex: Any) -> None:
     admission = ex.admission
     if admission is None:
         return
-    allowed = admission.openrouter_models or [str(ref) for ref in admission.candidates]
-    if allowed:
-        request.setHeader(MODELS_HEADER, _header_text(list(allowed)))
+    if admission.openrouter_models:
+        request.setHeader(MODELS_HEADER, _header_text(list(admission.openrouter_models)))
+    elif admission.candidates:
+        request.setHeader(MODELS_HEADER, _candidates_header(admission.candidates))
     if admission.remaining_usd is not None:
         request.setHeader(REMAINING_HEADER, money(admission.remaining_usd).encode())
 

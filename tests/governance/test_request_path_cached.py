@@ -17,6 +17,7 @@ from cllama_tx.accounting.pricing import Price
 from cllama_tx.accounting.usage import estimate_prompt_tokens, text_messages_chars
 from cllama_tx.governance.alerts import AlertNotifier, Webhook
 from cllama_tx.governance.budgets import BudgetBook, parse_budget
+from cllama_tx.governance.engine import Admission as EngineAdmission
 from cllama_tx.governance.engine import Governance
 from cllama_tx.governance.mappings import OPERATOR, ModelMapping
 from cllama_tx.governance.policy import parse_policy
@@ -24,6 +25,7 @@ from cllama_tx.governance.ratelimit import RateLimiter
 from cllama_tx.governance.request_cost import read_request, read_request_and_estimate
 from cllama_tx.governance.resolution import DEFAULT, Router, TableEntry
 from cllama_tx.governance.resolution_trace import ResolutionTrace
+from cllama_tx.pipeline import cost_report
 from cllama_tx.providers.catalog import auth_headers
 from cllama_tx.providers.registry import ProviderRegistry
 from cllama_tx.surfaces.errors import ProxyError
@@ -460,3 +462,38 @@ class CheckedAuthTests(SynchronousTestCase):
             self.assertRaises(ValueError, auth_headers, "bearer", "")
             self.assertRaises(ValueError, auth_headers, "bearer", None)
             self.assertRaises(ValueError, auth_headers, "digest", "sk-fine-key-123")
+
+
+class _HeaderRequest:
+    def __init__(self) -> None:
+        self.headers: dict = {}
+
+    def setHeader(self, name: bytes, value: bytes) -> None:  # noqa: N802 (twisted.web's name)
+        self.headers[name] = value
+
+
+class CandidatesHeaderTests(SynchronousTestCase):
+    """The models header is written from a kept candidates tuple once, and always says that tuple's models."""
+
+    def headers(self, candidates, openrouter_models=None, remaining=None):
+        ex = _FinishEx()
+        ex.claw_id = "tiverton"
+        ex.admission = EngineAdmission(agent="tiverton", candidates=candidates,
+                                       openrouter_models=openrouter_models, remaining_usd=remaining)
+        request = _HeaderRequest()
+        cost_report.start_headers(request, ex)
+        return request.headers
+
+    def test_headers(self) -> None:
+        kept = (ModelRef("openai", "gpt-4o-mini"), ModelRef("openai", "gpt-4o"))
+        for _ in range(2):
+            self.assertEqual(self.headers(kept, remaining=0.25), {
+                cost_report.AGENT_HEADER: b"tiverton",
+                cost_report.MODELS_HEADER: b"openai/gpt-4o-mini, openai/gpt-4o",
+                cost_report.REMAINING_HEADER: b"0.25",
+            })
+        for index in range(5):  # new tuples (ids may be reused once one is gone): each its own models
+            other = (ModelRef("anthropic", f"claude-{index}"),)
+            self.assertEqual(self.headers(other)[cost_report.MODELS_HEADER], f"anthropic/claude-{index}".encode())
+        self.assertEqual(self.headers(kept, ["a/x", "b/y"])[cost_report.MODELS_HEADER], b"a/x, b/y")
+        self.assertNotIn(cost_report.MODELS_HEADER, self.headers(()))
