@@ -39,6 +39,7 @@ again; a protocol without that method gets C{dataReceived} with the data.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections import defaultdict
 from collections.abc import Sequence
@@ -173,30 +174,26 @@ def whole_chunks(data: bytes) -> Sequence[int]:
     exactly C{b"%x" % size}, no extension; the last chunk, C{0}, is not
     taken): empty when it does not begin with one.
     """
-    n = len(data)
-    end = data.find(b"\r\n", 0, 18)
-    if end <= 0:
-        return []
-    size = n - end - 4
-    if size > 0 and data[:end] == b"%x" % size and data.endswith(b"\r\n"):
-        return (end + 2, n - 2)  # one chunk, the usual read
     spans: list[int] = []
+    n = len(data)
     at = 0
+    match = _CANONICAL_SIZE.match
     while True:
-        line = data[at:end]
-        try:
-            size = int(line, 16)
-        except ValueError:
+        line = match(data, at)
+        if line is None:
             return spans
-        stop = end + 2 + size
-        if size <= 0 or stop + 2 > n or data[stop : stop + 2] != b"\r\n" or b"%x" % size != line:
+        start = line.end()
+        stop = start + int(line.group(1), 16)
+        if stop + 2 > n or not data.startswith(b"\r\n", stop):
             return spans
-        spans.append(end + 2)
+        spans.append(start)
         spans.append(stop)
         at = stop + 2
-        end = data.find(b"\r\n", at, at + 18)
-        if end <= at:
-            return spans
+
+
+#: A chunk's size line as this client's peers and the lean channel write it:
+#: lower-case hexadecimal without leading zeros (so never the last chunk's 0).
+_CANONICAL_SIZE = re.compile(rb"([1-9a-f][0-9a-f]{0,14})\r\n")
 
 
 # How every complete answer ends: one Failure for all (its type's names, which
