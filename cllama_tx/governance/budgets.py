@@ -732,6 +732,25 @@ class BudgetBook:
         settled = max(0.0, budget.limit_usd - cost)
         return Headroom(settled=settled, now=max(0.0, settled - state.reserved_usd))
 
+    def surely_fits(self, agent: str, budget: Budget, worst_usd: float) -> bool:
+        """
+        Whether C{worst_usd} fits what C{budget} has left of its settled
+        spend (L{headroom}'s C{settled}) whatever the window drops now: no
+        stop in force, and the limit is above everything the timeline holds
+        plus the offset.  Without a pass over the window; False means only
+        "ask L{headroom}".
+        """
+        limit = budget.limit_usd
+        if limit is None:
+            return False
+        state = self._states.get(agent)
+        if state is None:
+            return worst_usd <= limit - max(0.0, budget.spent_offset_usd or 0.0)
+        if state.trip is not None:
+            return False
+        held = max(0.0, state.timeline.cost) + max(0.0, state.offset, budget.spent_offset_usd or 0.0)
+        return worst_usd <= limit - held
+
     def committed_usd(self, agent: str, budget: Budget, tz: Any = None) -> float:
         """C{usage(...).cost_usd} alone: the settled spend counted now (what a caller is told is left)."""
         return self.committed(agent, budget, tz)[0]
@@ -873,6 +892,17 @@ class BudgetBook:
         unknown, counted as an unknown-cost request), recorded now.  False
         (and nothing changes) when it was already settled or released.
         """
+        return self.settle_counting(reservation, actual_cost, counted) is not False
+
+    def settle_counting(
+        self, reservation: Reservation, actual_cost: float | None, counted: bool = True
+    ) -> tuple[float, int] | bool:
+        """
+        L{settle}, telling what the agent's budget counts once this request
+        is in: L{committed}'s C{(cost_usd, requests)} from the same pass over
+        the window (the remaining-budget header and the alerts need it).
+        True when settled for a forgotten agent, False when not settled.
+        """
         if not reservation.open:
             return False
         reservation.state = SETTLED
@@ -893,7 +923,10 @@ class BudgetBook:
         state.timeline.add(
             now, cost, 1 if counted else 0, 1 if counted and actual_cost is None else 0
         )
-        return True
+        if budget is not reservation.budget or (budget.period is not None and zone is not reservation.tz):
+            return True  # counted against another budget or zone than the request's: ask committed()
+        spent, requests, _ = self._committed(state, budget, now, zone)
+        return round(spent, 10), requests
 
     def release(self, reservation: Reservation, counted: bool = False) -> bool:
         """

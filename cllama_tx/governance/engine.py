@@ -971,6 +971,9 @@ class Governance:
         """
         if self._min_output_tokens <= 0:
             return shape, worst
+        book = self.book
+        if all(budget.behavior != HARD_STOP or book.surely_fits(scope, budget, worst) for scope, budget, _tz in scopes):
+            return shape, worst  # every hard stop's settled room holds it: nothing to lower (below)
         rooms = []
         must = False
         for scope, budget, tz in scopes:
@@ -1086,8 +1089,9 @@ class Governance:
             before = self.book.usage(held.agent, held.budget, held.tz).cost_usd if soft is not None else 0.0
             # An OpenRouter model held at the ceiling counts at it when no cost came back.
             cost = row.cost_usd if row.priced else ceiling_cost(self.book.pricing, row)
+            counts = None
             if success or row.cost_usd > 0 or cost:
-                self.book.settle(held, cost, counted=success)
+                counts = self.book.settle_counting(held, cost, counted=success)
             else:
                 self.book.release(held)
             if held.alert:
@@ -1098,20 +1102,22 @@ class Governance:
                     # LiteLLM's soft_budget: an alert, never a refusal.
                     self._intervention(ex, "budget_alert", reason="soft_budget", scope=held.agent,
                                        soft_budget_usd=soft, spend_usd=round(after, 10))
+            if type(counts) is not tuple:
+                counts = None  # released, or settled against another budget: read again when needed
             if self._alerts is not None:
-                spent = self._observe_alerts(held)
-                if held is admission.reservations[0]:
-                    committed = spent
+                counts = self._observe_alerts(held, counts)
+            if held is admission.reservations[0] and counts is not None:
+                committed = counts[0]
         if hasattr(ex, "budget_report"):
             ex.budget_report = self.report(admission, committed)
 
-    def _observe_alerts(self, held) -> float:
+    def _observe_alerts(self, held, counts: tuple[float, int] | None) -> tuple[float, int]:
         """
         Tell the alerts what a settled request left spent; a whole usage
         report only when a threshold could be crossed (L{AlertNotifier.quiet}).
-        Returns the settled spend counted now (the remaining-budget header's).
+        C{counts}: the budget's C{(cost_usd, requests)} if just read; returns them.
         """
-        cost, requests = self.book.committed(held.agent, held.budget, held.tz)
+        cost, requests = counts if counts is not None else self.book.committed(held.agent, held.budget, held.tz)
         alerts = self._alerts
         quiet = getattr(alerts, "quiet", None)
         try:
@@ -1120,7 +1126,7 @@ class Governance:
             skip = False  # observe_usage says what is wrong
         if not skip:
             alerts.observe_usage(held.agent, held.budget, self.book.usage(held.agent, held.budget, held.tz))
-        return cost
+        return cost, requests
 
     def report(self, admission: Admission, committed: float | None = None) -> BudgetReport:
         """
@@ -1171,7 +1177,9 @@ class Governance:
 
 def fallback_refs(admission: Admission) -> tuple[ModelRef, ...]:
     """The OpenRouter models of a C{models} + C{route: "fallback"} request beyond its candidates."""
-    models = admission.openrouter_models or ()
+    models = admission.openrouter_models
+    if not models:
+        return ()
     known = {str(ref) for ref in admission.candidates}
     return tuple(ModelRef("openrouter", m) for m in models if f"openrouter/{m}" not in known)
 

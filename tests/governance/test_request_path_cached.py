@@ -7,6 +7,7 @@ change to anything a kept answer read applies to the next request.
 from __future__ import annotations
 
 import json
+import random
 
 import attrs
 from twisted.internet import defer
@@ -16,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from cllama_tx.accounting.pricing import Price
 from cllama_tx.accounting.usage import estimate_prompt_tokens, text_messages_chars
 from cllama_tx.governance.alerts import AlertNotifier, Webhook
-from cllama_tx.governance.budgets import BudgetBook, parse_budget
+from cllama_tx.governance.budgets import BudgetBook, Refusal, parse_budget
 from cllama_tx.governance.engine import Admission as EngineAdmission
 from cllama_tx.governance.engine import Governance
 from cllama_tx.governance.mappings import OPERATOR, ModelMapping
@@ -497,3 +498,53 @@ class CandidatesHeaderTests(SynchronousTestCase):
             self.assertEqual(self.headers(other)[cost_report.MODELS_HEADER], f"anthropic/claude-{index}".encode())
         self.assertEqual(self.headers(kept, ["a/x", "b/y"])[cost_report.MODELS_HEADER], b"a/x, b/y")
         self.assertNotIn(cost_report.MODELS_HEADER, self.headers(()))
+
+
+class BookPassTests(SynchronousTestCase):
+    """The book's short cuts agree with the passes they save."""
+
+    def test_surely_fits_never_says_more_than_headroom(self) -> None:
+        clock = Clock()
+        clock.advance(1_000_000)
+        book = BudgetBook(clock, _Pricing())
+        rng = random.Random(21)
+        budgets = [parse_budget({"limit_usd": 1, "window": "1m"}),
+                   parse_budget({"limit_usd": 1, "window": "1h", "spent_offset_usd": 0.2}),
+                   parse_budget({"limit_usd": 0.5, "period": "daily"}),
+                   parse_budget({"limit_usd": 1, "window": "1h", "max_requests": 5})]
+        said = {True: 0, False: 0}
+        for _ in range(600):
+            budget = rng.choice(budgets)
+            agent = rng.choice(["a", "b"])
+            worst = rng.choice([0.0, 0.01, 0.1, 0.3, 0.6, 1.2])
+            fits = book.surely_fits(agent, budget, worst)
+            said[fits] += 1
+            if fits:
+                room = book.headroom(agent, budget)
+                self.assertLessEqual(worst, room.settled + 1e-12, (agent, budget, worst))
+            held = book.reserve(agent, budget, worst)
+            if not isinstance(held, Refusal):
+                book.settle(held, rng.random() * worst)
+            clock.advance(rng.choice([0.5, 5, 50, 500]))
+        self.assertGreater(said[True], 50)
+        self.assertGreater(said[False], 50)
+        self.assertFalse(book.surely_fits("a", parse_budget({"max_requests": 3, "window": "1h"}), 0.0))
+
+    def test_settle_counting_is_committed(self) -> None:
+        clock = Clock()
+        clock.advance(1_000_000)
+        book = BudgetBook(clock, _Pricing())
+        budget = parse_budget({"limit_usd": 10, "window": "1h", "spent_offset_usd": 0.5})
+        for cost in (0.1, None, 1 / 3, 0.0):
+            held = book.reserve("a", budget, 1.0)
+            counts = book.settle_counting(held, cost)
+            self.assertEqual(counts, book.committed("a", budget))
+            self.assertFalse(book.settle_counting(held, cost))  # settled once
+            clock.advance(600)
+        released = book.reserve("a", budget, 1.0)
+        book.release(released)
+        self.assertFalse(book.settle_counting(released, 0.1))
+        # Settled after the agent's budget changed: counted there, and the caller reads again.
+        held = book.reserve("a", budget, 1.0)
+        book.reserve("a", parse_budget({"limit_usd": 20, "window": "1h"}), 0.1)
+        self.assertIs(book.settle_counting(held, 0.2), True)
