@@ -166,6 +166,10 @@ class RateLimiter:
         self._clock = clock
         # Ordered by the second of their last addition, oldest first.
         self._states: OrderedDict[str, _Window] = OrderedDict()
+        # Before this second nothing can expire: the first key's last
+        # addition + SLOTS when last looked at (None: look again).  Any
+        # insertion or move drops it, so it never outlives the first key.
+        self._quiet_until: int | None = None
 
     def __len__(self) -> int:
         """How many keys hold state (after forgetting the idle ones)."""
@@ -174,12 +178,17 @@ class RateLimiter:
 
     def _expire(self, second: int) -> None:
         """Forget keys whose whole window is empty: amortised O(1)."""
+        quiet = self._quiet_until
+        if quiet is not None and second < quiet:
+            return
         states = self._states
         while states:
             key, state = next(iter(states.items()))
             if state.last_add + SLOTS > second:
+                self._quiet_until = state.last_add + SLOTS
                 return
             del states[key]
+        self._quiet_until = None
 
     def _state(self, key: str, second: int) -> _Window | None:
         self._expire(second)
@@ -192,6 +201,7 @@ class RateLimiter:
         if second > state.last_add:
             state.last_add = second
             self._states.move_to_end(key)
+            self._quiet_until = None
 
     def usage(self, key: str) -> tuple[int, int]:
         """C{(requests, tokens)} counted for C{key} in the current window."""

@@ -316,6 +316,30 @@ class RateAdmitTests(SynchronousTestCase):
         self.assertEqual(limiter.check("k", None, None, 2.5).at, 0.0)  # a float estimate is rounded up
         self.assertEqual(limiter.usage("k"), (1, 3))
 
+    def test_expiry_as_without_the_quiet_second(self) -> None:
+        """Keys are forgotten exactly when the first key's window is empty, the clock stepping back or not."""
+        clock = Clock()
+        clock.advance(5_000)
+        limiter = RateLimiter(clock)
+        rng = random.Random(7)
+        for _ in range(2_000):
+            key = rng.choice("abcdef")
+            action = rng.random()
+            if action < 0.6:
+                limiter.admit(key, None, None, rng.randrange(50))
+            elif action < 0.8:
+                limiter.settle(key, 10, rng.randrange(20), admitted_at=clock.seconds() - rng.random() * 5)
+            else:
+                limiter.absorb(key, clock.seconds() - rng.random() * 90, 3)
+            step = rng.choice([0.0, 0.3, 1.0, 7.0, 30.0, 70.0, -2.0])
+            clock.advance(step) if step >= 0 else setattr(clock, "rightNow", clock.rightNow + step)
+            second = int(clock.seconds() // 1)
+            expected = list(limiter._states.items())
+            while expected and expected[0][1].last_add + 61 <= second:
+                expected.pop(0)
+            limiter._expire(second)
+            self.assertEqual(list(limiter._states), [k for k, _ in expected])
+
 
 class _Row:
     """The settled row's fields L{Governance.finish} reads."""
