@@ -32,12 +32,9 @@ PASSIVE never blocks a writer and is never blocked by one, but under
 steady writes it never catches up with the end of the WAL, and SQLite only
 starts the WAL over once a checkpoint did: the file grew without limit.
 So when the WAL has passed L{WAL_RESET_BYTES} after a PASSIVE checkpoint,
-a RESTART checkpoint runs on the writer thread, which owns the database
-while it runs: it copies the few frames written since the PASSIVE one, and
-the next commit writes the WAL from its start (the file is cut back to
-C{journal_size_limit} then, and its blocks are reused: TRUNCATE, which
-emptied the file, took four times as long, and the file's blocks had to be
-allocated again).  Rows recorded meanwhile do not wait for it: each turn's
+a TRUNCATE checkpoint runs on the writer thread, which owns the database
+while it runs: it copies the few frames written since the PASSIVE one and
+empties the WAL.  Rows recorded meanwhile do not wait for it: each turn's
 rows are appended to the ledger's row journal (L{row_journal}, one
 C{write()}, as durable as a commit here) and answered, and they are
 committed right after the reset, ahead of the rows recorded after them.
@@ -98,8 +95,8 @@ CHECKPOINT_EVERY = 200
 
 WAL_RESET_BYTES = 16 * 1024 * 1024
 """
-A WAL this long after a PASSIVE checkpoint is started over by a RESTART one
-on the writer thread.  Also each connection's C{journal_size_limit}.  The WAL
+A WAL this large after a PASSIVE checkpoint is emptied by a TRUNCATE one on
+the writer thread.  Also each connection's C{journal_size_limit}.  The WAL
 then stays below this plus what is written between two checkpoints (200
 commits): about 30 MiB at 1,300 requests/s (docs/LEDGER.md).
 """
@@ -197,28 +194,20 @@ def wal_size(path: str) -> int:
 def checkpoint(path: str) -> tuple[tuple[int, int, int], int]:
     """
     One PASSIVE checkpoint on a connection of its own (off the reactor):
-    its C{(busy, wal_frames, copied)} and the bytes of the WAL's frames
-    (its length since it last started over, not the file's size: a
-    restarted WAL overwrites the file from its start).
+    its C{(busy, wal_frames, copied)} and the WAL's size after it.
     """
     conn = sqlite3.connect(path, timeout=0.0, isolation_level=None)
     try:
         result = tuple(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
-        page = conn.execute("PRAGMA page_size").fetchone()[0]
     finally:
         conn.close()
-    frames = max(result[1], 0)
-    return result, (_WAL_HEADER + frames * (_FRAME_HEADER + page)) if frames else 0
+    return result, wal_size(path)
 
 
-_WAL_HEADER = 32
-_FRAME_HEADER = 24
-
-
-def restart_wal(conn: sqlite3.Connection, patient: bool = True) -> tuple[int, int, int]:
+def truncate_wal(conn: sqlite3.Connection, patient: bool = True) -> tuple[int, int, int]:
     """
     On the writer thread, which owns the database: copy the rest of the WAL
-    so that the next commit starts it over.  A PASSIVE checkpoint still running makes it fail at once
+    and empty it.  A PASSIVE checkpoint still running makes it fail at once
     (SQLite does not wait for another checkpointer): it is tried again for
     up to L{RESET_PATIENCE} seconds.  A reader on an old snapshot is waited
     for L{RESET_READER_WAIT_MS} only, not the connection's 30 s: rows queue
@@ -232,7 +221,7 @@ def restart_wal(conn: sqlite3.Connection, patient: bool = True) -> tuple[int, in
         deadline = time.monotonic() + (RESET_PATIENCE if patient else 0.0)
         while True:
             try:
-                result = tuple(conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone())
+                result = tuple(conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
             except sqlite3.OperationalError as e:
                 if patient or "locked" not in str(e):
                     raise
@@ -302,7 +291,7 @@ class Writer:
         self.checkpointing: defer.Deferred | None = None
         self._resetting: defer.Deferred | None = None
         self.last_checkpoint: tuple[int, int, int] | None = None
-        self.wal_bytes = 0  # the WAL's length (its frames) after the last checkpoint
+        self.wal_bytes = 0  # the WAL's size after the last checkpoint
         self.commits = 0
         self.rows = 0
         self.failed_rows = 0
@@ -640,19 +629,20 @@ class Writer:
         self.checkpointing = d.addCallback(passive).addBoth(done)
 
     def _reset_wal(self) -> defer.Deferred | None:
-        """A RESTART checkpoint on the writer thread; fires when done (never fails)."""
+        """A TRUNCATE checkpoint on the writer thread; fires when done (never fails)."""
         path = self._path
         if path is None or self.backlog or self._stopping:
             return None  # a failing disk is left alone; a closing writer too
         reset: defer.Deferred = defer.Deferred()
         self._resetting = reset
-        self.call(Call(functools.partial(restart_wal, patient=not self.shared), reset))
+        self.call(Call(functools.partial(truncate_wal, patient=not self.shared), reset))
         # The reset is the thread's only work: rows recorded until it is done go to the journal.
         self._journaling = self.journal is not None and self._inline is not None and self._handed == 1
 
         def truncated(result: Any) -> None:
             self._resetting = None
             self._end_journal()
+            self.wal_bytes = wal_size(path)
             if isinstance(result, Failure):
                 _log.warn("ledger: the WAL could not be reset: {error}", error=result.getErrorMessage())
             elif result[0] and self.shared:
@@ -662,7 +652,6 @@ class Writer:
                 _log.warn("ledger: the WAL could not be reset (a reader held it); the next checkpoint tries again")
             else:
                 self.wal_resets += 1
-                self.wal_bytes = 0  # the next commit starts the WAL over
 
         return reset.addBoth(truncated)
 

@@ -62,7 +62,7 @@ class SharedFileTests(LedgerCase):
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         tried = []
-        truncate = writer_module.restart_wal
+        truncate = writer_module.truncate_wal
 
         def timed(conn, patient=True):
             started = time.monotonic()
@@ -70,7 +70,7 @@ class SharedFileTests(LedgerCase):
             tried.append((patient, result[0], time.monotonic() - started))
             return result
 
-        self.patch(writer_module, "restart_wal", timed)
+        self.patch(writer_module, "truncate_wal", timed)
         await ledger.record(row("first"))
         reader = sqlite3.connect(ledger.path, isolation_level=None)
         self.addCleanup(reader.close)

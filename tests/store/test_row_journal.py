@@ -32,14 +32,14 @@ class DuringResetTests(LedgerCase):
         """A ledger whose WAL reset has started on the thread and waits at a gate; the gate, the reset."""
         gate, entered = threading.Event(), threading.Event()
         self.addCleanup(gate.set)
-        truncate = writer_module.restart_wal
+        truncate = writer_module.truncate_wal
 
         def gated(conn, patient=True):
             entered.set()
             gate.wait(30)
             return truncate(conn, patient)
 
-        self.patch(writer_module, "restart_wal", gated)
+        self.patch(writer_module, "truncate_wal", gated)
         ledger = self.open_ledger()
         await ledger.record(row("before"))
         writer = ledger._writer
