@@ -9,15 +9,17 @@ gate on the writer thread.
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import sys
 import threading
 
-from twisted.internet import defer
+from twisted.internet import defer, error, protocol, reactor
 
 from cllama_tx.store import row_journal
 from cllama_tx.store import writer as writer_module
 from cllama_tx.store.spill import encode_row
-from tests.store.test_ledger import LedgerCase, row, sql
+from tests.store.test_ledger import REPO, LedgerCase, row, sql
 from tests.store.test_ledger_writer import next_turn
 
 
@@ -162,3 +164,112 @@ class ReadTests(LedgerCase):
         self.assertEqual(bad, 1)
         self.assertEqual(row_journal.read_journal(path + "-none"), ([], 0))
 
+
+
+CHILD = """
+import itertools
+import sys
+import time
+from twisted.internet import defer, task
+from cllama_tx.store import writer
+from cllama_tx.store.ledger import SqliteLedger
+from tests.store.test_ledger import crash_row
+
+writer.CHECKPOINT_EVERY = 5
+writer.WAL_RESET_BYTES = 64 * 1024
+truncate = writer.truncate_wal
+
+
+def slow(conn, patient=True):
+    time.sleep(0.2)  # a slow reset: a wide window for the kill
+    return truncate(conn, patient)
+
+
+writer.truncate_wal = slow
+
+
+async def main(reactor, path):
+    ledger = SqliteLedger(path, reactor)
+    ledger.startService()
+    numbers = itertools.count()
+
+    def committed(_, request_id):
+        # "+": answered while the reset owned the database (from the journal).
+        sys.stdout.write(("+" if ledger._writer._journaling else "") + request_id + "\\n")
+        sys.stdout.flush()
+        record_next()
+
+    def record_next():
+        row = crash_row(next(numbers))
+        ledger.record(row).addCallback(committed, row.request_id)
+
+    for _ in range(5):
+        record_next()
+    await defer.Deferred()
+
+
+task.react(lambda reactor: defer.ensureDeferred(main(reactor, sys.argv[1])))
+"""
+
+
+class _Child(protocol.ProcessProtocol):
+    """Kills the child with SIGKILL while a reset owns its database, after C{kill_after} rows."""
+
+    def __init__(self, kill_after: int) -> None:
+        self.kill_after = kill_after
+        self.out = b""
+        self.err = b""
+        self.killed = False
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+        lines = self.out.split(b"\n")[:-1]
+        if not self.killed and len(lines) >= self.kill_after and lines[-1].startswith(b"+"):
+            self.killed = True
+            self.transport.signalProcess("KILL")
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(reason.value)
+
+    def reported(self) -> list[str]:
+        return [line.lstrip("+") for line in self.out.decode().split("\n")[:-1]]
+
+
+class CrashTests(LedgerCase):
+    timeout = 120
+
+    async def test_sigkill_during_a_reset_loses_nothing_reported(self) -> None:
+        path = os.path.join(os.path.abspath(self.mktemp()), "ledger.db")
+        child = _Child(kill_after=300)
+        env = dict(os.environ, PYTHONPATH=REPO)
+        transport = reactor.spawnProcess(child, sys.executable, [sys.executable, "-c", CHILD, path], env=env, path=REPO)
+
+        def kill_if_alive():
+            if not child.ended.called:
+                try:
+                    transport.signalProcess("KILL")
+                except error.ProcessExitedAlready:
+                    pass
+                return child.ended
+
+        self.addCleanup(kill_if_alive)
+        ended = await child.ended
+        self.assertTrue(child.killed, child.err.decode(errors="replace"))
+        self.assertEqual(ended.signal, signal.SIGKILL)
+        reported = child.reported()
+        stored = [r for (r,) in sql(path, "SELECT request_id FROM requests ORDER BY id")]
+        journaled, _ = row_journal.read_journal(row_journal.journal_path(path))
+        # Killed while answering from the journal: rows the database does not have yet.
+        self.assertTrue(journaled)
+        self.assertFalse(set(r.request_id for r in journaled) & set(stored))
+        ledger = self.open_ledger(path)  # commits them
+        stored = [r for (r,) in sql(path, "SELECT request_id FROM requests ORDER BY id")]
+        self.assertEqual(sql(path, "PRAGMA integrity_check"), [("ok",)])
+        self.assertEqual(set(reported) - set(stored), set())  # every answered row is there
+        self.assertEqual(stored, [f"crash-{i}" for i in range(len(stored))])  # once each, in order
+        self.assertEqual(ledger.totals().summary()["requests"], len(stored))
+        self.assertEqual(os.path.getsize(row_journal.journal_path(path)), 0)
