@@ -646,7 +646,8 @@ class Governance:
                 if error.code != budget_audit.BUDGET_UNAVAILABLE:
                     raise
                 self._budget_unavailable(ex, scope, error)
-        self._check_parallel(admission, parallel or [])
+        if parallel:
+            self._check_parallel(admission, parallel)
         try:
             self._check_rates(admission, rates, shape)
             # OpenRouter may answer with any model of the fallback list: each is held for.
@@ -1076,7 +1077,8 @@ class Governance:
         actual = row.prompt_tokens + row.output_tokens
         for scope, at in admission.rate_holds:
             self._limiter.settle(scope, admission.token_estimate, actual, admitted_at=at)
-        self._release_parallel(admission)
+        if admission.parallel_holds:
+            self._release_parallel(admission)
         if admission.shared_reservations or admission.shared_rate_events:
             actual = row.prompt_tokens + row.output_tokens
             ex.shared_release = (
@@ -1142,7 +1144,10 @@ class Governance:
             remaining = round(held.budget.limit_usd - committed, 10)
         elif admission.remaining_usd is not None:
             remaining = admission.remaining_usd
-        allowed = list(admission.openrouter_models or [str(ref) for ref in admission.candidates])
+        if admission.openrouter_models:
+            allowed = list(admission.openrouter_models)
+        else:
+            allowed = list(_ref_names(admission.candidates))
         return BudgetReport(admission.agent, remaining, allowed, self.is_gate_agent(admission.agent))
 
     @staticmethod
@@ -1173,6 +1178,23 @@ class Governance:
             release(None)
         else:
             committed.addBoth(release)
+
+
+#: The names of a candidates tuple, by the tuple's id (a kept policy decision
+#: or resolution hands every request of a name the same tuple): (tuple, names).
+_REF_NAMES: dict[int, tuple[tuple, tuple[str, ...]]] = {}
+MAX_REF_NAMES = 1024
+
+
+def _ref_names(candidates: tuple[ModelRef, ...]) -> tuple[str, ...]:
+    kept = _REF_NAMES.get(id(candidates))
+    if kept is not None and kept[0] is candidates:
+        return kept[1]
+    names = tuple([str(ref) for ref in candidates])
+    if len(_REF_NAMES) >= MAX_REF_NAMES:
+        _REF_NAMES.clear()
+    _REF_NAMES[id(candidates)] = (candidates, names)
+    return names
 
 
 def fallback_refs(admission: Admission) -> tuple[ModelRef, ...]:

@@ -671,14 +671,12 @@ class Router:
         if keep:
             slot = (requested, bare_provider, id(policy))
             kept = self._kept.get(slot)
-            if (
-                kept is not None
-                and kept.policy is policy
-                and kept.table is current
-                and kept.mappings_changes == changes
-                and all(ask(name) == answer for ask, name, answer in kept.asked)
-            ):
-                return kept
+            if kept is not None and kept.policy is policy and kept.table is current and kept.mappings_changes == changes:
+                for ask, name, answer in kept.asked:
+                    if ask(name) != answer:
+                        break
+                else:
+                    return kept
         key_aliases, team_aliases = self._aliases(principal)
         recording = _Recording(self._view) if keep else None
         found = resolve(
