@@ -105,6 +105,17 @@ RESET_PATIENCE = 2.0
 RESET_READER_WAIT_MS = 100
 """How long a WAL reset waits for a running checkpoint (seconds), and for readers (ms)."""
 
+BUSY_RETRY_SECONDS = 0.0005
+BUSY_RETRIES = 8
+"""
+Another connection holding the write lock (another worker's commit: tens
+of microseconds) makes the reactor try again this soon, these rows first,
+this many times, before the rows go to the thread.  The thread's wait is
+SQLite's busy handler, which sleeps 1 ms and more between tries, and every
+row recorded meanwhile must follow the handed ones there: with two workers
+on one file a tenth of the rows took that way (docs/LEDGER.md).
+"""
+
 RETRY_FIRST = 0.25
 RETRY_MAX = 5.0
 """Seconds before held rows are retried: doubling from the first to the max."""
@@ -297,6 +308,8 @@ class Writer:
         self.failed_rows = 0
         self.largest_batch = 0
         self.inline_commits = 0
+        self.busy_retries = 0  # commits tried again on the reactor because the lock was taken
+        self._busy_tries = 0  # of the rows waiting now
         self.handed_rows = 0
         self.checkpoints = 0
         self.wal_resets = 0
@@ -363,7 +376,7 @@ class Writer:
 
     def call(self, item: Call) -> None:
         """Run C{item} on the thread, after every row recorded before it."""
-        self.flush()
+        self.flush(retry=False)
         self._journal_to_thread()
         self._hand(item)
 
@@ -372,7 +385,7 @@ class Writer:
         Commit what is queued, give the held rows a last try (then spill
         them), close the thread's connection; C{deferred} fires after.
         """
-        self.flush()
+        self.flush(retry=False)
         self._journal_to_thread()
         self._stopping = True
         if self._retry_call is not None and self._retry_call.active():
@@ -383,8 +396,12 @@ class Writer:
             return
         self._hand(Stop(deferred, list(self.backlog)))
 
-    def flush(self) -> None:
-        """Commit the rows of this turn on the reactor's connection now."""
+    def flush(self, retry: bool = True) -> None:
+        """
+        Commit the rows of this turn on the reactor's connection now.
+        C{retry}: when the lock is taken, try again shortly on the reactor;
+        else (an item is handed to the thread next) they go to the thread.
+        """
         if self._flush_call is not None:
             if self._flush_call.active():
                 self._flush_call.cancel()
@@ -405,16 +422,31 @@ class Writer:
             for row in rows:
                 self._hand(row)
             return
-        self._commit_inline(rows)
+        self._commit_inline(rows, retry)
 
-    def _commit_inline(self, rows: list[Row]) -> None:
-        """Commit C{rows} on the reactor's connection; busy: to the thread; refused: held."""
+    def _commit_inline(self, rows: list[Row], retry: bool = False) -> None:
+        """
+        Commit C{rows} on the reactor's connection; busy: again shortly
+        (C{retry}, L{BUSY_RETRIES} times), then to the thread; refused: held.
+        """
         assert self._inline is not None
         try:
             results = self._commit(self._inline, rows, self._insert)
         except DatabaseBusy as busy:
-            # Someone else writes: the thread waits for the lock instead.
             left = rows[len(busy.done):]
+            if retry and self._busy_tries < BUSY_RETRIES:
+                # Someone else commits: again shortly, these rows ahead of any recorded meanwhile.
+                self._busy_tries += 1
+                self.busy_retries += 1
+                self._pending[:0] = left
+                if self._flush_call is not None and self._flush_call.active():
+                    self._flush_call.cancel()
+                self._flush_call = self._reactor.callLater(BUSY_RETRY_SECONDS, self.flush)
+                if busy.done:
+                    self._deliver(busy.done)
+                return
+            # Still taken (a long write): the thread waits for the lock instead.
+            self._busy_tries = 0
             self.handed_rows += len(left)
             for row in left:
                 self._hand(row)
@@ -427,6 +459,7 @@ class Writer:
             self._hold(rows[len(failed.done):], str(failed))
             return
         self.inline_commits += 1
+        self._busy_tries = 0
         self._committed()
         self._deliver(results)
         self._settled()
@@ -547,7 +580,7 @@ class Writer:
         self._retry_call = None
         if self._stopping or self._retrying or not self.backlog:
             return
-        self.flush()
+        self.flush(retry=False)
         self._retrying = True
         self.retries += 1
         self._hand(Retry(list(itertools.islice(self.backlog, MAX_BATCH))))

@@ -69,7 +69,27 @@ class InlineCommitTests(LedgerCase):
         self.assertEqual(writer.handed_rows, 3)
         self.assertEqual(await ledger.count(), 3)
 
-    async def test_foreign_write_lock_sends_rows_to_the_thread(self) -> None:
+    async def test_a_brief_foreign_write_lock_is_waited_for_on_the_reactor(self) -> None:
+        ledger = self.open_ledger()
+        await ledger.record(row("before"))
+        writer = ledger._writer
+        other = sqlite3.connect(ledger.path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")  # another worker commits
+        first = ledger.record(row("first"))
+        await next_turn()
+        # The reactor did not wait for the lock, nor hand the row over: it tries again shortly.
+        self.assertFalse(first.called)
+        self.assertEqual(writer.busy_retries, 1)
+        second = ledger.record(row("second"))  # waits with it, behind it
+        other.execute("ROLLBACK")  # the other commit is done
+        await defer.gatherResults([first, second])
+        self.assertEqual(writer.handed_rows, 0)
+        self.assertEqual(writer.inline_commits, 2)  # both in one commit
+        stored = [r for (r,) in sql(ledger.path, "SELECT request_id FROM requests ORDER BY id")]
+        self.assertEqual(stored, ["before", "first", "second"])
+
+    async def test_a_long_foreign_write_lock_sends_rows_to_the_thread(self) -> None:
         ledger = self.open_ledger()
         await ledger.record(row("before"))
         writer = ledger._writer
@@ -77,8 +97,10 @@ class InlineCommitTests(LedgerCase):
         self.addCleanup(other.close)
         other.execute("BEGIN IMMEDIATE")  # another process writes, and takes its time
         first = ledger.record(row("first"))
-        await next_turn()
-        # The reactor did not wait for the lock: the row went to the thread.
+        while writer.handed_rows == 0:
+            await task.deferLater(reactor, writer_module.BUSY_RETRY_SECONDS, lambda: None)
+        # After its tries on the reactor the row went to the thread, which waits for the lock.
+        self.assertEqual(writer.busy_retries, writer_module.BUSY_RETRIES)
         self.assertEqual(writer.handed_rows, 1)
         self.assertFalse(first.called)
         second = ledger.record(row("second"))  # follows it there, in order
@@ -91,6 +113,25 @@ class InlineCommitTests(LedgerCase):
         self.assertEqual(writer.inline_commits, 2)
         stored = [r for (r,) in sql(ledger.path, "SELECT request_id FROM requests ORDER BY id")]
         self.assertEqual(stored, ["before", "first", "second", "after"])
+
+    async def test_an_operator_write_never_overtakes_rows_waiting_for_the_lock(self) -> None:
+        ledger = self.open_ledger()
+        await ledger.record(row("before"))
+        writer = ledger._writer
+        other = sqlite3.connect(ledger.path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        first = ledger.record(row("first"))
+        await next_turn()
+        self.assertEqual(writer.busy_retries, 1)
+        # A write for the thread: the waiting row goes to the thread ahead of it.
+        seen: defer.Deferred = defer.Deferred()
+        read = lambda conn: [r for (r,) in conn.execute("SELECT request_id FROM requests ORDER BY id")]  # noqa: E731
+        writer.call(writer_module.Call(read, seen))
+        self.assertEqual(writer.handed_rows, 1)
+        other.execute("ROLLBACK")
+        self.assertEqual(await seen, ["before", "first"])
+        await first
 
     async def test_rows_wait_for_a_call_on_the_thread(self) -> None:
         ledger = self.open_ledger()
