@@ -16,6 +16,7 @@ import attrs
 from twisted.web.http_headers import Headers
 
 from cllama_tx.providers.catalog import ANTHROPIC_FORMAT, OPENAI_FORMAT, ProviderSpec
+from cllama_tx.providers.lean_headers import LeanHeaders
 
 ANTHROPIC_VERSION = b"2023-06-01"
 
@@ -122,7 +123,7 @@ def forward(incoming: Headers, policy: HeaderPolicy) -> Headers:
     any the agent named in C{Connection}), C{Content-Type: application/json},
     the policy's defaults where missing and its fixed headers.
     """
-    out = Headers()
+    out = LeanHeaders()
     allowed = policy.allowed
     named: set[bytes] | None = None
     connection = incoming.getRawHeaders(b"connection")

@@ -64,6 +64,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
+from cllama_tx.providers.lean_headers import LeanHeaders
+
 log = Logger()
 
 MAX_RESPONSE_HEAD = 64 * 1024
@@ -433,7 +435,7 @@ class _Connection(Protocol):
         version = (b"HTTP", 1, 1 if parts[0] == b"HTTP/1.1" else 0)
         code = int(parts[1])
         phrase = parts[2] if len(parts) > 2 else b""
-        headers = Headers()
+        headers = LeanHeaders()
         add = headers.addRawHeader
         if rest:
             for field in rest.split(b"\r\n"):

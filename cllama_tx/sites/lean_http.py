@@ -63,6 +63,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from cllama_tx.providers.lean_headers import LeanHeaders
 from cllama_tx.sites.guard import (
     BODY,
     BODY_AUTHENTICATED,
@@ -129,7 +130,7 @@ def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
 
 def parse_fields(rest: bytes) -> Headers:
     """The header fields of a request head (after its request line).  Raises L{BadRequest}."""
-    headers = Headers()
+    headers = LeanHeaders()
     if not rest:
         return headers
     lines = rest.split(b"\r\n")
@@ -213,7 +214,7 @@ class LeanRequest:
         self.path = uri.split(b"?", 1)[0]
         self.clientproto = version
         self.requestHeaders = headers
-        self.responseHeaders = Headers()
+        self.responseHeaders: Headers = LeanHeaders()
         self.code = 200
         self.code_message: bytes | None = None
         self.startedWriting = False
