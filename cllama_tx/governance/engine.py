@@ -35,6 +35,7 @@ from cllama_tx.governance.budgets import (
 )
 from cllama_tx.governance.ceiling import AUTO, CeilingPricing, ceiling_cost
 from cllama_tx.governance.gate_policy import GatePolicy, openrouter_id, read_policy, routing_info
+from cllama_tx.governance.kept import KeptByIdentity
 from cllama_tx.governance.output_limit import DEFAULT_MIN_OUTPUT_TOKENS, OutputLimit, fit_output
 from cllama_tx.governance.parallel import ParallelLimiter
 from cllama_tx.governance.periods import EPSILON_USD, LIFETIME
@@ -1180,21 +1181,11 @@ class Governance:
             committed.addBoth(release)
 
 
-#: The names of a candidates tuple, by the tuple's id (a kept policy decision
-#: or resolution hands every request of a name the same tuple): (tuple, names).
-_REF_NAMES: dict[int, tuple[tuple, tuple[str, ...]]] = {}
-MAX_REF_NAMES = 1024
-
-
-def _ref_names(candidates: tuple[ModelRef, ...]) -> tuple[str, ...]:
-    kept = _REF_NAMES.get(id(candidates))
-    if kept is not None and kept[0] is candidates:
-        return kept[1]
-    names = tuple([str(ref) for ref in candidates])
-    if len(_REF_NAMES) >= MAX_REF_NAMES:
-        _REF_NAMES.clear()
-    _REF_NAMES[id(candidates)] = (candidates, names)
-    return names
+#: The names of a candidates tuple, kept per tuple (a kept policy decision or
+#: resolution hands every request of a name the same tuple).
+_ref_names: KeptByIdentity[tuple[ModelRef, ...], tuple[str, ...]] = KeptByIdentity(
+    lambda candidates: tuple([str(ref) for ref in candidates])
+)
 
 
 def fallback_refs(admission: Admission) -> tuple[ModelRef, ...]:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from cllama_tx.governance.kept import KeptByIdentity
+
 AGENT_HEADER = b"x-cllama-agent-id"
 MODELS_HEADER = b"x-cllama-models-allowed"
 REMAINING_HEADER = b"x-cllama-budget-remaining-usd"
@@ -41,22 +43,11 @@ def _header_text(values: list[str]) -> bytes:
     return text[:4000]
 
 
-#: The models header of a candidates tuple, by the tuple's id (a kept policy
-#: decision or resolution hands the same tuple to every request of a name):
-#: (the tuple, its header).  Bounded, cleared whole.
-_CANDIDATES_HEADER: dict[int, tuple[tuple, bytes]] = {}
-MAX_CANDIDATES_HEADERS = 1024
-
-
-def _candidates_header(candidates: tuple) -> bytes:
-    kept = _CANDIDATES_HEADER.get(id(candidates))
-    if kept is not None and kept[0] is candidates:
-        return kept[1]
-    text = _header_text([str(ref) for ref in candidates])
-    if len(_CANDIDATES_HEADER) >= MAX_CANDIDATES_HEADERS:
-        _CANDIDATES_HEADER.clear()
-    _CANDIDATES_HEADER[id(candidates)] = (candidates, text)
-    return text
+#: The models header of a candidates tuple, kept per tuple (a kept policy
+#: decision or resolution hands the same tuple to every request of a name).
+_candidates_header: KeptByIdentity[tuple, bytes] = KeptByIdentity(
+    lambda candidates: _header_text([str(ref) for ref in candidates])
+)
 
 
 def start_headers(request: Any, ex: Any) -> None:
