@@ -1808,6 +1808,7 @@ def main(argv=None) -> int:
         nginx = start_nginx(tmp, mock_port, load_core)
         nginx_pids = session_pids(nginx.pid)
         slow_port = None
+        slow = None
         if not args.no_slow:
             slow_port = SLOW_PORT[0] = free_port()
             slow = start(pinned(load_core, [str(VENV_PY), str(HERE / "slowmock.py"), str(slow_port),
@@ -2021,7 +2022,15 @@ def main(argv=None) -> int:
             # (twistd -n cllama), once the lanes above are done.
             import reference
 
-            res["reference"] = reference.lane(args.duration, quiet_wait=min(5.0, args.quiet_wait))
+            # The slow mock's 1 ms ticker shares the load core with wrk and the
+            # reference's nginx: held stopped meanwhile (it took a core's share).
+            if slow is not None:
+                slow.send_signal(signal.SIGSTOP)
+            try:
+                res["reference"] = reference.lane(args.duration, quiet_wait=min(5.0, args.quiet_wait))
+            finally:
+                if slow is not None:
+                    slow.send_signal(signal.SIGCONT)
         if not args.no_litellm and not args.direct_only:
             # Last, with cllama_tx stopped: LiteLLM's proxy gets core 0 to
             # itself, behind the same nginx mock, measured by the same lanes.
