@@ -265,6 +265,21 @@ def streams(args, res: dict, tmp: Path, budget: list[float]) -> None:
     res["streams"] = out
 
 
+def start_trees(specs: list[str], run: Path, sse_port: int, core) -> list[tuple]:
+    """A daemon for each C{NAME@PATH} tree, ready: (name, API port, its processes, the process)."""
+    trees = []
+    for spec in specs:
+        name, _, path = spec.partition("@")
+        home = run / name
+        home.mkdir()
+        api, ui = bench.free_port(), bench.free_port()
+        proxy = start_tree_proxy(home, proxy_env(home, api, ui, bench.free_port(), sse_port), api, core,
+                                 Path(path or bench.REPO).resolve())
+        wait_ready(api)
+        trees.append((name, api, tree(proxy.pid), proxy))
+    return trees
+
+
 def start_tree_proxy(run: Path, env: dict, api: int, core, tree: Path) -> subprocess.Popen:
     """The daemon of work tree C{tree} (its own code: C{cwd} and C{PYTHONPATH}), answering /health."""
     env = dict(env, PYTHONPATH=str(tree))
@@ -296,16 +311,7 @@ def streams_trees(args, res: dict, tmp: Path, budget: list[float]) -> None:
     run.mkdir()
     sse_port = bench.free_port()
     mock = start_mock(load_core, sse_port, run)
-    trees = []
-    for spec in args.tree:
-        name, _, path = spec.partition("@")
-        home = run / name
-        home.mkdir()
-        api, ui = bench.free_port(), bench.free_port()
-        proxy = start_tree_proxy(home, proxy_env(home, api, ui, bench.free_port(), sse_port), api, proxy_core,
-                                 Path(path or bench.REPO).resolve())
-        wait_ready(api)
-        trees.append((name, api, tree(proxy.pid), proxy))
+    trees = start_trees(args.tree, run, sse_port, proxy_core)
     plain, translated = write_body(run, PLAIN_MODEL), write_body(run, TRANSLATED_MODEL)
     for _, api, pids, _ in trees:  # warm-up, not counted
         run_streams(load_core, api, plain, 100, 2.0, pids)
@@ -351,16 +357,7 @@ def split_trees(args, res: dict, tmp: Path, budget: list[float]) -> None:
         run.mkdir()
         sse_port = bench.free_port()
         mock = start_mock(load_core, sse_port, run)
-        trees = []
-        for spec in args.tree:
-            name, _, path = spec.partition("@")
-            home = run / name
-            home.mkdir()
-            api, ui = bench.free_port(), bench.free_port()
-            proxy = start_tree_proxy(home, proxy_env(home, api, ui, bench.free_port(), sse_port), api, proxy_core,
-                                     Path(path or bench.REPO).resolve())
-            wait_ready(api)
-            trees.append((name, api, tree(proxy.pid), proxy))
+        trees = start_trees(args.tree, run, sse_port, proxy_core)
         bodies = {"plain": write_body(run, PLAIN_MODEL), "translated": write_body(run, TRANSLATED_MODEL)}
         for _, api, pids, _ in trees:
             for body in bodies.values():
